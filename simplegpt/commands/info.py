@@ -1,0 +1,32 @@
+"""simplegpt info: what a checkpoint holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "show a checkpoint's model config, parameter count, tokenizer and metadata"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint)
+    info = {
+        "path": str(ck.path),
+        "model": ck.config.to_dict(),
+        "parameters": ck.model.num_parameters(),
+        "tokenizer": ck.tokenizer.spec()["type"] if ck.tokenizer else None,
+        **{k: v for k, v in ck.metadata.items() if k in ("step", "metrics", "tokens_seen")},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>11}: {v}")
+    return 0

@@ -1,0 +1,272 @@
+"""GPT-2 architecture: pre-LN transformer blocks, learned positions, tied output head.
+
+The model knows nothing of files, tokenizers or the command line. Shapes use
+B = batch, T = query length, S = key length, C = n_embd, H = n_head, D = head size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class GPTConfig:
+    """Model shape and regularisation, with GPT-2's field names."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"allowed n_head values: {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}..."
+            )
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+# Size presets. The GPT-2 ones match the released checkpoints; the small ones train on a CPU.
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=128),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256),
+}
+PRESET_ALIASES = {"gpt2-124m": "gpt2", "gpt2-350m": "gpt2-medium", "gpt2-774m": "gpt2-large",
+                  "gpt2-1.5b": "gpt2-xl"}
+
+
+def preset_config(name: str, **overrides) -> GPTConfig:
+    """A GPTConfig from a named preset, with any field overridden."""
+    key = PRESET_ALIASES.get(name.lower(), name.lower())
+    if key not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return GPTConfig(**{**PRESETS[key], **overrides})
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU; matching it keeps logits equal to GPT-2's.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+def build_attention_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+    """Combine the causal mask with a key-padding mask into a boolean (B, 1, T, S) mask.
+
+    attention_mask: (B, S), 1 for real tokens and 0 for padding; the T queries are the last T
+    of the S keys. True means "may attend". Every query may always attend to itself, so a padding
+    query (which nobody reads) never sees an all-masked row and never produces NaN.
+    """
+    S = attention_mask.size(1)
+    q_pos = torch.arange(S - query_len, S, device=attention_mask.device)
+    k_pos = torch.arange(S, device=attention_mask.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    keep = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
+    keep = keep | (k_pos[None, :] == q_pos[:, None])[None]
+    return keep[:, None]  # (B, 1, T, S)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, so left padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class GPT(nn.Module):
+    """GPT-2 language model. forward(idx, targets=None, attention_mask=None) -> (logits, loss)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT expects a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the output head and the token embedding are one tensor.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): two residual adds per block.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count; the tied head counts once. non_embedding drops the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix: 6N + 12·L·C·T."""
+        cfg = self.config
+        T = seq_len or cfg.n_positions
+        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
+        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+    @torch.no_grad()
+    def crop_block_size(self, n_positions: int) -> None:
+        """Shrink the context window (e.g. to fine-tune a 1024-token model at 256)."""
+        if not 0 < n_positions <= self.config.n_positions:
+            raise ValueError(f"n_positions must be in [1, {self.config.n_positions}], got {n_positions}")
+        self.config = dataclasses.replace(self.config, n_positions=n_positions)
+        wpe = self.transformer.wpe
+        wpe.weight = nn.Parameter(wpe.weight[:n_positions].clone())
+        wpe.num_embeddings = n_positions
+
+    def _check_input(self, idx: torch.Tensor, position_ids: torch.Tensor) -> None:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
+        if idx.size(1) == 0:
+            raise ValueError("idx is empty: give at least one token")
+        if position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
+            raise ValueError(
+                f"sequence of length {int(position_ids.max()) + 1} exceeds n_positions="
+                f"{self.config.n_positions}; crop the input to the last {self.config.n_positions} tokens"
+            )
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} out of range: allowed ids are 0..{self.config.vocab_size - 1}")
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids; targets (B, T) next-token ids with IGNORE_INDEX where no loss;
+        attention_mask (B, T) 1 = real token, 0 = padding. Returns logits (B, T, V) and the loss."""
+        B, T = idx.shape if idx.dim() == 2 else (0, 0)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)
+            else:
+                position_ids = torch.arange(T, device=idx.device)[None]
+        self._check_input(idx, position_ids)
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != idx.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} must equal idx shape {tuple(idx.shape)}"
+                )
+            mask = build_attention_mask(attention_mask, T)
+        x = self.transformer.wte(idx.long()) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, mask)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX
+            )
+        return logits, loss
