@@ -1,0 +1,39 @@
+"""simplegpt export-hf: a simplegpt checkpoint as a Hugging Face GPT-2 directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "write a checkpoint as a Hugging Face GPT-2 directory (GPT2LMHeadModel / AutoTokenizer)"
+DESCRIPTION = (
+    "Write a simplegpt checkpoint as a Hugging Face GPT-2 directory: config.json, model.safetensors "
+    "and, for GPT-2-tokenizer models, vocab.json, merges.txt, tokenizer_config.json and "
+    "special_tokens_map.json, so GPT2LMHeadModel.from_pretrained(OUT) and "
+    "AutoTokenizer.from_pretrained(OUT) load it. Character and byte tokenizers have no Hugging Face "
+    "equivalent: their weights and config are exported, and simplegpt's tokenizer is kept in "
+    "OUT/simplegpt_tokenizer/ so import-hf can bring the model back. Does not need transformers."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="simplegpt checkpoint directory")
+    p.add_argument("out", help="Hugging Face model directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it already exists and is not empty (otherwise refuse)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..hf import SIMPLEGPT_TOKENIZER_DIR, export_hf
+
+    result = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} -> {result.path}: {', '.join(result.files)}")
+    if result.tokenizer is None:
+        print("simplegpt export-hf: warning: the checkpoint has no tokenizer; only weights and config were "
+              "exported", file=sys.stderr)
+    elif not result.tokenizer_exported:
+        print(f"simplegpt export-hf: warning: the {result.tokenizer} tokenizer has no Hugging Face equivalent, so "
+              f"AutoTokenizer cannot load {result.path} (no vocab.json/merges.txt); GPT2LMHeadModel loads the "
+              f"weights, and simplegpt's tokenizer is kept in {result.path / SIMPLEGPT_TOKENIZER_DIR}/ for "
+              "import-hf", file=sys.stderr)
+    return 0

@@ -1,0 +1,31 @@
+"""simplegpt import-hf: a Hugging Face GPT-2 as a simplegpt checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "convert a Hugging Face GPT-2 (local directory or hub name) into a simplegpt checkpoint"
+DESCRIPTION = (
+    "Convert a Hugging Face GPT-2 into a simplegpt checkpoint directory, weights bit-identical. "
+    "A local directory needs config.json and model.safetensors (or pytorch_model.bin) and works "
+    "without transformers; a hub name such as 'gpt2' is downloaded by transformers (the 'hf' extra) "
+    "and needs the hub to be reachable. Models with GPT-2's vocabulary get the GPT-2 tokenizer."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="Hugging Face model directory (config.json + weights) or hub name, e.g. gpt2")
+    p.add_argument("out", help="simplegpt checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it already exists and is not empty (otherwise refuse)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..hf import import_hf
+
+    ck = import_hf(args.source, args.out, overwrite=args.overwrite)
+    tok = ck.tokenizer.spec()["type"] if ck.tokenizer else "none (not GPT-2's vocabulary)"
+    print(f"imported {args.source} -> {ck.path}: {ck.model.num_parameters():,} parameters, "
+          f"n_layer={ck.config.n_layer} n_embd={ck.config.n_embd} n_positions={ck.config.n_positions}, "
+          f"tokenizer {tok}")
+    return 0
