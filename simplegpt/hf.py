@@ -334,9 +334,13 @@ def load_hf_model(source: str, device: str | torch.device = "cpu") -> Checkpoint
 
 def load_any(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """A simplegpt checkpoint directory, or else a Hugging Face GPT-2 (directory or hub name)."""
-    config_file = Path(source) / HF_CONFIG
-    if config_file.is_file() and _read_json(config_file).get("format") == "simplegpt":
-        return load_checkpoint(source, device=device)
+    path = Path(source).expanduser()
+    if (path / HF_CONFIG).is_file():
+        if _read_json(path / HF_CONFIG).get("format") == "simplegpt":
+            return load_checkpoint(path, device=device)
+    elif _is_local(str(source)):
+        what = "has no config.json" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"{source} {what}: give a simplegpt checkpoint or a Hugging Face GPT-2 directory")
     return load_hf_model(str(source), device=device)
 
 

@@ -1,0 +1,63 @@
+"""simplegpt eval: loss, perplexity and bits per byte of a model on a text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "loss, perplexity and bits per byte of a checkpoint on a text (sliding-window evaluation)"
+DESCRIPTION = (
+    "Score a text with a model: mean loss per token (nats), perplexity and bits per byte. Texts "
+    "longer than the context are scored in windows of --context tokens started --stride tokens apart; "
+    "each token is scored once, with at least context - stride tokens of left context (the Hugging Face "
+    "perplexity recipe: a smaller stride is slower and gives each token more context)."
+)
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="simplegpt checkpoint directory, or a Hugging Face GPT-2 directory or hub name")
+    p.add_argument("--data", required=True,
+                   help="UTF-8 text file, or a directory whose .txt/.md files are read in sorted order")
+    p.add_argument("--context", type=_positive, default=None,
+                   help="window length in tokens (default: the model's n_positions)")
+    p.add_argument("--stride", type=_positive, default=None,
+                   help="tokens between window starts, 1..context (default: context // 2)")
+    p.add_argument("--max-tokens", type=_positive, default=None,
+                   help="score only the first N tokens of the text (quick estimates)")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not put the end-of-text token before the text; the first token is then context only")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="windows per forward pass (default: as many as keep the logits near 512 MiB)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import CheckpointError
+    from ..evaluate import evaluate_text, read_eval_text
+    from ..hf import load_any
+    from ..seed import default_device
+
+    device = default_device() if args.device == "auto" else args.device
+    ck = load_any(args.checkpoint, device=device)
+    if ck.tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint} has no tokenizer, so text cannot be scored with it")
+    text = read_eval_text(args.data)
+    result = evaluate_text(ck.model, ck.tokenizer, text, context=args.context, stride=args.stride,
+                           bos=not args.no_bos, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                           device=device)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), **result.to_dict()}))
+    else:
+        print(f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "
+              f"bits/byte {result.bits_per_byte:.4f} | {result.tokens:,} tokens, {result.bytes:,} bytes, "
+              f"{result.windows} windows of {result.context} (stride {result.stride})")
+    return 0
