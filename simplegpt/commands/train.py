@@ -1,0 +1,89 @@
+"""simplegpt train: train (or resume, or fine-tune) a GPT; with no arguments, the quick Shakespeare run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+
+HELP = "train a GPT on text; with no arguments, a character-level Shakespeare model on the CPU"
+DESCRIPTION = (
+    "Train a GPT. Settings come from the built-in quick CPU config (shakespeare_char), or --config FILE, "
+    "and any setting can be overridden on the command line, e.g. --lr 3e-4 --max_iters 500. "
+    "With no arguments it prepares the embedded Shakespeare plays into data/shakespeare_char and trains "
+    "into out/shakespeare_char. Ctrl-C or SIGTERM saves a checkpoint you can --resume."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..config import FIELDS, SECTIONS, parse_value
+
+    p.add_argument("--config", default=None,
+                   help="TOML config file, or a built-in name: shakespeare_char (the default), gpt2_124m")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue a run exactly from its checkpoint (RUN/last or the run folder RUN); "
+                        "its saved config is used, with any overrides given here")
+    p.add_argument("--init-from", dest="init_from_cli", metavar="SRC", default=None,
+                   help="start from weights: a simplegpt checkpoint dir, or a Hugging Face GPT-2 dir or name "
+                        "(same as --init_from)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in out_dir")
+    p.add_argument("--stop-at", type=int, metavar="STEP", default=None,
+                   help="stop at this step with a checkpoint (continue later with --resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def converter(name: str):
+        def convert(text: str):
+            try:
+                return parse_value(name, text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        convert.__name__ = FIELDS[name].type  # argparse names the type in its error message
+        return convert
+
+    for section in SECTIONS:
+        group = p.add_argument_group(f"[{section}] settings (override the config file)")
+        for name, f in FIELDS.items():
+            if f.metadata["section"] != section:
+                continue
+            flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+            if name == "init_from":
+                flags = ["--init_from"]
+            choices = f.metadata.get("choices")
+            help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
+            group.add_argument(*flags, dest=name, type=converter(name), default=argparse.SUPPRESS,
+                               metavar=f.type.upper(), help=f"{help_text} [default: {f.default!r}]")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_checkpoint_config
+    from ..config import FIELDS, TrainConfig, load_config
+    from ..train import LAST, train
+
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    if args.init_from_cli is not None:
+        overrides["init_from"] = args.init_from_cli
+    if args.resume:
+        from pathlib import Path
+
+        path = Path(args.resume)
+        if (path / LAST).is_dir() and not (path / "config.json").is_file():
+            path = path / LAST
+        saved = read_checkpoint_config(path).get("train_config")
+        if not isinstance(saved, dict):
+            from ..errors import CheckpointError
+            raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+    else:
+        cfg = load_config(args.config, overrides)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
+                   progress=not args.quiet)
+    print(f"\nsteps: {result.step}/{cfg.max_iters}   tokens seen: {result.tokens_seen:,}   "
+          f"time: {result.elapsed_s:.0f} s")
+    if result.val_loss is not None:
+        best = f"   best val loss: {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+        print(f"val loss: {result.val_loss:.4f}   val bits/byte: {result.val_bpb:.3f}{best}")
+    print(f"checkpoint: {result.last_checkpoint}   run folder: {result.out_dir}")
+    if result.interrupted in ("SIGINT", "SIGTERM"):
+        return 128 + signal.Signals[result.interrupted].value
+    return 0
