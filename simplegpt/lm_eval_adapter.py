@@ -1,0 +1,170 @@
+"""EleutherAI lm-evaluation-harness support: a simplegpt checkpoint as the lm_eval model "simplegpt".
+
+Python:
+    import simplegpt.lm_eval_adapter, lm_eval   # the import registers the model
+    lm_eval.simple_evaluate(model="simplegpt", model_args="checkpoint=ckpt/", tasks=[...])
+Command line (lm_eval's own CLI, with the model registered first):
+    python -m simplegpt.lm_eval_adapter run --model simplegpt --model_args checkpoint=ckpt/ --tasks hellaswag
+
+Scoring follows lm_eval's HFLM: context and continuation are encoded together and split, an
+empty context is replaced by the end-of-text token, and inputs longer than the model's context
+keep their last n_positions tokens. Generation is greedy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    # lm_eval registers its own models only while its registry is empty; import them first so
+    # that registering "simplegpt" does not hide "hf" and the others.
+    import lm_eval.models  # noqa: F401
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'the lm_eval adapter needs EleutherAI\'s lm-evaluation-harness: pip install "simplegpt[lmeval]"'
+    ) from None
+
+from .engine import generate_ids
+from .hf import load_any
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "simplegpt"
+
+
+@register_model(MODEL_NAME)
+class SimpleGPTLM(TemplateLM):
+    """lm_eval model over a simplegpt checkpoint (or a Hugging Face GPT-2 directory)."""
+
+    def __init__(self, checkpoint: str, device: str | None = None, batch_size: int | str = 8,
+                 max_gen_toks: int = 256, **kwargs: Any) -> None:
+        super().__init__()
+        from .seed import default_device
+
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's CLI asks for cuda:0 unless told otherwise; run where we can instead of failing.
+            log.warning("CUDA is not available; the simplegpt model runs on %s", default_device())
+            device = None
+        self._device = torch.device(device or default_device())
+        ck = load_any(checkpoint, device=self._device)
+        if ck.tokenizer is None:
+            raise ValueError(f"{checkpoint} has no tokenizer; lm_eval needs one to turn task text into tokens")
+        self.model, self.tok = ck.model.eval(), ck.tokenizer
+        self.checkpoint = str(checkpoint)
+        # lm_eval passes "auto" for automatic batch sizing; a fixed size is enough on these models.
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_gen_toks = int(max_gen_toks)
+        if kwargs:
+            log.info("simplegpt lm_eval adapter ignores arguments %s", sorted(kwargs))
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.n_positions
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"simplegpt-{self.tok.kind}"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tok.encode(string)
+
+    @torch.inference_mode()
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Sum of log-probabilities of each continuation given its context, and whether greedy
+        decoding would have produced it. Batches are right-padded, which causal attention ignores."""
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            rows = []
+            for i in idx:
+                ctx, cont = pairs[i]
+                # The model reads all tokens but the last; keep the last max_length of them.
+                rows.append(((ctx + cont)[-(self.max_length + 1):][:-1], cont[-self.max_length:]))
+            T = max(len(inp) for inp, _ in rows)
+            x = torch.zeros(len(rows), T, dtype=torch.long)
+            for r, (inp, _) in enumerate(rows):
+                x[r, :len(inp)] = torch.tensor(inp)
+            logits, _ = self.model(x.to(self._device))
+            logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            for r, (i, (inp, cont)) in enumerate(zip(idx, rows)):
+                n = len(cont)
+                lp = logprobs[r, len(inp) - n:len(inp)]  # (n, V): the positions predicting cont
+                target = torch.tensor(cont, device=lp.device)
+                total = float(lp.gather(1, target[:, None]).sum())
+                greedy = bool((lp.argmax(-1) == target).all())
+                results[i] = (total, greedy)
+        return results
+
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        results = self._score([(ctx, cont) for _, ctx, cont in requests])
+        for (key, _, _), res in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, res)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents in disjoint windows of max context (lm_eval's helpers)."""
+        out = []
+        for (string,) in [req.args for req in requests]:
+            windows = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            total = sum(lp for lp, _ in self._score(windows))
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+            out.append(total)
+        return out
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation of each context, cut before the first stop string."""
+        out = []
+        for context, gen_kwargs in [req.args for req in requests]:
+            gen_kwargs = dict(gen_kwargs or {})
+            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
+                raise ValueError("the simplegpt lm_eval adapter decodes greedily; set do_sample=false, temperature=0")
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            text = self._greedy_until(self.tok_encode(context) or [self.eot_token_id], until, max_new)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            out.append(text)
+        return out
+
+    def _greedy_until(self, prompt: list[int], until: list[str], max_new: int) -> str:
+        """Generate in growing chunks so a stop string ends decoding early."""
+        new: list[int] = []
+        chunk = 16
+        while len(new) < max_new:
+            step = generate_ids(self.model, prompt + new, min(chunk, max_new - len(new)),
+                                eos_id=self.eot_token_id, device=self._device)
+            new += step
+            text = self.tok.decode([t for t in new if t != self.eot_token_id])
+            cut = min((text.find(s) for s in until if s and s in text), default=-1)
+            if cut >= 0:
+                return text[:cut]
+            if new and new[-1] == self.eot_token_id:
+                break
+            chunk *= 2
+        return self.tok.decode([t for t in new if t != self.eot_token_id])
+
+
+def main() -> None:
+    """lm_eval's command line with the "simplegpt" model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
