@@ -11,11 +11,10 @@ stride == context the token at each window start is therefore never scored).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +24,6 @@ from .tokenizer import Tokenizer
 
 # Logits of one batch are (windows, context, vocab) floats; keep them near this many bytes.
 _LOGITS_BUDGET_BYTES = 512 * 2**20
-TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
 @dataclass(frozen=True)
@@ -109,6 +107,23 @@ def sequence_nll(model: GPT, ids: list[int], context: int | None = None, stride:
     return total, count, windows
 
 
+def evaluate_ids(model: GPT, ids: list[int], tokenizer: Tokenizer, context: int | None = None,
+                 stride: int | None = None, batch_size: int | None = None,
+                 device: str | torch.device = "cpu") -> EvalResult:
+    """Loss, perplexity and bits per byte of a token sequence. Bits per byte divide the NLL of all
+    scored tokens by the UTF-8 bytes of the scored tokens other than end-of-text (which stand for no text)."""
+    context = context or model.config.n_positions
+    stride = stride or max(1, context // 2)
+    nll, count, windows = sequence_nll(model, ids, context, stride, batch_size, device)
+    scored = [ids[j] for w in windows for j in range(w.first, w.end) if ids[j] != tokenizer.eos_id]
+    n_bytes = len(tokenizer.decode_bytes(scored))
+    loss = nll / count
+    return EvalResult(
+        loss=loss, perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / max(n_bytes, 1),
+        tokens=count, bytes=n_bytes, windows=len(windows), context=context, stride=stride,
+    )
+
+
 def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, context: int | None = None,
                   stride: int | None = None, bos: bool = True, max_tokens: int | None = None,
                   batch_size: int | None = None, device: str | torch.device = "cpu") -> EvalResult:
@@ -120,41 +135,41 @@ def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, context: int | No
     """
     if not text:
         raise DataError("the evaluation text is empty")
-    ids = tokenizer.encode(text)
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens}")
-        ids = ids[:max_tokens]
-    if bos:
-        ids = [tokenizer.eos_id] + ids
-    context = context or model.config.n_positions
-    stride = stride or max(1, context // 2)
-    nll, count, windows = sequence_nll(model, ids, context, stride, batch_size, device)
-    scored = [ids[j] for w in windows for j in range(w.first, w.end)]
-    n_bytes = len(tokenizer.decode_bytes(scored))
-    loss = nll / count
-    return EvalResult(
-        loss=loss, perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / max(n_bytes, 1),
-        tokens=count, bytes=n_bytes, windows=len(windows), context=context, stride=stride,
-    )
+    ids = ([tokenizer.eos_id] if bos else []) + tokenizer.encode(text)
+    return evaluate_ids(model, _head(ids, max_tokens), tokenizer, context, stride, batch_size, device)
 
 
-def read_eval_text(source: str | os.PathLike, separator: str = "\n\n") -> str:
-    """The text of a file, or of the text files under a directory (sorted, joined by `separator`)."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluation data {source} does not exist; give a text file or a directory of them")
-    files: Iterable[Path] = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-    texts = []
-    for f in files:
-        try:
-            texts.append(f.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise DataError(f"{f} is not UTF-8 text; convert it (e.g. iconv -t UTF-8) or leave it out") from None
-    if not texts:
-        raise DataError(f"{source} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-    text = separator.join(texts)
-    if not text.strip():
-        raise DataError(f"{source} is empty")
-    return text
+def _head(ids: list[int], max_tokens: int | None) -> list[int]:
+    if max_tokens is None:
+        return ids
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+    return ids[:max_tokens]
+
+
+def load_eval_tokens(source: str, tokenizer: Tokenizer, split: str | None = None, text_field: str = "text",
+                     bos: bool = True, max_tokens: int | None = None) -> list[int]:
+    """Token ids to evaluate on, from a prepared dataset directory (its `split`, default "val"),
+    or from any corpus `simplegpt prepare` accepts (file, folder, glob, URL, 'shakespeare',
+    'hf:NAME[:CONFIG]' with split default "test"), documents separated by end-of-text."""
+    from .data import META_FILE, TokenShards, read_meta, resolve_corpus
+
+    if (Path(source) / META_FILE).is_file():
+        meta = read_meta(source)
+        if meta.get("tokenizer") != tokenizer.spec():
+            raise DataError(f"{source} was prepared with a different tokenizer ({meta.get('tokenizer', {}).get('type')}) "
+                            f"than the model's ({tokenizer.kind}); prepare it again with the model's tokenizer")
+        shards = TokenShards(source, split or "val")
+        ids = np.concatenate(shards.arrays).tolist() if shards.arrays else []
+        return _head(ids, max_tokens)
+    corpus = resolve_corpus(source, text_field=text_field, hf_split=split or "test")
+    ids: list[int] = []
+    for doc in corpus.documents():
+        if bos or ids:
+            ids.append(tokenizer.eos_id)
+        ids.extend(tokenizer.encode(doc))
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if len(ids) <= int(bos):
+        raise DataError(f"{source} holds no text to evaluate on")
+    return _head(ids, max_tokens)

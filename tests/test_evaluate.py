@@ -10,7 +10,7 @@ from simplegpt import GPT, GPTConfig
 from simplegpt.checkpoint import save_checkpoint
 from simplegpt.cli import main
 from simplegpt.errors import DataError
-from simplegpt.evaluate import evaluate_text, read_eval_text, sliding_windows
+from simplegpt.evaluate import evaluate_ids, evaluate_text, load_eval_tokens, sliding_windows
 from simplegpt.tokenizer import ByteTokenizer, GPT2Tokenizer
 
 TEXT = (
@@ -119,20 +119,38 @@ def test_max_tokens_and_context(tmp_path):
     assert result.context == 16 and result.windows == 3 and result.tokens == 37
     with pytest.raises(ValueError, match="exceeds the model's n_positions"):
         evaluate_text(model, tok, TEXT, context=64)
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_eval_tokens(str(tmp_path / "latin1.txt"), tok)
 
 
-def test_read_eval_text(tmp_path):
+def test_documents_are_separated_by_end_of_text(tmp_path):
+    tok = ByteTokenizer()
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "b.txt").write_text("second")
     (tmp_path / "d" / "a.md").write_text("first")
     (tmp_path / "d" / "skip.bin").write_bytes(b"\x00\xff")
-    assert read_eval_text(tmp_path / "d") == "first\n\nsecond"
-    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(DataError, match="not UTF-8"):
-        read_eval_text(tmp_path / "latin1.txt")
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(DataError, match="empty"):
-        read_eval_text(tmp_path / "empty.txt")
+    eos = tok.eos_id
+    assert load_eval_tokens(str(tmp_path / "d"), tok) == [eos, *b"first", eos, *b"second"]
+    assert load_eval_tokens(str(tmp_path / "d"), tok, bos=False, max_tokens=7) == [*b"first", eos, ord("s")]
+    # bits per byte count text bytes only: the end-of-text tokens stand for no text
+    result = evaluate_ids(tiny_model(tok.vocab_size), load_eval_tokens(str(tmp_path / "d"), tok), tok)
+    assert result.tokens == 12 and result.bytes == 11
+
+
+def test_prepared_dataset_val_split(tmp_path, shakespeare_path):
+    from simplegpt.data import TokenShards, prepare_corpus
+
+    tok = ByteTokenizer()
+    text = shakespeare_path.read_text(encoding="utf-8")[:20000]
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    prepare_corpus(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer=tok, val_fraction=0.1, progress=False)
+    ids = load_eval_tokens(str(tmp_path / "data"), tok)
+    assert ids == list(TokenShards(tmp_path / "data", "val").arrays[0])
+    assert tok.decode(ids) in text
+    gpt2 = GPT2Tokenizer()
+    with pytest.raises(DataError, match="different tokenizer"):
+        load_eval_tokens(str(tmp_path / "data"), gpt2)
 
 
 def test_eval_command_bad_input(tmp_path, capsys):
@@ -142,7 +160,7 @@ def test_eval_command_bad_input(tmp_path, capsys):
     cases = [
         (["--checkpoint", str(tmp_path / "nockpt"), "--data", str(tmp_path / "t.txt")], "does not exist"),
         (["--checkpoint", str(tmp_path), "--data", str(tmp_path / "t.txt")], "no config.json"),
-        (["--checkpoint", str(tmp_path / "ck"), "--data", str(tmp_path / "none.txt")], "does not exist"),
+        (["--checkpoint", str(tmp_path / "ck"), "--data", str(tmp_path / "none.txt")], "not found"),
         (["--checkpoint", str(tmp_path / "ck"), "--data", str(tmp_path / "t.txt"), "--stride", "64"], "stride"),
     ]
     for args, words in cases:

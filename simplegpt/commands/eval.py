@@ -22,27 +22,35 @@ def _positive(value: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
+    # SUPPRESS: required options have no default worth printing in --help.
+    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
                    help="simplegpt checkpoint directory, or a Hugging Face GPT-2 directory or hub name")
-    p.add_argument("--data", required=True,
-                   help="UTF-8 text file, or a directory whose .txt/.md files are read in sorted order")
+    p.add_argument("--data", required=True, default=argparse.SUPPRESS,
+                   help="what to score: a dataset directory made by 'simplegpt prepare' (its --split), or any "
+                        "corpus prepare accepts: a UTF-8 .txt/.md/.jsonl file, a folder or glob of them, a URL, "
+                        "'shakespeare', 'tinyshakespeare' or 'hf:NAME[:CONFIG]'; documents are separated by "
+                        "the end-of-text token")
+    p.add_argument("--split", default=None,
+                   help="split to score; unset means val for a prepared dataset and test for an hf: dataset")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl lines and hf: datasets")
     p.add_argument("--context", type=_positive, default=None,
-                   help="window length in tokens (default: the model's n_positions)")
+                   help="window length in tokens; unset means the model's n_positions")
     p.add_argument("--stride", type=_positive, default=None,
-                   help="tokens between window starts, 1..context (default: context // 2)")
+                   help="tokens between window starts, 1..context; unset means context // 2")
     p.add_argument("--max-tokens", type=_positive, default=None,
-                   help="score only the first N tokens of the text (quick estimates)")
+                   help="score only the first N tokens of the data (quick estimates); unset means all")
     p.add_argument("--no-bos", action="store_true",
-                   help="do not put the end-of-text token before the text; the first token is then context only")
+                   help="do not put the end-of-text token before the first document, so its first token is "
+                        "context only (the plain Hugging Face recipe); prepared datasets are used as they are")
     p.add_argument("--batch-size", type=_positive, default=None,
-                   help="windows per forward pass (default: as many as keep the logits near 512 MiB)")
+                   help="windows per forward pass; unset means as many as keep the logits near 512 MiB")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda, then mps, then cpu), cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CheckpointError
-    from ..evaluate import evaluate_text, read_eval_text
+    from ..evaluate import evaluate_ids, load_eval_tokens
     from ..hf import load_any
     from ..seed import default_device
 
@@ -50,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
     ck = load_any(args.checkpoint, device=device)
     if ck.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint} has no tokenizer, so text cannot be scored with it")
-    text = read_eval_text(args.data)
-    result = evaluate_text(ck.model, ck.tokenizer, text, context=args.context, stride=args.stride,
-                           bos=not args.no_bos, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                           device=device)
+    ids = load_eval_tokens(args.data, ck.tokenizer, split=args.split, text_field=args.text_field,
+                           bos=not args.no_bos, max_tokens=args.max_tokens)
+    result = evaluate_ids(ck.model, ids, ck.tokenizer, context=args.context, stride=args.stride,
+                          batch_size=args.batch_size, device=device)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), **result.to_dict()}))
     else:
