@@ -67,7 +67,8 @@ class TrainResult:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine / wsd / constant."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine / wsd / constant;
+    the last step (max_iters - 1) runs at min_lr."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     if cfg.schedule == "constant":
@@ -77,9 +78,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         decay_start = max(cfg.warmup_iters, cfg.max_iters - decay_steps)
         if step < decay_start:
             return cfg.lr
-        frac = min(1.0, (step - decay_start) / max(1, cfg.max_iters - decay_start))
+        frac = min(1.0, (step - decay_start) / max(1, cfg.max_iters - 1 - decay_start))
         return cfg.lr + frac * (cfg.min_lr - cfg.lr)
-    frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - 1 - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
 
@@ -559,7 +560,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                 now = time.perf_counter()
                 tok_s = window_tokens / max(now - t_last, 1e-9)
                 mfu = raw_model.estimate_mfu(tok_s, flops_peak, cfg.block_size)
-                if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                stop = signals.received or ("stop_at" if stop_at is not None and step >= stop_at else None)
+                if step % cfg.log_interval == 0 or step == cfg.max_iters or stop:
                     metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                                    "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": mfu,
                                    "time_s": elapsed_before + now - t_start})
@@ -573,6 +575,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                         val_loss = evaluate(model, val_sampler, cfg.eval_iters, device, autocast)
                         sample = (sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device,
                                               cfg.seed) if cfg.sample_tokens else "")
+                    if not math.isfinite(val_loss):
+                        raise TrainingError(
+                            f"the validation loss became {val_loss} at step {step}; the run stopped and "
+                            f"{out / LAST} keeps the last good state; lower --lr or set --grad_clip")
                     result.val_loss, result.val_bpb = val_loss, bpb(val_loss)
                     metrics.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": bpb(val_loss),
                                    "tokens": tokens_seen})
@@ -587,7 +593,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                     save(LAST, val_loss, with_state=True)
                     t_last, window_tokens = time.perf_counter(), 0  # eval time is not training speed
 
-                stop = signals.received or ("stop_at" if stop_at is not None and step >= stop_at else None)
+                stop = stop or signals.received
                 if stop and step < cfg.max_iters:
                     if step % cfg.eval_interval:
                         save(LAST, None, with_state=True)
