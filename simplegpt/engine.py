@@ -1,29 +1,453 @@
-"""Text generation. This first version is the uncached reference loop; see issue on the engine."""
+"""Text generation: a static KV cache, one sampling function, streaming and batched decoding.
+
+    engine = Engine(model, tokenizer)
+    [result] = engine.generate(["Once upon a time"], SamplingParams(max_new_tokens=50, temperature=0.8))
+    for piece in engine.stream("Once upon a time", SamplingParams(temperature=0)):
+        print(piece, end="", flush=True)
+
+Batches of prompts are left-padded; each row has its own attention mask, positions and random
+generator, so a prompt gives the same output in a batch as alone. When a row's context reaches
+the model's window (n_positions) its oldest `window_shift` tokens are dropped and the rest are
+re-encoded once (positions restart at 0, as in training), so generation never stops for length.
+`Engine(..., use_cache=False)` runs the same loop re-encoding the whole context every step: the
+reference the cached path is tested against.
+"""
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
 import torch
 
-from .model import GPT
+from .model import GPT, GPTConfig
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 means greedy decoding.
+
+    top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 switch that filter off. Row i of a batch
+    samples with seed + i, so a prompt alone with seed s + i gives what it gives in row i.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Result:
+    """One generated sequence. text excludes the prompt, EOS and any stop string."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
+    stop_reason: str | int | None = None  # the stop string matched, or the EOS id; None for "length"
+    prompt_tokens: int = 0  # after left truncation to the window
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution a token is drawn from: (B, V) logits -> (B, V) probabilities.
+
+    Order as in Hugging Face: repetition penalty, temperature, top-k, top-p, min-p.
+    seen (B, V) bool marks tokens already in a row's context, for the repetition penalty.
+    """
+    logits = apply_repetition_penalty(logits.float(), params.repetition_penalty, seen)
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.size(-1):
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose total probability reaches top_p:
+        # a token stays when the mass of the tokens ranked above it is still below top_p.
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        above = sorted_p.cumsum(-1) - sorted_p
+        drop_sorted = above >= params.top_p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, penalty: float, seen: torch.Tensor | None) -> torch.Tensor:
+    """CTRL's penalty: seen tokens' positive logits are divided by penalty, negative ones multiplied."""
+    if penalty == 1.0 or seen is None:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generators: Sequence[torch.Generator] | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The one sampling function: (B, V) logits -> (B,) token ids. Row i draws from generators[i]."""
+    if params.greedy:
+        return apply_repetition_penalty(logits.float(), params.repetition_penalty, seen).argmax(-1)
+    probs = sampling_probs(logits, params, seen)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+
+class _LayerKV:
+    """One layer's (B, H, max_len, D) key and value buffers inside a KVCache."""
+
+    def __init__(self, cache: "KVCache", k: torch.Tensor, v: torch.Tensor):
+        self.cache, self.k, self.v = cache, k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.cache.length, self.cache.length + k.size(2)
+        B = k.size(0)
+        self.k[:B, :, start:end].copy_(k)
+        self.v[:B, :, start:end].copy_(v)
+        return self.k[:B, :, :end], self.v[:B, :, :end]  # views over the filled prefix, no copies
+
+
+class KVCache:
+    """Preallocated keys/values, (n_layer, batch, n_head, max_len, head_dim) each, written in place.
+
+    `length` slots are filled for the first `batch` rows; GPT.forward(kv_cache=...) appends.
+    Static shapes mean no allocation per decode step.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.n_positions
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        self.layers = [_LayerKV(self, self.k[i], self.v[i]) for i in range(config.n_layer)]
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def advance(self, n: int) -> None:
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length} + {n} tokens > max_len {self.max_len}")
+        self.length += n
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Compact the batch to `rows` (indices of current rows), e.g. when others finished."""
+        n, end = rows.numel(), self.length
+        self.k[:, :n, :, :end] = self.k[:, rows, :, :end]
+        self.v[:, :n, :, :end] = self.v[:, rows, :, :end]
+
+
+class _TextAssembler:
+    """Turns a row's token bytes into safe text pieces.
+
+    Pieces never end inside a multi-byte character (an incremental UTF-8 decoder holds the
+    partial bytes) and never contain the start of a possible stop string (held back until it
+    is known not to be one), so their concatenation is exactly the final text.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = stops
+        self.text = ""
+        self.emitted = 0
+        self.matched: str | None = None
+
+    def feed(self, data: bytes, final: bool = False) -> str:
+        """Add bytes; return the newly safe text. Sets `matched` when a stop string appears."""
+        before = len(self.text)
+        self.text += self.decoder.decode(data, final=final)
+        hold = 0
+        if self.stops:
+            longest = max(len(s) for s in self.stops)
+            window_start = max(0, before - longest + 1)
+            hits = [(i, s) for s in self.stops if (i := self.text.find(s, window_start)) >= 0]
+            if hits:
+                cut, self.matched = min(hits)
+                self.text = self.text[:cut]
+                final = True
+            elif not final:
+                hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        upto = len(self.text) - hold
+        piece = self.text[self.emitted:upto]
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+
+@dataclass
+class _Row:
+    prompt_len: int
+    tokens: list[int]  # prompt (after truncation) + generated; the context is tokens[start:]
+    generator: torch.Generator
+    text: _TextAssembler | None
+    start: int = 0
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def result(self) -> Result:
+        text = self.text.text if self.text is not None else ""
+        return Result(text, list(self.generated), self.finish_reason or FINISH_LENGTH, self.stop_reason,
+                      self.prompt_len)
+
+
+class Stream:
+    """An iterator of (row, text piece) events; `results` holds one Result per row once exhausted."""
+
+    def __init__(self, events: Iterator[tuple[int, str]], rows: list[_Row]):
+        self._events, self._rows = events, rows
+        self.results: list[Result] | None = None
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        try:
+            return next(self._events)
+        except StopIteration:
+            self.results = [r.result() for r in self._rows]
+            raise
+
+
+class TextStream:
+    """The text pieces of one prompt; `result` is set once the iteration has finished."""
+
+    def __init__(self, stream: Stream):
+        self._stream = stream
+        self.result: Result | None = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._stream)[1]
+        except StopIteration:
+            self.result = self._stream.results[0]
+            raise
+
+
+class Engine:
+    """Generation with a model (and optionally its tokenizer, for text in and out).
+
+    use_cache=False re-encodes the whole context for every token (the slow reference path).
+    window_shift: tokens dropped from the front when a context fills the window
+    (default n_positions // 4; 1 re-encodes the window every token once it is full).
+    """
+
+    def __init__(self, model: GPT, tokenizer=None, *, use_cache: bool = True, window_shift: int | None = None,
+                 device: str | torch.device | None = None, eos_id: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config: GPTConfig = model.config
+        self.window = self.config.n_positions
+        self.window_shift = window_shift or max(1, self.window // 4)
+        if not 1 <= self.window_shift <= self.window:
+            raise ValueError(f"window_shift must be in [1, {self.window}], got {window_shift}")
+        self.use_cache = use_cache
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.eos_id: int | None = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        self._cache: KVCache | None = None
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
+        """Generate for every prompt (text, or token ids) in one batch; one Result per prompt."""
+        stream = self.stream_batch(prompts, params)
+        for _ in stream:
+            pass
+        return stream.results
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> TextStream:
+        """Text pieces of one completion as they are decoded; see TextStream.result afterwards."""
+        return TextStream(self.stream_batch([prompt], params))
+
+    def stream_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> Stream:
+        """(row, text piece) events for a batch of prompts, in decoding order."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts; use stream()/generate([prompt]) for one")
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: create the Engine with one")
+        seed = params.seed if params.seed is not None else random.randrange(2**62)
+        rows = []
+        for i, prompt in enumerate(prompts):
+            ids = self._prompt_ids(prompt)
+            gen = torch.Generator(device=self.device).manual_seed(seed + i)
+            text = _TextAssembler(params.stop) if self.tokenizer is not None else None
+            rows.append(_Row(len(ids), ids, gen, text))
+        return Stream(self._decode(rows, params), rows)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: create the Engine with one, or pass token ids")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            if self.eos_id is None:
+                raise ValueError("the prompt is empty and the model has no EOS token to start from: give a prompt")
+            ids = [self.eos_id]  # GPT-2 style: unconditional text starts after an end-of-text token
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} out of range 0..{self.config.vocab_size - 1}")
+        if len(ids) > self.window:
+            warnings.warn(f"prompt of {len(ids)} tokens is longer than the model's window of {self.window}: "
+                          f"keeping its last {self.window} tokens", stacklevel=4)
+            ids = ids[-self.window:]
+        return ids
+
+    def _decode(self, rows: list[_Row], params: SamplingParams) -> Iterator[tuple[int, str]]:
+        """The decode loop shared by generate and stream: yields (row, piece) events."""
+        active = list(range(len(rows)))
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(len(rows), self.config.vocab_size, dtype=torch.bool, device=self.device)
+            for i, r in enumerate(rows):
+                seen[i, r.tokens] = True
+        logits = self._prefill([rows[i] for i in active])
+        stop_eos = params.stop_at_eos and self.eos_id is not None
+        while True:
+            row_seen = seen[active] if seen is not None else None
+            with torch.inference_mode():
+                nxt = sample_next_token(logits, params, [rows[i].generator for i in active], row_seen).tolist()
+            still = []
+            for i, tok in zip(active, nxt):
+                row = rows[i]
+                if stop_eos and tok == self.eos_id:
+                    row.finish_reason, row.stop_reason = FINISH_STOP, tok
+                else:
+                    row.generated.append(tok)
+                    row.tokens.append(tok)
+                    if seen is not None:
+                        seen[i, tok] = True
+                    if row.text is not None:
+                        piece = row.text.feed(self.tokenizer.decode_bytes([tok]))
+                        if piece:
+                            yield i, piece
+                        if row.text.matched is not None:
+                            row.finish_reason, row.stop_reason = FINISH_STOP, row.text.matched
+                    if row.finish_reason is None and len(row.generated) >= params.max_new_tokens:
+                        row.finish_reason = FINISH_LENGTH
+                if row.finish_reason is None:
+                    still.append(i)
+                elif row.text is not None and row.text.matched is None:
+                    piece = row.text.feed(b"", final=True)
+                    if piece:
+                        yield i, piece
+            if not still:
+                return
+            logits = self._step(rows, active, still)
+            active = still
+
+    def _step(self, rows: list[_Row], active: list[int], still: list[int]) -> torch.Tensor:
+        """Logits (B, V) for the next token of each row in `still`, after their last token."""
+        cache = self._cache
+        if cache is None or cache.length + 1 > cache.max_len:
+            for i in still:
+                row = rows[i]
+                if len(row.tokens) - row.start > self.window:
+                    row.start += self.window_shift
+            return self._prefill([rows[i] for i in still])
+        if still != active:
+            keep = torch.tensor([active.index(i) for i in still], device=self.device)
+            with torch.inference_mode():
+                cache.keep_rows(keep)
+                self._next_pos = self._next_pos[keep]
+                if self._mask is not None:
+                    self._mask[: len(still)] = self._mask[keep]
+        return self._decode_step([rows[i].tokens[-1] for i in still])
+
+    @torch.inference_mode()
+    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """Encode each row's context (left-padded to a batch); fills the cache. Returns (B, V)."""
+        contexts = [r.tokens[r.start:] for r in rows]
+        B, L = len(contexts), max(len(c) for c in contexts)
+        if all(len(c) == L for c in contexts):
+            idx, mask = torch.tensor(contexts, device=self.device), None
+        else:
+            idx = torch.zeros(B, L, dtype=torch.long, device=self.device)
+            mask = torch.zeros(B, self.window, dtype=torch.long, device=self.device)
+            for b, c in enumerate(contexts):
+                idx[b, L - len(c):] = torch.tensor(c)
+                mask[b, L - len(c):] = 1
+        cache = None
+        if self.use_cache:
+            if self._cache is None or self._cache.k.size(1) < B or self._cache.k.device != self.device:
+                dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+                self._cache = KVCache(self.config, B, self.window, self.device, dtype)
+            cache = self._cache
+            cache.reset()
+        self._mask = mask
+        self._next_pos = torch.tensor([[len(c)] for c in contexts], device=self.device)  # (B, 1)
+        h = self.model.hidden_states(idx, None if mask is None else mask[:, :L], kv_cache=cache)
+        return self.model.lm_head(h[:, -1])  # the head on the last position only: (B, V)
+
+    @torch.inference_mode()
+    def _decode_step(self, last: list[int]) -> torch.Tensor:
+        """One cached step: the rows' last tokens (B, 1) at their next positions. Returns (B, V)."""
+        cache, B = self._cache, len(last)
+        idx = torch.tensor(last, device=self.device).view(B, 1)
+        mask = None
+        if self._mask is not None:
+            self._mask[:B, cache.length] = 1
+            mask = self._mask[:B, : cache.length + 1]
+        h = self.model.hidden_states(idx, mask, position_ids=self._next_pos, kv_cache=cache)
+        self._next_pos += 1
+        return self.model.lm_head(h[:, -1])
 
 
 @torch.no_grad()
 def generate_ids(model: GPT, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
-                 device: str | torch.device = "cpu") -> list[int]:
-    """Greedy decoding without a cache; the context slides to the last n_positions tokens."""
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+                 device: str | torch.device = "cpu", params: SamplingParams | None = None) -> list[int]:
+    """New token ids after prompt_ids, greedy unless params say otherwise; ends with eos_id if it was hit.
+
+    Uses the cached engine; the context slides past n_positions (see Engine.window_shift).
+    """
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
-    model.eval()
-    window = model.config.n_positions
-    seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits, _ = GPT.forward(model, seq[:, -window:])
-        nxt = int(logits[0, -1].argmax())
-        new.append(nxt)
-        if nxt == eos_id:
-            break
-        seq = torch.cat([seq, torch.tensor([[nxt]], device=device)], dim=1)
-    return new
+    params = dataclasses.replace(params or SamplingParams(temperature=0.0), max_new_tokens=max_new_tokens)
+    [result] = Engine(model, device=device, eos_id=eos_id).generate([prompt_ids], params)
+    return result.token_ids + ([eos_id] if result.stop_reason == eos_id and eos_id is not None else [])

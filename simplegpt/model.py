@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -93,16 +94,20 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: "LayerKV | None" = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, D)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if kv is not None:
+            k, v = kv.update(k, v)  # (B, H, S, D): the cached keys/values followed by these T
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            # Without a mask the T queries are the last T of S keys and either T == S (causal)
+            # or T == 1 (a decode step sees every cached key); GPT.forward builds a mask otherwise.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -131,8 +136,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: "LayerKV | None" = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, kv)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -159,7 +164,8 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    """GPT-2 language model. forward(idx, targets=None, attention_mask=None) -> (logits, loss)."""
+    """GPT-2 language model. forward(idx, targets=None, attention_mask=None, position_ids=None,
+    kv_cache=None) -> (logits, loss)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -241,28 +247,17 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        kv_cache: "KVCacheLike | None" = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids; targets (B, T) next-token ids with IGNORE_INDEX where no loss;
-        attention_mask (B, T) 1 = real token, 0 = padding. Returns logits (B, T, V) and the loss."""
-        B, T = idx.shape if idx.dim() == 2 else (0, 0)
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask)
-            else:
-                position_ids = torch.arange(T, device=idx.device)[None]
-        self._check_input(idx, position_ids)
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != idx.shape:
-                raise ValueError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} must equal idx shape {tuple(idx.shape)}"
-                )
-            mask = build_attention_mask(attention_mask, T)
-        x = self.transformer.wte(idx.long()) + self.transformer.wpe(position_ids)  # (B, T, C)
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, mask)
-        x = self.transformer.ln_f(x)
+        attention_mask 1 = real token, 0 = padding; position_ids (B, T). Returns logits (B, T, V) and the loss.
+
+        Without kv_cache this is the reference path: attention_mask is (B, T). With kv_cache
+        (simplegpt.engine.KVCache) idx holds the T tokens that follow the kv_cache.length cached
+        ones, their keys and values are written into the cache, and attention_mask, if given,
+        covers all S = kv_cache.length + T keys: (B, S).
+        """
+        x = self.hidden_states(idx, attention_mask, position_ids, kv_cache)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -270,3 +265,54 @@ class GPT(nn.Module):
                 logits.view(-1, logits.size(-1)).float(), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX
             )
         return logits, loss
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: "KVCacheLike | None" = None,
+    ) -> torch.Tensor:
+        """The final-layer-norm output (B, T, C), before the output head; arguments as in forward."""
+        B, T = idx.shape if idx.dim() == 2 else (0, 0)
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=idx.device)[None]
+        self._check_input(idx, position_ids)
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                want = f"idx shape {tuple(idx.shape)}" if kv_cache is None else f"(batch, cached + new tokens) {(B, past + T)}"
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal {want}")
+            mask = build_attention_mask(attention_mask, T)
+        elif past and T > 1:
+            # New tokens after cached ones need an explicit causal mask over all S keys.
+            mask = build_attention_mask(torch.ones(B, past + T, dtype=torch.bool, device=idx.device), T)
+        x = self.transformer.wte(idx.long()) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.drop(x)
+        if kv_cache is None:
+            for block in self.transformer.h:
+                x = block(x, mask)
+        else:
+            for block, kv in zip(self.transformer.h, kv_cache.layers):
+                x = block(x, mask, kv)
+            kv_cache.advance(T)
+        return self.transformer.ln_f(x)
+
+
+class LayerKV(Protocol):
+    """One layer's slice of a KV cache: stores the new (B, H, T, D) keys/values, returns all (B, H, S, D)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class KVCacheLike(Protocol):
+    """What GPT.forward needs of a cache (simplegpt.engine.KVCache implements it)."""
+
+    length: int
+    layers: Sequence[LayerKV]
+
+    def advance(self, n: int) -> None: ...

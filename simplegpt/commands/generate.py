@@ -1,0 +1,150 @@
+"""simplegpt generate: sample text from a checkpoint (once, streamed, or interactively)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+HELP = "generate text from a checkpoint"
+DESCRIPTION = (
+    "Generate text from a trained checkpoint with a KV-cached engine. The prompt comes from --prompt, "
+    "--prompt-file or standard input; -i keeps the model loaded and reads one prompt per line. "
+    "An empty prompt starts from the end-of-text token (unconditional sampling). When prompt + output "
+    "outgrow the model's window, the oldest quarter of the context is dropped and generation goes on."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory to load")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT",
+                     help="the prompt; '-' reads it from standard input (also the default when input is piped)")
+    src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 file")
+    src.add_argument("-i", "--interactive", action="store_true",
+                     help="read prompts line by line from standard input, keeping the model loaded; "
+                          "empty lines are skipped, EOF (Ctrl-D) or /quit ends")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy decoding")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens with total probability >= p; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than min-p times the most likely one; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive (multiply negative) logits of tokens already in the context; 1 = off")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for reproducible samples (sample i uses seed + i); none = different every run")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text is generated (not printed); repeat for several")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated as one batch")
+    p.add_argument("--stream", action="store_true",
+                   help="print text as it is generated (several samples are then generated one after another)")
+    p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: int8 weights for the linear layers (CPU; ~4x less memory read per token)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--quiet", action="store_true", help="don't print the per-sample summary on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..engine import Engine, SamplingParams
+    from ..errors import CheckpointError
+    from ..seed import default_device
+
+    if args.num_samples <= 0:
+        raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        stop_at_eos=not args.ignore_eos,
+    )
+    prompt = None if args.interactive else _read_prompt(args)
+    device = default_device() if args.device == "auto" else args.device
+    if args.quantize == "int8":
+        device = "cpu" if args.device == "auto" else device
+    ck = load_checkpoint(args.checkpoint, device=device)
+    if ck.tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
+    if args.quantize == "int8":
+        from ..quantize import quantize_int8
+
+        report = quantize_int8(ck.model)
+        if not args.quiet:
+            print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
+                  file=sys.stderr)
+    engine = Engine(ck.model, ck.tokenizer)
+    if not args.interactive:
+        _generate(engine, prompt, params, args)
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            return 0
+        if not line.strip():
+            continue
+        _generate(engine, line.rstrip("\n"), params, args)
+        if params.seed is not None:  # a new prompt, new samples; still reproducible from --seed
+            params.seed += args.num_samples
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+    if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+        if not text and args.prompt is None:
+            raise ValueError("no prompt: standard input was empty; give --prompt TEXT (--prompt '' samples "
+                             "unconditionally), --prompt-file PATH, or use -i")
+        return text[:-1] if text.endswith("\n") else text  # the newline echo/heredocs add
+    if args.prompt is None:
+        raise ValueError("no prompt: give --prompt TEXT, --prompt-file PATH, pipe it in, or use -i")
+    return args.prompt
+
+
+def _generate(engine, prompt: str, params, args: argparse.Namespace) -> None:
+    out = sys.stdout
+    for n in range(args.num_samples) if args.stream else [None]:
+        t0 = time.perf_counter()
+        if args.stream:
+            if args.num_samples > 1:
+                print(f"--- sample {n + 1} ---", file=out)
+            if not args.no_echo:
+                out.write(prompt)
+            stream = engine.stream(prompt, _for_sample(params, n))
+            for piece in stream:
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+            results = [stream.result]
+        else:
+            results = engine.generate([prompt] * args.num_samples, params)
+            for i, r in enumerate(results):
+                if args.num_samples > 1:
+                    print(f"--- sample {i + 1} ---", file=out)
+                out.write(("" if args.no_echo else prompt) + r.text + "\n")
+        out.flush()
+        if not args.quiet:
+            dt = time.perf_counter() - t0
+            tokens = sum(len(r.token_ids) for r in results)
+            reasons = ",".join(r.finish_reason for r in results)
+            print(f"[{tokens} tokens in {dt:.2f}s, {tokens / max(dt, 1e-9):.1f} tok/s, finish: {reasons}]",
+                  file=sys.stderr)
+
+
+def _for_sample(params, n: int):
+    """Streamed samples run one at a time; sample n gets seed + n, as row n of a batch would."""
+    import dataclasses
+
+    return params if params.seed is None or n == 0 else dataclasses.replace(params, seed=params.seed + n)

@@ -1,0 +1,246 @@
+"""The generation engine: KV cache == reference, batching, streaming, stops, sampling, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from simplegpt import GPT, GPTConfig, generate_text, get_tokenizer
+from simplegpt.engine import (Engine, KVCache, SamplingParams, apply_repetition_penalty, generate_ids,
+                              sample_next_token, sampling_probs)
+from simplegpt.quantize import quantize_int8
+
+WINDOW = 16
+
+
+def tiny(vocab_size=257, n_positions=WINDOW, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+def reference_greedy(model: GPT, prompt: list[int], n: int, shift: int) -> list[int]:
+    """Independent uncached loop: full forward over the context; when it outgrows the window,
+    its oldest `shift` tokens are dropped (the engine's documented sliding-window rule)."""
+    tokens, start, out = list(prompt), 0, []
+    for _ in range(n):
+        if len(tokens) - start > model.config.n_positions:
+            start += shift
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([tokens[start:]]))
+        out.append(int(logits[0, -1].argmax()))
+        tokens.append(out[-1])
+    return out
+
+
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0, stop_at_eos=False)
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [3], list(range(40, 55))]
+
+
+@pytest.mark.parametrize("shift", [1, 5, None])
+def test_cached_greedy_equals_uncached_reference_past_the_window(shift):
+    model = tiny()
+    engine = Engine(model, window_shift=shift)
+    expected = [reference_greedy(model, p, 40, engine.window_shift) for p in PROMPTS]
+    single = [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+    batched = [r.token_ids for r in engine.generate(PROMPTS, GREEDY)]
+    assert single == expected
+    assert batched == expected
+    uncached = Engine(model, use_cache=False, window_shift=shift)
+    assert [r.token_ids for r in uncached.generate(PROMPTS, GREEDY)] == expected
+
+
+def test_cached_forward_matches_full_forward_logits():
+    model = tiny(n_positions=32)
+    idx = torch.randint(0, 257, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0  # row 1 is left-padded
+    with torch.no_grad():
+        full, _ = model(idx, attention_mask=mask)
+        cache = KVCache(model.config, batch_size=2)
+        parts = [model(idx[:, :5], attention_mask=mask[:, :5], kv_cache=cache)[0]]
+        for t in range(5, 12):
+            parts.append(model(idx[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache)[0])
+    assert cache.length == 12
+    real = mask.bool()
+    assert torch.allclose(torch.cat(parts, 1)[real], full[real], atol=1e-5)
+    with torch.no_grad():  # several new tokens after cached ones need (and get) a causal mask
+        cache.reset()
+        a, _ = model(idx[:1, :5], kv_cache=cache)
+        b, _ = model(idx[:1, 5:], kv_cache=cache)
+        ref, _ = model(idx[:1])
+    assert torch.allclose(torch.cat([a, b], 1), ref, atol=1e-5)
+
+
+def test_batched_sampling_equals_one_by_one():
+    model = tiny()
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.9, seed=7, stop_at_eos=False)
+    batched = Engine(model).generate(PROMPTS, params)
+    for i, p in enumerate(PROMPTS):
+        alone = Engine(model).generate([p], SamplingParams(**{**params.__dict__, "seed": 7 + i}))[0]
+        assert batched[i].token_ids == alone.token_ids
+
+
+def test_seeds_reproduce_and_differ():
+    engine = Engine(tiny())
+    run = lambda seed: engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=30, seed=seed))[0].token_ids
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_k_1_equals_greedy():
+    engine = Engine(tiny())
+    greedy = engine.generate(PROMPTS, GREEDY)
+    top1 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=40, temperature=1.5, top_k=1, seed=3,
+                                                   stop_at_eos=False))
+    assert [r.token_ids for r in top1] == [r.token_ids for r in greedy]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.25, 0.2]])
+    logits = probs.log()
+    # Cumulative mass in rank order: 0.4, 0.65, 0.85, 0.95, 1.0 (p values stay off the float boundaries).
+    for p, kept in [(0.1, {1}), (0.399, {1}), (0.401, {1, 3}), (0.649, {1, 3}), (0.651, {1, 3, 4}),
+                    (0.849, {1, 3, 4}), (0.851, {1, 2, 3, 4}), (0.96, {0, 1, 2, 3, 4}), (1.0, {0, 1, 2, 3, 4})]:
+        out = sampling_probs(logits, SamplingParams(top_p=p))
+        assert set(out[0].nonzero().flatten().tolist()) == kept, p
+        assert math.isclose(out.sum().item(), 1.0, rel_tol=1e-6)
+        assert torch.allclose(out[0, sorted(kept)], probs[0, sorted(kept)] / probs[0, sorted(kept)].sum())
+
+
+def test_min_p_top_k_temperature_and_repetition_penalty():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(logits, -1)
+    min_p = sampling_probs(logits, SamplingParams(min_p=0.3))
+    assert (min_p[0] > 0).tolist() == (probs[0] >= 0.3 * probs[0].max()).tolist()
+    assert (sampling_probs(logits, SamplingParams(top_k=2))[0] > 0).tolist() == [True, True, False, False]
+    hot = sampling_probs(logits, SamplingParams(temperature=2.0))
+    assert torch.allclose(hot, torch.softmax(logits / 2, -1))
+    seen = torch.tensor([[True, False, False, True]])
+    assert apply_repetition_penalty(logits, 2.0, seen).tolist() == [[1.0, 1.0, 0.0, -2.0]]
+    assert sample_next_token(logits, SamplingParams(temperature=0, repetition_penalty=3.0), seen=seen).item() == 1
+
+
+def scripted_model(tokenizer, script: list[int]) -> GPT:
+    """A model whose logits ignore the input: script[0] highest, then script[1], ... all others far lower.
+    Greedy decoding with a strong repetition penalty then emits exactly `script` in order."""
+    model = tiny(vocab_size=tokenizer.vocab_size, n_positions=64)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0  # every final hidden state is e_0: logits = wte[:, 0]
+        model.transformer.wte.weight[:, 0] = -10.0
+        for i, t in enumerate(script):
+            model.transformer.wte.weight[t, 0] = 10.0 - 0.1 * i
+    return model
+
+
+MULTIBYTE = "naïve café 世界 🙂 ok"
+
+
+def scripted_params(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, repetition_penalty=1000.0, stop_at_eos=False, **kw)
+
+
+def test_stream_concatenation_equals_text_with_split_multibyte_characters():
+    tok = get_tokenizer("gpt2")
+    script = tok.encode(MULTIBYTE)
+    # The GPT-2 tokens split characters, so decoding token by token would break them.
+    assert any("\ufffd" in tok.decode([t]) for t in script)
+    engine = Engine(scripted_model(tok, script), tok)
+    stream = engine.stream("x", scripted_params(len(script)))
+    pieces = list(stream)
+    assert stream.result.token_ids == script
+    assert "".join(pieces) == stream.result.text == MULTIBYTE
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 3
+    [full] = engine.generate(["x"], scripted_params(len(script)))
+    assert full.text == MULTIBYTE and full.finish_reason == "length"
+
+
+def test_stream_concatenation_equals_decode_for_random_tokens():
+    tok = get_tokenizer("gpt2")
+    engine = Engine(tiny(vocab_size=tok.vocab_size, n_positions=32), tok)
+    params = SamplingParams(max_new_tokens=60, temperature=1.0, seed=5, stop_at_eos=False)
+    stream = engine.stream("Hello", params)
+    text = "".join(stream)
+    assert text == stream.result.text == tok.decode(stream.result.token_ids)
+    assert engine.generate(["Hello"], params)[0].text == text
+
+
+def test_stop_string_ends_generation_and_is_not_returned():
+    tok = get_tokenizer("gpt2")
+    script = tok.encode(MULTIBYTE)
+    engine = Engine(scripted_model(tok, script), tok)
+    for stop, before in [("界", "naïve café 世"), (" 🙂", "naïve café 世界"), ("café", "naïve ")]:
+        params = scripted_params(len(script), stop=["never", stop])
+        [r] = engine.generate(["x"], params)
+        assert (r.text, r.finish_reason, r.stop_reason) == (before, "stop", stop)
+        stream = engine.stream("x", params)
+        assert "".join(stream) == before
+        assert stream.result.finish_reason == "stop"
+    [r] = engine.generate(["x"], scripted_params(5, stop="never"))
+    assert r.finish_reason == "length" and len(r.token_ids) == 5
+
+
+def test_eos_ends_generation_with_stop_reason():
+    model, tok = tiny(), get_tokenizer("byte")
+    free = Engine(model, tok).generate([[1, 2, 3]], GREEDY)[0].token_ids
+    eos = free[6]
+    first = free.index(eos)
+    [r] = Engine(model, tok, eos_id=eos).generate([[1, 2, 3]], SamplingParams(max_new_tokens=40, temperature=0))
+    assert (r.token_ids, r.finish_reason, r.stop_reason) == (free[:first], "stop", eos)
+    assert generate_ids(model, [1, 2, 3], 40, eos_id=eos) == free[:first + 1]
+    [ignored] = Engine(model, tok, eos_id=eos).generate([[1, 2, 3]], GREEDY)
+    assert ignored.token_ids == free and ignored.finish_reason == "length"
+
+
+def test_empty_prompt_starts_from_eos_or_fails_clearly():
+    model, tok = tiny(), get_tokenizer("byte")
+    [r] = Engine(model, tok).generate([""], GREEDY)
+    assert r.token_ids == reference_greedy(model, [tok.eos_id], 40, Engine(model).window_shift)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        Engine(model).generate([[]], GREEDY)
+
+
+def test_long_prompt_is_truncated_from_the_left_with_a_warning():
+    model = tiny()
+    prompt = list(range(1, 41))
+    with pytest.warns(UserWarning, match="keeping its last 16 tokens"):
+        [r] = Engine(model).generate([prompt], GREEDY)
+    assert r.prompt_tokens == WINDOW
+    assert r.token_ids == reference_greedy(model, prompt[-WINDOW:], 40, Engine(model).window_shift)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_k=-1), "top_k"), (dict(min_p=1.0), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
+])
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_generate_text_uses_engine_and_survives_past_window():
+    tok = get_tokenizer("byte")
+    model = tiny()
+    out = generate_text(model, tok, "Once upon a time", max_length=40, device="cpu")
+    ids = tok.encode("Once upon a time")
+    expected = reference_greedy(model, ids, 40, Engine(model).window_shift)
+    if tok.eos_id in expected:
+        expected = expected[:expected.index(tok.eos_id)]
+    assert out == tok.decode(ids + expected)
+
+
+def test_int8_quantization_is_close_to_fp32():
+    model = tiny(n_positions=64)
+    ref = tiny(n_positions=64)
+    report = quantize_int8(model)
+    assert report.layers == 2 * 4 + 1 and 3.0 < report.ratio <= 4.0
+    idx = torch.randint(0, 257, (2, 20))
+    with torch.no_grad():
+        a, _ = ref(idx)
+        b, _ = model(idx)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+    [r] = Engine(model).generate([[1, 2, 3]], GREEDY)
+    assert len(r.token_ids) == 40
