@@ -255,3 +255,29 @@ def test_offline_hub_name_is_one_clear_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "offline" in lines[0] and "local" in lines[0], proc.stderr
+
+
+def test_fine_tune_from_hf_directory(hf_dir, tmp_path, capsys, shakespeare_path):
+    from simplegpt.evaluate import evaluate_text
+    from simplegpt.hf import load_hf_model
+
+    text = shakespeare_path.read_text(encoding="utf-8")[:3000]
+    (tmp_path / "ft.txt").write_text(text, encoding="utf-8")
+    before = load_hf_model(str(hf_dir))
+    code = main(["train", "--init-from", str(hf_dir), "--data", str(tmp_path / "ft.txt"), "--tokenizer", "gpt2",
+                 "--data_dir", str(tmp_path / "data"), "--block_size", "16", "--max_iters", "12",
+                 "--batch_size", "4", "--eval_interval", "12", "--eval_iters", "1", "--sample_tokens", "0",
+                 "--warmup_iters", "0", "--lr", "1e-2", "--out_dir", str(tmp_path / "run"), "--quiet",
+                 "--plot", "false", "--tensorboard", "false"])
+    capsys.readouterr()
+    assert code == 0
+    after = load_checkpoint(tmp_path / "run" / "last")
+    assert isinstance(after.tokenizer, GPT2Tokenizer) and after.config.n_positions == 16
+    # it started from the imported weights: 12 small Adam steps stay near them (a fresh init has LN gains of 1)
+    moved = (after.model.transformer.ln_f.weight - before.model.transformer.ln_f.weight).abs().max().item()
+    assert moved < 0.3, moved
+    loss = [evaluate_text(m, GPT2Tokenizer(), text, context=16, stride=16).loss for m in (before.model, after.model)]
+    assert loss[1] < loss[0] - 0.2, loss  # it trained from the imported weights, with the GPT-2 tokenizer
+    # and the fine-tuned model goes back to Hugging Face
+    export_hf(tmp_path / "run" / "last", tmp_path / "hf")
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config.n_positions == 16
