@@ -281,3 +281,16 @@ def test_fine_tune_from_hf_directory(hf_dir, tmp_path, capsys, shakespeare_path)
     # and the fine-tuned model goes back to Hugging Face
     export_hf(tmp_path / "run" / "last", tmp_path / "hf")
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config.n_positions == 16
+
+
+def test_imported_model_is_tied_and_trainable(hf_dir):
+    from simplegpt.hf import load_hf_model
+
+    model = load_hf_model(str(hf_dir)).model
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == model.num_parameters()
+    idx = torch.randint(0, V_GPT2, (2, 8))
+    _, loss = model.train()(idx, targets=idx)
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
