@@ -120,7 +120,7 @@ def hf_to_simplegpt_state(hf_state: dict[str, torch.Tensor], config: GPTConfig, 
     missing = sorted(set(expected) - set(state))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{where} is missing weight(s) {missing[:3]}{more}; the file is incomplete")
+        raise CheckpointError(f"{where} is missing weight(s) {missing[:3]}{more}; the weights file is incomplete: save or download the model again")
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(
@@ -220,7 +220,7 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path} is truncated or corrupted ({e})") from None
+            raise CheckpointError(f"{path} is truncated or corrupted ({e}); save or download the model again") from None
 
     if (directory / HF_SAFETENSORS).is_file():
         return load_safetensors(directory / HF_SAFETENSORS)

@@ -212,6 +212,9 @@ def make_bad(kind: str, hf_dir: Path, root: Path) -> Path:
         (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif kind == "variant":
         cfg["activation_function"] = "relu"
+    elif kind == "untied":
+        cfg["tie_word_embeddings"] = False
+        weights["lm_head.weight"] = torch.randn_like(weights["transformer.wte.weight"])
     if kind != "no-config":
         (bad / "config.json").write_text(json.dumps(cfg))
     if kind not in ("no-weights", "truncated"):
@@ -227,6 +230,7 @@ def make_bad(kind: str, hf_dir: Path, root: Path) -> Path:
     ("missing-key", ["missing weight", "h.1.mlp.c_fc.weight"]),
     ("truncated", ["truncated or corrupted"]),
     ("variant", ["activation_function", "cannot run exactly"]),
+    ("untied", ["lm_head.weight", "tie"]),
 ])
 def test_cli_bad_hf_directories(kind, words, hf_dir, tmp_path, capsys):
     bad = make_bad(kind, hf_dir, tmp_path)
@@ -294,3 +298,21 @@ def test_imported_model_is_tied_and_trainable(hf_dir):
     _, loss = model.train()(idx, targets=idx)
     loss.backward()
     assert model.transformer.wte.weight.grad is not None
+
+
+def test_import_original_style_pytorch_bin(hf_dir, tmp_path):
+    """The original GPT-2 uploads: pytorch_model.bin from GPT2Model (no `transformer.` prefix, no
+    lm_head) holding the causal-mask buffers attn.bias / attn.masked_bias."""
+    state = {k.removeprefix("transformer."): v for k, v in load_file(hf_dir / "model.safetensors").items()}
+    n = TINY["n_positions"]
+    for i in range(TINY["n_layer"]):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(state, old / "pytorch_model.bin")
+    (old / "config.json").write_text((hf_dir / "config.json").read_text())
+    ck = import_hf(str(old), tmp_path / "ck")
+    idx = torch.randint(0, V_GPT2, (2, n))
+    with torch.no_grad():
+        assert (ck.model(idx)[0] - hf_logits(hf_dir, idx)).abs().max().item() < 1e-5
