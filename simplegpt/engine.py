@@ -150,7 +150,8 @@ class _LayerKV:
 class KVCache:
     """Preallocated keys/values, (n_layer, batch, n_head, max_len, head_dim) each, written in place.
 
-    `length` slots are filled for the first `batch` rows; GPT.forward(kv_cache=...) appends.
+    The first `length` slots hold the keys/values seen so far (of the leading rows, when a batch
+    has shrunk); GPT.forward(kv_cache=...) appends.
     Static shapes mean no allocation per decode step.
     """
 
@@ -158,8 +159,9 @@ class KVCache:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         max_len = max_len or config.n_positions
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Slots are always written before they are read, so the buffers need no zeroing.
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
         self.layers = [_LayerKV(self, self.k[i], self.v[i]) for i in range(config.n_layer)]
@@ -268,6 +270,73 @@ class TextStream:
             raise
 
 
+class _Batch:
+    """The model-side state of one generate/stream call: its KV cache, padding mask and positions.
+
+    Each call owns one, so streams of the same Engine can be interleaved (e.g. by a server).
+    """
+
+    def __init__(self, engine: "Engine", batch_size: int):
+        self.model, self.engine, self.device = engine.model, engine, engine.device
+        self.cache: KVCache | None = None
+        if engine.use_cache:
+            dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+            self.cache = KVCache(engine.config, batch_size, engine.window, self.device, dtype)
+        self.mask: torch.Tensor | None = None  # (B, window) 1 = real token, when rows are padded
+        self.next_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # (B, 1)
+
+    def next_logits(self, rows: list[_Row], active: list[int], still: list[int]) -> torch.Tensor:
+        """Logits (B, V) for the next token of each row in `still` (a subset of `active`, in order)."""
+        cache, window = self.cache, self.engine.window
+        if cache is None or cache.length + 1 > cache.max_len:
+            for i in still:
+                row = rows[i]
+                if len(row.tokens) - row.start > window:
+                    row.start += self.engine.window_shift
+            return self.prefill([rows[i] for i in still])
+        if still != active:
+            keep = torch.tensor([active.index(i) for i in still], device=self.device)
+            with torch.inference_mode():
+                cache.keep_rows(keep)
+                self.next_pos = self.next_pos[keep]
+                if self.mask is not None:
+                    self.mask[: len(still)] = self.mask[keep]
+        return self.decode_step([rows[i].tokens[-1] for i in still])
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """Encode each row's context (left-padded to a batch); fills the cache. Returns (B, V)."""
+        contexts = [r.tokens[r.start:] for r in rows]
+        B, L = len(contexts), max(len(c) for c in contexts)
+        if all(len(c) == L for c in contexts):
+            idx, self.mask = torch.tensor(contexts, device=self.device), None
+        else:
+            idx = torch.zeros(B, L, dtype=torch.long, device=self.device)
+            self.mask = torch.zeros(B, self.engine.window, dtype=torch.long, device=self.device)
+            for b, c in enumerate(contexts):
+                idx[b, L - len(c):] = torch.tensor(c)
+                self.mask[b, L - len(c):] = 1
+        if self.cache is not None:
+            self.cache.reset()
+        self.next_pos = torch.tensor([[len(c)] for c in contexts], device=self.device)
+        mask = None if self.mask is None else self.mask[:, :L]
+        h = self.model.hidden_states(idx, mask, kv_cache=self.cache)
+        return self.model.lm_head(h[:, -1])  # the head on the last position only: (B, V)
+
+    @torch.inference_mode()
+    def decode_step(self, last: list[int]) -> torch.Tensor:
+        """One cached step: the rows' last tokens (B, 1) at their next positions. Returns (B, V)."""
+        cache, B = self.cache, len(last)
+        idx = torch.tensor(last, device=self.device).view(B, 1)
+        mask = None
+        if self.mask is not None:
+            self.mask[:B, cache.length] = 1
+            mask = self.mask[:B, : cache.length + 1]
+        h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)
+        self.next_pos += 1
+        return self.model.lm_head(h[:, -1])
+
+
 class Engine:
     """Generation with a model (and optionally its tokenizer, for text in and out).
 
@@ -288,7 +357,6 @@ class Engine:
         self.use_cache = use_cache
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.eos_id: int | None = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-        self._cache: KVCache | None = None
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
         """Generate for every prompt (text, or token ids) in one batch; one Result per prompt."""
@@ -347,7 +415,8 @@ class Engine:
             seen = torch.zeros(len(rows), self.config.vocab_size, dtype=torch.bool, device=self.device)
             for i, r in enumerate(rows):
                 seen[i, r.tokens] = True
-        logits = self._prefill([rows[i] for i in active])
+        batch = _Batch(self, len(rows))
+        logits = batch.prefill([rows[i] for i in active])
         stop_eos = params.stop_at_eos and self.eos_id is not None
         while True:
             row_seen = seen[active] if seen is not None else None
@@ -379,64 +448,8 @@ class Engine:
                         yield i, piece
             if not still:
                 return
-            logits = self._step(rows, active, still)
+            logits = batch.next_logits(rows, active, still)
             active = still
-
-    def _step(self, rows: list[_Row], active: list[int], still: list[int]) -> torch.Tensor:
-        """Logits (B, V) for the next token of each row in `still`, after their last token."""
-        cache = self._cache
-        if cache is None or cache.length + 1 > cache.max_len:
-            for i in still:
-                row = rows[i]
-                if len(row.tokens) - row.start > self.window:
-                    row.start += self.window_shift
-            return self._prefill([rows[i] for i in still])
-        if still != active:
-            keep = torch.tensor([active.index(i) for i in still], device=self.device)
-            with torch.inference_mode():
-                cache.keep_rows(keep)
-                self._next_pos = self._next_pos[keep]
-                if self._mask is not None:
-                    self._mask[: len(still)] = self._mask[keep]
-        return self._decode_step([rows[i].tokens[-1] for i in still])
-
-    @torch.inference_mode()
-    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
-        """Encode each row's context (left-padded to a batch); fills the cache. Returns (B, V)."""
-        contexts = [r.tokens[r.start:] for r in rows]
-        B, L = len(contexts), max(len(c) for c in contexts)
-        if all(len(c) == L for c in contexts):
-            idx, mask = torch.tensor(contexts, device=self.device), None
-        else:
-            idx = torch.zeros(B, L, dtype=torch.long, device=self.device)
-            mask = torch.zeros(B, self.window, dtype=torch.long, device=self.device)
-            for b, c in enumerate(contexts):
-                idx[b, L - len(c):] = torch.tensor(c)
-                mask[b, L - len(c):] = 1
-        cache = None
-        if self.use_cache:
-            if self._cache is None or self._cache.k.size(1) < B or self._cache.k.device != self.device:
-                dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-                self._cache = KVCache(self.config, B, self.window, self.device, dtype)
-            cache = self._cache
-            cache.reset()
-        self._mask = mask
-        self._next_pos = torch.tensor([[len(c)] for c in contexts], device=self.device)  # (B, 1)
-        h = self.model.hidden_states(idx, None if mask is None else mask[:, :L], kv_cache=cache)
-        return self.model.lm_head(h[:, -1])  # the head on the last position only: (B, V)
-
-    @torch.inference_mode()
-    def _decode_step(self, last: list[int]) -> torch.Tensor:
-        """One cached step: the rows' last tokens (B, 1) at their next positions. Returns (B, V)."""
-        cache, B = self._cache, len(last)
-        idx = torch.tensor(last, device=self.device).view(B, 1)
-        mask = None
-        if self._mask is not None:
-            self._mask[:B, cache.length] = 1
-            mask = self._mask[:B, : cache.length + 1]
-        h = self.model.hidden_states(idx, mask, position_ids=self._next_pos, kv_cache=cache)
-        self._next_pos += 1
-        return self.model.lm_head(h[:, -1])
 
 
 @torch.no_grad()

@@ -80,6 +80,21 @@ def test_batched_sampling_equals_one_by_one():
         assert batched[i].token_ids == alone.token_ids
 
 
+def test_interleaved_streams_of_one_engine_do_not_interfere():
+    tok = get_tokenizer("byte")
+    engine = Engine(tiny(), tok)
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
+    alone = [engine.generate([p], params)[0].text for p in ("ab", "hello world")]
+    s1, s2 = engine.stream("ab", params), engine.stream("hello world", params)
+    pieces1, pieces2 = [], []
+    for a, b in zip(s1, s2):
+        pieces1.append(a)
+        pieces2.append(b)
+    pieces1 += list(s1)
+    pieces2 += list(s2)
+    assert ["".join(pieces1), "".join(pieces2)] == alone
+
+
 def test_seeds_reproduce_and_differ():
     engine = Engine(tiny())
     run = lambda seed: engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=30, seed=seed))[0].token_ids

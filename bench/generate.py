@@ -1,0 +1,149 @@
+"""Batch-1 decode speed: simplegpt (cached, uncached, int8) against Hugging Face generate, one run.
+
+    python bench/generate.py                      # GPT-2 124M shape, random weights, fp32, CPU
+    python bench/generate.py --new-tokens 50 --uncached-tokens 20 --preset small
+    python bench/generate.py --checkpoint runs/x  # a trained model: speed and int8 quality on real text
+
+Every engine decodes greedily from the same 16-token prompt for --new-tokens tokens; tokens/s
+count generated tokens over the whole call (prefill included), best of --repeats. The int8
+quality figures compare the quantized model with fp32 on --text: mean loss and how often the
+greedy next token agrees under teacher forcing, plus how many of the generated tokens agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from simplegpt.engine import Engine, SamplingParams  # noqa: E402
+from simplegpt.model import GPT, preset_config  # noqa: E402
+from simplegpt.quantize import quantize_int8  # noqa: E402
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def best_rate(fn, tokens: int, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return tokens / best
+
+
+def simplegpt_rate(engine: Engine, prompt: list[int], n: int, repeats: int) -> tuple[float, list[int]]:
+    params = SamplingParams(max_new_tokens=n, temperature=0.0, stop_at_eos=False)
+    engine.generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
+    out: list[int] = []
+
+    def run() -> None:
+        out[:] = engine.generate([prompt], params)[0].token_ids
+
+    return best_rate(run, n, repeats), list(out)
+
+
+def hf_rate(model: GPT, prompt: list[int], n: int, repeats: int) -> float:
+    import transformers
+
+    cfg = model.config
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, attn_implementation="sdpa")).eval()
+    ids = torch.tensor([prompt])
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=4, **kw)
+        return best_rate(lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw), n, repeats)
+
+
+@torch.inference_mode()
+def quality(fp32: GPT, int8: GPT, ids: torch.Tensor) -> tuple[float, float, float]:
+    """(fp32 loss, int8 loss, greedy agreement) on rows of token ids (B, T), teacher forced."""
+    a, _ = fp32(ids[:, :-1])
+    b, _ = int8(ids[:, :-1])
+    target = ids[:, 1:].reshape(-1)
+    loss_a = F.cross_entropy(a.reshape(-1, a.size(-1)), target).item()
+    loss_b = F.cross_entropy(b.reshape(-1, b.size(-1)), target).item()
+    return loss_a, loss_b, (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2", help="model shape for random weights (gpt2 = 124M)")
+    p.add_argument("--checkpoint", help="measure this checkpoint instead of random weights")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens generated per timed call")
+    p.add_argument("--uncached-tokens", type=int, default=200,
+                   help="tokens for the slow uncached loop (fewer = shorter contexts = flatters it)")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per engine; the best counts")
+    p.add_argument("--text", default=str(DEFAULT_TEXT), help="text for the int8 quality check")
+    p.add_argument("--quality-tokens", type=int, default=1024, help="tokens of --text scored for int8 quality")
+    p.add_argument("--skip-hf", action="store_true", help="don't measure Hugging Face generate")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokenizer = None
+    if args.checkpoint:
+        from simplegpt.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(args.checkpoint)
+        model, tokenizer, label = ck.model, ck.tokenizer, args.checkpoint
+    else:
+        model = GPT(preset_config(args.preset)).eval()
+        label = f"{args.preset} random weights"
+    cfg = model.config
+    print(f"model: {label}, {model.num_parameters() / 1e6:.1f}M parameters, fp32; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    rates: dict[str, float] = {}
+    rates["simplegpt cached"], fp32_out = simplegpt_rate(Engine(model), prompt, args.new_tokens, args.repeats)
+    print(f"simplegpt cached     {rates['simplegpt cached']:8.1f} tok/s", flush=True)
+    rates["simplegpt uncached"], _ = simplegpt_rate(Engine(model, use_cache=False), prompt,
+                                                   args.uncached_tokens, 1)
+    print(f"simplegpt uncached   {rates['simplegpt uncached']:8.1f} tok/s ({args.uncached_tokens} tokens)", flush=True)
+    if not args.skip_hf:
+        rates["HF generate"] = hf_rate(model, prompt, args.new_tokens, args.repeats)
+        print(f"HF generate (cache)  {rates['HF generate']:8.1f} tok/s", flush=True)
+    int8 = copy.deepcopy(model)
+    report = quantize_int8(int8)
+    rates["simplegpt int8"], int8_out = simplegpt_rate(Engine(int8), prompt, args.new_tokens, args.repeats)
+    print(f"simplegpt int8       {rates['simplegpt int8']:8.1f} tok/s", flush=True)
+
+    print("\nratios")
+    print(f"  cached / uncached      {rates['simplegpt cached'] / rates['simplegpt uncached']:6.2f}x")
+    if "HF generate" in rates:
+        print(f"  cached / HF generate   {rates['simplegpt cached'] / rates['HF generate']:6.2f}x")
+        print(f"  int8   / HF generate   {rates['simplegpt int8'] / rates['HF generate']:6.2f}x")
+    print(f"  int8   / cached fp32   {rates['simplegpt int8'] / rates['simplegpt cached']:6.2f}x")
+
+    same = next((i for i, (a, b) in enumerate(zip(fp32_out, int8_out)) if a != b), len(fp32_out))
+    print(f"\nint8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB "
+          f"({report.ratio:.2f}x smaller); greedy output identical for the first {same}/{len(fp32_out)} tokens")
+    text_path = Path(args.text)
+    if text_path.is_file():
+        from simplegpt.tokenizer import get_tokenizer
+
+        tok = tokenizer or get_tokenizer("gpt2")
+        ids = tok.encode(text_path.read_text(encoding="utf-8")[: args.quality_tokens * 8])[: args.quality_tokens]
+        T = min(cfg.n_positions, 256) + 1
+        rows = torch.tensor(ids[: len(ids) // T * T]).view(-1, T)
+        if rows.numel():
+            la, lb, agree = quality(model, int8, rows)
+            print(f"int8 quality on {rows.numel()} tokens of {text_path.name}: loss fp32 {la:.4f}, int8 {lb:.4f} "
+                  f"({lb - la:+.4f}); teacher-forced greedy agreement {agree * 100:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
