@@ -29,8 +29,6 @@ from .errors import CheckpointError
 from .model import GPT, GPTConfig
 from .tokenizer import EOS_TEXT, GPT2Tokenizer, Tokenizer, gpt2_vocab_files, load_tokenizer
 
-log = logging.getLogger(__name__)
-
 HF_CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -251,7 +249,6 @@ def _tokenizer_for(directory: Path | None, config: GPTConfig) -> Tokenizer | Non
     elif config.vocab_size == 50257 and (directory is None or _has_gpt2_vocab(directory)):
         tok = GPT2Tokenizer()
     else:
-        log.warning("the model's tokenizer is not GPT-2's; the checkpoint is saved without a tokenizer")
         return None
     if tok.vocab_size != config.vocab_size:
         raise CheckpointError(f"tokenizer vocabulary ({tok.vocab_size}) does not match the model's ({config.vocab_size})")

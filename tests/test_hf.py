@@ -316,3 +316,10 @@ def test_import_original_style_pytorch_bin(hf_dir, tmp_path):
     idx = torch.randint(0, V_GPT2, (2, n))
     with torch.no_grad():
         assert (ck.model(idx)[0] - hf_logits(hf_dir, idx)).abs().max().item() < 1e-5
+
+
+def test_other_vocabulary_imports_without_tokenizer(tmp_path, capsys):
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, bos_token_id=0, eos_token_id=0, **TINY)).save_pretrained(tmp_path / "v")
+    code, out, err = cli(capsys, "import-hf", str(tmp_path / "v"), str(tmp_path / "ck"))
+    assert code == 0 and "tokenizer none" in out and "not GPT-2's" in err
+    assert load_checkpoint(tmp_path / "ck").tokenizer is None

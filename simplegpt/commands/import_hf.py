@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "convert a Hugging Face GPT-2 (local directory or hub name) into a simplegpt checkpoint"
 DESCRIPTION = (
@@ -24,8 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from ..hf import import_hf
 
     ck = import_hf(args.source, args.out, overwrite=args.overwrite)
-    tok = ck.tokenizer.spec()["type"] if ck.tokenizer else "none (not GPT-2's vocabulary)"
+    tok = ck.tokenizer.kind if ck.tokenizer else "none"
     print(f"imported {args.source} -> {ck.path}: {ck.model.num_parameters():,} parameters, "
           f"n_layer={ck.config.n_layer} n_embd={ck.config.n_embd} n_positions={ck.config.n_positions}, "
           f"tokenizer {tok}")
+    if ck.tokenizer is None:
+        print(f"simplegpt import-hf: warning: the model's vocabulary ({ck.config.vocab_size} tokens) is not GPT-2's, "
+              "so the checkpoint has no tokenizer and cannot be used on text (export-hf still works)",
+              file=sys.stderr)
     return 0
