@@ -79,7 +79,8 @@ class TrainConfig:
     dtype: str = _f("auto", "run", "compute dtype; 'auto' = bfloat16 on GPUs that support it, float16 on other "
                     "GPUs, float32 on CPU", ("auto", "float32", "bfloat16", "float16"))
     compile: bool = _f(False, "run", "torch.compile the model")
-    num_threads: int = _f(0, "run", "CPU threads for torch (0 = all cores this process may use)")
+    num_threads: int = _f(0, "run", "CPU threads for torch; 0 = the cores other processes leave idle (set it "
+                          "for bit-identical results across runs)")
     tensorboard: bool = _f(True, "run", "also log to TensorBoard (out_dir/tb) when tensorboard is installed")
     plot: bool = _f(True, "run", "save a loss curve loss.png at the end (needs matplotlib)")
     peak_flops: float = _f(0.0, "run", "device peak FLOP/s for MFU; 0 = known GPU table, or a measured "

@@ -147,6 +147,20 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
     return 2 * 512**3 * n / (time.perf_counter() - t0)
 
 
+def auto_threads() -> int:
+    """CPU threads for torch: the cores this process may use that other processes leave idle.
+
+    OpenMP threads that outnumber the free cores spin against each other: on a 2-core machine
+    with one other busy process, 2 threads train ~7x slower than 1 (measured, docs/training.md).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.75)))
+
+
 def _slug(source: str) -> str:
     name = Path(source.rstrip("/")).stem if "://" not in source else Path(source).stem
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "corpus"
@@ -441,10 +455,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
     log = log or (lambda s: tqdm.write(s))
     t_start = time.perf_counter()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    elif hasattr(os, "sched_getaffinity"):
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(cfg.num_threads or auto_threads())
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)

@@ -16,7 +16,9 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import FIELDS, SECTIONS, parse_value
+    from ..config import DEFAULT_CONFIG, FIELDS, SECTIONS, load_config, parse_value
+
+    defaults = load_config().to_dict()  # what `simplegpt train` with no --config uses
 
     p.add_argument("--config", default=None,
                    help="TOML config file, or a built-in name: shakespeare_char (the default), gpt2_124m")
@@ -51,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             choices = f.metadata.get("choices")
             help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
             group.add_argument(*flags, dest=name, type=converter(name), default=argparse.SUPPRESS,
-                               metavar=f.type.upper(), help=f"{help_text} [default: {f.default!r}]")
+                               metavar=f.type.upper(),
+                               help=f"{help_text} [{DEFAULT_CONFIG}: {defaults[name]!r}]")
 
 
 def run(args: argparse.Namespace) -> int:

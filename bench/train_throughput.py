@@ -1,0 +1,110 @@
+"""Training throughput: simplegpt's trainer vs a Hugging Face GPT2LMHeadModel + AdamW loop.
+
+Both train the same GPT-2-shaped model (default: 4 layers, 4 heads, 128 wide, block 64, batch 12,
+character vocabulary of tinyshakespeare) on the same batches, in the same process, alternating in
+rounds so that load from other processes hits both alike. simplegpt's figure is the tokens/s its
+own `simplegpt.train.train` logs (the real loop: sampler, schedule, clipping, fused AdamW); the
+reference is the loop a transformers user writes. Prints tokens/s for both, the ratio and MFU.
+
+    .venv/bin/python bench/train_throughput.py [--steps 100] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simplegpt.config import TrainConfig  # noqa: E402
+from simplegpt.data import PackedSampler, TokenShards, prepare_corpus  # noqa: E402
+from simplegpt.train import peak_flops, train  # noqa: E402
+
+
+def simplegpt_round(cfg: TrainConfig, steps: int, log_every: int) -> float:
+    """Median tokens/s of the trainer's log windows (the first window, with warm-up, left out)."""
+    train(cfg.replace(max_iters=steps, log_interval=log_every), overwrite=True, progress=False, log=lambda s: None)
+    records = [json.loads(ln) for ln in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tok_per_s"] for r in records if r["kind"] == "train"][1:]
+    return statistics.median(rates)
+
+
+def hf_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, steps: int, log_every: int) -> float:
+    """The same model in transformers, trained the way its users write the loop."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(cfg.seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                       n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
+    rates, t0 = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        x, y = sampler.next_batch()
+        ids = torch.cat([x, y[:, -1:]], dim=1)  # the block_size + 1 window; HF shifts the labels itself
+        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+        if step % log_every == 0:
+            now = time.perf_counter()
+            rates.append(log_every * cfg.batch_size * cfg.block_size / (now - t0))
+            t0 = now
+    return statistics.median(rates[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=100, help="training steps per round and per side")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (simplegpt, then HF)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    ap.add_argument("--n_layer", type=int, default=4)
+    ap.add_argument("--n_head", type=int, default=4)
+    ap.add_argument("--n_embd", type=int, default=128)
+    ap.add_argument("--block_size", type=int, default=64)
+    ap.add_argument("--batch_size", type=int, default=12)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="simplegpt-bench-"))
+    meta = prepare_corpus(args.corpus, work / "data", "char", progress=False)
+    cfg = TrainConfig(data=str(work / "data"), n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                      block_size=args.block_size, batch_size=args.batch_size, lr=1e-3, warmup_iters=10,
+                      eval_interval=10**9, sample_tokens=0, out_dir=str(work / "run"), num_threads=args.threads,
+                      plot=False, tensorboard=False, device="cpu")
+    cfg = cfg.replace(peak_flops=peak_flops(cfg, torch.device("cpu")))
+    sampler = PackedSampler(TokenShards(work / "data", "train"), cfg.block_size, cfg.batch_size, seed=0)
+    log_every = max(5, args.steps // 10)
+    ours, theirs = [], []
+    for r in range(args.rounds):
+        ours.append(simplegpt_round(cfg, args.steps, log_every))
+        theirs.append(hf_round(cfg, sampler, meta["vocab_size"], args.steps, log_every))
+        print(f"round {r + 1}: simplegpt {ours[-1]:,.0f} tok/s, transformers {theirs[-1]:,.0f} tok/s", flush=True)
+    a, b = statistics.median(ours), statistics.median(theirs)
+    from simplegpt.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head))
+    mfu = model.estimate_mfu(a, cfg.peak_flops, cfg.block_size)
+    print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
+          f"batch {cfg.batch_size}, vocab {meta['vocab_size']}; {args.threads} threads")
+    print(f"simplegpt train:         {a:,.0f} tok/s  (MFU {mfu:.1%} of a measured {cfg.peak_flops / 1e9:.0f} "
+          f"GFLOP/s fp32 matmul)")
+    print(f"transformers + AdamW:    {b:,.0f} tok/s")
+    print(f"ratio simplegpt / HF:    {a / b:.2f}x  (goal >= 1.6x)")
+
+
+if __name__ == "__main__":
+    main()
