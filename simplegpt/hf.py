@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -269,7 +270,8 @@ def _is_local(source: str) -> bool:
     return os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def require_transformers(what: str):
+def require_transformers(what: str) -> ModuleType:
+    """The transformers module, or an ImportError naming the extra to install."""
     try:
         import transformers
     except ImportError:

@@ -8,7 +8,8 @@ Command line (lm_eval's own CLI, with the model registered first):
 
 Scoring follows lm_eval's HFLM: context and continuation are encoded together and split, an
 empty context is replaced by the end-of-text token, and inputs longer than the model's context
-keep their last n_positions tokens. Generation is greedy.
+keep their last n_positions tokens. Generation goes through simplegpt's engine: greedy unless a
+task sets do_sample.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
         'the lm_eval adapter needs EleutherAI\'s lm-evaluation-harness: pip install "simplegpt[lmeval]"'
     ) from None
 
-from .engine import generate_ids
+from .engine import Engine, SamplingParams
 from .hf import load_any
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class SimpleGPTLM(TemplateLM):
     """lm_eval model over a simplegpt checkpoint (or a Hugging Face GPT-2 directory)."""
 
     def __init__(self, checkpoint: str, device: str | None = None, batch_size: int | str = 8,
-                 max_gen_toks: int = 256, **kwargs: Any) -> None:
+                 max_gen_toks: int = 256, seed: int = 1234, **kwargs: Any) -> None:
         super().__init__()
         from .seed import default_device
 
@@ -60,6 +61,8 @@ class SimpleGPTLM(TemplateLM):
         # lm_eval passes "auto" for automatic batch sizing; a fixed size is enough on these models.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
+        self.seed = int(seed)  # for sampled generations; greedy ones do not use it
+        self.engine = Engine(self.model, self.tok, device=self._device)
         if kwargs:
             log.info("simplegpt lm_eval adapter ignores arguments %s", sorted(kwargs))
 
@@ -127,36 +130,39 @@ class SimpleGPTLM(TemplateLM):
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context, cut before the first stop string."""
-        out = []
-        for context, gen_kwargs in [req.args for req in requests]:
-            gen_kwargs = dict(gen_kwargs or {})
-            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
-                raise ValueError("the simplegpt lm_eval adapter decodes greedily; set do_sample=false, temperature=0")
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            text = self._greedy_until(self.tok_encode(context) or [self.eot_token_id], until, max_new)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+        """Each context's continuation, cut before the first stop string, through simplegpt's engine
+        (KV cache, batches of requests that share their generation settings)."""
+        groups: dict[str, tuple[SamplingParams, list[int]]] = {}
+        for i, req in enumerate(requests):
+            params = self._sampling_params(req.args[1])
+            groups.setdefault(repr(params), (params, []))[1].append(i)
+        out = [""] * len(requests)
+        for params, members in groups.values():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                # an empty context becomes the end-of-text token inside the engine
+                results = self.engine.generate([self.tok_encode(requests[i].args[0]) for i in chunk], params)
+                for i, result in zip(chunk, results):
+                    out[i] = result.text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, result.text)
         return out
 
-    def _greedy_until(self, prompt: list[int], until: list[str], max_new: int) -> str:
-        """Generate in growing chunks so a stop string ends decoding early."""
-        new: list[int] = []
-        chunk = 16
-        while len(new) < max_new:
-            step = generate_ids(self.model, prompt + new, min(chunk, max_new - len(new)),
-                                eos_id=self.eot_token_id, device=self._device)
-            new += step
-            text = self.tok.decode([t for t in new if t != self.eot_token_id])
-            cut = min((text.find(s) for s in until if s and s in text), default=-1)
-            if cut >= 0:
-                return text[:cut]
-            if new and new[-1] == self.eot_token_id:
-                break
-            chunk *= 2
-        return self.tok.decode([t for t in new if t != self.eot_token_id])
+    def _sampling_params(self, gen_kwargs: dict[str, Any] | None) -> SamplingParams:
+        """lm_eval's generation kwargs as engine settings: greedy unless do_sample is true."""
+        kw = dict(gen_kwargs or {})
+        until = kw.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        do_sample = bool(kw.pop("do_sample", False))
+        temperature = float(kw.pop("temperature", 1.0) or 0.0) if do_sample else 0.0
+        kw.pop("temperature", None)
+        params = SamplingParams(
+            max_new_tokens=int(kw.pop("max_gen_toks", self.max_gen_toks)), temperature=temperature,
+            top_k=int(kw.pop("top_k", 0) or 0), top_p=float(kw.pop("top_p", 1.0) or 1.0), seed=self.seed,
+            stop=tuple(s for s in until if s),
+        )
+        if kw:
+            log.warning("simplegpt lm_eval adapter ignores generation settings %s", sorted(kw))
+        return params
 
 
 def main() -> None:
