@@ -44,7 +44,8 @@ def hf_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, steps: i
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0))
+                                       attn_pdrop=0.0, bos_token_id=vocab_size - 1,
+                                       eos_token_id=vocab_size - 1))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
@@ -57,7 +58,7 @@ def hf_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, steps: i
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)
+        float(loss.detach())  # the loss is read every step, as the simplegpt loop does
         if step % log_every == 0:
             now = time.perf_counter()
             rates.append(log_every * cfg.batch_size * cfg.block_size / (now - t0))
