@@ -201,3 +201,19 @@ def test_padded_batches_mask_padding_out_of_attention_and_loss():
         n = int(mask[i].sum())
         alone, _ = model(x[i:i + 1, :n])
         torch.testing.assert_close(logits[i, :n], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_cli_summary_and_bad_input(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "c.txt").write_text("hello world\n" * 50)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "simplegpt", "prepare", *a], cwd=tmp_path,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    ok = run("c.txt", "--quiet")
+    assert ok.returncode == 0 and "data/c_char" in ok.stdout and "vocab 10" in ok.stdout  # 9 characters + EOS
+    assert read_meta(tmp_path / "data" / "c_char")["documents"] == 1
+    bad = run("missing.txt", "--quiet")
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        "simplegpt prepare: error: corpus 'missing.txt' not found: give a file, folder, glob, URL, "
+        "'shakespeare', 'tinyshakespeare' or 'hf:NAME'")
