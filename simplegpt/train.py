@@ -214,6 +214,10 @@ def _check_out_dir(out: Path, cfg: TrainConfig, overwrite: bool, resuming: bool)
         if not same:
             raise ConfigError(f"out_dir {out} already holds a different run; pass --overwrite to replace it, "
                               f"--resume {out / LAST} to continue it, or choose another out_dir")
+        step = _checkpoint_step(out / LAST)
+        if step is not None and step < cfg.max_iters:
+            raise ConfigError(f"out_dir {out} holds this run stopped at step {step}/{cfg.max_iters}; continue it "
+                              f"with --resume {out / LAST}, or pass --overwrite to start again")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -221,6 +225,13 @@ def _check_out_dir(out: Path, cfg: TrainConfig, overwrite: bool, resuming: bool)
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to out_dir {out} ({e.strerror or e}); choose a writable out_dir") from None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        return int(ckpt.read_checkpoint_config(path).get("step"))
+    except (CheckpointError, TypeError, ValueError):
+        return None
 
 
 def _check_disk_space(out: Path, model: GPT) -> None:

@@ -109,6 +109,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, corpus):
     cfg = tiny(tmp_path, corpus, out_dir=str(tmp_path / "part"), **kw)
     first = train(cfg, stop_at=5, progress=False)
     assert first.interrupted == "stop_at" and first.step == 5
+    with pytest.raises(ConfigError, match="stopped at step 5/9"):
+        train(cfg, progress=False)  # starting the same run again would throw the 5 steps away
     assert load_train_state(tmp_path / "part" / "last")["step"] == 5
     resumed = train(cfg, resume=tmp_path / "part" / "last", progress=False)
     assert resumed.step == 9
