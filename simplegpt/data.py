@@ -148,13 +148,11 @@ def _hf_corpus(spec: str, text_field: str, split: str) -> Corpus:
     # spec: "NAME" or "NAME:CONFIG" (e.g. hf:wikitext:wikitext-2-raw-v1)
     name, _, config = spec.partition(":")
     try:
-        import datasets  # noqa: F401  (optional extra, imported only for hf: sources)
+        import datasets  # optional extra, imported only for hf: sources
     except ImportError:
         raise DataError('Hugging Face datasets need the "datasets" extra: pip install "simplegpt[datasets]"') from None
 
     def documents() -> Iterator[str]:
-        import datasets
-
         try:
             ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
         except Exception as e:  # offline, unknown name, bad config: datasets raises many types
