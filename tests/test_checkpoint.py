@@ -1,0 +1,49 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from simplegpt.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from simplegpt.errors import CheckpointError
+from simplegpt.model import GPT, GPTConfig
+from simplegpt.tokenizer import ByteTokenizer
+
+
+def _model(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=257, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+
+
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    old = _model(0)
+    save_checkpoint(tmp_path / "last", old, ByteTokenizer(), metadata={"step": 1}, train_state={"step": 1})
+    # A second process overwrites the checkpoint and is SIGKILLed after writing the new weights,
+    # in the middle of the save (while the tokenizer is written).
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from simplegpt.checkpoint import save_checkpoint
+        from simplegpt.model import GPT, GPTConfig
+        from simplegpt.tokenizer import ByteTokenizer
+
+        class Dying(ByteTokenizer):
+            def save(self, directory):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.manual_seed(1)
+        model = GPT(GPTConfig(vocab_size=257, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+        save_checkpoint({str(tmp_path / "last")!r}, model, Dying(), metadata={{"step": 2}}, train_state={{"step": 2}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    ck = load_checkpoint(tmp_path / "last")
+    assert ck.metadata["step"] == 1 and load_train_state(tmp_path / "last")["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(ck.model.state_dict().values(), old.state_dict().values()))
+
+
+def test_damaged_config_json_is_reported(tmp_path):
+    save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer())
+    (tmp_path / "ck" / "config.json").write_text('{"format": "simplegpt", "model": {')
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(tmp_path / "ck")
