@@ -61,6 +61,14 @@ def test_stop_prompt_file_and_int8(checkpoint, capsys, tmp_path):
     assert "int8: linear weights" in capsys.readouterr().err
 
 
+def test_long_prompt_warns_in_one_line(checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a" * 40, "--max-new-tokens", "3",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("simplegpt generate: warning: prompt of 40 tokens is longer than the model's window of 32: "
+                   "keeping its last 32 tokens\n")
+
+
 def test_prompt_from_stdin_and_interactive_session(checkpoint):
     args = ["--checkpoint", str(checkpoint), "--temperature", "0", "--max-new-tokens", "20", "--no-echo", "--quiet"]
     first = expected_text(checkpoint, "first", max_new_tokens=20, temperature=0)
@@ -80,6 +88,7 @@ def test_prompt_from_stdin_and_interactive_session(checkpoint):
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
     (["--num-samples", "0"], "--num-samples must be a positive integer"),
     (["--prompt-file", "/nonexistent/p.txt"], "does not exist"),
+    (["--device", "nonsense"], "is not a device"),
 ])
 def test_bad_options_fail_with_one_line(checkpoint, capsys, extra, message):
     args = ["generate", "--checkpoint", str(checkpoint), *extra]
