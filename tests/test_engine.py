@@ -13,9 +13,16 @@ from simplegpt.quantize import quantize_int8
 WINDOW = 16
 
 
-def tiny(vocab_size=257, n_positions=WINDOW, seed=0) -> GPT:
+def tiny(vocab_size=257, n_positions=WINDOW, seed=0, scale=8.0) -> GPT:
+    """A small random model. With GPT-2's init an untrained model with tied embeddings just repeats
+    its last token, so greedy tests could not tell contexts apart; 8x larger weights make its output
+    depend on the whole context (positions included)."""
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2)).eval()
+    model = GPT(GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
 
 
 def reference_greedy(model: GPT, prompt: list[int], n: int, shift: int) -> list[int]:
@@ -62,13 +69,13 @@ def test_cached_forward_matches_full_forward_logits():
             parts.append(model(idx[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache)[0])
     assert cache.length == 12
     real = mask.bool()
-    assert torch.allclose(torch.cat(parts, 1)[real], full[real], atol=1e-5)
+    assert torch.allclose(torch.cat(parts, 1)[real], full[real], atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # several new tokens after cached ones need (and get) a causal mask
         cache.reset()
         a, _ = model(idx[:1, :5], kv_cache=cache)
         b, _ = model(idx[:1, 5:], kv_cache=cache)
         ref, _ = model(idx[:1])
-    assert torch.allclose(torch.cat([a, b], 1), ref, atol=1e-5)
+    assert torch.allclose(torch.cat([a, b], 1), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_batched_sampling_equals_one_by_one():
@@ -247,8 +254,8 @@ def test_generate_text_uses_engine_and_survives_past_window():
 
 
 def test_int8_quantization_is_close_to_fp32():
-    model = tiny(n_positions=64)
-    ref = tiny(n_positions=64)
+    model = tiny(n_positions=64, scale=1.0)  # GPT-2's init: the weight scale of a trained model
+    ref = tiny(n_positions=64, scale=1.0)
     report = quantize_int8(model)
     assert report.layers == 2 * 4 + 1 and 3.0 < report.ratio <= 4.0
     idx = torch.randint(0, 257, (2, 20))
