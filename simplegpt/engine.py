@@ -142,6 +142,9 @@ class _LayerKV:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.cache.length, self.cache.length + k.size(2)
         B = k.size(0)
+        if end > self.cache.max_len or B > self.k.size(0):
+            raise ValueError(f"KV cache overflow: {end} positions x {B} rows do not fit its "
+                             f"{self.cache.max_len} x {self.k.size(0)}; reset it or make a larger one")
         self.k[:B, :, start:end].copy_(k)
         self.v[:B, :, start:end].copy_(v)
         return self.k[:B, :, :end], self.v[:B, :, :end]  # views over the filled prefix, no copies
@@ -170,8 +173,6 @@ class KVCache:
         self.length = 0
 
     def advance(self, n: int) -> None:
-        if self.length + n > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.length} + {n} tokens > max_len {self.max_len}")
         self.length += n
 
     def keep_rows(self, rows: torch.Tensor) -> None:
@@ -347,6 +348,7 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer=None, *, use_cache: bool = True, window_shift: int | None = None,
                  device: str | torch.device | None = None, eos_id: int | None = None):
+        """Puts the model in eval mode. eos_id defaults to the tokenizer's; device to the model's."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config: GPTConfig = model.config

@@ -285,7 +285,8 @@ class GPT(nn.Module):
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, past + T):
-                want = f"idx shape {tuple(idx.shape)}" if kv_cache is None else f"(batch, cached + new tokens) {(B, past + T)}"
+                want = (f"idx shape {tuple(idx.shape)}" if kv_cache is None
+                        else f"(batch, cached + new tokens) {(B, past + T)}")
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal {want}")
             mask = build_attention_mask(attention_mask, T)
         elif past and T > 1:

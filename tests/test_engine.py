@@ -76,6 +76,8 @@ def test_cached_forward_matches_full_forward_logits():
         b, _ = model(idx[:1, 5:], kv_cache=cache)
         ref, _ = model(idx[:1])
     assert torch.allclose(torch.cat([a, b], 1), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="KV cache overflow"), torch.no_grad():
+        model(idx[:1, :10], kv_cache=KVCache(model.config, batch_size=1, max_len=8))
 
 
 def test_batched_sampling_equals_one_by_one():
