@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, load_checkpoint, model_state_dict, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, model_from_state, model_state_dict, save_checkpoint
 from .errors import CheckpointError
 from .model import GPT, GPTConfig
 from .tokenizer import EOS_TEXT, GPT2Tokenizer, Tokenizer, gpt2_vocab_files, load_tokenizer
@@ -303,19 +303,6 @@ def _hub_state(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return cfg, model.state_dict()
 
 
-def _model_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
-    """The model built around the weights: made on the meta device, so no random init is computed
-    and thrown away (2 s at 124M on a laptop CPU). Weights become float32, simplegpt's dtype."""
-    with torch.device("meta"):
-        model = GPT(config)
-    state = {k: v.to(torch.float32) for k, v in state.items()}
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    # assign=True gives each name its own Parameter; tie the head to the embedding again.
-    model.lm_head.weight = model.transformer.wte.weight
-    return model
-
-
 def load_hf_model(source: str, device: str | torch.device = "cpu") -> Checkpoint:
     """A Hugging Face GPT-2 (local directory or hub name) as a simplegpt Checkpoint (path=None)."""
     source = str(source)
@@ -334,7 +321,7 @@ def load_hf_model(source: str, device: str | torch.device = "cpu") -> Checkpoint
     else:
         hf_cfg, hf_state = _hub_state(source)
         config = config_from_hf(hf_cfg, source)
-    model = _model_from_state(config, hf_to_simplegpt_state(hf_state, config, source))
+    model = model_from_state(config, hf_to_simplegpt_state(hf_state, config, source))
     model.to(device).eval()
     tokenizer = _tokenizer_for(directory, config)
     return Checkpoint(model=model, tokenizer=tokenizer, config=config,

@@ -46,7 +46,7 @@ class SimpleGPTLM(TemplateLM):
     def __init__(self, checkpoint: str, device: str | None = None, batch_size: int | str = 8,
                  max_gen_toks: int = 256, seed: int = 1234, **kwargs: Any) -> None:
         super().__init__()
-        from .seed import default_device
+        from .devices import default_device
 
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm_eval's CLI asks for cuda:0 unless told otherwise; run where we can instead of failing.

@@ -22,6 +22,23 @@ from .model import GPT
 QUANT_MODES = ("none", "int8")
 
 
+def _cpu_has_vnni() -> bool:
+    """True when the CPU has VNNI int8 dot products (Linux: read from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "vnni" in line  # avx512_vnni or avx_vnni
+    except OSError:
+        pass
+    return False
+
+
+# Full 8-bit activations are exact only with VNNI; the AVX2 kernel (vpmaddubsw) saturates int16
+# sums of two products, so without VNNI activations are quantized to 7 bits, as fbgemm advises.
+_REDUCE_RANGE = not _cpu_has_vnni()
+
+
 class Int8Linear(nn.Module):
     """A Linear layer with per-output-channel int8 weights (packed for the int8 GEMM)."""
 
@@ -40,8 +57,7 @@ class Int8Linear(nn.Module):
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range=False: full 8-bit activations; the VNNI kernels of current x86 CPUs don't saturate.
-        return torch.ops.quantized.linear_dynamic(x, self._packed, False)
+        return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"

@@ -11,18 +11,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from .devices import default_device
 from .model import GPT, IGNORE_INDEX, Block, GPTConfig
 
 GPTBlock = Block
-
-
-def default_device() -> str:
-    """cuda if available, then mps, then cpu (the tutorial hard-coded 'cuda')."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def _encode(tokenizer, text: str) -> list[int]:

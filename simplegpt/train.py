@@ -31,6 +31,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_toml
 from .data import PackedSampler, PaddedSampler, TokenShards, load_dataset_tokenizer, prepare_corpus, read_meta
+from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, DataError, SimpleGPTError
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
@@ -103,17 +104,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         except (RuntimeError, TypeError, ValueError):
             pass  # this torch build has no fused kernel for the device
     return torch.optim.AdamW(groups, **kwargs)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} asked for but MPS is not available; use --device cpu")
-    return dev
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -47,3 +47,24 @@ def test_damaged_config_json_is_reported(tmp_path):
     (tmp_path / "ck" / "config.json").write_text('{"format": "simplegpt", "model": {')
     with pytest.raises(CheckpointError, match="corrupted"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_load_round_trip_keeps_weights_and_the_tied_head(tmp_path):
+    model = _model(3)
+    save_checkpoint(tmp_path / "ck", model, ByteTokenizer())
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.model.lm_head.weight is ck.model.transformer.wte.weight
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(ck.model.state_dict()[name], tensor), name
+    assert all(p.device.type == "cpu" for p in ck.model.parameters())
+
+
+@pytest.mark.parametrize("device,message", [("gpu0", "is not a device"), ("tpu", "is not a device"),
+                                            ("cuda:7", "CUDA|only")])
+def test_load_with_a_bad_device_names_the_device_not_the_weights(tmp_path, device, message):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer())
+    with pytest.raises(ValueError, match=message) as info:
+        load_checkpoint(tmp_path / "ck", device=device)
+    assert not isinstance(info.value, CheckpointError) and "corrupted" not in str(info.value)

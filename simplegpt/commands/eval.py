@@ -49,12 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
     from ..errors import CheckpointError
     from ..evaluate import evaluate_ids, load_eval_tokens
     from ..hf import load_any
-    from ..seed import default_device
 
-    device = default_device() if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     ck = load_any(args.checkpoint, device=device)
     if ck.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint} has no tokenizer, so text cannot be scored with it")

@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..engine import Engine, SamplingParams
     from ..errors import CheckpointError
-    from ..seed import default_device
+    from ..devices import resolve_device
 
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
@@ -71,10 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         stop_at_eos=not args.ignore_eos,
     )
     prompt = None if args.interactive else _read_prompt(args)
-    if args.device == "auto":
-        device = "cpu" if args.quantize == "int8" else default_device()
-    else:
-        device = _check_device(args.device)
+    device = "cpu" if args.device == "auto" and args.quantize == "int8" else resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, device=device)
     if ck.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
@@ -101,22 +98,6 @@ def _run(args: argparse.Namespace) -> int:
         _generate(engine, line.rstrip("\n"), params, args)
         if params.seed is not None:  # a new prompt, new samples; still reproducible from --seed
             params.seed += args.num_samples
-
-
-def _check_device(name: str) -> str:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto)")
-    return name
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
