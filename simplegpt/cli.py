@@ -26,14 +26,21 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (what is wrong, where to look) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="simplegpt",
         description="Train, generate with, evaluate and serve small GPT models.",
         epilog="Run 'simplegpt COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"simplegpt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module_name in COMMANDS.items():
         try:
             module = importlib.import_module(f"simplegpt.commands.{module_name}")

@@ -142,13 +142,40 @@ def auto_threads() -> int:
 
     OpenMP threads that outnumber the free cores spin against each other: on a 2-core machine
     with one other busy process, 2 threads train ~7x slower than 1 (measured, docs/training.md).
+    Idle cores are measured over a fifth of a second (/proc/stat on Linux); the load average
+    is the fallback, though it lags: it still counts a job that ended a minute ago.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
+    busy = _busy_cores(0.2)
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
     return max(1, min(cores, int(cores - busy + 0.75)))
+
+
+def _busy_cores(seconds: float) -> float | None:
+    """How many cores were busy (machine-wide) over the next `seconds`, or None where unknown."""
+
+    def read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal; guest time is already counted in user
+
+    first = read()
+    if first is None:
+        return None
+    time.sleep(seconds)
+    second = read()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return None
+    return (os.cpu_count() or 1) * (total - idle) / total
 
 
 def _slug(source: str) -> str:
