@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
 from .tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, get_tokenizer, load_tokenizer
 
@@ -153,10 +154,14 @@ def _hf_corpus(spec: str, text_field: str, split: str) -> Corpus:
         raise DataError('Hugging Face datasets need the "datasets" extra: pip install "simplegpt[datasets]"') from None
 
     def documents() -> Iterator[str]:
+        if not Path(name).expanduser().exists() and not offline_mode() and not hub_reachable():
+            raise DataError(f"cannot open the Hugging Face dataset {spec!r}: the hub cannot be reached; {OFFLINE_HINT}")
         try:
-            ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+            with quiet_hub_logs():
+                ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
         except Exception as e:  # offline, unknown name, bad config: datasets raises many types
-            raise DataError(f"could not open the Hugging Face dataset {spec!r} ({type(e).__name__}: {e}); "
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError(f"could not open the Hugging Face dataset {spec!r} ({type(e).__name__}: {first}); "
                             "check the name and the network") from None
         for row in ds:
             if text_field not in row:

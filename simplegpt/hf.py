@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, model_from_state, model_state_dict, save_checkpoint
 from .errors import CheckpointError
+from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import GPT, GPTConfig
 from .tokenizer import EOS_TEXT, GPT2Tokenizer, Tokenizer, gpt2_vocab_files, load_tokenizer
 
@@ -282,24 +282,22 @@ def require_transformers(what: str) -> ModuleType:
 def _hub_state(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Config and weights of a hub model through transformers' own download and cache."""
     transformers = require_transformers(f"importing the hub model {name!r}")
-    # huggingface_hub logs each retry of a failing request; the one error below says it all.
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)
+    if not offline_mode() and not hub_reachable():
+        raise CheckpointError(f"{name!r} is not a local directory and cannot be downloaded: the hub cannot be "
+                              f"reached; give the path of a local Hugging Face model directory, or {OFFLINE_HINT}")
     try:
-        hf_config = transformers.AutoConfig.from_pretrained(name)
-        cfg = hf_config.to_dict()
-        config_from_hf(cfg, f"hub model {name!r}")  # refuse other architectures before the big download
-        model = transformers.GPT2LMHeadModel.from_pretrained(name, config=hf_config)
+        with quiet_hub_logs():
+            hf_config = transformers.AutoConfig.from_pretrained(name)
+            cfg = hf_config.to_dict()
+            config_from_hf(cfg, f"hub model {name!r}")  # refuse other architectures before the big download
+            model = transformers.GPT2LMHeadModel.from_pretrained(name, config=hf_config)
     except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(e).lower()
+        offline = offline_mode() or "offline" in str(e).lower() or "connect" in str(e).lower()
         reason = "the hub cannot be reached (offline)" if offline else str(e).splitlines()[0]
         raise CheckpointError(
             f"{name!r} is not a local directory and cannot be downloaded: {reason}; give the path of a local "
             "Hugging Face model directory (config.json + model.safetensors), or run where the hub is reachable"
         ) from None
-    finally:
-        hub_log.setLevel(level)
     return cfg, model.state_dict()
 
 

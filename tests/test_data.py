@@ -1,6 +1,8 @@
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -217,3 +219,31 @@ def test_prepare_cli_summary_and_bad_input(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip() == (
         "simplegpt prepare: error: corpus 'missing.txt' not found: give a file, folder, glob, URL, "
         "'shakespeare', 'tinyshakespeare' or 'hf:NAME'")
+
+
+def test_hf_source_streams_a_local_dataset(tmp_path):
+    pytest.importorskip("datasets", reason='the "datasets" extra reads hf: sources')
+    root = tmp_path / "my_dataset"
+    (root / "data").mkdir(parents=True)
+    rows = [{"body": f"row {i}: To be, or not to be.", "n": i} for i in range(5)]
+    (root / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    corpus = resolve_corpus(f"hf:{root}", text_field="body")
+    assert list(corpus.documents()) == [r["body"] for r in rows]
+    with pytest.raises(DataError, match=r"no 'text' column.*--text-field"):
+        list(resolve_corpus(f"hf:{root}").documents())
+
+
+@pytest.mark.parametrize("env_update,message", [
+    ({"HF_HUB_OFFLINE": "1"}, "OfflineModeIsEnabled"),
+    ({"HF_ENDPOINT": "https://hub.invalid"}, "the hub cannot be reached; check the network, or set HF_HUB_OFFLINE=1"),
+])
+def test_prepare_an_hf_dataset_without_the_hub_is_one_line(tmp_path, env_update, message):
+    pytest.importorskip("datasets", reason='the "datasets" extra reads hf: sources')
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env_update}
+    proc = subprocess.run([sys.executable, "-m", "simplegpt", "prepare", "hf:no-such-user/no-such-dataset",
+                           "-o", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-user/no-such-dataset" in lines[0] and message in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "meta.json").exists()
