@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_dir
 from .devices import resolve_device
 from .errors import CheckpointError
 from .model import GPT, GPTConfig
@@ -62,9 +61,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         cfg = getattr(model, "_orig_mod", model).config
         doc = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), **(metadata or {})}
@@ -73,22 +70,7 @@ def save_checkpoint(
             tokenizer.save(tmp / TOKENIZER_DIR)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_FILE)
-        _swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace directory `path` by `tmp`. The old one is renamed aside first, then removed."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, old / "x")
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from .atomic import atomic_dir
 from .errors import DataError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
@@ -309,10 +309,8 @@ def prepare_corpus(
         tok = tokenizer
     dtype = token_dtype(tok.vocab_size)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
-    try:
+    _check_out_dir(out)
+    with atomic_dir(out) as tmp:
         # Pass 1: every document's tokens + EOS, appended to one flat stream on disk.
         n_docs = n_bytes = 0
         stream_path = tmp / "all.tmp"
@@ -359,25 +357,17 @@ def prepare_corpus(
             "shards": {"train": train_shards, "val": val_shards},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        _swap_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
-def _swap_dir(tmp: Path, path: Path) -> None:
+def _check_out_dir(path: Path) -> None:
+    """Refuse, before any work, to replace a file or a folder that is not a simplegpt dataset."""
     if not path.exists():
-        os.replace(tmp, path)
         return
     if not path.is_dir():
         raise DataError(f"{path} exists and is not a directory; choose another output path")
     if any(path.iterdir()) and not (path / META_FILE).is_file():
         raise DataError(f"{path} holds files that are not a simplegpt dataset; choose an empty or new folder")
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, old / "x")
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class TokenShards:

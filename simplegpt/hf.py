@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_dir
 from .checkpoint import Checkpoint, load_checkpoint, model_from_state, model_state_dict, save_checkpoint
 from .errors import CheckpointError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
@@ -371,9 +371,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
     ck = load_checkpoint(checkpoint)
     tok = ck.tokenizer
     eos_id = tok.eos_id if tok is not None else ck.config.vocab_size - 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         state = simplegpt_to_hf_state(model_state_dict(ck.model), ck.config)
         # metadata format=pt: transformers refuses safetensors files without it.
         save_file(state, str(tmp / HF_SAFETENSORS), metadata={"format": "pt"})
@@ -384,10 +382,6 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
             write_gpt2_tokenizer_files(tmp, ck.config.n_positions)
         elif tok is not None:
             tok.save(tmp / SIMPLEGPT_TOKENIZER_DIR)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(path=out, files=sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
                         tokenizer=tok.kind if tok is not None else None, tokenizer_exported=exported)
 
@@ -412,12 +406,3 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap the finished temp dir in; an old `out` is moved aside first and removed last."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, aside / "old")
-    os.replace(tmp, out)
-    shutil.rmtree(aside, ignore_errors=True)

@@ -40,6 +40,10 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_pat
     ck = load_checkpoint(tmp_path / "last")
     assert ck.metadata["step"] == 1 and load_train_state(tmp_path / "last")["step"] == 1
     assert all(torch.equal(a, b) for a, b in zip(ck.model.state_dict().values(), old.state_dict().values()))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".last.tmp-")]
+    assert len(leftovers) == 1  # the killed writer's half-written directory
+    save_checkpoint(tmp_path / "last", old, ByteTokenizer(), metadata={"step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # the next save of "last" removed it
 
 
 def test_damaged_config_json_is_reported(tmp_path):
