@@ -7,7 +7,7 @@ import torch
 
 from simplegpt import GPT, GPTConfig, generate_text, get_tokenizer
 from simplegpt.engine import (Engine, KVCache, SamplingParams, apply_repetition_penalty, generate_ids,
-                              sample_next_token, sampling_probs)
+                              sample_next_token, sampling_probs, use_gemv_layout)
 from simplegpt.quantize import quantize_int8
 
 WINDOW = 16
@@ -268,3 +268,25 @@ def test_int8_quantization_is_close_to_fp32():
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
     [r] = Engine(model).generate([[1, 2, 3]], GREEDY)
     assert len(r.token_ids) == 40
+
+
+def test_gemv_layout_changes_memory_layout_only():
+    model, plain = tiny(), tiny()
+    use_gemv_layout(model)
+    fc = model.transformer.h[0].mlp.c_fc.weight
+    assert not fc.is_contiguous() and fc.t().is_contiguous()  # stored (in, out)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    idx = torch.randint(0, 257, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], plain(idx)[0], atol=1e-5)
+    Engine(plain)  # the engine applies the layout to a CPU model
+    assert plain.transformer.h[0].mlp.c_fc.weight.t().is_contiguous()
+    # Still trainable: a step moves the weights and keeps the tie.
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = fc.detach().clone()
+    model(idx, targets=idx)[1].backward()
+    opt.step()
+    assert not torch.equal(before, fc) and model.lm_head.weight is model.transformer.wte.weight
