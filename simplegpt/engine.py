@@ -364,8 +364,11 @@ class Engine:
     """
 
     def __init__(self, model: GPT, tokenizer=None, *, use_cache: bool = True, window_shift: int | None = None,
-                 device: str | torch.device | None = None, eos_id: int | None = None):
-        """Puts the model in eval mode. eos_id defaults to the tokenizer's; device to the model's."""
+                 device: str | torch.device | None = None, eos_id: int | None = None, gemv_layout: bool = True):
+        """Puts the model in eval mode. eos_id defaults to the tokenizer's; device to the model's.
+        gemv_layout: on CPU, re-store the model's weights column-major for faster decoding
+        (use_gemv_layout; values unchanged). A trainer that samples mid-run passes False, so the
+        rest of its run computes with the same layout as a run resumed from a checkpoint."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config: GPTConfig = model.config
@@ -376,7 +379,7 @@ class Engine:
         self.use_cache = use_cache
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.eos_id: int | None = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-        if self.device.type == "cpu":
+        if gemv_layout and self.device.type == "cpu":
             use_gemv_layout(model)
 
 

@@ -409,19 +409,16 @@ def evaluate(model: nn.Module, make_sampler: Callable[[], Any], iters: int, devi
 
 def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
                 seed: int) -> str:
-    """A sample for people to read at eval time (the engine's sampler when it has one, else greedy)."""
-    from . import engine
+    """A sample for people to read at eval time (temperature 0.8, top-k 50, seeded); ends at EOS."""
+    from .engine import Engine, SamplingParams
 
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-    ids = ids[-model.config.n_positions:]
-    params = getattr(engine, "SamplingParams", None)
-    try:
-        new = engine.generate_ids(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, device=device,
-                                  params=params(temperature=0.8, top_k=50, seed=seed))
-    except TypeError:  # an engine without sampling parameters: greedy
-        new = engine.generate_ids(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, device=device)
+    ids = (tokenizer.encode(prompt) if prompt else [tokenizer.eos_id])[-model.config.n_positions:]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)
+    # gemv_layout=False: the weights keep their layout, so training goes on bit for bit as a resumed run would.
+    engine = Engine(model, tokenizer, device=device, gemv_layout=False)
+    [result] = engine.generate([ids], params)
     model.train()
-    return prompt + tokenizer.decode([i for i in new if i != tokenizer.eos_id])
+    return prompt + result.text
 
 
 def plot_losses(out: Path) -> Path | None:
