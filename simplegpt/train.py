@@ -509,15 +509,22 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     if stop_at is not None and stop_at <= (state["step"] if state else 0):
         raise ConfigError(f"stop_at must be after the starting step {(state or {}).get('step', 0)}")
 
+    created_out = not out.exists()
     _check_out_dir(out, cfg, overwrite, resuming=state is not None)
-    data_dir, meta = prepare_data(cfg, tokenizer, progress)
-    if tokenizer is None:
-        tokenizer = load_dataset_tokenizer(data_dir)
-    if model is None:
-        model = GPT(GPTConfig(vocab_size=meta["vocab_size"], n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout, bias=cfg.bias)).to(device)
-    _check_disk_space(out, model)
-    train_sampler, val_sampler = _samplers(cfg, data_dir, meta)
+    try:
+        data_dir, meta = prepare_data(cfg, tokenizer, progress)
+        if tokenizer is None:
+            tokenizer = load_dataset_tokenizer(data_dir)
+        if model is None:
+            model = GPT(GPTConfig(vocab_size=meta["vocab_size"], n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                  n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout,
+                                  bias=cfg.bias)).to(device)
+        _check_disk_space(out, model)
+        train_sampler, val_sampler = _samplers(cfg, data_dir, meta)
+    except BaseException:
+        if created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing was trained: leave no empty run folder behind
+        raise
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, tokens_seen, best_val, elapsed_before = 0, 0, math.inf, 0.0
