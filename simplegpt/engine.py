@@ -382,7 +382,6 @@ class Engine:
         if gemv_layout and self.device.type == "cpu":
             use_gemv_layout(model)
 
-
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
         """Generate for every prompt (text, or token ids) in one batch; one Result per prompt."""
         stream = self.stream_batch(prompts, params)

@@ -172,6 +172,8 @@ def _busy_cores(seconds: float) -> float | None:
         return None
     time.sleep(seconds)
     second = read()
+    if second is None:
+        return None
     total, idle = second[0] - first[0], second[1] - first[1]
     if total <= 0:
         return None

@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
+    from ..devices import resolve_device
     from ..engine import Engine, SamplingParams
     from ..errors import CheckpointError
-    from ..devices import resolve_device
 
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
