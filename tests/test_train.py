@@ -1,5 +1,6 @@
 import json
 import math
+import shlex
 import signal
 import subprocess
 import sys
@@ -241,3 +242,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     assert 3 <= state["step"] < 100000
     assert f"--resume {tmp_path / 'run' / 'last'}" in out + err
     assert len(train_losses(tmp_path / "run")) == state["step"]
+
+
+def test_cli_summary_names_the_checkpoint_and_a_working_generate_command(tmp_path, corpus):
+    proc = _cli("train", *_tiny_args(tmp_path, corpus), "--max_iters", "3", "--eval_interval", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint: {tmp_path / 'run' / 'last'}" in proc.stdout
+    [hint] = [line for line in proc.stdout.splitlines() if line.startswith("next: simplegpt generate")]
+    args = shlex.split(hint.removeprefix("next: simplegpt "))
+    gen = _cli(*args, "--max-new-tokens", "5", "--quiet", cwd=tmp_path)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr

@@ -87,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
         best = f"   best val loss: {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
         print(f"val loss: {result.val_loss:.4f}   val bits/byte: {result.val_bpb:.3f}{best}")
     print(f"checkpoint: {result.last_checkpoint}   run folder: {result.out_dir}")
+    best = result.out_dir / "best"
+    if result.interrupted is None and best.is_dir():
+        import shlex
+
+        prompt = shlex.quote(cfg.sample_prompt.strip() or "Once upon a time")
+        print(f"next: simplegpt generate --checkpoint {shlex.quote(str(best))} --prompt {prompt} --stream")
     if result.interrupted in ("SIGINT", "SIGTERM"):
         return 128 + signal.Signals[result.interrupted].value
     return 0
