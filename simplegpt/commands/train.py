@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import signal
+import sys
 
 HELP = "train a GPT on text; with no arguments, a character-level Shakespeare model on the CPU"
 DESCRIPTION = (
@@ -77,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+        done = read_checkpoint_config(path).get("step")
+        if isinstance(done, int) and done >= cfg.max_iters:
+            print(f"simplegpt train: {path} already finished its {cfg.max_iters} steps; to train longer, resume "
+                  f"with a larger --max_iters (e.g. --max_iters {2 * cfg.max_iters})", file=sys.stderr)
     else:
         cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
