@@ -72,3 +72,21 @@ def test_load_with_a_bad_device_names_the_device_not_the_weights(tmp_path, devic
     with pytest.raises(ValueError, match=message) as info:
         load_checkpoint(tmp_path / "ck", device=device)
     assert not isinstance(info.value, CheckpointError) and "corrupted" not in str(info.value)
+
+
+def test_info_command_text_json_and_missing(tmp_path, capsys):
+    import json
+
+    from simplegpt.cli import main
+
+    model = _model(0)
+    save_checkpoint(tmp_path / "ck", model, ByteTokenizer(), metadata={"step": 7, "metrics": {"val_loss": 1.25}})
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "1 layers, 2 heads, 8 wide, context 8, vocab 257" in out and "byte" in out
+    assert f"parameters: {model.num_parameters():,}" in out and "val loss: 1.2500" in out
+    assert main(["info", str(tmp_path / "ck"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["step"] == 7 and doc["parameters"] == model.num_parameters() and doc["model"]["n_embd"] == 8
+    assert main(["info", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err.strip() == f"simplegpt info: error: checkpoint {tmp_path / 'nope'} does not exist"

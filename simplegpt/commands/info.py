@@ -26,7 +26,22 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        for k, v in info.items():
-            print(f"{k:>11}: {v}")
+        return 0
+    c = ck.config
+    lines = {
+        "path": info["path"],
+        "model": f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.n_positions}, "
+                 f"vocab {c.vocab_size}, dropout {c.dropout}, bias {c.bias}",
+        "parameters": f"{info['parameters']:,}",
+        "tokenizer": info["tokenizer"] or "none",
+    }
+    if "step" in info:
+        lines["step"] = f"{info['step']:,}"
+    if "tokens_seen" in info:
+        lines["tokens seen"] = f"{info['tokens_seen']:,}"
+    for name, value in (info.get("metrics") or {}).items():
+        if isinstance(value, float):
+            lines[name.replace("_", " ")] = f"{value:.4f}"
+    for k, v in lines.items():
+        print(f"{k:>13}: {v}")
     return 0
