@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
     if args.init_from_cli is not None:
         overrides["init_from"] = args.init_from_cli
+    finished = False
     if args.resume:
         from pathlib import Path
 
@@ -79,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
         done = read_checkpoint_config(path).get("step")
-        if isinstance(done, int) and done >= cfg.max_iters:
-            print(f"simplegpt train: {path} already finished its {cfg.max_iters} steps; to train longer, resume "
-                  f"with a larger --max_iters (e.g. --max_iters {2 * cfg.max_iters})", file=sys.stderr)
+        finished = isinstance(done, int) and done >= cfg.max_iters
     else:
         cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
                    progress=not args.quiet)
+    if args.resume and finished:
+        print(f"simplegpt train: {args.resume} had already finished its {cfg.max_iters} steps; to train longer, "
+              f"resume with a larger --max_iters (e.g. --max_iters {2 * cfg.max_iters})", file=sys.stderr)
     print(f"\nsteps: {result.step}/{cfg.max_iters}   tokens seen: {result.tokens_seen:,}   "
           f"time: {result.elapsed_s:.0f} s")
     if result.val_loss is not None:
