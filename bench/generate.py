@@ -3,6 +3,12 @@
     python bench/generate.py                      # GPT-2 124M shape, random weights, fp32, CPU
     python bench/generate.py --new-tokens 50 --uncached-tokens 20 --preset small
     python bench/generate.py --checkpoint runs/x  # a trained model: speed and int8 quality on real text
+    python bench/generate.py --llama-bench /tmp/llamasrc/.../build/bin/llama-bench   # + llama.cpp, same run
+
+With --llama-bench (built by ../shared/bench/llamacpp_anchor.sh, which also writes the random GPT-2
+GGUF files it reads), llama.cpp's f32 and q8_0 decode speeds are measured right before and right
+after simplegpt's rounds, with the same threads, prompt and new-token counts, and the ratios are
+printed against the mean of the two.
 
 Every engine decodes greedily from the same 16-token prompt; tokens/s count generated tokens
 over the whole call (prefill included), best of --repeats rounds that interleave the engines.
@@ -16,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,6 +91,16 @@ def hf_runner(model: GPT, prompt: list[int], n: int):
     return run
 
 
+def llama_bench(binary: str, models: dict[str, str], threads: int, prompt_len: int, n: int) -> dict[str, float]:
+    """llama.cpp decode tokens/s (its tg test) for each GGUF file, from llama-bench's JSON output."""
+    args = [binary, "-t", str(threads), "-p", str(prompt_len), "-n", str(n), "-r", "3", "-o", "json"]
+    for path in models.values():
+        args += ["-m", path]
+    rows = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    by_file = {r["model_filename"]: r["avg_ts"] for r in rows if r["n_gen"] > 0}
+    return {name: by_file[path] for name, path in models.items()}
+
+
 @torch.inference_mode()
 def quality(fp32: GPT, int8: GPT, ids: torch.Tensor) -> tuple[float, float, float]:
     """(fp32 loss, int8 loss, greedy agreement) on rows of token ids (B, T), teacher forced."""
@@ -107,6 +125,9 @@ def main() -> None:
     p.add_argument("--quality-tokens", type=int, default=1024, help="tokens of --text scored for int8 quality")
     p.add_argument("--skip-hf", action="store_true", help="don't measure Hugging Face generate")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench binary: measure llama.cpp too")
+    p.add_argument("--gguf-f32", default="/tmp/gpt2-rand-f32.gguf", help="f32 GGUF for --llama-bench")
+    p.add_argument("--gguf-q8", default="/tmp/gpt2-rand-q8_0.gguf", help="q8_0 GGUF for --llama-bench")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,6 +156,10 @@ def main() -> None:
     runners["simplegpt int8"] = simplegpt_runner(Engine(int8), prompt, args.new_tokens, int8_out)
     slow = {"simplegpt uncached": simplegpt_runner(Engine(model, use_cache=False), prompt, args.uncached_tokens, []),
             "tutorial loop": tutorial_runner(model, prompt, args.uncached_tokens)}
+    gguf = {"llama.cpp f32": args.gguf_f32, "llama.cpp q8_0": args.gguf_q8}
+    llama: list[dict[str, float]] = []
+    if args.llama_bench:
+        llama.append(llama_bench(args.llama_bench, gguf, torch.get_num_threads(), args.prompt_len, args.new_tokens))
     # Rounds interleave the engines so that load from other jobs hits them alike; the best counts.
     # The slow uncached loops run in the first round only.
     best = {name: math.inf for name in [*runners, *slow]}
@@ -142,6 +167,11 @@ def main() -> None:
         for name, run in [*runners.items(), *(slow.items() if r == 0 else [])]:
             best[name] = min(best[name], timed(run))
     rates = {name: (args.uncached_tokens if name in slow else args.new_tokens) / t for name, t in best.items()}
+    if args.llama_bench:
+        llama.append(llama_bench(args.llama_bench, gguf, torch.get_num_threads(), args.prompt_len, args.new_tokens))
+        for name in gguf:
+            print(f"{name:20s} {llama[0][name]:8.1f} before, {llama[1][name]:.1f} after simplegpt's rounds")
+            rates[name] = (llama[0][name] + llama[1][name]) / 2
     for name in ("simplegpt cached", "simplegpt uncached", "tutorial loop", "HF generate", "simplegpt int8"):
         if name in rates:
             extra = f" ({args.uncached_tokens} tokens)" if name in slow else ""
@@ -154,6 +184,9 @@ def main() -> None:
         print(f"  cached / HF generate   {rates['simplegpt cached'] / rates['HF generate']:6.2f}x")
         print(f"  int8   / HF generate   {rates['simplegpt int8'] / rates['HF generate']:6.2f}x")
     print(f"  int8   / cached fp32   {rates['simplegpt int8'] / rates['simplegpt cached']:6.2f}x")
+    if args.llama_bench:
+        print(f"  cached / llama.cpp f32 {rates['simplegpt cached'] / rates['llama.cpp f32']:6.2f}x  (goal >= 1)")
+        print(f"  int8   / llama.cpp q8_0 {rates['simplegpt int8'] / rates['llama.cpp q8_0']:5.2f}x  (goal >= 0.75)")
 
     same = next((i for i, (a, b) in enumerate(zip(fp32_out, int8_out)) if a != b), len(fp32_out))
     print(f"\nint8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB "
