@@ -653,5 +653,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     result.best_val_loss = best_val if math.isfinite(best_val) else None
     result.elapsed_s = elapsed_before + time.perf_counter() - t_start
     if cfg.plot and result.interrupted is None:
-        plot_losses(out)
+        png = plot_losses(out)
+        log(f"loss curve: {png}" if png else
+            'loss curve: not drawn, matplotlib is not installed (pip install "simplegpt[plot]")')
     return result

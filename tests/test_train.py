@@ -87,8 +87,10 @@ def test_config_files_overrides_and_type_checks(tmp_path):
 def test_training_learns_and_writes_a_complete_run(tmp_path, corpus):
     cfg = tiny(tmp_path, corpus, n_embd=32, block_size=32, batch_size=8, max_iters=60, eval_interval=30, lr=3e-3,
                sample_prompt="ROMEO:\n", plot=True)
-    result = train(cfg, progress=False)
+    logged: list[str] = []
+    result = train(cfg, progress=False, log=logged.append)
     run = Path(cfg.out_dir)
+    assert f"loss curve: {run / 'loss.png'}" in logged
     losses = train_losses(run)
     assert len(losses) == 60 and sum(losses[-10:]) / 10 < losses[0] - 0.8
     assert {"config.toml", "metrics.jsonl", "samples.txt", "last", "best", "loss.png"} <= {p.name for p in run.iterdir()}
