@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import read_checkpoint_config
     from ..config import FIELDS, TrainConfig, load_config
-    from ..train import LAST, train
+    from ..train import BEST, LAST, train
 
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
     if args.init_from_cli is not None:
@@ -73,14 +73,14 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.resume)
         if (path / LAST).is_dir() and not (path / "config.json").is_file():
             path = path / LAST
-        saved = read_checkpoint_config(path).get("train_config")
+        doc = read_checkpoint_config(path)
+        saved = doc.get("train_config")
         if not isinstance(saved, dict):
             from ..errors import CheckpointError
             raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
-        done = read_checkpoint_config(path).get("step")
-        finished = isinstance(done, int) and done >= cfg.max_iters
+        finished = isinstance(doc.get("step"), int) and doc["step"] >= cfg.max_iters
     else:
         cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
@@ -94,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
         best = f"   best val loss: {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
         print(f"val loss: {result.val_loss:.4f}   val bits/byte: {result.val_bpb:.3f}{best}")
     print(f"checkpoint: {result.last_checkpoint}   run folder: {result.out_dir}")
-    best = result.out_dir / "best"
-    if result.interrupted is None and best.is_dir():
+    best_dir = result.out_dir / BEST
+    if result.interrupted is None and best_dir.is_dir():
         import shlex
 
         prompt = shlex.quote(cfg.sample_prompt.strip() or "Once upon a time")
-        print(f"next: simplegpt generate --checkpoint {shlex.quote(str(best))} --prompt {prompt} --stream")
+        print(f"next: simplegpt generate --checkpoint {shlex.quote(str(best_dir))} --prompt {prompt} --stream")
     if result.interrupted in ("SIGINT", "SIGTERM"):
         return 128 + signal.Signals[result.interrupted].value
     return 0
