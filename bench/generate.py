@@ -158,8 +158,13 @@ def main() -> None:
             "tutorial loop": tutorial_runner(model, prompt, args.uncached_tokens)}
     gguf = {"llama.cpp f32": args.gguf_f32, "llama.cpp q8_0": args.gguf_q8}
     llama: list[dict[str, float]] = []
-    if args.llama_bench:
-        llama.append(llama_bench(args.llama_bench, gguf, torch.get_num_threads(), args.prompt_len, args.new_tokens))
+
+    def measure_llama() -> None:
+        if args.llama_bench:
+            llama.append(llama_bench(args.llama_bench, gguf, torch.get_num_threads(), args.prompt_len,
+                                     args.new_tokens))
+
+    measure_llama()  # before simplegpt's rounds
     # Rounds interleave the engines so that load from other jobs hits them alike; the best counts.
     # The slow uncached loops run in the first round only.
     best = {name: math.inf for name in [*runners, *slow]}
@@ -167,8 +172,8 @@ def main() -> None:
         for name, run in [*runners.items(), *(slow.items() if r == 0 else [])]:
             best[name] = min(best[name], timed(run))
     rates = {name: (args.uncached_tokens if name in slow else args.new_tokens) / t for name, t in best.items()}
-    if args.llama_bench:
-        llama.append(llama_bench(args.llama_bench, gguf, torch.get_num_threads(), args.prompt_len, args.new_tokens))
+    measure_llama()  # and after them
+    if llama:
         for name in gguf:
             print(f"{name:20s} {llama[0][name]:8.1f} before, {llama[1][name]:.1f} after simplegpt's rounds")
             rates[name] = (llama[0][name] + llama[1][name]) / 2
