@@ -16,6 +16,7 @@ reference the cached path is tested against.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import math
 import random
@@ -26,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from . import native
 from .model import GPT, GPTConfig
 
 FINISH_STOP = "stop"
@@ -334,9 +336,37 @@ class _Batch:
         if self.mask is not None:
             self.mask[:B, cache.length] = 1
             mask = self.mask[:B, : cache.length + 1]
-        h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)
+        with native.decoding() if B == 1 and self.engine.native else contextlib.nullcontext():
+            h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)
+            logits = self.model.lm_head(h[:, -1])
         self.next_pos += 1
-        return self.model.lm_head(h[:, -1])
+        return logits
+
+
+class _NativeLinear(nn.Linear):
+    """nn.Linear whose one-row inference calls take simplegpt.native's matrix-vector kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.usable(x, self.weight):
+            return native.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_native_linears(model: nn.Module) -> bool:
+    """Route the one-row (batch-1 decode) calls of every nn.Linear through simplegpt.native, in place.
+
+    The modules stay nn.Linear with the same weights; other calls (prefill, batches, autograd)
+    run PyTorch's kernels as before. False where the kernel is unavailable (the model is left as
+    it was) or the model has no such layer (e.g. all quantized).
+    """
+    if native.load() is None:
+        return False
+    found = False
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = _NativeLinear
+        found = found or isinstance(module, _NativeLinear)
+    return found
 
 
 def use_gemv_layout(model: nn.Module) -> None:
@@ -379,7 +409,8 @@ class Engine:
         self.use_cache = use_cache
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.eos_id: int | None = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-        if gemv_layout and self.device.type == "cpu":
+        self.native = gemv_layout and self.device.type == "cpu" and use_native_linears(model)
+        if gemv_layout and self.device.type == "cpu" and not self.native:
             use_gemv_layout(model)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:

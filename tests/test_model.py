@@ -209,3 +209,54 @@ def test_bad_forward_input_raises_value_error():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask shape"):
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5))
+
+
+def test_gelu_tanh_function_equals_aten_and_passes_gradcheck():
+    """The sigmoid-form tanh-GELU used for CPU training is GPT-2's GELU, forward and backward."""
+    from simplegpt.model import _GeluTanh
+
+    x = torch.linspace(-8, 8, 401, dtype=torch.float64, requires_grad=True)
+    ours_y = _GeluTanh.apply(x)
+    ref_y = torch.nn.functional.gelu(x, approximate="tanh")
+    assert torch.allclose(ours_y, ref_y, atol=1e-12)
+    g = torch.randn_like(x)
+    (ours_g,) = torch.autograd.grad(ours_y, x, g)
+    (ref_g,) = torch.autograd.grad(ref_y, x, g)
+    assert torch.allclose(ours_g, ref_g, atol=1e-12)
+    assert torch.autograd.gradcheck(_GeluTanh.apply, (x[::40].detach().clone().requires_grad_(),))
+
+
+def test_cpu_training_kernels_match_the_reference_path(monkeypatch):
+    """Under autograd on CPU the model takes explicit attention and the sigmoid-form GELU; the loss
+    and every gradient equal those of the SDPA / aten path (which the causality tests cover)."""
+    import simplegpt.model as model_mod
+
+    calls = {"attention": 0, "gelu": 0}
+    real_attention, real_gelu = model_mod._causal_attention, model_mod._GeluTanh.apply
+
+    def count(kind, fn):
+        def wrapped(*args):
+            calls[kind] += 1
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(model_mod, "_causal_attention", count("attention", real_attention))
+    monkeypatch.setattr(model_mod._GeluTanh, "apply", count("gelu", real_gelu))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    idx, tgt = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(idx, tgt)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    fast_loss, fast_grads = loss_and_grads()
+    assert calls == {"attention": 2, "gelu": 2}  # the fast paths did run, once per layer
+    monkeypatch.setattr(model_mod, "_cpu_fp32_training", lambda x: False)
+    ref_loss, ref_grads = loss_and_grads()
+    assert calls == {"attention": 2, "gelu": 2}
+    assert torch.allclose(fast_loss, ref_loss, atol=1e-6)
+    for a, b in zip(fast_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

@@ -1,0 +1,128 @@
+"""A native matrix-vector kernel for batch-1 decoding on CPUs (gemv.c, beside this file).
+
+At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
+path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
+the cores and streams ~17-18 GB/s there (docs/benchmarks.md). It is compiled on first use with
+the machine's C compiler ($CC, else cc) into the cache folder, and loaded with ctypes: no build
+step at install. Where there is no compiler, no x86-64 CPU with AVX2 and FMA, or
+SIMPLEGPT_NATIVE=0, `load()` returns None, `unavailable_reason()` says why, and the engine
+keeps PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-pthread"]
+
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_loaded = False
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SIMPLEGPT_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "simplegpt") / "native"
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernel is not in use (None when it is, or before the first load())."""
+    return _reason
+
+
+def _compile(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        out = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, target)  # atomic: a concurrent loader sees the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it if needed; None where it cannot be used."""
+    global _lib, _reason, _loaded
+    if _loaded:
+        return _lib
+    _loaded = True
+    try:
+        if os.environ.get("SIMPLEGPT_NATIVE", "1") == "0":
+            raise RuntimeError("SIMPLEGPT_NATIVE=0")
+        if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
+            raise RuntimeError(f"no kernel for {sys.platform}/{platform.machine()}")
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            raise RuntimeError("the CPU has no AVX2")
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if not cc:
+            raise RuntimeError("no C compiler (set CC)")
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"gemv-{key}.so"
+        if not target.is_file():
+            _compile(cc, target)
+        lib = ctypes.CDLL(str(target))
+        lib.sg_init.argtypes, lib.sg_init.restype = [ctypes.c_int], ctypes.c_int
+        lib.sg_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+        lib.sg_gemv.restype = None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = str(e) or type(e).__name__
+        return None
+    _lib = lib
+    return lib
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) may take the kernel: one fp32 row on the CPU, no autograd,
+    nn.Linear's row-major weight."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.numel() == weight.size(1) and weight.is_contiguous() and not torch.is_grad_enabled())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for one row (see usable()), with the native kernel on the threads of the innermost
+    `decoding()` block (else torch.get_num_threads())."""
+    x = x.contiguous()
+    N, K = weight.shape
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    threads = _threads or torch.get_num_threads()
+    _lib.sg_init(threads)
+    _lib.sg_gemv(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
+                 y.data_ptr(), N, K, threads)
+    return y
+
+
+_threads = 0
+
+
+@contextlib.contextmanager
+def decoding():
+    """A batch-1 decode step: the kernel gets all of torch's threads and torch runs on one meanwhile.
+
+    Both pools spin between calls, so on a machine with as many threads as cores they would
+    take turns on the cores instead of working (PyTorch's attention ran 5x slower beside it).
+    """
+    global _threads
+    saved, outer = torch.get_num_threads(), _threads
+    _threads = outer or saved
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+        _threads = outer

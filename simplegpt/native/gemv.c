@@ -1,0 +1,151 @@
+/* simplegpt's CPU matrix-vector kernel for batch-1 decoding (see simplegpt/native/__init__.py).
+ *
+ * y[n] = dot(W[n, :], x) + b[n] for a row-major (N, K) fp32 W: nn.Linear's own layout, so the
+ * weights are used as they are. Rows are split between the calling thread and a small pool of
+ * workers that spin briefly for the next call (decode steps issue ~50 calls back to back) and
+ * then sleep. At batch 1 this is memory-bound: the point is to stream W from both cores at once,
+ * which PyTorch's BLAS matrix-vector path does not do at these sizes.
+ */
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MAX_THREADS 64 /* part numbers fit in 8 bits */
+#define SPIN_ROUNDS 20000
+
+static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+/* rows n0..n1 of y; four rows at a time share each load of x */
+static void gemv_rows(const float *W, const float *x, const float *b, float *y, int K, int n0, int n1) {
+    int K8 = K & ~7;
+    int n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const float *w0 = W + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int k = 0; k < K8; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
+        }
+        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (int k = K8; k < K; k++) {
+            s0 += w0[k] * x[k];
+            s1 += w1[k] * x[k];
+            s2 += w2[k] * x[k];
+            s3 += w3[k] * x[k];
+        }
+        y[n] = s0 + (b ? b[n] : 0.0f);
+        y[n + 1] = s1 + (b ? b[n + 1] : 0.0f);
+        y[n + 2] = s2 + (b ? b[n + 2] : 0.0f);
+        y[n + 3] = s3 + (b ? b[n + 3] : 0.0f);
+    }
+    for (; n < n1; n++) {
+        const float *w = W + (size_t)n * K;
+        __m256 a = _mm256_setzero_ps();
+        for (int k = 0; k < K8; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
+        float s = hsum(a);
+        for (int k = K8; k < K; k++) s += w[k] * x[k];
+        y[n] = s + (b ? b[n] : 0.0f);
+    }
+}
+
+static struct {
+    pthread_mutex_t call;  /* one call at a time (Python threads may call concurrently) */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    atomic_uint gen;       /* bumped for every call */
+    atomic_int done;       /* workers finished with the current call */
+    int sleepers, workers, started;
+    const float *W, *x, *b;
+    float *y;
+    int N, K, parts;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static void run_part(int part) {
+    /* split at multiples of 4 rows so every part but the last runs the 4-row loop only */
+    int per = ((pool.N + pool.parts - 1) / pool.parts + 3) & ~3;
+    int n0 = part * per, n1 = n0 + per < pool.N ? n0 + per : pool.N;
+    if (n0 < n1) gemv_rows(pool.W, pool.x, pool.b, pool.y, pool.K, n0, n1);
+}
+
+static void *worker(void *arg) {
+    /* arg: the part number in the low 8 bits, above them the call count when the worker was made */
+    int part = (int)((uintptr_t)arg & 0xff);
+    unsigned seen = (unsigned)((uintptr_t)arg >> 8);
+    for (;;) {
+        unsigned gen;
+        int spins = 0;
+        while ((gen = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+            if (++spins < SPIN_ROUNDS) {
+                _mm_pause();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            pool.sleepers++;
+            while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            pool.sleepers--;
+            pthread_mutex_unlock(&pool.mu);
+            spins = 0;
+        }
+        seen = gen;
+        if (part < pool.parts) run_part(part);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+static void forget_workers(void) { pool.workers = 0; pool.started = 0; } /* a forked child has none */
+
+/* Start (threads - 1) workers; returns the number of threads calls will use. */
+int sg_init(int threads) {
+    pthread_mutex_lock(&pool.call);
+    if (!pool.started) {
+        pthread_atfork(NULL, NULL, forget_workers);
+        pool.started = 1;
+    }
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    while (pool.workers < threads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        uintptr_t arg = ((uintptr_t)atomic_load(&pool.gen) << 8) | (uintptr_t)(pool.workers + 1);
+        int failed = pthread_create(&t, &attr, worker, (void *)arg);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.workers++;
+    }
+    int n = pool.workers + 1;
+    pthread_mutex_unlock(&pool.call);
+    return n;
+}
+
+/* y = W x + b (b may be NULL) with `threads` threads (at most the pool's) */
+void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, int K, int threads) {
+    pthread_mutex_lock(&pool.call);
+    int parts = threads < pool.workers + 1 ? threads : pool.workers + 1;
+    if (parts < 1) parts = 1;
+    if (parts == 1 || (size_t)N * K < 32768) {
+        gemv_rows(W, x, b, y, K, 0, N);
+        pthread_mutex_unlock(&pool.call);
+        return;
+    }
+    pool.W = W; pool.x = x; pool.b = b; pool.y = y; pool.N = N; pool.K = K; pool.parts = parts;
+    atomic_store(&pool.done, 0);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    if (pool.sleepers) pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    run_part(0);
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < pool.workers) _mm_pause();
+    pthread_mutex_unlock(&pool.call);
+}
