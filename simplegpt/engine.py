@@ -152,6 +152,9 @@ class _LayerKV:
         self.v[:B, :, start:end].copy_(v)
         return self.k[:B, :, :end], self.v[:B, :, :end]  # views over the filled prefix, no copies
 
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        return native.attend_one(q, k, v) if self.cache.native else None
+
 
 class KVCache:
     """Preallocated keys/values, (n_layer, batch, n_head, max_len, head_dim) each, written in place.
@@ -170,6 +173,7 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        self.native = False  # attend with simplegpt.native's one-query kernel (batch-1 decode steps)
         self.layers = [_LayerKV(self, self.k[i], self.v[i]) for i in range(config.n_layer)]
 
     def reset(self) -> None:
@@ -336,9 +340,12 @@ class _Batch:
         if self.mask is not None:
             self.mask[:B, cache.length] = 1
             mask = self.mask[:B, : cache.length + 1]
-        with native.decoding() if B == 1 and self.engine.native else contextlib.nullcontext():
+        fast = B == 1 and self.engine.native
+        cache.native = fast and mask is None
+        with native.decoding() if fast else contextlib.nullcontext():
             h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)
             logits = self.model.lm_head(h[:, -1])
+        cache.native = False
         self.next_pos += 1
         return logits
 

@@ -149,10 +149,16 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        y = None
         if kv is not None:
             k, v = kv.update(k, v)  # (B, H, S, D): the cached keys/values followed by these T
+            attend_one = getattr(kv, "attend_one", None)  # a cache may have a faster kernel for one query
+            if attend_one is not None and T == 1 and mask is None:
+                y = attend_one(q, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if kv is None and mask is None and _explicit_attention(x, B * self.n_head * T * T):
+        if y is not None:
+            pass
+        elif kv is None and mask is None and _explicit_attention(x, B * self.n_head * T * T):
             y = _causal_attention(q, k, v, dropout_p)
         elif mask is None:
             # Without a mask the T queries are the last T of S keys and either T == S (causal)
@@ -360,6 +366,9 @@ class LayerKV(Protocol):
     """One layer's slice of a KV cache: stores the new (B, H, T, D) keys/values, returns all (B, H, S, D)."""
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    # Optional: attend_one(q, k, v) -> (B, H, 1, D) attention of one new query over all of k, v,
+    # or None to use the model's own.
 
 
 class KVCacheLike(Protocol):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -47,7 +48,7 @@ def _compile(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        out = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
         os.replace(tmp, target)  # atomic: a concurrent loader sees the old file or the whole new one
@@ -80,6 +81,8 @@ def load() -> ctypes.CDLL | None:
         lib.sg_init.argtypes, lib.sg_init.restype = [ctypes.c_int], ctypes.c_int
         lib.sg_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
         lib.sg_gemv.restype = None
+        lib.sg_attend1.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_long, ctypes.c_float]
+        lib.sg_attend1.restype = None
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _reason = str(e) or type(e).__name__
         return None
@@ -126,3 +129,20 @@ def decoding():
     finally:
         torch.set_num_threads(saved)
         _threads = outer
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Causal attention of one new query over all S cached keys, batch 1: q (1, H, 1, D), k and v
+    (1, H, S, D) views of a KV cache (rows contiguous). Returns (1, H, 1, D), or None where the
+    kernel does not apply (then use scaled_dot_product_attention)."""
+    if _lib is None or q.dtype != torch.float32 or q.device.type != "cpu" or q.shape[0] != 1 or q.shape[2] != 1:
+        return None
+    _, H, S, D = k.shape
+    if k.stride(3) != 1 or k.stride(2) != D or v.stride() != k.stride() or torch.is_grad_enabled():
+        return None
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    scores = torch.empty(S)
+    _lib.sg_attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), H, S, D,
+                    k.stride(1), 1.0 / math.sqrt(D))
+    return out

@@ -149,3 +149,38 @@ void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, in
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < pool.workers) _mm_pause();
     pthread_mutex_unlock(&pool.call);
 }
+
+/* Attention of one query per head over S cached keys (batch 1, one decode step):
+ * out[h] = softmax(q[h] . k[h, s] * scale over s) @ v[h]. q and out are (H, D) contiguous; k and v
+ * are (H, S, D) with rows D floats apart and heads head_stride floats apart (a KV cache slice).
+ * scores holds S floats. Runs on the calling thread: a few hundred kFLOP, not worth waking workers. */
+void sg_attend1(const float *q, const float *k, const float *v, float *out, float *scores, int H, int S, int D,
+                long head_stride, float scale) {
+    for (int h = 0; h < H; h++) {
+        const float *qh = q + (size_t)h * D, *kh = k + (size_t)h * head_stride, *vh = v + (size_t)h * head_stride;
+        float *oh = out + (size_t)h * D, mx = -3.4e38f, sum = 0.0f;
+        for (int s = 0; s < S; s++) {
+            const float *ks = kh + (size_t)s * D;
+            float d = 0.0f;
+            int i = 0;
+            if (D >= 8) {
+                __m256 a = _mm256_setzero_ps();
+                for (; i + 8 <= D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(ks + i), a);
+                d = hsum(a);
+            }
+            for (; i < D; i++) d += qh[i] * ks[i];
+            scores[s] = d * scale;
+            if (scores[s] > mx) mx = scores[s];
+        }
+        for (int s = 0; s < S; s++) {
+            scores[s] = __builtin_expf(scores[s] - mx);
+            sum += scores[s];
+        }
+        for (int i = 0; i < D; i++) oh[i] = 0.0f;
+        for (int s = 0; s < S; s++) {
+            const float *vs = vh + (size_t)s * D;
+            float p = scores[s] / sum;
+            for (int i = 0; i < D; i++) oh[i] += p * vs[i];
+        }
+    }
+}

@@ -1,0 +1,130 @@
+"""The native matrix-vector kernel for batch-1 decoding (simplegpt.native) and its fallback."""
+
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simplegpt import GPT, GPTConfig, native
+from simplegpt.engine import Engine, SamplingParams, _NativeLinear
+
+lib = native.load()
+if lib is None and os.environ.get("CI"):
+    raise RuntimeError(f"the native kernel must build in CI: {native.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(lib is None, reason=f"native kernel unavailable: {native.unavailable_reason()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("N,K", [(1, 8), (3, 5), (7, 13), (96, 32), (2304, 768), (3001, 771), (50257, 64)])
+def test_kernel_equals_f_linear(N, K, threads):
+    torch.manual_seed(N * K)
+    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(1, 1, K)
+    with torch.no_grad():
+        for bias in (b, None):
+            native._threads = threads
+            try:
+                y = native.linear(x, w, bias)
+            finally:
+                native._threads = 0
+            ref = F.linear(x.double(), w.double(), None if bias is None else bias.double()).float()
+            assert y.shape == (1, 1, N)
+            assert torch.allclose(y, ref, atol=1e-4 * K ** 0.5, rtol=1e-5)
+
+
+def medium(seed=0) -> GPT:
+    """Big enough that the kernel splits its rows over threads (N x K >= 32768)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=1000, n_positions=64, n_embd=128, n_layer=2, n_head=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)  # an untrained GPT-2 init repeats its last token; larger weights do not
+    return model
+
+
+@needs_kernel
+def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
+    calls = []
+    real = native.linear
+    monkeypatch.setattr(native, "linear", lambda x, w, b: calls.append(w.shape) or real(x, w, b))
+    greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
+    prompts = [[5, 17, 300], [999, 1, 2, 3, 4, 5, 6]]
+    threads = torch.get_num_threads()
+    fast = Engine(medium())
+    assert isinstance(fast.model.lm_head, _NativeLinear) and fast.native
+    got = [fast.generate([p], greedy)[0].token_ids for p in prompts]
+    # every decode step: 4 linears per layer and the head; the head of each prefill too (one row)
+    assert len(calls) == 2 * (29 * (2 * 4 + 1) + 1)
+    assert torch.get_num_threads() == threads  # torch's threads are given back after each step
+    reference = Engine(medium(), use_cache=False, gemv_layout=False)
+    assert not reference.native
+    assert got == [reference.generate([p], greedy)[0].token_ids for p in prompts]
+    # batches and autograd keep PyTorch's kernels
+    calls.clear()
+    assert [r.token_ids for r in fast.generate(prompts, greedy)] == got
+    assert not calls
+    x = torch.randn(1, 128, requires_grad=True)
+    fast.model.transformer.h[0].mlp.c_fc(x).sum().backward()
+    assert not calls and x.grad is not None
+
+
+def _child_linear(queue):
+    torch.set_num_threads(1)  # PyTorch's own OpenMP threads are not usable after fork()
+    w, x = torch.ones(4096, 64), torch.ones(1, 64)
+    native._threads = 2
+    with torch.no_grad():
+        queue.put(float(native.linear(x, w, None).sum()))
+
+
+@needs_kernel
+def test_kernel_works_in_a_forked_child():
+    """Worker threads do not survive fork(); the child starts its own."""
+    with torch.no_grad():
+        native.linear(torch.ones(1, 64), torch.ones(4096, 64), None)  # the parent's workers exist
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_linear, args=(queue,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and queue.get(timeout=5) == 4096 * 64
+
+
+FALLBACK = """
+import torch
+from simplegpt import GPT, GPTConfig, native
+from simplegpt.engine import Engine, SamplingParams
+torch.manual_seed(0)
+engine = Engine(GPT(GPTConfig(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2)))
+r = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=5, temperature=0.0, stop_at_eos=False))[0]
+print(engine.native, len(r.token_ids), native.unavailable_reason())
+"""
+
+
+@pytest.mark.parametrize("env,reason", [({"SIMPLEGPT_NATIVE": "0"}, "SIMPLEGPT_NATIVE=0"),
+                                        ({"CC": "/nonexistent/cc"}, "/nonexistent/cc")])
+def test_without_the_kernel_the_engine_uses_pytorch(tmp_path, env, reason):
+    """No compiler (or the kernel switched off): generation works, and the reason is known."""
+    run_env = {**os.environ, "SIMPLEGPT_CACHE": str(tmp_path), **env}
+    out = subprocess.run([sys.executable, "-c", FALLBACK], env=run_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    uses, n, why = out.stdout.strip().split(" ", 2)
+    assert uses == "False" and n == "5" and reason in why
+    assert not list((tmp_path / "native").glob("*.tmp")) if (tmp_path / "native").exists() else True
+
+
+@needs_kernel
+@pytest.mark.parametrize("H,S,D", [(1, 1, 4), (2, 7, 13), (12, 200, 64), (4, 33, 32)])
+def test_one_query_attention_equals_sdpa_over_a_cache_view(H, S, D):
+    torch.manual_seed(S)
+    cache_k, cache_v = torch.randn(1, H, S + 9, D), torch.randn(1, H, S + 9, D)  # max_len > S: strided views
+    k, v, q = cache_k[:, :, :S], cache_v[:, :, :S], torch.randn(1, H, 1, D) * 3
+    with torch.no_grad():
+        got = native.attend_one(q, k, v)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+        assert got is not None and got.shape == (1, H, 1, D)
+        assert torch.allclose(got, ref, atol=1e-5)
+        assert native.attend_one(torch.randn(2, H, 1, D), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)) is None
