@@ -4,11 +4,7 @@ Both train the same GPT-2-shaped model (default: 4 layers, 4 heads, 128 wide, bl
 character vocabulary of tinyshakespeare) on the same batches, in the same process, alternating in
 rounds so that load from other processes hits both alike. simplegpt's figure is the tokens/s its
 own `simplegpt.train.train` logs (the real loop: sampler, schedule, clipping, fused AdamW); the
-reference is the loop a transformers user writes. Prints tokens/s for both, the ratios and MFU.
-
-The trainer sets glibc's malloc to keep freed memory (simplegpt.devices.keep_freed_memory), for the
-whole process. So the Hugging Face loop runs twice per round: in a fresh Python process, as its
-users run it, and in this process, with the same allocator setting (like for like).
+reference is the loop a transformers user writes. Prints tokens/s for both, the ratio and MFU.
 
     .venv/bin/python bench/train_throughput.py [--steps 100] [--rounds 3] [--threads 2]
 """
@@ -18,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,33 +77,23 @@ def main() -> None:
     ap.add_argument("--n_embd", type=int, default=128)
     ap.add_argument("--block_size", type=int, default=64)
     ap.add_argument("--batch_size", type=int, default=12)
-    ap.add_argument("--hf-child", metavar="DATA", help=argparse.SUPPRESS)  # one fresh-process HF round
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    work = Path(args.hf_child).parent if args.hf_child else Path(tempfile.mkdtemp(prefix="simplegpt-bench-"))
-    meta = (json.loads((work / "data" / "meta.json").read_text()) if args.hf_child
-            else prepare_corpus(args.corpus, work / "data", "char", progress=False))
+    work = Path(tempfile.mkdtemp(prefix="simplegpt-bench-"))
+    meta = prepare_corpus(args.corpus, work / "data", "char", progress=False)
     cfg = TrainConfig(data=str(work / "data"), n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                       block_size=args.block_size, batch_size=args.batch_size, lr=1e-3, warmup_iters=10,
                       eval_interval=10**9, sample_tokens=0, out_dir=str(work / "run"), num_threads=args.threads,
                       plot=False, tensorboard=False, device="cpu")
+    cfg = cfg.replace(peak_flops=peak_flops(cfg, torch.device("cpu")))
     sampler = PackedSampler(TokenShards(work / "data", "train"), cfg.block_size, cfg.batch_size, seed=0)
     log_every = max(5, args.steps // 10)
-    if args.hf_child:
-        print(hf_round(cfg, sampler, meta["vocab_size"], args.steps, log_every))
-        return
-    cfg = cfg.replace(peak_flops=peak_flops(cfg, torch.device("cpu")))
-    child = [sys.executable, __file__, "--hf-child", str(work / "data"),
-             *(f"--{k}={v}" for k, v in vars(args).items() if k not in ("hf_child", "corpus"))]
-    ours, fresh, alike = [], [], []
+    ours, theirs = [], []
     for r in range(args.rounds):
         ours.append(simplegpt_round(cfg, args.steps, log_every))
-        out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
-        fresh.append(float(out.split()[-1]))
-        alike.append(hf_round(cfg, sampler, meta["vocab_size"], args.steps, log_every))
-        print(f"round {r + 1}: simplegpt {ours[-1]:,.0f} tok/s, transformers {fresh[-1]:,.0f} tok/s "
-              f"(fresh process), {alike[-1]:,.0f} tok/s (same allocator setting)", flush=True)
-    a, b, c = statistics.median(ours), statistics.median(fresh), statistics.median(alike)
+        theirs.append(hf_round(cfg, sampler, meta["vocab_size"], args.steps, log_every))
+        print(f"round {r + 1}: simplegpt {ours[-1]:,.0f} tok/s, transformers {theirs[-1]:,.0f} tok/s", flush=True)
+    a, b = statistics.median(ours), statistics.median(theirs)
     from simplegpt.model import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], n_positions=cfg.block_size, n_embd=cfg.n_embd,
@@ -118,9 +103,8 @@ def main() -> None:
           f"batch {cfg.batch_size}, vocab {meta['vocab_size']}; {args.threads} threads")
     print(f"simplegpt train:         {a:,.0f} tok/s  (MFU {mfu:.1%} of a measured {cfg.peak_flops / 1e9:.0f} "
           f"GFLOP/s fp32 matmul)")
-    print(f"transformers + AdamW:    {b:,.0f} tok/s in a fresh process, {c:,.0f} tok/s with simplegpt's "
-          f"allocator setting")
-    print(f"ratio simplegpt / HF:    {a / b:.2f}x  (goal >= 1.6x); like for like: {a / c:.2f}x")
+    print(f"transformers + AdamW:    {b:,.0f} tok/s")
+    print(f"ratio simplegpt / HF:    {a / b:.2f}x  (goal >= 1.6x)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,6 @@
-"""Device choice, shared by the tutorial API, the trainer, the engine's commands and checkpoint loading,
-and the CPU allocator setting the trainer uses."""
+"""Device choice, shared by the tutorial API, the trainer, the engine's commands and checkpoint loading."""
 
 from __future__ import annotations
-
-import ctypes
-import os
-import sys
 
 import torch
 
@@ -42,37 +37,3 @@ def resolve_device(name: str | torch.device) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {str(device)!r} is not supported: use {DEVICE_CHOICES}")
     return device
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest allowed value on 64-bit systems
-_TRIM_THRESHOLD = 2**30
-_allocator_kept = False
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse freed blocks of up to 32 MiB instead of returning them to the kernel.
-
-    By default glibc serves big blocks with fresh mmap()s and hands freed memory at the top of the
-    heap back to the kernel, so the activations of each CPU training step arrive as new pages that
-    are faulted in again, page by page: ~1,000-3,000 page faults per step of the benchmark model,
-    ~15-25% of its step time (docs/benchmarks.md). With this setting the
-    process keeps its peak memory (RSS does not shrink after a big step) and the faults are gone.
-    Linux with glibc only; SIMPLEGPT_MALLOC_TUNING=0 turns it off. True when the setting is in effect.
-    """
-    global _allocator_kept
-    if _allocator_kept:
-        return True
-    if not sys.platform.startswith("linux") or os.environ.get("SIMPLEGPT_MALLOC_TUNING", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError where the C library is not glibc
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _allocator_kept = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
-    return _allocator_kept

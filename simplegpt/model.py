@@ -84,54 +84,6 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[key], **overrides})
 
 
-# CPU training kernels. PyTorch's CPU flash attention and its tanh (hence tanh-GELU) cost more than
-# the matmuls around them at the small sizes a CPU trains: bench/train_throughput.py, docs/benchmarks.md.
-_EXPLICIT_ATTENTION_MAX = 8 * 2**20  # attention matrix elements per layer (32 MiB in fp32)
-
-
-def _cpu_fp32_training(x: torch.Tensor) -> bool:
-    return x.requires_grad and x.device.type == "cpu" and x.dtype == torch.float32
-
-
-def _explicit_attention(x: torch.Tensor, scores: int) -> bool:
-    """Use the explicit (matmul-softmax-matmul) attention: CPU training, attention matrix not too big."""
-    return _cpu_fp32_training(x) and scores <= _EXPLICIT_ATTENTION_MAX
-
-
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + causal mask) v for (B, H, T, D) inputs, as batched matmuls."""
-    B, H, T, D = q.shape
-    q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))
-    causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    att = torch.baddbmm(causal, q, k.transpose(1, 2), alpha=1.0 / math.sqrt(D)).softmax(dim=-1)
-    if dropout_p > 0:
-        att = F.dropout(att, dropout_p)
-    return torch.bmm(att, v).view(B, H, T, D)
-
-
-_GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
-_GELU_A = 0.044715
-
-
-class _GeluTanh(torch.autograd.Function):
-    """GPT-2's tanh-GELU, 0.5 x (1 + tanh(z)) = x sigmoid(2z) with z = sqrt(2/pi) (x + 0.044715 x^3),
-    written with sigmoid: the same function (within float rounding), in fewer and cheaper passes
-    than aten's tanh kernels on CPU, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = x.square().mul_(_GELU_A * _GELU_K).add_(_GELU_K).mul_(x).sigmoid_()  # sigmoid(2z)
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, s = ctx.saved_tensors
-        dz = x.square().mul_(3 * _GELU_A * _GELU_K).add_(_GELU_K).mul_(x)  # x * d(2z)/dx
-        ds = torch.addcmul(s, s, s, value=-1.0)  # sigmoid' = s (1 - s)
-        return dz.mul_(ds).add_(s).mul_(grad)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -156,15 +108,11 @@ class CausalSelfAttention(nn.Module):
             if attend_one is not None and T == 1 and mask is None:
                 y = attend_one(q, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if y is not None:
-            pass
-        elif kv is None and mask is None and _explicit_attention(x, B * self.n_head * T * T):
-            y = _causal_attention(q, k, v, dropout_p)
-        elif mask is None:
+        if y is None and mask is None:
             # Without a mask the T queries are the last T of S keys and either T == S (causal)
             # or T == 1 (a decode step sees every cached key); GPT.forward builds a mask otherwise.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-        else:
+        elif y is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -179,9 +127,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU; matching it keeps logits equal to GPT-2's.
-        h = self.c_fc(x)
-        h = _GeluTanh.apply(h) if _cpu_fp32_training(h) else F.gelu(h, approximate="tanh")
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -369,7 +315,6 @@ class LayerKV(Protocol):
 
     # Optional: attend_one(q, k, v) -> (B, H, 1, D) attention of one new query over all of k, v,
     # or None to use the model's own.
-
 
 class KVCacheLike(Protocol):
     """What GPT.forward needs of a cache (simplegpt.engine.KVCache implements it)."""

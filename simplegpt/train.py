@@ -31,7 +31,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_toml
 from .data import PackedSampler, PaddedSampler, TokenShards, load_dataset_tokenizer, prepare_corpus, read_meta
-from .devices import keep_freed_memory, resolve_device
+from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, DataError, SimpleGPTError
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
@@ -484,8 +484,6 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.num_threads or auto_threads())
     device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        keep_freed_memory()
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)

@@ -257,33 +257,3 @@ def test_cli_summary_names_the_checkpoint_and_a_working_generate_command(tmp_pat
     again = _cli("train", "--resume", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
     assert again.returncode == 0 and "had already finished its 3 steps" in again.stderr, again.stderr
     assert "--max_iters 6" in again.stderr
-
-
-FAULTS_SCRIPT = """
-import resource, sys, torch
-from simplegpt.devices import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
-x = torch.randn(768, 512)
-def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(50):
-        y = torch.sigmoid(x) * x  # two fresh 1.5 MB blocks per round, freed at once
-        z = torch.zeros(3 * 2**20 // 4)
-        del y, z
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()
-print(faults())
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
-def test_keep_freed_memory_stops_page_faults_of_fresh_blocks():
-    """The trainer's allocator setting: freed activation-sized blocks are reused, not re-faulted."""
-    def run(mode):
-        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-
-    default, kept = run("default"), run("keep")
-    assert default > 2000, default  # ~3 MB of fresh pages per round come from the kernel each time
-    assert kept < default / 20, (default, kept)
