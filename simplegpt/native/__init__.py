@@ -100,17 +100,30 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear for one row (see usable()), with the native kernel on the threads of the innermost
     `decoding()` block (else torch.get_num_threads())."""
+    global _pool
     x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()  # kept alive until the call returns
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
     threads = _threads or torch.get_num_threads()
-    _lib.sg_init(threads)
-    _lib.sg_gemv(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
-                 y.data_ptr(), N, K, threads)
+    if threads > _pool:
+        _pool = _lib.sg_init(threads)
+    _lib.sg_gemv(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), N, K,
+                 threads)
     return y
 
 
-_threads = 0
+_threads = 0  # threads of the innermost decoding() block; 0 outside
+_pool = 0  # threads the kernel's pool has (a forked child starts with none)
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 @contextlib.contextmanager
