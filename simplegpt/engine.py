@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import native
-from .model import GPT, GPTConfig
+from .model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -343,11 +343,26 @@ class _Batch:
         fast = B == 1 and self.engine.native
         cache.native = fast and mask is None
         with native.decoding() if fast else contextlib.nullcontext():
-            h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)
-            logits = self.model.lm_head(h[:, -1])
+            blocks = self.engine.native_blocks() if cache.native else None
+            if blocks is not None:
+                h = self._native_hidden(last[0], blocks)
+            else:
+                h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)[:, -1]
+            logits = self.model.lm_head(h)
         cache.native = False
         self.next_pos += 1
         return logits
+
+    def _native_hidden(self, token: int, blocks: list[list[torch.Tensor | None]]) -> torch.Tensor:
+        """GPT.hidden_states for one token of one row, its blocks in native.block_one. Returns (1, C)."""
+        model, cache, cfg = self.model, self.cache, self.engine.config
+        pos = int(self.next_pos[0, 0])
+        x = (model.transformer.wte.weight[token] + model.transformer.wpe.weight[pos]).contiguous()
+        for i, params in enumerate(blocks):
+            native.block_one(x, params, cache.k[i, 0], cache.v[i, 0], cache.length, cfg.n_head,
+                             cfg.layer_norm_epsilon)
+        cache.advance(1)
+        return model.transformer.ln_f(x.view(1, -1))
 
 
 class _NativeLinear(nn.Linear):
@@ -419,6 +434,21 @@ class Engine:
         self.native = gemv_layout and self.device.type == "cpu" and use_native_linears(model)
         if gemv_layout and self.device.type == "cpu" and not self.native:
             use_gemv_layout(model)
+
+    def native_blocks(self) -> list[list[torch.Tensor | None]] | None:
+        """Each block's 12 tensors for native.block_one, or None where the model's blocks are not
+        plain fp32 GPT-2 blocks on the CPU (then decode steps go through the model's forward)."""
+        params = []
+        for block in self.model.transformer.h:
+            if type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP:
+                return None
+            layers = (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc, block.mlp.c_proj)
+            tensors = [t for m in layers for t in (m.weight, m.bias)]
+            if any(t is not None and not (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+                   for t in tensors) or not all(isinstance(m, _NativeLinear) for m in layers[1::3] + layers[2::3]):
+                return None
+            params.append(tensors)
+        return params
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
         """Generate for every prompt (text, or token ids) in one batch; one Result per prompt."""

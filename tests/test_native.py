@@ -1,5 +1,6 @@
 """The native matrix-vector kernel for batch-1 decoding (simplegpt.native) and its fallback."""
 
+import dataclasses
 import multiprocessing
 import os
 import subprocess
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from simplegpt import GPT, GPTConfig, native
-from simplegpt.engine import Engine, SamplingParams, _NativeLinear
+from simplegpt.engine import Engine, SamplingParams, _Batch, _NativeLinear
 
 lib = native.load()
 if lib is None and os.environ.get("CI"):
@@ -48,25 +49,40 @@ def medium(seed=0) -> GPT:
 
 @needs_kernel
 def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
-    calls = []
-    real = native.linear
+    calls, blocks = [], []
+    real, real_block = native.linear, native.block_one
     monkeypatch.setattr(native, "linear", lambda x, w, b: calls.append(w.shape) or real(x, w, b))
+    monkeypatch.setattr(native, "block_one", lambda *a: blocks.append(a[4]) or real_block(*a))
     greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
     prompts = [[5, 17, 300], [999, 1, 2, 3, 4, 5, 6]]
     threads = torch.get_num_threads()
     fast = Engine(medium())
     assert isinstance(fast.model.lm_head, _NativeLinear) and fast.native
     got = [fast.generate([p], greedy)[0].token_ids for p in prompts]
-    # every decode step: 4 linears per layer and the head; the head of each prefill too (one row)
-    assert len(calls) == 2 * (29 * (2 * 4 + 1) + 1)
+    # every decode step runs its 2 blocks natively, then the head; the head of each prefill too (one row)
+    assert len(blocks) == 2 * 29 * 2 and blocks[:4] == [3, 3, 4, 4]  # cache slots of the first steps
+    assert len(calls) == 2 * (29 + 1)
     assert torch.get_num_threads() == threads  # torch's threads are given back after each step
     reference = Engine(medium(), use_cache=False, gemv_layout=False)
     assert not reference.native
     assert got == [reference.generate([p], greedy)[0].token_ids for p in prompts]
+    # the native step computes what the model's forward computes
+    model = medium()
+    engine = Engine(model)
+    idx = torch.tensor([prompts[1] + got[1][:10]])
+    with torch.no_grad():
+        want = model(idx)[0][0, -1]
+    stream = engine.stream_batch([prompts[1]], dataclasses.replace(greedy, max_new_tokens=11))
+    logits_seen = []
+    real_step = _Batch.decode_step
+    monkeypatch.setattr(_Batch, "decode_step", lambda self, last: logits_seen.append(real_step(self, last)) or logits_seen[-1])
+    list(stream)
+    assert torch.allclose(logits_seen[-1][0], want, atol=1e-3, rtol=1e-4)
     # batches and autograd keep PyTorch's kernels
     calls.clear()
+    blocks.clear()
     assert [r.token_ids for r in fast.generate(prompts, greedy)] == got
-    assert not calls
+    assert not calls and not blocks
     x = torch.randn(1, 128, requires_grad=True)
     fast.model.transformer.h[0].mlp.c_fc(x).sum().backward()
     assert not calls and x.grad is not None

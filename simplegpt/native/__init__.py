@@ -83,6 +83,9 @@ def load() -> ctypes.CDLL | None:
         lib.sg_gemv.restype = None
         lib.sg_attend1.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_long, ctypes.c_float]
         lib.sg_attend1.restype = None
+        lib.sg_block1.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_float]
+                                  + [ctypes.c_void_p, ctypes.c_int])
+        lib.sg_block1.restype = None
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _reason = str(e) or type(e).__name__
         return None
@@ -159,3 +162,23 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     _lib.sg_attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), H, S, D,
                     k.stride(1), 1.0 / math.sqrt(D))
     return out
+
+
+def block_one(x: torch.Tensor, params: list[torch.Tensor | None], k: torch.Tensor, v: torch.Tensor, pos: int,
+              n_head: int, eps: float) -> None:
+    """One GPT-2 block for one token, in place on x (C floats): sg_block1 in gemv.c.
+
+    params: the block's 12 tensors in order (ln_1 weight, bias; c_attn weight, bias; attn c_proj
+    weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp c_proj weight, bias), None for a
+    missing bias, all contiguous fp32; k, v: the layer's (H, max_len, D) cache of batch row 0,
+    written at slot pos; the query attends to slots 0..pos.
+    """
+    global _pool
+    C = x.numel()
+    threads = _threads or torch.get_num_threads()
+    if threads > _pool:
+        _pool = _lib.sg_init(threads)
+    ptrs = (ctypes.c_void_p * 12)(*(None if t is None else t.data_ptr() for t in params))
+    scratch = torch.empty(10 * C + pos + 1)
+    _lib.sg_block1(x.data_ptr(), ptrs, k.data_ptr(), v.data_ptr(), k.stride(0), pos, C, n_head, eps,
+                   scratch.data_ptr(), threads)

@@ -129,14 +129,12 @@ int sg_init(int threads) {
     return n;
 }
 
-/* y = W x + b (b may be NULL) with `threads` threads (at most the pool's) */
-void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, int K, int threads) {
-    pthread_mutex_lock(&pool.call);
+/* y = W x + b with the pool; the caller holds pool.call */
+static void gemv_pool(const float *W, const float *x, const float *b, float *y, int N, int K, int threads) {
     int parts = threads < pool.workers + 1 ? threads : pool.workers + 1;
     if (parts < 1) parts = 1;
     if (parts == 1 || (size_t)N * K < 32768) {
         gemv_rows(W, x, b, y, K, 0, N);
-        pthread_mutex_unlock(&pool.call);
         return;
     }
     pool.W = W; pool.x = x; pool.b = b; pool.y = y; pool.N = N; pool.K = K; pool.parts = parts;
@@ -147,8 +145,17 @@ void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, in
     pthread_mutex_unlock(&pool.mu);
     run_part(0);
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < pool.workers) _mm_pause();
+}
+
+/* y = W x + b (b may be NULL) with `threads` threads (at most the pool's) */
+void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, int K, int threads) {
+    pthread_mutex_lock(&pool.call);
+    gemv_pool(W, x, b, y, N, K, threads);
     pthread_mutex_unlock(&pool.call);
 }
+
+static void attend1(const float *q, const float *k, const float *v, float *out, float *scores, int H, int S, int D,
+                    long head_stride, float scale);
 
 /* Attention of one query per head over S cached keys (batch 1, one decode step):
  * out[h] = softmax(q[h] . k[h, s] * scale over s) @ v[h]. q and out are (H, D) contiguous; k and v
@@ -156,6 +163,11 @@ void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, in
  * scores holds S floats. Runs on the calling thread: a few hundred kFLOP, not worth waking workers. */
 void sg_attend1(const float *q, const float *k, const float *v, float *out, float *scores, int H, int S, int D,
                 long head_stride, float scale) {
+    attend1(q, k, v, out, scores, H, S, D, head_stride, scale);
+}
+
+static void attend1(const float *q, const float *k, const float *v, float *out, float *scores, int H, int S, int D,
+                    long head_stride, float scale) {
     for (int h = 0; h < H; h++) {
         const float *qh = q + (size_t)h * D, *kh = k + (size_t)h * head_stride, *vh = v + (size_t)h * head_stride;
         float *oh = out + (size_t)h * D, mx = -3.4e38f, sum = 0.0f;
@@ -183,4 +195,78 @@ void sg_attend1(const float *q, const float *k, const float *v, float *out, floa
             for (int i = 0; i < D; i++) oh[i] += p * vs[i];
         }
     }
+}
+
+/* e^x for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error ~2e-7) */
+static __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* GPT-2's tanh-GELU in place: 0.5 h (1 + tanh(z)) = h / (1 + e^(-2z)), z = sqrt(2/pi) (h + 0.044715 h^3) */
+static void gelu_tanh(float *h, int n) {
+    const float k = -1.5957691216057308f; /* -2 sqrt(2/pi) */
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(h + i);
+        __m256 u = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v),
+                                 _mm256_set1_ps(k));
+        __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(u));
+        _mm256_storeu_ps(h + i, _mm256_div_ps(v, d));
+    }
+    for (; i < n; i++) {
+        float v = h[i];
+        h[i] = v / (1.0f + __builtin_expf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
+static void layer_norm(const float *x, const float *w, const float *b, float *y, int C, float eps) {
+    float mean = 0.0f, var = 0.0f;
+    for (int i = 0; i < C; i++) mean += x[i];
+    mean /= C;
+    for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
+    float inv = 1.0f / __builtin_sqrtf(var / C + eps);
+    for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * inv * (w ? w[i] : 1.0f) + (b ? b[i] : 0.0f);
+}
+
+/* One GPT-2 block for one token (batch 1, one decode step), as simplegpt.model.Block computes it:
+ * x += proj(attn(ln_1(x))); x += fc2(gelu(fc(ln_2(x)))). The new key and value go to slot `pos`
+ * of the layer's cache (heads head_stride floats apart, rows C / H floats apart), and the query
+ * attends to slots 0..pos. p holds the 12 parameter pointers in Block's order (ln_1 w, b; c_attn
+ * w, b; attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b); biases may be NULL. scratch
+ * holds 10 C + pos + 1 floats. */
+void sg_block1(float *x, const float **p, float *kc, float *vc, long head_stride, int pos, int C, int H, float eps,
+               float *scratch, int threads) {
+    int D = C / H;
+    float *xn = scratch, *qkv = xn + C, *att = qkv + 3 * C, *tmp = att + C, *h = tmp + C, *scores = h + 4 * C;
+    pthread_mutex_lock(&pool.call);
+    layer_norm(x, p[0], p[1], xn, C, eps);
+    gemv_pool(p[2], xn, p[3], qkv, 3 * C, C, threads);
+    for (int hd = 0; hd < H; hd++) {
+        float *kd = kc + (size_t)hd * head_stride + (size_t)pos * D, *vd = vc + (size_t)hd * head_stride + (size_t)pos * D;
+        for (int i = 0; i < D; i++) {
+            kd[i] = qkv[C + hd * D + i];
+            vd[i] = qkv[2 * C + hd * D + i];
+        }
+    }
+    attend1(qkv, kc, vc, att, scores, H, pos + 1, D, head_stride, 1.0f / __builtin_sqrtf((float)D));
+    gemv_pool(p[4], att, p[5], tmp, C, C, threads);
+    for (int i = 0; i < C; i++) x[i] += tmp[i];
+    layer_norm(x, p[6], p[7], xn, C, eps);
+    gemv_pool(p[8], xn, p[9], h, 4 * C, C, threads);
+    gelu_tanh(h, 4 * C);
+    gemv_pool(p[10], h, p[11], tmp, C, 4 * C, threads);
+    for (int i = 0; i < C; i++) x[i] += tmp[i];
+    pthread_mutex_unlock(&pool.call);
 }
