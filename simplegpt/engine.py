@@ -152,9 +152,6 @@ class _LayerKV:
         self.v[:B, :, start:end].copy_(v)
         return self.k[:B, :, :end], self.v[:B, :, :end]  # views over the filled prefix, no copies
 
-    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-        return native.attend_one(q, k, v) if self.cache.native else None
-
 
 class KVCache:
     """Preallocated keys/values, (n_layer, batch, n_head, max_len, head_dim) each, written in place.
@@ -173,7 +170,6 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
-        self.native = False  # attend with simplegpt.native's one-query kernel (batch-1 decode steps)
         self.layers = [_LayerKV(self, self.k[i], self.v[i]) for i in range(config.n_layer)]
 
     def reset(self) -> None:
@@ -341,15 +337,13 @@ class _Batch:
             self.mask[:B, cache.length] = 1
             mask = self.mask[:B, : cache.length + 1]
         fast = B == 1 and self.engine.native
-        cache.native = fast and mask is None
         with native.decoding() if fast else contextlib.nullcontext():
-            blocks = self.engine.native_blocks() if cache.native else None
+            blocks = self.engine.native_blocks() if fast and mask is None else None
             if blocks is not None:
                 h = self._native_hidden(last[0], blocks)
             else:
                 h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)[:, -1]
             logits = self.model.lm_head(h)
-        cache.native = False
         self.next_pos += 1
         return logits
 

@@ -101,18 +101,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        y = None
         if kv is not None:
             k, v = kv.update(k, v)  # (B, H, S, D): the cached keys/values followed by these T
-            attend_one = getattr(kv, "attend_one", None)  # a cache may have a faster kernel for one query
-            if attend_one is not None and T == 1 and mask is None:
-                y = attend_one(q, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if y is None and mask is None:
+        if mask is None:
             # Without a mask the T queries are the last T of S keys and either T == S (causal)
             # or T == 1 (a decode step sees every cached key); GPT.forward builds a mask otherwise.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-        elif y is None:
+        else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -313,8 +309,6 @@ class LayerKV(Protocol):
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    # Optional: attend_one(q, k, v) -> (B, H, 1, D) attention of one new query over all of k, v,
-    # or None to use the model's own.
 
 class KVCacheLike(Protocol):
     """What GPT.forward needs of a cache (simplegpt.engine.KVCache implements it)."""

@@ -132,15 +132,23 @@ def test_without_the_kernel_the_engine_uses_pytorch(tmp_path, env, reason):
     assert not list((tmp_path / "native").glob("*.tmp")) if (tmp_path / "native").exists() else True
 
 
+
 @needs_kernel
-@pytest.mark.parametrize("H,S,D", [(1, 1, 4), (2, 7, 13), (12, 200, 64), (4, 33, 32)])
-def test_one_query_attention_equals_sdpa_over_a_cache_view(H, S, D):
-    torch.manual_seed(S)
-    cache_k, cache_v = torch.randn(1, H, S + 9, D), torch.randn(1, H, S + 9, D)  # max_len > S: strided views
-    k, v, q = cache_k[:, :, :S], cache_v[:, :, :S], torch.randn(1, H, 1, D) * 3
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_kernel_on_odd_shapes_equals_the_model(bias, monkeypatch):
+    """Widths that are no multiple of the kernel's 8 lanes or 4 rows (C = 33, D = 11, 4C = 132),
+    with and without biases: the native decode step's logits equal the model's forward."""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=300, n_positions=40, n_embd=33, n_layer=2, n_head=3, bias=bias)).eval()
     with torch.no_grad():
-        got = native.attend_one(q, k, v)
-        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
-        assert got is not None and got.shape == (1, H, 1, D)
-        assert torch.allclose(got, ref, atol=1e-5)
-        assert native.attend_one(torch.randn(2, H, 1, D), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)) is None
+        for p in model.parameters():
+            p.mul_(5.0)
+    engine = Engine(model)
+    assert engine.native_blocks() is not None
+    steps = []
+    real_step = _Batch.decode_step
+    monkeypatch.setattr(_Batch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
+    [r] = engine.generate([[7, 8, 9, 10]], SamplingParams(max_new_tokens=12, temperature=0.0, stop_at_eos=False))
+    with torch.no_grad():
+        want = model(torch.tensor([[7, 8, 9, 10] + r.token_ids[:-1]]))[0][0, -1]
+    assert len(steps) == 11 and torch.allclose(steps[-1][0], want, atol=1e-4, rtol=1e-4)

@@ -1,8 +1,9 @@
-"""A native matrix-vector kernel for batch-1 decoding on CPUs (gemv.c, beside this file).
+"""Native kernels for batch-1 decoding on CPUs (gemv.c, beside this file).
 
 At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
 path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
-the cores and streams ~17-18 GB/s there (docs/benchmarks.md). It is compiled on first use with
+the cores and streams ~17-18 GB/s there (docs/benchmarks.md). `linear` is one such product;
+`block_one` is a whole GPT-2 block for one token in one call, without ~20 PyTorch calls around it. It is compiled on first use with
 the machine's C compiler ($CC, else cc) into the cache folder, and loaded with ctypes: no build
 step at install. Where there is no compiler, no x86-64 CPU with AVX2 and FMA, or
 SIMPLEGPT_NATIVE=0, `load()` returns None, `unavailable_reason()` says why, and the engine
@@ -81,12 +82,10 @@ def load() -> ctypes.CDLL | None:
         lib.sg_init.argtypes, lib.sg_init.restype = [ctypes.c_int], ctypes.c_int
         lib.sg_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
         lib.sg_gemv.restype = None
-        lib.sg_attend1.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_long, ctypes.c_float]
-        lib.sg_attend1.restype = None
         lib.sg_block1.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_float]
                                   + [ctypes.c_void_p, ctypes.c_int])
         lib.sg_block1.restype = None
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:  # AttributeError: a stale library
         _reason = str(e) or type(e).__name__
         return None
     _lib = lib
@@ -103,14 +102,11 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear for one row (see usable()), with the native kernel on the threads of the innermost
     `decoding()` block (else torch.get_num_threads())."""
-    global _pool
     x = x.contiguous()
     bias = None if bias is None else bias.contiguous()  # kept alive until the call returns
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    threads = _threads or torch.get_num_threads()
-    if threads > _pool:
-        _pool = _lib.sg_init(threads)
+    threads = _call_threads()
     _lib.sg_gemv(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), N, K,
                  threads)
     return y
@@ -118,6 +114,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 _threads = 0  # threads of the innermost decoding() block; 0 outside
 _pool = 0  # threads the kernel's pool has (a forked child starts with none)
+
+
+def _call_threads() -> int:
+    """Threads for a kernel call (the innermost decoding() block's, else torch's); starts the pool."""
+    global _pool
+    threads = _threads or torch.get_num_threads()
+    if threads > _pool:
+        _pool = _lib.sg_init(threads)
+    return threads
 
 
 def _forget_pool() -> None:
@@ -147,23 +152,6 @@ def decoding():
         _threads = outer
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """Causal attention of one new query over all S cached keys, batch 1: q (1, H, 1, D), k and v
-    (1, H, S, D) views of a KV cache (rows contiguous). Returns (1, H, 1, D), or None where the
-    kernel does not apply (then use scaled_dot_product_attention)."""
-    if _lib is None or q.dtype != torch.float32 or q.device.type != "cpu" or q.shape[0] != 1 or q.shape[2] != 1:
-        return None
-    _, H, S, D = k.shape
-    if k.stride(3) != 1 or k.stride(2) != D or v.stride() != k.stride() or torch.is_grad_enabled():
-        return None
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    scores = torch.empty(S)
-    _lib.sg_attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), H, S, D,
-                    k.stride(1), 1.0 / math.sqrt(D))
-    return out
-
-
 def block_one(x: torch.Tensor, params: list[torch.Tensor | None], k: torch.Tensor, v: torch.Tensor, pos: int,
               n_head: int, eps: float) -> None:
     """One GPT-2 block for one token, in place on x (C floats): sg_block1 in gemv.c.
@@ -173,11 +161,8 @@ def block_one(x: torch.Tensor, params: list[torch.Tensor | None], k: torch.Tenso
     missing bias, all contiguous fp32; k, v: the layer's (H, max_len, D) cache of batch row 0,
     written at slot pos; the query attends to slots 0..pos.
     """
-    global _pool
     C = x.numel()
-    threads = _threads or torch.get_num_threads()
-    if threads > _pool:
-        _pool = _lib.sg_init(threads)
+    threads = _call_threads()
     ptrs = (ctypes.c_void_p * 12)(*(None if t is None else t.data_ptr() for t in params))
     scratch = torch.empty(10 * C + pos + 1)
     _lib.sg_block1(x.data_ptr(), ptrs, k.data_ptr(), v.data_ptr(), k.stride(0), pos, C, n_head, eps,

@@ -154,18 +154,10 @@ void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, in
     pthread_mutex_unlock(&pool.call);
 }
 
-static void attend1(const float *q, const float *k, const float *v, float *out, float *scores, int H, int S, int D,
-                    long head_stride, float scale);
-
 /* Attention of one query per head over S cached keys (batch 1, one decode step):
  * out[h] = softmax(q[h] . k[h, s] * scale over s) @ v[h]. q and out are (H, D) contiguous; k and v
  * are (H, S, D) with rows D floats apart and heads head_stride floats apart (a KV cache slice).
  * scores holds S floats. Runs on the calling thread: a few hundred kFLOP, not worth waking workers. */
-void sg_attend1(const float *q, const float *k, const float *v, float *out, float *scores, int H, int S, int D,
-                long head_stride, float scale) {
-    attend1(q, k, v, out, scores, H, S, D, head_stride, scale);
-}
-
 static void attend1(const float *q, const float *k, const float *v, float *out, float *scores, int H, int S, int D,
                     long head_stride, float scale) {
     for (int h = 0; h < H; h++) {
