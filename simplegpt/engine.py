@@ -347,13 +347,13 @@ class _Batch:
         self.next_pos += 1
         return logits
 
-    def _native_hidden(self, token: int, blocks: list[list[torch.Tensor | None]]) -> torch.Tensor:
+    def _native_hidden(self, token: int, blocks: list) -> torch.Tensor:
         """GPT.hidden_states for one token of one row, its blocks in native.block_one. Returns (1, C)."""
         model, cache, cfg = self.model, self.cache, self.engine.config
         pos = int(self.next_pos[0, 0])
         x = (model.transformer.wte.weight[token] + model.transformer.wpe.weight[pos]).contiguous()
-        for i, params in enumerate(blocks):
-            native.block_one(x, params, cache.k[i, 0], cache.v[i, 0], cache.length, cfg.n_head,
+        for i, (params, scales) in enumerate(blocks):
+            native.block_one(x, params, scales, cache.k[i, 0], cache.v[i, 0], cache.length, cfg.n_head,
                              cfg.layer_norm_epsilon)
         cache.advance(1)
         return model.transformer.ln_f(x.view(1, -1))
@@ -373,7 +373,7 @@ def use_native_linears(model: nn.Module) -> bool:
 
     The modules stay nn.Linear with the same weights; other calls (prefill, batches, autograd)
     run PyTorch's kernels as before. False where the kernel is unavailable (the model is left as
-    it was) or the model has no such layer (e.g. all quantized).
+    it was) or the model has no layer for it (simplegpt.quantize's int8 layers take it by themselves).
     """
     if native.load() is None:
         return False
@@ -381,7 +381,7 @@ def use_native_linears(model: nn.Module) -> bool:
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = _NativeLinear
-        found = found or isinstance(module, _NativeLinear)
+        found = found or isinstance(module, _NativeLinear) or getattr(module, "qweight", None) is not None
     return found
 
 
@@ -429,20 +429,33 @@ class Engine:
         if gemv_layout and self.device.type == "cpu" and not self.native:
             use_gemv_layout(model)
 
-    def native_blocks(self) -> list[list[torch.Tensor | None]] | None:
-        """Each block's 12 tensors for native.block_one, or None where the model's blocks are not
-        plain fp32 GPT-2 blocks on the CPU (then decode steps go through the model's forward)."""
-        params = []
+    def native_blocks(self) -> list[tuple[list[torch.Tensor | None], list[torch.Tensor] | None]] | None:
+        """Each block's 12 tensors (and int8 row scales) for native.block_one, or None where the
+        model's blocks are not plain GPT-2 blocks on the CPU with fp32 or simplegpt.quantize int8
+        linears (then decode steps go through the model's forward)."""
+        blocks = []
         for block in self.model.transformer.h:
             if type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP:
                 return None
-            layers = (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc, block.mlp.c_proj)
-            tensors = [t for m in layers for t in (m.weight, m.bias)]
-            if any(t is not None and not (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-                   for t in tensors) or not all(isinstance(m, _NativeLinear) for m in layers[1::3] + layers[2::3]):
+            norms = (block.ln_1, block.ln_2)
+            linears = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+            if all(isinstance(m, _NativeLinear) for m in linears):
+                weights, scales = [m.weight for m in linears], None
+            elif all(getattr(m, "qweight", None) is not None for m in linears):
+                weights, scales = [m.qweight for m in linears], [m.scale for m in linears]
+            else:
                 return None
-            params.append(tensors)
-        return params
+            floats = [t for m in norms for t in (m.weight, m.bias)] + [m.bias for m in linears] + (scales or [])
+            if scales is None:
+                floats += weights
+            if any(t is not None and not (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+                   for t in floats):
+                return None
+            (ln1, ln2), (w1, w2, w3, w4) = norms, weights
+            tensors = [ln1.weight, ln1.bias, w1, linears[0].bias, w2, linears[1].bias,
+                       ln2.weight, ln2.bias, w3, linears[2].bias, w4, linears[3].bias]
+            blocks.append((tensors, scales))
+        return blocks
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
         """Generate for every prompt (text, or token ids) in one batch; one Result per prompt."""

@@ -52,7 +52,7 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     calls, blocks = [], []
     real, real_block = native.linear, native.block_one
     monkeypatch.setattr(native, "linear", lambda x, w, b: calls.append(w.shape) or real(x, w, b))
-    monkeypatch.setattr(native, "block_one", lambda *a: blocks.append(a[4]) or real_block(*a))
+    monkeypatch.setattr(native, "block_one", lambda *a: blocks.append(a[5]) or real_block(*a))
     greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
     prompts = [[5, 17, 300], [999, 1, 2, 3, 4, 5, 6]]
     threads = torch.get_num_threads()
@@ -152,3 +152,44 @@ def test_block_kernel_on_odd_shapes_equals_the_model(bias, monkeypatch):
     with torch.no_grad():
         want = model(torch.tensor([[7, 8, 9, 10] + r.token_ids[:-1]]))[0][0, -1]
     assert len(steps) == 11 and torch.allclose(steps[-1][0], want, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("N,K", [(5, 40), (2304, 768), (131, 3072)])
+def test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs(N, K):
+    """linear_int8 = row scale x (int8 weights . x rounded to int8 with one scale) + bias, exactly
+    up to float rounding; and close to the fp32 layer it came from."""
+    from simplegpt.quantize import Int8Linear
+
+    torch.manual_seed(K)
+    lin = torch.nn.Linear(K, N)
+    q = Int8Linear(lin)
+    x = torch.randn(1, K)
+    with torch.no_grad():
+        got = q(x)
+        xs = x.abs().max() / 127
+        xq = torch.round(x / xs)
+        want = (xq.double() @ q.qweight.double().t()) * q.scale.double() * xs.double() + lin.bias.double()
+        assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5)
+        ref = lin(x)
+        assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@needs_kernel
+def test_int8_model_decodes_through_the_block_kernel(monkeypatch):
+    from simplegpt.quantize import quantize_int8
+
+    fp32 = medium()
+    model = medium()
+    quantize_int8(model)
+    engine = Engine(model)
+    blocks = engine.native_blocks()
+    assert engine.native and blocks is not None and all(scales is not None for _, scales in blocks)
+    steps = []
+    real_step = _Batch.decode_step
+    monkeypatch.setattr(_Batch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
+    [r] = engine.generate([[5, 17, 300]], SamplingParams(max_new_tokens=10, temperature=0.0, stop_at_eos=False))
+    with torch.no_grad():
+        want = fp32(torch.tensor([[5, 17, 300] + r.token_ids[:-1]]))[0][0, -1]
+    assert len(steps) == 9
+    assert (steps[-1][0] - want).abs().max() < 0.05 * want.abs().max()  # int8's error, not a wrong block

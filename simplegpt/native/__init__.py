@@ -81,7 +81,9 @@ def load() -> ctypes.CDLL | None:
         lib.sg_init.argtypes, lib.sg_init.restype = [ctypes.c_int], ctypes.c_int
         lib.sg_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
         lib.sg_gemv.restype = None
-        lib.sg_block1.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_float]
+        lib.sg_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
+        lib.sg_gemv_q8.restype = None
+        lib.sg_block1.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_float]
                                   + [ctypes.c_void_p, ctypes.c_int])
         lib.sg_block1.restype = None
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:  # AttributeError: a stale library
@@ -113,6 +115,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 _threads = 0  # threads of the innermost decoding() block; 0 outside
 _pool = 0  # threads the kernel's pool has (a forked child starts with none)
+
+
+MAX_INT8_IN = 2**16  # the kernel's buffer for a quantized input row
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear() for int8 weights (N, K <= MAX_INT8_IN) with fp32 row scales (N,): x is rounded to
+    int8 with one scale (as q8_0 rounds activations) and the products are integer dot products."""
+    x = x.contiguous()
+    N, K = qweight.shape
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    _lib.sg_gemv_q8(qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+                    y.data_ptr(), N, K, _call_threads())
+    return y
 
 
 def _call_threads() -> int:
@@ -151,18 +167,20 @@ def decoding():
         _threads = outer
 
 
-def block_one(x: torch.Tensor, params: list[torch.Tensor | None], k: torch.Tensor, v: torch.Tensor, pos: int,
-              n_head: int, eps: float) -> None:
+def block_one(x: torch.Tensor, params: list[torch.Tensor | None], scales: list[torch.Tensor] | None,
+              k: torch.Tensor, v: torch.Tensor, pos: int, n_head: int, eps: float) -> None:
     """One GPT-2 block for one token, in place on x (C floats): sg_block1 in gemv.c.
 
     params: the block's 12 tensors in order (ln_1 weight, bias; c_attn weight, bias; attn c_proj
     weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp c_proj weight, bias), None for a
-    missing bias, all contiguous fp32; k, v: the layer's (H, max_len, D) cache of batch row 0,
+    missing bias, all contiguous fp32, except that with `scales` (the 4 linears' fp32 row scales)
+    their weights are int8 (see linear_int8); k, v: the layer's (H, max_len, D) cache of batch row 0,
     written at slot pos; the query attends to slots 0..pos.
     """
     C = x.numel()
     threads = _call_threads()
     ptrs = (ctypes.c_void_p * 12)(*(None if t is None else t.data_ptr() for t in params))
     scratch = torch.empty(10 * C + pos + 1)
-    _lib.sg_block1(x.data_ptr(), ptrs, k.data_ptr(), v.data_ptr(), k.stride(0), pos, C, n_head, eps,
+    sptrs = None if scales is None else (ctypes.c_void_p * 4)(*(t.data_ptr() for t in scales))
+    _lib.sg_block1(x.data_ptr(), ptrs, sptrs, k.data_ptr(), v.data_ptr(), k.stride(0), pos, C, n_head, eps,
                    scratch.data_ptr(), threads)

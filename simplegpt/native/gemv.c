@@ -11,6 +11,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 
 #define MAX_THREADS 64 /* part numbers fit in 8 bits */
 #define SPIN_ROUNDS 20000
@@ -58,6 +59,39 @@ static void gemv_rows(const float *W, const float *x, const float *b, float *y, 
     }
 }
 
+/* int8 weights with one scale per row, times x quantized to int8 with one scale (xs): the integer
+ * dot products of llama.cpp's q8_0 on AVX2. maddubs multiplies |x| (unsigned) by w carrying x's sign,
+ * and with both in [-127, 127] its 16-bit sums of two products cannot saturate. */
+static void gemv_rows_q8(const int8_t *W, const float *scale, const int8_t *xq, float xs, const float *b, float *y,
+                         int K, int n0, int n1) {
+    int K32 = K & ~31;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int n = n0; n < n1; n++) {
+        const int8_t *w = W + (size_t)n * K;
+        __m256i acc = _mm256_setzero_si256();
+        for (int k = 0; k < K32; k += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        int sum = _mm_cvtsi128_si32(s4);
+        for (int k = K32; k < K; k++) sum += (int)w[k] * (int)xq[k];
+        y[n] = (float)sum * scale[n] * xs + (b ? b[n] : 0.0f);
+    }
+}
+
+static float quantize_row(const float *x, int K, int8_t *xq) {
+    float mx = 0.0f;
+    for (int k = 0; k < K; k++) mx = fabsf(x[k]) > mx ? fabsf(x[k]) : mx;
+    float xs = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / xs;
+    for (int k = 0; k < K; k++) xq[k] = (int8_t)lrintf(x[k] * inv);
+    return xs;
+}
+
 static struct {
     pthread_mutex_t call;  /* one call at a time (Python threads may call concurrently) */
     pthread_mutex_t mu;
@@ -65,7 +99,10 @@ static struct {
     atomic_uint gen;       /* bumped for every call */
     atomic_int done;       /* workers finished with the current call */
     int sleepers, workers, started;
-    const float *W, *x, *b;
+    const void *W;
+    const float *scale, *x, *b;  /* scale: NULL for fp32 W, else int8 W's row scales and x as xq * xs */
+    const int8_t *xq;
+    float xs;
     float *y;
     int N, K, parts;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -74,7 +111,9 @@ static void run_part(int part) {
     /* split at multiples of 4 rows so every part but the last runs the 4-row loop only */
     int per = ((pool.N + pool.parts - 1) / pool.parts + 3) & ~3;
     int n0 = part * per, n1 = n0 + per < pool.N ? n0 + per : pool.N;
-    if (n0 < n1) gemv_rows(pool.W, pool.x, pool.b, pool.y, pool.K, n0, n1);
+    if (n0 >= n1) return;
+    if (pool.scale) gemv_rows_q8(pool.W, pool.scale, pool.xq, pool.xs, pool.b, pool.y, pool.K, n0, n1);
+    else gemv_rows(pool.W, pool.x, pool.b, pool.y, pool.K, n0, n1);
 }
 
 static void *worker(void *arg) {
@@ -130,14 +169,21 @@ int sg_init(int threads) {
 }
 
 /* y = W x + b with the pool; the caller holds pool.call */
-static void gemv_pool(const float *W, const float *x, const float *b, float *y, int N, int K, int threads) {
+static int8_t xq_buf[1 << 16];
+
+static void gemv_pool(const void *W, const float *scale, const float *x, const float *b, float *y, int N, int K,
+                      int threads) {
     int parts = threads < pool.workers + 1 ? threads : pool.workers + 1;
-    if (parts < 1) parts = 1;
-    if (parts == 1 || (size_t)N * K < 32768) {
-        gemv_rows(W, x, b, y, K, 0, N);
+    if (parts < 1 || (size_t)N * K < 32768) parts = 1;
+    pool.W = W; pool.scale = scale; pool.x = x; pool.b = b; pool.y = y; pool.N = N; pool.K = K; pool.parts = parts;
+    if (scale) {
+        pool.xq = xq_buf;
+        pool.xs = quantize_row(x, K, xq_buf);
+    }
+    if (parts == 1) {
+        run_part(0);
         return;
     }
-    pool.W = W; pool.x = x; pool.b = b; pool.y = y; pool.N = N; pool.K = K; pool.parts = parts;
     atomic_store(&pool.done, 0);
     pthread_mutex_lock(&pool.mu);
     atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
@@ -150,7 +196,15 @@ static void gemv_pool(const float *W, const float *x, const float *b, float *y, 
 /* y = W x + b (b may be NULL) with `threads` threads (at most the pool's) */
 void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, int K, int threads) {
     pthread_mutex_lock(&pool.call);
-    gemv_pool(W, x, b, y, N, K, threads);
+    gemv_pool(W, NULL, x, b, y, N, K, threads);
+    pthread_mutex_unlock(&pool.call);
+}
+
+/* y = scale * (W q8(x)) + b for int8 W (N, K) row-major with row scales; K at most 65536 */
+void sg_gemv_q8(const int8_t *W, const float *scale, const float *x, const float *b, float *y, int N, int K,
+                int threads) {
+    pthread_mutex_lock(&pool.call);
+    gemv_pool(W, scale, x, b, y, N, K, threads);
     pthread_mutex_unlock(&pool.call);
 }
 
@@ -238,13 +292,16 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
  * attends to slots 0..pos. p holds the 12 parameter pointers in Block's order (ln_1 w, b; c_attn
  * w, b; attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b); biases may be NULL. scratch
  * holds 10 C + pos + 1 floats. */
-void sg_block1(float *x, const float **p, float *kc, float *vc, long head_stride, int pos, int C, int H, float eps,
-               float *scratch, int threads) {
+void sg_block1(float *x, const float **p, const float **scales, float *kc, float *vc, long head_stride, int pos, int C,
+               int H, float eps, float *scratch, int threads) {
+    /* scales: NULL for fp32 linear weights, else the 4 linears' row scales (their weights are int8) */
+    const float *s[4] = {NULL, NULL, NULL, NULL};
+    if (scales) for (int i = 0; i < 4; i++) s[i] = scales[i];
     int D = C / H;
     float *xn = scratch, *qkv = xn + C, *att = qkv + 3 * C, *tmp = att + C, *h = tmp + C, *scores = h + 4 * C;
     pthread_mutex_lock(&pool.call);
     layer_norm(x, p[0], p[1], xn, C, eps);
-    gemv_pool(p[2], xn, p[3], qkv, 3 * C, C, threads);
+    gemv_pool(p[2], s[0], xn, p[3], qkv, 3 * C, C, threads);
     for (int hd = 0; hd < H; hd++) {
         float *kd = kc + (size_t)hd * head_stride + (size_t)pos * D, *vd = vc + (size_t)hd * head_stride + (size_t)pos * D;
         for (int i = 0; i < D; i++) {
@@ -253,12 +310,12 @@ void sg_block1(float *x, const float **p, float *kc, float *vc, long head_stride
         }
     }
     attend1(qkv, kc, vc, att, scores, H, pos + 1, D, head_stride, 1.0f / __builtin_sqrtf((float)D));
-    gemv_pool(p[4], att, p[5], tmp, C, C, threads);
+    gemv_pool(p[4], s[1], att, p[5], tmp, C, C, threads);
     for (int i = 0; i < C; i++) x[i] += tmp[i];
     layer_norm(x, p[6], p[7], xn, C, eps);
-    gemv_pool(p[8], xn, p[9], h, 4 * C, C, threads);
+    gemv_pool(p[8], s[2], xn, p[9], h, 4 * C, C, threads);
     gelu_tanh(h, 4 * C);
-    gemv_pool(p[10], h, p[11], tmp, C, 4 * C, threads);
+    gemv_pool(p[10], s[3], h, p[11], tmp, C, 4 * C, threads);
     for (int i = 0; i < C; i++) x[i] += tmp[i];
     pthread_mutex_unlock(&pool.call);
 }
