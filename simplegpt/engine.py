@@ -288,6 +288,8 @@ class _Batch:
             self.cache = KVCache(engine.config, batch_size, engine.window, self.device, dtype)
         self.mask: torch.Tensor | None = None  # (B, window) 1 = real token, when rows are padded
         self.next_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # (B, 1)
+        # The blocks' tensors for native.block_one, gathered once per call, not per token.
+        self.native_blocks = engine.native_blocks() if engine.native and self.cache is not None else None
 
     def next_logits(self, rows: list[_Row], active: list[int], still: list[int]) -> torch.Tensor:
         """Logits (B, V) for the next token of each row in `still` (a subset of `active`, in order)."""
@@ -338,9 +340,8 @@ class _Batch:
             mask = self.mask[:B, : cache.length + 1]
         fast = B == 1 and self.engine.native
         with native.decoding() if fast else contextlib.nullcontext():
-            blocks = self.engine.native_blocks() if fast and mask is None else None
-            if blocks is not None:
-                h = self._native_hidden(last[0], blocks)
+            if fast and mask is None and self.native_blocks is not None:
+                h = self._native_hidden(last[0], self.native_blocks)
             else:
                 h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)[:, -1]
             logits = self.model.lm_head(h)
@@ -412,9 +413,10 @@ class Engine:
     def __init__(self, model: GPT, tokenizer=None, *, use_cache: bool = True, window_shift: int | None = None,
                  device: str | torch.device | None = None, eos_id: int | None = None, gemv_layout: bool = True):
         """Puts the model in eval mode. eos_id defaults to the tokenizer's; device to the model's.
-        gemv_layout: on CPU, re-store the model's weights column-major for faster decoding
-        (use_gemv_layout; values unchanged). A trainer that samples mid-run passes False, so the
-        rest of its run computes with the same layout as a run resumed from a checkpoint."""
+        gemv_layout: on CPU, prepare the model for fast batch-1 decoding, in place and with the same
+        values: simplegpt.native's kernels (use_native_linears), else weights re-stored column-major
+        (use_gemv_layout). A trainer that samples mid-run passes False, so the rest of its run
+        computes exactly as a run resumed from a checkpoint."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config: GPTConfig = model.config

@@ -2,10 +2,10 @@
 
 At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
 path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
-the cores and streams ~17-18 GB/s there (docs/benchmarks.md). `linear` is one such product;
-`block_one` is a whole GPT-2 block for one token in one call, without ~20 PyTorch calls around it. It is compiled on first use with
-the machine's C compiler ($CC, else cc) into the cache folder, and loaded with ctypes: no build
-step at install. Where there is no compiler, no x86-64 CPU with AVX2 and FMA, or
+the cores and streams ~17-18 GB/s there (docs/benchmarks.md). `linear` is one such product
+(`linear_int8` its int8 twin); `block_one` is a whole GPT-2 block for one token in one call,
+without ~20 PyTorch calls around it. The library is compiled on first use with the machine's C
+compiler ($CC, else cc) into the cache folder, and loaded with ctypes: no build step at install. Where there is no compiler, no x86-64 CPU with AVX2 and FMA, or
 SIMPLEGPT_NATIVE=0, `load()` returns None, `unavailable_reason()` says why, and the engine
 keeps PyTorch's kernels.
 """
@@ -28,9 +28,13 @@ import torch
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
 
+MAX_INT8_IN = 2**16  # the kernel's buffer for a quantized input row
+
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _loaded = False
+_threads = 0  # threads of the innermost decoding() block; 0 outside
+_pool = 0  # threads the kernel's pool has (a forked child starts with none)
 
 
 def cache_dir() -> Path:
@@ -112,12 +116,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
                  threads)
     return y
 
-
-_threads = 0  # threads of the innermost decoding() block; 0 outside
-_pool = 0  # threads the kernel's pool has (a forked child starts with none)
-
-
-MAX_INT8_IN = 2**16  # the kernel's buffer for a quantized input row
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
