@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .native import training as native_training
+
 IGNORE_INDEX = -100
 
 
@@ -96,14 +98,19 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: "LayerKV | None" = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        qkv = self.c_attn(x)
+        dropout_p = self.dropout if self.training else 0.0
+        if (kv is None and mask is None and dropout_p == 0.0 and 1 < T <= native_training.MAX_ATTENTION_T
+                and native_training.attention_usable(qkv, self.n_head)):
+            # CPU training: one C kernel each way from the fused q|k|v to c_proj's input (same math)
+            return self.resid_dropout(self.c_proj(native_training.causal_attention(qkv, self.n_head)))
+        q, k, v = qkv.split(C, dim=2)
         # (B, T, C) -> (B, H, T, D)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if kv is not None:
             k, v = kv.update(k, v)  # (B, H, S, D): the cached keys/values followed by these T
-        dropout_p = self.dropout if self.training else 0.0
         if mask is None:
             # Without a mask the T queries are the last T of S keys and either T == S (causal)
             # or T == 1 (a decode step sees every cached key); GPT.forward builds a mask otherwise.
@@ -123,7 +130,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU; matching it keeps logits equal to GPT-2's.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        h = native_training.gelu(h) if native_training.usable(h) else F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):

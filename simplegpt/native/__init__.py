@@ -25,8 +25,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "gemv.c", HERE / "train.c"]
+HEADERS = [HERE / "simd.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
+# train.c's loops use OpenMP; linked against libgomp they share torch's threads (see train.c).
+# Where the compiler has no OpenMP they run on the calling thread.
+OPENMP = ["-fopenmp"]
 
 MAX_INT8_IN = 2**16  # the kernel's buffer for a quantized input row
 
@@ -52,8 +57,12 @@ def _compile(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        out = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
+        for extra in (OPENMP, []):
+            out = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
+                                 text=True, timeout=120)
+            if out.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{cc} failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
         os.replace(tmp, target)  # atomic: a concurrent loader sees the old file or the whole new one
     finally:
@@ -77,8 +86,9 @@ def load() -> ctypes.CDLL | None:
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if not cc:
             raise RuntimeError("no C compiler (set CC)")
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"gemv-{key}.so"
+        code = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS])
+        key = hashlib.sha256(code + " ".join([cc, *FLAGS, *OPENMP]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"kernels-{key}.so"
         if not target.is_file():
             _compile(cc, target)
         lib = ctypes.CDLL(str(target))
@@ -90,6 +100,13 @@ def load() -> ctypes.CDLL | None:
         lib.sg_block1.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_float]
                                   + [ctypes.c_void_p, ctypes.c_int])
         lib.sg_block1.restype = None
+        lib.sg_omp_threads.argtypes, lib.sg_omp_threads.restype = [], ctypes.c_int
+        lib.sg_gelu_fwd.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long]
+        lib.sg_gelu_bwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
+        lib.sg_gelu_fwd.restype = lib.sg_gelu_bwd.restype = None
+        lib.sg_attn_fwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_float]
+        lib.sg_attn_bwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float]
+        lib.sg_attn_fwd.restype = lib.sg_attn_bwd.restype = ctypes.c_int
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:  # AttributeError: a stale library
         _reason = str(e) or type(e).__name__
         return None

@@ -6,7 +6,7 @@
  * then sleep. At batch 1 this is memory-bound: the point is to stream W from both cores at once,
  * which PyTorch's BLAS matrix-vector path does not do at these sizes.
  */
-#include <immintrin.h>
+#include "simd.h"
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -15,13 +15,6 @@
 
 #define MAX_THREADS 64 /* part numbers fit in 8 bits */
 #define SPIN_ROUNDS 20000
-
-static float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
 
 /* rows n0..n1 of y; four rows at a time share each load of x */
 static void gemv_rows(const float *W, const float *x, const float *b, float *y, int K, int n0, int n1) {
@@ -243,38 +236,14 @@ static void attend1(const float *q, const float *k, const float *v, float *out, 
     }
 }
 
-/* e^x for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error ~2e-7) */
-static __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-/* GPT-2's tanh-GELU in place: 0.5 h (1 + tanh(z)) = h / (1 + e^(-2z)), z = sqrt(2/pi) (h + 0.044715 h^3) */
+/* GPT-2's tanh-GELU in place (simd.h) */
 static void gelu_tanh(float *h, int n) {
-    const float k = -1.5957691216057308f; /* -2 sqrt(2/pi) */
     int i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 v = _mm256_loadu_ps(h + i);
-        __m256 u = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v),
-                                 _mm256_set1_ps(k));
-        __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(u));
-        _mm256_storeu_ps(h + i, _mm256_div_ps(v, d));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(v, gelu_gate8(v)));
     }
-    for (; i < n; i++) {
-        float v = h[i];
-        h[i] = v / (1.0f + __builtin_expf(k * (v + 0.044715f * v * v * v)));
-    }
+    for (; i < n; i++) h[i] *= gelu_gate1(h[i]);
 }
 
 static void layer_norm(const float *x, const float *w, const float *b, float *y, int C, float eps) {

@@ -1,0 +1,87 @@
+"""Autograd functions over train.c for training on CPUs: GPT-2's tanh-GELU and causal self-attention.
+
+At small-model sizes PyTorch's CPU kernels for these two take ~30% of a training step (the GELU in
+several passes with a slow tanh; attention as the flash kernel plus transposes and copies around
+it). train.c does each in one pass each way, on torch's own OpenMP threads. model.py uses them when
+`usable()` says so and the step needs gradients; everything else keeps PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import load
+
+MAX_ATTENTION_T = 128  # longer sequences: PyTorch's flash kernel is faster (docs/benchmarks.md)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the training kernels may take x: fp32 on the CPU, with gradients, the library loaded."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.requires_grad and torch.is_grad_enabled()
+            and load() is not None)
+
+
+class _Gelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        load().sg_gelu_fwd(x.data_ptr(), y.data_ptr(), x.numel())
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        load().sg_gelu_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel())
+        return dx
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """F.gelu(x, approximate="tanh") for usable() inputs, forward and backward in train.c."""
+    return _Gelu.apply(x)
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+        qkv = qkv.contiguous()
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        scale = 1.0 / math.sqrt(C // n_head)
+        out = torch.empty(B, T, C, dtype=qkv.dtype)
+        lse = torch.empty(B, n_head, T, dtype=qkv.dtype)
+        if not load().sg_attn_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, C, n_head, scale):
+            raise MemoryError("causal attention: no memory for the kernel's scratch buffers")
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.n_head, ctx.scale = n_head, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, None]:
+        qkv, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        B, T, C3 = qkv.shape
+        dqkv = torch.empty_like(qkv)
+        if not load().sg_attn_bwd(qkv.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(), dqkv.data_ptr(),
+                                  B, T, C3 // 3, ctx.n_head, ctx.scale):
+            raise MemoryError("causal attention backward: no memory for the kernel's scratch buffers")
+        return dqkv, None
+
+
+def attention_usable(qkv: torch.Tensor, n_head: int) -> bool:
+    """Whether causal_attention may take this (B, T, 3C) buffer: usable(), head size a multiple of 8."""
+    return usable(qkv) and (qkv.size(-1) // 3 // n_head) % 8 == 0
+
+
+def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Causal self-attention straight from c_attn's (B, T, 3C) output (q | k | v, heads side by side)
+    to the (B, T, C) input of c_proj: softmax(q k^T / sqrt(D), causal) v per head, no dropout."""
+    return _CausalAttention.apply(qkv, n_head)

@@ -1,0 +1,141 @@
+"""The native training kernels (simplegpt/native/train.c via simplegpt.native.training)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simplegpt import GPT, GPTConfig, native
+from simplegpt.native import training
+
+lib = native.load()
+if lib is None and os.environ.get("CI"):
+    raise RuntimeError(f"the native kernels must build in CI: {native.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(lib is None, reason=f"native kernels unavailable: {native.unavailable_reason()}")
+
+
+def reference_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    B, T, C3 = qkv.shape
+    q, k, v = (t.view(B, T, n_head, C3 // 3 // n_head).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C3 // 3)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 4096, 4096 * 3 + 5])
+def test_gelu_forward_and_backward_equal_float64(n):
+    torch.manual_seed(n)
+    x = torch.randn(n, dtype=torch.float64) * 4
+    x[:3] = torch.tensor([-20.0, 0.0, 20.0])[: min(3, n)]  # saturated tails and zero
+    g = torch.randn(n, dtype=torch.float64)
+    ours = x.float().requires_grad_()
+    y = training.gelu(ours)
+    y.backward(g.float())
+    ref = x.clone().requires_grad_()
+    F.gelu(ref, approximate="tanh").backward(g)
+    want = F.gelu(x, approximate="tanh")
+    assert torch.allclose(y.double(), want, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-5)
+    # as accurate as PyTorch's own fp32 kernel, within a factor of 4
+    torch_err = (F.gelu(x.float(), approximate="tanh").double() - want).abs().max()
+    assert (y.double() - want).abs().max() <= 4 * torch_err + 1e-7
+
+
+@pytest.mark.parametrize("B,T,C,H", [(12, 64, 128, 4), (2, 13, 64, 2), (3, 37, 96, 3), (1, 2, 8, 1),
+                                     (1, 128, 256, 4), (5, 9, 128, 16)])
+def test_attention_forward_and_backward_equal_float64(B, T, C, H):
+    torch.manual_seed(B * T + C)
+    qkv = torch.randn(B, T, 3 * C, dtype=torch.float64) * 2
+    g = torch.randn(B, T, C, dtype=torch.float64)
+    ours = qkv.float().requires_grad_()
+    y = training.causal_attention(ours, H)
+    y.backward(g.float())
+    ref = qkv.clone().requires_grad_()
+    want = reference_attention(ref, H)
+    want.backward(g)
+    # PyTorch's own fp32 kernel on the same input sets the error allowed
+    fp32 = qkv.float().requires_grad_()
+    reference_attention(fp32, H).backward(g.float())
+    torch_err = (reference_attention(fp32, H).double() - want).abs().max()
+    assert y.shape == (B, T, C)
+    assert (y.double() - want).abs().max() <= 4 * torch_err + 1e-6
+    assert (ours.grad.double() - ref.grad).abs().max() <= 4 * (fp32.grad.double() - ref.grad).abs().max() + 1e-6
+
+
+def test_kernels_give_the_same_bits_on_any_thread_count():
+    """Exact resume needs the same bits run to run: every (batch, head) pair is one work item."""
+    torch.manual_seed(0)
+    qkv = torch.randn(7, 40, 3 * 64, requires_grad=True)
+    h = torch.randn(3, 40, 256, requires_grad=True)
+    g, gh = torch.randn(7, 40, 64), torch.randn(3, 40, 256)
+    saved, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert lib.sg_omp_threads() in (1, threads)  # torch's OpenMP threads, where OpenMP is used
+            qkv.grad = h.grad = None
+            y = training.causal_attention(qkv, 4)
+            y.backward(g)
+            z = training.gelu(h)
+            z.backward(gh)
+            results.append([y.detach(), qkv.grad, z.detach(), h.grad])
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def tiny(**overrides) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, n_positions=32, n_embd=64, n_layer=2, n_head=4, dropout=0.0)
+    return GPT(GPTConfig(**{**cfg, **overrides}))
+
+
+def loss_and_grads(model: GPT, idx: torch.Tensor) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    _, loss = model(idx[:, :-1], targets=idx[:, 1:])
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_training_step_takes_the_kernels_and_matches_pytorch(monkeypatch):
+    model = tiny()
+    idx = torch.randint(0, 50, (4, 25))
+    calls = []
+    real_gelu, real_attn = training.gelu, training.causal_attention
+    monkeypatch.setattr(training, "gelu", lambda x: calls.append("gelu") or real_gelu(x))
+    monkeypatch.setattr(training, "causal_attention", lambda q, h: calls.append("attn") or real_attn(q, h))
+    loss, grads = loss_and_grads(model, idx)
+    assert calls.count("gelu") == 2 and calls.count("attn") == 2
+    monkeypatch.setattr(training, "usable", lambda x: False)
+    monkeypatch.setattr(training, "attention_usable", lambda q, h: False)
+    calls.clear()
+    ref_loss, ref_grads = loss_and_grads(model, idx)
+    assert not calls
+    assert abs(loss - ref_loss) < 1e-5
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("case", ["no_grad", "dropout", "odd_head", "long", "float64", "mask"])
+def test_kernels_are_left_out_where_they_do_not_apply(case, monkeypatch):
+    calls = []
+    real_gelu, real_attn = training.gelu, training.causal_attention
+    monkeypatch.setattr(training, "gelu", lambda x: calls.append("gelu") or real_gelu(x))
+    monkeypatch.setattr(training, "causal_attention", lambda q, h: calls.append("attn") or real_attn(q, h))
+    T = 20
+    model = {"dropout": tiny(dropout=0.1), "odd_head": tiny(n_embd=60, n_head=5),
+             "long": tiny(n_positions=256)}.get(case, tiny())
+    if case == "long":
+        T = training.MAX_ATTENTION_T + 1
+    if case == "float64":
+        model = model.double()
+    idx = torch.randint(0, 50, (2, T))
+    if case == "no_grad":
+        with torch.no_grad():
+            model(idx)
+    elif case == "mask":
+        model(idx, attention_mask=torch.ones(2, T, dtype=torch.long))
+    else:
+        model(idx)
+    want = {"dropout": ["gelu"] * 2, "odd_head": ["gelu"] * 2, "long": ["gelu"] * 2, "mask": ["gelu"] * 2}
+    assert calls == want.get(case, [])
