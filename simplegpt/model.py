@@ -86,6 +86,15 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[key], **overrides})
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state_dict keys), in a C kernel each way when training on a CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native_training.usable(x) and self.weight is not None:
+            return native_training.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -140,9 +149,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: "LayerKV | None" = None) -> torch.Tensor:
@@ -186,7 +195,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the output head and the token embedding are one tensor.

@@ -61,23 +61,41 @@ def test_attention_forward_and_backward_equal_float64(B, T, C, H):
     assert (ours.grad.double() - ref.grad).abs().max() <= 4 * (fp32.grad.double() - ref.grad).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("R,C,bias", [(768, 128, True), (1, 8, True), (37, 13, False), (100, 771, True)])
+def test_layer_norm_forward_and_backward_equal_float64(R, C, bias):
+    torch.manual_seed(R + C)
+    x = torch.randn(R, C, dtype=torch.float64) * 3 + 1
+    w, b = torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64) if bias else None
+    g = torch.randn(R, C, dtype=torch.float64)
+    leaves = [t.float().requires_grad_() for t in (x, w)] + ([b.float().requires_grad_()] if bias else [])
+    y = training.layer_norm(leaves[0], leaves[1], leaves[2] if bias else None, 1e-5)
+    y.backward(g.float())
+    ref = [t.clone().requires_grad_() for t in (x, w)] + ([b.clone().requires_grad_()] if bias else [])
+    want = F.layer_norm(ref[0], (C,), ref[1], ref[2] if bias else None, 1e-5)
+    want.backward(g)
+    assert torch.allclose(y.double(), want, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(leaves, ref):
+        assert torch.allclose(ours.grad.double(), theirs.grad, atol=1e-4 * R ** 0.5, rtol=1e-4)
+
+
 def test_kernels_give_the_same_bits_on_any_thread_count():
     """Exact resume needs the same bits run to run: every (batch, head) pair is one work item."""
     torch.manual_seed(0)
     qkv = torch.randn(7, 40, 3 * 64, requires_grad=True)
     h = torch.randn(3, 40, 256, requires_grad=True)
+    w, b = torch.randn(256, requires_grad=True), torch.randn(256, requires_grad=True)
     g, gh = torch.randn(7, 40, 64), torch.randn(3, 40, 256)
     saved, results = torch.get_num_threads(), []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             assert lib.sg_omp_threads() in (1, threads)  # torch's OpenMP threads, where OpenMP is used
-            qkv.grad = h.grad = None
+            qkv.grad = h.grad = w.grad = b.grad = None
             y = training.causal_attention(qkv, 4)
             y.backward(g)
-            z = training.gelu(h)
+            z = training.gelu(training.layer_norm(h, w, b, 1e-5))
             z.backward(gh)
-            results.append([y.detach(), qkv.grad, z.detach(), h.grad])
+            results.append([y.detach(), qkv.grad, z.detach(), h.grad, w.grad, b.grad])
     finally:
         torch.set_num_threads(saved)
     for other in results[1:]:
@@ -97,15 +115,17 @@ def loss_and_grads(model: GPT, idx: torch.Tensor) -> tuple[float, dict]:
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_training_step_takes_the_kernels_and_matches_pytorch(monkeypatch):
-    model = tiny()
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_step_takes_the_kernels_and_matches_pytorch(bias, monkeypatch):
+    model = tiny(bias=bias)
     idx = torch.randint(0, 50, (4, 25))
     calls = []
-    real_gelu, real_attn = training.gelu, training.causal_attention
+    real_gelu, real_attn, real_ln = training.gelu, training.causal_attention, training.layer_norm
     monkeypatch.setattr(training, "gelu", lambda x: calls.append("gelu") or real_gelu(x))
     monkeypatch.setattr(training, "causal_attention", lambda q, h: calls.append("attn") or real_attn(q, h))
+    monkeypatch.setattr(training, "layer_norm", lambda *a: calls.append("ln") or real_ln(*a))
     loss, grads = loss_and_grads(model, idx)
-    assert calls.count("gelu") == 2 and calls.count("attn") == 2
+    assert calls.count("gelu") == 2 and calls.count("attn") == 2 and calls.count("ln") == 5
     monkeypatch.setattr(training, "usable", lambda x: False)
     monkeypatch.setattr(training, "attention_usable", lambda q, h: False)
     calls.clear()

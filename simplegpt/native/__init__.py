@@ -107,6 +107,9 @@ def load() -> ctypes.CDLL | None:
         lib.sg_attn_fwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_float]
         lib.sg_attn_bwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float]
         lib.sg_attn_fwd.restype = lib.sg_attn_bwd.restype = ctypes.c_int
+        lib.sg_layernorm_fwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_int, ctypes.c_float]
+        lib.sg_layernorm_bwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long, ctypes.c_int]
+        lib.sg_layernorm_fwd.restype = lib.sg_layernorm_bwd.restype = None
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:  # AttributeError: a stale library
         _reason = str(e) or type(e).__name__
         return None

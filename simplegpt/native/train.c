@@ -264,3 +264,102 @@ int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const flo
     }
     return !failed;
 }
+
+/* ---- LayerNorm over rows of C floats ------------------------------------------------------- */
+
+/* y = (x - mean) * rstd * w + b per row; mean and rstd (R floats each) are kept for the backward */
+void sg_layernorm_fwd(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd, long R,
+                      int C, float eps) {
+    int C8 = C & ~7;
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < R; r++) {
+        const float *xr = x + r * C;
+        float *yr = y + r * C;
+        __m256 s = _mm256_setzero_ps();
+        int i;
+        for (i = 0; i < C8; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xr + i));
+        float m = hsum(s);
+        for (; i < C; i++) m += xr[i];
+        m /= C;
+        __m256 mv = _mm256_set1_ps(m), v = _mm256_setzero_ps();
+        for (i = 0; i < C8; i += 8) {
+            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xr + i), mv);
+            v = _mm256_fmadd_ps(d, d, v);
+        }
+        float var = hsum(v);
+        for (; i < C; i++) var += (xr[i] - m) * (xr[i] - m);
+        float rs = 1.0f / sqrtf(var / C + eps);
+        mean[r] = m;
+        rstd[r] = rs;
+        __m256 rv = _mm256_set1_ps(rs);
+        for (i = 0; i < C8; i += 8) {
+            __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
+            h = _mm256_mul_ps(h, _mm256_loadu_ps(w + i));
+            if (b) h = _mm256_add_ps(h, _mm256_loadu_ps(b + i));
+            _mm256_storeu_ps(yr + i, h);
+        }
+        for (; i < C; i++) yr[i] = (xr[i] - m) * rs * w[i] + (b ? b[i] : 0.0f);
+    }
+}
+
+#define LN_ROWS 32 /* rows per work item of the backward; dw and db are summed per item, then in item order */
+
+/* dx from dy; dw (and db, when b had one) summed over rows. partial: 2 C floats per item of LN_ROWS rows */
+void sg_layernorm_bwd(const float *x, const float *w, const float *mean, const float *rstd, const float *dy, float *dx,
+                      float *dw, float *db, float *partial, long R, int C) {
+    long items = (R + LN_ROWS - 1) / LN_ROWS;
+    int C8 = C & ~7;
+#pragma omp parallel for schedule(static)
+    for (long it = 0; it < items; it++) {
+        float *pw = partial + it * 2 * C, *pb = pw + C;
+        memset(pw, 0, 2 * C * sizeof(float));
+        long r1 = (it + 1) * LN_ROWS < R ? (it + 1) * LN_ROWS : R;
+        for (long r = it * LN_ROWS; r < r1; r++) {
+            const float *xr = x + r * C, *gr = dy + r * C;
+            float *dxr = dx + r * C;
+            __m256 mv = _mm256_set1_ps(mean[r]), rv = _mm256_set1_ps(rstd[r]);
+            __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+            int i;
+            for (i = 0; i < C8; i += 8) {
+                __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
+                __m256 g = _mm256_loadu_ps(gr + i);
+                __m256 gw = _mm256_mul_ps(g, _mm256_loadu_ps(w + i));
+                sa = _mm256_add_ps(sa, gw);
+                sb = _mm256_fmadd_ps(gw, xh, sb);
+                _mm256_storeu_ps(pw + i, _mm256_fmadd_ps(g, xh, _mm256_loadu_ps(pw + i)));
+                _mm256_storeu_ps(pb + i, _mm256_add_ps(g, _mm256_loadu_ps(pb + i)));
+            }
+            float a = hsum(sa), bb = hsum(sb);
+            for (; i < C; i++) {
+                float xh = (xr[i] - mean[r]) * rstd[r], gw = gr[i] * w[i];
+                a += gw;
+                bb += gw * xh;
+                pw[i] += gr[i] * xh;
+                pb[i] += gr[i];
+            }
+            a /= C;
+            bb /= C;
+            __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(bb);
+            for (i = 0; i < C8; i += 8) {
+                __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
+                __m256 gw = _mm256_mul_ps(_mm256_loadu_ps(gr + i), _mm256_loadu_ps(w + i));
+                __m256 d = _mm256_sub_ps(_mm256_sub_ps(gw, av), _mm256_mul_ps(xh, bv));
+                _mm256_storeu_ps(dxr + i, _mm256_mul_ps(d, rv));
+            }
+            for (; i < C; i++) {
+                float xh = (xr[i] - mean[r]) * rstd[r];
+                dxr[i] = (gr[i] * w[i] - a - xh * bb) * rstd[r];
+            }
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < C; i++) {
+        float sw = 0.0f, sb = 0.0f;
+        for (long it = 0; it < items; it++) {
+            sw += partial[it * 2 * C + i];
+            sb += partial[it * 2 * C + C + i];
+        }
+        dw[i] = sw;
+        if (db) db[i] = sb;
+    }
+}

@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from . import load
 
+LN_ROWS = 32  # train.c's rows per work item of the LayerNorm backward
 MAX_ATTENTION_T = 128  # longer sequences: PyTorch's flash kernel is faster (docs/benchmarks.md)
 
 
@@ -46,6 +47,41 @@ class _Gelu(torch.autograd.Function):
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """F.gelu(x, approximate="tanh") for usable() inputs, forward and backward in train.c."""
     return _Gelu.apply(x)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        C = x.size(-1)
+        R = x.numel() // C
+        y = torch.empty_like(x)
+        mean, rstd = torch.empty(R), torch.empty(R)
+        load().sg_layernorm_fwd(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), R, C, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        dy = dy.contiguous()
+        C = x.size(-1)
+        R = x.numel() // C
+        dx, dw = torch.empty_like(x), torch.empty_like(weight)
+        db = torch.empty_like(weight) if ctx.has_bias else None
+        partial = torch.empty(-(-R // LN_ROWS), 2 * C)
+        load().sg_layernorm_bwd(x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
+                                dx.data_ptr(), dw.data_ptr(), None if db is None else db.data_ptr(),
+                                partial.data_ptr(), R, C)
+        return dx, dw, db, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.layer_norm over the last dimension for usable() inputs (fp32 weight and bias), in train.c."""
+    return _LayerNorm.apply(x, weight, bias, eps)
 
 
 class _CausalAttention(torch.autograd.Function):
