@@ -20,9 +20,10 @@ MAX_ATTENTION_T = 128  # longer sequences: PyTorch's flash kernel is faster (doc
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether the training kernels may take x: fp32 on the CPU, with gradients, the library loaded."""
+    """Whether the training kernels may take x: fp32 on the CPU, with gradients, the library loaded,
+    and not inside torch.compile (which fuses these ops its own way)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.requires_grad and torch.is_grad_enabled()
-            and load() is not None)
+            and not torch.compiler.is_compiling() and load() is not None)
 
 
 class _Gelu(torch.autograd.Function):
