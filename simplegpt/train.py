@@ -31,6 +31,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_toml
 from .data import PackedSampler, PaddedSampler, TokenShards, load_dataset_tokenizer, prepare_corpus, read_meta
+from .cpu_parallel import CoreShards
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, DataError, SimpleGPTError
 from .model import GPT, GPTConfig
@@ -153,6 +154,21 @@ def auto_threads() -> int:
         except OSError:
             busy = 0.0
     return max(1, min(cores, int(cores - busy + 0.75)))
+
+
+def core_shards(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, threads: int) -> int:
+    """How many ways CoreShards splits each batch (1 = not at all); ConfigError for a cpu_shards that
+    cannot apply. Auto (0) shards fp32 CPU runs without dropout or torch.compile: one share per
+    thread, at most one per sequence of the batch."""
+    fits = device.type == "cpu" and dtype == torch.float32 and not cfg.compile and cfg.dropout == 0.0
+    if cfg.cpu_shards == 0:
+        return min(threads, cfg.batch_size) if fits else 1
+    if cfg.cpu_shards > 1 and not fits:
+        raise ConfigError("cpu_shards > 1 needs float32 training on the CPU without dropout or compile "
+                          "(dropout draws from one random stream, which threads would share out of order)")
+    if cfg.cpu_shards > cfg.batch_size:
+        raise ConfigError(f"cpu_shards ({cfg.cpu_shards}) cannot exceed batch_size ({cfg.batch_size})")
+    return cfg.cpu_shards
 
 
 def _busy_cores(seconds: float) -> float | None:
@@ -482,9 +498,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
     log = log or (lambda s: tqdm.write(s))
     t_start = time.perf_counter()
-    torch.set_num_threads(cfg.num_threads or auto_threads())
+    threads = cfg.num_threads or auto_threads()
+    torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    n_shards = core_shards(cfg, device, dtype, threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
@@ -551,9 +569,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     dataset_info["dir"] = str(data_dir)
     if note:
         log(note)
+    shards = CoreShards(raw_model, n_shards) if n_shards > 1 else None
     log(f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
         f"block {cfg.block_size}; data: {data_dir} ({meta['tokens']['train']:,} train tokens); device: {device}, "
-        f"{str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; run folder: {out}")
+        f"{str(dtype).removeprefix('torch.')}, {threads} threads"
+        f"{f' (each batch split {n_shards} ways)' if shards else ''}; run folder: {out}")
 
     def save(name: str, val_loss: float | None, with_state: bool) -> Path:
         metadata = {"train_config": cfg.to_dict(), "step": step, "tokens_seen": tokens_seen,
@@ -582,6 +602,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                     group["lr"] = lr
                 loss_sum = 0.0
                 for _ in range(cfg.grad_accum_steps):
+                    if shards is not None:
+                        torch.set_num_threads(1)  # one core per share of the batch
+                        loss_sum += shards.forward_backward(train_sampler.next_batch(), 1 / cfg.grad_accum_steps)
+                        continue
                     loss = _forward(model, train_sampler.next_batch(), device, autocast)
                     loss_sum += float(loss.detach())
                     scaler.scale(loss / cfg.grad_accum_steps).backward()
@@ -615,6 +639,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                 bar.update(1)
 
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                    torch.set_num_threads(threads)
                     # Evaluation and sampling use their own RNG, so they never change the training stream.
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         val_loss = evaluate(model, val_sampler, cfg.eval_iters, device, autocast)
@@ -649,6 +674,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     finally:
         bar.close()
         metrics.close()
+        if shards is not None:
+            shards.close()
+            torch.set_num_threads(threads)
     result.step, result.tokens_seen = step, tokens_seen
     result.best_val_loss = best_val if math.isfinite(best_val) else None
     result.elapsed_s = elapsed_before + time.perf_counter() - t_start

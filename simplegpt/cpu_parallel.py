@@ -1,0 +1,73 @@
+"""Data parallelism over CPU cores inside one process, for training small models on a CPU.
+
+PyTorch splits each op of a step over its threads (intra-op parallelism). For a small model every
+op is small, and every op ends at a barrier where the threads wait for each other: on a 2-core
+machine two threads make a step only ~1.3x faster than one, and where another process holds a
+core the barriers make it several times slower. `CoreShards` instead gives each thread a share
+of the batch and runs the whole forward and backward of that share on one core, through a replica
+of the model that shares the model's weights (no copies, so the optimizer's update reaches every
+replica) but has its own gradients; the replicas' gradients are then added to the model's in a
+fixed order. The step is the same function of the batch (the loss weights each share by its
+count of target tokens), and the same bits run to run for a given shard count.
+"""
+
+from __future__ import annotations
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn as nn
+
+from .model import IGNORE_INDEX
+
+
+class CoreShards:
+    """Forward + backward of a batch split over `shards` threads, one torch thread each (the caller
+    sets torch.set_num_threads(1) for the steps it runs through this)."""
+
+    def __init__(self, model: nn.Module, shards: int):
+        if shards < 2:
+            raise ValueError(f"CoreShards needs at least 2 shards, got {shards}")
+        self.model = model
+        self.replicas = [model] + [self._replica(model) for _ in range(shards - 1)]
+        self.pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="simplegpt-shard")
+
+    @staticmethod
+    def _replica(model: nn.Module) -> nn.Module:
+        replica = copy.deepcopy(model)
+        for p, q in zip(model.parameters(), replica.parameters()):
+            q.data = p.data  # the same storage: updates to the model's weights are the replica's
+        return replica
+
+    def forward_backward(self, batch: tuple[torch.Tensor, ...], scale: float = 1.0) -> float:
+        """Mean loss of the batch (x, y[, attention_mask]); gradients of scale * loss are added to
+        the model's .grad, as `(scale * loss).backward()` on the whole batch would."""
+        parts = [torch.tensor_split(t, len(self.replicas)) for t in batch]
+        shares = [tuple(p[i] for p in parts) for i in range(len(self.replicas))]
+        counts = [int((s[1] != IGNORE_INDEX).sum()) for s in shares]
+        total = sum(counts)
+        if total == 0:
+            raise ValueError("the batch has no target tokens")
+
+        def run(i: int) -> torch.Tensor:
+            if i:
+                torch.set_num_threads(1)  # a worker thread's own OpenMP setting
+            x, y, *mask = shares[i]
+            _, loss = self.replicas[i](x, y, attention_mask=mask[0] if mask else None)
+            weight = counts[i] / total
+            (loss * (weight * scale)).backward()
+            return loss.detach() * weight
+
+        jobs = [self.pool.submit(run, i) for i in range(1, len(shares)) if counts[i]]
+        losses = [run(0)] if counts[0] else []
+        losses += [job.result() for job in jobs]
+        for replica in self.replicas[1:]:
+            for p, q in zip(self.model.parameters(), replica.parameters()):
+                if q.grad is not None:
+                    p.grad = q.grad if p.grad is None else p.grad.add_(q.grad)
+                    q.grad = None
+        return float(sum(losses))
+
+    def close(self) -> None:
+        self.pool.shutdown()
