@@ -359,12 +359,115 @@ class _Batch:
         cache.advance(1)
         return model.transformer.ln_f(x.view(1, -1))
 
+    def close(self) -> None:
+        """The call is over (the cache goes with this object)."""
+
+
+class _SlotKV:
+    """One layer's whole (B, H, max_len, D) cache buffers for static_decode_step: `update` writes
+    the step's keys/values at slot (a 1-element tensor) and returns all max_len slots."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
+        self.k, self.v, self.slot = k, v, slot
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, self.slot, k)
+        self.v.index_copy_(2, self.slot, v)
+        return self.k, self.v
+
+
+def static_decode_step(model: GPT, idx: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, real: torch.Tensor,
+                       ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+    """One decode step whose shapes do not depend on the position, for torch.compile: logits (B, V).
+
+    idx, pos (B, 1): the rows' last tokens and their positions; slot (1,): the cache slot they are
+    written to; real (B, max_len) bool: slots holding real tokens (False for left padding);
+    ks, vs: each layer's (B, H, max_len, D) cache buffers, separate tensors, so that the compiled
+    step writes one slot in place rather than copying a stacked cache. Every query attends over
+    all max_len slots, masked to the real ones up to slot, and always to its own.
+    """
+    M = real.size(1)
+    slots = torch.arange(M, device=real.device)
+    keep = ((slots <= slot) & real) | (slots == slot)  # (B, M)
+    mask = keep[:, None, None, :]  # (B, 1, 1, M): broadcast over heads and the one query
+    tr = model.transformer
+    x = tr.wte(idx) + tr.wpe(pos)  # (B, 1, C); dropout is off in eval mode
+    for block, k, v in zip(tr.h, ks, vs):
+        x = block(x, mask, _SlotKV(k, v, slot))
+    return model.lm_head(tr.ln_f(x[:, -1]))
+
+
+class _StaticBatch(_Batch):
+    """A _Batch for Engine(compile=True): decode steps run the Engine's compiled static_decode_step.
+
+    Its tensors keep their shapes and addresses (torch._dynamo.mark_static_address, for CUDA
+    graphs) and the Engine reuses the object for later calls of the same batch size, so one
+    compilation (one CUDA graph) serves every step of them. Rows that finish stay in the batch:
+    they go on being decoded and their logits are dropped, because compacting the batch would
+    change its shape. Prefill and the re-encode of a full window run eagerly, as in _Batch.
+    """
+
+    def __init__(self, engine: "Engine", batch_size: int):
+        super().__init__(engine, batch_size)
+        B, M, device = batch_size, engine.window, self.device
+        self.idx = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) each row's last token
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) its position
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache slot of this step
+        self.real = torch.ones(B, M, dtype=torch.bool, device=device)  # (B, M) False = padding
+        # The step reads every slot; masked ones get weight 0, but 0 * NaN from uninitialised memory is NaN.
+        self.cache.k.zero_()
+        self.cache.v.zero_()
+        self.ks = [layer.k for layer in self.cache.layers]
+        self.vs = [layer.v for layer in self.cache.layers]
+        for t in (self.idx, self.pos, self.slot, self.real, *self.ks, *self.vs):
+            torch._dynamo.mark_static_address(t)
+        self.cache_row: dict[int, int] = {}  # id(_Row) -> its row in the cache, set by prefill
+
+    def next_logits(self, rows: list[_Row], active: list[int], still: list[int]) -> torch.Tensor:
+        if self.cache.length + 1 > self.cache.max_len:
+            return super().next_logits(rows, active, still)  # slide the window: re-encode eagerly
+        return self.static_step([rows[i] for i in still])
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """_Batch.prefill into the first len(rows) cache rows. The other rows (finished ones, after a
+        re-encode) are all padding to the compiled step: they attend to their own slot only."""
+        logits = super().prefill(rows)
+        n, L = len(rows), self.cache.length
+        self.cache_row = {id(r): i for i, r in enumerate(rows)}
+        self.real.fill_(True)
+        if self.mask is not None:
+            self.real[:n, :L] = self.mask[:, :L].bool()
+        self.real[n:] = False
+        self.pos.zero_()
+        self.pos[:n] = self.next_pos
+        return logits
+
+    @torch.inference_mode()
+    def static_step(self, rows: list[_Row]) -> torch.Tensor:
+        """One compiled step for the whole batch; returns the logits (len(rows), V) of `rows`."""
+        cache, B = self.cache, self.idx.size(0)
+        at = [self.cache_row[id(r)] for r in rows]
+        self.idx[at, 0] = torch.tensor([r.tokens[-1] for r in rows], device=self.device)
+        self.slot.fill_(cache.length)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been used
+        logits = self.engine.compiled_step(self.model, self.idx, self.pos, self.slot, self.real, self.ks, self.vs)
+        cache.advance(1)
+        self.pos += 1
+        return logits if len(at) == B else logits[at]
+
+    def close(self) -> None:
+        """Give the batch back to the Engine for its next call with this many prompts."""
+        self.engine.static_batches.setdefault(self.idx.size(0), []).append(self)
+
 
 class _NativeLinear(nn.Linear):
     """nn.Linear whose one-row inference calls take simplegpt.native's matrix-vector kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native.usable(x, self.weight):
+        # torch.compile (Engine(compile=True) on a model an earlier Engine prepared) traces nn.Linear.
+        if not torch.compiler.is_compiling() and native.usable(x, self.weight):
             return native.linear(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -408,15 +511,20 @@ class Engine:
     use_cache=False re-encodes the whole context for every token (the slow reference path).
     window_shift: tokens dropped from the front when a context fills the window
     (default n_positions // 4; 1 re-encodes the window every token once it is full).
+    compile=True runs each decode step as one torch.compile'd static_decode_step (see _StaticBatch).
     """
 
     def __init__(self, model: GPT, tokenizer=None, *, use_cache: bool = True, window_shift: int | None = None,
-                 device: str | torch.device | None = None, eos_id: int | None = None, gemv_layout: bool = True):
+                 device: str | torch.device | None = None, eos_id: int | None = None, gemv_layout: bool = True,
+                 compile: bool = False):
         """Puts the model in eval mode. eos_id defaults to the tokenizer's; device to the model's.
         gemv_layout: on CPU, prepare the model for fast batch-1 decoding, in place and with the same
         values: simplegpt.native's kernels (use_native_linears), else weights re-stored column-major
         (use_gemv_layout). A trainer that samples mid-run passes False, so the rest of its run
-        computes exactly as a run resumed from a checkpoint."""
+        computes exactly as a run resumed from a checkpoint.
+        compile: decode steps run one function compiled with torch.compile (CUDA graphs on CUDA)
+        over a static cache, in place of the native kernels; the first steps of each batch size
+        pay the compilation. Prefill and window re-encodes stay eager."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config: GPTConfig = model.config
@@ -427,7 +535,14 @@ class Engine:
         self.use_cache = use_cache
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.eos_id: int | None = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-        self.native = gemv_layout and self.device.type == "cpu" and use_native_linears(model)
+        self.compile = compile
+        if compile:
+            _check_compilable(model, use_cache)
+            # Dynamo compiles the step once per batch size (and model shape), on its first decode step.
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self.compiled_step = torch.compile(static_decode_step, fullgraph=True, dynamic=False, mode=mode)
+            self.static_batches: dict[int, list[_StaticBatch]] = {}  # batch size -> free _StaticBatch objects
+        self.native = not compile and gemv_layout and self.device.type == "cpu" and use_native_linears(model)
         if gemv_layout and self.device.type == "cpu" and not self.native:
             use_gemv_layout(model)
 
@@ -510,14 +625,29 @@ class Engine:
 
     def _decode(self, rows: list[_Row], params: SamplingParams) -> Iterator[tuple[int, str]]:
         """The decode loop shared by generate and stream: yields (row, piece) events."""
-        active = list(range(len(rows)))
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(len(rows), self.config.vocab_size, dtype=torch.bool, device=self.device)
             for i, r in enumerate(rows):
                 seen[i, r.tokens] = True
-        batch = _Batch(self, len(rows))
-        logits = batch.prefill([rows[i] for i in active])
+        batch = self._new_batch(len(rows))
+        try:
+            yield from self._decode_batch(rows, params, batch, seen)
+        finally:
+            batch.close()
+
+    def _new_batch(self, batch_size: int) -> _Batch:
+        """The model-side state of a call: a new _Batch, or with compile=True a free _StaticBatch of this size."""
+        if not self.compile:
+            return _Batch(self, batch_size)
+        free = self.static_batches.get(batch_size)
+        return free.pop() if free else _StaticBatch(self, batch_size)
+
+    def _decode_batch(self, rows: list[_Row], params: SamplingParams, batch: _Batch,
+                      seen: torch.Tensor | None) -> Iterator[tuple[int, str]]:
+        """_decode's loop over one batch; seen (B, V) marks each row's context tokens, for the repetition penalty."""
+        active = list(range(len(rows)))
+        logits = batch.prefill(rows)
         stop_eos = params.stop_at_eos and self.eos_id is not None
         while True:
             row_seen = seen[active] if seen is not None else None
@@ -551,6 +681,17 @@ class Engine:
                 return
             logits = batch.next_logits(rows, active, still)
             active = still
+
+
+def _check_compilable(model: GPT, use_cache: bool) -> None:
+    """ValueError for an Engine(compile=True) that cannot run the compiled static-cache step."""
+    if not use_cache:
+        raise ValueError("compile=True needs the KV cache: drop use_cache=False (the uncached path is the reference)")
+    from .quantize import Int8Linear
+
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ValueError("compile=True does not support int8-quantized models (their fbgemm kernels do not "
+                         "compile): use one or the other")
 
 
 @torch.no_grad()

@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: int8 weights for the linear layers (CPU; ~4x less memory read per token)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one torch.compile'd function over a static KV cache (CUDA graphs "
+                        "on a GPU), in place of the native CPU kernels; helps on GPUs and in long-running "
+                        "processes (-i), since the first tokens of each batch size wait for the compilation "
+                        "(seconds to a minute); needs a C++ compiler on the CPU; not with --quantize int8")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="don't print the per-sample summary on stderr")
 
@@ -65,6 +70,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..engine import Engine, SamplingParams
     from ..errors import CheckpointError
 
+    if args.compile and args.quantize == "int8":
+        raise ValueError("--compile does not work with --quantize int8 (its int8 kernels do not compile): "
+                         "choose one")
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
     params = SamplingParams(
@@ -84,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
                   file=sys.stderr)
-    engine = Engine(ck.model, ck.tokenizer)
+    engine = Engine(ck.model, ck.tokenizer, compile=args.compile)
     if not args.interactive:
         _generate(engine, prompt, params, args)
         return 0
