@@ -1,9 +1,11 @@
-"""Batch-1 decode speed: simplegpt (cached, uncached, int8) against Hugging Face generate, in one run.
+"""Batch-1 decode speed: simplegpt (cached, uncached, int8, compiled) against Hugging Face generate, in one run.
 
     python bench/generate.py                      # GPT-2 124M shape, random weights, fp32, CPU
     python bench/generate.py --new-tokens 50 --uncached-tokens 20 --preset small
     python bench/generate.py --checkpoint runs/x  # a trained model: speed and int8 quality on real text
     python bench/generate.py --llama-bench /tmp/llamasrc/.../build/bin/llama-bench   # + llama.cpp, same run
+    python bench/generate.py --compile            # + Engine(compile=True), against the eager engine
+    python bench/generate.py --device cuda --compile --skip-llama   # GPU: compiled (CUDA graphs) vs HF eager
 
 With --llama-bench (built by ../shared/bench/llamacpp_anchor.sh, which also writes the random GPT-2
 GGUF files it reads), llama.cpp's f32 and q8_0 decode speeds are measured right before and right
@@ -16,6 +18,10 @@ over the whole call (prefill included), best of --repeats rounds that interleave
 "tutorial loop" is the plain loop simplegpt had before (full forward, logits everywhere).
 The int8 quality figures compare the quantized model with fp32 on --text: mean loss and how
 often the greedy next token agrees under teacher forcing, plus how many generated tokens agree.
+"compiled" (--compile) is Engine(compile=True) on its own copy of the model: every decode step one
+torch.compile'd function over the static cache (CUDA graphs on a GPU); its compilation happens in
+a warm-up call before the timed rounds. On --device cuda the int8 engine and its quality check
+(CPU only) are skipped, and every timing synchronizes the GPU before the clock is read.
 """
 
 from __future__ import annotations
@@ -41,16 +47,20 @@ from simplegpt.quantize import quantize_int8  # noqa: E402
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device) -> float:
+    """Seconds fn takes, with the GPU's queued work finished before and after on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
-def simplegpt_runner(engine: Engine, prompt: list[int], n: int, out: list[int]):
+def simplegpt_runner(engine: Engine, prompt: list[int], n: int, out: list[int], warmup: int = 4):
     """A warmed-up call that generates n greedy tokens (kept in `out`)."""
     params = SamplingParams(max_new_tokens=n, temperature=0.0, stop_at_eos=False)
-    engine.generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))
+    engine.generate([prompt], SamplingParams(max_new_tokens=warmup, temperature=0.0, stop_at_eos=False))
 
     def run() -> None:
         out[:] = engine.generate([prompt], params)[0].token_ids
@@ -64,7 +74,7 @@ def tutorial_runner(model: GPT, prompt: list[int], n: int):
 
     @torch.inference_mode()
     def run() -> None:
-        seq = torch.tensor([prompt])
+        seq = torch.tensor([prompt], device=model.transformer.wte.weight.device)
         for _ in range(n):
             logits, _ = model(seq[:, -model.config.n_positions:])
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
@@ -78,8 +88,8 @@ def hf_runner(model: GPT, prompt: list[int], n: int):
     cfg = model.config
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, attn_implementation="sdpa")).eval()
-    ids = torch.tensor([prompt])
+        n_head=cfg.n_head, attn_implementation="sdpa")).eval().to(model.transformer.wte.weight.device)
+    ids = torch.tensor([prompt], device=hf.device)
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
         hf.generate(ids, max_new_tokens=4, **kw)
@@ -125,10 +135,21 @@ def main() -> None:
     p.add_argument("--quality-tokens", type=int, default=1024, help="tokens of --text scored for int8 quality")
     p.add_argument("--skip-hf", action="store_true", help="don't measure Hugging Face generate")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the models run; cuda skips int8 (CPU only)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure Engine(compile=True): compiled static-cache decode steps (CUDA graphs on cuda)")
     p.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench binary: measure llama.cpp too")
+    p.add_argument("--skip-llama", action="store_true", help="don't measure llama.cpp even if --llama-bench is given")
     p.add_argument("--gguf-f32", default="/tmp/gpt2-rand-f32.gguf", help="f32 GGUF for --llama-bench")
     p.add_argument("--gguf-q8", default="/tmp/gpt2-rand-q8_0.gguf", help="q8_0 GGUF for --llama-bench")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine")
+    if args.skip_llama:
+        args.llama_bench = None
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,24 +157,37 @@ def main() -> None:
     if args.checkpoint:
         from simplegpt.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(args.checkpoint)
+        ck = load_checkpoint(args.checkpoint, device=device)
         model, tokenizer, label = ck.model, ck.tokenizer, args.checkpoint
     else:
-        model = GPT(preset_config(args.preset)).eval()
+        model = GPT(preset_config(args.preset)).eval().to(device)
         label = f"{args.preset} random weights"
     cfg = model.config
+    where = (f"{torch.get_num_threads()} threads" if on_cpu
+             else f"{torch.cuda.get_device_name(device)}")
     print(f"model: {label}, {model.num_parameters() / 1e6:.1f}M parameters, fp32; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+          f"{where}; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
 
     fp32_out: list[int] = []
     int8_out: list[int] = []
-    int8 = copy.deepcopy(model)
-    report = quantize_int8(int8)
+    compiled_out: list[int] = []
+    # Copies made before any Engine prepares `model` in place (the compiled engine lays weights out
+    # differently from the native kernels').
+    int8 = copy.deepcopy(model) if on_cpu else None
+    compiled = copy.deepcopy(model) if args.compile else None
     runners = {"simplegpt cached": simplegpt_runner(Engine(model), prompt, args.new_tokens, fp32_out)}
+    if compiled is not None:
+        t0 = time.perf_counter()
+        # Warm-up long enough for the compilation and, on CUDA, the CUDA graph's recording.
+        runners["simplegpt compiled"] = simplegpt_runner(Engine(compiled, compile=True), prompt, args.new_tokens,
+                                                         compiled_out, warmup=8)
+        print(f"compiled engine: warm-up call, compilation included, {time.perf_counter() - t0:.1f}s")
     if not args.skip_hf:
         runners["HF generate"] = hf_runner(model, prompt, args.new_tokens)
-    runners["simplegpt int8"] = simplegpt_runner(Engine(int8), prompt, args.new_tokens, int8_out)
+    if int8 is not None:
+        report = quantize_int8(int8)
+        runners["simplegpt int8"] = simplegpt_runner(Engine(int8), prompt, args.new_tokens, int8_out)
     slow = {"simplegpt uncached": simplegpt_runner(Engine(model, use_cache=False), prompt, args.uncached_tokens, []),
             "tutorial loop": tutorial_runner(model, prompt, args.uncached_tokens)}
     gguf = {"llama.cpp f32": args.gguf_f32, "llama.cpp q8_0": args.gguf_q8}
@@ -170,14 +204,15 @@ def main() -> None:
     best = {name: math.inf for name in [*runners, *slow]}
     for r in range(args.repeats):
         for name, run in [*runners.items(), *(slow.items() if r == 0 else [])]:
-            best[name] = min(best[name], timed(run))
+            best[name] = min(best[name], timed(run, device))
     rates = {name: (args.uncached_tokens if name in slow else args.new_tokens) / t for name, t in best.items()}
     measure_llama()  # and after them
     if llama:
         for name in gguf:
             print(f"{name:20s} {llama[0][name]:8.1f} before, {llama[1][name]:.1f} after simplegpt's rounds")
             rates[name] = (llama[0][name] + llama[1][name]) / 2
-    for name in ("simplegpt cached", "simplegpt uncached", "tutorial loop", "HF generate", "simplegpt int8"):
+    for name in ("simplegpt cached", "simplegpt compiled", "simplegpt uncached", "tutorial loop", "HF generate",
+                 "simplegpt int8"):
         if name in rates:
             extra = f" ({args.uncached_tokens} tokens)" if name in slow else ""
             print(f"{name:20s} {rates[name]:8.1f} tok/s{extra}")
@@ -187,12 +222,24 @@ def main() -> None:
     print(f"  cached / tutorial loop {rates['simplegpt cached'] / rates['tutorial loop']:6.2f}x")
     if "HF generate" in rates:
         print(f"  cached / HF generate   {rates['simplegpt cached'] / rates['HF generate']:6.2f}x")
-        print(f"  int8   / HF generate   {rates['simplegpt int8'] / rates['HF generate']:6.2f}x")
-    print(f"  int8   / cached fp32   {rates['simplegpt int8'] / rates['simplegpt cached']:6.2f}x")
+        if "simplegpt int8" in rates:
+            print(f"  int8   / HF generate   {rates['simplegpt int8'] / rates['HF generate']:6.2f}x")
+    if "simplegpt int8" in rates:
+        print(f"  int8   / cached fp32   {rates['simplegpt int8'] / rates['simplegpt cached']:6.2f}x")
+    if "simplegpt compiled" in rates:
+        print(f"  compiled / cached      {rates['simplegpt compiled'] / rates['simplegpt cached']:6.2f}x")
+        if "HF generate" in rates:
+            print(f"  compiled / HF generate {rates['simplegpt compiled'] / rates['HF generate']:6.2f}x"
+                  "  (goal >= 5 on a GPU)")
     if args.llama_bench:
         print(f"  cached / llama.cpp f32 {rates['simplegpt cached'] / rates['llama.cpp f32']:6.2f}x  (goal >= 1)")
         print(f"  int8   / llama.cpp q8_0 {rates['simplegpt int8'] / rates['llama.cpp q8_0']:5.2f}x  (goal >= 0.75)")
 
+    if compiled is not None:
+        same = next((i for i, (a, b) in enumerate(zip(fp32_out, compiled_out)) if a != b), len(fp32_out))
+        print(f"\ncompiled: greedy output identical to the eager engine's for the first {same}/{len(fp32_out)} tokens")
+    if int8 is None:
+        return
     same = next((i for i, (a, b) in enumerate(zip(fp32_out, int8_out)) if a != b), len(fp32_out))
     print(f"\nint8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB "
           f"({report.ratio:.2f}x smaller); greedy output identical for the first {same}/{len(fp32_out)} tokens")

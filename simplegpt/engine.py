@@ -10,7 +10,8 @@ generator, so a prompt gives the same output in a batch as alone. When a row's c
 the model's window (n_positions) its oldest `window_shift` tokens are dropped and the rest are
 re-encoded once (positions restart at 0, as in training), so generation never stops for length.
 `Engine(..., use_cache=False)` runs the same loop re-encoding the whole context every step: the
-reference the cached path is tested against.
+reference the cached path is tested against. `Engine(..., compile=True)` runs each decode step as
+one torch.compile'd function over the static cache (static_decode_step; CUDA graphs on CUDA).
 """
 
 from __future__ import annotations
