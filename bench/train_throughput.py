@@ -3,8 +3,9 @@
 Both train the same GPT-2-shaped model (default: 4 layers, 4 heads, 128 wide, block 64, batch 12,
 character vocabulary of tinyshakespeare) on the same batches, in the same process, alternating in
 rounds so that load from other processes hits both alike. simplegpt's figure is the tokens/s its
-own `simplegpt.train.train` logs (the real loop: sampler, schedule, clipping, fused AdamW); the
-reference is the loop a transformers user writes. Prints tokens/s for both, the ratio and MFU.
+own `simplegpt.train.train` logs (the real loop: sampler, schedule, clipping, fused AdamW, its
+native CPU kernels and its split of each batch over the cores, as a user gets them); the reference
+is the loop a transformers user writes. Prints tokens/s for both, the ratio and MFU.
 
     .venv/bin/python bench/train_throughput.py [--steps 100] [--rounds 3] [--threads 2]
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from simplegpt.config import TrainConfig  # noqa: E402
 from simplegpt.data import PackedSampler, TokenShards, prepare_corpus  # noqa: E402
-from simplegpt.train import peak_flops, train  # noqa: E402
+from simplegpt.train import core_shards, peak_flops, train  # noqa: E402
 
 
 def simplegpt_round(cfg: TrainConfig, steps: int, log_every: int) -> float:
@@ -77,6 +78,9 @@ def main() -> None:
     ap.add_argument("--n_embd", type=int, default=128)
     ap.add_argument("--block_size", type=int, default=64)
     ap.add_argument("--batch_size", type=int, default=12)
+    ap.add_argument("--cpu-shards", type=int, default=0,
+                    help="simplegpt's cpu_shards (0 = its default: one share of each batch per thread; 1 = split "
+                         "every op over the threads instead, as PyTorch does)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="simplegpt-bench-"))
@@ -84,7 +88,7 @@ def main() -> None:
     cfg = TrainConfig(data=str(work / "data"), n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                       block_size=args.block_size, batch_size=args.batch_size, lr=1e-3, warmup_iters=10,
                       eval_interval=10**9, sample_tokens=0, out_dir=str(work / "run"), num_threads=args.threads,
-                      plot=False, tensorboard=False, device="cpu")
+                      plot=False, tensorboard=False, device="cpu", cpu_shards=args.cpu_shards)
     cfg = cfg.replace(peak_flops=peak_flops(cfg, torch.device("cpu")))
     sampler = PackedSampler(TokenShards(work / "data", "train"), cfg.block_size, cfg.batch_size, seed=0)
     log_every = max(5, args.steps // 10)
@@ -100,7 +104,8 @@ def main() -> None:
                           n_layer=cfg.n_layer, n_head=cfg.n_head))
     mfu = model.estimate_mfu(a, cfg.peak_flops, cfg.block_size)
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
-          f"batch {cfg.batch_size}, vocab {meta['vocab_size']}; {args.threads} threads")
+          f"batch {cfg.batch_size}, vocab {meta['vocab_size']}; {args.threads} threads; simplegpt splits each "
+          f"batch {core_shards(cfg, torch.device('cpu'), torch.float32, args.threads)} way(s)")
     print(f"simplegpt train:         {a:,.0f} tok/s  (MFU {mfu:.1%} of a measured {cfg.peak_flops / 1e9:.0f} "
           f"GFLOP/s fp32 matmul)")
     print(f"transformers + AdamW:    {b:,.0f} tok/s")

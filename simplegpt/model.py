@@ -109,8 +109,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x)
         dropout_p = self.dropout if self.training else 0.0
-        if (kv is None and mask is None and dropout_p == 0.0 and 1 < T <= native_training.MAX_ATTENTION_T
-                and native_training.attention_usable(qkv, self.n_head)):
+        if kv is None and mask is None and dropout_p == 0.0 and native_training.attention_usable(qkv, self.n_head):
             # CPU training: one C kernel each way from the fused q|k|v to c_proj's input (same math)
             return self.resid_dropout(self.c_proj(native_training.causal_attention(qkv, self.n_head)))
         q, k, v = qkv.split(C, dim=2)

@@ -41,7 +41,7 @@ def test_gelu_forward_and_backward_equal_float64(n):
 
 
 @pytest.mark.parametrize("B,T,C,H", [(12, 64, 128, 4), (2, 13, 64, 2), (3, 37, 96, 3), (1, 2, 8, 1),
-                                     (1, 128, 256, 4), (5, 9, 128, 16)])
+                                     (1, 128, 256, 4), (5, 9, 128, 16), (2, 33, 256, 4), (1, 7, 32, 2)])
 def test_attention_forward_and_backward_equal_float64(B, T, C, H):
     torch.manual_seed(B * T + C)
     qkv = torch.randn(B, T, 3 * C, dtype=torch.float64) * 2
@@ -143,7 +143,7 @@ def test_kernels_are_left_out_where_they_do_not_apply(case, monkeypatch):
     monkeypatch.setattr(training, "gelu", lambda x: calls.append("gelu") or real_gelu(x))
     monkeypatch.setattr(training, "causal_attention", lambda q, h: calls.append("attn") or real_attn(q, h))
     T = 20
-    model = {"dropout": tiny(dropout=0.1), "odd_head": tiny(n_embd=60, n_head=5),
+    model = {"dropout": tiny(dropout=0.1), "odd_head": tiny(n_embd=96, n_head=2),
              "long": tiny(n_positions=256)}.get(case, tiny())
     if case == "long":
         T = training.MAX_ATTENTION_T + 1

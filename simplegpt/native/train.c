@@ -64,28 +64,33 @@ void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n) {
 
 /* ---- causal self-attention over a fused (B, T, 3C) q|k|v buffer -------------------------------
  * Head h of row b reads q, k, v at columns h D, C + h D, 2C + h D of each token (the layout of
- * c_attn's output), so no transposes or copies are needed, and writes its output at columns h D
- * of a (B, T, C) buffer (the layout c_proj reads). Every (b, h) pair is independent: one OpenMP
- * work item each, so results do not depend on the thread count. D must be a multiple of 8. */
+ * c_attn's output), so no transposes or copies of the inputs are needed, and writes its output at
+ * columns h D of a (B, T, C) buffer (the layout c_proj reads). Every (b, h) pair is one OpenMP work
+ * item, so results do not depend on the thread count. Sequences are short (T <= ATTN_MAX_T): each
+ * item keeps its (T, T) probabilities in scratch memory and runs small register-tiled products,
+ * two query rows at a time. D = 8 DV with DV in 1, 2, 4, 8. */
+
+#define ATTN_MAX_T 256
 
 typedef struct {
-    float *kt, *vt; /* (D, Tp): the head's keys and values transposed, zero-padded to Tp columns */
-    float *p;       /* Tp: one row of scores / probabilities */
-    float *dk, *dv; /* (T, D): gradient accumulators (backward) */
+    float *kt, *vt;  /* (D, Tp): the head's keys and values transposed, zero-padded to Tp columns */
+    float *p, *ds;   /* (T + 1, Tp): probabilities and score gradients; zero right of the diagonal */
+    float *pt, *dst; /* (T, Tp): their transposes (backward) */
 } scratch;
 
-static int scratch_alloc(scratch *s, int T, int D, int backward) {
-    int Tp = (T + 7) & ~7;
-    size_t n = (size_t)2 * D * Tp + Tp + (backward ? (size_t)2 * T * D : 0);
+static float *scratch_alloc(scratch *s, int T, int D) {
+    int Tp = (T + 15) & ~15;
+    size_t n = (size_t)2 * D * Tp + (size_t)2 * (T + 1) * Tp + (size_t)2 * T * Tp;
     float *m = aligned_alloc(32, ((n * sizeof(float)) + 31) & ~(size_t)31);
-    if (!m) return 0;
+    if (!m) return NULL;
     memset(m, 0, n * sizeof(float));
     s->kt = m;
     s->vt = m + (size_t)D * Tp;
     s->p = m + (size_t)2 * D * Tp;
-    s->dk = backward ? s->p + Tp : NULL;
-    s->dv = backward ? s->dk + (size_t)T * D : NULL;
-    return 1;
+    s->ds = s->p + (size_t)(T + 1) * Tp; /* p and ds have a spare row T for an odd last row's pair */
+    s->pt = s->ds + (size_t)(T + 1) * Tp;
+    s->dst = s->pt + (size_t)T * Tp;
+    return m;
 }
 
 /* transpose T rows of D floats (stride ld) into (D, Tp) */
@@ -94,56 +99,83 @@ static void transpose_in(const float *src, long ld, float *dst, int T, int D, in
         for (int d = 0; d < D; d++) dst[(size_t)d * Tp + t] = src[(size_t)t * ld + d];
 }
 
-/* out[j] = scale * dot(q, column j of mt) for j in 0..n (rounded up to 8): mt is (D, Tp) */
-static inline void dots(const float *q, const float *mt, int D, int Tp, int n, float scale, float *out) {
-    int j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-        int d = 0;
-        for (; d + 2 <= D; d += 2) {
-            const float *r0 = mt + (size_t)d * Tp + j, *r1 = r0 + Tp;
-            __m256 q0 = _mm256_set1_ps(q[d]), q1 = _mm256_set1_ps(q[d + 1]);
-            a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r0), a0);
-            a1 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(r0 + 8), a1);
-            b0 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r1), b0);
-            b1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(r1 + 8), b1);
+/* the transpose of the lower triangle (j <= i) of a (T, Tp) matrix, into another whose entries
+ * below the diagonal stay zero */
+static void transpose_lower(const float *a, float *at, int T, int Tp) {
+    for (int i = 0; i < T; i++)
+        for (int j = 0; j <= i; j++) at[(size_t)j * Tp + i] = a[(size_t)i * Tp + j];
+}
+
+/* s0[j] = scale a0 . bt[:, j] and s1[j] = scale a1 . bt[:, j] for j < n rounded up to 16:
+ * two rows share every load of bt (D, Tp); eight accumulators hide the FMA latency */
+static inline void dots2(const float *a0, const float *a1, const float *bt, int D, int Tp, int n, float scale,
+                         float *s0, float *s1) {
+    __m256 sc = _mm256_set1_ps(scale);
+    for (int j = 0; j < n; j += 16) {
+        __m256 x00 = _mm256_setzero_ps(), x01 = x00, x10 = x00, x11 = x00;
+        __m256 y00 = x00, y01 = x00, y10 = x00, y11 = x00;
+        for (int d = 0; d < D; d += 2) {
+            const float *r = bt + (size_t)d * Tp + j;
+            __m256 b0 = _mm256_load_ps(r), b1 = _mm256_load_ps(r + 8);
+            __m256 c0 = _mm256_load_ps(r + Tp), c1 = _mm256_load_ps(r + Tp + 8);
+            __m256 p = _mm256_set1_ps(a0[d]), q = _mm256_set1_ps(a0[d + 1]);
+            __m256 u = _mm256_set1_ps(a1[d]), v = _mm256_set1_ps(a1[d + 1]);
+            x00 = _mm256_fmadd_ps(p, b0, x00);
+            x01 = _mm256_fmadd_ps(p, b1, x01);
+            y00 = _mm256_fmadd_ps(q, c0, y00);
+            y01 = _mm256_fmadd_ps(q, c1, y01);
+            x10 = _mm256_fmadd_ps(u, b0, x10);
+            x11 = _mm256_fmadd_ps(u, b1, x11);
+            y10 = _mm256_fmadd_ps(v, c0, y10);
+            y11 = _mm256_fmadd_ps(v, c1, y11);
         }
-        __m256 sc = _mm256_set1_ps(scale);
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_add_ps(a0, b0), sc));
-        _mm256_storeu_ps(out + j + 8, _mm256_mul_ps(_mm256_add_ps(a1, b1), sc));
-    }
-    for (; j < n; j += 8) {
-        __m256 a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
-        for (int d = 0; d + 2 <= D; d += 2) {
-            const float *r0 = mt + (size_t)d * Tp + j;
-            a0 = _mm256_fmadd_ps(_mm256_set1_ps(q[d]), _mm256_loadu_ps(r0), a0);
-            b0 = _mm256_fmadd_ps(_mm256_set1_ps(q[d + 1]), _mm256_loadu_ps(r0 + Tp), b0);
-        }
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_add_ps(a0, b0), _mm256_set1_ps(scale)));
+        _mm256_storeu_ps(s0 + j, _mm256_mul_ps(_mm256_add_ps(x00, y00), sc));
+        _mm256_storeu_ps(s0 + j + 8, _mm256_mul_ps(_mm256_add_ps(x01, y01), sc));
+        _mm256_storeu_ps(s1 + j, _mm256_mul_ps(_mm256_add_ps(x10, y10), sc));
+        _mm256_storeu_ps(s1 + j + 8, _mm256_mul_ps(_mm256_add_ps(x11, y11), sc));
     }
 }
 
-/* acc (D floats) += sum over j < n of w[j] * rows[j] (rows D floats apart by ld) */
-static inline void weighted_rows(const float *w, const float *rows, long ld, int n, int D, float *acc) {
-    for (int d = 0; d < D; d += 8) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int j = 0;
-        for (; j + 2 <= n; j += 2) {
-            a0 = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows + (size_t)j * ld + d), a0);
-            a1 = _mm256_fmadd_ps(_mm256_set1_ps(w[j + 1]), _mm256_loadu_ps(rows + (size_t)(j + 1) * ld + d), a1);
+/* o0 = sum over j in [lo, hi) of w0[j] b[j] and o1 likewise with w1 (b: rows of D = 8 DV floats,
+ * ldb apart): two output rows share every load of b. DV is a constant where this is inlined. */
+static inline __attribute__((always_inline)) void wsum2(const float *w0, const float *w1, const float *b, long ldb,
+                                                        int lo, int hi, float *o0, float *o1, const int DV) {
+    __m256 a0[8], a1[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < DV; v++) a0[v] = a1[v] = _mm256_setzero_ps();
+    for (int j = lo; j < hi; j++) {
+        const float *r = b + (size_t)j * ldb;
+        __m256 p = _mm256_set1_ps(w0[j]), q = _mm256_set1_ps(w1[j]);
+#pragma GCC unroll 8
+        for (int v = 0; v < DV; v++) {
+            __m256 x = _mm256_loadu_ps(r + 8 * v);
+            a0[v] = _mm256_fmadd_ps(p, x, a0[v]);
+            a1[v] = _mm256_fmadd_ps(q, x, a1[v]);
         }
-        if (j < n) a0 = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows + (size_t)j * ld + d), a0);
-        _mm256_storeu_ps(acc + d, _mm256_add_ps(_mm256_loadu_ps(acc + d), _mm256_add_ps(a0, a1)));
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < DV; v++) {
+        _mm256_storeu_ps(o0 + 8 * v, a0[v]);
+        _mm256_storeu_ps(o1 + 8 * v, a1[v]);
     }
 }
 
-/* rows[j] (D floats, ld apart) += w[j] * v for j < n */
-static inline void scatter_rows(const float *w, const float *v, float *rows, int n, int D) {
-    for (int j = 0; j < n; j++) {
-        __m256 wj = _mm256_set1_ps(w[j]);
-        float *r = rows + (size_t)j * D;
-        for (int d = 0; d < D; d += 8)
-            _mm256_storeu_ps(r + d, _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + d), _mm256_loadu_ps(r + d)));
+/* rows i of out (ldo apart) = w[i] (rows Tp apart) @ b over j in [lo(i), hi(i)): lower = 1 gives
+ * [0, i + 1) (a causal row), lower = 0 gives [i, T) (a row of a transposed causal matrix) */
+static void wsum_rows(const float *w, int T, int Tp, const float *b, long ldb, float *out, long ldo, int D, int lower) {
+    float spare[64];
+    for (int i = 0; i < T; i += 2) {
+        int two = i + 1 < T;
+        const float *w0 = w + (size_t)i * Tp, *w1 = two ? w0 + Tp : w0;
+        float *o0 = out + (size_t)i * ldo, *o1 = two ? o0 + ldo : spare;
+        /* the union of both rows' ranges: entries outside a row's own range are zeros */
+        int lo = lower ? 0 : i, hi = lower ? (two ? i + 2 : i + 1) : T;
+        switch (D) {
+        case 8: wsum2(w0, w1, b, ldb, lo, hi, o0, o1, 1); break;
+        case 16: wsum2(w0, w1, b, ldb, lo, hi, o0, o1, 2); break;
+        case 32: wsum2(w0, w1, b, ldb, lo, hi, o0, o1, 4); break;
+        default: wsum2(w0, w1, b, ldb, lo, hi, o0, o1, 8); break;
+        }
     }
 }
 
@@ -162,7 +194,7 @@ static float softmax_row(float *p, int n) {
     }
     float sum = hsum(sv);
     for (; j < n; j++) {
-        p[j] = __builtin_expf(p[j] - mx);
+        p[j] = expf(p[j] - mx);
         sum += p[j];
     }
     float inv = 1.0f / sum;
@@ -172,95 +204,99 @@ static float softmax_row(float *p, int n) {
     return mx + logf(sum);
 }
 
+int sg_attn_max_t(void) { return ATTN_MAX_T; }
+
 /* out (B, T, C) = softmax(q k^T * scale, causal) v per head; lse (B, H, T) keeps each row's
  * log-sum-exp for the backward pass. Returns 0 if scratch memory could not be allocated. */
 int sg_attn_fwd(const float *qkv, float *out, float *lse, int B, int T, int C, int H, float scale) {
-    int D = C / H, Tp = (T + 7) & ~7, failed = 0;
+    int D = C / H, Tp = (T + 15) & ~15, failed = 0;
     long ld = 3L * C;
 #pragma omp parallel reduction(| : failed)
     {
         scratch s = {0};
-        int ok = scratch_alloc(&s, T, D, 0);
+        float *mem = scratch_alloc(&s, T, D);
         /* every thread must reach the work-sharing loop, so one that has no memory skips its items */
 #pragma omp for schedule(static)
         for (int bh = 0; bh < B * H; bh++) {
-            if (!ok) {
+            if (!mem) {
                 failed = 1;
                 continue;
             }
-            {
-                int b = bh / H, h = bh % H;
-                const float *base = qkv + (size_t)b * T * ld + (size_t)h * D;
-                transpose_in(base + C, ld, s.kt, T, D, Tp);
-                float *o = out + (size_t)b * T * C + (size_t)h * D, *l = lse + (size_t)bh * T;
-                for (int i = 0; i < T; i++) {
-                    dots(base + (size_t)i * ld, s.kt, D, Tp, i + 1, scale, s.p);
-                    l[i] = softmax_row(s.p, i + 1);
-                    float *oi = o + (size_t)i * C;
-                    memset(oi, 0, D * sizeof(float));
-                    weighted_rows(s.p, base + 2 * C, ld, i + 1, D, oi);
-                }
+            int b = bh / H, h = bh % H;
+            const float *base = qkv + (size_t)b * T * ld + (size_t)h * D;
+            float *l = lse + (size_t)bh * T;
+            transpose_in(base + C, ld, s.kt, T, D, Tp);
+            for (int i = 0; i < T; i += 2) {
+                int two = i + 1 < T;
+                const float *q0 = base + (size_t)i * ld;
+                float *p0 = s.p + (size_t)i * Tp, *p1 = p0 + Tp;
+                dots2(q0, two ? q0 + ld : q0, s.kt, D, Tp, i + 1 + two, scale, p0, p1);
+                l[i] = softmax_row(p0, i + 1);
+                p0[i + 1] = 0.0f; /* row i's range ends where row i + 1's does not */
+                if (two) l[i + 1] = softmax_row(p1, i + 2);
             }
+            wsum_rows(s.p, T, Tp, base + 2 * C, ld, out + (size_t)b * T * C + (size_t)h * D, C, D, 1);
         }
-        if (ok) free(s.kt);
+        free(mem);
     }
     return !failed;
 }
 
 /* The gradients of sg_attn_fwd: dqkv (B, T, 3C) from dout (B, T, C), recomputing the
- * probabilities from q, k and lse row by row (no (T, T) matrix is kept). */
+ * probabilities from q, k and lse. */
 int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv, int B, int T,
                 int C, int H, float scale) {
-    int D = C / H, Tp = (T + 7) & ~7, failed = 0;
+    int D = C / H, Tp = (T + 15) & ~15, failed = 0;
     long ld = 3L * C;
 #pragma omp parallel reduction(| : failed)
     {
         scratch s = {0};
-        float *dp = aligned_alloc(32, ((size_t)Tp * sizeof(float) + 31) & ~(size_t)31);
-        int have = scratch_alloc(&s, T, D, 1), ok = have && dp;
+        float *mem = scratch_alloc(&s, T, D);
 #pragma omp for schedule(static)
         for (int bh = 0; bh < B * H; bh++) {
-            if (!ok) {
+            if (!mem) {
                 failed = 1;
                 continue;
             }
-            {
-                int b = bh / H, h = bh % H;
-                const float *base = qkv + (size_t)b * T * ld + (size_t)h * D;
-                const float *o = out + (size_t)b * T * C + (size_t)h * D, *g = dout + (size_t)b * T * C + (size_t)h * D;
-                const float *l = lse + (size_t)bh * T;
-                float *dbase = dqkv + (size_t)b * T * ld + (size_t)h * D;
-                transpose_in(base + C, ld, s.kt, T, D, Tp);
-                transpose_in(base + 2 * C, ld, s.vt, T, D, Tp);
-                memset(s.dk, 0, (size_t)2 * T * D * sizeof(float));
-                for (int i = 0; i < T; i++) {
-                    const float *qi = base + (size_t)i * ld, *gi = g + (size_t)i * C, *oi = o + (size_t)i * C;
-                    int n = i + 1, n8 = (n + 7) & ~7;
-                    dots(qi, s.kt, D, Tp, n, scale, s.p);   /* scores */
-                    dots(gi, s.vt, D, Tp, n, 1.0f, dp);      /* dP = dO_i . V_j */
-                    float delta = 0.0f;                      /* dO_i . O_i = sum_j P_ij dP_ij */
-                    for (int d = 0; d < D; d++) delta += gi[d] * oi[d];
-                    __m256 lv = _mm256_set1_ps(l[i]), dv8 = _mm256_set1_ps(delta), sc = _mm256_set1_ps(scale);
-                    for (int j = 0; j < n8; j += 8) {
-                        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.p + j), lv));
-                        _mm256_storeu_ps(s.p + j, p);
+            int b = bh / H, h = bh % H;
+            const float *base = qkv + (size_t)b * T * ld + (size_t)h * D;
+            const float *o = out + (size_t)b * T * C + (size_t)h * D, *g = dout + (size_t)b * T * C + (size_t)h * D;
+            const float *l = lse + (size_t)bh * T;
+            float *dbase = dqkv + (size_t)b * T * ld + (size_t)h * D;
+            transpose_in(base + C, ld, s.kt, T, D, Tp);
+            transpose_in(base + 2 * C, ld, s.vt, T, D, Tp);
+            for (int i = 0; i < T; i += 2) {
+                int two = i + 1 < T, n = i + 1 + two, n16 = (n + 15) & ~15;
+                const float *q0 = base + (size_t)i * ld, *g0 = g + (size_t)i * C;
+                float *p0 = s.p + (size_t)i * Tp, *d0 = s.ds + (size_t)i * Tp;
+                dots2(q0, two ? q0 + ld : q0, s.kt, D, Tp, n, scale, p0, p0 + Tp); /* scores */
+                dots2(g0, two ? g0 + C : g0, s.vt, D, Tp, n, 1.0f, d0, d0 + Tp);    /* dP = dO_i . V_j */
+                for (int r = 0; r <= two; r++) {
+                    const float *gi = g0 + (size_t)r * C, *oi = o + (size_t)(i + r) * C;
+                    float *pr = p0 + (size_t)r * Tp, *dr = d0 + (size_t)r * Tp, delta = 0.0f;
+                    for (int d = 0; d < D; d++) delta += gi[d] * oi[d]; /* dO_i . O_i = sum_j P_ij dP_ij */
+                    __m256 lv = _mm256_set1_ps(l[i + r]), dv8 = _mm256_set1_ps(delta), sc = _mm256_set1_ps(scale);
+                    int m = i + r + 1, j = 0;
+                    for (; j + 8 <= m; j += 8) {
+                        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lv));
+                        _mm256_storeu_ps(pr + j, p);
                         /* dS = P (dP - delta), times scale for the q.k products */
-                        _mm256_storeu_ps(dp + j, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + j), dv8)), sc));
+                        _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dr + j), dv8)), sc));
                     }
-                    float *dqi = dbase + (size_t)i * ld;
-                    memset(dqi, 0, D * sizeof(float));
-                    weighted_rows(dp, base + C, ld, n, D, dqi);  /* dQ_i = sum_j dS_ij K_j */
-                    scatter_rows(dp, qi, s.dk, n, D);            /* dK_j += dS_ij Q_i */
-                    scatter_rows(s.p, gi, s.dv, n, D);           /* dV_j += P_ij dO_i */
-                }
-                for (int t = 0; t < T; t++) {
-                    memcpy(dbase + (size_t)t * ld + C, s.dk + (size_t)t * D, D * sizeof(float));
-                    memcpy(dbase + (size_t)t * ld + 2 * C, s.dv + (size_t)t * D, D * sizeof(float));
+                    for (; j < m; j++) {
+                        pr[j] = expf(pr[j] - l[i + r]);
+                        dr[j] = pr[j] * (dr[j] - delta) * scale;
+                    }
+                    for (; j < n16 && j < Tp; j++) pr[j] = dr[j] = 0.0f; /* right of the diagonal */
                 }
             }
+            wsum_rows(s.ds, T, Tp, base + C, ld, dbase, ld, D, 1); /* dQ_i = sum_j dS_ij K_j */
+            transpose_lower(s.ds, s.dst, T, Tp);
+            transpose_lower(s.p, s.pt, T, Tp);
+            wsum_rows(s.dst, T, Tp, base, ld, dbase + C, ld, D, 0);  /* dK_j = sum_i dS_ij Q_i */
+            wsum_rows(s.pt, T, Tp, g, C, dbase + 2 * C, ld, D, 0);   /* dV_j = sum_i P_ij dO_i */
         }
-        free(dp);
-        if (have) free(s.kt);
+        free(mem);
     }
     return !failed;
 }

@@ -114,8 +114,9 @@ class _CausalAttention(torch.autograd.Function):
 
 
 def attention_usable(qkv: torch.Tensor, n_head: int) -> bool:
-    """Whether causal_attention may take this (B, T, 3C) buffer: usable(), head size a multiple of 8."""
-    return usable(qkv) and (qkv.size(-1) // 3 // n_head) % 8 == 0
+    """Whether causal_attention may take this (B, T, 3C) buffer: usable(), a head size of 8, 16, 32
+    or 64 and 2..MAX_ATTENTION_T positions."""
+    return 1 < qkv.size(1) <= MAX_ATTENTION_T and qkv.size(-1) // 3 // n_head in (8, 16, 32, 64) and usable(qkv)
 
 
 def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
