@@ -206,99 +206,110 @@ static float softmax_row(float *p, int n) {
 
 int sg_attn_max_t(void) { return ATTN_MAX_T; }
 
-/* out (B, T, C) = softmax(q k^T * scale, causal) v per head; lse (B, H, T) keeps each row's
- * log-sum-exp for the backward pass. Returns 0 if scratch memory could not be allocated. */
-int sg_attn_fwd(const float *qkv, float *out, float *lse, int B, int T, int C, int H, float scale) {
-    int D = C / H, Tp = (T + 15) & ~15, failed = 0;
-    long ld = 3L * C;
+typedef struct {
+    const float *qkv, *out, *dout, *lse; /* inputs; out and lse are written by the forward */
+    float *y, *l, *dqkv;                 /* the forward's out and lse; the backward's dqkv */
+    int T, C, H, D, Tp;
+    float scale;
+} attn_args;
+
+/* item(a, scratch, b, h) for every (b, h) pair, one OpenMP work item each, with per-thread scratch;
+ * returns 0 if a thread had no memory for its scratch (its items are then skipped) */
+static int for_each_head(int B, const attn_args *a, void (*item)(const attn_args *, scratch *, int, int)) {
+    int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         scratch s = {0};
-        float *mem = scratch_alloc(&s, T, D);
+        float *mem = scratch_alloc(&s, a->T, a->D);
         /* every thread must reach the work-sharing loop, so one that has no memory skips its items */
 #pragma omp for schedule(static)
-        for (int bh = 0; bh < B * H; bh++) {
+        for (int bh = 0; bh < B * a->H; bh++) {
             if (!mem) {
                 failed = 1;
                 continue;
             }
-            int b = bh / H, h = bh % H;
-            const float *base = qkv + (size_t)b * T * ld + (size_t)h * D;
-            float *l = lse + (size_t)bh * T;
-            transpose_in(base + C, ld, s.kt, T, D, Tp);
-            for (int i = 0; i < T; i += 2) {
-                int two = i + 1 < T;
-                const float *q0 = base + (size_t)i * ld;
-                float *p0 = s.p + (size_t)i * Tp, *p1 = p0 + Tp;
-                dots2(q0, two ? q0 + ld : q0, s.kt, D, Tp, i + 1 + two, scale, p0, p1);
-                l[i] = softmax_row(p0, i + 1);
-                p0[i + 1] = 0.0f; /* row i's range ends where row i + 1's does not */
-                if (two) l[i + 1] = softmax_row(p1, i + 2);
-            }
-            wsum_rows(s.p, T, Tp, base + 2 * C, ld, out + (size_t)b * T * C + (size_t)h * D, C, D, 1);
+            item(a, &s, bh / a->H, bh % a->H);
         }
         free(mem);
     }
     return !failed;
 }
 
+static void attn_fwd_item(const attn_args *a, scratch *s, int b, int h) {
+    int T = a->T, C = a->C, D = a->D, Tp = a->Tp;
+    long ld = 3L * C;
+    const float *base = a->qkv + (size_t)b * T * ld + (size_t)h * D;
+    float *l = a->l + ((size_t)b * a->H + h) * T;
+    transpose_in(base + C, ld, s->kt, T, D, Tp);
+    for (int i = 0; i < T; i += 2) {
+        int two = i + 1 < T;
+        const float *q0 = base + (size_t)i * ld;
+        float *p0 = s->p + (size_t)i * Tp, *p1 = p0 + Tp;
+        dots2(q0, two ? q0 + ld : q0, s->kt, D, Tp, i + 1 + two, a->scale, p0, p1);
+        l[i] = softmax_row(p0, i + 1);
+        p0[i + 1] = 0.0f; /* row i's range ends where row i + 1's does not */
+        if (two) l[i + 1] = softmax_row(p1, i + 2);
+    }
+    wsum_rows(s->p, T, Tp, base + 2 * C, ld, a->y + (size_t)b * T * C + (size_t)h * D, C, D, 1);
+}
+
+/* out (B, T, C) = softmax(q k^T * scale, causal) v per head; lse (B, H, T) keeps each row's
+ * log-sum-exp for the backward pass. Returns 0 if scratch memory could not be allocated. */
+int sg_attn_fwd(const float *qkv, float *out, float *lse, int B, int T, int C, int H, float scale) {
+    attn_args a = {.qkv = qkv, .y = out, .l = lse, .T = T, .C = C, .H = H, .D = C / H, .Tp = (T + 15) & ~15,
+                   .scale = scale};
+    return for_each_head(B, &a, attn_fwd_item);
+}
+
+static void attn_bwd_item(const attn_args *a, scratch *s, int b, int h) {
+    int T = a->T, C = a->C, D = a->D, Tp = a->Tp;
+    long ld = 3L * C;
+    float scale = a->scale;
+    const float *base = a->qkv + (size_t)b * T * ld + (size_t)h * D;
+    const float *o = a->out + (size_t)b * T * C + (size_t)h * D, *g = a->dout + (size_t)b * T * C + (size_t)h * D;
+    const float *l = a->lse + ((size_t)b * a->H + h) * T;
+    float *dbase = a->dqkv + (size_t)b * T * ld + (size_t)h * D;
+    transpose_in(base + C, ld, s->kt, T, D, Tp);
+    transpose_in(base + 2 * C, ld, s->vt, T, D, Tp);
+    for (int i = 0; i < T; i += 2) {
+        int two = i + 1 < T, n = i + 1 + two, n16 = (n + 15) & ~15;
+        const float *q0 = base + (size_t)i * ld, *g0 = g + (size_t)i * C;
+        float *p0 = s->p + (size_t)i * Tp, *d0 = s->ds + (size_t)i * Tp;
+        dots2(q0, two ? q0 + ld : q0, s->kt, D, Tp, n, scale, p0, p0 + Tp); /* scores */
+        dots2(g0, two ? g0 + C : g0, s->vt, D, Tp, n, 1.0f, d0, d0 + Tp);    /* dP = dO_i . V_j */
+        for (int r = 0; r <= two; r++) {
+            const float *gi = g0 + (size_t)r * C, *oi = o + (size_t)(i + r) * C;
+            float *pr = p0 + (size_t)r * Tp, *dr = d0 + (size_t)r * Tp, delta = 0.0f;
+            for (int d = 0; d < D; d++) delta += gi[d] * oi[d]; /* dO_i . O_i = sum_j P_ij dP_ij */
+            __m256 lv = _mm256_set1_ps(l[i + r]), dv8 = _mm256_set1_ps(delta), sc = _mm256_set1_ps(scale);
+            int m = i + r + 1, j = 0;
+            for (; j + 8 <= m; j += 8) {
+                __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lv));
+                _mm256_storeu_ps(pr + j, p);
+                /* dS = P (dP - delta), times scale for the q.k products */
+                _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dr + j), dv8)), sc));
+            }
+            for (; j < m; j++) {
+                pr[j] = expf(pr[j] - l[i + r]);
+                dr[j] = pr[j] * (dr[j] - delta) * scale;
+            }
+            for (; j < n16 && j < Tp; j++) pr[j] = dr[j] = 0.0f; /* right of the diagonal */
+        }
+    }
+    wsum_rows(s->ds, T, Tp, base + C, ld, dbase, ld, D, 1); /* dQ_i = sum_j dS_ij K_j */
+    transpose_lower(s->ds, s->dst, T, Tp);
+    transpose_lower(s->p, s->pt, T, Tp);
+    wsum_rows(s->dst, T, Tp, base, ld, dbase + C, ld, D, 0); /* dK_j = sum_i dS_ij Q_i */
+    wsum_rows(s->pt, T, Tp, g, C, dbase + 2 * C, ld, D, 0);  /* dV_j = sum_i P_ij dO_i */
+}
+
 /* The gradients of sg_attn_fwd: dqkv (B, T, 3C) from dout (B, T, C), recomputing the
  * probabilities from q, k and lse. */
 int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv, int B, int T,
                 int C, int H, float scale) {
-    int D = C / H, Tp = (T + 15) & ~15, failed = 0;
-    long ld = 3L * C;
-#pragma omp parallel reduction(| : failed)
-    {
-        scratch s = {0};
-        float *mem = scratch_alloc(&s, T, D);
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < B * H; bh++) {
-            if (!mem) {
-                failed = 1;
-                continue;
-            }
-            int b = bh / H, h = bh % H;
-            const float *base = qkv + (size_t)b * T * ld + (size_t)h * D;
-            const float *o = out + (size_t)b * T * C + (size_t)h * D, *g = dout + (size_t)b * T * C + (size_t)h * D;
-            const float *l = lse + (size_t)bh * T;
-            float *dbase = dqkv + (size_t)b * T * ld + (size_t)h * D;
-            transpose_in(base + C, ld, s.kt, T, D, Tp);
-            transpose_in(base + 2 * C, ld, s.vt, T, D, Tp);
-            for (int i = 0; i < T; i += 2) {
-                int two = i + 1 < T, n = i + 1 + two, n16 = (n + 15) & ~15;
-                const float *q0 = base + (size_t)i * ld, *g0 = g + (size_t)i * C;
-                float *p0 = s.p + (size_t)i * Tp, *d0 = s.ds + (size_t)i * Tp;
-                dots2(q0, two ? q0 + ld : q0, s.kt, D, Tp, n, scale, p0, p0 + Tp); /* scores */
-                dots2(g0, two ? g0 + C : g0, s.vt, D, Tp, n, 1.0f, d0, d0 + Tp);    /* dP = dO_i . V_j */
-                for (int r = 0; r <= two; r++) {
-                    const float *gi = g0 + (size_t)r * C, *oi = o + (size_t)(i + r) * C;
-                    float *pr = p0 + (size_t)r * Tp, *dr = d0 + (size_t)r * Tp, delta = 0.0f;
-                    for (int d = 0; d < D; d++) delta += gi[d] * oi[d]; /* dO_i . O_i = sum_j P_ij dP_ij */
-                    __m256 lv = _mm256_set1_ps(l[i + r]), dv8 = _mm256_set1_ps(delta), sc = _mm256_set1_ps(scale);
-                    int m = i + r + 1, j = 0;
-                    for (; j + 8 <= m; j += 8) {
-                        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lv));
-                        _mm256_storeu_ps(pr + j, p);
-                        /* dS = P (dP - delta), times scale for the q.k products */
-                        _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dr + j), dv8)), sc));
-                    }
-                    for (; j < m; j++) {
-                        pr[j] = expf(pr[j] - l[i + r]);
-                        dr[j] = pr[j] * (dr[j] - delta) * scale;
-                    }
-                    for (; j < n16 && j < Tp; j++) pr[j] = dr[j] = 0.0f; /* right of the diagonal */
-                }
-            }
-            wsum_rows(s.ds, T, Tp, base + C, ld, dbase, ld, D, 1); /* dQ_i = sum_j dS_ij K_j */
-            transpose_lower(s.ds, s.dst, T, Tp);
-            transpose_lower(s.p, s.pt, T, Tp);
-            wsum_rows(s.dst, T, Tp, base, ld, dbase + C, ld, D, 0);  /* dK_j = sum_i dS_ij Q_i */
-            wsum_rows(s.pt, T, Tp, g, C, dbase + 2 * C, ld, D, 0);   /* dV_j = sum_i P_ij dO_i */
-        }
-        free(mem);
-    }
-    return !failed;
+    attn_args a = {.qkv = qkv, .out = out, .dout = dout, .lse = lse, .dqkv = dqkv, .T = T, .C = C, .H = H,
+                   .D = C / H, .Tp = (T + 15) & ~15, .scale = scale};
+    return for_each_head(B, &a, attn_bwd_item);
 }
 
 /* ---- LayerNorm over rows of C floats ------------------------------------------------------- */
