@@ -144,7 +144,7 @@ def test_kernels_are_left_out_where_they_do_not_apply(case, monkeypatch):
     monkeypatch.setattr(training, "causal_attention", lambda q, h: calls.append("attn") or real_attn(q, h))
     T = 20
     model = {"dropout": tiny(dropout=0.1), "odd_head": tiny(n_embd=96, n_head=2),
-             "long": tiny(n_positions=256)}.get(case, tiny())
+             "long": tiny(n_positions=512)}.get(case, tiny())
     if case == "long":
         T = training.MAX_ATTENTION_T + 1
     if case == "float64":

@@ -66,11 +66,9 @@ void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n) {
  * Head h of row b reads q, k, v at columns h D, C + h D, 2C + h D of each token (the layout of
  * c_attn's output), so no transposes or copies of the inputs are needed, and writes its output at
  * columns h D of a (B, T, C) buffer (the layout c_proj reads). Every (b, h) pair is one OpenMP work
- * item, so results do not depend on the thread count. Sequences are short (T <= ATTN_MAX_T): each
- * item keeps its (T, T) probabilities in scratch memory and runs small register-tiled products,
- * two query rows at a time. D = 8 DV with DV in 1, 2, 4, 8. */
-
-#define ATTN_MAX_T 256
+ * item, so results do not depend on the thread count. Sequences are short (the model sends up
+ * to 256 positions here): each item keeps its (T, T) probabilities in scratch memory and runs
+ * small register-tiled products, two query rows at a time. D = 8 DV with DV in 1, 2, 4, 8. */
 
 typedef struct {
     float *kt, *vt;  /* (D, Tp): the head's keys and values transposed, zero-padded to Tp columns */
@@ -204,7 +202,6 @@ static float softmax_row(float *p, int n) {
     return mx + logf(sum);
 }
 
-int sg_attn_max_t(void) { return ATTN_MAX_T; }
 
 typedef struct {
     const float *qkv, *out, *dout, *lse; /* inputs; out and lse are written by the forward */

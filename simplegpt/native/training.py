@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 from . import load
 
 LN_ROWS = 32  # train.c's rows per work item of the LayerNorm backward
-MAX_ATTENTION_T = 128  # longer sequences: PyTorch's flash kernel is faster (docs/benchmarks.md)
+MAX_ATTENTION_T = 256  # beyond this PyTorch's flash kernel is faster (at 256: 0.98-1.2x; docs/benchmarks.md)
 
 
 def usable(x: torch.Tensor) -> bool:
