@@ -204,7 +204,8 @@ def _tiny_args(tmp_path, corpus):
             "--num_threads", "1", "--plot", "false", "--log_interval", "1", "--out_dir", str(tmp_path / "run"), "--quiet"]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "small", "unknown", "type", "resume_shape", "corrupt"])
+@pytest.mark.parametrize("case", ["missing", "empty", "small", "unknown", "type", "resume_shape", "corrupt",
+                                  "shards"])
 def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, corpus, case):
     args = _tiny_args(tmp_path, corpus)
     if case in ("resume_shape", "corrupt"):
@@ -218,14 +219,15 @@ def test_cli_bad_input_gives_one_line_and_exit_1(tmp_path, corpus, case):
     extra = {"missing": ["--data", str(tmp_path / "none.txt")], "empty": ["--data", str(empty)],
              "small": ["--data", str(small), "--data_dir", str(tmp_path / "d2")], "unknown": ["--lrr", "1"],
              "type": ["--lr", "fast"], "resume_shape": ["--resume", str(tmp_path / "run"), "--n_embd", "32"],
-             "corrupt": ["--resume", str(tmp_path / "run")]}[case]
+             "corrupt": ["--resume", str(tmp_path / "run")], "shards": ["--cpu_shards", "2", "--dropout", "0.1"]}[case]
     proc = _cli("train", *args, *extra, cwd=tmp_path)
     expected = {"missing": "not found", "empty": "empty", "small": "block_size", "unknown": "unrecognized arguments: --lrr",
-                "type": "lr must be a number", "resume_shape": "n_embd", "corrupt": "truncated or corrupted"}[case]
+                "type": "lr must be a number", "resume_shape": "n_embd", "corrupt": "truncated or corrupted",
+                "shards": "cpu_shards > 1 needs"}[case]
     assert proc.returncode in (1, 2) and expected in proc.stderr, proc.stderr
     [line] = proc.stderr.strip().splitlines()  # one line, usage errors included
     assert line.startswith(("simplegpt train: error:", "simplegpt: error:"))
-    if case in ("missing", "empty", "small", "unknown", "type"):
+    if case in ("missing", "empty", "small", "unknown", "type", "shards"):
         assert not (tmp_path / "run").exists()  # a run that never started leaves no folder behind
 
 
