@@ -159,3 +159,19 @@ def test_kernels_are_left_out_where_they_do_not_apply(case, monkeypatch):
         model(idx)
     want = {"dropout": ["gelu"] * 2, "odd_head": ["gelu"] * 2, "long": ["gelu"] * 2, "mask": ["gelu"] * 2}
     assert calls == want.get(case, [])
+
+
+def test_threads_that_load_while_another_builds_wait_for_the_library(tmp_path):
+    """A split training step starts its shares at once: none may run without the kernels."""
+    import subprocess
+    import sys
+
+    code = ("import threading\nfrom simplegpt import native\nout = []\n"
+            "ts = [threading.Thread(target=lambda: out.append(native.load())) for _ in range(4)]\n"
+            "[t.start() for t in ts]\n[t.join() for t in ts]\n"
+            "assert len(out) == 4 and all(lib is not None for lib in out), (out, native.unavailable_reason())\n"
+            "assert len({id(lib) for lib in out}) == 1\nprint('ok')\n")
+    env = {**os.environ, "SIMPLEGPT_CACHE": str(tmp_path)}  # an empty cache: the first thread compiles
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert list((tmp_path / "native").glob("kernels-*.so"))

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ MAX_INT8_IN = 2**16  # the kernel's buffer for a quantized input row
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _loaded = False
+_load_lock = threading.Lock()
 _threads = 0  # threads of the innermost decoding() block; 0 outside
 _pool = 0  # threads the kernel's pool has (a forked child starts with none)
 
@@ -71,11 +73,20 @@ def _compile(cc: str, target: Path) -> None:
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it if needed; None where it cannot be used."""
-    global _lib, _reason, _loaded
+    """The compiled kernel library, building it if needed; None where it cannot be used.
+
+    Thread-safe: threads that ask while another builds it wait for the result (a training step
+    split over threads must not run some shares without the kernels)."""
     if _loaded:
         return _lib
-    _loaded = True
+    with _load_lock:
+        if not _loaded:
+            _load()
+    return _lib
+
+
+def _load() -> None:
+    global _lib, _reason, _loaded
     try:
         if os.environ.get("SIMPLEGPT_NATIVE", "1") == "0":
             raise RuntimeError("SIMPLEGPT_NATIVE=0")
@@ -112,9 +123,9 @@ def load() -> ctypes.CDLL | None:
         lib.sg_layernorm_fwd.restype = lib.sg_layernorm_bwd.restype = None
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:  # AttributeError: a stale library
         _reason = str(e) or type(e).__name__
-        return None
-    _lib = lib
-    return lib
+    else:
+        _lib = lib
+    _loaded = True  # last: the unlocked check in load() must not see it before _lib is set
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
