@@ -36,13 +36,19 @@ class CoreShards:
     @staticmethod
     def _replica(model: nn.Module) -> nn.Module:
         replica = copy.deepcopy(model)
+        CoreShards._share_weights(model, replica)
+        return replica
+
+    @staticmethod
+    def _share_weights(model: nn.Module, replica: nn.Module) -> None:
         for p, q in zip(model.parameters(), replica.parameters()):
             q.data = p.data  # the same storage: updates to the model's weights are the replica's
-        return replica
 
     def forward_backward(self, batch: tuple[torch.Tensor, ...], scale: float = 1.0) -> float:
         """Mean loss of the batch (x, y[, attention_mask]); gradients of scale * loss are added to
         the model's .grad, as `(scale * loss).backward()` on the whole batch would."""
+        for replica in self.replicas[1:]:  # again each step: code that gave a weight new storage is followed
+            self._share_weights(self.model, replica)
         parts = [torch.tensor_split(t, len(self.replicas)) for t in batch]
         shares = [tuple(p[i] for p in parts) for i in range(len(self.replicas))]
         counts = [int((s[1] != IGNORE_INDEX).sum()) for s in shares]

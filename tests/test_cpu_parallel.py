@@ -114,3 +114,16 @@ def test_sharded_training_resumes_bit_identically(tmp_path, shakespeare_path):
     records = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records if r["kind"] == "train"] == full.losses
     assert torch.get_num_threads() == 2  # the trainer gives torch its threads back
+
+
+def test_a_weight_given_new_storage_is_shared_again_at_the_next_step():
+    m = model()
+    cs = CoreShards(m, 2)
+    try:
+        x = torch.randint(0, 40, (4, 10))
+        w = m.transformer.h[0].mlp.c_fc.weight
+        w.data = w.data.t().contiguous().t() * 2  # e.g. a layout change, or a load with new tensors
+        cs.forward_backward((x, x))
+        assert cs.replicas[1].transformer.h[0].mlp.c_fc.weight.data_ptr() == w.data_ptr()
+    finally:
+        cs.close()

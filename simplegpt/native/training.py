@@ -1,8 +1,9 @@
-"""Autograd functions over train.c for training on CPUs: GPT-2's tanh-GELU and causal self-attention.
+"""Autograd functions over train.c for training on CPUs: LayerNorm, GPT-2's tanh-GELU and causal
+self-attention.
 
-At small-model sizes PyTorch's CPU kernels for these two take ~30% of a training step (the GELU in
+At small-model sizes PyTorch's CPU kernels for these take ~35% of a training step (the GELU in
 several passes with a slow tanh; attention as the flash kernel plus transposes and copies around
-it). train.c does each in one pass each way, on torch's own OpenMP threads. model.py uses them when
+it). train.c does each in few passes each way, on torch's own OpenMP threads. model.py uses them when
 `usable()` says so and the step needs gradients; everything else keeps PyTorch's kernels.
 """
 
