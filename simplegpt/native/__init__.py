@@ -1,13 +1,13 @@
-"""Native kernels for batch-1 decoding on CPUs (gemv.c, beside this file).
+"""Native CPU kernels: batch-1 decoding (gemv.c, here) and training (train.c, used through training.py).
 
 At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
 path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
 the cores and streams ~17-18 GB/s there (docs/benchmarks.md). `linear` is one such product
 (`linear_int8` its int8 twin); `block_one` is a whole GPT-2 block for one token in one call,
 without ~20 PyTorch calls around it. The library is compiled on first use with the machine's C
-compiler ($CC, else cc) into the cache folder, and loaded with ctypes: no build step at install. Where there is no compiler, no x86-64 CPU with AVX2 and FMA, or
-SIMPLEGPT_NATIVE=0, `load()` returns None, `unavailable_reason()` says why, and the engine
-keeps PyTorch's kernels.
+compiler ($CC, else cc) into the cache folder, and loaded with ctypes: no build step at install.
+Where there is no compiler, no x86-64 CPU with AVX2 and FMA, or SIMPLEGPT_NATIVE=0, `load()`
+returns None, `unavailable_reason()` says why, and the engine and the model keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def _load() -> None:
         lib.sg_attn_bwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float]
         lib.sg_attn_fwd.restype = lib.sg_attn_bwd.restype = ctypes.c_int
         lib.sg_layernorm_fwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_int, ctypes.c_float]
-        lib.sg_layernorm_bwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long, ctypes.c_int]
-        lib.sg_layernorm_fwd.restype = lib.sg_layernorm_bwd.restype = None
+        lib.sg_layernorm_bwd.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long, ctypes.c_int]
+        lib.sg_layernorm_fwd.restype, lib.sg_layernorm_bwd.restype = None, ctypes.c_int
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:  # AttributeError: a stale library
         _reason = str(e) or type(e).__name__
     else:

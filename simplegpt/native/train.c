@@ -1,6 +1,6 @@
-/* simplegpt's CPU kernels for training (see simplegpt/native/__init__.py): GPT-2's tanh-GELU and
- * causal self-attention, forward and backward, in fewer passes over memory than PyTorch's CPU
- * kernels take at small-model sizes.
+/* simplegpt's CPU kernels for training (see simplegpt/native/training.py): GPT-2's tanh-GELU,
+ * causal self-attention and LayerNorm, forward and backward, in fewer passes over memory than
+ * PyTorch's CPU kernels take at small-model sizes.
  *
  * Work is split with OpenMP. The library is linked against libgomp, and in a process where torch
  * (built with OpenMP, as its Linux wheels are) is loaded, the loader binds it to torch's own copy:
@@ -348,11 +348,14 @@ void sg_layernorm_fwd(const float *x, const float *w, const float *b, float *y, 
 
 #define LN_ROWS 32 /* rows per work item of the backward; dw and db are summed per item, then in item order */
 
-/* dx from dy; dw (and db, when b had one) summed over rows. partial: 2 C floats per item of LN_ROWS rows */
-void sg_layernorm_bwd(const float *x, const float *w, const float *mean, const float *rstd, const float *dy, float *dx,
-                      float *dw, float *db, float *partial, long R, int C) {
+/* dx from dy; dw (and db, when b had one) summed over rows. Returns 0 if there was no memory for
+ * the per-item partial sums (2 C floats per item of LN_ROWS rows). */
+int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const float *rstd, const float *dy, float *dx,
+                     float *dw, float *db, long R, int C) {
     long items = (R + LN_ROWS - 1) / LN_ROWS;
     int C8 = C & ~7;
+    float *partial = malloc((size_t)items * 2 * C * sizeof(float));
+    if (!partial) return 0;
 #pragma omp parallel for schedule(static)
     for (long it = 0; it < items; it++) {
         float *pw = partial + it * 2 * C, *pb = pw + C;
@@ -406,4 +409,6 @@ void sg_layernorm_bwd(const float *x, const float *w, const float *mean, const f
         dw[i] = sw;
         if (db) db[i] = sb;
     }
+    free(partial);
+    return 1;
 }

@@ -16,7 +16,6 @@ from torch.autograd.function import once_differentiable
 
 from . import load
 
-LN_ROWS = 32  # train.c's rows per work item of the LayerNorm backward
 MAX_ATTENTION_T = 256  # beyond this PyTorch's flash kernel is faster (at 256: 0.98-1.2x; docs/benchmarks.md)
 
 
@@ -74,10 +73,10 @@ class _LayerNorm(torch.autograd.Function):
         R = x.numel() // C
         dx, dw = torch.empty_like(x), torch.empty_like(weight)
         db = torch.empty_like(weight) if ctx.has_bias else None
-        partial = torch.empty(-(-R // LN_ROWS), 2 * C)
-        load().sg_layernorm_bwd(x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
-                                dx.data_ptr(), dw.data_ptr(), None if db is None else db.data_ptr(),
-                                partial.data_ptr(), R, C)
+        if not load().sg_layernorm_bwd(x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                       dy.data_ptr(), dx.data_ptr(), dw.data_ptr(),
+                                       None if db is None else db.data_ptr(), R, C):
+            raise MemoryError("layer norm backward: no memory for the kernel's partial sums")
         return dx, dw, db, None
 
 
