@@ -64,7 +64,8 @@ class TrainConfig:
     beta1: float = _f(0.9, "optim", "AdamW beta1")
     beta2: float = _f(0.99, "optim", "AdamW beta2")
     grad_clip: float = _f(1.0, "optim", "clip the global gradient norm to this (0 = off)")
-    fused: bool = _f(True, "optim", "use the fused AdamW kernel when this torch and device have one")
+    fused: bool = _f(True, "optim", "fused AdamW: PyTorch's fused kernel where it has one; for fp32 on a CPU "
+                                    "simplegpt's native step (clipping and update in two multi-threaded passes)")
     # eval
     eval_interval: int = _f(250, "eval", "evaluate, sample and save a checkpoint every this many steps")
     eval_iters: int = _f(20, "eval", "validation batches per evaluation")

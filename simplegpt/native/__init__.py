@@ -121,6 +121,9 @@ def _load() -> None:
         lib.sg_layernorm_fwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_int, ctypes.c_float]
         lib.sg_layernorm_bwd.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long, ctypes.c_int]
         lib.sg_layernorm_fwd.restype, lib.sg_layernorm_bwd.restype = None, ctypes.c_int
+        lib.sg_sqnorm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+        lib.sg_adamw.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+        lib.sg_sqnorm.restype = lib.sg_adamw.restype = ctypes.c_int
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:  # AttributeError: a stale library
         _reason = str(e) or type(e).__name__
     else:

@@ -9,6 +9,7 @@ it). train.c does each in few passes each way, on torch's own OpenMP threads. mo
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -123,3 +124,109 @@ def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     """Causal self-attention straight from c_attn's (B, T, 3C) output (q | k | v, heads side by side)
     to the (B, T, C) input of c_proj: softmax(q k^T / sqrt(D), causal) v per head, no dropout."""
     return _CausalAttention.apply(qkv, n_head)
+
+
+class _AdamWPlan:
+    """What adamw_step needs of an optimizer that does not change from step to step: its tensors
+    with gradients, their state tensors and the C arrays of their addresses. Rebuilt whenever any of
+    these is no longer the same tensor at the same address (a load_state_dict, a new parameter)."""
+
+    def __init__(self, optimizer: torch.optim.AdamW, params: list[torch.Tensor]):
+        self.params = params
+        self.group_of = [next(i for i, g in enumerate(optimizer.param_groups) if any(p is q for q in g["params"]))
+                         for p in params]
+        for p in params:
+            state = optimizer.state[p]
+            if not state:  # as torch.optim.AdamW initialises it
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [optimizer.state[p] for p in params]
+        self.steps = [st["step"] for st in states]
+        self.moments = [(st["exp_avg"], st["exp_avg_sq"]) for st in states]
+        self.ok = all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                      for pair in self.moments for t in pair) and all(
+                          isinstance(t, torch.Tensor) and t.numel() == 1 for t in self.steps)
+        self.addresses = self._addresses(optimizer)
+        self.p_ptrs = _pointers(params)
+        self.m_ptrs = _pointers([m for m, _ in self.moments])
+        self.v_ptrs = _pointers([v for _, v in self.moments])
+        self.sizes = (ctypes.c_long * len(params))(*(p.numel() for p in params))
+
+    def _addresses(self, optimizer: torch.optim.AdamW) -> list:
+        states = [optimizer.state.get(p, {}) for p in self.params]
+        return [(p.data_ptr(), st.get("exp_avg"), st.get("exp_avg_sq"), st.get("step"))
+                for p, st in zip(self.params, states)]
+
+    def current(self, optimizer: torch.optim.AdamW, params: list[torch.Tensor]) -> bool:
+        if len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params)):
+            return False
+        now = self._addresses(optimizer)
+        return all(a[0] == b[0] and a[1] is b[1] and a[2] is b[2] and a[3] is b[3]
+                   for a, b in zip(now, self.addresses))
+
+
+def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _adamw_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None:
+    """The parameters with gradients, if adamw_step may take this optimizer: a torch.optim.AdamW
+    without amsgrad/maximize/capturable/differentiable and with float lrs, whose parameters and
+    gradients are dense contiguous fp32 CPU tensors; None otherwise."""
+    if type(optimizer) is not torch.optim.AdamW or load() is None:
+        return None
+    out = []
+    for group in optimizer.param_groups:
+        if (group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable")
+                or isinstance(group["lr"], torch.Tensor)):
+            return None
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if not (p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
+                    and p.is_contiguous() and g.layout == torch.strided and g.is_contiguous()):
+                return None
+            out.append(p)
+    return out
+
+
+def adamw_step(optimizer: torch.optim.Optimizer, max_norm: float, threads: int) -> float | None:
+    """torch.nn.utils.clip_grad_norm_(params, max_norm) (when max_norm > 0) and then optimizer.step(),
+    in two passes of train.c over all the tensors on `threads` threads: the gradients' norm, then
+    the AdamW update with the clipping factor applied on the fly (the gradients are left as they
+    are). PyTorch takes a pass per op and per tensor group, single-threaded inside a split step.
+
+    The optimizer's state (step, exp_avg, exp_avg_sq) is PyTorch's own, so its state_dict, a
+    checkpoint and a resume are unchanged. Returns the total gradient norm (NaN when max_norm <= 0),
+    or None without doing anything when the optimizer or its tensors are not ones it takes
+    (the caller then runs PyTorch's path)."""
+    params = _adamw_params(optimizer)
+    if params is None:
+        return None
+    if not params:
+        return math.nan
+    plan = getattr(optimizer, "_simplegpt_plan", None)
+    if plan is None or not plan.current(optimizer, params):
+        plan = _AdamWPlan(optimizer, params)
+        optimizer._simplegpt_plan = plan
+    if not plan.ok:
+        return None
+    lib = load()
+    grads = _pointers([p.grad for p in params])
+    norm, scale = math.nan, 1.0
+    if max_norm > 0:
+        sq = ctypes.c_double()
+        if not lib.sg_sqnorm(grads, plan.sizes, len(params), threads, ctypes.byref(sq)):
+            raise MemoryError("optimizer step: no memory for the gradient norm's partial sums")
+        norm = math.sqrt(sq.value)
+        scale = min(max_norm / (norm + 1e-6), 1.0)  # clip_grad_norm_'s factor
+    torch._foreach_add_(plan.steps, 1.0)
+    steps = torch.stack(plan.steps).tolist()
+    per_group = [(g["lr"], g["weight_decay"], *g["betas"], g["eps"]) for g in optimizer.param_groups]
+    hp = [x for i, step in zip(plan.group_of, steps) for x in (*per_group[i], step)]
+    if not lib.sg_adamw(plan.p_ptrs, grads, plan.m_ptrs, plan.v_ptrs, plan.sizes, (ctypes.c_double * len(hp))(*hp),
+                        len(params), scale, threads):
+        raise MemoryError("optimizer step: no memory for the work list")
+    return norm
