@@ -566,6 +566,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     flops_peak = peak_flops(cfg, device)
+    flops_per_token = raw_model.flops_per_token(cfg.block_size)  # once: counting parameters walks the model
     bytes_per_token = meta["val_bytes_per_token"]
     dataset_info = {k: meta[k] for k in ("source", "tokens", "vocab_size", "val_bytes_per_token")}
     dataset_info["dir"] = str(data_dir)
@@ -638,7 +639,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
                 now = time.perf_counter()
                 tok_s = window_tokens / max(now - t_last, 1e-9)
-                mfu = raw_model.estimate_mfu(tok_s, flops_peak, cfg.block_size)
+                mfu = flops_per_token * tok_s / flops_peak
                 stop = signals.received or ("stop_at" if stop_at is not None and step >= stop_at else None)
                 if step % cfg.log_interval == 0 or step == cfg.max_iters or stop:
                     metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
