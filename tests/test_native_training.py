@@ -112,22 +112,34 @@ def loss_and_grads(model: GPT, idx: torch.Tensor) -> tuple[float, dict]:
     model.zero_grad(set_to_none=True)
     _, loss = model(idx[:, :-1], targets=idx[:, 1:])
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_training_step_takes_the_kernels_and_matches_pytorch(bias, monkeypatch):
+@pytest.mark.parametrize("fused_block", [True, False])
+def test_training_step_takes_the_kernels_and_matches_pytorch(bias, fused_block, monkeypatch):
     model = tiny(bias=bias)
+    with torch.no_grad():  # as after some training: no zero biases or unit LayerNorm weights left
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     idx = torch.randint(0, 50, (4, 25))
     calls = []
-    real_gelu, real_attn, real_ln = training.gelu, training.causal_attention, training.layer_norm
+    real_gelu, real_attn, real_ln, real_block = training.gelu, training.causal_attention, training.layer_norm, \
+        training.block
     monkeypatch.setattr(training, "gelu", lambda x: calls.append("gelu") or real_gelu(x))
     monkeypatch.setattr(training, "causal_attention", lambda q, h: calls.append("attn") or real_attn(q, h))
     monkeypatch.setattr(training, "layer_norm", lambda *a: calls.append("ln") or real_ln(*a))
+    monkeypatch.setattr(training, "block", lambda *a: calls.append("block") or real_block(*a))
+    if not fused_block:  # the kernels one op at a time, as for a block the fused path does not take
+        monkeypatch.setattr(training, "block_usable", lambda x, b: False)
     loss, grads = loss_and_grads(model, idx)
-    assert calls.count("gelu") == 2 and calls.count("attn") == 2 and calls.count("ln") == 5
+    if fused_block:
+        assert calls.count("block") == 2 and calls.count("ln") == 1 and "gelu" not in calls and "attn" not in calls
+    else:
+        assert calls.count("gelu") == 2 and calls.count("attn") == 2 and calls.count("ln") == 5
     monkeypatch.setattr(training, "usable", lambda x: False)
     monkeypatch.setattr(training, "attention_usable", lambda q, h: False)
+    monkeypatch.setattr(training, "block_usable", lambda x, b: False)
     calls.clear()
     ref_loss, ref_grads = loss_and_grads(model, idx)
     assert not calls
@@ -139,9 +151,10 @@ def test_training_step_takes_the_kernels_and_matches_pytorch(bias, monkeypatch):
 @pytest.mark.parametrize("case", ["no_grad", "dropout", "odd_head", "long", "float64", "mask"])
 def test_kernels_are_left_out_where_they_do_not_apply(case, monkeypatch):
     calls = []
-    real_gelu, real_attn = training.gelu, training.causal_attention
+    real_gelu, real_attn, real_block = training.gelu, training.causal_attention, training.block
     monkeypatch.setattr(training, "gelu", lambda x: calls.append("gelu") or real_gelu(x))
     monkeypatch.setattr(training, "causal_attention", lambda q, h: calls.append("attn") or real_attn(q, h))
+    monkeypatch.setattr(training, "block", lambda *a: calls.append("block") or real_block(*a))
     T = 20
     model = {"dropout": tiny(dropout=0.1), "odd_head": tiny(n_embd=96, n_head=2),
              "long": tiny(n_positions=512)}.get(case, tiny())
@@ -159,6 +172,26 @@ def test_kernels_are_left_out_where_they_do_not_apply(case, monkeypatch):
         model(idx)
     want = {"dropout": ["gelu"] * 2, "odd_head": ["gelu"] * 2, "long": ["gelu"] * 2, "mask": ["gelu"] * 2}
     assert calls == want.get(case, [])
+
+
+def test_fused_block_leaves_frozen_weights_without_gradients(monkeypatch):
+    """Fine-tuning with some weights frozen: the fused block skips their products and matches PyTorch."""
+    model = tiny()
+    frozen = [model.transformer.h[0].attn.c_attn.weight, model.transformer.h[1].mlp.c_fc.bias,
+              model.transformer.h[1].ln_2.weight]
+    for p in frozen:
+        p.requires_grad_(False)
+    idx = torch.randint(0, 50, (3, 17))
+    calls = []
+    real_block = training.block
+    monkeypatch.setattr(training, "block", lambda *a: calls.append("block") or real_block(*a))
+    loss, grads = loss_and_grads(model, idx)
+    assert calls == ["block"] * 2 and all(p.grad is None for p in frozen)
+    monkeypatch.setattr(training, "block_usable", lambda x, b: False)
+    ref_loss, ref_grads = loss_and_grads(model, idx)
+    assert abs(loss - ref_loss) < 1e-5 and grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_threads_that_load_while_another_builds_wait_for_the_library(tmp_path):

@@ -39,27 +39,96 @@ void sg_gelu_fwd(const float *x, float *y, long n) {
     }
 }
 
-/* dx = dy * gelu'(x). With s the gate above, gelu(h) = h s and
+/* gelu'(h). With s the gate above, gelu(h) = h s and
  * gelu'(h) = s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2). */
+static inline __m256 gelu_grad8(__m256 h) {
+    const __m256 c2 = _mm256_set1_ps(-GELU_K), c3 = _mm256_set1_ps(-GELU_K * 3.0f * GELU_A);
+    __m256 s = gelu_gate8(h);
+    __m256 dz = _mm256_fmadd_ps(c3, _mm256_mul_ps(h, h), c2); /* 2 dz/dh */
+    __m256 hs1s = _mm256_mul_ps(_mm256_mul_ps(h, s), _mm256_sub_ps(_mm256_set1_ps(1.0f), s));
+    return _mm256_fmadd_ps(hs1s, dz, s);
+}
+
+static inline float gelu_grad1(float h) {
+    float s = gelu_gate1(h);
+    return s + h * s * (1.0f - s) * (-GELU_K + -GELU_K * 3.0f * GELU_A * h * h);
+}
+
+/* dx = dy * gelu'(x) */
 void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n) {
     long chunks = (n + CHUNK - 1) / CHUNK;
-    const float c2 = -GELU_K, c3 = -GELU_K * 3.0f * GELU_A;
 #pragma omp parallel for schedule(static)
     for (long c = 0; c < chunks; c++) {
         long i = c * CHUNK, end = i + CHUNK < n ? i + CHUNK : n;
-        for (; i + 8 <= end; i += 8) {
-            __m256 h = _mm256_loadu_ps(x + i), s = gelu_gate8(h);
-            __m256 h2 = _mm256_mul_ps(h, h);
-            __m256 dz = _mm256_fmadd_ps(_mm256_set1_ps(c3), h2, _mm256_set1_ps(c2)); /* 2 dz/dh */
-            __m256 hs1s = _mm256_mul_ps(_mm256_mul_ps(h, s), _mm256_sub_ps(_mm256_set1_ps(1.0f), s));
-            __m256 g = _mm256_fmadd_ps(hs1s, dz, s);
-            _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), g));
+        for (; i + 8 <= end; i += 8)
+            _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), gelu_grad8(_mm256_loadu_ps(x + i))));
+        for (; i < end; i++) dx[i] = dy[i] * gelu_grad1(x[i]);
+    }
+}
+
+/* The MLP's bias and GELU after its first matmul, for the fused block (training.py):
+ * u += b per column (u is the (M, N) product, b may be NULL), then y = gelu(u). */
+void sg_bias_gelu_fwd(float *u, const float *b, float *y, long M, int N) {
+    int N8 = N & ~7;
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < M; r++) {
+        float *ur = u + r * N, *yr = y + r * N;
+        int i = 0;
+        for (; i < N8; i += 8) {
+            __m256 h = _mm256_loadu_ps(ur + i);
+            if (b) {
+                h = _mm256_add_ps(h, _mm256_loadu_ps(b + i));
+                _mm256_storeu_ps(ur + i, h);
+            }
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(h, gelu_gate8(h)));
         }
-        for (; i < end; i++) {
-            float h = x[i], s = gelu_gate1(h);
-            dx[i] = dy[i] * (s + h * s * (1.0f - s) * (c2 + c3 * h * h));
+        for (; i < N; i++) {
+            float h = ur[i] + (b ? b[i] : 0.0f);
+            ur[i] = h;
+            yr[i] = h * gelu_gate1(h);
         }
     }
+}
+
+#define COLSUM_ROWS 32 /* rows per work item of the column sums; items are then summed in order */
+
+/* du = dy * gelu'(u) (du may be dy) and, when db is not NULL, db = the column sums of du (the
+ * bias gradient), the same bits on any thread count. Returns 0 if there was no memory. */
+int sg_gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, int N) {
+    long items = (M + COLSUM_ROWS - 1) / COLSUM_ROWS;
+    int N8 = N & ~7;
+    float *partial = db ? calloc((size_t)items * N, sizeof(float)) : NULL;
+    if (db && !partial) return 0;
+#pragma omp parallel for schedule(static)
+    for (long it = 0; it < items; it++) {
+        long r1 = (it + 1) * COLSUM_ROWS < M ? (it + 1) * COLSUM_ROWS : M;
+        float *pd = partial ? partial + it * N : NULL;
+        for (long r = it * COLSUM_ROWS; r < r1; r++) {
+            const float *ur = u + r * N, *gr = dy + r * N;
+            float *dr = du + r * N;
+            int i = 0;
+            for (; i < N8; i += 8) {
+                __m256 d = _mm256_mul_ps(_mm256_loadu_ps(gr + i), gelu_grad8(_mm256_loadu_ps(ur + i)));
+                _mm256_storeu_ps(dr + i, d);
+                if (pd) _mm256_storeu_ps(pd + i, _mm256_add_ps(_mm256_loadu_ps(pd + i), d));
+            }
+            for (; i < N; i++) {
+                float d = gr[i] * gelu_grad1(ur[i]);
+                dr[i] = d;
+                if (pd) pd[i] += d;
+            }
+        }
+    }
+    if (db) {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < N; i++) {
+            float acc = 0.0f;
+            for (long it = 0; it < items; it++) acc += partial[it * N + i];
+            db[i] = acc;
+        }
+        free(partial);
+    }
+    return 1;
 }
 
 /* ---- causal self-attention over a fused (B, T, 3C) q|k|v buffer -------------------------------
@@ -311,47 +380,76 @@ int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const flo
 
 /* ---- LayerNorm over rows of C floats ------------------------------------------------------- */
 
+/* one row: y = (x - mean) * rstd * w + b; mean and rstd are kept for the backward */
+static inline void ln_row(const float *xr, const float *w, const float *b, float *yr, float *mean, float *rstd, int C,
+                          float eps) {
+    int C8 = C & ~7, i;
+    __m256 s = _mm256_setzero_ps();
+    for (i = 0; i < C8; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xr + i));
+    float m = hsum(s);
+    for (; i < C; i++) m += xr[i];
+    m /= C;
+    __m256 mv = _mm256_set1_ps(m), v = _mm256_setzero_ps();
+    for (i = 0; i < C8; i += 8) {
+        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xr + i), mv);
+        v = _mm256_fmadd_ps(d, d, v);
+    }
+    float var = hsum(v);
+    for (; i < C; i++) var += (xr[i] - m) * (xr[i] - m);
+    float rs = 1.0f / sqrtf(var / C + eps);
+    *mean = m;
+    *rstd = rs;
+    __m256 rv = _mm256_set1_ps(rs);
+    for (i = 0; i < C8; i += 8) {
+        __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
+        h = _mm256_mul_ps(h, _mm256_loadu_ps(w + i));
+        if (b) h = _mm256_add_ps(h, _mm256_loadu_ps(b + i));
+        _mm256_storeu_ps(yr + i, h);
+    }
+    for (; i < C; i++) yr[i] = (xr[i] - m) * rs * w[i] + (b ? b[i] : 0.0f);
+}
+
 /* y = (x - mean) * rstd * w + b per row; mean and rstd (R floats each) are kept for the backward */
 void sg_layernorm_fwd(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd, long R,
                       int C, float eps) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < R; r++) ln_row(x + r * C, w, b, y + r * C, mean + r, rstd + r, C, eps);
+}
+
+/* A block's residual add and the LayerNorm after it, for the fused block (training.py):
+ * x2 = x + h + hb (hb: the bias of the matmul h came from, may be NULL), y = LayerNorm(x2), and,
+ * when xb is not NULL, xb = x2 + eb (the next residual's input with the next bias already in). */
+void sg_residual_layernorm_fwd(const float *x, const float *h, const float *hb, float *x2, const float *eb, float *xb,
+                               const float *w, const float *b, float *y, float *mean, float *rstd, long R, int C,
+                               float eps) {
     int C8 = C & ~7;
 #pragma omp parallel for schedule(static)
     for (long r = 0; r < R; r++) {
-        const float *xr = x + r * C;
-        float *yr = y + r * C;
-        __m256 s = _mm256_setzero_ps();
-        int i;
-        for (i = 0; i < C8; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xr + i));
-        float m = hsum(s);
-        for (; i < C; i++) m += xr[i];
-        m /= C;
-        __m256 mv = _mm256_set1_ps(m), v = _mm256_setzero_ps();
-        for (i = 0; i < C8; i += 8) {
-            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xr + i), mv);
-            v = _mm256_fmadd_ps(d, d, v);
+        const float *xr = x + r * C, *hr = h + r * C;
+        float *x2r = x2 + r * C;
+        int i = 0;
+        for (; i < C8; i += 8) {
+            __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(hr + i));
+            if (hb) v = _mm256_add_ps(v, _mm256_loadu_ps(hb + i));
+            _mm256_storeu_ps(x2r + i, v);
+            if (xb) _mm256_storeu_ps(xb + r * C + i, eb ? _mm256_add_ps(v, _mm256_loadu_ps(eb + i)) : v);
         }
-        float var = hsum(v);
-        for (; i < C; i++) var += (xr[i] - m) * (xr[i] - m);
-        float rs = 1.0f / sqrtf(var / C + eps);
-        mean[r] = m;
-        rstd[r] = rs;
-        __m256 rv = _mm256_set1_ps(rs);
-        for (i = 0; i < C8; i += 8) {
-            __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
-            h = _mm256_mul_ps(h, _mm256_loadu_ps(w + i));
-            if (b) h = _mm256_add_ps(h, _mm256_loadu_ps(b + i));
-            _mm256_storeu_ps(yr + i, h);
+        for (; i < C; i++) {
+            float v = xr[i] + hr[i] + (hb ? hb[i] : 0.0f);
+            x2r[i] = v;
+            if (xb) xb[r * C + i] = v + (eb ? eb[i] : 0.0f);
         }
-        for (; i < C; i++) yr[i] = (xr[i] - m) * rs * w[i] + (b ? b[i] : 0.0f);
+        ln_row(x2r, w, b, y + r * C, mean + r, rstd + r, C, eps);
     }
 }
 
 #define LN_ROWS 32 /* rows per work item of the backward; dw and db are summed per item, then in item order */
 
-/* dx from dy; dw (and db, when b had one) summed over rows. Returns 0 if there was no memory for
- * the per-item partial sums (2 C floats per item of LN_ROWS rows). */
-int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const float *rstd, const float *dy, float *dx,
-                     float *dw, float *db, long R, int C) {
+/* dx from dy, plus add (a residual branch's gradient, NULL for none); dw (and db, when b had one)
+ * summed over rows. Returns 0 if there was no memory for the per-item partial sums (2 C floats per
+ * item of LN_ROWS rows). */
+int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const float *rstd, const float *dy,
+                     const float *add, float *dx, float *dw, float *db, long R, int C) {
     long items = (R + LN_ROWS - 1) / LN_ROWS;
     int C8 = C & ~7;
     float *partial = malloc((size_t)items * 2 * C * sizeof(float));
@@ -390,12 +488,13 @@ int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const fl
             for (i = 0; i < C8; i += 8) {
                 __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
                 __m256 gw = _mm256_mul_ps(_mm256_loadu_ps(gr + i), _mm256_loadu_ps(w + i));
-                __m256 d = _mm256_sub_ps(_mm256_sub_ps(gw, av), _mm256_mul_ps(xh, bv));
-                _mm256_storeu_ps(dxr + i, _mm256_mul_ps(d, rv));
+                __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(gw, av), _mm256_mul_ps(xh, bv)), rv);
+                if (add) d = _mm256_add_ps(d, _mm256_loadu_ps(add + r * C + i));
+                _mm256_storeu_ps(dxr + i, d);
             }
             for (; i < C; i++) {
                 float xh = (xr[i] - mean[r]) * rstd[r];
-                dxr[i] = (gr[i] * w[i] - a - xh * bb) * rstd[r];
+                dxr[i] = (gr[i] * w[i] - a - xh * bb) * rstd[r] + (add ? add[r * C + i] : 0.0f);
             }
         }
     }
