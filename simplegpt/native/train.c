@@ -140,14 +140,13 @@ int sg_gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M
  * small register-tiled products, two query rows at a time. D = 8 DV with DV in 1, 2, 4, 8. */
 
 typedef struct {
-    float *kt, *vt;  /* (D, Tp): the head's keys and values transposed, zero-padded to Tp columns */
-    float *p, *ds;   /* (T + 1, Tp): probabilities and score gradients; zero right of the diagonal */
-    float *pt, *dst; /* (T, Tp): their transposes (backward) */
+    float *kt, *vt; /* (D, Tp): the head's keys and values transposed, zero-padded to Tp columns */
+    float *p, *ds;  /* (T + 1, Tp): probabilities and score gradients; zero right of the diagonal */
 } scratch;
 
 static float *scratch_alloc(scratch *s, int T, int D) {
     int Tp = (T + 15) & ~15;
-    size_t n = (size_t)2 * D * Tp + (size_t)2 * (T + 1) * Tp + (size_t)2 * T * Tp;
+    size_t n = (size_t)2 * D * Tp + (size_t)2 * (T + 1) * Tp;
     float *m = aligned_alloc(32, ((n * sizeof(float)) + 31) & ~(size_t)31);
     if (!m) return NULL;
     memset(m, 0, n * sizeof(float));
@@ -155,22 +154,36 @@ static float *scratch_alloc(scratch *s, int T, int D) {
     s->vt = m + (size_t)D * Tp;
     s->p = m + (size_t)2 * D * Tp;
     s->ds = s->p + (size_t)(T + 1) * Tp; /* p and ds have a spare row T for an odd last row's pair */
-    s->pt = s->ds + (size_t)(T + 1) * Tp;
-    s->dst = s->pt + (size_t)T * Tp;
     return m;
 }
 
-/* transpose T rows of D floats (stride ld) into (D, Tp) */
-static void transpose_in(const float *src, long ld, float *dst, int T, int D, int Tp) {
-    for (int t = 0; t < T; t++)
-        for (int d = 0; d < D; d++) dst[(size_t)d * Tp + t] = src[(size_t)t * ld + d];
+/* the 8 x 8 block at src (rows ld apart) transposed into dst (rows ldd apart) */
+static inline void transpose8x8(const float *src, long ld, float *dst, long ldd) {
+    __m256 r[8], t[8];
+    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(src + k * ld);
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(dst + k * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(dst + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
 }
 
-/* the transpose of the lower triangle (j <= i) of a (T, Tp) matrix, into another whose entries
- * below the diagonal stay zero */
-static void transpose_lower(const float *a, float *at, int T, int Tp) {
-    for (int i = 0; i < T; i++)
-        for (int j = 0; j <= i; j++) at[(size_t)j * Tp + i] = a[(size_t)i * Tp + j];
+/* transpose T rows of D floats (stride ld; D a multiple of 8) into (D, Tp) */
+static void transpose_in(const float *src, long ld, float *dst, int T, int D, int Tp) {
+    int t = 0;
+    for (; t + 8 <= T; t += 8)
+        for (int d = 0; d < D; d += 8) transpose8x8(src + (size_t)t * ld + d, ld, dst + (size_t)d * Tp + t, Tp);
+    for (; t < T; t++)
+        for (int d = 0; d < D; d++) dst[(size_t)d * Tp + t] = src[(size_t)t * ld + d];
 }
 
 /* s0[j] = scale a0 . bt[:, j] and s1[j] = scale a1 . bt[:, j] for j < n rounded up to 16:
@@ -203,16 +216,17 @@ static inline void dots2(const float *a0, const float *a1, const float *bt, int 
     }
 }
 
-/* o0 = sum over j in [lo, hi) of w0[j] b[j] and o1 likewise with w1 (b: rows of D = 8 DV floats,
+/* o0 = sum over j in [lo, hi) of w0[j ws] b[j] and o1 likewise with w1 (b: rows of D = 8 DV floats,
  * ldb apart): two output rows share every load of b. DV is a constant where this is inlined. */
-static inline __attribute__((always_inline)) void wsum2(const float *w0, const float *w1, const float *b, long ldb,
-                                                        int lo, int hi, float *o0, float *o1, const int DV) {
+static inline __attribute__((always_inline)) void wsum2(const float *w0, const float *w1, long ws, const float *b,
+                                                        long ldb, int lo, int hi, float *o0, float *o1,
+                                                        const int DV) {
     __m256 a0[8], a1[8];
 #pragma GCC unroll 8
     for (int v = 0; v < DV; v++) a0[v] = a1[v] = _mm256_setzero_ps();
     for (int j = lo; j < hi; j++) {
         const float *r = b + (size_t)j * ldb;
-        __m256 p = _mm256_set1_ps(w0[j]), q = _mm256_set1_ps(w1[j]);
+        __m256 p = _mm256_set1_ps(w0[(size_t)j * ws]), q = _mm256_set1_ps(w1[(size_t)j * ws]);
 #pragma GCC unroll 8
         for (int v = 0; v < DV; v++) {
             __m256 x = _mm256_loadu_ps(r + 8 * v);
@@ -227,21 +241,23 @@ static inline __attribute__((always_inline)) void wsum2(const float *w0, const f
     }
 }
 
-/* rows i of out (ldo apart) = w[i] (rows Tp apart) @ b over j in [lo(i), hi(i)): lower = 1 gives
- * [0, i + 1) (a causal row), lower = 0 gives [i, T) (a row of a transposed causal matrix) */
+/* With w a causal (T, Tp) matrix (rows Tp apart, zero right of the diagonal up to the next
+ * multiple of 16 past it), rows i of out (ldo apart) = sum over j of W[i, j] b[j], where lower = 1
+ * takes W = w (j in [0, i + 1)) and lower = 0 its transpose (j in [i, T), w read down column i) */
 static void wsum_rows(const float *w, int T, int Tp, const float *b, long ldb, float *out, long ldo, int D, int lower) {
     float spare[64];
+    long ws = lower ? 1 : Tp;
     for (int i = 0; i < T; i += 2) {
         int two = i + 1 < T;
-        const float *w0 = w + (size_t)i * Tp, *w1 = two ? w0 + Tp : w0;
+        const float *w0 = lower ? w + (size_t)i * Tp : w + i, *w1 = two ? w0 + (lower ? Tp : 1) : w0;
         float *o0 = out + (size_t)i * ldo, *o1 = two ? o0 + ldo : spare;
         /* the union of both rows' ranges: entries outside a row's own range are zeros */
         int lo = lower ? 0 : i, hi = lower ? (two ? i + 2 : i + 1) : T;
         switch (D) {
-        case 8: wsum2(w0, w1, b, ldb, lo, hi, o0, o1, 1); break;
-        case 16: wsum2(w0, w1, b, ldb, lo, hi, o0, o1, 2); break;
-        case 32: wsum2(w0, w1, b, ldb, lo, hi, o0, o1, 4); break;
-        default: wsum2(w0, w1, b, ldb, lo, hi, o0, o1, 8); break;
+        case 8: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 1); break;
+        case 16: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 2); break;
+        case 32: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 4); break;
+        default: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 8); break;
         }
     }
 }
@@ -363,10 +379,8 @@ static void attn_bwd_item(const attn_args *a, scratch *s, int b, int h) {
         }
     }
     wsum_rows(s->ds, T, Tp, base + C, ld, dbase, ld, D, 1); /* dQ_i = sum_j dS_ij K_j */
-    transpose_lower(s->ds, s->dst, T, Tp);
-    transpose_lower(s->p, s->pt, T, Tp);
-    wsum_rows(s->dst, T, Tp, base, ld, dbase + C, ld, D, 0); /* dK_j = sum_i dS_ij Q_i */
-    wsum_rows(s->pt, T, Tp, g, C, dbase + 2 * C, ld, D, 0);  /* dV_j = sum_i P_ij dO_i */
+    wsum_rows(s->ds, T, Tp, base, ld, dbase + C, ld, D, 0); /* dK_j = sum_i dS_ij Q_i */
+    wsum_rows(s->p, T, Tp, g, C, dbase + 2 * C, ld, D, 0);  /* dV_j = sum_i P_ij dO_i */
 }
 
 /* The gradients of sg_attn_fwd: dqkv (B, T, 3C) from dout (B, T, C), recomputing the
