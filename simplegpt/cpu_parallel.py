@@ -66,10 +66,18 @@ class CoreShards:
         losses = [run(0)] if counts[0] else []
         losses += [job.result() for job in jobs]
         for params in self.replica_params:
+            into, adds = [], []
             for p, q in zip(self.params, params):
-                if q.grad is not None:
-                    p.grad = q.grad if p.grad is None else p.grad.add_(q.grad)
-                    q.grad = None
+                if q.grad is None:
+                    continue
+                if p.grad is None:
+                    p.grad = q.grad
+                else:
+                    into.append(p.grad)
+                    adds.append(q.grad)
+                q.grad = None
+            if into:
+                torch._foreach_add_(into, adds)  # one call for all tensors: per-tensor adds cost ~0.4 ms a step
         return float(sum(losses))
 
     def close(self) -> None:
