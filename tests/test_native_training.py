@@ -148,13 +148,15 @@ def test_training_step_takes_the_kernels_and_matches_pytorch(bias, fused_block, 
         assert torch.allclose(g, ref_grads[name], atol=1e-5, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("case", ["no_grad", "dropout", "odd_head", "long", "float64", "mask"])
+@pytest.mark.parametrize("case", ["no_grad", "dropout", "odd_head", "long", "float64", "mask", "no_blas"])
 def test_kernels_are_left_out_where_they_do_not_apply(case, monkeypatch):
     calls = []
     real_gelu, real_attn, real_block = training.gelu, training.causal_attention, training.block
     monkeypatch.setattr(training, "gelu", lambda x: calls.append("gelu") or real_gelu(x))
     monkeypatch.setattr(training, "causal_attention", lambda q, h: calls.append("attn") or real_attn(q, h))
     monkeypatch.setattr(training, "block", lambda *a: calls.append("block") or real_block(*a))
+    if case == "no_blas":  # a torch whose BLAS has no sgemm_ for the fused block: the kernels one by one
+        monkeypatch.setattr(training, "_sgemm", False)
     T = 20
     model = {"dropout": tiny(dropout=0.1), "odd_head": tiny(n_embd=96, n_head=2),
              "long": tiny(n_positions=512)}.get(case, tiny())
@@ -170,7 +172,8 @@ def test_kernels_are_left_out_where_they_do_not_apply(case, monkeypatch):
         model(idx, attention_mask=torch.ones(2, T, dtype=torch.long))
     else:
         model(idx)
-    want = {"dropout": ["gelu"] * 2, "odd_head": ["gelu"] * 2, "long": ["gelu"] * 2, "mask": ["gelu"] * 2}
+    want = {"dropout": ["gelu"] * 2, "odd_head": ["gelu"] * 2, "long": ["gelu"] * 2, "mask": ["gelu"] * 2,
+            "no_blas": ["attn", "gelu"] * 2}
     assert calls == want.get(case, [])
 
 

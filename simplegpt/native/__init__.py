@@ -126,6 +126,12 @@ def _load() -> None:
         lib.sg_bias_gelu_fwd.restype = None
         lib.sg_gelu_bwd_db.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_int]
         lib.sg_gelu_bwd_db.restype = ctypes.c_int
+        lib.sg_set_sgemm.argtypes, lib.sg_set_sgemm.restype = [ctypes.c_void_p], None
+        lib.sg_block_saved_floats.argtypes = [ctypes.c_int] * 5
+        lib.sg_block_saved_floats.restype = ctypes.c_long
+        lib.sg_block_fwd.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
+        lib.sg_block_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
+        lib.sg_block_fwd.restype = lib.sg_block_bwd.restype = ctypes.c_int
         lib.sg_layernorm_fwd.restype, lib.sg_layernorm_bwd.restype = None, ctypes.c_int
         lib.sg_sqnorm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
         lib.sg_adamw.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]

@@ -628,3 +628,146 @@ int sg_adamw(float *const *p, float *const *g, float *const *m, float *const *v,
     free(s);
     return 1;
 }
+
+/* ---- a whole GPT-2 block, forward and backward, with MKL's sgemm ------------------------------
+ * The matrix products go to the BLAS that torch itself uses (its Fortran sgemm_, whose address
+ * training.py hands over): the same products torch.mm would run, called from here, so that a
+ * block is one call from Python and a split training step's threads never wait for each other's
+ * Python in between (the GIL). All matrices are row-major. */
+
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+static sgemm_fn sgemm_ptr;
+
+void sg_set_sgemm(void *fn) { sgemm_ptr = (sgemm_fn)fn; }
+
+/* Y (M, N) = X (M, K) W (N, K)^T + beta Y */
+static void mm_xwt(const float *X, const float *W, float *Y, int M, int N, int K, float beta) {
+    const float one = 1.0f;
+    sgemm_ptr("T", "N", &N, &M, &K, &one, W, &K, X, &K, &beta, Y, &N);
+}
+
+/* Y (M, N) = A (M, K) B (K, N) */
+static void mm_ab(const float *A, const float *B, float *Y, int M, int N, int K) {
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_ptr("N", "N", &N, &M, &K, &one, B, &N, A, &K, &zero, Y, &N);
+}
+
+/* Y (N, K) = A (M, N)^T B (M, K): a weight's gradient */
+static void mm_atb(const float *A, const float *B, float *Y, int M, int N, int K) {
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_ptr("N", "T", &K, &N, &M, &one, B, &K, A, &N, &zero, Y, &K);
+}
+
+/* out[N] = column sums of a (M, N), per item of COLSUM_ROWS rows, then in item order */
+static int colsum(const float *a, long M, int N, float *out) {
+    long items = (M + COLSUM_ROWS - 1) / COLSUM_ROWS;
+    float *partial = calloc((size_t)items * N, sizeof(float));
+    if (!partial) return 0;
+#pragma omp parallel for schedule(static)
+    for (long it = 0; it < items; it++) {
+        long r1 = (it + 1) * COLSUM_ROWS < M ? (it + 1) * COLSUM_ROWS : M;
+        float *pd = partial + it * N;
+        for (long r = it * COLSUM_ROWS; r < r1; r++)
+            for (int i = 0; i < N; i++) pd[i] += a[r * N + i];
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        float acc = 0.0f;
+        for (long it = 0; it < items; it++) acc += partial[it * N + i];
+        out[i] = acc;
+    }
+    free(partial);
+    return 1;
+}
+
+/* The block's 12 parameters, in model.Block's order (ln_1 w, b; c_attn W, b; attn c_proj W, b;
+ * ln_2 w, b; c_fc W, b; mlp c_proj W, b), biases NULL where the model has none. */
+enum { LN1_W, LN1_B, ATTN_W, ATTN_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, MP_W, MP_B, N_PARAMS };
+
+/* What the forward keeps for the backward, carved in this order out of one buffer of
+ * sg_block_saved_floats() floats. */
+typedef struct {
+    float *ln1, *mean1, *rstd1, *qkv, *att, *lse, *x2, *ln2, *mean2, *rstd2, *u, *g;
+} block_saved;
+
+static block_saved carve_saved(float *m, long M, int C, int F, int B, int H, int T) {
+    block_saved s;
+    s.ln1 = m; m += M * C;
+    s.mean1 = m; m += M;
+    s.rstd1 = m; m += M;
+    s.qkv = m; m += 3 * M * C;
+    s.att = m; m += M * C;
+    s.lse = m; m += (long)B * H * T;
+    s.x2 = m; m += M * C;
+    s.ln2 = m; m += M * C;
+    s.mean2 = m; m += M;
+    s.rstd2 = m; m += M;
+    s.u = m; m += M * F;
+    s.g = m;
+    return s;
+}
+
+long sg_block_saved_floats(int B, int T, int C, int F, int H) {
+    long M = (long)B * T;
+    return 7 * M * C + 4 * M + (long)B * H * T + 2 * M * F;
+}
+
+/* y (B, T, C) = the block on x; saved: sg_block_saved_floats() floats kept for the backward.
+ * Returns 0 if there was no memory for attention's scratch. */
+int sg_block_fwd(const float *x, float *const *prm, float *y, float *saved, int B, int T, int C, int F, int H,
+                 float eps1, float eps2) {
+    long M = (long)B * T;
+    block_saved s = carve_saved(saved, M, C, F, B, H, T);
+    sg_layernorm_fwd(x, prm[LN1_W], prm[LN1_B], s.ln1, s.mean1, s.rstd1, M, C, eps1);
+    if (prm[ATTN_B]) {
+#pragma omp parallel for schedule(static)
+        for (long r = 0; r < M; r++) memcpy(s.qkv + r * 3 * C, prm[ATTN_B], 3 * C * sizeof(float));
+    }
+    mm_xwt(s.ln1, prm[ATTN_W], s.qkv, (int)M, 3 * C, C, prm[ATTN_B] ? 1.0f : 0.0f);
+    if (!sg_attn_fwd(s.qkv, s.att, s.lse, B, T, C, H, 1.0f / sqrtf((float)(C / H)))) return 0;
+    /* h = att proj_W^T goes into y for now; y then becomes x2 + mp_b, and the MLP adds onto it */
+    mm_xwt(s.att, prm[PROJ_W], y, (int)M, C, C, 0.0f);
+    sg_residual_layernorm_fwd(x, y, prm[PROJ_B], s.x2, prm[MP_B], y, prm[LN2_W], prm[LN2_B], s.ln2, s.mean2, s.rstd2,
+                              M, C, eps2);
+    mm_xwt(s.ln2, prm[FC_W], s.u, (int)M, F, C, 0.0f);
+    sg_bias_gelu_fwd(s.u, prm[FC_B], s.g, M, F);
+    mm_xwt(s.g, prm[MP_W], y, (int)M, C, F, 1.0f);
+    return 1;
+}
+
+/* The gradients of sg_block_fwd: dx (B, T, C) and, for each parameter i with grad[i] not NULL,
+ * its gradient into grad[i] (dy: the gradient of y). Returns 0 if there was no memory. */
+int sg_block_bwd(const float *x, float *const *prm, const float *saved_, const float *dy, float *dx,
+                 float *const *grad, int B, int T, int C, int F, int H) {
+    long M = (long)B * T;
+    block_saved s = carve_saved((float *)saved_, M, C, F, B, H, T);
+    float *work = malloc(((size_t)M * F + 6 * (size_t)M * C + C) * sizeof(float));
+    if (!work) return 0;
+    float *du = work, *dln2 = du + M * F, *dx2 = dln2 + M * C, *datt = dx2 + M * C, *dqkv = datt + M * C;
+    float *dln1 = dln2;            /* dln2 is done with by then */
+    float *unused = dqkv + 3 * M * C; /* a frozen LayerNorm weight's gradient */
+    int ok = 1;
+    /* MLP: y = x2 + gelu(ln2 fc_W^T + fc_b) mp_W^T + mp_b */
+    if (grad[MP_W]) mm_atb(dy, s.g, grad[MP_W], (int)M, C, F);
+    if (grad[MP_B]) ok &= colsum(dy, M, C, grad[MP_B]);
+    mm_ab(dy, prm[MP_W], du, (int)M, F, C);
+    ok &= sg_gelu_bwd_db(s.u, du, du, grad[FC_B], M, F);
+    if (grad[FC_W]) mm_atb(du, s.ln2, grad[FC_W], (int)M, F, C);
+    mm_ab(du, prm[FC_W], dln2, (int)M, C, F);
+    /* ln_2 and its residual: dx2 = dy + ln_2's backward */
+    ok &= sg_layernorm_bwd(s.x2, prm[LN2_W], s.mean2, s.rstd2, dln2, dy, dx2, grad[LN2_W] ? grad[LN2_W] : unused,
+                          grad[LN2_B], M, C);
+    /* attention: x2 = x + attention(ln1 attn_W^T + attn_b) proj_W^T + proj_b */
+    if (grad[PROJ_W]) mm_atb(dx2, s.att, grad[PROJ_W], (int)M, C, C);
+    if (grad[PROJ_B]) ok &= colsum(dx2, M, C, grad[PROJ_B]);
+    mm_ab(dx2, prm[PROJ_W], datt, (int)M, C, C);
+    ok &= sg_attn_bwd(s.qkv, s.att, datt, s.lse, dqkv, B, T, C, H, 1.0f / sqrtf((float)(C / H)));
+    if (grad[ATTN_W]) mm_atb(dqkv, s.ln1, grad[ATTN_W], (int)M, 3 * C, C);
+    if (grad[ATTN_B]) ok &= colsum(dqkv, M, 3 * C, grad[ATTN_B]);
+    mm_ab(dqkv, prm[ATTN_W], dln1, (int)M, C, 3 * C);
+    ok &= sg_layernorm_bwd(x, prm[LN1_W], s.mean1, s.rstd1, dln1, dx2, dx, grad[LN1_W] ? grad[LN1_W] : unused,
+                          grad[LN1_B], M, C);
+    free(work);
+    return ok;
+}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -126,106 +127,72 @@ def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     return _CausalAttention.apply(qkv, n_head)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class _Block(torch.autograd.Function):
-    """A whole pre-LN GPT-2 block, x + attn(ln_1(x)) then + mlp(ln_2(.)), forward and backward by
-    hand: MKL's matmuls through torch.mm and train.c's kernels, with the biases, the residual adds
-    and the bias gradient of the MLP folded into the kernels' passes. One autograd node instead of
-    ~20, and no separate passes for bias copies, residual adds and gradient sums."""
+    """A whole pre-LN GPT-2 block, x + attn(ln_1(x)) then + mlp(ln_2(.)), forward and backward in
+    one call each of train.c (sg_block_fwd/bwd): its kernels, with the biases, the residual adds and
+    the bias gradients folded into their passes, and the matrix products in the BLAS torch uses.
+    One autograd node instead of ~20, and the GIL released for the whole block, so the threads of
+    a split step (cpu_parallel) do not queue for it between ops."""
 
     @staticmethod
-    def forward(ctx, x, ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mp_w, mp_b,
-                n_head: int, eps1: float, eps2: float):
+    def forward(ctx, x, *args):
+        *params, n_head, eps1, eps2 = args
         lib = load()
         B, T, C = x.shape
-        M, F = B * T, fc_w.size(0)
-        scale = 1.0 / math.sqrt(C // n_head)
+        F = params[8].size(0)
         x = x.contiguous()
-        ln1, mean1, rstd1 = torch.empty(M, C), torch.empty(M), torch.empty(M)
-        lib.sg_layernorm_fwd(x.data_ptr(), ln1_w.data_ptr(), _ptr(ln1_b), ln1.data_ptr(), mean1.data_ptr(),
-                             rstd1.data_ptr(), M, C, eps1)
-        qkv = torch.mm(ln1, attn_w.t()) if attn_b is None else torch.addmm(attn_b, ln1, attn_w.t())
-        att, lse = torch.empty(M, C), torch.empty(B, n_head, T)
-        if not lib.sg_attn_fwd(qkv.data_ptr(), att.data_ptr(), lse.data_ptr(), B, T, C, n_head, scale):
+        saved = torch.empty(lib.sg_block_saved_floats(B, T, C, F, n_head))
+        y = torch.empty(B, T, C)
+        if not lib.sg_block_fwd(x.data_ptr(), _pointers(params), y.data_ptr(), saved.data_ptr(), B, T, C, F, n_head,
+                                eps1, eps2):
             raise MemoryError("causal attention: no memory for the kernel's scratch buffers")
-        h = torch.mm(att, proj_w.t())
-        x2, ln2, mean2, rstd2 = torch.empty(M, C), torch.empty(M, C), torch.empty(M), torch.empty(M)
-        xb = None if mp_b is None else torch.empty(M, C)  # x2 + the MLP's output bias: addmm's input below
-        lib.sg_residual_layernorm_fwd(x.data_ptr(), h.data_ptr(), _ptr(proj_b), x2.data_ptr(), _ptr(mp_b), _ptr(xb),
-                                      ln2_w.data_ptr(), _ptr(ln2_b), ln2.data_ptr(), mean2.data_ptr(),
-                                      rstd2.data_ptr(), M, C, eps2)
-        u = torch.mm(ln2, fc_w.t())
-        g = torch.empty_like(u)
-        lib.sg_bias_gelu_fwd(u.data_ptr(), _ptr(fc_b), g.data_ptr(), M, F)  # u gets its bias in place
-        y = torch.addmm(x2 if xb is None else xb, g, mp_w.t())
-        ctx.save_for_backward(x, ln1, mean1, rstd1, qkv, att, lse, x2, ln2, mean2, rstd2, u, g,
-                              ln1_w, attn_w, proj_w, ln2_w, fc_w, mp_w)
-        ctx.biases = (ln1_b is not None, attn_b is not None, proj_b is not None, ln2_b is not None,
-                      fc_b is not None, mp_b is not None)
-        ctx.n_head, ctx.scale = n_head, scale
-        return y.view(B, T, C)
+        ctx.save_for_backward(x, saved, *params)
+        ctx.n_head = n_head
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
-        lib = load()
-        (x, ln1, mean1, rstd1, qkv, att, lse, x2, ln2, mean2, rstd2, u, g,
-         ln1_w, attn_w, proj_w, ln2_w, fc_w, mp_w) = ctx.saved_tensors
-        has_ln1_b, has_attn_b, has_proj_b, has_ln2_b, has_fc_b, has_mp_b = ctx.biases
-        need = ctx.needs_input_grad
+        x, saved, *params = ctx.saved_tensors
         B, T, C = x.shape
-        M, F = B * T, fc_w.size(0)
-        dy = dy.contiguous().view(M, C)
-        # MLP: y = x2 + gelu(ln2 fc_w^T + fc_b) mp_w^T + mp_b
-        d_mp_w = torch.mm(dy.t(), g) if need[11] else None
-        d_mp_b = dy.sum(0) if has_mp_b and need[12] else None
-        du = torch.mm(dy, mp_w)
-        d_fc_b = torch.empty(F) if has_fc_b and need[10] else None
-        if not lib.sg_gelu_bwd_db(u.data_ptr(), du.data_ptr(), du.data_ptr(), _ptr(d_fc_b), M, F):
-            raise MemoryError("GELU backward: no memory for the bias gradient's partial sums")
-        d_fc_w = torch.mm(du.t(), ln2) if need[9] else None
-        d_ln2 = torch.mm(du, fc_w)
-        # ln_2 and the residual: dx2 = dy + ln_2's backward
-        dx2, d_ln2_w = torch.empty(M, C), torch.empty(C)
-        d_ln2_b = torch.empty(C) if has_ln2_b else None
-        if not lib.sg_layernorm_bwd(x2.data_ptr(), ln2_w.data_ptr(), mean2.data_ptr(), rstd2.data_ptr(),
-                                    d_ln2.data_ptr(), dy.data_ptr(), dx2.data_ptr(), d_ln2_w.data_ptr(),
-                                    _ptr(d_ln2_b), M, C):
-            raise MemoryError("layer norm backward: no memory for the kernel's partial sums")
-        # attention: x2 = x + attention(ln1 attn_w^T + attn_b) proj_w^T + proj_b
-        d_proj_w = torch.mm(dx2.t(), att) if need[5] else None
-        d_proj_b = dx2.sum(0) if has_proj_b and need[6] else None
-        d_att = torch.mm(dx2, proj_w)
-        dqkv = torch.empty(M, 3 * C)
-        if not lib.sg_attn_bwd(qkv.data_ptr(), att.data_ptr(), d_att.data_ptr(), lse.data_ptr(), dqkv.data_ptr(),
-                               B, T, C, ctx.n_head, ctx.scale):
-            raise MemoryError("causal attention backward: no memory for the kernel's scratch buffers")
-        d_attn_w = torch.mm(dqkv.t(), ln1) if need[3] else None
-        d_attn_b = dqkv.sum(0) if has_attn_b and need[4] else None
-        d_ln1 = torch.mm(dqkv, attn_w)
-        dx, d_ln1_w = torch.empty(M, C), torch.empty(C)
-        d_ln1_b = torch.empty(C) if has_ln1_b else None
-        if not lib.sg_layernorm_bwd(x.data_ptr(), ln1_w.data_ptr(), mean1.data_ptr(), rstd1.data_ptr(),
-                                    d_ln1.data_ptr(), dx2.data_ptr(), dx.data_ptr(), d_ln1_w.data_ptr(),
-                                    _ptr(d_ln1_b), M, C):
-            raise MemoryError("layer norm backward: no memory for the kernel's partial sums")
-        return (dx.view(B, T, C), d_ln1_w, d_ln1_b, d_attn_w, d_attn_b, d_proj_w, d_proj_b, d_ln2_w, d_ln2_b,
-                d_fc_w, d_fc_b, d_mp_w, d_mp_b, None, None, None)
+        dy = dy.contiguous()
+        grads = [torch.empty_like(p) if p is not None and need else None
+                 for p, need in zip(params, ctx.needs_input_grad[1:])]
+        dx = torch.empty_like(x)
+        if not load().sg_block_bwd(x.data_ptr(), _pointers(params), saved.data_ptr(), dy.data_ptr(), dx.data_ptr(),
+                                   _pointers(grads), B, T, C, params[8].size(0), ctx.n_head):
+            raise MemoryError("block backward: no memory for the kernels' work buffers")
+        return (dx, *grads, None, None, None)
+
+
+_sgemm: bool | None = None
+
+
+def _blas_ready() -> bool:
+    """Whether train.c has torch's sgemm (MKL's Fortran entry point in libtorch_cpu, as the Linux
+    x86-64 wheels have it); found once."""
+    global _sgemm
+    if _sgemm is None:
+        try:
+            fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_
+        except (OSError, AttributeError):
+            _sgemm = False
+        else:
+            load().sg_set_sgemm(ctypes.cast(fn, ctypes.c_void_p).value)
+            _sgemm = True
+    return _sgemm
 
 
 def block_usable(x: torch.Tensor, block: torch.nn.Module) -> bool:
-    """Whether block(x, block) may run this GPT-2 Block: usable(x), no dropout in training, a head
-    size of 8, 16, 32 or 64, 2..MAX_ATTENTION_T positions, and fp32 contiguous CPU parameters
-    with LayerNorm weights."""
+    """Whether block(x, block) may run this GPT-2 Block: usable(x), torch's sgemm found, no dropout
+    in training, a head size of 8, 16, 32 or 64, 2..MAX_ATTENTION_T positions, and fp32
+    contiguous CPU parameters with LayerNorm weights."""
     attn, mlp = block.attn, block.mlp
     if block.training and (attn.dropout or attn.resid_dropout.p or mlp.dropout.p):
         return False
     if x.dim() != 3 or not 1 < x.size(1) <= MAX_ATTENTION_T or attn.head_dim not in (8, 16, 32, 64):
         return False
-    if block.ln_1.weight is None or block.ln_2.weight is None or not usable(x):
+    if block.ln_1.weight is None or block.ln_2.weight is None or not usable(x) or not _blas_ready():
         return False
     return all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in block.parameters())
 
@@ -279,8 +246,8 @@ class _AdamWPlan:
                    for a, b in zip(now, self.addresses))
 
 
-def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
 
 
 def _adamw_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None:
@@ -295,14 +262,16 @@ def _adamw_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None
                 or isinstance(group["lr"], torch.Tensor)):
             return None
         for p in group["params"]:
-            g = p.grad
-            if g is None:
+            if p.grad is None:
                 continue
-            if not (p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
-                    and p.is_contiguous() and g.layout == torch.strided and g.is_contiguous()):
+            if not (_fp32_cpu_dense(p) and _fp32_cpu_dense(p.grad)):
                 return None
             out.append(p)
     return out
+
+
+def _fp32_cpu_dense(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided and t.is_contiguous()
 
 
 def adamw_step(optimizer: torch.optim.Optimizer, max_norm: float, threads: int) -> float | None:
