@@ -57,7 +57,7 @@ class CoreShards:
             if i:
                 torch.set_num_threads(1)  # a worker thread's own OpenMP setting
             x, y, *mask = shares[i]
-            _, loss = self.replicas[i](x, y, attention_mask=mask[0] if mask else None)
+            loss = self.replicas[i].loss(x, y, attention_mask=mask[0] if mask else None)
             weight = counts[i] / total
             (loss * (weight * scale)).backward()
             return loss.detach() * weight

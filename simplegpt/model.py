@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .native import training as native_training
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = native_training.IGNORE_INDEX  # -100: a label that takes no loss (the C kernels know it too)
 
 
 @dataclass
@@ -253,6 +253,9 @@ class GPT(nn.Module):
                 f"sequence of length {int(position_ids.max()) + 1} exceeds n_positions="
                 f"{self.config.n_positions}; crop the input to the last {self.config.n_positions} tokens"
             )
+        self._check_ids(idx)
+
+    def _check_ids(self, idx: torch.Tensor) -> None:
         if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         lo, hi = int(idx.min()), int(idx.max())
@@ -284,6 +287,16 @@ class GPT(nn.Module):
                 logits.view(-1, logits.size(-1)).float(), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX
             )
         return logits, loss
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """forward(idx, targets, attention_mask)'s loss, without the logits. A training step on the
+        CPU in fp32 runs the whole model and its loss as one native call each way
+        (simplegpt.native.training.model_loss; the same function, ~10% faster at small sizes)."""
+        if attention_mask is None and native_training.model_usable(self, idx, targets):
+            self._check_ids(idx)  # model_usable checked the shapes and the length
+            return native_training.model_loss(self, idx, targets)
+        return self(idx, targets, attention_mask=attention_mask)[1]
 
     def hidden_states(
         self,

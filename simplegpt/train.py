@@ -415,6 +415,8 @@ def _samplers(cfg: TrainConfig, data_dir: Path, meta: dict) -> tuple[Any, Callab
 def _forward(model: nn.Module, batch: tuple, device: torch.device, autocast: Any) -> torch.Tensor:
     x, y, *mask = (t.to(device, non_blocking=True) for t in batch)
     with autocast:
+        if isinstance(model, GPT):  # not a compiled wrapper: GPT.loss may take its native path
+            return model.loss(x, y, attention_mask=mask[0] if mask else None)
         _, loss = model(x, y, attention_mask=mask[0] if mask else None)
     return loss
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from simplegpt import GPT, GPTConfig, native
+from simplegpt.model import IGNORE_INDEX
 from simplegpt.native import training
 
 lib = native.load()
@@ -211,3 +212,84 @@ def test_threads_that_load_while_another_builds_wait_for_the_library(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
     assert list((tmp_path / "native").glob("kernels-*.so"))
+
+
+def randomized(model: GPT) -> GPT:
+    with torch.no_grad():  # as after some training: no zero biases or unit LayerNorm weights left
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def loss_grads_via(model: GPT, idx: torch.Tensor, targets: torch.Tensor, method: str) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(idx, targets) if method == "loss" else model(idx, targets)[1]
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T", [2, 25, 32])
+def test_whole_model_loss_equals_the_module_path(bias, T, monkeypatch):
+    model = randomized(tiny(bias=bias))
+    idx = torch.randint(0, 50, (3, T))
+    targets = torch.randint(0, 50, (3, T))
+    targets[0, : T // 2] = IGNORE_INDEX  # padding-like rows take no loss
+    calls = []
+    real = training.model_loss
+    monkeypatch.setattr(training, "model_loss", lambda *a: calls.append(1) or real(*a))
+    loss, grads = loss_grads_via(model, idx, targets, "loss")
+    assert calls == [1]
+    ref_loss, ref_grads = loss_grads_via(model, idx, targets, "forward")
+    assert abs(loss - ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_whole_model_loss_leaves_frozen_weights_alone():
+    model = randomized(tiny())
+    model.transformer.wte.weight.requires_grad_(False)
+    model.transformer.h[1].attn.c_proj.weight.requires_grad_(False)
+    idx, targets = torch.randint(0, 50, (2, 20)), torch.randint(0, 50, (2, 20))
+    loss, grads = loss_grads_via(model, idx, targets, "loss")
+    ref_loss, ref_grads = loss_grads_via(model, idx, targets, "forward")
+    assert "transformer.wte.weight" not in grads and grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("case", ["mask", "dropout", "no_grad", "untied", "long", "autocast"])
+def test_whole_model_loss_falls_back_where_it_does_not_apply(case, monkeypatch):
+    calls = []
+    real = training.model_loss
+    monkeypatch.setattr(training, "model_loss", lambda *a: calls.append(1) or real(*a))
+    model = randomized(tiny(dropout=0.1) if case == "dropout" else tiny(n_positions=512) if case == "long" else tiny())
+    if case == "untied":
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    T = training.MAX_ATTENTION_T + 1 if case == "long" else 12
+    idx, targets = torch.randint(0, 50, (2, T)), torch.randint(0, 50, (2, T))
+    if case == "mask":
+        loss = model.loss(idx, targets, attention_mask=torch.ones(2, T, dtype=torch.long))
+    elif case == "no_grad":
+        with torch.no_grad():
+            loss = model.loss(idx, targets)
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(idx, targets)
+    else:
+        loss = model.loss(idx, targets)
+    assert not calls and torch.isfinite(loss)
+    if case not in ("dropout", "autocast"):
+        model.eval()
+        with torch.no_grad():
+            assert abs(float(loss) - float(model(idx, targets)[1])) < 1e-5
+
+
+def test_whole_model_loss_refuses_a_target_outside_the_vocabulary():
+    model = tiny()
+    idx = torch.randint(0, 50, (2, 10))
+    targets = idx.clone()
+    targets[1, 3] = 50
+    with pytest.raises(ValueError, match="target token ids must be in 0..49"):
+        model.loss(idx, targets)

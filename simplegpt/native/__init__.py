@@ -132,6 +132,12 @@ def _load() -> None:
         lib.sg_block_fwd.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
         lib.sg_block_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
         lib.sg_block_fwd.restype = lib.sg_block_bwd.restype = ctypes.c_int
+        lib.sg_gpt_saved_floats.argtypes = [ctypes.c_int] * 7
+        lib.sg_gpt_saved_floats.restype = ctypes.c_long
+        lib.sg_gpt_fwd.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 4
+        lib.sg_gpt_bwd.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 3
+                                   + [ctypes.c_int])
+        lib.sg_gpt_fwd.restype = lib.sg_gpt_bwd.restype = ctypes.c_int
         lib.sg_layernorm_fwd.restype, lib.sg_layernorm_bwd.restype = None, ctypes.c_int
         lib.sg_sqnorm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
         lib.sg_adamw.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]

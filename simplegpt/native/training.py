@@ -18,14 +18,15 @@ from torch.autograd.function import once_differentiable
 
 from . import load
 
+IGNORE_INDEX = -100  # as model.IGNORE_INDEX (model.py imports this module)
 MAX_ATTENTION_T = 256  # beyond this PyTorch's flash kernel is faster (at 256: 0.98-1.2x; docs/benchmarks.md)
 
 
 def usable(x: torch.Tensor) -> bool:
     """Whether the training kernels may take x: fp32 on the CPU, with gradients, the library loaded,
-    and not inside torch.compile (which fuses these ops its own way)."""
+    not under autocast, and not inside torch.compile (which fuses these ops its own way)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and load() is not None)
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu") and load() is not None)
 
 
 class _Gelu(torch.autograd.Function):
@@ -183,18 +184,23 @@ def _blas_ready() -> bool:
     return _sgemm
 
 
-def block_usable(x: torch.Tensor, block: torch.nn.Module) -> bool:
-    """Whether block(x, block) may run this GPT-2 Block: usable(x), torch's sgemm found, no dropout
-    in training, a head size of 8, 16, 32 or 64, 2..MAX_ATTENTION_T positions, and fp32
-    contiguous CPU parameters with LayerNorm weights."""
+def _block_ok(block: torch.nn.Module, T: int) -> bool:
+    """A Block the fused kernels take at T positions: no dropout in training, a head size of 8, 16,
+    32 or 64, 2..MAX_ATTENTION_T positions, LayerNorm weights, fp32 contiguous CPU parameters."""
     attn, mlp = block.attn, block.mlp
     if block.training and (attn.dropout or attn.resid_dropout.p or mlp.dropout.p):
         return False
-    if x.dim() != 3 or not 1 < x.size(1) <= MAX_ATTENTION_T or attn.head_dim not in (8, 16, 32, 64):
+    if not 1 < T <= MAX_ATTENTION_T or attn.head_dim not in (8, 16, 32, 64):
         return False
-    if block.ln_1.weight is None or block.ln_2.weight is None or not usable(x) or not _blas_ready():
+    if block.ln_1.weight is None or block.ln_2.weight is None:
         return False
     return all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in block.parameters())
+
+
+def block_usable(x: torch.Tensor, block: torch.nn.Module) -> bool:
+    """Whether block(x, block) may run this GPT-2 Block: usable(x), torch's sgemm found, and
+    _block_ok at x's length."""
+    return x.dim() == 3 and usable(x) and _blas_ready() and _block_ok(block, x.size(1))
 
 
 def block(x: torch.Tensor, block: torch.nn.Module) -> torch.Tensor:
@@ -206,10 +212,82 @@ def block(x: torch.Tensor, block: torch.nn.Module) -> torch.Tensor:
                         m.c_proj.weight, m.c_proj.bias, a.n_head, block.ln_1.eps, block.ln_2.eps)
 
 
+class _ModelLoss(torch.autograd.Function):
+    """GPT.forward's mean cross-entropy loss for a training step, the whole model in one call of
+    train.c each way (sg_gpt_fwd/bwd: embeddings, the blocks as in _Block, ln_f, the tied head and
+    the loss). No logits leave it, and nothing runs in Python or autograd between the layers."""
+
+    @staticmethod
+    def forward(ctx, idx, targets, shape, *params):
+        B, T, C, V, L, F, H, eps, _ = shape
+        lib = load()
+        buf = torch.empty(lib.sg_gpt_saved_floats(B, T, C, F, H, V, L))
+        loss, count = ctypes.c_double(), ctypes.c_long()
+        rc = lib.sg_gpt_fwd(idx.data_ptr(), targets.data_ptr(), B, T, C, V, L, F, H, eps, _pointers(params),
+                            buf.data_ptr(), ctypes.byref(loss), ctypes.byref(count))
+        if rc < 0:
+            raise ValueError(f"target token ids must be in 0..{V - 1} or {IGNORE_INDEX} (no loss)")
+        if rc == 0:
+            raise MemoryError("causal attention: no memory for the kernel's scratch buffers")
+        ctx.save_for_backward(idx, targets, buf, *params)
+        ctx.shape, ctx.count = shape, count.value
+        return torch.tensor(loss.value, dtype=torch.float32)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss: torch.Tensor):
+        idx, targets, buf, *params = ctx.saved_tensors
+        B, T, C, V, L, F, H, _, n_positions = ctx.shape
+        grads = [torch.empty_like(p) if need else None for p, need in zip(params, ctx.needs_input_grad[3:])]
+        scale = float(dloss) / ctx.count if ctx.count else 0.0
+        if not load().sg_gpt_bwd(idx.data_ptr(), targets.data_ptr(), B, T, C, V, L, F, H, scale, _pointers(params),
+                                 buf.data_ptr(), _pointers(grads), n_positions):
+            raise MemoryError("model backward: no memory for the kernels' work buffers")
+        return (None, None, None, *grads)
+
+
+def model_usable(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether model_loss may take this step: gradients on, no autocast or compile, torch's sgemm
+    found, idx and targets (B, T) with 2..min(n_positions, MAX_ATTENTION_T) positions, the head tied
+    to the token embedding without a bias, no dropout in training, one LayerNorm epsilon, and
+    every block one that _block_ok takes."""
+    if not (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and load() is not None and _blas_ready()):
+        return False
+    tr = model.transformer
+    if idx.dim() != 2 or targets.shape != idx.shape or idx.size(1) > model.config.n_positions:
+        return False
+    if model.lm_head.weight is not tr.wte.weight or model.lm_head.bias is not None or tr.ln_f.weight is None:
+        return False
+    if model.training and tr.drop.p:
+        return False
+    eps = tr.ln_f.eps
+    if any(b.ln_1.eps != eps or b.ln_2.eps != eps or not _block_ok(b, idx.size(1)) for b in tr.h):
+        return False
+    return all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+               for p in (tr.wte.weight, tr.wpe.weight, tr.ln_f.weight))
+
+
+def model_loss(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """model(idx, targets)[1] (a model.GPT) for model_usable() steps, as one autograd node."""
+    tr = model.transformer
+    params = [tr.wte.weight, tr.wpe.weight]
+    for b in tr.h:
+        a, m = b.attn, b.mlp
+        params += [b.ln_1.weight, b.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
+                   b.ln_2.weight, b.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
+    params += [tr.ln_f.weight, tr.ln_f.bias]
+    cfg = model.config
+    B, T = idx.shape
+    shape = (B, T, cfg.n_embd, cfg.vocab_size, cfg.n_layer, tr.h[0].mlp.c_fc.weight.size(0), cfg.n_head,
+             tr.ln_f.eps, tr.wpe.weight.size(0))
+    return _ModelLoss.apply(idx.long().contiguous(), targets.long().contiguous(), shape, *params)
+
+
 class _AdamWPlan:
     """What adamw_step needs of an optimizer that does not change from step to step: its tensors
-    with gradients, their state tensors and the C arrays of their addresses. Rebuilt whenever any of
-    these is no longer the same tensor at the same address (a load_state_dict, a new parameter)."""
+    with gradients, their state tensors and the C arrays of their addresses. Rebuilt whenever a
+    parameter, its state or its storage is no longer the same (a load_state_dict, a new parameter)."""
 
     def __init__(self, optimizer: torch.optim.AdamW, params: list[torch.Tensor]):
         self.params = params
@@ -221,29 +299,22 @@ class _AdamWPlan:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        states = [optimizer.state[p] for p in params]
-        self.steps = [st["step"] for st in states]
-        self.moments = [(st["exp_avg"], st["exp_avg_sq"]) for st in states]
-        self.ok = all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
-                      for pair in self.moments for t in pair) and all(
-                          isinstance(t, torch.Tensor) and t.numel() == 1 for t in self.steps)
-        self.addresses = self._addresses(optimizer)
+        self.states = [optimizer.state[p] for p in params]  # load_state_dict makes new ones
+        self.steps = [st["step"] for st in self.states]
+        self.moments = [(st["exp_avg"], st["exp_avg_sq"]) for st in self.states]
+        self.ok = (all(_fp32_cpu_dense(t) for t in params) and all(_fp32_cpu_dense(t) for mv in self.moments for t in mv)
+                   and all(isinstance(t, torch.Tensor) and t.numel() == 1 for t in self.steps))
+        self.data = [p.data_ptr() for p in params]
         self.p_ptrs = _pointers(params)
         self.m_ptrs = _pointers([m for m, _ in self.moments])
         self.v_ptrs = _pointers([v for _, v in self.moments])
         self.sizes = (ctypes.c_long * len(params))(*(p.numel() for p in params))
 
-    def _addresses(self, optimizer: torch.optim.AdamW) -> list:
-        states = [optimizer.state.get(p, {}) for p in self.params]
-        return [(p.data_ptr(), st.get("exp_avg"), st.get("exp_avg_sq"), st.get("step"))
-                for p, st in zip(self.params, states)]
-
     def current(self, optimizer: torch.optim.AdamW, params: list[torch.Tensor]) -> bool:
-        if len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params)):
-            return False
-        now = self._addresses(optimizer)
-        return all(a[0] == b[0] and a[1] is b[1] and a[2] is b[2] and a[3] is b[3]
-                   for a, b in zip(now, self.addresses))
+        state = optimizer.state
+        return (len(params) == len(self.params) and all(p is q for p, q in zip(params, self.params))
+                and all(state.get(p) is st for p, st in zip(params, self.states))
+                and [p.data_ptr() for p in params] == self.data)
 
 
 def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
@@ -252,8 +323,8 @@ def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
 
 def _adamw_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None:
     """The parameters with gradients, if adamw_step may take this optimizer: a torch.optim.AdamW
-    without amsgrad/maximize/capturable/differentiable and with float lrs, whose parameters and
-    gradients are dense contiguous fp32 CPU tensors; None otherwise."""
+    without amsgrad/maximize/capturable/differentiable and with float lrs, with dense contiguous
+    fp32 CPU gradients (the parameters themselves are checked where a plan is made); else None."""
     if type(optimizer) is not torch.optim.AdamW or load() is None:
         return None
     out = []
@@ -261,17 +332,12 @@ def _adamw_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None
         if (group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable")
                 or isinstance(group["lr"], torch.Tensor)):
             return None
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if not (_fp32_cpu_dense(p) and _fp32_cpu_dense(p.grad)):
-                return None
-            out.append(p)
-    return out
+        out += [p for p in group["params"] if p.grad is not None]
+    return out if all(_fp32_cpu_dense(p.grad) for p in out) else None
 
 
 def _fp32_cpu_dense(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided and t.is_contiguous()
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous()
 
 
 def adamw_step(optimizer: torch.optim.Optimizer, max_norm: float, threads: int) -> float | None:
