@@ -13,6 +13,7 @@ import ctypes
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -246,42 +247,76 @@ class _ModelLoss(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+_BLOCK_SLOTS = (("ln_1", "weight"), ("ln_1", "bias"), ("attn.c_attn", "weight"), ("attn.c_attn", "bias"),
+                ("attn.c_proj", "weight"), ("attn.c_proj", "bias"), ("ln_2", "weight"), ("ln_2", "bias"),
+                ("mlp.c_fc", "weight"), ("mlp.c_fc", "bias"), ("mlp.c_proj", "weight"), ("mlp.c_proj", "bias"))
+
+
+class _ModelPlan:
+    """What model_usable and model_loss need of a GPT, found once: its parameters in train.c's
+    order with the module and name each sits at, and the checks that cannot change without a new
+    plan. Walking the module tree each step took ~0.4 ms, in both threads of a split step."""
+
+    def __init__(self, model: torch.nn.Module):
+        tr = model.transformer
+        self.model, self.h, self.head = model, tr.h, model.lm_head
+        self.slots = [(tr.wte, "weight"), (tr.wpe, "weight")]
+        for b in tr.h:
+            self.slots += [(b.get_submodule(mod), name) for mod, name in _BLOCK_SLOTS]
+        self.slots += [(tr.ln_f, "weight"), (tr.ln_f, "bias")]
+        self.params = [mod._parameters.get(name) for mod, name in self.slots]
+        self.dropouts = [tr.drop] + [d for b in tr.h for d in (b.attn.resid_dropout, b.mlp.dropout)]
+        self.attn = [b.attn for b in tr.h]
+        eps = tr.ln_f.eps
+        self.eps, self.F = eps, tr.h[0].mlp.c_fc.weight.size(0)
+        self.static_ok = (self.head.weight is tr.wte.weight and self.head.bias is None
+                          and all(b.ln_1.eps == eps and b.ln_2.eps == eps and b.attn.head_dim in (8, 16, 32, 64)
+                                  and b.mlp.c_fc.weight.size(0) == self.F for b in tr.h)
+                          and all(self.params[i] is not None for i in range(0, len(self.params), 2)))
+
+    def current(self, model: torch.nn.Module) -> bool:
+        return (model.transformer.h is self.h and model.lm_head is self.head and self.head.weight is self.params[0]
+                and all(mod._parameters.get(name) is p for (mod, name), p in zip(self.slots, self.params)))
+
+    def usable_now(self, training: bool) -> bool:
+        if not self.static_ok:
+            return False
+        if training and (any(d.p for d in self.dropouts) or any(a.dropout for a in self.attn)):
+            return False
+        return all(p is None or (p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous())
+                   for p in self.params)
+
+
+def _model_plan(model: torch.nn.Module) -> _ModelPlan:
+    plan = model.__dict__.get("_simplegpt_plan")
+    if plan is None or not plan.current(model):
+        plan = _ModelPlan(model)
+        model.__dict__["_simplegpt_plan"] = plan
+    return plan
+
+
 def model_usable(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> bool:
     """Whether model_loss may take this step: gradients on, no autocast or compile, torch's sgemm
     found, idx and targets (B, T) with 2..min(n_positions, MAX_ATTENTION_T) positions, the head tied
-    to the token embedding without a bias, no dropout in training, one LayerNorm epsilon, and
-    every block one that _block_ok takes."""
+    to the token embedding without a bias, no dropout in training, one LayerNorm epsilon, head sizes
+    of 8, 16, 32 or 64, and fp32 contiguous CPU parameters."""
     if not (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and load() is not None and _blas_ready()):
         return False
-    tr = model.transformer
-    if idx.dim() != 2 or targets.shape != idx.shape or idx.size(1) > model.config.n_positions:
+    if idx.dim() != 2 or targets.shape != idx.shape or not 1 < idx.size(1) <= min(model.config.n_positions,
+                                                                                   MAX_ATTENTION_T):
         return False
-    if model.lm_head.weight is not tr.wte.weight or model.lm_head.bias is not None or tr.ln_f.weight is None:
-        return False
-    if model.training and tr.drop.p:
-        return False
-    eps = tr.ln_f.eps
-    if any(b.ln_1.eps != eps or b.ln_2.eps != eps or not _block_ok(b, idx.size(1)) for b in tr.h):
-        return False
-    return all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
-               for p in (tr.wte.weight, tr.wpe.weight, tr.ln_f.weight))
+    return _model_plan(model).usable_now(model.training)
 
 
 def model_loss(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """model(idx, targets)[1] (a model.GPT) for model_usable() steps, as one autograd node."""
-    tr = model.transformer
-    params = [tr.wte.weight, tr.wpe.weight]
-    for b in tr.h:
-        a, m = b.attn, b.mlp
-        params += [b.ln_1.weight, b.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
-                   b.ln_2.weight, b.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
-    params += [tr.ln_f.weight, tr.ln_f.bias]
+    plan = _model_plan(model)
     cfg = model.config
     B, T = idx.shape
-    shape = (B, T, cfg.n_embd, cfg.vocab_size, cfg.n_layer, tr.h[0].mlp.c_fc.weight.size(0), cfg.n_head,
-             tr.ln_f.eps, tr.wpe.weight.size(0))
-    return _ModelLoss.apply(idx.long().contiguous(), targets.long().contiguous(), shape, *params)
+    shape = (B, T, cfg.n_embd, cfg.vocab_size, cfg.n_layer, plan.F, cfg.n_head, plan.eps,
+             plan.params[1].size(0))
+    return _ModelLoss.apply(idx.long().contiguous(), targets.long().contiguous(), shape, *plan.params)
 
 
 class _AdamWPlan:
@@ -300,10 +335,15 @@ class _AdamWPlan:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.states = [optimizer.state[p] for p in params]  # load_state_dict makes new ones
-        self.steps = [st["step"] for st in self.states]
         self.moments = [(st["exp_avg"], st["exp_avg_sq"]) for st in self.states]
         self.ok = (all(_fp32_cpu_dense(t) for t in params) and all(_fp32_cpu_dense(t) for mv in self.moments for t in mv)
-                   and all(isinstance(t, torch.Tensor) and t.numel() == 1 for t in self.steps))
+                   and all(isinstance(st["step"], torch.Tensor) and st["step"].numel() == 1 for st in self.states))
+        if self.ok:
+            # every parameter's step count becomes a view into one buffer: one add a step, not one per tensor
+            self.steps = torch.tensor([float(st["step"]) for st in self.states], dtype=torch.float32)
+            for i, st in enumerate(self.states):
+                st["step"] = self.steps[i]
+        self.group_of = np.array(self.group_of)
         self.data = [p.data_ptr() for p in params]
         self.p_ptrs = _pointers(params)
         self.m_ptrs = _pointers([m for m, _ in self.moments])
@@ -370,11 +410,12 @@ def adamw_step(optimizer: torch.optim.Optimizer, max_norm: float, threads: int) 
             raise MemoryError("optimizer step: no memory for the gradient norm's partial sums")
         norm = math.sqrt(sq.value)
         scale = min(max_norm / (norm + 1e-6), 1.0)  # clip_grad_norm_'s factor
-    torch._foreach_add_(plan.steps, 1.0)
-    steps = torch.stack(plan.steps).tolist()
-    per_group = [(g["lr"], g["weight_decay"], *g["betas"], g["eps"]) for g in optimizer.param_groups]
-    hp = [x for i, step in zip(plan.group_of, steps) for x in (*per_group[i], step)]
-    if not lib.sg_adamw(plan.p_ptrs, grads, plan.m_ptrs, plan.v_ptrs, plan.sizes, (ctypes.c_double * len(hp))(*hp),
-                        len(params), scale, threads):
+    plan.steps += 1
+    hp = np.empty((len(params), 6))  # per tensor: lr, weight decay, beta1, beta2, eps, step
+    hp[:, :5] = np.array([(g["lr"], g["weight_decay"], *g["betas"], g["eps"]) for g in optimizer.param_groups])[
+        plan.group_of]
+    hp[:, 5] = plan.steps.numpy()
+    if not lib.sg_adamw(plan.p_ptrs, grads, plan.m_ptrs, plan.v_ptrs, plan.sizes, hp.ctypes.data, len(params),
+                        scale, threads):
         raise MemoryError("optimizer step: no memory for the work list")
     return norm
