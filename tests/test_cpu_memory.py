@@ -1,5 +1,6 @@
 """keep_freed_memory: a training step's freed buffers are reused without page faults (glibc)."""
 
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,10 @@ from simplegpt import cpu_memory
 
 pytestmark = pytest.mark.skipif(cpu_memory._glibc() is None, reason="malloc tuning is glibc-only")
 
-# Training steps of a small model split over two threads, as the trainer runs them on a CPU: page
-# faults per step with glibc's defaults first, then inside keep_freed_memory (a fresh interpreter,
-# since glibc's adaptive thresholds cannot be put back once set).
+# Training steps of a small model split over two threads, as the trainer runs them on a CPU with
+# PyTorch's own ops (SIMPLEGPT_NATIVE=0: every activation and gradient a fresh tensor; the native
+# whole-model step allocates little): page faults per step with glibc's defaults first, then inside
+# keep_freed_memory (a fresh interpreter, since glibc's adaptive thresholds cannot be put back).
 SCRIPT = """
 import resource, torch
 from simplegpt.cpu_memory import keep_freed_memory
@@ -37,7 +39,8 @@ print(default, kept)
 
 
 def test_a_training_step_stops_faulting_its_buffers_back_in():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "SIMPLEGPT_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     default, kept = map(float, out.stdout.split())
     assert default > 200  # the workload does fault by default, or this test would prove nothing
