@@ -132,8 +132,8 @@ def _load() -> None:
         lib.sg_block_fwd.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
         lib.sg_block_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
         lib.sg_block_fwd.restype = lib.sg_block_bwd.restype = ctypes.c_int
-        lib.sg_gpt_saved_floats.argtypes = [ctypes.c_int] * 7
-        lib.sg_gpt_saved_floats.restype = ctypes.c_long
+        lib.sg_gpt_head_floats.argtypes = [ctypes.c_int] * 4
+        lib.sg_gpt_head_floats.restype = ctypes.c_long
         lib.sg_gpt_fwd.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 4
         lib.sg_gpt_bwd.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 3
                                    + [ctypes.c_int])

@@ -780,31 +780,30 @@ int sg_block_bwd(const float *x, float *const *prm, const float *saved_, const f
 #define IGNORE_INDEX (-100)
 
 typedef struct {
-    float *xs;    /* (L + 1, M, C): each block's input, then the last block's output */
-    float *saved; /* L blocks' sg_block_saved_floats() */
+    float *xs;            /* (L + 1, M, C): each block's input, then the last block's output */
+    float *const *saved;  /* L blocks' sg_block_saved_floats() each */
     float *lnf, *lnf_mean, *lnf_rstd;
-    float *probs; /* (M, V) softmax of the logits */
+    float *probs;         /* (M, V) softmax of the logits */
 } gpt_saved;
 
-long sg_gpt_saved_floats(int B, int T, int C, int F, int H, int V, int L) {
+/* The floats of what the forward keeps, in L + 2 buffers: bufs[0] the blocks' inputs ((L + 1) M C),
+ * bufs[1..L] one block's sg_block_saved_floats() each, bufs[L + 1] the head's (M C + 2 M + M V).
+ * Separate buffers stay under glibc's largest heap block at the sizes of CPU training, where one
+ * buffer of all of them would be mapped fresh (and faulted in page by page) every step. */
+long sg_gpt_head_floats(int B, int T, int C, int V) {
     long M = (long)B * T;
-    return (L + 1) * M * C + L * sg_block_saved_floats(B, T, C, F, H) + M * C + 2 * M + M * V;
+    return M * C + 2 * M + M * V;
 }
 
-static gpt_saved carve_gpt(float *m, int B, int T, int C, int F, int H, int V, int L) {
+static gpt_saved carve_gpt(float *const *bufs, int B, int T, int C, int L) {
     long M = (long)B * T;
     gpt_saved s;
-    s.xs = m;
-    m += (L + 1) * M * C;
-    s.saved = m;
-    m += L * sg_block_saved_floats(B, T, C, F, H);
-    s.lnf = m;
-    m += M * C;
-    s.lnf_mean = m;
-    m += M;
-    s.lnf_rstd = m;
-    m += M;
-    s.probs = m;
+    s.xs = bufs[0];
+    s.saved = bufs + 1;
+    s.lnf = bufs[L + 1];
+    s.lnf_mean = s.lnf + M * C;
+    s.lnf_rstd = s.lnf_mean + M;
+    s.probs = s.lnf_rstd + M;
     return s;
 }
 
@@ -812,21 +811,20 @@ static gpt_saved carve_gpt(float *m, int B, int T, int C, int F, int H, int V, i
  * wpe (>= T, C), then 12 per block (as for sg_block_fwd), then ln_f's weight and bias (bias may
  * be NULL). Returns 1, 0 without memory, -1 for a target outside [0, V) that is not IGNORE_INDEX. */
 int sg_gpt_fwd(const long *idx, const long *tgt, int B, int T, int C, int V, int L, int F, int H, float eps,
-               float *const *params, float *buf, double *loss, long *count) {
+               float *const *params, float *const *bufs, double *loss, long *count) {
     long M = (long)B * T;
     for (long r = 0; r < M; r++)
         if (tgt[r] != IGNORE_INDEX && (tgt[r] < 0 || tgt[r] >= V)) return -1;
-    gpt_saved s = carve_gpt(buf, B, T, C, F, H, V, L);
+    gpt_saved s = carve_gpt(bufs, B, T, C, L);
     const float *wte = params[0], *wpe = params[1];
-    long per_block = sg_block_saved_floats(B, T, C, F, H);
 #pragma omp parallel for schedule(static)
     for (long r = 0; r < M; r++) {
         const float *e = wte + idx[r] * C, *p = wpe + (r % T) * C;
         for (int i = 0; i < C; i++) s.xs[r * C + i] = e[i] + p[i];
     }
     for (int l = 0; l < L; l++)
-        if (!sg_block_fwd(s.xs + l * M * C, params + 2 + 12 * l, s.xs + (l + 1) * M * C, s.saved + l * per_block, B, T,
-                          C, F, H, eps, eps))
+        if (!sg_block_fwd(s.xs + l * M * C, params + 2 + 12 * l, s.xs + (l + 1) * M * C, s.saved[l], B, T, C, F, H,
+                          eps, eps))
             return 0;
     float *const *lnf = params + 2 + 12 * L;
     sg_layernorm_fwd(s.xs + L * M * C, lnf[0], lnf[1], s.lnf, s.lnf_mean, s.lnf_rstd, M, C, eps);
@@ -850,10 +848,9 @@ int sg_gpt_fwd(const long *idx, const long *tgt, int B, int T, int C, int V, int
  * into grads, laid out as params (NULL where none is wanted; wte's gathers the head's and the
  * embedding's). Returns 0 if there was no memory. */
 int sg_gpt_bwd(const long *idx, const long *tgt, int B, int T, int C, int V, int L, int F, int H, float scale,
-               float *const *params, const float *buf, float *const *grads, int n_positions) {
+               float *const *params, float *const *bufs, float *const *grads, int n_positions) {
     long M = (long)B * T;
-    gpt_saved s = carve_gpt((float *)buf, B, T, C, F, H, V, L);
-    long per_block = sg_block_saved_floats(B, T, C, F, H);
+    gpt_saved s = carve_gpt(bufs, B, T, C, L);
     float *work = malloc(((size_t)M * V + 2 * (size_t)M * C + C) * sizeof(float));
     if (!work) return 0;
     float *dlogits = work, *dx = dlogits + M * V, *dprev = dx + M * C, *unused = dprev + M * C;
@@ -876,8 +873,8 @@ int sg_gpt_bwd(const long *idx, const long *tgt, int B, int T, int C, int V, int
     ok &= sg_layernorm_bwd(s.xs + L * M * C, lnf[0], s.lnf_mean, s.lnf_rstd, dprev, NULL, dx,
                            dlnf[0] ? dlnf[0] : unused, dlnf[1], M, C);
     for (int l = L - 1; l >= 0 && ok; l--) {
-        ok &= sg_block_bwd(s.xs + l * M * C, params + 2 + 12 * l, s.saved + l * per_block, dx, dprev,
-                           grads + 2 + 12 * l, B, T, C, F, H);
+        ok &= sg_block_bwd(s.xs + l * M * C, params + 2 + 12 * l, s.saved[l], dx, dprev, grads + 2 + 12 * l, B, T,
+                           C, F, H);
         float *t = dx;
         dx = dprev;
         dprev = t;

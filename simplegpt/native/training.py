@@ -222,27 +222,29 @@ class _ModelLoss(torch.autograd.Function):
     def forward(ctx, idx, targets, shape, *params):
         B, T, C, V, L, F, H, eps, _ = shape
         lib = load()
-        buf = torch.empty(lib.sg_gpt_saved_floats(B, T, C, F, H, V, L))
+        bufs = ([torch.empty((L + 1) * B * T * C)] + [torch.empty(lib.sg_block_saved_floats(B, T, C, F, H))
+                                                       for _ in range(L)] + [torch.empty(lib.sg_gpt_head_floats(B, T, C, V))])
         loss, count = ctypes.c_double(), ctypes.c_long()
         rc = lib.sg_gpt_fwd(idx.data_ptr(), targets.data_ptr(), B, T, C, V, L, F, H, eps, _pointers(params),
-                            buf.data_ptr(), ctypes.byref(loss), ctypes.byref(count))
+                            _pointers(bufs), ctypes.byref(loss), ctypes.byref(count))
         if rc < 0:
             raise ValueError(f"target token ids must be in 0..{V - 1} or {IGNORE_INDEX} (no loss)")
         if rc == 0:
             raise MemoryError("causal attention: no memory for the kernel's scratch buffers")
-        ctx.save_for_backward(idx, targets, buf, *params)
+        ctx.save_for_backward(idx, targets, *bufs, *params)
         ctx.shape, ctx.count = shape, count.value
         return torch.tensor(loss.value, dtype=torch.float32)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss: torch.Tensor):
-        idx, targets, buf, *params = ctx.saved_tensors
         B, T, C, V, L, F, H, _, n_positions = ctx.shape
+        idx, targets, *rest = ctx.saved_tensors
+        bufs, params = rest[:L + 2], rest[L + 2:]
         grads = [torch.empty_like(p) if need else None for p, need in zip(params, ctx.needs_input_grad[3:])]
         scale = float(dloss) / ctx.count if ctx.count else 0.0
         if not load().sg_gpt_bwd(idx.data_ptr(), targets.data_ptr(), B, T, C, V, L, F, H, scale, _pointers(params),
-                                 buf.data_ptr(), _pointers(grads), n_positions):
+                                 _pointers(bufs), _pointers(grads), n_positions):
             raise MemoryError("model backward: no memory for the kernels' work buffers")
         return (None, None, None, *grads)
 
