@@ -1,6 +1,7 @@
 /* simplegpt's CPU kernels for training (see simplegpt/native/training.py): GPT-2's tanh-GELU,
  * causal self-attention and LayerNorm, forward and backward, in fewer passes over memory than
- * PyTorch's CPU kernels take at small-model sizes.
+ * PyTorch's CPU kernels take at small-model sizes; a whole block and a whole model with its loss
+ * built from them (matrix products in torch's own sgemm); AdamW with the gradients' norm.
  *
  * Work is split with OpenMP. The library is linked against libgomp, and in a process where torch
  * (built with OpenMP, as its Linux wheels are) is loaded, the loader binds it to torch's own copy:

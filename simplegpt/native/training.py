@@ -1,10 +1,12 @@
 """Autograd functions over train.c for training on CPUs: LayerNorm, GPT-2's tanh-GELU and causal
-self-attention.
+self-attention; a whole GPT-2 block; a whole model with its loss; and AdamW with clipping.
 
-At small-model sizes PyTorch's CPU kernels for these take ~35% of a training step (the GELU in
-several passes with a slow tanh; attention as the flash kernel plus transposes and copies around
-it). train.c does each in few passes each way, on torch's own OpenMP threads. model.py uses them when
-`usable()` says so and the step needs gradients; everything else keeps PyTorch's kernels.
+At small-model sizes PyTorch's CPU ops around the matrix products take about half of a training
+step (the GELU in several passes with a slow tanh; attention as the flash kernel plus transposes
+and copies; bias copies, residual adds, autograd and Python between ~20 ops a block). train.c does
+each in few passes, on torch's own OpenMP threads. model.py takes the biggest piece that applies:
+GPT.loss -> model_loss (the whole step), else Block -> block, else the single ops, when the step
+needs gradients in fp32 on a CPU; everything else keeps PyTorch's kernels.
 """
 
 from __future__ import annotations
