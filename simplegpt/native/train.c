@@ -93,6 +93,16 @@ void sg_bias_gelu_fwd(float *u, const float *b, float *y, long M, int N) {
 
 #define COLSUM_ROWS 32 /* rows per work item of the column sums; items are then summed in order */
 
+/* out[i] = sum over items of partial[item][i] (items rows of N), in item order */
+static void sum_partials(const float *partial, long items, int N, float *out) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        float acc = 0.0f;
+        for (long it = 0; it < items; it++) acc += partial[it * N + i];
+        out[i] = acc;
+    }
+}
+
 /* du = dy * gelu'(u) (du may be dy) and, when db is not NULL, db = the column sums of du (the
  * bias gradient), the same bits on any thread count. Returns 0 if there was no memory. */
 int sg_gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, int N) {
@@ -121,12 +131,7 @@ int sg_gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M
         }
     }
     if (db) {
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < N; i++) {
-            float acc = 0.0f;
-            for (long it = 0; it < items; it++) acc += partial[it * N + i];
-            db[i] = acc;
-        }
+        sum_partials(partial, items, N, db);
         free(partial);
     }
     return 1;
@@ -672,12 +677,7 @@ static int colsum(const float *a, long M, int N, float *out) {
         for (long r = it * COLSUM_ROWS; r < r1; r++)
             for (int i = 0; i < N; i++) pd[i] += a[r * N + i];
     }
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < N; i++) {
-        float acc = 0.0f;
-        for (long it = 0; it < items; it++) acc += partial[it * N + i];
-        out[i] = acc;
-    }
+    sum_partials(partial, items, N, out);
     free(partial);
     return 1;
 }
