@@ -1,5 +1,6 @@
 """The native training kernels (simplegpt/native/train.c via simplegpt.native.training)."""
 
+import math
 import os
 
 import pytest
@@ -293,3 +294,22 @@ def test_whole_model_loss_refuses_a_target_outside_the_vocabulary():
     targets[1, 3] = 50
     with pytest.raises(ValueError, match="target token ids must be in 0..49"):
         model.loss(idx, targets)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_trainer_takes_the_whole_model_step(tmp_path, shakespeare_path, monkeypatch, threads):
+    """Alone and in each share of a split step (2 threads)."""
+    from simplegpt.config import TrainConfig
+    from simplegpt.train import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_path.read_text()[:20_000])
+    calls, real = [], training.model_loss
+    monkeypatch.setattr(training, "model_loss", lambda *a: calls.append(a[1].shape) or real(*a))
+    cfg = TrainConfig(data=str(corpus), data_dir=str(tmp_path / "data"), n_layer=1, n_head=2, n_embd=16,
+                      block_size=16, batch_size=4, max_iters=3, eval_interval=3, eval_iters=1, sample_tokens=0,
+                      num_threads=threads, plot=False, tensorboard=False, peak_flops=1e12,
+                      out_dir=str(tmp_path / "run"))
+    result = train(cfg, progress=False, log=lambda s: None)
+    assert calls == [(4 // threads, 16)] * 3 * threads
+    assert all(math.isfinite(x) for x in result.losses)

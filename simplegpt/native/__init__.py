@@ -120,12 +120,6 @@ def _load() -> None:
         lib.sg_attn_fwd.restype = lib.sg_attn_bwd.restype = ctypes.c_int
         lib.sg_layernorm_fwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_int, ctypes.c_float]
         lib.sg_layernorm_bwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long, ctypes.c_int]
-        lib.sg_residual_layernorm_fwd.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long, ctypes.c_int, ctypes.c_float]
-        lib.sg_residual_layernorm_fwd.restype = None
-        lib.sg_bias_gelu_fwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int]
-        lib.sg_bias_gelu_fwd.restype = None
-        lib.sg_gelu_bwd_db.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_int]
-        lib.sg_gelu_bwd_db.restype = ctypes.c_int
         lib.sg_set_sgemm.argtypes, lib.sg_set_sgemm.restype = [ctypes.c_void_p], None
         lib.sg_block_saved_floats.argtypes = [ctypes.c_int] * 5
         lib.sg_block_saved_floats.restype = ctypes.c_long

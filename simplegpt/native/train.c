@@ -69,7 +69,7 @@ void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n) {
 
 /* The MLP's bias and GELU after its first matmul, for the fused block (training.py):
  * u += b per column (u is the (M, N) product, b may be NULL), then y = gelu(u). */
-void sg_bias_gelu_fwd(float *u, const float *b, float *y, long M, int N) {
+static void bias_gelu_fwd(float *u, const float *b, float *y, long M, int N) {
     int N8 = N & ~7;
 #pragma omp parallel for schedule(static)
     for (long r = 0; r < M; r++) {
@@ -105,7 +105,7 @@ static void sum_partials(const float *partial, long items, int N, float *out) {
 
 /* du = dy * gelu'(u) (du may be dy) and, when db is not NULL, db = the column sums of du (the
  * bias gradient), the same bits on any thread count. Returns 0 if there was no memory. */
-int sg_gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, int N) {
+static int gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, int N) {
     long items = (M + COLSUM_ROWS - 1) / COLSUM_ROWS;
     int N8 = N & ~7;
     float *partial = db ? calloc((size_t)items * N, sizeof(float)) : NULL;
@@ -439,7 +439,7 @@ void sg_layernorm_fwd(const float *x, const float *w, const float *b, float *y, 
 /* A block's residual add and the LayerNorm after it, for the fused block (training.py):
  * x2 = x + h + hb (hb: the bias of the matmul h came from, may be NULL), y = LayerNorm(x2), and,
  * when xb is not NULL, xb = x2 + eb (the next residual's input with the next bias already in). */
-void sg_residual_layernorm_fwd(const float *x, const float *h, const float *hb, float *x2, const float *eb, float *xb,
+static void residual_layernorm_fwd(const float *x, const float *h, const float *hb, float *x2, const float *eb, float *xb,
                                const float *w, const float *b, float *y, float *mean, float *rstd, long R, int C,
                                float eps) {
     int C8 = C & ~7;
@@ -729,10 +729,10 @@ int sg_block_fwd(const float *x, float *const *prm, float *y, float *saved, int 
     if (!sg_attn_fwd(s.qkv, s.att, s.lse, B, T, C, H, 1.0f / sqrtf((float)(C / H)))) return 0;
     /* h = att proj_W^T goes into y for now; y then becomes x2 + mp_b, and the MLP adds onto it */
     mm_xwt(s.att, prm[PROJ_W], y, (int)M, C, C, 0.0f);
-    sg_residual_layernorm_fwd(x, y, prm[PROJ_B], s.x2, prm[MP_B], y, prm[LN2_W], prm[LN2_B], s.ln2, s.mean2, s.rstd2,
+    residual_layernorm_fwd(x, y, prm[PROJ_B], s.x2, prm[MP_B], y, prm[LN2_W], prm[LN2_B], s.ln2, s.mean2, s.rstd2,
                               M, C, eps2);
     mm_xwt(s.ln2, prm[FC_W], s.u, (int)M, F, C, 0.0f);
-    sg_bias_gelu_fwd(s.u, prm[FC_B], s.g, M, F);
+    bias_gelu_fwd(s.u, prm[FC_B], s.g, M, F);
     mm_xwt(s.g, prm[MP_W], y, (int)M, C, F, 1.0f);
     return 1;
 }
@@ -753,7 +753,7 @@ int sg_block_bwd(const float *x, float *const *prm, const float *saved_, const f
     if (grad[MP_W]) mm_atb(dy, s.g, grad[MP_W], (int)M, C, F);
     if (grad[MP_B]) ok &= colsum(dy, M, C, grad[MP_B]);
     mm_ab(dy, prm[MP_W], du, (int)M, F, C);
-    ok &= sg_gelu_bwd_db(s.u, du, du, grad[FC_B], M, F);
+    ok &= gelu_bwd_db(s.u, du, du, grad[FC_B], M, F);
     if (grad[FC_W]) mm_atb(du, s.ln2, grad[FC_W], (int)M, F, C);
     mm_ab(du, prm[FC_W], dln2, (int)M, C, F);
     /* ln_2 and its residual: dx2 = dy + ln_2's backward */
