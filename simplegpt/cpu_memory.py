@@ -2,8 +2,9 @@
 
 A training step frees all its activations and gradients and allocates them again in the next one.
 glibc hands large blocks back to the kernel (munmap, or trimming the heap top) as they are freed,
-so every step faults its buffers back in page by page: ~400-900 page faults per step for the small
-CPU model of bench/train_throughput.py, ~4% of its step (docs/benchmarks.md). Within
+so every step faults its buffers back in page by page: ~700-1,000 page faults per step for the
+small CPU model of bench/train_throughput.py on PyTorch's ops (the native whole-model step
+allocates far less), ~7% of one share's step (docs/benchmarks.md). Within
 `keep_freed_memory()` malloc keeps freed memory for reuse instead; at the end the free memory
 beyond a modest threshold is returned. Elsewhere (macOS, musl, Windows) it does nothing.
 """

@@ -291,8 +291,8 @@ class GPT(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """forward(idx, targets, attention_mask)'s loss, without the logits. A training step on the
-        CPU in fp32 runs the whole model and its loss as one native call each way
-        (simplegpt.native.training.model_loss; the same function, ~10% faster at small sizes)."""
+        CPU in fp32 runs the whole model and its loss as one native call each way (the same function
+        in fewer passes: simplegpt.native.training.model_loss, docs/training.md)."""
         if attention_mask is None and native_training.model_usable(self, idx, targets):
             self._check_ids(idx)  # model_usable checked the shapes and the length
             return native_training.model_loss(self, idx, targets)

@@ -206,13 +206,16 @@ def block_usable(x: torch.Tensor, block: torch.nn.Module) -> bool:
     return x.dim() == 3 and usable(x) and _blas_ready() and _block_ok(block, x.size(1))
 
 
-def block(x: torch.Tensor, block: torch.nn.Module) -> torch.Tensor:
+_BLOCK_SLOTS = (("ln_1", "weight"), ("ln_1", "bias"), ("attn.c_attn", "weight"), ("attn.c_attn", "bias"),
+                ("attn.c_proj", "weight"), ("attn.c_proj", "bias"), ("ln_2", "weight"), ("ln_2", "bias"),
+                ("mlp.c_fc", "weight"), ("mlp.c_fc", "bias"), ("mlp.c_proj", "weight"), ("mlp.c_proj", "bias"))
+
+
+def block(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """A GPT-2 Block (model.Block: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj) on
     x (B, T, C) with causal attention, as one autograd node (see _Block), for block_usable() inputs."""
-    a, m = block.attn, block.mlp
-    return _Block.apply(x, block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight,
-                        a.c_proj.bias, block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias,
-                        m.c_proj.weight, m.c_proj.bias, a.n_head, block.ln_1.eps, block.ln_2.eps)
+    params = [getattr(module.get_submodule(mod), name) for mod, name in _BLOCK_SLOTS]
+    return _Block.apply(x, *params, module.attn.n_head, module.ln_1.eps, module.ln_2.eps)
 
 
 class _ModelLoss(torch.autograd.Function):
@@ -249,11 +252,6 @@ class _ModelLoss(torch.autograd.Function):
                                  _pointers(bufs), _pointers(grads), n_positions):
             raise MemoryError("model backward: no memory for the kernels' work buffers")
         return (None, None, None, *grads)
-
-
-_BLOCK_SLOTS = (("ln_1", "weight"), ("ln_1", "bias"), ("attn.c_attn", "weight"), ("attn.c_attn", "bias"),
-                ("attn.c_proj", "weight"), ("attn.c_proj", "bias"), ("ln_2", "weight"), ("ln_2", "bias"),
-                ("mlp.c_fc", "weight"), ("mlp.c_fc", "bias"), ("mlp.c_proj", "weight"), ("mlp.c_proj", "bias"))
 
 
 class _ModelPlan:
