@@ -684,7 +684,7 @@ static int colsum(const float *a, long M, int N, float *out) {
 
 /* The block's 12 parameters, in model.Block's order (ln_1 w, b; c_attn W, b; attn c_proj W, b;
  * ln_2 w, b; c_fc W, b; mlp c_proj W, b), biases NULL where the model has none. */
-enum { LN1_W, LN1_B, ATTN_W, ATTN_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, MP_W, MP_B, N_PARAMS };
+enum { LN1_W, LN1_B, ATTN_W, ATTN_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, MP_W, MP_B };
 
 /* What the forward keeps for the backward, carved in this order out of one buffer of
  * sg_block_saved_floats() floats. */

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from . import load
 
 IGNORE_INDEX = -100  # as model.IGNORE_INDEX (model.py imports this module)
+HEAD_SIZES = (8, 16, 32, 64)  # the attention kernel's head sizes
 MAX_ATTENTION_T = 256  # beyond this PyTorch's flash kernel is faster (at 256: 0.98-1.2x; docs/benchmarks.md)
 
 
@@ -122,7 +123,7 @@ class _CausalAttention(torch.autograd.Function):
 def attention_usable(qkv: torch.Tensor, n_head: int) -> bool:
     """Whether causal_attention may take this (B, T, 3C) buffer: usable(), a head size of 8, 16, 32
     or 64 and 2..MAX_ATTENTION_T positions."""
-    return 1 < qkv.size(1) <= MAX_ATTENTION_T and qkv.size(-1) // 3 // n_head in (8, 16, 32, 64) and usable(qkv)
+    return 1 < qkv.size(1) <= MAX_ATTENTION_T and qkv.size(-1) // 3 // n_head in HEAD_SIZES and usable(qkv)
 
 
 def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -193,11 +194,11 @@ def _block_ok(block: torch.nn.Module, T: int) -> bool:
     attn, mlp = block.attn, block.mlp
     if block.training and (attn.dropout or attn.resid_dropout.p or mlp.dropout.p):
         return False
-    if not 1 < T <= MAX_ATTENTION_T or attn.head_dim not in (8, 16, 32, 64):
+    if not 1 < T <= MAX_ATTENTION_T or attn.head_dim not in HEAD_SIZES:
         return False
     if block.ln_1.weight is None or block.ln_2.weight is None:
         return False
-    return all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in block.parameters())
+    return all(_fp32_cpu_dense(p) for p in block.parameters())
 
 
 def block_usable(x: torch.Tensor, block: torch.nn.Module) -> bool:
@@ -261,7 +262,7 @@ class _ModelPlan:
 
     def __init__(self, model: torch.nn.Module):
         tr = model.transformer
-        self.model, self.h, self.head = model, tr.h, model.lm_head
+        self.h, self.head = tr.h, model.lm_head
         self.slots = [(tr.wte, "weight"), (tr.wpe, "weight")]
         for b in tr.h:
             self.slots += [(b.get_submodule(mod), name) for mod, name in _BLOCK_SLOTS]
@@ -272,7 +273,7 @@ class _ModelPlan:
         eps = tr.ln_f.eps
         self.eps, self.F = eps, tr.h[0].mlp.c_fc.weight.size(0)
         self.static_ok = (self.head.weight is tr.wte.weight and self.head.bias is None
-                          and all(b.ln_1.eps == eps and b.ln_2.eps == eps and b.attn.head_dim in (8, 16, 32, 64)
+                          and all(b.ln_1.eps == eps and b.ln_2.eps == eps and b.attn.head_dim in HEAD_SIZES
                                   and b.mlp.c_fc.weight.size(0) == self.F for b in tr.h)
                           and all(self.params[i] is not None for i in range(0, len(self.params), 2)))
 
@@ -285,8 +286,7 @@ class _ModelPlan:
             return False
         if training and (any(d.p for d in self.dropouts) or any(a.dropout for a in self.attn)):
             return False
-        return all(p is None or (p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous())
-                   for p in self.params)
+        return all(p is None or _fp32_cpu_dense(p) for p in self.params)
 
 
 def _model_plan(model: torch.nn.Module) -> _ModelPlan:
@@ -328,8 +328,8 @@ class _AdamWPlan:
 
     def __init__(self, optimizer: torch.optim.AdamW, params: list[torch.Tensor]):
         self.params = params
-        self.group_of = [next(i for i, g in enumerate(optimizer.param_groups) if any(p is q for q in g["params"]))
-                         for p in params]
+        self.group_of = np.array([next(i for i, g in enumerate(optimizer.param_groups)
+                                        if any(p is q for q in g["params"])) for p in params])
         for p in params:
             state = optimizer.state[p]
             if not state:  # as torch.optim.AdamW initialises it
@@ -345,7 +345,6 @@ class _AdamWPlan:
             self.steps = torch.tensor([float(st["step"]) for st in self.states], dtype=torch.float32)
             for i, st in enumerate(self.states):
                 st["step"] = self.steps[i]
-        self.group_of = np.array(self.group_of)
         self.data = [p.data_ptr() for p in params]
         self.p_ptrs = _pointers(params)
         self.m_ptrs = _pointers([m for m, _ in self.moments])
