@@ -289,8 +289,13 @@ class _Batch:
             self.cache = KVCache(engine.config, batch_size, engine.window, self.device, dtype)
         self.mask: torch.Tensor | None = None  # (B, window) 1 = real token, when rows are padded
         self.next_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # (B, 1)
-        # The blocks' tensors for native.block_one, gathered once per call, not per token.
-        self.native_blocks = engine.native_blocks() if engine.native and self.cache is not None else None
+        # The blocks for native decode steps, gathered once per call, not per token.
+        self.native_blocks: native.DecodeBlocks | None = None
+        blocks = engine.native_blocks() if engine.native and self.cache is not None else None
+        if blocks is not None:
+            cfg = engine.config
+            self.native_blocks = native.DecodeBlocks(blocks, self.cache.k[:, 0], self.cache.v[:, 0], cfg.n_head,
+                                                     cfg.layer_norm_epsilon)
 
     def next_logits(self, rows: list[_Row], active: list[int], still: list[int]) -> torch.Tensor:
         """Logits (B, V) for the next token of each row in `still` (a subset of `active`, in order)."""
@@ -349,14 +354,12 @@ class _Batch:
         self.next_pos += 1
         return logits
 
-    def _native_hidden(self, token: int, blocks: list) -> torch.Tensor:
-        """GPT.hidden_states for one token of one row, its blocks in native.block_one. Returns (1, C)."""
-        model, cache, cfg = self.model, self.cache, self.engine.config
+    def _native_hidden(self, token: int, blocks: native.DecodeBlocks) -> torch.Tensor:
+        """GPT.hidden_states for one token of one row, its blocks in one native call. Returns (1, C)."""
+        model, cache = self.model, self.cache
         pos = int(self.next_pos[0, 0])
         x = (model.transformer.wte.weight[token] + model.transformer.wpe.weight[pos]).contiguous()
-        for i, (params, scales) in enumerate(blocks):
-            native.block_one(x, params, scales, cache.k[i, 0], cache.v[i, 0], cache.length, cfg.n_head,
-                             cfg.layer_norm_epsilon)
+        blocks(x, cache.length)
         cache.advance(1)
         return model.transformer.ln_f(x.view(1, -1))
 
@@ -548,9 +551,9 @@ class Engine:
             use_gemv_layout(model)
 
     def native_blocks(self) -> list[tuple[list[torch.Tensor | None], list[torch.Tensor] | None]] | None:
-        """Each block's 12 tensors (and int8 row scales) for native.block_one, or None where the
+        """Each block's 12 tensors (and int8 row scales) for native.DecodeBlocks, or None where the
         model's blocks are not plain GPT-2 blocks on the CPU with fp32 or simplegpt.quantize int8
-        linears (then decode steps go through the model's forward)."""
+        linears, all of one kind (then decode steps go through the model's forward)."""
         blocks = []
         for block in self.model.transformer.h:
             if type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP:
@@ -573,6 +576,8 @@ class Engine:
             tensors = [ln1.weight, ln1.bias, w1, linears[0].bias, w2, linears[1].bias,
                        ln2.weight, ln2.bias, w3, linears[2].bias, w4, linears[3].bias]
             blocks.append((tensors, scales))
+        if len({scales is None for _, scales in blocks}) > 1:
+            return None
         return blocks
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:

@@ -50,17 +50,17 @@ def medium(seed=0) -> GPT:
 @needs_kernel
 def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     calls, blocks = [], []
-    real, real_block = native.linear, native.block_one
+    real, real_blocks = native.linear, native.DecodeBlocks.__call__
     monkeypatch.setattr(native, "linear", lambda x, w, b: calls.append(w.shape) or real(x, w, b))
-    monkeypatch.setattr(native, "block_one", lambda *a: blocks.append(a[5]) or real_block(*a))
+    monkeypatch.setattr(native.DecodeBlocks, "__call__", lambda self, x, pos: blocks.append(pos) or real_blocks(self, x, pos))
     greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
     prompts = [[5, 17, 300], [999, 1, 2, 3, 4, 5, 6]]
     threads = torch.get_num_threads()
     fast = Engine(medium())
     assert isinstance(fast.model.lm_head, _NativeLinear) and fast.native
     got = [fast.generate([p], greedy)[0].token_ids for p in prompts]
-    # every decode step runs its 2 blocks natively, then the head; the head of each prefill too (one row)
-    assert len(blocks) == 2 * 29 * 2 and blocks[:4] == [3, 3, 4, 4]  # cache slots of the first steps
+    # every decode step runs its blocks in one native call, then the head; the head of each prefill too (one row)
+    assert len(blocks) == 2 * 29 and blocks[:3] == [3, 4, 5]  # cache slots of the first steps
     assert len(calls) == 2 * (29 + 1)
     assert torch.get_num_threads() == threads  # torch's threads are given back after each step
     reference = Engine(medium(), use_cache=False, gemv_layout=False)
@@ -155,8 +155,33 @@ def test_block_kernel_on_odd_shapes_equals_the_model(bias, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("N,K", [(5, 40), (2304, 768), (131, 3072)])
-def test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs(N, K):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_long_contexts_split_attention_heads_between_threads(threads, monkeypatch):
+    """Past 64 cached keys the decode step's attention runs its heads on the pool's threads (5 heads:
+    uneven parts, one idle with 3 threads): the logits still equal the model's forward, every step."""
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=500, n_positions=160, n_embd=80, n_layer=2, n_head=5)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5.0)
+    engine = Engine(model)
+    monkeypatch.setattr(native, "_threads", threads)
+    steps = []
+    real_step = _Batch.decode_step
+    monkeypatch.setattr(_Batch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
+    prompt = list(range(40, 100))
+    [r] = engine.generate([prompt], SamplingParams(max_new_tokens=90, temperature=0.0, stop_at_eos=False))
+    assert len(steps) == 89
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + r.token_ids[:-1]]))[0][0, len(prompt) - 1:]
+    got = torch.cat(steps)
+    assert torch.allclose(got, want[1:], atol=1e-3, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("N,K", [(5, 40), (2304, 768), (131, 3072), (1001, 77)])
+def test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs(N, K, threads, monkeypatch):
     """linear_int8 = row scale x (int8 weights . x rounded to int8 with one scale) + bias, exactly
     up to float rounding; and close to the fp32 layer it came from."""
     from simplegpt.quantize import Int8Linear
@@ -165,6 +190,7 @@ def test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs(N, K):
     lin = torch.nn.Linear(K, N)
     q = Int8Linear(lin)
     x = torch.randn(1, K)
+    monkeypatch.setattr(native, "_threads", threads)
     with torch.no_grad():
         got = q(x)
         xs = x.abs().max() / 127

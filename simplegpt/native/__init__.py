@@ -3,8 +3,8 @@
 At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
 path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
 the cores and streams ~17-18 GB/s there (docs/benchmarks.md). `linear` is one such product
-(`linear_int8` its int8 twin); `block_one` is a whole GPT-2 block for one token in one call,
-without ~20 PyTorch calls around it. The library is compiled on first use with the machine's C
+(`linear_int8` its int8 twin); `DecodeBlocks` runs all of a model's GPT-2 blocks for one token
+in one call, without ~20 PyTorch calls around each. The library is compiled on first use with the machine's C
 compiler ($CC, else cc) into the cache folder, and loaded with ctypes: no build step at install.
 Where there is no compiler, no x86-64 CPU with AVX2 and FMA, or SIMPLEGPT_NATIVE=0, `load()`
 returns None, `unavailable_reason()` says why, and the engine and the model keep PyTorch's kernels.
@@ -108,9 +108,10 @@ def _load() -> None:
         lib.sg_gemv.restype = None
         lib.sg_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
         lib.sg_gemv_q8.restype = None
-        lib.sg_block1.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_float]
-                                  + [ctypes.c_void_p, ctypes.c_int])
-        lib.sg_block1.restype = None
+        lib.sg_blocks1.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 4 + [ctypes.c_float]
+                                   + [ctypes.c_void_p, ctypes.c_int])
+        lib.sg_blocks1.restype = None
+        lib.sg_block1_scratch.argtypes, lib.sg_block1_scratch.restype = [ctypes.c_int] * 3, ctypes.c_long
         lib.sg_omp_threads.argtypes, lib.sg_omp_threads.restype = [], ctypes.c_int
         lib.sg_gelu_fwd.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long]
         lib.sg_gelu_bwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
@@ -163,7 +164,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return y
 
 
-
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """linear() for int8 weights (N, K <= MAX_INT8_IN) with fp32 row scales (N,): x is rounded to
     int8 with one scale (as q8_0 rounds activations) and the products are integer dot products."""
@@ -211,20 +211,40 @@ def decoding():
         _threads = outer
 
 
-def block_one(x: torch.Tensor, params: list[torch.Tensor | None], scales: list[torch.Tensor] | None,
-              k: torch.Tensor, v: torch.Tensor, pos: int, n_head: int, eps: float) -> None:
-    """One GPT-2 block for one token, in place on x (C floats): sg_block1 in gemv.c.
+class DecodeBlocks:
+    """A model's GPT-2 blocks for one token of one row, all in one native call (sg_blocks1 in gemv.c),
+    in place of ~20 PyTorch calls a block. The pointers are gathered once (per decode call), not per token.
 
-    params: the block's 12 tensors in order (ln_1 weight, bias; c_attn weight, bias; attn c_proj
+    blocks: per block its 12 tensors in order (ln_1 weight, bias; c_attn weight, bias; attn c_proj
     weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp c_proj weight, bias), None for a
-    missing bias, all contiguous fp32, except that with `scales` (the 4 linears' fp32 row scales)
-    their weights are int8 (see linear_int8); k, v: the layer's (H, max_len, D) cache of batch row 0,
-    written at slot pos; the query attends to slots 0..pos.
+    missing bias, all contiguous fp32, and None, or for int8 linear weights their 4 fp32 row scales
+    (see linear_int8; every block the same kind). k, v: the (n_layer, n_head, max_len, head_dim)
+    cache of batch row 0.
     """
-    C = x.numel()
-    threads = _call_threads()
-    ptrs = (ctypes.c_void_p * 12)(*(None if t is None else t.data_ptr() for t in params))
-    scratch = torch.empty(10 * C + pos + 1)
-    sptrs = None if scales is None else (ctypes.c_void_p * 4)(*(t.data_ptr() for t in scales))
-    _lib.sg_block1(x.data_ptr(), ptrs, sptrs, k.data_ptr(), v.data_ptr(), k.stride(0), pos, C, n_head, eps,
-                   scratch.data_ptr(), threads)
+
+    def __init__(self, blocks: list[tuple[list[torch.Tensor | None], list[torch.Tensor] | None]],
+                 k: torch.Tensor, v: torch.Tensor, n_head: int, eps: float):
+        int8 = blocks[0][1] is not None
+        if any((scales is not None) != int8 for _, scales in blocks):
+            raise ValueError("DecodeBlocks: every block must have int8 linears, or none")
+        L, H, self.max_len, D = k.shape
+        self._keep = blocks, k, v  # the tensors behind the pointers
+        ptr = ctypes.c_void_p
+        self.params = (ptr * (12 * L))(*(None if t is None else t.data_ptr() for params, _ in blocks for t in params))
+        self.scales = (ptr * (4 * L))(*(t.data_ptr() for _, scales in blocks for t in scales)) if int8 else None
+        self.k = (ptr * L)(*(k[i].data_ptr() for i in range(L)))
+        self.v = (ptr * L)(*(v[i].data_ptr() for i in range(L)))
+        self.head_stride, self.C, self.L, self.n_head, self.eps = k.stride(1), H * D, L, n_head, eps
+        self.scratch = torch.empty(0)
+
+    def __call__(self, x: torch.Tensor, pos: int) -> None:
+        """Every block on x (C contiguous floats, in place) for the token at cache slot pos, which
+        attends to slots 0..pos; its keys and values are written at slot pos."""
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"cache slot {pos} outside [0, {self.max_len})")
+        threads = _call_threads()
+        need = _lib.sg_block1_scratch(self.C, self.max_len, threads)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need)
+        _lib.sg_blocks1(x.data_ptr(), self.params, self.scales, self.k, self.v, self.head_stride, pos, self.C,
+                        self.n_head, self.L, self.eps, self.scratch.data_ptr(), threads)

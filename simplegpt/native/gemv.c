@@ -16,12 +16,14 @@
 #define MAX_THREADS 64 /* part numbers fit in 8 bits */
 #define SPIN_ROUNDS 20000
 
-/* rows n0..n1 of y; four rows at a time share each load of x */
+/* Rows n0..n1 of y, four at a time sharing each load of x. The four rows are a quarter of the
+ * range apart, not neighbours: four distant sequential streams keep more memory requests in
+ * flight than one, and a core streams ~10-25% more bytes a second that way (docs/benchmarks.md). */
 static void gemv_rows(const float *W, const float *x, const float *b, float *y, int K, int n0, int n1) {
-    int K8 = K & ~7;
-    int n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        const float *w0 = W + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    int K8 = K & ~7, q = (n1 - n0) / 4;
+    size_t step = (size_t)q * K;
+    for (int n = n0; n < n0 + q; n++) {
+        const float *w0 = W + (size_t)n * K, *w1 = w0 + step, *w2 = w1 + step, *w3 = w2 + step;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         for (int k = 0; k < K8; k += 8) {
             __m256 xv = _mm256_loadu_ps(x + k);
@@ -38,11 +40,11 @@ static void gemv_rows(const float *W, const float *x, const float *b, float *y, 
             s3 += w3[k] * x[k];
         }
         y[n] = s0 + (b ? b[n] : 0.0f);
-        y[n + 1] = s1 + (b ? b[n + 1] : 0.0f);
-        y[n + 2] = s2 + (b ? b[n + 2] : 0.0f);
-        y[n + 3] = s3 + (b ? b[n + 3] : 0.0f);
+        y[n + q] = s1 + (b ? b[n + q] : 0.0f);
+        y[n + 2 * q] = s2 + (b ? b[n + 2 * q] : 0.0f);
+        y[n + 3 * q] = s3 + (b ? b[n + 3 * q] : 0.0f);
     }
-    for (; n < n1; n++) {
+    for (int n = n0 + 4 * q; n < n1; n++) {
         const float *w = W + (size_t)n * K;
         __m256 a = _mm256_setzero_ps();
         for (int k = 0; k < K8; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
@@ -55,25 +57,49 @@ static void gemv_rows(const float *W, const float *x, const float *b, float *y, 
 /* int8 weights with one scale per row, times x quantized to int8 with one scale (xs): the integer
  * dot products of llama.cpp's q8_0 on AVX2. maddubs multiplies |x| (unsigned) by w carrying x's sign,
  * and with both in [-127, 127] its 16-bit sums of two products cannot saturate. */
+static inline __m256i dot32_q8(__m256i acc, const int8_t *w, __m256i xv, __m256i xabs) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p = _mm256_maddubs_epi16(xabs, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), xv));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+}
+
+static inline int hsum_epi32(__m256i acc) {
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    return _mm_cvtsi128_si32(s4);
+}
+
+/* the integer dot products of x with `rows` (1 or 4) rows of W, `step` bytes apart */
+static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int K, int *sum) {
+    int K32 = K & ~31;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (int k = 0; k < K32; k += 32) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k)), xabs = _mm256_sign_epi8(xv, xv);
+        a0 = dot32_q8(a0, w + k, xv, xabs);
+        if (rows == 4) {
+            a1 = dot32_q8(a1, w + step + k, xv, xabs);
+            a2 = dot32_q8(a2, w + 2 * step + k, xv, xabs);
+            a3 = dot32_q8(a3, w + 3 * step + k, xv, xabs);
+        }
+    }
+    sum[0] = hsum_epi32(a0), sum[1] = hsum_epi32(a1), sum[2] = hsum_epi32(a2), sum[3] = hsum_epi32(a3);
+    for (int j = 0; j < rows; j++)
+        for (int k = K32; k < K; k++) sum[j] += (int)w[j * step + k] * (int)xq[k];
+}
+
+/* as gemv_rows: four rows a quarter of the range apart, then the rest one by one */
 static void gemv_rows_q8(const int8_t *W, const float *scale, const int8_t *xq, float xs, const float *b, float *y,
                          int K, int n0, int n1) {
-    int K32 = K & ~31;
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int n = n0; n < n1; n++) {
-        const int8_t *w = W + (size_t)n * K;
-        __m256i acc = _mm256_setzero_si256();
-        for (int k = 0; k < K32; k += 32) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
-            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
-        }
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        s4 = _mm_hadd_epi32(s4, s4);
-        s4 = _mm_hadd_epi32(s4, s4);
-        int sum = _mm_cvtsi128_si32(s4);
-        for (int k = K32; k < K; k++) sum += (int)w[k] * (int)xq[k];
-        y[n] = (float)sum * scale[n] * xs + (b ? b[n] : 0.0f);
+    int q = (n1 - n0) / 4, sum[4];
+    size_t step = (size_t)q * K;
+    for (int n = n0; n < n0 + q; n++) {
+        dot_q8(W + (size_t)n * K, step, 4, xq, K, sum);
+        for (int j = 0; j < 4; j++) y[n + j * q] = (float)sum[j] * scale[n + j * q] * xs + (b ? b[n + j * q] : 0.0f);
+    }
+    for (int n = n0 + 4 * q; n < n1; n++) {
+        dot_q8(W + (size_t)n * K, 0, 1, xq, K, sum);
+        y[n] = (float)sum[0] * scale[n] * xs + (b ? b[n] : 0.0f);
     }
 }
 
@@ -98,9 +124,16 @@ static struct {
     float xs;
     float *y;
     int N, K, parts;
+    struct attend_args *attend;  /* not NULL: the call is attend1's heads, split between the parts */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
+static void attend_part(int part);
+
 static void run_part(int part) {
+    if (pool.attend) {
+        attend_part(part);
+        return;
+    }
     /* split at multiples of 4 rows so every part but the last runs the 4-row loop only */
     int per = ((pool.N + pool.parts - 1) / pool.parts + 3) & ~3;
     int n0 = part * per, n1 = n0 + per < pool.N ? n0 + per : pool.N;
@@ -164,15 +197,9 @@ int sg_init(int threads) {
 /* y = W x + b with the pool; the caller holds pool.call */
 static int8_t xq_buf[1 << 16];
 
-static void gemv_pool(const void *W, const float *scale, const float *x, const float *b, float *y, int N, int K,
-                      int threads) {
-    int parts = threads < pool.workers + 1 ? threads : pool.workers + 1;
-    if (parts < 1 || (size_t)N * K < 32768) parts = 1;
-    pool.W = W; pool.scale = scale; pool.x = x; pool.b = b; pool.y = y; pool.N = N; pool.K = K; pool.parts = parts;
-    if (scale) {
-        pool.xq = xq_buf;
-        pool.xs = quantize_row(x, K, xq_buf);
-    }
+/* run_part(0..parts-1) for the call set up in pool: part 0 here, the others on the workers */
+static void dispatch(int parts) {
+    pool.parts = parts;
     if (parts == 1) {
         run_part(0);
         return;
@@ -184,6 +211,21 @@ static void gemv_pool(const void *W, const float *scale, const float *x, const f
     pthread_mutex_unlock(&pool.mu);
     run_part(0);
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < pool.workers) _mm_pause();
+}
+
+static int pool_parts(int threads) { return threads < pool.workers + 1 ? threads : pool.workers + 1; }
+
+static void gemv_pool(const void *W, const float *scale, const float *x, const float *b, float *y, int N, int K,
+                      int threads) {
+    int parts = pool_parts(threads);
+    if (parts < 1 || (size_t)N * K < 32768) parts = 1;
+    pool.attend = NULL;
+    pool.W = W; pool.scale = scale; pool.x = x; pool.b = b; pool.y = y; pool.N = N; pool.K = K;
+    if (scale) {
+        pool.xq = xq_buf;
+        pool.xs = quantize_row(x, K, xq_buf);
+    }
+    dispatch(parts);
 }
 
 /* y = W x + b (b may be NULL) with `threads` threads (at most the pool's) */
@@ -204,36 +246,59 @@ void sg_gemv_q8(const int8_t *W, const float *scale, const float *x, const float
 /* Attention of one query per head over S cached keys (batch 1, one decode step):
  * out[h] = softmax(q[h] . k[h, s] * scale over s) @ v[h]. q and out are (H, D) contiguous; k and v
  * are (H, S, D) with rows D floats apart and heads head_stride floats apart (a KV cache slice).
- * scores holds S floats. Runs on the calling thread: a few hundred kFLOP, not worth waking workers. */
-static void attend1(const float *q, const float *k, const float *v, float *out, float *scores, int H, int S, int D,
-                    long head_stride, float scale) {
-    for (int h = 0; h < H; h++) {
-        const float *qh = q + (size_t)h * D, *kh = k + (size_t)h * head_stride, *vh = v + (size_t)h * head_stride;
-        float *oh = out + (size_t)h * D, mx = -3.4e38f, sum = 0.0f;
-        for (int s = 0; s < S; s++) {
-            const float *ks = kh + (size_t)s * D;
-            float d = 0.0f;
-            int i = 0;
-            if (D >= 8) {
-                __m256 a = _mm256_setzero_ps();
-                for (; i + 8 <= D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(ks + i), a);
-                d = hsum(a);
-            }
-            for (; i < D; i++) d += qh[i] * ks[i];
-            scores[s] = d * scale;
-            if (scores[s] > mx) mx = scores[s];
+ * The heads are split between the pool's threads; scores holds S floats per thread. */
+struct attend_args {
+    const float *q, *k, *v;
+    float *out, *scores;
+    int H, S, D;
+    long head_stride;
+    float scale;
+};
+
+static void attend_head(const struct attend_args *a, int h, float *scores) {
+    int D = a->D, S = a->S;
+    const float *qh = a->q + (size_t)h * D, *kh = a->k + (size_t)h * a->head_stride, *vh = a->v + (size_t)h * a->head_stride;
+    float *oh = a->out + (size_t)h * D, mx = -3.4e38f, sum = 0.0f;
+    for (int s = 0; s < S; s++) {
+        const float *ks = kh + (size_t)s * D;
+        float d = 0.0f;
+        int i = 0;
+        if (D >= 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(ks + i), acc);
+            d = hsum(acc);
         }
-        for (int s = 0; s < S; s++) {
-            scores[s] = __builtin_expf(scores[s] - mx);
-            sum += scores[s];
-        }
-        for (int i = 0; i < D; i++) oh[i] = 0.0f;
-        for (int s = 0; s < S; s++) {
-            const float *vs = vh + (size_t)s * D;
-            float p = scores[s] / sum;
-            for (int i = 0; i < D; i++) oh[i] += p * vs[i];
-        }
+        for (; i < D; i++) d += qh[i] * ks[i];
+        scores[s] = d * a->scale;
+        if (scores[s] > mx) mx = scores[s];
     }
+    for (int s = 0; s < S; s++) {
+        scores[s] = __builtin_expf(scores[s] - mx);
+        sum += scores[s];
+    }
+    for (int i = 0; i < D; i++) oh[i] = 0.0f;
+    for (int s = 0; s < S; s++) {
+        const float *vs = vh + (size_t)s * D;
+        float p = scores[s] / sum;
+        for (int i = 0; i < D; i++) oh[i] += p * vs[i];
+    }
+}
+
+static void attend_part(int part) {
+    const struct attend_args *a = pool.attend;
+    int per = (a->H + pool.parts - 1) / pool.parts;
+    for (int h = part * per; h < a->H && h < (part + 1) * per; h++) attend_head(a, h, a->scores + (size_t)part * a->S);
+}
+
+/* attention over S keys with the pool (the caller holds pool.call); one thread below min_keys keys,
+ * where waking the workers costs more than the work */
+static void attend1(struct attend_args *a, int threads) {
+    int parts = pool_parts(threads), min_keys = 64;
+    if (parts > a->H) parts = a->H;
+    if (parts < 1 || a->S < min_keys) parts = 1;
+    pool.attend = a;
+    dispatch(parts);
+    pool.attend = NULL;
 }
 
 /* GPT-2's tanh-GELU in place (simd.h) */
@@ -259,16 +324,15 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
  * x += proj(attn(ln_1(x))); x += fc2(gelu(fc(ln_2(x)))). The new key and value go to slot `pos`
  * of the layer's cache (heads head_stride floats apart, rows C / H floats apart), and the query
  * attends to slots 0..pos. p holds the 12 parameter pointers in Block's order (ln_1 w, b; c_attn
- * w, b; attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b); biases may be NULL. scratch
- * holds 10 C + pos + 1 floats. */
-void sg_block1(float *x, const float **p, const float **scales, float *kc, float *vc, long head_stride, int pos, int C,
-               int H, float eps, float *scratch, int threads) {
-    /* scales: NULL for fp32 linear weights, else the 4 linears' row scales (their weights are int8) */
+ * w, b; attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b); biases may be NULL. scales:
+ * NULL for fp32 linear weights, else the 4 linears' row scales (their weights are int8). scratch
+ * holds sg_block1_scratch(C, pos + 1, threads) floats. The caller holds pool.call. */
+static void block1(float *x, const float **p, const float **scales, float *kc, float *vc, long head_stride, int pos,
+                   int C, int H, float eps, float *scratch, int threads) {
     const float *s[4] = {NULL, NULL, NULL, NULL};
     if (scales) for (int i = 0; i < 4; i++) s[i] = scales[i];
     int D = C / H;
     float *xn = scratch, *qkv = xn + C, *att = qkv + 3 * C, *tmp = att + C, *h = tmp + C, *scores = h + 4 * C;
-    pthread_mutex_lock(&pool.call);
     layer_norm(x, p[0], p[1], xn, C, eps);
     gemv_pool(p[2], s[0], xn, p[3], qkv, 3 * C, C, threads);
     for (int hd = 0; hd < H; hd++) {
@@ -278,7 +342,8 @@ void sg_block1(float *x, const float **p, const float **scales, float *kc, float
             vd[i] = qkv[2 * C + hd * D + i];
         }
     }
-    attend1(qkv, kc, vc, att, scores, H, pos + 1, D, head_stride, 1.0f / __builtin_sqrtf((float)D));
+    struct attend_args a = {qkv, kc, vc, att, scores, H, pos + 1, D, head_stride, 1.0f / __builtin_sqrtf((float)D)};
+    attend1(&a, threads);
     gemv_pool(p[4], s[1], att, p[5], tmp, C, C, threads);
     for (int i = 0; i < C; i++) x[i] += tmp[i];
     layer_norm(x, p[6], p[7], xn, C, eps);
@@ -286,5 +351,21 @@ void sg_block1(float *x, const float **p, const float **scales, float *kc, float
     gelu_tanh(h, 4 * C);
     gemv_pool(p[10], s[3], h, p[11], tmp, C, 4 * C, threads);
     for (int i = 0; i < C; i++) x[i] += tmp[i];
+}
+
+/* scratch floats block1 needs for S keys */
+long sg_block1_scratch(int C, int S, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    return 10L * C + (long)S * (threads < 1 ? 1 : threads);
+}
+
+/* block1 for L blocks in a row, in one call: p holds 12 pointers per block, scales 4 per block (or
+ * is NULL), kc and vc each block's cache (heads head_stride floats apart, as for block1) */
+void sg_blocks1(float *x, const float **p, const float **scales, float **kc, float **vc, long head_stride, int pos,
+                int C, int H, int L, float eps, float *scratch, int threads) {
+    pthread_mutex_lock(&pool.call);
+    for (int l = 0; l < L; l++)
+        block1(x, p + 12 * l, scales ? scales + 4 * l : NULL, kc[l], vc[l], head_stride, pos, C, H, eps, scratch,
+               threads);
     pthread_mutex_unlock(&pool.call);
 }
