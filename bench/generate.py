@@ -15,6 +15,8 @@ figure excludes the prompt, simplegpt's includes the prefill).
 
 Every engine decodes greedily from the same 16-token prompt; tokens/s count generated tokens
 over the whole call (prefill included), best of --repeats rounds that interleave the engines.
+"batch 8" (--batch) decodes 8 prompts of 16, 15, ..., 9 tokens (left-padded) in one call, and
+counts the tokens of all rows.
 "uncached" is the engine re-encoding its context every token (head on the last position only);
 "tutorial loop" is the plain loop simplegpt had before (full forward, logits everywhere).
 The int8 quality figures compare the quantized model with fp32 on --text: mean loss and how
@@ -83,15 +85,25 @@ def tutorial_runner(model: GPT, prompt: list[int], n: int):
     return run
 
 
-def hf_runner(model: GPT, prompt: list[int], n: int):
+def simplegpt_batch_runner(engine: Engine, prompts: list[list[int]], n: int):
+    """A warmed-up call that generates n greedy tokens for each prompt, all in one batch."""
+    params = SamplingParams(max_new_tokens=n, temperature=0.0, stop_at_eos=False)
+    engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0, stop_at_eos=False))
+    return lambda: engine.generate(prompts, params)
+
+
+def hf_runner(model: GPT, prompts: list[list[int]], n: int):
+    """Hugging Face generate, greedy with its KV cache, of n tokens for each prompt (left-padded to a batch)."""
     import transformers
 
     cfg = model.config
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, attn_implementation="sdpa")).eval().to(model.transformer.wte.weight.device)
-    ids = torch.tensor([prompt], device=hf.device)
-    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=mask)
     with torch.inference_mode():
         hf.generate(ids, max_new_tokens=4, **kw)
 
@@ -135,6 +147,9 @@ def main() -> None:
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="text for the int8 quality check")
     p.add_argument("--quality-tokens", type=int, default=1024, help="tokens of --text scored for int8 quality")
     p.add_argument("--skip-hf", action="store_true", help="don't measure Hugging Face generate")
+    p.add_argument("--batch", type=int, default=8,
+                   help="also decode this many prompts of different lengths in one batch, simplegpt and Hugging "
+                        "Face (0 = skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the models run; cuda skips int8 (CPU only)")
@@ -185,7 +200,13 @@ def main() -> None:
                                                          compiled_out, warmup=8)
         print(f"compiled engine: warm-up call, compilation included, {time.perf_counter() - t0:.1f}s")
     if not args.skip_hf:
-        runners["HF generate"] = hf_runner(model, prompt, args.new_tokens)
+        runners["HF generate"] = hf_runner(model, [prompt], args.new_tokens)
+    # A batch of prompts of different lengths (left padding), cut from the same prompt
+    batch = [prompt[: max(1, args.prompt_len - i)] for i in range(args.batch)]
+    if args.batch:
+        runners[f"simplegpt batch {args.batch}"] = simplegpt_batch_runner(Engine(model), batch, args.new_tokens)
+        if not args.skip_hf:
+            runners[f"HF generate batch {args.batch}"] = hf_runner(model, batch, args.new_tokens)
     if int8 is not None:
         report = quantize_int8(int8)
         runners["simplegpt int8"] = simplegpt_runner(Engine(int8), prompt, args.new_tokens, int8_out)
@@ -206,7 +227,9 @@ def main() -> None:
     for r in range(args.repeats):
         for name, run in [*runners.items(), *(slow.items() if r == 0 else [])]:
             best[name] = min(best[name], timed(run, device))
-    rates = {name: (args.uncached_tokens if name in slow else args.new_tokens) / t for name, t in best.items()}
+    rows = {name: args.batch if "batch" in name else 1 for name in best}  # tokens per step
+    rates = {name: rows[name] * (args.uncached_tokens if name in slow else args.new_tokens) / t
+             for name, t in best.items()}
     measure_llama()  # and after them
     if llama:
         # Best against best: its best repetition (of 3 before and 3 after), as simplegpt's best round counts.
@@ -215,10 +238,11 @@ def main() -> None:
             rates[name] = max(llama[0][name] + llama[1][name])
             print(f"{name:20s} {rates[name]:8.1f} tok/s best; mean {before:.1f} before, {after:.1f} after "
                   "simplegpt's rounds")
+    batched = (f"simplegpt batch {args.batch}", f"HF generate batch {args.batch}")
     for name in ("simplegpt cached", "simplegpt compiled", "simplegpt uncached", "tutorial loop", "HF generate",
-                 "simplegpt int8"):
+                 "simplegpt int8", *batched):
         if name in rates:
-            extra = f" ({args.uncached_tokens} tokens)" if name in slow else ""
+            extra = f" ({args.uncached_tokens} tokens)" if name in slow else " (all rows)" if name in batched else ""
             print(f"{name:20s} {rates[name]:8.1f} tok/s{extra}")
 
     print("\nratios")
@@ -230,6 +254,8 @@ def main() -> None:
             print(f"  int8   / HF generate   {rates['simplegpt int8'] / rates['HF generate']:6.2f}x")
     if "simplegpt int8" in rates:
         print(f"  int8   / cached fp32   {rates['simplegpt int8'] / rates['simplegpt cached']:6.2f}x")
+    if all(name in rates for name in batched):
+        print(f"  batch {args.batch} / HF batch {args.batch}  {rates[batched[0]] / rates[batched[1]]:6.2f}x")
     if "simplegpt compiled" in rates:
         print(f"  compiled / cached      {rates['simplegpt compiled'] / rates['simplegpt cached']:6.2f}x")
         if "HF generate" in rates:

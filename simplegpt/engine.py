@@ -332,8 +332,10 @@ class _Batch:
             self.cache.reset()
         self.next_pos = torch.tensor([[len(c)] for c in contexts], device=self.device)
         mask = None if self.mask is None else self.mask[:, :L]
-        h = self.model.hidden_states(idx, mask, kv_cache=self.cache)
-        return self.model.lm_head(h[:, -1])  # the head on the last position only: (B, V)
+        fast = B * L <= native.MAX_ROWS and self.engine.native  # a short prefill's linears in the native kernel
+        with native.decoding() if fast else contextlib.nullcontext():
+            h = self.model.hidden_states(idx, mask, kv_cache=self.cache)
+            return self.model.lm_head(h[:, -1])  # the head on the last position only: (B, V)
 
     @torch.inference_mode()
     def decode_step(self, last: list[int]) -> torch.Tensor:
@@ -344,9 +346,9 @@ class _Batch:
         if self.mask is not None:
             self.mask[:B, cache.length] = 1
             mask = self.mask[:B, : cache.length + 1]
-        fast = B == 1 and self.engine.native
+        fast = B <= native.MAX_ROWS and self.engine.native  # linears in the native kernel
         with native.decoding() if fast else contextlib.nullcontext():
-            if fast and mask is None and self.native_blocks is not None:
+            if B == 1 and mask is None and self.native_blocks is not None:
                 h = self._native_hidden(last[0], self.native_blocks)
             else:
                 h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)[:, -1]
@@ -657,7 +659,8 @@ class Engine:
         stop_eos = params.stop_at_eos and self.eos_id is not None
         while True:
             row_seen = seen[active] if seen is not None else None
-            with torch.inference_mode():
+            # torch on one thread beside the native kernel's spinning workers (see native.decoding)
+            with torch.inference_mode(), native.decoding() if self.native else contextlib.nullcontext():
                 nxt = sample_next_token(logits, params, [rows[i].generator for i in active], row_seen).tolist()
             still = []
             for i, tok in zip(active, nxt):

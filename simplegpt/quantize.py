@@ -56,8 +56,9 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_bytes = w.numel() + scales.numel() * 4 + (0 if bias is None else bias.numel() * 4)
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        # The same int8 weights and scales for simplegpt.native's one-row kernel where it is available
-        # (batch-1 decode steps): plain tensors beside fbgemm's packed copy, which serves the rest.
+        # The same int8 weights and scales for simplegpt.native's kernel where it is available (up to
+        # native.MAX_ROWS rows: decode steps, short prefills): plain tensors beside fbgemm's packed
+        # copy, which serves the rest.
         self.qweight = self.scale = self.bias = None
         if native.load() is not None and self.in_features <= native.MAX_INT8_IN:
             self.qweight = qweight.int_repr().contiguous()
@@ -65,8 +66,8 @@ class Int8Linear(nn.Module):
             self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.qweight is not None and x.numel() == self.in_features and x.dtype == torch.float32
-                and not torch.is_grad_enabled()):
+        if (self.qweight is not None and x.size(-1) == self.in_features and x.numel() <= native.MAX_ROWS * x.size(-1)
+                and x.dtype == torch.float32 and not torch.is_grad_enabled()):
             return native.linear_int8(x, self.qweight, self.scale, self.bias)
         return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
 

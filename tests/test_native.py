@@ -22,19 +22,19 @@ needs_kernel = pytest.mark.skipif(lib is None, reason=f"native kernel unavailabl
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("N,K", [(1, 8), (3, 5), (7, 13), (96, 32), (2304, 768), (3001, 771), (50257, 64)])
-def test_kernel_equals_f_linear(N, K, threads):
+@pytest.mark.parametrize("rows", [(1, 1), (2, 1), (1, 3), (4, 4)])  # a decode step of B rows; a prefill of B x T
+def test_kernel_equals_f_linear(N, K, threads, rows, monkeypatch):
     torch.manual_seed(N * K)
-    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(1, 1, K)
+    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(*rows, K)
+    monkeypatch.setattr(native, "_threads", threads)
     with torch.no_grad():
+        assert native.usable(x, w)
         for bias in (b, None):
-            native._threads = threads
-            try:
-                y = native.linear(x, w, bias)
-            finally:
-                native._threads = 0
+            y = native.linear(x, w, bias)
             ref = F.linear(x.double(), w.double(), None if bias is None else bias.double()).float()
-            assert y.shape == (1, 1, N)
+            assert y.shape == (*rows, N)
             assert torch.allclose(y, ref, atol=1e-4 * K ** 0.5, rtol=1e-5)
+        assert not native.usable(torch.randn(native.MAX_ROWS + 1, K), w)
 
 
 def medium(seed=0) -> GPT:
@@ -51,7 +51,7 @@ def medium(seed=0) -> GPT:
 def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     calls, blocks = [], []
     real, real_blocks = native.linear, native.DecodeBlocks.__call__
-    monkeypatch.setattr(native, "linear", lambda x, w, b: calls.append(w.shape) or real(x, w, b))
+    monkeypatch.setattr(native, "linear", lambda x, w, b: calls.append((x.numel() // w.size(1), w.size(0))) or real(x, w, b))
     monkeypatch.setattr(native.DecodeBlocks, "__call__", lambda self, x, pos: blocks.append(pos) or real_blocks(self, x, pos))
     greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
     prompts = [[5, 17, 300], [999, 1, 2, 3, 4, 5, 6]]
@@ -61,7 +61,9 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     got = [fast.generate([p], greedy)[0].token_ids for p in prompts]
     # every decode step runs its blocks in one native call, then the head; the head of each prefill too (one row)
     assert len(blocks) == 2 * 29 and blocks[:3] == [3, 4, 5]  # cache slots of the first steps
-    assert len(calls) == 2 * (29 + 1)
+    assert [r for r, n in calls if n == 1000] == [1] * (2 * (29 + 1))
+    # the prompts' prefills (3 and 7 rows, at most MAX_ROWS) run their 2 x 4 linears in the kernel too
+    assert sorted(r for r, n in calls if n != 1000) == [3] * 8 + [7] * 8
     assert torch.get_num_threads() == threads  # torch's threads are given back after each step
     reference = Engine(medium(), use_cache=False, gemv_layout=False)
     assert not reference.native
@@ -78,11 +80,18 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     monkeypatch.setattr(_Batch, "decode_step", lambda self, last: logits_seen.append(real_step(self, last)) or logits_seen[-1])
     list(stream)
     assert torch.allclose(logits_seen[-1][0], want, atol=1e-3, rtol=1e-4)
-    # batches and autograd keep PyTorch's kernels
+    # a batch's decode steps take the kernel for all their rows, its prefill too up to MAX_ROWS rows
     calls.clear()
     blocks.clear()
     assert [r.token_ids for r in fast.generate(prompts, greedy)] == got
-    assert not calls and not blocks
+    assert not blocks
+    assert sorted(set(calls)) == [(2, 128), (2, 384), (2, 512), (2, 1000), (14, 128), (14, 384), (14, 512)]
+    calls.clear()
+    three = [*prompts, [8, 9, 10, 11, 12, 13]]
+    assert [r.token_ids for r in fast.generate(three, greedy)][:2] == got
+    assert {r for r, _ in calls} == {3}  # the prefill's 3 x 7 rows > MAX_ROWS: PyTorch's kernels
+    # autograd keeps PyTorch's kernels
+    calls.clear()
     x = torch.randn(1, 128, requires_grad=True)
     fast.model.transformer.h[0].mlp.c_fc(x).sum().backward()
     assert not calls and x.grad is not None
@@ -181,24 +190,28 @@ def test_long_contexts_split_attention_heads_between_threads(threads, monkeypatc
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("N,K", [(5, 40), (2304, 768), (131, 3072), (1001, 77)])
-def test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs(N, K, threads, monkeypatch):
-    """linear_int8 = row scale x (int8 weights . x rounded to int8 with one scale) + bias, exactly
-    up to float rounding; and close to the fp32 layer it came from."""
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs(N, K, threads, M, monkeypatch):
+    """linear_int8 = row scale x (int8 weights . x rounded to int8 with one scale per row) + bias,
+    exactly up to float rounding; and close to the fp32 layer it came from. M rows: a batch's decode step."""
     from simplegpt.quantize import Int8Linear
 
     torch.manual_seed(K)
     lin = torch.nn.Linear(K, N)
     q = Int8Linear(lin)
-    x = torch.randn(1, K)
+    x = torch.randn(M, K) * torch.rand(M, 1) * 4  # rows of different ranges: one scale each
     monkeypatch.setattr(native, "_threads", threads)
     with torch.no_grad():
         got = q(x)
-        xs = x.abs().max() / 127
+        xs = x.abs().amax(-1, keepdim=True) / 127
         xq = torch.round(x / xs)
         want = (xq.double() @ q.qweight.double().t()) * q.scale.double() * xs.double() + lin.bias.double()
+        assert got.shape == (M, N)
         assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5)
         ref = lin(x)
-        assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+        assert ((got - ref).abs().amax(-1) < 0.02 * ref.abs().amax(-1)).all()
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        native.linear_int8(torch.randn(17, K), q.qweight, q.scale, None)
 
 
 @needs_kernel

@@ -104,9 +104,11 @@ def _load() -> None:
             _compile(cc, target)
         lib = ctypes.CDLL(str(target))
         lib.sg_init.argtypes, lib.sg_init.restype = [ctypes.c_int], ctypes.c_int
-        lib.sg_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+        lib.sg_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.sg_gemv.restype = None
-        lib.sg_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
+        lib.sg_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        if lib.sg_max_rows() != MAX_ROWS:
+            raise RuntimeError(f"gemv.c's MAX_ROWS is {lib.sg_max_rows()}, not {MAX_ROWS}")
         lib.sg_gemv_q8.restype = None
         lib.sg_blocks1.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 4 + [ctypes.c_float]
                                    + [ctypes.c_void_p, ctypes.c_int])
@@ -144,34 +146,43 @@ def _load() -> None:
     _loaded = True  # last: the unlocked check in load() must not see it before _lib is set
 
 
+MAX_ROWS = 16  # rows up to which linear() beats PyTorch's BLAS (docs/benchmarks.md)
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether linear(x, weight) may take the kernel: one fp32 row on the CPU, no autograd,
-    nn.Linear's row-major weight."""
+    """Whether linear(x, weight) may take the kernel: up to MAX_ROWS fp32 rows on the CPU (a
+    decode step of up to MAX_ROWS sequences, a short prefill), no autograd, nn.Linear's row-major
+    weight."""
+    K = weight.size(1)
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.numel() == weight.size(1) and weight.is_contiguous() and not torch.is_grad_enabled())
+            and x.size(-1) == K and x.numel() <= MAX_ROWS * K and weight.is_contiguous()
+            and not torch.is_grad_enabled())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear for one row (see usable()), with the native kernel on the threads of the innermost
+    """F.linear for a few rows (see usable()), with the native kernel on the threads of the innermost
     `decoding()` block (else torch.get_num_threads())."""
     x = x.contiguous()
     bias = None if bias is None else bias.contiguous()  # kept alive until the call returns
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    threads = _call_threads()
-    _lib.sg_gemv(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), N, K,
-                 threads)
+    _lib.sg_gemv(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                 x.numel() // K, N, K, _call_threads())
     return y
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """linear() for int8 weights (N, K <= MAX_INT8_IN) with fp32 row scales (N,): x is rounded to
-    int8 with one scale (as q8_0 rounds activations) and the products are integer dot products."""
+    """linear() for int8 weights (N, K <= MAX_INT8_IN) with fp32 row scales (N,), up to MAX_ROWS rows:
+    each row of x is rounded to int8 with its own scale (as q8_0 rounds activations) and the
+    products are integer dot products."""
     x = x.contiguous()
     N, K = qweight.shape
+    M = x.numel() // K
+    if M > MAX_ROWS or K > MAX_INT8_IN:
+        raise ValueError(f"linear_int8 takes at most {MAX_ROWS} rows of at most {MAX_INT8_IN}, got {M} of {K}")
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
     _lib.sg_gemv_q8(qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
-                    y.data_ptr(), N, K, _call_threads())
+                    y.data_ptr(), M, N, K, _call_threads())
     return y
 
 

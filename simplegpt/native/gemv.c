@@ -54,6 +54,57 @@ static void gemv_rows(const float *W, const float *x, const float *b, float *y, 
     }
 }
 
+/* Rows n0..n1 of Y (M, N) = X (M, K) W^T + b for a few rows of X (a batch of decode steps, a short
+ * prefill): four weight rows a quarter of the range apart, as in gemv_rows, each group times the
+ * rows of X two at a time (eight accumulators). A group is read from memory once and from the
+ * cache for every other pair of X rows. */
+static void gemm_rows(const float *W, const float *X, const float *b, float *Y, int M, int N, int K, int n0,
+                      int n1) {
+    int K8 = K & ~7, q = (n1 - n0) / 4;
+    size_t step = (size_t)q * K;
+    for (int n = n0; n < n0 + q; n++) {
+        const float *w0 = W + (size_t)n * K, *w1 = w0 + step, *w2 = w1 + step, *w3 = w2 + step;
+        for (int m = 0; m < M; m += 2) {
+            int pair = m + 1 < M;
+            const float *x0 = X + (size_t)m * K, *x1 = pair ? x0 + K : x0;
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int k = 0; k < K8; k += 8) {
+                __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), v2 = _mm256_loadu_ps(w2 + k),
+                       v3 = _mm256_loadu_ps(w3 + k), u = _mm256_loadu_ps(x0 + k);
+                a[0] = _mm256_fmadd_ps(v0, u, a[0]);
+                a[1] = _mm256_fmadd_ps(v1, u, a[1]);
+                a[2] = _mm256_fmadd_ps(v2, u, a[2]);
+                a[3] = _mm256_fmadd_ps(v3, u, a[3]);
+                u = _mm256_loadu_ps(x1 + k);
+                a[4] = _mm256_fmadd_ps(v0, u, a[4]);
+                a[5] = _mm256_fmadd_ps(v1, u, a[5]);
+                a[6] = _mm256_fmadd_ps(v2, u, a[6]);
+                a[7] = _mm256_fmadd_ps(v3, u, a[7]);
+            }
+            for (int r = 0; r <= pair; r++)
+                for (int j = 0; j < 4; j++) {
+                    const float *x = r ? x1 : x0, *w = w0 + (size_t)j * step;
+                    float sum = hsum(a[4 * r + j]);
+                    for (int k = K8; k < K; k++) sum += w[k] * x[k];
+                    int col = n + j * q;
+                    Y[(size_t)(m + r) * N + col] = sum + (b ? b[col] : 0.0f);
+                }
+        }
+    }
+    for (int n = n0 + 4 * q; n < n1; n++) {
+        const float *w = W + (size_t)n * K;
+        for (int m = 0; m < M; m++) {
+            const float *x = X + (size_t)m * K;
+            __m256 a = _mm256_setzero_ps();
+            for (int k = 0; k < K8; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
+            float sum = hsum(a);
+            for (int k = K8; k < K; k++) sum += w[k] * x[k];
+            Y[(size_t)m * N + n] = sum + (b ? b[n] : 0.0f);
+        }
+    }
+}
+
 /* int8 weights with one scale per row, times x quantized to int8 with one scale (xs): the integer
  * dot products of llama.cpp's q8_0 on AVX2. maddubs multiplies |x| (unsigned) by w carrying x's sign,
  * and with both in [-127, 127] its 16-bit sums of two products cannot saturate. */
@@ -88,18 +139,23 @@ static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *
         for (int k = K32; k < K; k++) sum[j] += (int)w[j * step + k] * (int)xq[k];
 }
 
-/* as gemv_rows: four rows a quarter of the range apart, then the rest one by one */
-static void gemv_rows_q8(const int8_t *W, const float *scale, const int8_t *xq, float xs, const float *b, float *y,
-                         int K, int n0, int n1) {
+/* Rows n0..n1 of y (M, N) = (W q8(x)) scaled, + b, for M rows of x, each quantized with its own
+ * scale (xq: M x K int8, xs: M scales): as gemv_rows, four weight rows a quarter of the range
+ * apart, then the rest one by one; each group of weight rows serves every row of x from the cache. */
+static void gemv_rows_q8(const int8_t *W, const float *scale, const int8_t *xq, const float *xs, const float *b,
+                         float *y, int M, int N, int K, int n0, int n1) {
     int q = (n1 - n0) / 4, sum[4];
-    size_t step = (size_t)q * K;
-    for (int n = n0; n < n0 + q; n++) {
-        dot_q8(W + (size_t)n * K, step, 4, xq, K, sum);
-        for (int j = 0; j < 4; j++) y[n + j * q] = (float)sum[j] * scale[n + j * q] * xs + (b ? b[n + j * q] : 0.0f);
-    }
-    for (int n = n0 + 4 * q; n < n1; n++) {
-        dot_q8(W + (size_t)n * K, 0, 1, xq, K, sum);
-        y[n] = (float)sum[0] * scale[n] * xs + (b ? b[n] : 0.0f);
+    for (int n = n0; n < n1; n++) {
+        if (n == n0 + q) n = n0 + 4 * q;  /* the quarters are done: the rest one by one */
+        if (n >= n1) break;
+        int rows = n < n0 + q ? 4 : 1;
+        for (int m = 0; m < M; m++) {
+            dot_q8(W + (size_t)n * K, (size_t)q * K, rows, xq + (size_t)m * K, K, sum);
+            for (int j = 0; j < rows; j++) {
+                int col = n + j * q;
+                y[(size_t)m * N + col] = (float)sum[j] * scale[col] * xs[m] + (b ? b[col] : 0.0f);
+            }
+        }
     }
 }
 
@@ -121,9 +177,9 @@ static struct {
     const void *W;
     const float *scale, *x, *b;  /* scale: NULL for fp32 W, else int8 W's row scales and x as xq * xs */
     const int8_t *xq;
-    float xs;
+    const float *xs;
     float *y;
-    int N, K, parts;
+    int M, N, K, parts;  /* M: rows of x (and y), fp32 only */
     struct attend_args *attend;  /* not NULL: the call is attend1's heads, split between the parts */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
@@ -138,7 +194,8 @@ static void run_part(int part) {
     int per = ((pool.N + pool.parts - 1) / pool.parts + 3) & ~3;
     int n0 = part * per, n1 = n0 + per < pool.N ? n0 + per : pool.N;
     if (n0 >= n1) return;
-    if (pool.scale) gemv_rows_q8(pool.W, pool.scale, pool.xq, pool.xs, pool.b, pool.y, pool.K, n0, n1);
+    if (pool.scale) gemv_rows_q8(pool.W, pool.scale, pool.xq, pool.xs, pool.b, pool.y, pool.M, pool.N, pool.K, n0, n1);
+    else if (pool.M > 1) gemm_rows(pool.W, pool.x, pool.b, pool.y, pool.M, pool.N, pool.K, n0, n1);
     else gemv_rows(pool.W, pool.x, pool.b, pool.y, pool.K, n0, n1);
 }
 
@@ -195,7 +252,11 @@ int sg_init(int threads) {
 }
 
 /* y = W x + b with the pool; the caller holds pool.call */
-static int8_t xq_buf[1 << 16];
+#define MAX_ROWS 16 /* simplegpt.native.MAX_ROWS */
+static int8_t xq_buf[MAX_ROWS << 16];
+static float xs_buf[MAX_ROWS];
+
+int sg_max_rows(void) { return MAX_ROWS; }
 
 /* run_part(0..parts-1) for the call set up in pool: part 0 here, the others on the workers */
 static void dispatch(int parts) {
@@ -215,31 +276,34 @@ static void dispatch(int parts) {
 
 static int pool_parts(int threads) { return threads < pool.workers + 1 ? threads : pool.workers + 1; }
 
-static void gemv_pool(const void *W, const float *scale, const float *x, const float *b, float *y, int N, int K,
-                      int threads) {
+static void gemv_pool(const void *W, const float *scale, const float *x, const float *b, float *y, int M, int N,
+                      int K, int threads) {
     int parts = pool_parts(threads);
-    if (parts < 1 || (size_t)N * K < 32768) parts = 1;
+    if (parts < 1 || (size_t)M * N * K < 32768) parts = 1;
     pool.attend = NULL;
-    pool.W = W; pool.scale = scale; pool.x = x; pool.b = b; pool.y = y; pool.N = N; pool.K = K;
+    pool.W = W; pool.scale = scale; pool.x = x; pool.b = b; pool.y = y; pool.M = M; pool.N = N; pool.K = K;
     if (scale) {
         pool.xq = xq_buf;
-        pool.xs = quantize_row(x, K, xq_buf);
+        pool.xs = xs_buf;
+        for (int m = 0; m < M; m++) xs_buf[m] = quantize_row(x + (size_t)m * K, K, xq_buf + (size_t)m * K);
     }
     dispatch(parts);
 }
 
-/* y = W x + b (b may be NULL) with `threads` threads (at most the pool's) */
-void sg_gemv(const float *W, const float *x, const float *b, float *y, int N, int K, int threads) {
+/* y = x W^T + b (b may be NULL) for M rows of x (M, K) and y (M, N), with `threads` threads (at most the pool's) */
+void sg_gemv(const float *W, const float *x, const float *b, float *y, int M, int N, int K, int threads) {
     pthread_mutex_lock(&pool.call);
-    gemv_pool(W, NULL, x, b, y, N, K, threads);
+    gemv_pool(W, NULL, x, b, y, M, N, K, threads);
     pthread_mutex_unlock(&pool.call);
 }
 
-/* y = scale * (W q8(x)) + b for int8 W (N, K) row-major with row scales; K at most 65536 */
-void sg_gemv_q8(const int8_t *W, const float *scale, const float *x, const float *b, float *y, int N, int K,
+/* y = scale * (q8(x) W^T) + b for M rows of x (M, K) and y (M, N), int8 W (N, K) row-major with row
+ * scales; K at most 65536, M at most MAX_ROWS */
+void sg_gemv_q8(const int8_t *W, const float *scale, const float *x, const float *b, float *y, int M, int N, int K,
                 int threads) {
+    if (M > MAX_ROWS || K > 1 << 16) return;
     pthread_mutex_lock(&pool.call);
-    gemv_pool(W, scale, x, b, y, N, K, threads);
+    gemv_pool(W, scale, x, b, y, M, N, K, threads);
     pthread_mutex_unlock(&pool.call);
 }
 
@@ -334,7 +398,7 @@ static void block1(float *x, const float **p, const float **scales, float *kc, f
     int D = C / H;
     float *xn = scratch, *qkv = xn + C, *att = qkv + 3 * C, *tmp = att + C, *h = tmp + C, *scores = h + 4 * C;
     layer_norm(x, p[0], p[1], xn, C, eps);
-    gemv_pool(p[2], s[0], xn, p[3], qkv, 3 * C, C, threads);
+    gemv_pool(p[2], s[0], xn, p[3], qkv, 1, 3 * C, C, threads);
     for (int hd = 0; hd < H; hd++) {
         float *kd = kc + (size_t)hd * head_stride + (size_t)pos * D, *vd = vc + (size_t)hd * head_stride + (size_t)pos * D;
         for (int i = 0; i < D; i++) {
@@ -344,12 +408,12 @@ static void block1(float *x, const float **p, const float **scales, float *kc, f
     }
     struct attend_args a = {qkv, kc, vc, att, scores, H, pos + 1, D, head_stride, 1.0f / __builtin_sqrtf((float)D)};
     attend1(&a, threads);
-    gemv_pool(p[4], s[1], att, p[5], tmp, C, C, threads);
+    gemv_pool(p[4], s[1], att, p[5], tmp, 1, C, C, threads);
     for (int i = 0; i < C; i++) x[i] += tmp[i];
     layer_norm(x, p[6], p[7], xn, C, eps);
-    gemv_pool(p[8], s[2], xn, p[9], h, 4 * C, C, threads);
+    gemv_pool(p[8], s[2], xn, p[9], h, 1, 4 * C, C, threads);
     gelu_tanh(h, 4 * C);
-    gemv_pool(p[10], s[3], h, p[11], tmp, C, 4 * C, threads);
+    gemv_pool(p[10], s[3], h, p[11], tmp, 1, C, 4 * C, threads);
     for (int i = 0; i < C; i++) x[i] += tmp[i];
 }
 
