@@ -294,7 +294,7 @@ class _Batch:
         blocks = engine.native_blocks() if engine.native and self.cache is not None else None
         if blocks is not None:
             cfg = engine.config
-            self.native_blocks = native.DecodeBlocks(blocks, self.cache.k[:, 0], self.cache.v[:, 0], cfg.n_head,
+            self.native_blocks = native.DecodeBlocks(blocks, self.cache.k, self.cache.v, cfg.n_head,
                                                      cfg.layer_norm_epsilon)
 
     def next_logits(self, rows: list[_Row], active: list[int], still: list[int]) -> torch.Tensor:
@@ -348,22 +348,21 @@ class _Batch:
             mask = self.mask[:B, : cache.length + 1]
         fast = B <= native.MAX_ROWS and self.engine.native  # linears in the native kernel
         with native.decoding() if fast else contextlib.nullcontext():
-            if B == 1 and mask is None and self.native_blocks is not None:
-                h = self._native_hidden(last[0], self.native_blocks)
+            if fast and self.native_blocks is not None:
+                h = self._native_hidden(idx, mask, self.native_blocks)
             else:
                 h = self.model.hidden_states(idx, mask, position_ids=self.next_pos, kv_cache=cache)[:, -1]
             logits = self.model.lm_head(h)
         self.next_pos += 1
         return logits
 
-    def _native_hidden(self, token: int, blocks: native.DecodeBlocks) -> torch.Tensor:
-        """GPT.hidden_states for one token of one row, its blocks in one native call. Returns (1, C)."""
+    def _native_hidden(self, idx: torch.Tensor, mask: torch.Tensor | None, blocks: native.DecodeBlocks) -> torch.Tensor:
+        """GPT.hidden_states for the rows' last tokens idx (B, 1), their blocks in one native call. Returns (B, C)."""
         model, cache = self.model, self.cache
-        pos = int(self.next_pos[0, 0])
-        x = (model.transformer.wte.weight[token] + model.transformer.wpe.weight[pos]).contiguous()
-        blocks(x, cache.length)
+        x = model.transformer.wte(idx[:, 0]) + model.transformer.wpe(self.next_pos[:, 0])
+        blocks(x, cache.length, mask)
         cache.advance(1)
-        return model.transformer.ln_f(x.view(1, -1))
+        return model.transformer.ln_f(x)
 
     def close(self) -> None:
         """The call is over (the cache goes with this object)."""

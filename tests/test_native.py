@@ -52,7 +52,9 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     calls, blocks = [], []
     real, real_blocks = native.linear, native.DecodeBlocks.__call__
     monkeypatch.setattr(native, "linear", lambda x, w, b: calls.append((x.numel() // w.size(1), w.size(0))) or real(x, w, b))
-    monkeypatch.setattr(native.DecodeBlocks, "__call__", lambda self, x, pos: blocks.append(pos) or real_blocks(self, x, pos))
+    monkeypatch.setattr(native.DecodeBlocks, "__call__",
+                        lambda self, x, pos, mask=None: blocks.append((len(x), pos, mask is not None))
+                        or real_blocks(self, x, pos, mask))
     greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_at_eos=False)
     prompts = [[5, 17, 300], [999, 1, 2, 3, 4, 5, 6]]
     threads = torch.get_num_threads()
@@ -60,7 +62,7 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     assert isinstance(fast.model.lm_head, _NativeLinear) and fast.native
     got = [fast.generate([p], greedy)[0].token_ids for p in prompts]
     # every decode step runs its blocks in one native call, then the head; the head of each prefill too (one row)
-    assert len(blocks) == 2 * 29 and blocks[:3] == [3, 4, 5]  # cache slots of the first steps
+    assert len(blocks) == 2 * 29 and blocks[:3] == [(1, 3, False), (1, 4, False), (1, 5, False)]  # rows, slot, mask
     assert [r for r, n in calls if n == 1000] == [1] * (2 * (29 + 1))
     # the prompts' prefills (3 and 7 rows, at most MAX_ROWS) run their 2 x 4 linears in the kernel too
     assert sorted(r for r, n in calls if n != 1000) == [3] * 8 + [7] * 8
@@ -80,12 +82,13 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     monkeypatch.setattr(_Batch, "decode_step", lambda self, last: logits_seen.append(real_step(self, last)) or logits_seen[-1])
     list(stream)
     assert torch.allclose(logits_seen[-1][0], want, atol=1e-3, rtol=1e-4)
-    # a batch's decode steps take the kernel for all their rows, its prefill too up to MAX_ROWS rows
+    # a batch's decode steps run their blocks natively too, with the padding mask of the shorter
+    # prompt; its prefill takes the kernel up to MAX_ROWS rows
     calls.clear()
     blocks.clear()
     assert [r.token_ids for r in fast.generate(prompts, greedy)] == got
-    assert not blocks
-    assert sorted(set(calls)) == [(2, 128), (2, 384), (2, 512), (2, 1000), (14, 128), (14, 384), (14, 512)]
+    assert blocks == [(2, 7 + i, True) for i in range(29)]
+    assert sorted(set(calls)) == [(2, 1000), (14, 128), (14, 384), (14, 512)]
     calls.clear()
     three = [*prompts, [8, 9, 10, 11, 12, 13]]
     assert [r.token_ids for r in fast.generate(three, greedy)][:2] == got
@@ -167,7 +170,8 @@ def test_block_kernel_on_odd_shapes_equals_the_model(bias, monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_long_contexts_split_attention_heads_between_threads(threads, monkeypatch):
     """Past 64 cached keys the decode step's attention runs its heads on the pool's threads (5 heads:
-    uneven parts, one idle with 3 threads): the logits still equal the model's forward, every step."""
+    uneven parts, one idle with 3 threads): the logits still equal the model's forward, every step,
+    and a batch's rows (split by row and head) decode as they do alone."""
     torch.manual_seed(3)
     model = GPT(GPTConfig(vocab_size=500, n_positions=160, n_embd=80, n_layer=2, n_head=5)).eval()
     with torch.no_grad():
@@ -185,6 +189,12 @@ def test_long_contexts_split_attention_heads_between_threads(threads, monkeypatc
         want = model(torch.tensor([prompt + r.token_ids[:-1]]))[0][0, len(prompt) - 1:]
     got = torch.cat(steps)
     assert torch.allclose(got, want[1:], atol=1e-3, rtol=1e-4)
+    # a batch with left padding (masked cache slots), past 64 keys: each row as it decodes alone
+    prompts = [prompt, list(range(7, 30)), list(range(300, 340))]
+    params = SamplingParams(max_new_tokens=90, temperature=0.0, stop_at_eos=False)
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert alone[0] == r.token_ids
+    assert [res.token_ids for res in engine.generate(prompts, params)] == alone
 
 
 @needs_kernel
@@ -232,3 +242,10 @@ def test_int8_model_decodes_through_the_block_kernel(monkeypatch):
         want = fp32(torch.tensor([[5, 17, 300] + r.token_ids[:-1]]))[0][0, -1]
     assert len(steps) == 9
     assert (steps[-1][0] - want).abs().max() < 0.05 * want.abs().max()  # int8's error, not a wrong block
+    # a batch (each row's activations rounded with their own scale) decodes each row as alone, as
+    # long as its prefill fits the kernel too (3 x 5 rows; fbgemm rounds a whole matrix with one scale)
+    prompts, params = [[5, 17, 300], [9] * 5, [400, 3]], SamplingParams(max_new_tokens=20, temperature=0.0,
+                                                                         stop_at_eos=False)
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert alone[0][:10] == r.token_ids
+    assert [res.token_ids for res in engine.generate(prompts, params)] == alone

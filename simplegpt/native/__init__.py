@@ -110,10 +110,11 @@ def _load() -> None:
         if lib.sg_max_rows() != MAX_ROWS:
             raise RuntimeError(f"gemv.c's MAX_ROWS is {lib.sg_max_rows()}, not {MAX_ROWS}")
         lib.sg_gemv_q8.restype = None
-        lib.sg_blocks1.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 4 + [ctypes.c_float]
+        lib.sg_blocks1.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2
+                                   + [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_float]
                                    + [ctypes.c_void_p, ctypes.c_int])
-        lib.sg_blocks1.restype = None
-        lib.sg_block1_scratch.argtypes, lib.sg_block1_scratch.restype = [ctypes.c_int] * 3, ctypes.c_long
+        lib.sg_blocks1.restype = ctypes.c_int
+        lib.sg_block1_scratch.argtypes, lib.sg_block1_scratch.restype = [ctypes.c_int] * 4, ctypes.c_long
         lib.sg_omp_threads.argtypes, lib.sg_omp_threads.restype = [], ctypes.c_int
         lib.sg_gelu_fwd.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long]
         lib.sg_gelu_bwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
@@ -223,14 +224,15 @@ def decoding():
 
 
 class DecodeBlocks:
-    """A model's GPT-2 blocks for one token of one row, all in one native call (sg_blocks1 in gemv.c),
-    in place of ~20 PyTorch calls a block. The pointers are gathered once (per decode call), not per token.
+    """A model's GPT-2 blocks for one decode step of up to MAX_ROWS rows, all in one native call
+    (sg_blocks1 in gemv.c), in place of ~20 PyTorch calls a block. The pointers are gathered once
+    (per generate call), not per token.
 
     blocks: per block its 12 tensors in order (ln_1 weight, bias; c_attn weight, bias; attn c_proj
     weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp c_proj weight, bias), None for a
     missing bias, all contiguous fp32, and None, or for int8 linear weights their 4 fp32 row scales
-    (see linear_int8; every block the same kind). k, v: the (n_layer, n_head, max_len, head_dim)
-    cache of batch row 0.
+    (see linear_int8; every block the same kind). k, v: the KV cache's (n_layer, batch, n_head,
+    max_len, head_dim) keys and values.
     """
 
     def __init__(self, blocks: list[tuple[list[torch.Tensor | None], list[torch.Tensor] | None]],
@@ -238,24 +240,37 @@ class DecodeBlocks:
         int8 = blocks[0][1] is not None
         if any((scales is not None) != int8 for _, scales in blocks):
             raise ValueError("DecodeBlocks: every block must have int8 linears, or none")
-        L, H, self.max_len, D = k.shape
+        if k.shape != v.shape or k.stride() != v.stride() or k.stride(-1) != 1 or k.stride(-2) != k.size(-1):
+            raise ValueError("DecodeBlocks: k and v must be alike, each slot's head_dim floats contiguous")
+        L, self.batch, H, self.max_len, D = k.shape
         self._keep = blocks, k, v  # the tensors behind the pointers
         ptr = ctypes.c_void_p
         self.params = (ptr * (12 * L))(*(None if t is None else t.data_ptr() for params, _ in blocks for t in params))
         self.scales = (ptr * (4 * L))(*(t.data_ptr() for _, scales in blocks for t in scales)) if int8 else None
         self.k = (ptr * L)(*(k[i].data_ptr() for i in range(L)))
         self.v = (ptr * L)(*(v[i].data_ptr() for i in range(L)))
-        self.head_stride, self.C, self.L, self.n_head, self.eps = k.stride(1), H * D, L, n_head, eps
+        self.row_stride, self.head_stride = k.stride(1), k.stride(2)
+        self.C, self.L, self.n_head, self.eps = H * D, L, n_head, eps
         self.scratch = torch.empty(0)
 
-    def __call__(self, x: torch.Tensor, pos: int) -> None:
-        """Every block on x (C contiguous floats, in place) for the token at cache slot pos, which
-        attends to slots 0..pos; its keys and values are written at slot pos."""
+    def __call__(self, x: torch.Tensor, pos: int, mask: torch.Tensor | None = None) -> None:
+        """Every block on x ((B, C) contiguous fp32, in place; B <= MAX_ROWS and the cache's batch)
+        for each row's token at cache slot pos: its key and value are written there, and it attends
+        to the slots 0..pos that mask (B, >= pos + 1) int64, 1 = real, marks (all of them without)."""
+        B = x.numel() // self.C
         if not 0 <= pos < self.max_len:
             raise ValueError(f"cache slot {pos} outside [0, {self.max_len})")
+        if not (x.is_contiguous() and x.dtype == torch.float32 and x.numel() == B * self.C
+                and 1 <= B <= min(MAX_ROWS, self.batch)):
+            raise ValueError(f"DecodeBlocks: x must be 1..{min(MAX_ROWS, self.batch)} contiguous fp32 rows of "
+                             f"{self.C}, got {tuple(x.shape)} {x.dtype}")
+        if mask is not None and not (mask.dtype == torch.int64 and mask.size(0) >= B and mask.size(1) > pos
+                                     and mask.stride(1) == 1):
+            raise ValueError(f"DecodeBlocks: mask must be int64 (>= {B}, > {pos}) with contiguous rows")
         threads = _call_threads()
-        need = _lib.sg_block1_scratch(self.C, self.max_len, threads)
+        need = _lib.sg_block1_scratch(B, self.C, self.max_len, threads)
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need)
-        _lib.sg_blocks1(x.data_ptr(), self.params, self.scales, self.k, self.v, self.head_stride, pos, self.C,
-                        self.n_head, self.L, self.eps, self.scratch.data_ptr(), threads)
+        _lib.sg_blocks1(x.data_ptr(), self.params, self.scales, self.k, self.v, self.head_stride, self.row_stride, B,
+                        pos, None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                        self.C, self.n_head, self.L, self.eps, self.scratch.data_ptr(), threads)

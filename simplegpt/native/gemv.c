@@ -307,23 +307,33 @@ void sg_gemv_q8(const int8_t *W, const float *scale, const float *x, const float
     pthread_mutex_unlock(&pool.call);
 }
 
-/* Attention of one query per head over S cached keys (batch 1, one decode step):
- * out[h] = softmax(q[h] . k[h, s] * scale over s) @ v[h]. q and out are (H, D) contiguous; k and v
- * are (H, S, D) with rows D floats apart and heads head_stride floats apart (a KV cache slice).
- * The heads are split between the pool's threads; scores holds S floats per thread. */
+/* Attention of one query per head and row over S cached keys (one decode step of B rows):
+ * out[b, h] = softmax(q[b, h] . k[b, h, s] * scale over the slots s < S that mask[b] marks real) @ v[b, h].
+ * q rows are q_stride floats apart, out is (B, H, D) contiguous; k and v hold each row's (H, S, D)
+ * with rows D floats apart, heads head_stride and batch rows row_stride floats apart (a KV cache
+ * slice). mask: NULL (every slot real), else B rows of int64, mask_stride apart, 0 = padding.
+ * The (row, head) pairs are split between the pool's threads; scores holds S floats per thread. */
 struct attend_args {
     const float *q, *k, *v;
     float *out, *scores;
-    int H, S, D;
-    long head_stride;
+    const int64_t *mask;
+    int B, H, S, D;
+    long q_stride, head_stride, row_stride, mask_stride;
     float scale;
 };
 
-static void attend_head(const struct attend_args *a, int h, float *scores) {
+static void attend_head(const struct attend_args *a, int b, int h, float *scores) {
     int D = a->D, S = a->S;
-    const float *qh = a->q + (size_t)h * D, *kh = a->k + (size_t)h * a->head_stride, *vh = a->v + (size_t)h * a->head_stride;
-    float *oh = a->out + (size_t)h * D, mx = -3.4e38f, sum = 0.0f;
+    const float *qh = a->q + (size_t)b * a->q_stride + (size_t)h * D;
+    const float *kh = a->k + (size_t)b * a->row_stride + (size_t)h * a->head_stride;
+    const float *vh = a->v + (size_t)b * a->row_stride + (size_t)h * a->head_stride;
+    const int64_t *real = a->mask ? a->mask + (size_t)b * a->mask_stride : NULL;
+    float *oh = a->out + ((size_t)b * a->H + h) * D, mx = -3.4e38f, sum = 0.0f;
     for (int s = 0; s < S; s++) {
+        if (real && !real[s]) {
+            scores[s] = -3.4e38f;
+            continue;
+        }
         const float *ks = kh + (size_t)s * D;
         float d = 0.0f;
         int i = 0;
@@ -337,11 +347,12 @@ static void attend_head(const struct attend_args *a, int h, float *scores) {
         if (scores[s] > mx) mx = scores[s];
     }
     for (int s = 0; s < S; s++) {
-        scores[s] = __builtin_expf(scores[s] - mx);
+        scores[s] = real && !real[s] ? 0.0f : __builtin_expf(scores[s] - mx);
         sum += scores[s];
     }
     for (int i = 0; i < D; i++) oh[i] = 0.0f;
     for (int s = 0; s < S; s++) {
+        if (scores[s] == 0.0f) continue;
         const float *vs = vh + (size_t)s * D;
         float p = scores[s] / sum;
         for (int i = 0; i < D; i++) oh[i] += p * vs[i];
@@ -350,16 +361,17 @@ static void attend_head(const struct attend_args *a, int h, float *scores) {
 
 static void attend_part(int part) {
     const struct attend_args *a = pool.attend;
-    int per = (a->H + pool.parts - 1) / pool.parts;
-    for (int h = part * per; h < a->H && h < (part + 1) * per; h++) attend_head(a, h, a->scores + (size_t)part * a->S);
+    int pairs = a->B * a->H, per = (pairs + pool.parts - 1) / pool.parts;
+    for (int i = part * per; i < pairs && i < (part + 1) * per; i++)
+        attend_head(a, i / a->H, i % a->H, a->scores + (size_t)part * a->S);
 }
 
-/* attention over S keys with the pool (the caller holds pool.call); one thread below min_keys keys,
+/* attention over S keys with the pool (the caller holds pool.call); one thread below min_keys keys in all,
  * where waking the workers costs more than the work */
 static void attend1(struct attend_args *a, int threads) {
     int parts = pool_parts(threads), min_keys = 64;
-    if (parts > a->H) parts = a->H;
-    if (parts < 1 || a->S < min_keys) parts = 1;
+    if (parts > a->B * a->H) parts = a->B * a->H;
+    if (parts < 1 || a->B * a->S < min_keys) parts = 1;
     pool.attend = a;
     dispatch(parts);
     pool.attend = NULL;
@@ -384,52 +396,61 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * inv * (w ? w[i] : 1.0f) + (b ? b[i] : 0.0f);
 }
 
-/* One GPT-2 block for one token (batch 1, one decode step), as simplegpt.model.Block computes it:
- * x += proj(attn(ln_1(x))); x += fc2(gelu(fc(ln_2(x)))). The new key and value go to slot `pos`
- * of the layer's cache (heads head_stride floats apart, rows C / H floats apart), and the query
- * attends to slots 0..pos. p holds the 12 parameter pointers in Block's order (ln_1 w, b; c_attn
- * w, b; attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b); biases may be NULL. scales:
- * NULL for fp32 linear weights, else the 4 linears' row scales (their weights are int8). scratch
- * holds sg_block1_scratch(C, pos + 1, threads) floats. The caller holds pool.call. */
-static void block1(float *x, const float **p, const float **scales, float *kc, float *vc, long head_stride, int pos,
-                   int C, int H, float eps, float *scratch, int threads) {
+/* One GPT-2 block for one token of each of B rows (one decode step), as simplegpt.model.Block
+ * computes it: x += proj(attn(ln_1(x))); x += fc2(gelu(fc(ln_2(x)))), x (B, C). Each row's new key
+ * and value go to slot `pos` of its cache (row b at kc + b row_stride, heads head_stride floats
+ * apart, slots C / H floats apart), and its query attends to the slots 0..pos that mask marks real
+ * (see attend_args). p holds the 12 parameter pointers in Block's order (ln_1 w, b; c_attn w, b;
+ * attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b); biases may be NULL. scales: NULL for fp32
+ * linear weights, else the 4 linears' row scales (their weights are int8). scratch holds
+ * sg_block1_scratch(B, C, pos + 1, threads) floats. The caller holds pool.call. */
+static void block1(float *x, const float **p, const float **scales, float *kc, float *vc, long head_stride,
+                   long row_stride, int B, int pos, const int64_t *mask, long mask_stride, int C, int H, float eps,
+                   float *scratch, int threads) {
     const float *s[4] = {NULL, NULL, NULL, NULL};
     if (scales) for (int i = 0; i < 4; i++) s[i] = scales[i];
     int D = C / H;
-    float *xn = scratch, *qkv = xn + C, *att = qkv + 3 * C, *tmp = att + C, *h = tmp + C, *scores = h + 4 * C;
-    layer_norm(x, p[0], p[1], xn, C, eps);
-    gemv_pool(p[2], s[0], xn, p[3], qkv, 1, 3 * C, C, threads);
-    for (int hd = 0; hd < H; hd++) {
-        float *kd = kc + (size_t)hd * head_stride + (size_t)pos * D, *vd = vc + (size_t)hd * head_stride + (size_t)pos * D;
-        for (int i = 0; i < D; i++) {
-            kd[i] = qkv[C + hd * D + i];
-            vd[i] = qkv[2 * C + hd * D + i];
+    size_t BC = (size_t)B * C;
+    float *xn = scratch, *qkv = xn + BC, *att = qkv + 3 * BC, *tmp = att + BC, *h = tmp + BC, *scores = h + 4 * BC;
+    for (int b = 0; b < B; b++) layer_norm(x + b * C, p[0], p[1], xn + b * C, C, eps);
+    gemv_pool(p[2], s[0], xn, p[3], qkv, B, 3 * C, C, threads);
+    for (int b = 0; b < B; b++)
+        for (int hd = 0; hd < H; hd++) {
+            size_t at = (size_t)b * row_stride + (size_t)hd * head_stride + (size_t)pos * D;
+            for (int i = 0; i < D; i++) {
+                kc[at + i] = qkv[(size_t)b * 3 * C + C + hd * D + i];
+                vc[at + i] = qkv[(size_t)b * 3 * C + 2 * C + hd * D + i];
+            }
         }
-    }
-    struct attend_args a = {qkv, kc, vc, att, scores, H, pos + 1, D, head_stride, 1.0f / __builtin_sqrtf((float)D)};
+    struct attend_args a = {qkv, kc, vc, att, scores, mask, B, H, pos + 1, D, 3L * C, head_stride, row_stride,
+                            mask_stride, 1.0f / __builtin_sqrtf((float)D)};
     attend1(&a, threads);
-    gemv_pool(p[4], s[1], att, p[5], tmp, 1, C, C, threads);
-    for (int i = 0; i < C; i++) x[i] += tmp[i];
-    layer_norm(x, p[6], p[7], xn, C, eps);
-    gemv_pool(p[8], s[2], xn, p[9], h, 1, 4 * C, C, threads);
-    gelu_tanh(h, 4 * C);
-    gemv_pool(p[10], s[3], h, p[11], tmp, 1, C, 4 * C, threads);
-    for (int i = 0; i < C; i++) x[i] += tmp[i];
+    gemv_pool(p[4], s[1], att, p[5], tmp, B, C, C, threads);
+    for (size_t i = 0; i < BC; i++) x[i] += tmp[i];
+    for (int b = 0; b < B; b++) layer_norm(x + b * C, p[6], p[7], xn + b * C, C, eps);
+    gemv_pool(p[8], s[2], xn, p[9], h, B, 4 * C, C, threads);
+    gelu_tanh(h, 4 * (int)BC);
+    gemv_pool(p[10], s[3], h, p[11], tmp, B, C, 4 * C, threads);
+    for (size_t i = 0; i < BC; i++) x[i] += tmp[i];
 }
 
-/* scratch floats block1 needs for S keys */
-long sg_block1_scratch(int C, int S, int threads) {
+/* scratch floats block1 needs for B rows and S keys */
+long sg_block1_scratch(int B, int C, int S, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    return 10L * C + (long)S * (threads < 1 ? 1 : threads);
+    return 10L * B * C + (long)S * (threads < 1 ? 1 : threads);
 }
 
 /* block1 for L blocks in a row, in one call: p holds 12 pointers per block, scales 4 per block (or
- * is NULL), kc and vc each block's cache (heads head_stride floats apart, as for block1) */
-void sg_blocks1(float *x, const float **p, const float **scales, float **kc, float **vc, long head_stride, int pos,
-                int C, int H, int L, float eps, float *scratch, int threads) {
+ * is NULL), kc and vc each block's cache (as for block1). B at most MAX_ROWS (the int8 kernel's
+ * buffers); returns -1 (doing nothing) past it. */
+int sg_blocks1(float *x, const float **p, const float **scales, float **kc, float **vc, long head_stride,
+               long row_stride, int B, int pos, const int64_t *mask, long mask_stride, int C, int H, int L, float eps,
+               float *scratch, int threads) {
+    if (B < 1 || B > MAX_ROWS) return -1;
     pthread_mutex_lock(&pool.call);
     for (int l = 0; l < L; l++)
-        block1(x, p + 12 * l, scales ? scales + 4 * l : NULL, kc[l], vc[l], head_stride, pos, C, H, eps, scratch,
-               threads);
+        block1(x, p + 12 * l, scales ? scales + 4 * l : NULL, kc[l], vc[l], head_stride, row_stride, B, pos, mask,
+               mask_stride, C, H, eps, scratch, threads);
     pthread_mutex_unlock(&pool.call);
+    return 0;
 }
