@@ -8,10 +8,10 @@
     python bench/generate.py --device cuda --compile --skip-llama   # GPU: compiled (CUDA graphs) vs HF eager
 
 With --llama-bench (built by ../shared/bench/llamacpp_anchor.sh, which also writes the random GPT-2
-GGUF files it reads), llama.cpp's f32 and q8_0 decode speeds are measured right before and right
-after simplegpt's rounds (3 repetitions each), with the same threads, prompt and new-token counts,
-and the ratios are printed against its best repetition, as simplegpt's best round counts (its
-figure excludes the prompt, simplegpt's includes the prefill).
+GGUF files it reads), llama.cpp's f32 and q8_0 decode speeds are measured at the start of each
+round and after the last (2 repetitions each), with the same threads, prompt and new-token
+counts, and the ratios are printed against its best repetition, as simplegpt's best round counts
+(its figure excludes the prompt, simplegpt's includes the prefill).
 
 Every engine decodes greedily from the same 16-token prompt; tokens/s count generated tokens
 over the whole call (prefill included), best of --repeats rounds that interleave the engines.
@@ -115,8 +115,8 @@ def hf_runner(model: GPT, prompts: list[list[int]], n: int):
 
 
 def llama_bench(binary: str, models: dict[str, str], threads: int, prompt_len: int, n: int) -> dict[str, list[float]]:
-    """llama.cpp decode tokens/s (its tg test, 3 repetitions) for each GGUF file, from llama-bench's JSON output."""
-    args = [binary, "-t", str(threads), "-p", str(prompt_len), "-n", str(n), "-r", "3", "-o", "json"]
+    """llama.cpp decode tokens/s (its tg test, 2 repetitions) for each GGUF file, from llama-bench's JSON output."""
+    args = [binary, "-t", str(threads), "-p", str(prompt_len), "-n", str(n), "-r", "2", "-o", "json"]
     for path in models.values():
         args += ["-m", path]
     rows = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
@@ -164,6 +164,11 @@ def main() -> None:
         p.error("--device cuda: CUDA is not available on this machine")
     if args.skip_llama:
         args.llama_bench = None
+    if args.llama_bench and (args.checkpoint or args.preset != "gpt2"):
+        p.error("--llama-bench measures GPT-2 124M GGUF files: compare them with --preset gpt2 (the default)")
+    for path in [args.llama_bench, args.gguf_f32, args.gguf_q8] if args.llama_bench else []:
+        if not Path(path).is_file():
+            p.error(f"{path} does not exist (../shared/bench/llamacpp_anchor.sh builds llama-bench and writes the GGUF files)")
     device = torch.device(args.device)
     on_cpu = device.type == "cpu"
     if args.threads:
@@ -220,24 +225,24 @@ def main() -> None:
             llama.append(llama_bench(args.llama_bench, gguf, torch.get_num_threads(), args.prompt_len,
                                      args.new_tokens))
 
-    measure_llama()  # before simplegpt's rounds
-    # Rounds interleave the engines so that load from other jobs hits them alike; the best counts.
-    # The slow uncached loops run in the first round only.
+    # Rounds interleave the engines, llama.cpp included, so that load from other jobs (which comes
+    # and goes over minutes on shared machines) hits them alike; the best counts. The slow
+    # uncached loops run in the first round only.
     best = {name: math.inf for name in [*runners, *slow]}
     for r in range(args.repeats):
+        measure_llama()
         for name, run in [*runners.items(), *(slow.items() if r == 0 else [])]:
             best[name] = min(best[name], timed(run, device))
+    measure_llama()  # and after the last round
     rows = {name: args.batch if "batch" in name else 1 for name in best}  # tokens per step
     rates = {name: rows[name] * (args.uncached_tokens if name in slow else args.new_tokens) / t
              for name, t in best.items()}
-    measure_llama()  # and after them
     if llama:
-        # Best against best: its best repetition (of 3 before and 3 after), as simplegpt's best round counts.
+        # Best against best: its best repetition, as simplegpt's best round counts.
         for name in gguf:
-            before, after = (sum(run[name]) / len(run[name]) for run in llama)
-            rates[name] = max(llama[0][name] + llama[1][name])
-            print(f"{name:20s} {rates[name]:8.1f} tok/s best; mean {before:.1f} before, {after:.1f} after "
-                  "simplegpt's rounds")
+            means = ", ".join(f"{sum(run[name]) / len(run[name]):.1f}" for run in llama)
+            rates[name] = max(x for run in llama for x in run[name])
+            print(f"{name:20s} {rates[name]:8.1f} tok/s best; per measurement {means}")
     batched = (f"simplegpt batch {args.batch}", f"HF generate batch {args.batch}")
     for name in ("simplegpt cached", "simplegpt compiled", "simplegpt uncached", "tutorial loop", "HF generate",
                  "simplegpt int8", *batched):

@@ -2,10 +2,11 @@
 
 At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
 path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
-the cores, four distant row streams per core, and streams ~33-45 GB/s there (docs/benchmarks.md). `linear` is one such product
-(`linear_int8` its int8 twin); `DecodeBlocks` runs all of a model's GPT-2 blocks for one token
-in one call, without ~20 PyTorch calls around each. The library is compiled on first use with the machine's C
-compiler ($CC, else cc) into the cache folder, and loaded with ctypes: no build step at install.
+the cores, four distant row streams per core, and streams ~33-45 GB/s there (docs/benchmarks.md).
+`linear` is such a product for up to MAX_ROWS rows (`linear_int8` its int8 twin); `DecodeBlocks`
+runs all of a model's GPT-2 blocks for one decode step in one call, without ~20 PyTorch calls
+around each. The library is compiled on first use with the machine's C compiler ($CC, else cc)
+into the cache folder, and loaded with ctypes: no build step at install.
 Where there is no compiler, no x86-64 CPU with AVX2 and FMA, or SIMPLEGPT_NATIVE=0, `load()`
 returns None, `unavailable_reason()` says why, and the engine and the model keep PyTorch's kernels.
 """
