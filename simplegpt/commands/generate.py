@@ -45,15 +45,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true",
                    help="print text as it is generated (several samples are then generated one after another)")
     p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    add_engine_arguments(p, "-i")
+    p.add_argument("--quiet", action="store_true", help="don't print the per-sample summary on stderr")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, long_running: str) -> None:
+    """--quantize, --compile and --device (generate and serve); long_running: where compiling pays off."""
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: int8 weights for the linear layers (CPU; ~4x less memory read per token)")
     p.add_argument("--compile", action="store_true",
                    help="run each decode step as one torch.compile'd function over a static KV cache (CUDA graphs "
                         "on a GPU), in place of the native CPU kernels; helps on GPUs and in long-running "
-                        "processes (-i), since the first tokens of each batch size wait for the compilation "
-                        "(seconds to a minute); needs a C++ compiler on the CPU; not with --quantize int8")
+                        f"processes ({long_running}), since the first tokens of each batch size wait for the "
+                        "compilation (seconds to a minute); needs a C++ compiler on the CPU; not with --quantize int8")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--quiet", action="store_true", help="don't print the per-sample summary on stderr")
+
+
+def load_engine(args: argparse.Namespace, quiet: bool = True):
+    """The Engine for args.checkpoint with add_engine_arguments' options (the int8 sizes on stderr unless quiet)."""
+    from ..checkpoint import load_checkpoint
+    from ..devices import resolve_device
+    from ..engine import Engine
+    from ..errors import CheckpointError
+
+    device = "cpu" if args.device == "auto" and args.quantize == "int8" else resolve_device(args.device)
+    ck = load_checkpoint(args.checkpoint, device=device)
+    if ck.tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
+    if args.quantize == "int8":
+        from ..quantize import quantize_int8
+
+        report = quantize_int8(ck.model)
+        if not quiet:
+            print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
+                  file=sys.stderr)
+    return Engine(ck.model, ck.tokenizer, compile=args.compile)
+
+
+def check_engine_arguments(args: argparse.Namespace) -> None:
+    if args.compile and args.quantize == "int8":
+        raise ValueError("--compile does not work with --quantize int8 (its int8 kernels do not compile): "
+                         "choose one")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,14 +97,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint
-    from ..devices import resolve_device
-    from ..engine import Engine, SamplingParams
-    from ..errors import CheckpointError
+    from ..engine import SamplingParams
 
-    if args.compile and args.quantize == "int8":
-        raise ValueError("--compile does not work with --quantize int8 (its int8 kernels do not compile): "
-                         "choose one")
+    check_engine_arguments(args)
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
     params = SamplingParams(
@@ -81,18 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         stop_at_eos=not args.ignore_eos,
     )
     prompt = None if args.interactive else _read_prompt(args)
-    device = "cpu" if args.device == "auto" and args.quantize == "int8" else resolve_device(args.device)
-    ck = load_checkpoint(args.checkpoint, device=device)
-    if ck.tokenizer is None:
-        raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
-    if args.quantize == "int8":
-        from ..quantize import quantize_int8
-
-        report = quantize_int8(ck.model)
-        if not args.quiet:
-            print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
-                  file=sys.stderr)
-    engine = Engine(ck.model, ck.tokenizer, compile=args.compile)
+    engine = load_engine(args, quiet=args.quiet)
     if not args.interactive:
         _generate(engine, prompt, params, args)
         return 0

@@ -7,6 +7,8 @@ import socket
 import sys
 from pathlib import Path
 
+from .generate import add_engine_arguments, check_engine_arguments, load_engine
+
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API, with a web playground"
 DESCRIPTION = (
     "Serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions and /v1/models in the shapes of "
@@ -24,12 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=argparse.SUPPRESS,
                    help="the model id clients send and /v1/models lists (default: the checkpoint's folder name; "
                         "out/RUN/best is served as RUN-best)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: int8 weights for the linear layers (CPU; ~4x less memory read per token)")
-    p.add_argument("--compile", action="store_true",
-                   help="compiled decode steps over a static KV cache (CUDA graphs on a GPU); the first request "
-                        "of each batch size waits for the compilation; not with --quantize int8")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add_engine_arguments(p, "a server")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,13 +36,7 @@ def run(args: argparse.Namespace) -> int:
         from ..server import create_app
     except ModuleNotFoundError as e:
         raise ImportError(f"simplegpt serve needs {e.name}: pip install -e '.[serve]'") from None
-    from ..checkpoint import load_checkpoint
-    from ..devices import resolve_device
-    from ..engine import Engine
-    from ..errors import CheckpointError
-
-    if args.compile and args.quantize == "int8":
-        raise ValueError("--compile does not work with --quantize int8 (its int8 kernels do not compile): choose one")
+    check_engine_arguments(args)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     # Bind first: a taken port is one clear line before the model loads, not a traceback after.
@@ -56,19 +47,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    device = "cpu" if args.device == "auto" and args.quantize == "int8" else resolve_device(args.device)
-    ck = load_checkpoint(args.checkpoint, device=device)
-    if ck.tokenizer is None:
-        raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
-    if args.quantize == "int8":
-        from ..quantize import quantize_int8
-
-        quantize_int8(ck.model)
+    engine = load_engine(args)
     folder = Path(args.checkpoint).resolve()
     # out/run/best -> "run-best": the run's name, not only which of its checkpoints
     run_checkpoint = folder.name in ("best", "last")
     name = getattr(args, "model_name", None) or (f"{folder.parent.name}-{folder.name}" if run_checkpoint else folder.name)
-    app = create_app(Engine(ck.model, ck.tokenizer, compile=args.compile), name)
+    app = create_app(engine, name)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"simplegpt serve: '{name}' on http://{shown}:{port} (playground: /, API: /v1, Ctrl-C stops)",
