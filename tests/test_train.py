@@ -256,6 +256,7 @@ def test_cli_summary_names_the_checkpoint_and_a_working_generate_command(tmp_pat
     args = shlex.split(hint.removeprefix("next: simplegpt "))
     gen = _cli(*args, "--max-new-tokens", "5", "--quiet", cwd=tmp_path)
     assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+    assert f"  or: simplegpt serve {args[1]} {args[2]} " in proc.stdout  # the same checkpoint
     again = _cli("train", "--resume", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
     assert again.returncode == 0 and "had already finished its 3 steps" in again.stderr, again.stderr
     assert "--max_iters 6" in again.stderr

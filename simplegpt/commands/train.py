@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
         prompt = shlex.quote(cfg.sample_prompt.strip() or "Once upon a time")
         print(f"next: simplegpt generate --checkpoint {shlex.quote(str(best_dir))} --prompt {prompt} --stream")
+        print(f"  or: simplegpt serve --checkpoint {shlex.quote(str(best_dir))}   (API + playground in a browser)")
     if result.interrupted in ("SIGINT", "SIGTERM"):
         return 128 + signal.Signals[result.interrupted].value
     return 0
