@@ -129,7 +129,7 @@ def _refuse_unsupported(req: _Sampling, extra: dict[str, Any]) -> None:
             raise APIError(f"{name} is not supported by simplegpt{hint}", param=name)
 
 
-def _params(req: _Sampling, max_tokens: int | None, stop: list[str]) -> SamplingParams:
+def _params(req: _Sampling, max_tokens: int, stop: list[str], limit: int) -> SamplingParams:
     if not 0 <= req.temperature <= 2:
         raise APIError(f"temperature must be between 0 and 2, got {req.temperature}", param="temperature")
     if not 1 <= req.n <= 16:
@@ -137,8 +137,9 @@ def _params(req: _Sampling, max_tokens: int | None, stop: list[str]) -> Sampling
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4:
         raise APIError("stop takes at most 4 strings", param="stop")
-    if max_tokens is not None and max_tokens <= 0:
-        raise APIError(f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
+    if not 0 < max_tokens <= limit:
+        raise APIError(f"max_tokens must be between 1 and {limit} (the server's --max-tokens), got {max_tokens}",
+                       param="max_tokens")
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
                               top_p=req.top_p, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
@@ -150,10 +151,10 @@ def _params(req: _Sampling, max_tokens: int | None, stop: list[str]) -> Sampling
 class Server:
     """The state behind the app: the engine, the model's name and the lock that serializes generations."""
 
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine, model_name: str, max_tokens: int, max_rows: int):
         if engine.tokenizer is None:
             raise ValueError("serving needs a model with a tokenizer (text in, text out)")
-        self.engine, self.model_name = engine, model_name
+        self.engine, self.model_name, self.max_tokens, self.max_rows = engine, model_name, max_tokens, max_rows
         self.lock = threading.Lock()
         self.created = int(time.time())
 
@@ -170,6 +171,12 @@ class Server:
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
         return list(prompt)
+
+    def rows(self, rows: list[str | list[int]]) -> list[str | list[int]]:
+        if len(rows) > self.max_rows:
+            raise APIError(f"{len(rows)} sequences (prompts x n) in one request; the server takes at most "
+                           f"{self.max_rows}", param="n")
+        return rows
 
     def open(self, prompts: list[str | list[int]], params: SamplingParams) -> Stream:
         """The engine's stream for a batch of prompts, before anything is generated: prompts it
@@ -211,9 +218,11 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name` (see the module's docstring)."""
-    server = Server(engine, model_name)
+def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows: int = 64) -> FastAPI:
+    """The FastAPI app serving `engine` under `model_name` (see the module's docstring). A request
+    may ask for at most max_tokens new tokens per sequence and max_rows sequences (prompts x n): a
+    generation holds the server while it runs."""
+    server = Server(engine, model_name, max_tokens, max_rows)
     app = FastAPI(title="simplegpt", description="An OpenAI-compatible API over a simplegpt model.")
     app.state.server = server
 
@@ -252,9 +261,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def completions(req: CompletionRequest):
         server.check_model(req.model)
         _refuse_unsupported(req, {"best_of": req.best_of not in (None, 1), "suffix": bool(req.suffix)})
-        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, [])
+        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, [], server.max_tokens)
         prompts = server.prompts(req.prompt)
-        rows = [p for p in prompts for _ in range(req.n)]
+        rows = server.rows([p for p in prompts for _ in range(req.n)])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name}
 
@@ -292,8 +301,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         _refuse_unsupported(req, {"tools": bool(req.tools), "tool_choice": req.tool_choice not in (None, "none"),
                                   "response_format": (req.response_format or {}).get("type", "text") != "text"})
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = _params(req, limit if limit is not None else DEFAULT_CHAT_MAX_TOKENS, [CHAT_STOP])
-        rows = [chat_prompt(req.messages)] * req.n
+        params = _params(req, limit if limit is not None else min(DEFAULT_CHAT_MAX_TOKENS, server.max_tokens),
+                         [CHAT_STOP], server.max_tokens)
+        rows = server.rows([chat_prompt(req.messages)] * req.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
 
         stream = server.open(rows, params)

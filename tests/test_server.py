@@ -144,6 +144,10 @@ def test_bad_requests_get_openai_errors(client, server):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="tiny", prompt="A", **kw)
         assert e.value.status_code == 400 and e.value.body["message"], kw
+    with pytest.raises(openai.BadRequestError, match="between 1 and 4096"):
+        client.completions.create(model="tiny", prompt="A", max_tokens=5000)
+    with pytest.raises(openai.BadRequestError, match="at most 64"):
+        client.completions.create(model="tiny", prompt=["A"] * 5, n=16)
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError, match="out of range"):
             client.completions.create(model="tiny", prompt=[65, 999], stream=stream)

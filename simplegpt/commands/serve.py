@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=argparse.SUPPRESS,
                    help="the model id clients send and /v1/models lists (default: the checkpoint's folder name; "
                         "out/RUN/best is served as RUN-best)")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="the most new tokens a request may ask for, per sequence (a generation holds the server)")
+    p.add_argument("--max-sequences", type=int, default=64,
+                   help="the most sequences (prompts x n) one request may ask for")
     add_engine_arguments(p, "a server")
 
 
@@ -37,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         raise ImportError(f"simplegpt serve needs {e.name}: pip install -e '.[serve]'") from None
     check_engine_arguments(args)
+    for option, value in (("--max-tokens", args.max_tokens), ("--max-sequences", args.max_sequences)):
+        if value <= 0:
+            raise ValueError(f"{option} must be a positive integer, got {value}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     # Bind first: a taken port is one clear line before the model loads, not a traceback after.
@@ -52,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     # out/run/best -> "run-best": the run's name, not only which of its checkpoints
     run_checkpoint = folder.name in ("best", "last")
     name = getattr(args, "model_name", None) or (f"{folder.parent.name}-{folder.name}" if run_checkpoint else folder.name)
-    app = create_app(engine, name)
+    app = create_app(engine, name, max_tokens=args.max_tokens, max_rows=args.max_sequences)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"simplegpt serve: '{name}' on http://{shown}:{port} (playground: /, API: /v1, Ctrl-C stops)",
