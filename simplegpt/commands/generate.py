@@ -13,7 +13,7 @@ DESCRIPTION = (
     "--prompt-file or standard input; -i keeps the model loaded and reads one prompt per line. "
     "An empty prompt starts from the end-of-text token (unconditional sampling). When prompt + output "
     "outgrow the model's window, the oldest quarter of the context is dropped and generation goes on. "
-    "On x86-64 CPUs one prompt at a time decodes in simplegpt's native kernels, compiled on first use with "
+    "On x86-64 CPUs up to 16 samples at a time decode in simplegpt's native kernels, compiled on first use with "
     "the machine's C compiler (SIMPLEGPT_NATIVE=0 uses PyTorch's kernels instead)."
 )
 
