@@ -179,7 +179,7 @@ static struct {
     const int8_t *xq;
     const float *xs;
     float *y;
-    int M, N, K, parts;  /* M: rows of x (and y), fp32 only */
+    int M, N, K, parts;  /* M: rows of x (and y) */
     struct attend_args *attend;  /* not NULL: the call is attend1's heads, split between the parts */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
@@ -251,7 +251,6 @@ int sg_init(int threads) {
     return n;
 }
 
-/* y = W x + b with the pool; the caller holds pool.call */
 #define MAX_ROWS 16 /* simplegpt.native.MAX_ROWS */
 static int8_t xq_buf[MAX_ROWS << 16];
 static float xs_buf[MAX_ROWS];
@@ -276,6 +275,7 @@ static void dispatch(int parts) {
 
 static int pool_parts(int threads) { return threads < pool.workers + 1 ? threads : pool.workers + 1; }
 
+/* y = x W^T + b for M rows with the pool (int8 W where scale is not NULL); the caller holds pool.call */
 static void gemv_pool(const void *W, const float *scale, const float *x, const float *b, float *y, int M, int N,
                       int K, int threads) {
     int parts = pool_parts(threads);
