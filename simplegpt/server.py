@@ -224,7 +224,6 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
     generation holds the server while it runs."""
     server = Server(engine, model_name, max_tokens, max_rows)
     app = FastAPI(title="simplegpt", description="An OpenAI-compatible API over a simplegpt model.")
-    app.state.server = server
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
