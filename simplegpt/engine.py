@@ -256,6 +256,10 @@ class Stream:
             self.results = [r.result() for r in self._rows]
             raise
 
+    def close(self) -> None:
+        """Stop generating (a reader that leaves early); the call's cache is released."""
+        self._events.close()
+
 
 class TextStream:
     """The text pieces of one prompt; `result` is set once the iteration has finished."""

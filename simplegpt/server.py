@@ -21,11 +21,12 @@ run as one batch.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,20 +194,46 @@ class Server:
         return stream.results
 
     async def events(self, stream: Stream) -> AsyncIterator[tuple[int, str] | list[Result]]:
-        """The stream's (row, piece) events, then its list of results. Each step runs on a worker
-        thread; the lock is held until the stream ends or is closed (a client that leaves is
-        cancelled at an await, and the generation stops there)."""
-        steps = self._steps(stream)
-        try:
-            while (event := await run_in_threadpool(next, steps, None)) is not None:
-                yield event
-        finally:
-            steps.close()  # no thread runs it now: a cancelled await waits for its thread first
+        """The stream's (row, piece) events, then its list of results. The generation runs on a
+        worker thread that holds the lock and hands each event to the event loop, so it goes on
+        while the loop sends the previous one. A client that leaves stops it at the next token."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        leave = threading.Event()
 
-    def _steps(self, stream: Stream) -> Iterator[tuple[int, str] | list[Result]]:
-        with self.lock:
-            yield from stream
-            yield stream.results
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (the server is shutting down)
+                leave.set()
+
+        def produce() -> None:
+            try:
+                with self.lock:
+                    try:
+                        for event in stream:
+                            if leave.is_set():
+                                return
+                            put(event)
+                        put(stream.results)
+                    finally:
+                        stream.close()
+            except Exception as e:  # noqa: BLE001 - handed to the request, which raises it
+                put(e)
+            finally:
+                put(_DONE)
+
+        loop.run_in_executor(None, produce)
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            leave.set()
+
+
+_DONE = object()  # the end of a stream's events
 
 
 def _usage(prompt_tokens: int, results: list[Result]) -> dict[str, int]:
