@@ -33,6 +33,7 @@ from .model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+MAX_LOGPROBS = 20  # most alternatives SamplingParams.logprobs may ask for
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_at_eos: bool = True
+    logprobs: int | None = None  # k: each new token's log-probability and the k most likely (Result.logprobs)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,10 +73,24 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (or None = off), "
+                             f"got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class TokenLogprobs:
+    """A generated token's log-probability under the model (its raw logits: before the repetition
+    penalty, temperature and filters), and the most likely tokens at that step, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -86,6 +102,16 @@ class Result:
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
     stop_reason: str | int | None = None  # the stop string matched, or the EOS id; None for "length"
     prompt_tokens: int = 0  # after left truncation to the window
+    logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, with SamplingParams(logprobs=k)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprobs]:
+    """(B, V) logits and the (B,) tokens drawn from them -> each token's TokenLogprobs with k alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, tokens.view(-1, 1)).view(-1).tolist()
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    return [TokenLogprobs(t, c, list(zip(i, v))) for t, c, i, v in
+            zip(tokens.tolist(), chosen, top_i.tolist(), top_v.tolist())]
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,11 +258,12 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] | None = None  # with SamplingParams(logprobs=k): one per generated token
 
     def result(self) -> Result:
         text = self.text.text if self.text is not None else ""
         return Result(text, list(self.generated), self.finish_reason or FINISH_LENGTH, self.stop_reason,
-                      self.prompt_len)
+                      self.prompt_len, None if self.logprobs is None else list(self.logprobs))
 
 
 class Stream:
@@ -611,7 +638,7 @@ class Engine:
             ids = self._prompt_ids(prompt)
             gen = torch.Generator(device=self.device).manual_seed(seed + i)
             text = _TextAssembler(params.stop) if self.tokenizer is not None else None
-            rows.append(_Row(len(ids), ids, gen, text))
+            rows.append(_Row(len(ids), ids, gen, text, logprobs=None if params.logprobs is None else []))
         return Stream(self._decode(rows, params), rows)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -664,15 +691,19 @@ class Engine:
             row_seen = seen[active] if seen is not None else None
             # torch on one thread beside the native kernel's spinning workers (see native.decoding)
             with torch.inference_mode(), native.decoding() if self.native else contextlib.nullcontext():
-                nxt = sample_next_token(logits, params, [rows[i].generator for i in active], row_seen).tolist()
+                drawn = sample_next_token(logits, params, [rows[i].generator for i in active], row_seen)
+                lps = None if params.logprobs is None else token_logprobs(logits, drawn, params.logprobs)
+                nxt = drawn.tolist()
             still = []
-            for i, tok in zip(active, nxt):
+            for j, (i, tok) in enumerate(zip(active, nxt)):
                 row = rows[i]
                 if stop_eos and tok == self.eos_id:
                     row.finish_reason, row.stop_reason = FINISH_STOP, tok
                 else:
                     row.generated.append(tok)
                     row.tokens.append(tok)
+                    if lps is not None:
+                        row.logprobs.append(lps[j])
                     if seen is not None:
                         seen[i, tok] = True
                     if row.text is not None:

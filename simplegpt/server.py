@@ -10,8 +10,9 @@ Endpoints (the shapes of OpenAI's API, so its official clients work against it):
 
 Sampling: temperature, top_p, seed, stop, max_tokens (max_completion_tokens for chat), n, and
 simplegpt's own top_k, min_p, repetition_penalty and ignore_eos (the `extra_body` of OpenAI's
-clients). Options simplegpt has no equivalent for (logprobs, presence/frequency penalties,
-logit_bias, best_of, suffix, tools) are refused with a 400, not silently dropped. Errors come as
+clients); logprobs (and chat's top_logprobs) in responses that are not streamed. Options
+simplegpt has no equivalent for (presence/frequency penalties, logit_bias, best_of, suffix, echo
+with logprobs, tools) are refused with a 400, not silently dropped. Errors come as
 OpenAI's {"error": {"message", "type", "param", "code"}} with 400 (bad request) or 404 (unknown model).
 
 Requests are served one generation at a time: the engine already runs on every core, and a
@@ -71,8 +72,6 @@ class _Sampling(BaseModel):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     # OpenAI's, which simplegpt has no equivalent for: refused unless left at their defaults
-    logprobs: Any = None
-    top_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -81,6 +80,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
+    logprobs: int | None = None  # the chosen token's log-probability and this many alternatives (0-5)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -97,6 +97,8 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -121,8 +123,7 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 
 
 def _refuse_unsupported(req: _Sampling, extra: dict[str, Any]) -> None:
-    unsupported = {"logprobs": req.logprobs not in (None, False), "top_logprobs": req.top_logprobs is not None,
-                   "presence_penalty": req.presence_penalty != 0, "frequency_penalty": req.frequency_penalty != 0,
+    unsupported = {"presence_penalty": req.presence_penalty != 0, "frequency_penalty": req.frequency_penalty != 0,
                    "logit_bias": bool(req.logit_bias), **extra}
     for name, used in unsupported.items():
         if used:
@@ -130,7 +131,26 @@ def _refuse_unsupported(req: _Sampling, extra: dict[str, Any]) -> None:
             raise APIError(f"{name} is not supported by simplegpt{hint}", param=name)
 
 
-def _params(req: _Sampling, max_tokens: int, stop: list[str], limit: int) -> SamplingParams:
+def _logprobs(k: int | None, most: int, stream: bool, param: str) -> int | None:
+    """The number of alternatives to report (None = no logprobs), checked."""
+    if k is None:
+        return None
+    if not 0 <= k <= most:
+        raise APIError(f"{param} must be between 0 and {most}, got {k}", param=param)
+    if stream:
+        raise APIError("logprobs are reported in responses that are not streamed; drop stream or logprobs",
+                       param="logprobs")
+    return k
+
+
+def _token_text(server: "Server", token_id: int) -> tuple[str, list[int]]:
+    """A token as text (bytes that are not whole UTF-8 characters as \\x escapes) and as bytes."""
+    raw = server.engine.tokenizer.decode_bytes([token_id])
+    return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+
+
+def _params(req: _Sampling, max_tokens: int, stop: list[str], limit: int,
+            logprobs: int | None = None) -> SamplingParams:
     if not 0 <= req.temperature <= 2:
         raise APIError(f"temperature must be between 0 and 2, got {req.temperature}", param="temperature")
     if not 1 <= req.n <= 16:
@@ -144,7 +164,8 @@ def _params(req: _Sampling, max_tokens: int, stop: list[str], limit: int) -> Sam
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
                               top_p=req.top_p, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                              seed=req.seed, stop=[s for s in stops + stop if s], stop_at_eos=not req.ignore_eos)
+                              seed=req.seed, stop=[s for s in stops + stop if s], stop_at_eos=not req.ignore_eos,
+                              logprobs=logprobs)
     except ValueError as e:
         raise APIError(str(e)) from None
 
@@ -286,22 +307,25 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         server.check_model(req.model)
-        _refuse_unsupported(req, {"best_of": req.best_of not in (None, 1), "suffix": bool(req.suffix)})
-        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, [], server.max_tokens)
+        _refuse_unsupported(req, {"best_of": req.best_of not in (None, 1), "suffix": bool(req.suffix),
+                                  "echo with logprobs (scoring the prompt)": req.echo and req.logprobs is not None})
+        k = _logprobs(req.logprobs, 5, req.stream, "logprobs")
+        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, [], server.max_tokens, k)
         prompts = server.prompts(req.prompt)
         rows = server.rows([p for p in prompts for _ in range(req.n)])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name}
 
-        def choice(i: int, text: str, finish: str | None) -> dict[str, Any]:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        def choice(i: int, text: str, finish: str | None, result: Result | None = None) -> dict[str, Any]:
+            return {"index": i, "text": text, "logprobs": _completion_logprobs(server, result),
+                    "finish_reason": finish}
 
         stream = server.open(rows, params)
         # echo: the prompt as text (token-id prompts decoded, once the engine has checked them)
         echo = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if req.echo else "" for p in rows]
         if not req.stream:
             results = await run_in_threadpool(server.generate, stream)
-            return {**head, "choices": [choice(i, echo[i] + r.text, r.finish_reason) for i, r in enumerate(results)],
+            return {**head, "choices": [choice(i, echo[i] + r.text, r.finish_reason, r) for i, r in enumerate(results)],
                     "usage": _usage(sum(r.prompt_tokens for r in results[:: req.n]), results)}
 
         async def events() -> AsyncIterator[str]:
@@ -327,8 +351,11 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         _refuse_unsupported(req, {"tools": bool(req.tools), "tool_choice": req.tool_choice not in (None, "none"),
                                   "response_format": (req.response_format or {}).get("type", "text") != "text"})
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        k = _logprobs(req.top_logprobs or 0, 20, req.stream, "top_logprobs") if req.logprobs else None
         params = _params(req, limit if limit is not None else min(DEFAULT_CHAT_MAX_TOKENS, server.max_tokens),
-                         [CHAT_STOP], server.max_tokens)
+                         [CHAT_STOP], server.max_tokens, k)
         rows = server.rows([chat_prompt(req.messages)] * req.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
 
@@ -336,7 +363,8 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         if not req.stream:
             results = await run_in_threadpool(server.generate, stream)
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
-                        "logprobs": None, "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+                        "logprobs": _chat_logprobs(server, r), "finish_reason": r.finish_reason}
+                       for i, r in enumerate(results)]
             return {**head, "object": "chat.completion", "choices": choices,
                     "usage": _usage(results[0].prompt_tokens, results)}
 
@@ -367,6 +395,30 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def _completion_logprobs(server: Server, result: Result | None) -> dict[str, Any] | None:
+    """The completions API's logprobs: tokens, their log-probabilities, the alternatives, text offsets."""
+    if result is None or result.logprobs is None:
+        return None
+    tokens = [_token_text(server, t.token_id)[0] for t in result.logprobs]
+    offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [t.logprob for t in result.logprobs],
+            "top_logprobs": [{_token_text(server, i)[0]: v for i, v in t.top} for t in result.logprobs],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(server: Server, result: Result) -> dict[str, Any] | None:
+    """The chat API's logprobs: one entry per token with its bytes and the alternatives."""
+    if result.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = _token_text(server, token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
+                        for t in result.logprobs]}
 
 
 def _model_card(server: Server) -> dict[str, Any]:

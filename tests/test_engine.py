@@ -238,6 +238,7 @@ def test_long_prompt_is_truncated_from_the_left_with_a_warning():
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_k=-1), "top_k"), (dict(min_p=1.0), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
+    (dict(logprobs=-1), "logprobs"), (dict(logprobs=21), "logprobs"), (dict(logprobs=True), "logprobs"),
 ])
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -291,3 +292,30 @@ def test_gemv_layout_changes_memory_layout_only(monkeypatch):
     model(idx, targets=idx)[1].backward()
     opt.step()
     assert not torch.equal(before, fc) and model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_logprobs_are_the_models_log_softmax_at_each_generated_token():
+    """With logprobs=k every generated token carries its log-probability under the model's raw
+    logits (teacher-forced forward of prompt + output) and the k most likely tokens, in order; a
+    sampled batch carries them per row; without logprobs there are none."""
+    model = tiny()
+    engine = Engine(model)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9]]
+    params = SamplingParams(max_new_tokens=12, temperature=1.3, top_k=50, seed=4, stop_at_eos=False, logprobs=3)
+    results = engine.generate(prompts, params)
+    for prompt, r in zip(prompts, results):
+        assert [t.token_id for t in r.logprobs] == r.token_ids
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([prompt + r.token_ids[:-1]]))
+        lp = torch.log_softmax(logits[0, len(prompt) - 1:], dim=-1)  # (12, V): the step that drew each token
+        want = lp.gather(-1, torch.tensor(r.token_ids).view(-1, 1)).view(-1)
+        assert torch.allclose(torch.tensor([t.logprob for t in r.logprobs]), want, atol=1e-4)
+        top_v, top_i = lp.topk(3, dim=-1)
+        assert [[i for i, _ in t.top] for t in r.logprobs] == top_i.tolist()
+        assert torch.allclose(torch.tensor([[v for _, v in t.top] for t in r.logprobs]), top_v, atol=1e-4)
+    # the same tokens as without logprobs (they are only reported)
+    assert [r.token_ids for r in engine.generate(prompts, SamplingParams(
+        max_new_tokens=12, temperature=1.3, top_k=50, seed=4, stop_at_eos=False))] == [r.token_ids for r in results]
+    assert engine.generate([[1]], SamplingParams(max_new_tokens=2))[0].logprobs is None
+    [zero] = engine.generate([[1]], SamplingParams(max_new_tokens=2, logprobs=0))
+    assert len(zero.logprobs) == 2 and all(t.top == [] for t in zero.logprobs)

@@ -122,6 +122,31 @@ def test_seeds_batches_and_stop_strings(client, engine):
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_are_the_engines(client, engine, server):
+    params = SamplingParams(max_new_tokens=12, temperature=0.7, seed=5, logprobs=3)
+    [want] = engine.generate(["ROMEO:"], params)
+    out = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0.7, seed=5, logprobs=3)
+    lp = out.choices[0].logprobs
+    # each token as text: a byte here, escaped where it is no whole UTF-8 character
+    tokens = [bytes([t]).decode("utf-8", errors="backslashreplace") for t in want.token_ids]
+    assert out.choices[0].text == want.text and lp.tokens == tokens
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    assert [list(top.values()) for top in lp.top_logprobs] == [
+        pytest.approx([v for _, v in t.top], abs=1e-5) for t in want.logprobs]
+    assert lp.text_offset == [sum(map(len, tokens[:i])) for i in range(12)]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)  # greedy
+    assert all(len(c.bytes) == 1 and c.token == bytes(c.bytes).decode("utf-8", "backslashreplace") for c in content)
+    for kw in (dict(logprobs=6), dict(logprobs=2, stream=True), dict(logprobs=1, echo=True)):
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            client.completions.create(model="tiny", prompt="A", **kw)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
+
+
 def test_chat_through_the_template(client, engine):
     messages = [{"role": "system", "content": "A play."}, {"role": "user", "content": "Who goes there?"}]
     prompt = chat_prompt([ChatMessage(**m) for m in messages])
@@ -137,7 +162,7 @@ def test_chat_through_the_template(client, engine):
 
 
 def test_bad_requests_get_openai_errors(client, server):
-    bad = [dict(temperature=3.0), dict(max_tokens=0), dict(top_p=0.0), dict(n=0), dict(logprobs=2),
+    bad = [dict(temperature=3.0), dict(max_tokens=0), dict(top_p=0.0), dict(n=0), dict(logprobs=-1),
            dict(presence_penalty=0.5), dict(stop=["a", "b", "c", "d", "e"]), dict(extra_body={"top_k": -1}),
            dict(extra_body={"nonsense": 1})]
     for kw in bad:
