@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .engine import Engine, Result, SamplingParams, Stream
 
@@ -53,9 +53,15 @@ class APIError(Exception):
 
 
 class _Sampling(BaseModel):
-    """The sampling fields completions and chat share."""
+    """The sampling fields completions and chat share. A field sent as null takes its default, as
+    some clients send every option they know of."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: str
     temperature: float = 1.0

@@ -183,6 +183,12 @@ def test_bad_requests_get_openai_errors(client, server):
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # null means "the default", as clients that send every option they know of expect
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "A", "temperature": None,
+                                                     "max_tokens": None, "logprobs": None, "stream": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": None})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_server(server, client):
