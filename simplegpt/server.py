@@ -27,13 +27,14 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -272,12 +273,17 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows: int = 64) -> FastAPI:
+def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows: int = 64,
+               cors_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name` (see the module's docstring). A request
     may ask for at most max_tokens new tokens per sequence and max_rows sequences (prompts x n): a
-    generation holds the server while it runs."""
+    generation holds the server while it runs. cors_origins: web origins (e.g. http://localhost:3000,
+    or "*") whose pages may call the API from a browser; none by default."""
     server = Server(engine, model_name, max_tokens, max_rows)
     app = FastAPI(title="simplegpt", description="An OpenAI-compatible API over a simplegpt model.")
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:

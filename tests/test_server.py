@@ -271,12 +271,22 @@ def _has_playwright() -> bool:
     return True
 
 
-def test_model_name_from_a_run_folder(tmp_path, checkpoint):
+def test_model_name_from_a_run_folder_and_cors(tmp_path, checkpoint, server):
     run = tmp_path / "myrun" / "best"
     shutil.copytree(checkpoint, run)
-    proc, port = start(run)
+    proc, port = start(run, "--cors-origin", "http://localhost:3000")
     try:
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "myrun-best"
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == "myrun-best"
+        # a browser's preflight from the allowed origin is answered; other origins, and servers
+        # started without --cors-origin, give pages no access
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        ok = httpx.options(f"{base}/v1/completions", headers={"Origin": "http://localhost:3000", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.get(f"{base}/v1/models", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        default = httpx.get(f"{server}/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert "access-control-allow-origin" not in default.headers
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the most new tokens a request may ask for, per sequence (a generation holds the server)")
     p.add_argument("--max-sequences", type=int, default=64,
                    help="the most sequences (prompts x n) one request may ask for")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from this origin (e.g. http://localhost:3000, or '*' for any) call the API "
+                        "from a browser; repeat for several; none by default")
     add_engine_arguments(p, "a server")
 
 
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     # out/run/best -> "run-best": the run's name, not only which of its checkpoints
     run_checkpoint = folder.name in ("best", "last")
     name = getattr(args, "model_name", None) or (f"{folder.parent.name}-{folder.name}" if run_checkpoint else folder.name)
-    app = create_app(engine, name, max_tokens=args.max_tokens, max_rows=args.max_sequences)
+    app = create_app(engine, name, max_tokens=args.max_tokens, max_rows=args.max_sequences,
+                     cors_origins=args.cors_origin)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"simplegpt serve: '{name}' on http://{shown}:{port} (playground: /, API: /v1, Ctrl-C stops)",
