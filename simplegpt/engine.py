@@ -612,6 +612,21 @@ class Engine:
             return None
         return blocks
 
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str | Sequence[int]],
+              top: int = 0) -> list[tuple[list[int], list[TokenLogprobs]]]:
+        """Each prompt's token ids (cut from the left to the window, with a warning, as for generate)
+        and the TokenLogprobs of every token after the first, given the tokens before it (teacher
+        forcing), with `top` alternatives: the prompt's log-likelihood, token by token."""
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise ValueError(f"top must be in [0, {MAX_LOGPROBS}], got {top}")
+        out = []
+        for prompt in prompts:
+            ids = self._prompt_ids(prompt)
+            logits, _ = self.model(torch.tensor([ids], device=self.device))  # (1, T, V)
+            out.append((ids, token_logprobs(logits[0, :-1], torch.tensor(ids[1:], device=self.device), top)))
+        return out
+
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
         """Generate for every prompt (text, or token ids) in one batch; one Result per prompt."""
         stream = self.stream_batch(prompts, params)

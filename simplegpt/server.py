@@ -10,9 +10,10 @@ Endpoints (the shapes of OpenAI's API, so its official clients work against it):
 
 Sampling: temperature, top_p, seed, stop, max_tokens (max_completion_tokens for chat), n, and
 simplegpt's own top_k, min_p, repetition_penalty and ignore_eos (the `extra_body` of OpenAI's
-clients); logprobs (and chat's top_logprobs) in responses that are not streamed. Options
-simplegpt has no equivalent for (presence/frequency penalties, logit_bias, best_of, suffix, echo
-with logprobs, tools) are refused with a 400, not silently dropped. Errors come as
+clients); logprobs (and chat's top_logprobs) in responses that are not streamed, with echo also
+for the prompt's tokens (max_tokens 0 scores a prompt without generating). Options simplegpt has
+no equivalent for (presence/frequency penalties, logit_bias, best_of, suffix, tools) are refused
+with a 400, not silently dropped. Errors come as
 OpenAI's {"error": {"message", "type", "param", "code"}} with 400 (bad request) or 404 (unknown model).
 
 Requests are served one generation at a time: the engine already runs on every core, and a
@@ -38,7 +39,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .engine import Engine, Result, SamplingParams, Stream
+from .engine import FINISH_LENGTH, Engine, Result, SamplingParams, Stream, TokenLogprobs
 
 STATIC = Path(__file__).parent / "static"
 CHAT_STOP = "\nUser:"
@@ -215,6 +216,10 @@ class Server:
         except (ValueError, TypeError) as e:
             raise APIError(str(e), param="prompt") from None
 
+    def score(self, prompts: list[str | list[int]], top: int) -> list[tuple[list[int], list[TokenLogprobs]]]:
+        with self.lock:
+            return self.engine.score(prompts, top)
+
     def generate(self, stream: Stream) -> list[Result]:
         with self.lock:
             for _ in stream:
@@ -319,26 +324,37 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         server.check_model(req.model)
-        _refuse_unsupported(req, {"best_of": req.best_of not in (None, 1), "suffix": bool(req.suffix),
-                                  "echo with logprobs (scoring the prompt)": req.echo and req.logprobs is not None})
+        _refuse_unsupported(req, {"best_of": req.best_of not in (None, 1), "suffix": bool(req.suffix)})
         k = _logprobs(req.logprobs, 5, req.stream, "logprobs")
-        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, [], server.max_tokens, k)
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        score_only = req.echo and max_tokens == 0  # the prompt scored (with logprobs), nothing generated
+        if score_only and req.stream:
+            raise APIError("max_tokens 0 with echo (scoring the prompt) is not streamed", param="max_tokens")
+        params = _params(req, 1 if score_only else max_tokens, [], server.max_tokens, k)
         prompts = server.prompts(req.prompt)
         rows = server.rows([p for p in prompts for _ in range(req.n)])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name}
 
-        def choice(i: int, text: str, finish: str | None, result: Result | None = None) -> dict[str, Any]:
-            return {"index": i, "text": text, "logprobs": _completion_logprobs(server, result),
+        def choice(i: int, text: str, finish: str | None, result: Result | None = None,
+                   scored: tuple[list[int], list[TokenLogprobs]] | None = None) -> dict[str, Any]:
+            return {"index": i, "text": text, "logprobs": _completion_logprobs(server, result, scored),
                     "finish_reason": finish}
 
         stream = server.open(rows, params)
         # echo: the prompt as text (token-id prompts decoded, once the engine has checked them)
         echo = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if req.echo else "" for p in rows]
         if not req.stream:
-            results = await run_in_threadpool(server.generate, stream)
-            return {**head, "choices": [choice(i, echo[i] + r.text, r.finish_reason, r) for i, r in enumerate(results)],
-                    "usage": _usage(sum(r.prompt_tokens for r in results[:: req.n]), results)}
+            # echo with logprobs: the prompt's own tokens come first, each given the ones before it
+            scored = await run_in_threadpool(server.score, rows, k or 0) if score_only or (req.echo and k) else None
+            if score_only:
+                results = [Result("", [], FINISH_LENGTH, prompt_tokens=len(ids)) for ids, _ in scored]
+            else:
+                results = await run_in_threadpool(server.generate, stream)
+            choices = [choice(i, echo[i] + r.text, r.finish_reason, r, scored[i] if scored and k is not None else None)
+                       for i, r in enumerate(results)]
+            return {**head, "choices": choices, "usage": _usage(sum(r.prompt_tokens for r in results[:: req.n]),
+                                                                results)}
 
         async def events() -> AsyncIterator[str]:
             if req.echo:
@@ -409,15 +425,24 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
     return app
 
 
-def _completion_logprobs(server: Server, result: Result | None) -> dict[str, Any] | None:
-    """The completions API's logprobs: tokens, their log-probabilities, the alternatives, text offsets."""
-    if result is None or result.logprobs is None:
+def _completion_logprobs(server: Server, result: Result | None,
+                         scored: tuple[list[int], list[TokenLogprobs]] | None) -> dict[str, Any] | None:
+    """The completions API's logprobs: tokens, their log-probabilities, the alternatives, text
+    offsets; with `scored` (echo) the prompt's tokens first, the very first without any (null)."""
+    if scored is None and (result is None or result.logprobs is None):
         return None
-    tokens = [_token_text(server, t.token_id)[0] for t in result.logprobs]
-    offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
-    return {"tokens": tokens, "token_logprobs": [t.logprob for t in result.logprobs],
-            "top_logprobs": [{_token_text(server, i)[0]: v for i, v in t.top} for t in result.logprobs],
-            "text_offset": offsets}
+    entries: list[TokenLogprobs | int] = []
+    if scored is not None:
+        ids, lps = scored
+        entries = [ids[0], *lps]
+    if result is not None and result.logprobs:
+        entries += result.logprobs
+    tokens = [_token_text(server, e if isinstance(e, int) else e.token_id)[0] for e in entries]
+    return {"tokens": tokens,
+            "token_logprobs": [None if isinstance(e, int) else e.logprob for e in entries],
+            "top_logprobs": [None if isinstance(e, int) else {_token_text(server, i)[0]: v for i, v in e.top}
+                             for e in entries],
+            "text_offset": [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]}
 
 
 def _chat_logprobs(server: Server, result: Result) -> dict[str, Any] | None:

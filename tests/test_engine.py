@@ -319,3 +319,24 @@ def test_logprobs_are_the_models_log_softmax_at_each_generated_token():
     assert engine.generate([[1]], SamplingParams(max_new_tokens=2))[0].logprobs is None
     [zero] = engine.generate([[1]], SamplingParams(max_new_tokens=2, logprobs=0))
     assert len(zero.logprobs) == 2 and all(t.top == [] for t in zero.logprobs)
+
+
+def test_score_is_the_teacher_forced_log_likelihood_of_each_prompt():
+    model = tiny()
+    engine = Engine(model)
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    scored = engine.score(prompts, top=2)
+    for prompt, (ids, lps) in zip(prompts, scored):
+        assert ids == prompt and [t.token_id for t in lps] == prompt[1:]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([prompt]))[0][0, :-1], dim=-1)
+        want = lp.gather(-1, torch.tensor(prompt[1:]).view(-1, 1)).view(-1)
+        assert torch.allclose(torch.tensor([t.logprob for t in lps]), want, atol=1e-4)
+        assert [[i for i, _ in t.top] for t in lps] == lp.topk(2, dim=-1).indices.tolist()
+    # a generated continuation scores as generation reported it
+    r = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False,
+                                                    logprobs=0))[0]
+    [(_, lps)] = engine.score([[1, 2, 3] + r.token_ids])
+    assert [t.logprob for t in lps[2:]] == pytest.approx([t.logprob for t in r.logprobs], abs=1e-4)
+    with pytest.raises(ValueError, match="top"):
+        engine.score([[1, 2]], top=21)

@@ -140,8 +140,27 @@ def test_logprobs_are_the_engines(client, engine, server):
     assert len(content) == chat.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)  # greedy
     assert all(len(c.bytes) == 1 and c.token == bytes(c.bytes).decode("utf-8", "backslashreplace") for c in content)
-    for kw in (dict(logprobs=6), dict(logprobs=2, stream=True), dict(logprobs=1, echo=True)):
+    for kw in (dict(logprobs=6), dict(logprobs=2, stream=True)):
         with pytest.raises(openai.BadRequestError, match="logprobs"):
+            client.completions.create(model="tiny", prompt="A", **kw)
+    # echo + logprobs: the prompt's tokens first (the first without a log-probability), as engine.score gives
+    # them; max_tokens 0 scores the prompt alone (how evaluation harnesses ask for a text's log-likelihood)
+    [(ids, scored)] = engine.score(["ROMEO:"], top=2)
+    both = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0.7, seed=5,
+                                     logprobs=2, echo=True)
+    lp = both.choices[0].logprobs
+    assert both.choices[0].text == "ROMEO:" + want.text and len(lp.tokens) == 6 + 12
+    assert "".join(lp.tokens[:6]) == "ROMEO:" and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:6] == pytest.approx([t.logprob for t in scored], abs=1e-5)
+    assert lp.token_logprobs[6:] == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    assert lp.text_offset[6] == 6
+    only = client.completions.create(model="tiny", prompt=[list(b"ROMEO:"), list(b"JULIET")], max_tokens=0,
+                                     echo=True, logprobs=0)
+    assert [c.text for c in only.choices] == ["ROMEO:", "JULIET"] and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx([t.logprob for t in scored], abs=1e-5)
+    assert only.usage.prompt_tokens == 12 and only.choices[0].finish_reason == "length"
+    for kw in (dict(max_tokens=0), dict(max_tokens=0, echo=True, stream=True)):
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
             client.completions.create(model="tiny", prompt="A", **kw)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
