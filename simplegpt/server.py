@@ -65,6 +65,11 @@ class _Sampling(BaseModel):
     def _nulls_are_defaults(cls, data: Any) -> Any:
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
+    @property
+    def wants_usage(self) -> bool:
+        """A streamed response ends with a usage chunk (stream_options.include_usage)."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
     model: str
     temperature: float = 1.0
     top_p: float = 1.0
@@ -269,9 +274,11 @@ class Server:
 _DONE = object()  # the end of a stream's events
 
 
-def _usage(prompt_tokens: int, results: list[Result]) -> dict[str, int]:
+def _usage(results: list[Result], n: int) -> dict[str, int]:
+    """Token counts of a request whose rows are each prompt n times: its prompts counted once each."""
+    prompt = sum(r.prompt_tokens for r in results[::n])
     completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -353,8 +360,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                 results = await run_in_threadpool(server.generate, stream)
             choices = [choice(i, echo[i] + r.text, r.finish_reason, r, scored[i] if scored and k is not None else None)
                        for i, r in enumerate(results)]
-            return {**head, "choices": choices, "usage": _usage(sum(r.prompt_tokens for r in results[:: req.n]),
-                                                                results)}
+            return {**head, "choices": choices, "usage": _usage(results, req.n)}
 
         async def events() -> AsyncIterator[str]:
             if req.echo:
@@ -364,9 +370,8 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                 if isinstance(event, list):
                     for i, r in enumerate(event):
                         yield _sse({**head, "choices": [choice(i, "", r.finish_reason)]})
-                    if (req.stream_options or {}).get("include_usage"):
-                        yield _sse({**head, "choices": [],
-                                    "usage": _usage(sum(r.prompt_tokens for r in event[:: req.n]), event)})
+                    if req.wants_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(event, req.n)})
                 else:
                     yield _sse({**head, "choices": [choice(event[0], event[1], None)]})
             yield _sse("[DONE]")
@@ -394,7 +399,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                         "logprobs": _chat_logprobs(server, r), "finish_reason": r.finish_reason}
                        for i, r in enumerate(results)]
             return {**head, "object": "chat.completion", "choices": choices,
-                    "usage": _usage(results[0].prompt_tokens, results)}
+                    "usage": _usage(results, req.n)}
 
         chunk = {**head, "object": "chat.completion.chunk"}
 
@@ -409,8 +414,8 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                 if isinstance(event, list):
                     for i, r in enumerate(event):
                         yield delta(i, {}, r.finish_reason)
-                    if (req.stream_options or {}).get("include_usage"):
-                        yield _sse({**chunk, "choices": [], "usage": _usage(event[0].prompt_tokens, event)})
+                    if req.wants_usage:
+                        yield _sse({**chunk, "choices": [], "usage": _usage(event, req.n)})
                 else:
                     i, piece = event
                     if not started[i]:  # the reply without the space after 'Assistant:', as non-streamed
