@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from . import native
+from .accel.cpu import decode as native
 from .model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 
 FINISH_STOP = "stop"

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .native import training as native_training
+from .accel.cpu import training as native_training
 
 IGNORE_INDEX = native_training.IGNORE_INDEX  # -100: a label that takes no loss (the C kernels know it too)
 

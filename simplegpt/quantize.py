@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import native
+from .accel.cpu import decode as native
 from .model import GPT
 
 QUANT_MODES = ("none", "int8")

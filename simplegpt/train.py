@@ -36,7 +36,7 @@ from .cpu_parallel import CoreShards
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, DataError, SimpleGPTError
 from .model import GPT, GPTConfig
-from .native import training as native_training
+from .accel.cpu import training as native_training
 from .tokenizer import Tokenizer
 
 CONFIG_FILE = "config.toml"

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from simplegpt import GPT, GPTConfig, generate_text, get_tokenizer, native
+from simplegpt import GPT, GPTConfig, generate_text, get_tokenizer
+from simplegpt.accel.cpu import decode as native
 from simplegpt.engine import (Engine, KVCache, SamplingParams, apply_repetition_penalty, generate_ids,
                               sample_next_token, sampling_probs, use_gemv_layout)
 from simplegpt.quantize import quantize_int8

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from simplegpt import get_tokenizer, native, save_checkpoint
+from simplegpt import get_tokenizer, save_checkpoint
+from simplegpt.accel.cpu import decode as native
 from simplegpt.cli import main
 from simplegpt.engine import Engine, KVCache, SamplingParams
 from simplegpt.quantize import quantize_int8

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simplegpt import GPT, GPTConfig, native
+from simplegpt import GPT, GPTConfig
+from simplegpt.accel.cpu import decode as native
 from simplegpt.engine import Engine, SamplingParams, _Batch, _NativeLinear
 
 lib = native.load()
@@ -123,7 +124,8 @@ def test_kernel_works_in_a_forked_child():
 
 FALLBACK = """
 import torch
-from simplegpt import GPT, GPTConfig, native
+from simplegpt import GPT, GPTConfig
+from simplegpt.accel.cpu import decode as native
 from simplegpt.engine import Engine, SamplingParams
 torch.manual_seed(0)
 engine = Engine(GPT(GPTConfig(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2)))

@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from simplegpt import GPT, GPTConfig, native
-from simplegpt.native import training
+from simplegpt import GPT, GPTConfig
+from simplegpt.accel.cpu import decode as native
+from simplegpt.accel.cpu import training
 
 lib = native.load()
 if lib is None and os.environ.get("CI"):

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simplegpt import GPT, GPTConfig, native
+from simplegpt import GPT, GPTConfig
+from simplegpt.accel.cpu import decode as native
 from simplegpt.model import IGNORE_INDEX
-from simplegpt.native import training
+from simplegpt.accel.cpu import training
 
 lib = native.load()
 if lib is None and os.environ.get("CI"):
@@ -204,7 +205,7 @@ def test_threads_that_load_while_another_builds_wait_for_the_library(tmp_path):
     import subprocess
     import sys
 
-    code = ("import threading\nfrom simplegpt import native\nout = []\n"
+    code = ("import threading\nfrom simplegpt.accel import cpu as native\nout = []\n"
             "ts = [threading.Thread(target=lambda: out.append(native.load())) for _ in range(4)]\n"
             "[t.start() for t in ts]\n[t.join() for t in ts]\n"
             "assert len(out) == 4 and all(lib is not None for lib in out), (out, native.unavailable_reason())\n"

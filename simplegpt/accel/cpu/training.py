@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import load
+from .lib import load
 
 IGNORE_INDEX = -100  # as model.IGNORE_INDEX (model.py imports this module)
 HEAD_SIZES = (8, 16, 32, 64)  # the attention kernel's head sizes

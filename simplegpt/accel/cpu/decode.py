@@ -1,0 +1,149 @@
+"""Decoding kernels (csrc/gemv.c): matrix-vector products over all cores, and a whole decode step.
+
+At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
+path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
+the cores, four distant row streams per core, and streams ~33-45 GB/s there (docs/benchmarks.md).
+`linear` is such a product for up to MAX_ROWS rows (`linear_int8` its int8 twin); `DecodeBlocks`
+runs all of a model's GPT-2 blocks for one decode step in one call, without ~20 PyTorch calls
+around each. Callers check `lib.load()` first: these functions assume the library is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+
+import torch
+
+from . import lib
+from .lib import MAX_INT8_IN, MAX_ROWS, load, unavailable_reason
+
+_threads = 0  # threads of the innermost decoding() block; 0 outside
+_pool = 0  # threads the kernel's pool has (a forked child starts with none)
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) may take the kernel: up to MAX_ROWS fp32 rows on the CPU (a
+    decode step of up to MAX_ROWS sequences, a short prefill), no autograd, nn.Linear's row-major
+    weight."""
+    K = weight.size(1)
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.size(-1) == K and x.numel() <= MAX_ROWS * K and weight.is_contiguous()
+            and not torch.is_grad_enabled())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for a few rows (see usable()), with the native kernel on the threads of the innermost
+    `decoding()` block (else torch.get_num_threads())."""
+    x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()  # kept alive until the call returns
+    N, K = weight.shape
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    lib._lib.sg_gemv(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                 x.numel() // K, N, K, _call_threads())
+    return y
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear() for int8 weights (N, K <= MAX_INT8_IN) with fp32 row scales (N,), up to MAX_ROWS rows:
+    each row of x is rounded to int8 with its own scale (as q8_0 rounds activations) and the
+    products are integer dot products."""
+    x = x.contiguous()
+    N, K = qweight.shape
+    M = x.numel() // K
+    if M > MAX_ROWS or K > MAX_INT8_IN:
+        raise ValueError(f"linear_int8 takes at most {MAX_ROWS} rows of at most {MAX_INT8_IN}, got {M} of {K}")
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    lib._lib.sg_gemv_q8(qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+                    y.data_ptr(), M, N, K, _call_threads())
+    return y
+
+
+def _call_threads() -> int:
+    """Threads for a kernel call (the innermost decoding() block's, else torch's); starts the pool."""
+    global _pool
+    threads = _threads or torch.get_num_threads()
+    if threads > _pool:
+        _pool = lib._lib.sg_init(threads)
+    return threads
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+@contextlib.contextmanager
+def decoding():
+    """A batch-1 decode step: the kernel gets all of torch's threads and torch runs on one meanwhile.
+
+    Both pools spin between calls, so on a machine with as many threads as cores they would
+    take turns on the cores instead of working (PyTorch's attention ran 5x slower beside it).
+    """
+    global _threads
+    saved, outer = torch.get_num_threads(), _threads
+    _threads = outer or saved
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+        _threads = outer
+
+
+class DecodeBlocks:
+    """A model's GPT-2 blocks for one decode step of up to MAX_ROWS rows, all in one native call
+    (sg_blocks1 in gemv.c), in place of ~20 PyTorch calls a block. The pointers are gathered once
+    (per generate call), not per token.
+
+    blocks: per block its 12 tensors in order (ln_1 weight, bias; c_attn weight, bias; attn c_proj
+    weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp c_proj weight, bias), None for a
+    missing bias, all contiguous fp32, and None, or for int8 linear weights their 4 fp32 row scales
+    (see linear_int8; every block the same kind). k, v: the KV cache's (n_layer, batch, n_head,
+    max_len, head_dim) keys and values.
+    """
+
+    def __init__(self, blocks: list[tuple[list[torch.Tensor | None], list[torch.Tensor] | None]],
+                 k: torch.Tensor, v: torch.Tensor, n_head: int, eps: float):
+        int8 = blocks[0][1] is not None
+        if any((scales is not None) != int8 for _, scales in blocks):
+            raise ValueError("DecodeBlocks: every block must have int8 linears, or none")
+        if k.shape != v.shape or k.stride() != v.stride() or k.stride(-1) != 1 or k.stride(-2) != k.size(-1):
+            raise ValueError("DecodeBlocks: k and v must be alike, each slot's head_dim floats contiguous")
+        L, self.batch, H, self.max_len, D = k.shape
+        self._keep = blocks, k, v  # the tensors behind the pointers
+        ptr = ctypes.c_void_p
+        self.params = (ptr * (12 * L))(*(None if t is None else t.data_ptr() for params, _ in blocks for t in params))
+        self.scales = (ptr * (4 * L))(*(t.data_ptr() for _, scales in blocks for t in scales)) if int8 else None
+        self.k = (ptr * L)(*(k[i].data_ptr() for i in range(L)))
+        self.v = (ptr * L)(*(v[i].data_ptr() for i in range(L)))
+        self.row_stride, self.head_stride = k.stride(1), k.stride(2)
+        self.C, self.L, self.n_head, self.eps = H * D, L, n_head, eps
+        self.scratch = torch.empty(0)
+
+    def __call__(self, x: torch.Tensor, pos: int, mask: torch.Tensor | None = None) -> None:
+        """Every block on x ((B, C) contiguous fp32, in place; B <= MAX_ROWS and the cache's batch)
+        for each row's token at cache slot pos: its key and value are written there, and it attends
+        to the slots 0..pos that mask (B, >= pos + 1) int64, 1 = real, marks (all of them without)."""
+        B = x.numel() // self.C
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"cache slot {pos} outside [0, {self.max_len})")
+        if not (x.is_contiguous() and x.dtype == torch.float32 and x.numel() == B * self.C
+                and 1 <= B <= min(MAX_ROWS, self.batch)):
+            raise ValueError(f"DecodeBlocks: x must be 1..{min(MAX_ROWS, self.batch)} contiguous fp32 rows of "
+                             f"{self.C}, got {tuple(x.shape)} {x.dtype}")
+        if mask is not None and not (mask.dtype == torch.int64 and mask.size(0) >= B and mask.size(1) > pos
+                                     and mask.stride(1) == 1):
+            raise ValueError(f"DecodeBlocks: mask must be int64 (>= {B}, > {pos}) with contiguous rows")
+        threads = _call_threads()
+        need = lib._lib.sg_block1_scratch(B, self.C, self.max_len, threads)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need)
+        lib._lib.sg_blocks1(x.data_ptr(), self.params, self.scales, self.k, self.v, self.head_stride, self.row_stride, B,
+                        pos, None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                        self.C, self.n_head, self.L, self.eps, self.scratch.data_ptr(), threads)
