@@ -10,5 +10,8 @@ native backend); `training` the autograd functions and AdamW step used by traini
 """
 
 from .lib import MAX_INT8_IN, MAX_ROWS, disabled, enabled, load, unavailable_reason
+from .modules import for_training
+from .slots import BLOCK_SLOTS
 
-__all__ = ["MAX_INT8_IN", "MAX_ROWS", "disabled", "enabled", "load", "unavailable_reason"]
+__all__ = ["BLOCK_SLOTS", "MAX_INT8_IN", "MAX_ROWS", "disabled", "enabled", "for_training", "load",
+           "unavailable_reason"]

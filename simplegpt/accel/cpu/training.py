@@ -20,6 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .lib import load
+from .slots import BLOCK_SLOTS
 
 IGNORE_INDEX = -100  # as model.IGNORE_INDEX (model.py imports this module)
 HEAD_SIZES = (8, 16, 32, 64)  # the attention kernel's head sizes
@@ -207,15 +208,12 @@ def block_usable(x: torch.Tensor, block: torch.nn.Module) -> bool:
     return x.dim() == 3 and usable(x) and _blas_ready() and _block_ok(block, x.size(1))
 
 
-_BLOCK_SLOTS = (("ln_1", "weight"), ("ln_1", "bias"), ("attn.c_attn", "weight"), ("attn.c_attn", "bias"),
-                ("attn.c_proj", "weight"), ("attn.c_proj", "bias"), ("ln_2", "weight"), ("ln_2", "bias"),
-                ("mlp.c_fc", "weight"), ("mlp.c_fc", "bias"), ("mlp.c_proj", "weight"), ("mlp.c_proj", "bias"))
 
 
 def block(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """A GPT-2 Block (model.Block: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj) on
     x (B, T, C) with causal attention, as one autograd node (see _Block), for block_usable() inputs."""
-    params = [getattr(module.get_submodule(mod), name) for mod, name in _BLOCK_SLOTS]
+    params = [getattr(module.get_submodule(mod), name) for mod, name in BLOCK_SLOTS]
     return _Block.apply(x, *params, module.attn.n_head, module.ln_1.eps, module.ln_2.eps)
 
 
@@ -265,7 +263,7 @@ class _ModelPlan:
         self.h, self.head = tr.h, model.lm_head
         self.slots = [(tr.wte, "weight"), (tr.wpe, "weight")]
         for b in tr.h:
-            self.slots += [(b.get_submodule(mod), name) for mod, name in _BLOCK_SLOTS]
+            self.slots += [(b.get_submodule(mod), name) for mod, name in BLOCK_SLOTS]
         self.slots += [(tr.ln_f, "weight"), (tr.ln_f, "bias")]
         self.params = [mod._parameters.get(name) for mod, name in self.slots]
         self.dropouts = [tr.drop] + [d for b in tr.h for d in (b.attn.resid_dropout, b.mlp.dropout)]
