@@ -15,9 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .accel.cpu import training as native_training
-
-IGNORE_INDEX = native_training.IGNORE_INDEX  # -100: a label that takes no loss (the C kernels know it too)
+IGNORE_INDEX = -100  # a label that takes no loss (F.cross_entropy's default ignore_index)
 
 
 @dataclass
@@ -86,15 +84,6 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[key], **overrides})
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state_dict keys), in a C kernel each way when training on a CPU."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native_training.usable(x) and self.weight is not None:
-            return native_training.layer_norm(x, self.weight, self.bias, self.eps)
-        return super().forward(x)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -106,12 +95,15 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: "LayerKV | None" = None) -> torch.Tensor:
-        B, T, C = x.shape
-        qkv = self.c_attn(x)
+        """x (B, T, C); mask None or a boolean (B, 1, T, S) "may attend" mask; kv this layer's cache."""
+        qkv = self.c_attn(x)  # (B, T, 3C): q | k | v, heads side by side
+        return self.resid_dropout(self.c_proj(self.attend(qkv, mask, kv)))
+
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv: "LayerKV | None") -> torch.Tensor:
+        """softmax(q k^T / sqrt(D) + mask) v per head: (B, T, 3C) -> (B, T, C), the input of c_proj."""
+        B, T, C3 = qkv.shape
+        C = C3 // 3
         dropout_p = self.dropout if self.training else 0.0
-        if kv is None and mask is None and dropout_p == 0.0 and native_training.attention_usable(qkv, self.n_head):
-            # CPU training: one C kernel each way from the fused q|k|v to c_proj's input (same math)
-            return self.resid_dropout(self.c_proj(native_training.causal_attention(qkv, self.n_head)))
         q, k, v = qkv.split(C, dim=2)
         # (B, T, C) -> (B, H, T, D)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -125,22 +117,20 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 uses the tanh approximation of GELU; matching it keeps logits equal to GPT-2's.
+        self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 uses the tanh approximation of GELU; matching it keeps logits equal to GPT-2's.
-        h = self.c_fc(x)
-        h = native_training.gelu(h) if native_training.usable(h) else F.gelu(h, approximate="tanh")
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -148,14 +138,12 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: "LayerKV | None" = None) -> torch.Tensor:
-        if mask is None and kv is None and native_training.block_usable(x, self):
-            return native_training.block(x, self)  # CPU training: the whole block as one node (same math)
         x = x + self.attn(self.ln_1(x), mask, kv)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -196,7 +184,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the output head and the token embedding are one tensor.
@@ -290,12 +278,9 @@ class GPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """forward(idx, targets, attention_mask)'s loss, without the logits. A training step on the
-        CPU in fp32 runs the whole model and its loss as one native call each way (the same function
-        in fewer passes: simplegpt.native.training.model_loss, docs/training.md)."""
-        if attention_mask is None and native_training.model_usable(self, idx, targets):
-            self._check_ids(idx)  # model_usable checked the shapes and the length
-            return native_training.model_loss(self, idx, targets)
+        """The mean cross-entropy loss of forward(idx, targets, attention_mask): a scalar tensor.
+        Accelerators override this one method to compute a training step's loss without the
+        logits (simplegpt.accel.cpu.for_training)."""
         return self(idx, targets, attention_mask=attention_mask)[1]
 
     def hidden_states(

@@ -36,6 +36,7 @@ from .cpu_parallel import CoreShards
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, DataError, SimpleGPTError
 from .model import GPT, GPTConfig
+from .accel import cpu
 from .accel.cpu import training as native_training
 from .tokenizer import Tokenizer
 
@@ -566,8 +567,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     metrics = _Metrics(out, keep_until=step if state is not None else None, tensorboard=cfg.tensorboard)
 
     raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    # The module the steps run: compiled, or with the CPU training kernels on modules sharing the parameters.
+    model = torch.compile(model) if cfg.compile else cpu.for_training(model)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     flops_peak = peak_flops(cfg, device)
@@ -577,7 +578,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     dataset_info["dir"] = str(data_dir)
     if note:
         log(note)
-    shards = CoreShards(raw_model, n_shards) if n_shards > 1 else None
+    shards = CoreShards(model, n_shards) if n_shards > 1 else None
     log(f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
         f"block {cfg.block_size}; data: {data_dir} ({meta['tokens']['train']:,} train tokens); device: {device}, "
         f"{str(dtype).removeprefix('torch.')}, {threads} threads"
