@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from simplegpt.model import GPT, GPTConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,3 +35,27 @@ def seed_style_config(**kw) -> SimpleNamespace:
 def _seed_everything():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_tiny_gpt(seed: int = 0, scale: float | None = None, jitter: float | None = None, **overrides) -> GPT:
+    """The suite's tiny random GPT (2 layers, 32 wide, 2 heads, vocabulary 50, window 32; any GPTConfig
+    field can be overridden), made from torch.manual_seed(seed). With GPT-2's init an untrained model
+    with tied embeddings mostly repeats its last token: scale multiplies every weight (8 makes the
+    output depend on the whole context), jitter adds that much Gaussian noise (no zero biases or unit
+    LayerNorm weights left, as after some training)."""
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, dropout=0.0)
+    model = GPT(GPTConfig(**{**fields, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if scale is not None:
+                p.mul_(scale)
+            if jitter is not None:
+                p.add_(torch.randn_like(p) * jitter)
+    return model
+
+
+@pytest.fixture
+def tiny_gpt():
+    """make_tiny_gpt, for tests that take it as a fixture: tiny_gpt(n_layer=1, scale=8.0)."""
+    return make_tiny_gpt
