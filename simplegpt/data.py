@@ -75,14 +75,16 @@ def _sha256_file(path: Path) -> str:
 
 
 def _read_text(path: Path) -> str:
+    # utf-8-sig drops a leading byte-order mark (Windows editors write one), which would otherwise
+    # become the corpus's first character and a token of its own.
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8 first") from None
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark would break line 1's JSON
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

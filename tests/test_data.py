@@ -88,6 +88,16 @@ def test_folder_glob_and_jsonl_sources(tmp_path):
         prepare_corpus(str(tmp_path / "bad.jsonl"), tmp_path / "ds2", progress=False)
 
 
+def test_a_leading_byte_order_mark_is_not_text(tmp_path):
+    bom = "\ufeff".encode()
+    (tmp_path / "a.txt").write_bytes(bom + b"first document")
+    (tmp_path / "rows.jsonl").write_bytes(bom + (json.dumps({"text": "second"}) + "\n").encode())
+    assert list(resolve_corpus(str(tmp_path / "*.*")).documents()) == ["first document", "second"]
+    meta = prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "char", progress=False)
+    assert set(load_dataset_tokenizer(tmp_path / "ds").chars) == set("first document")
+    assert meta["bytes"] == len("first document")
+
+
 def test_gpt2_tokens_fit_uint16_and_big_vocab_uses_uint32(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("Hello, how are you? " * 50)
