@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from simplegpt import GPT, GPTConfig
+from conftest import make_tiny_gpt
+from simplegpt import GPT
 from simplegpt.checkpoint import save_checkpoint
 from simplegpt.cli import main
 from simplegpt.errors import DataError
@@ -45,12 +46,7 @@ def test_bad_windows(args):
 
 
 def tiny_model(vocab_size: int, n_positions: int = 32) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return make_tiny_gpt(vocab_size=vocab_size, n_positions=n_positions, n_head=4, jitter=0.05).eval()
 
 
 def hf_recipe_loss(hf_model, ids: list[int], context: int, stride: int) -> tuple[float, int]:
