@@ -1,4 +1,5 @@
-"""Decoding kernels (csrc/gemv.c): matrix-vector products over all cores, and a whole decode step.
+"""Decoding kernels: matrix-vector products over all cores (csrc/gemv.c), and a whole decode step
+(csrc/block.c).
 
 At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
 path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
@@ -18,6 +19,7 @@ import torch
 
 from . import lib
 from .lib import MAX_INT8_IN, MAX_ROWS, load, unavailable_reason
+from .slots import BLOCK_SLOTS
 
 _threads = 0  # threads of the innermost decoding() block; 0 outside
 _pool = 0  # threads the kernel's pool has (a forked child starts with none)
@@ -98,13 +100,13 @@ def decoding():
 
 class DecodeBlocks:
     """A model's GPT-2 blocks for one decode step of up to MAX_ROWS rows, all in one native call
-    (sg_blocks1 in gemv.c), in place of ~20 PyTorch calls a block. The pointers are gathered once
+    (sg_blocks1 in csrc/block.c), in place of ~20 PyTorch calls a block. The pointers are gathered once
     (per generate call), not per token.
 
-    blocks: per block its 12 tensors in order (ln_1 weight, bias; c_attn weight, bias; attn c_proj
-    weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp c_proj weight, bias), None for a
-    missing bias, all contiguous fp32, and None, or for int8 linear weights their 4 fp32 row scales
-    (see linear_int8; every block the same kind). k, v: the KV cache's (n_layer, batch, n_head,
+    blocks: per block its 12 tensors in BLOCK_SLOTS' order (ln_1 weight, bias; c_attn weight, bias;
+    attn c_proj weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp c_proj weight, bias), None
+    for a missing bias, all contiguous fp32, and None, or for int8 linear weights their 4 fp32 row
+    scales in the same order (see linear_int8; every block the same kind). k, v: the KV cache's (n_layer, batch, n_head,
     max_len, head_dim) keys and values.
     """
 
@@ -118,7 +120,7 @@ class DecodeBlocks:
         L, self.batch, H, self.max_len, D = k.shape
         self._keep = blocks, k, v  # the tensors behind the pointers
         ptr = ctypes.c_void_p
-        self.params = (ptr * (12 * L))(*(None if t is None else t.data_ptr() for params, _ in blocks for t in params))
+        self.params = (ptr * (len(BLOCK_SLOTS) * L))(*(None if t is None else t.data_ptr() for params, _ in blocks for t in params))
         self.scales = (ptr * (4 * L))(*(t.data_ptr() for _, scales in blocks for t in scales)) if int8 else None
         self.k = (ptr * L)(*(k[i].data_ptr() for i in range(L)))
         self.v = (ptr * L)(*(v[i].data_ptr() for i in range(L)))

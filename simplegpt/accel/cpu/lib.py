@@ -23,13 +23,48 @@ from typing import Iterator
 
 import torch
 
+from .slots import BLOCK_SLOTS
+
 HERE = Path(__file__).parent / "csrc"
-SOURCES = [HERE / "gemv.c", HERE / "train.c"]
-HEADERS = [HERE / "simd.h"]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
-# train.c's loops use OpenMP; linked against libgomp they share torch's threads (see train.c).
-# Where the compiler has no OpenMP they run on the calling thread.
+# one family of ops a file (each op written once, used by decoding and training alike), then the
+# block and the whole model composed of them
+SOURCES = [HERE / f"{name}.c" for name in ("pool", "gemv", "layernorm", "gelu", "attention", "matmul", "adamw",
+                                           "block", "model")]
+HEADERS = [HERE / f"{name}.h" for name in ("api", "kernels", "simd", "slots")]
+# only api.h's functions are exported (SG_API); the rest can be inlined across the files' own calls
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden"]
+# The training kernels' loops use OpenMP; linked against libgomp they share torch's threads (see
+# csrc/pool.c). Where the compiler has no OpenMP they run on the calling thread.
 OPENMP = ["-fopenmp"]
+
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+# Every function of csrc/api.h: name -> (result, arguments) as ctypes types (pointers are c_void_p;
+# tests/test_native_layout.py checks this table against api.h's declarations).
+SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
+    "sg_init": (_I, [_I]),
+    "sg_omp_threads": (_I, []),
+    "sg_max_rows": (_I, []),
+    "sg_gemv": (None, [_P] * 4 + [_I] * 4),
+    "sg_gemv_q8": (None, [_P] * 5 + [_I] * 4),
+    "sg_layernorm_fwd": (None, [_P] * 6 + [_L, _I, _F]),
+    "sg_layernorm_bwd": (_I, [_P] * 9 + [_L, _I]),
+    "sg_gelu_fwd": (None, [_P] * 2 + [_L]),
+    "sg_gelu_bwd": (None, [_P] * 3 + [_L]),
+    "sg_attn_fwd": (_I, [_P] * 3 + [_I] * 4 + [_F]),
+    "sg_attn_bwd": (_I, [_P] * 5 + [_I] * 4 + [_F]),
+    "sg_set_sgemm": (None, [_P]),
+    "sg_block_slot": (ctypes.c_char_p, [_I]),
+    "sg_block1_scratch": (_L, [_I] * 4),
+    "sg_blocks1": (_I, [_P] * 5 + [_L] * 2 + [_I] * 2 + [_P, _L] + [_I] * 3 + [_F, _P, _I]),
+    "sg_block_saved_floats": (_L, [_I] * 5),
+    "sg_block_fwd": (_I, [_P] * 4 + [_I] * 5 + [_F] * 2),
+    "sg_block_bwd": (_I, [_P] * 6 + [_I] * 5),
+    "sg_gpt_head_floats": (_L, [_I] * 4),
+    "sg_gpt_fwd": (_I, [_P] * 2 + [_I] * 7 + [_F] + [_P] * 4),
+    "sg_gpt_bwd": (_I, [_P] * 2 + [_I] * 7 + [_F] + [_P] * 3 + [_I]),
+    "sg_sqnorm": (_I, [_P] * 2 + [_I] * 2 + [_P]),
+    "sg_adamw": (_I, [_P] * 6 + [_I, _F, _I]),
+}
 
 MAX_ROWS = 16  # rows up to which the gemv kernel beats PyTorch's BLAS (docs/benchmarks.md)
 MAX_INT8_IN = 2**16  # the kernel's buffer for a quantized input row
@@ -122,43 +157,14 @@ def _load() -> None:
         if not target.is_file():
             _compile(cc, target)
         lib = ctypes.CDLL(str(target))
-        lib.sg_init.argtypes, lib.sg_init.restype = [ctypes.c_int], ctypes.c_int
-        lib.sg_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
-        lib.sg_gemv.restype = None
-        lib.sg_gemv_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        for name, (restype, argtypes) in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
         if lib.sg_max_rows() != MAX_ROWS:
-            raise RuntimeError(f"gemv.c's MAX_ROWS is {lib.sg_max_rows()}, not {MAX_ROWS}")
-        lib.sg_gemv_q8.restype = None
-        lib.sg_blocks1.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2
-                                   + [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_int] * 3 + [ctypes.c_float]
-                                   + [ctypes.c_void_p, ctypes.c_int])
-        lib.sg_blocks1.restype = ctypes.c_int
-        lib.sg_block1_scratch.argtypes, lib.sg_block1_scratch.restype = [ctypes.c_int] * 4, ctypes.c_long
-        lib.sg_omp_threads.argtypes, lib.sg_omp_threads.restype = [], ctypes.c_int
-        lib.sg_gelu_fwd.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long]
-        lib.sg_gelu_bwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
-        lib.sg_gelu_fwd.restype = lib.sg_gelu_bwd.restype = None
-        lib.sg_attn_fwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_float]
-        lib.sg_attn_bwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float]
-        lib.sg_attn_fwd.restype = lib.sg_attn_bwd.restype = ctypes.c_int
-        lib.sg_layernorm_fwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_int, ctypes.c_float]
-        lib.sg_layernorm_bwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long, ctypes.c_int]
-        lib.sg_set_sgemm.argtypes, lib.sg_set_sgemm.restype = [ctypes.c_void_p], None
-        lib.sg_block_saved_floats.argtypes = [ctypes.c_int] * 5
-        lib.sg_block_saved_floats.restype = ctypes.c_long
-        lib.sg_block_fwd.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
-        lib.sg_block_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
-        lib.sg_block_fwd.restype = lib.sg_block_bwd.restype = ctypes.c_int
-        lib.sg_gpt_head_floats.argtypes = [ctypes.c_int] * 4
-        lib.sg_gpt_head_floats.restype = ctypes.c_long
-        lib.sg_gpt_fwd.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 4
-        lib.sg_gpt_bwd.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 3
-                                   + [ctypes.c_int])
-        lib.sg_gpt_fwd.restype = lib.sg_gpt_bwd.restype = ctypes.c_int
-        lib.sg_layernorm_fwd.restype, lib.sg_layernorm_bwd.restype = None, ctypes.c_int
-        lib.sg_sqnorm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
-        lib.sg_adamw.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
-        lib.sg_sqnorm.restype = lib.sg_adamw.restype = ctypes.c_int
+            raise RuntimeError(f"the library's MAX_ROWS is {lib.sg_max_rows()}, not {MAX_ROWS}")
+        slots = [lib.sg_block_slot(i) for i in range(len(BLOCK_SLOTS) + 1)]
+        if slots != [f"{mod}.{name}".encode() for mod, name in BLOCK_SLOTS] + [None]:
+            raise RuntimeError(f"the library's block slots {slots[:-1]} are not slots.py's {BLOCK_SLOTS}")
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:  # AttributeError: a stale library
         _reason = str(e) or type(e).__name__
     else:

@@ -1,10 +1,10 @@
-"""Autograd functions over train.c for training on CPUs: LayerNorm, GPT-2's tanh-GELU and causal
+"""Autograd functions over the training kernels (csrc/) for training on CPUs: LayerNorm, GPT-2's tanh-GELU and causal
 self-attention; a whole GPT-2 block; a whole model with its loss; and AdamW with clipping.
 
 At small-model sizes PyTorch's CPU ops around the matrix products take about half of a training
 step (the GELU in several passes with a slow tanh; attention as the flash kernel plus transposes
-and copies; bias copies, residual adds, autograd and Python between ~20 ops a block). train.c does
-each in few passes, on torch's own OpenMP threads. model.py takes the biggest piece that applies:
+and copies; bias copies, residual adds, autograd and Python between ~20 ops a block). The kernels
+do each in few passes, on torch's own OpenMP threads. model.py takes the biggest piece that applies:
 GPT.loss -> model_loss (the whole step), else Block -> block, else the single ops, when the step
 needs gradients in fp32 on a CPU; everything else keeps PyTorch's kernels.
 """
@@ -54,7 +54,7 @@ class _Gelu(torch.autograd.Function):
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """F.gelu(x, approximate="tanh") for usable() inputs, forward and backward in train.c."""
+    """F.gelu(x, approximate="tanh") for usable() inputs, forward and backward in csrc/gelu.c."""
     return _Gelu.apply(x)
 
 
@@ -89,7 +89,7 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """F.layer_norm over the last dimension for usable() inputs (fp32 weight and bias), in train.c."""
+    """F.layer_norm over the last dimension for usable() inputs (fp32 weight and bias), in csrc/layernorm.c."""
     return _LayerNorm.apply(x, weight, bias, eps)
 
 
@@ -135,7 +135,7 @@ def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
 
 class _Block(torch.autograd.Function):
     """A whole pre-LN GPT-2 block, x + attn(ln_1(x)) then + mlp(ln_2(.)), forward and backward in
-    one call each of train.c (sg_block_fwd/bwd): its kernels, with the biases, the residual adds and
+    one call each of csrc/block.c (sg_block_fwd/bwd): its kernels, with the biases, the residual adds and
     the bias gradients folded into their passes, and the matrix products in the BLAS torch uses.
     One autograd node instead of ~20, and the GIL released for the whole block, so the threads of
     a split step (cpu_parallel) do not queue for it between ops."""
@@ -175,7 +175,7 @@ _sgemm: bool | None = None
 
 
 def _blas_ready() -> bool:
-    """Whether train.c has torch's sgemm (MKL's Fortran entry point in libtorch_cpu, as the Linux
+    """Whether the kernels have torch's sgemm (MKL's Fortran entry point in libtorch_cpu, as the Linux
     x86-64 wheels have it); found once."""
     global _sgemm
     if _sgemm is None:
@@ -219,7 +219,7 @@ def block(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
 
 class _ModelLoss(torch.autograd.Function):
     """GPT.forward's mean cross-entropy loss for a training step, the whole model in one call of
-    train.c each way (sg_gpt_fwd/bwd: embeddings, the blocks as in _Block, ln_f, the tied head and
+    csrc/model.c each way (sg_gpt_fwd/bwd: embeddings, the blocks as in _Block, ln_f, the tied head and
     the loss). No logits leave it, and nothing runs in Python or autograd between the layers."""
 
     @staticmethod
@@ -254,7 +254,7 @@ class _ModelLoss(torch.autograd.Function):
 
 
 class _ModelPlan:
-    """What model_usable and model_loss need of a GPT, found once: its parameters in train.c's
+    """What model_usable and model_loss need of a GPT, found once: its parameters in csrc/model.c's
     order with the module and name each sits at, and the checks that cannot change without a new
     plan. Walking the module tree each step took ~0.4 ms, in both threads of a split step."""
 
@@ -364,7 +364,7 @@ def _adamw_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None
     """The parameters with gradients, if adamw_step may take this optimizer: a torch.optim.AdamW
     without amsgrad/maximize/capturable/differentiable and with float lrs, with dense contiguous
     fp32 CPU gradients (the parameters themselves are checked where a plan is made); else None."""
-    if type(optimizer) is not torch.optim.AdamW or load() is None:
+    if not isinstance(optimizer, torch.optim.AdamW) or load() is None:  # accel.cpu.optim.AdamW subclasses it
         return None
     out = []
     for group in optimizer.param_groups:
@@ -381,7 +381,7 @@ def _fp32_cpu_dense(t: torch.Tensor) -> bool:
 
 def adamw_step(optimizer: torch.optim.Optimizer, max_norm: float, threads: int) -> float | None:
     """torch.nn.utils.clip_grad_norm_(params, max_norm) (when max_norm > 0) and then optimizer.step(),
-    in two passes of train.c over all the tensors on `threads` threads: the gradients' norm, then
+    in two passes of csrc/adamw.c over all the tensors on `threads` threads: the gradients' norm, then
     the AdamW update with the clipping factor applied on the fly (the gradients are left as they
     are). PyTorch takes a pass per op and per tensor group, single-threaded inside a split step.
 

@@ -1,4 +1,4 @@
-/* AVX2 helpers shared by simplegpt's kernels (gemv.c, train.c). */
+/* AVX2 helpers shared by the library's kernels. */
 #ifndef SIMPLEGPT_SIMD_H
 #define SIMPLEGPT_SIMD_H
 #include <immintrin.h>

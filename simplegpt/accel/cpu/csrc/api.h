@@ -1,0 +1,62 @@
+/* The library's exported functions: what simplegpt/accel/cpu/lib.py loads, with the ctypes
+ * signatures in its SIGNATURES table (tests/test_native_layout.py checks the two agree). Each is
+ * documented where it is defined. Everything else in the library is hidden (-fvisibility=hidden). */
+#ifndef SIMPLEGPT_API_H
+#define SIMPLEGPT_API_H
+#include <stdint.h>
+
+#define SG_API __attribute__((visibility("default")))
+
+/* pool.c: the decoding kernels' thread pool; OpenMP's thread count for the training kernels */
+SG_API int sg_init(int threads);
+SG_API int sg_omp_threads(void);
+
+/* gemv.c: matrix-vector products (fp32 and int8 weights) for up to sg_max_rows() rows */
+SG_API int sg_max_rows(void);
+SG_API void sg_gemv(const float *W, const float *x, const float *b, float *y, int M, int N, int K, int threads);
+SG_API void sg_gemv_q8(const int8_t *W, const float *scale, const float *x, const float *b, float *y, int M, int N,
+                       int K, int threads);
+
+/* layernorm.c */
+SG_API void sg_layernorm_fwd(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd,
+                             long R, int C, float eps);
+SG_API int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const float *rstd, const float *dy,
+                            const float *add, float *dx, float *dw, float *db, long R, int C);
+
+/* gelu.c */
+SG_API void sg_gelu_fwd(const float *x, float *y, long n);
+SG_API void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n);
+
+/* attention.c */
+SG_API int sg_attn_fwd(const float *qkv, float *out, float *lse, int B, int T, int C, int H, float scale);
+SG_API int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv, int B,
+                       int T, int C, int H, float scale);
+
+/* matmul.c */
+SG_API void sg_set_sgemm(void *fn);
+
+/* block.c: a GPT-2 block, for one decode step (sg_blocks1) and for training (sg_block_fwd/bwd) */
+SG_API const char *sg_block_slot(int i);
+SG_API long sg_block1_scratch(int B, int C, int S, int threads);
+SG_API int sg_blocks1(float *x, const float **p, const float **scales, float **kc, float **vc, long head_stride,
+                      long row_stride, int B, int pos, const int64_t *mask, long mask_stride, int C, int H, int L,
+                      float eps, float *scratch, int threads);
+SG_API long sg_block_saved_floats(int B, int T, int C, int F, int H);
+SG_API int sg_block_fwd(const float *x, float *const *prm, float *y, float *saved, int B, int T, int C, int F, int H,
+                        float eps1, float eps2);
+SG_API int sg_block_bwd(const float *x, float *const *prm, const float *saved, const float *dy, float *dx,
+                        float *const *grad, int B, int T, int C, int F, int H);
+
+/* model.c: the whole model with its loss, for a training step */
+SG_API long sg_gpt_head_floats(int B, int T, int C, int V);
+SG_API int sg_gpt_fwd(const long *idx, const long *tgt, int B, int T, int C, int V, int L, int F, int H, float eps,
+                      float *const *params, float *const *bufs, double *loss, long *count);
+SG_API int sg_gpt_bwd(const long *idx, const long *tgt, int B, int T, int C, int V, int L, int F, int H, float scale,
+                      float *const *params, float *const *bufs, float *const *grads, int n_positions);
+
+/* adamw.c: AdamW with the gradients' norm for clipping */
+SG_API int sg_sqnorm(float *const *g, const long *n, int count, int threads, double *out);
+SG_API int sg_adamw(float *const *p, float *const *g, float *const *m, float *const *v, const long *n,
+                    const double *hp, int count, float gscale, int threads);
+
+#endif

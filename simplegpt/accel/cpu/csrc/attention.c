@@ -1,0 +1,327 @@
+/* Causal self-attention: for training, forward and backward over all positions of a fused q|k|v
+ * buffer (sg_attn_fwd/bwd, on OpenMP's threads); for decoding, one new query per row and head
+ * against a KV cache (attend_cached, on the pool). Both take their probabilities from one softmax,
+ * softmax_row (as does model.c's loss). The products around it differ because the layouts do: the
+ * training kernel transposes each head's keys into tiles once and reuses them for T queries; a
+ * decode step has one query, and reads each cached key and value once, in place.
+ *
+ * Training: head h of row b reads q, k, v at columns h D, C + h D, 2C + h D of each token (the
+ * layout of c_attn's output), so no transposes or copies of the inputs are needed, and writes its
+ * output at columns h D of a (B, T, C) buffer (the layout c_proj reads). Every (b, h) pair is one
+ * OpenMP work item, so results do not depend on the thread count. Sequences are short (the model
+ * sends up to 256 positions here): each item keeps its (T, T) probabilities in scratch memory and
+ * runs small register-tiled products, two query rows at a time. D = 8 DV with DV in 1, 2, 4, 8. */
+#include "kernels.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+
+typedef struct {
+    float *kt, *vt; /* (D, Tp): the head's keys and values transposed, zero-padded to Tp columns */
+    float *p, *ds;  /* (T + 1, Tp): probabilities and score gradients; zero right of the diagonal */
+} scratch;
+
+static float *scratch_alloc(scratch *s, int T, int D) {
+    int Tp = (T + 15) & ~15;
+    size_t n = (size_t)2 * D * Tp + (size_t)2 * (T + 1) * Tp;
+    float *m = aligned_alloc(32, ((n * sizeof(float)) + 31) & ~(size_t)31);
+    if (!m) return NULL;
+    memset(m, 0, n * sizeof(float));
+    s->kt = m;
+    s->vt = m + (size_t)D * Tp;
+    s->p = m + (size_t)2 * D * Tp;
+    s->ds = s->p + (size_t)(T + 1) * Tp; /* p and ds have a spare row T for an odd last row's pair */
+    return m;
+}
+
+/* the 8 x 8 block at src (rows ld apart) transposed into dst (rows ldd apart) */
+static inline void transpose8x8(const float *src, long ld, float *dst, long ldd) {
+    __m256 r[8], t[8];
+    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(src + k * ld);
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(dst + k * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(dst + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
+}
+
+/* transpose T rows of D floats (stride ld; D a multiple of 8) into (D, Tp) */
+static void transpose_in(const float *src, long ld, float *dst, int T, int D, int Tp) {
+    int t = 0;
+    for (; t + 8 <= T; t += 8)
+        for (int d = 0; d < D; d += 8) transpose8x8(src + (size_t)t * ld + d, ld, dst + (size_t)d * Tp + t, Tp);
+    for (; t < T; t++)
+        for (int d = 0; d < D; d++) dst[(size_t)d * Tp + t] = src[(size_t)t * ld + d];
+}
+
+/* s0[j] = scale a0 . bt[:, j] and s1[j] = scale a1 . bt[:, j] for j < n rounded up to 16:
+ * two rows share every load of bt (D, Tp); eight accumulators hide the FMA latency */
+static inline void dots2(const float *a0, const float *a1, const float *bt, int D, int Tp, int n, float scale,
+                         float *s0, float *s1) {
+    __m256 sc = _mm256_set1_ps(scale);
+    for (int j = 0; j < n; j += 16) {
+        __m256 x00 = _mm256_setzero_ps(), x01 = x00, x10 = x00, x11 = x00;
+        __m256 y00 = x00, y01 = x00, y10 = x00, y11 = x00;
+        for (int d = 0; d < D; d += 2) {
+            const float *r = bt + (size_t)d * Tp + j;
+            __m256 b0 = _mm256_load_ps(r), b1 = _mm256_load_ps(r + 8);
+            __m256 c0 = _mm256_load_ps(r + Tp), c1 = _mm256_load_ps(r + Tp + 8);
+            __m256 p = _mm256_set1_ps(a0[d]), q = _mm256_set1_ps(a0[d + 1]);
+            __m256 u = _mm256_set1_ps(a1[d]), v = _mm256_set1_ps(a1[d + 1]);
+            x00 = _mm256_fmadd_ps(p, b0, x00);
+            x01 = _mm256_fmadd_ps(p, b1, x01);
+            y00 = _mm256_fmadd_ps(q, c0, y00);
+            y01 = _mm256_fmadd_ps(q, c1, y01);
+            x10 = _mm256_fmadd_ps(u, b0, x10);
+            x11 = _mm256_fmadd_ps(u, b1, x11);
+            y10 = _mm256_fmadd_ps(v, c0, y10);
+            y11 = _mm256_fmadd_ps(v, c1, y11);
+        }
+        _mm256_storeu_ps(s0 + j, _mm256_mul_ps(_mm256_add_ps(x00, y00), sc));
+        _mm256_storeu_ps(s0 + j + 8, _mm256_mul_ps(_mm256_add_ps(x01, y01), sc));
+        _mm256_storeu_ps(s1 + j, _mm256_mul_ps(_mm256_add_ps(x10, y10), sc));
+        _mm256_storeu_ps(s1 + j + 8, _mm256_mul_ps(_mm256_add_ps(x11, y11), sc));
+    }
+}
+
+/* o0 = sum over j in [lo, hi) of w0[j ws] b[j] and o1 likewise with w1 (b: rows of D = 8 DV floats,
+ * ldb apart): two output rows share every load of b. DV is a constant where this is inlined. */
+static inline __attribute__((always_inline)) void wsum2(const float *w0, const float *w1, long ws, const float *b,
+                                                        long ldb, int lo, int hi, float *o0, float *o1,
+                                                        const int DV) {
+    __m256 a0[8], a1[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < DV; v++) a0[v] = a1[v] = _mm256_setzero_ps();
+    for (int j = lo; j < hi; j++) {
+        const float *r = b + (size_t)j * ldb;
+        __m256 p = _mm256_set1_ps(w0[(size_t)j * ws]), q = _mm256_set1_ps(w1[(size_t)j * ws]);
+#pragma GCC unroll 8
+        for (int v = 0; v < DV; v++) {
+            __m256 x = _mm256_loadu_ps(r + 8 * v);
+            a0[v] = _mm256_fmadd_ps(p, x, a0[v]);
+            a1[v] = _mm256_fmadd_ps(q, x, a1[v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < DV; v++) {
+        _mm256_storeu_ps(o0 + 8 * v, a0[v]);
+        _mm256_storeu_ps(o1 + 8 * v, a1[v]);
+    }
+}
+
+/* With w a causal (T, Tp) matrix (rows Tp apart, zero right of the diagonal up to the next
+ * multiple of 16 past it), rows i of out (ldo apart) = sum over j of W[i, j] b[j], where lower = 1
+ * takes W = w (j in [0, i + 1)) and lower = 0 its transpose (j in [i, T), w read down column i) */
+static void wsum_rows(const float *w, int T, int Tp, const float *b, long ldb, float *out, long ldo, int D, int lower) {
+    float spare[64];
+    long ws = lower ? 1 : Tp;
+    for (int i = 0; i < T; i += 2) {
+        int two = i + 1 < T;
+        const float *w0 = lower ? w + (size_t)i * Tp : w + i, *w1 = two ? w0 + (lower ? Tp : 1) : w0;
+        float *o0 = out + (size_t)i * ldo, *o1 = two ? o0 + ldo : spare;
+        /* the union of both rows' ranges: entries outside a row's own range are zeros */
+        int lo = lower ? 0 : i, hi = lower ? (two ? i + 2 : i + 1) : T;
+        switch (D) {
+        case 8: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 1); break;
+        case 16: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 2); break;
+        case 32: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 4); break;
+        default: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 8); break;
+        }
+    }
+}
+
+/* softmax of p[0..n) in place (n >= 1), returning its log-sum-exp */
+float softmax_row(float *p, int n) {
+    int n8 = n & ~7, j;
+    __m256 mv = _mm256_set1_ps(-3.4e38f);
+    for (j = 0; j < n8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(p + j));
+    float mx = hmax(mv);
+    for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
+    __m256 sv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(mx);
+    for (j = 0; j < n8; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), m8));
+        _mm256_storeu_ps(p + j, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    for (; j < n; j++) {
+        p[j] = expf(p[j] - mx);
+        sum += p[j];
+    }
+    float inv = 1.0f / sum;
+    __m256 iv = _mm256_set1_ps(inv);
+    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), iv));
+    for (; j < n; j++) p[j] *= inv;
+    return mx + logf(sum);
+}
+
+
+typedef struct {
+    const float *qkv, *out, *dout, *lse; /* inputs; out and lse are written by the forward */
+    float *y, *l, *dqkv;                 /* the forward's out and lse; the backward's dqkv */
+    int T, C, H, D, Tp;
+    float scale;
+} attn_args;
+
+/* item(a, scratch, b, h) for every (b, h) pair, one OpenMP work item each, with per-thread scratch;
+ * returns 0 if a thread had no memory for its scratch (its items are then skipped) */
+static int for_each_head(int B, const attn_args *a, void (*item)(const attn_args *, scratch *, int, int)) {
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        scratch s = {0};
+        float *mem = scratch_alloc(&s, a->T, a->D);
+        /* every thread must reach the work-sharing loop, so one that has no memory skips its items */
+#pragma omp for schedule(static)
+        for (int bh = 0; bh < B * a->H; bh++) {
+            if (!mem) {
+                failed = 1;
+                continue;
+            }
+            item(a, &s, bh / a->H, bh % a->H);
+        }
+        free(mem);
+    }
+    return !failed;
+}
+
+static void attn_fwd_item(const attn_args *a, scratch *s, int b, int h) {
+    int T = a->T, C = a->C, D = a->D, Tp = a->Tp;
+    long ld = 3L * C;
+    const float *base = a->qkv + (size_t)b * T * ld + (size_t)h * D;
+    float *l = a->l + ((size_t)b * a->H + h) * T;
+    transpose_in(base + C, ld, s->kt, T, D, Tp);
+    for (int i = 0; i < T; i += 2) {
+        int two = i + 1 < T;
+        const float *q0 = base + (size_t)i * ld;
+        float *p0 = s->p + (size_t)i * Tp, *p1 = p0 + Tp;
+        dots2(q0, two ? q0 + ld : q0, s->kt, D, Tp, i + 1 + two, a->scale, p0, p1);
+        l[i] = softmax_row(p0, i + 1);
+        p0[i + 1] = 0.0f; /* row i's range ends where row i + 1's does not */
+        if (two) l[i + 1] = softmax_row(p1, i + 2);
+    }
+    wsum_rows(s->p, T, Tp, base + 2 * C, ld, a->y + (size_t)b * T * C + (size_t)h * D, C, D, 1);
+}
+
+/* out (B, T, C) = softmax(q k^T * scale, causal) v per head; lse (B, H, T) keeps each row's
+ * log-sum-exp for the backward pass. Returns 0 if scratch memory could not be allocated. */
+int sg_attn_fwd(const float *qkv, float *out, float *lse, int B, int T, int C, int H, float scale) {
+    attn_args a = {.qkv = qkv, .y = out, .l = lse, .T = T, .C = C, .H = H, .D = C / H, .Tp = (T + 15) & ~15,
+                   .scale = scale};
+    return for_each_head(B, &a, attn_fwd_item);
+}
+
+static void attn_bwd_item(const attn_args *a, scratch *s, int b, int h) {
+    int T = a->T, C = a->C, D = a->D, Tp = a->Tp;
+    long ld = 3L * C;
+    float scale = a->scale;
+    const float *base = a->qkv + (size_t)b * T * ld + (size_t)h * D;
+    const float *o = a->out + (size_t)b * T * C + (size_t)h * D, *g = a->dout + (size_t)b * T * C + (size_t)h * D;
+    const float *l = a->lse + ((size_t)b * a->H + h) * T;
+    float *dbase = a->dqkv + (size_t)b * T * ld + (size_t)h * D;
+    transpose_in(base + C, ld, s->kt, T, D, Tp);
+    transpose_in(base + 2 * C, ld, s->vt, T, D, Tp);
+    for (int i = 0; i < T; i += 2) {
+        int two = i + 1 < T, n = i + 1 + two, n16 = (n + 15) & ~15;
+        const float *q0 = base + (size_t)i * ld, *g0 = g + (size_t)i * C;
+        float *p0 = s->p + (size_t)i * Tp, *d0 = s->ds + (size_t)i * Tp;
+        dots2(q0, two ? q0 + ld : q0, s->kt, D, Tp, n, scale, p0, p0 + Tp); /* scores */
+        dots2(g0, two ? g0 + C : g0, s->vt, D, Tp, n, 1.0f, d0, d0 + Tp);    /* dP = dO_i . V_j */
+        for (int r = 0; r <= two; r++) {
+            const float *gi = g0 + (size_t)r * C, *oi = o + (size_t)(i + r) * C;
+            float *pr = p0 + (size_t)r * Tp, *dr = d0 + (size_t)r * Tp, delta = 0.0f;
+            for (int d = 0; d < D; d++) delta += gi[d] * oi[d]; /* dO_i . O_i = sum_j P_ij dP_ij */
+            __m256 lv = _mm256_set1_ps(l[i + r]), dv8 = _mm256_set1_ps(delta), sc = _mm256_set1_ps(scale);
+            int m = i + r + 1, j = 0;
+            for (; j + 8 <= m; j += 8) {
+                __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lv));
+                _mm256_storeu_ps(pr + j, p);
+                /* dS = P (dP - delta), times scale for the q.k products */
+                _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dr + j), dv8)), sc));
+            }
+            for (; j < m; j++) {
+                pr[j] = expf(pr[j] - l[i + r]);
+                dr[j] = pr[j] * (dr[j] - delta) * scale;
+            }
+            for (; j < n16 && j < Tp; j++) pr[j] = dr[j] = 0.0f; /* right of the diagonal */
+        }
+    }
+    wsum_rows(s->ds, T, Tp, base + C, ld, dbase, ld, D, 1); /* dQ_i = sum_j dS_ij K_j */
+    wsum_rows(s->ds, T, Tp, base, ld, dbase + C, ld, D, 0); /* dK_j = sum_i dS_ij Q_i */
+    wsum_rows(s->p, T, Tp, g, C, dbase + 2 * C, ld, D, 0);  /* dV_j = sum_i P_ij dO_i */
+}
+
+/* The gradients of sg_attn_fwd: dqkv (B, T, 3C) from dout (B, T, C), recomputing the
+ * probabilities from q, k and lse. */
+int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv, int B, int T,
+                int C, int H, float scale) {
+    attn_args a = {.qkv = qkv, .out = out, .dout = dout, .lse = lse, .dqkv = dqkv, .T = T, .C = C, .H = H,
+                   .D = C / H, .Tp = (T + 15) & ~15, .scale = scale};
+    return for_each_head(B, &a, attn_bwd_item);
+}
+
+/* ---- one decode step: a query per row and head against the KV cache ---------------------------
+ * out[b, h] = softmax(q[b, h] . k[b, h, s] * scale over the slots s < S that mask[b] marks real)
+ * @ v[b, h] (struct attend_args in kernels.h): q rows are q_stride floats apart, out is (B, H, D)
+ * contiguous; k and v hold each row's (H, S, D) with rows D floats apart, heads head_stride and
+ * batch rows row_stride floats apart (a KV cache slice). mask: NULL (every slot real), else B rows
+ * of int64, mask_stride apart, 0 = padding. scores holds S floats per part. */
+
+static void attend_head(const struct attend_args *a, int b, int h, float *scores) {
+    int D = a->D, S = a->S, n = 0;
+    const float *qh = a->q + (size_t)b * a->q_stride + (size_t)h * D;
+    const float *kh = a->k + (size_t)b * a->row_stride + (size_t)h * a->head_stride;
+    const float *vh = a->v + (size_t)b * a->row_stride + (size_t)h * a->head_stride;
+    const int64_t *real = a->mask ? a->mask + (size_t)b * a->mask_stride : NULL;
+    float *oh = a->out + ((size_t)b * a->H + h) * D;
+    for (int s = 0; s < S; s++) { /* the real slots' scores, side by side */
+        if (real && !real[s]) continue;
+        const float *ks = kh + (size_t)s * D;
+        float d = 0.0f;
+        int i = 0;
+        if (D >= 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(ks + i), acc);
+            d = hsum(acc);
+        }
+        for (; i < D; i++) d += qh[i] * ks[i];
+        scores[n++] = d * a->scale;
+    }
+    for (int i = 0; i < D; i++) oh[i] = 0.0f;
+    if (!n) return;
+    softmax_row(scores, n);
+    n = 0;
+    for (int s = 0; s < S; s++) {
+        if (real && !real[s]) continue;
+        float p = scores[n++];
+        if (p == 0.0f) continue;
+        const float *vs = vh + (size_t)s * D;
+        for (int i = 0; i < D; i++) oh[i] += p * vs[i];
+    }
+}
+
+static void attend_part(void *arg, int part, int parts) {
+    const struct attend_args *a = arg;
+    int pairs = a->B * a->H, per = (pairs + parts - 1) / parts;
+    for (int i = part * per; i < pairs && i < (part + 1) * per; i++)
+        attend_head(a, i / a->H, i % a->H, a->scores + (size_t)part * a->S);
+}
+
+/* the (row, head) pairs split between the pool's threads (the caller holds the pool); one thread
+ * below min_keys keys in all, where waking the workers costs more than the work */
+void attend_cached(const struct attend_args *a, int threads) {
+    int parts = pool_parts(threads), min_keys = 64;
+    if (parts > a->B * a->H) parts = a->B * a->H;
+    if (parts < 1 || a->B * a->S < min_keys) parts = 1;
+    pool_run(attend_part, (void *)a, parts);
+}

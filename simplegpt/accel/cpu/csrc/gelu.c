@@ -1,0 +1,103 @@
+/* GPT-2's tanh-GELU, forward and backward: the op's one implementation (the gate itself is simd.h's
+ * gelu_gate8/gelu_gate1), for training (on OpenMP's threads) and for decoding (block.c's decode
+ * step calls gelu_span). */
+#include "kernels.h"
+#include <stdlib.h>
+
+#define CHUNK 4096 /* elements per OpenMP work item in the elementwise loops */
+
+/* y = gelu(x) for n floats on the calling thread (y may be x) */
+void gelu_span(const float *x, float *y, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 h = _mm256_loadu_ps(x + i);
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(h, gelu_gate8(h)));
+    }
+    for (; i < n; i++) y[i] = x[i] * gelu_gate1(x[i]);
+}
+
+/* y = gelu(x), n floats */
+void sg_gelu_fwd(const float *x, float *y, long n) {
+    long chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < chunks; c++) {
+        long i = c * CHUNK;
+        gelu_span(x + i, y + i, (i + CHUNK < n ? i + CHUNK : n) - i);
+    }
+}
+
+/* gelu'(h). With s the gate above, gelu(h) = h s and
+ * gelu'(h) = s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2). */
+static inline __m256 gelu_grad8(__m256 h) {
+    const __m256 c2 = _mm256_set1_ps(-GELU_K), c3 = _mm256_set1_ps(-GELU_K * 3.0f * GELU_A);
+    __m256 s = gelu_gate8(h);
+    __m256 dz = _mm256_fmadd_ps(c3, _mm256_mul_ps(h, h), c2); /* 2 dz/dh */
+    __m256 hs1s = _mm256_mul_ps(_mm256_mul_ps(h, s), _mm256_sub_ps(_mm256_set1_ps(1.0f), s));
+    return _mm256_fmadd_ps(hs1s, dz, s);
+}
+
+static inline float gelu_grad1(float h) {
+    float s = gelu_gate1(h);
+    return s + h * s * (1.0f - s) * (-GELU_K + -GELU_K * 3.0f * GELU_A * h * h);
+}
+
+/* du = dy * gelu'(u) for n floats on the calling thread (du may be dy) */
+static void gelu_grad_span(const float *u, const float *dy, float *du, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(du + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), gelu_grad8(_mm256_loadu_ps(u + i))));
+    for (; i < n; i++) du[i] = dy[i] * gelu_grad1(u[i]);
+}
+
+/* dx = dy * gelu'(x) */
+void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n) {
+    long chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < chunks; c++) {
+        long i = c * CHUNK;
+        gelu_grad_span(x + i, dy + i, dx + i, (i + CHUNK < n ? i + CHUNK : n) - i);
+    }
+}
+
+/* The MLP's bias and GELU after its first matmul, for the fused block (block.c):
+ * u += b per column (u is the (M, N) product, b may be NULL), then y = gelu(u). */
+void bias_gelu_fwd(float *u, const float *b, float *y, long M, int N) {
+    int N8 = N & ~7;
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < M; r++) {
+        float *ur = u + r * N;
+        if (b) {
+            int i = 0;
+            for (; i < N8; i += 8) _mm256_storeu_ps(ur + i, _mm256_add_ps(_mm256_loadu_ps(ur + i), _mm256_loadu_ps(b + i)));
+            for (; i < N; i++) ur[i] += b[i];
+        }
+        gelu_span(ur, y + r * N, N);
+    }
+}
+
+/* du = dy * gelu'(u) (du may be dy) and, when db is not NULL, db = the column sums of du (the
+ * bias gradient), the same bits on any thread count. Returns 0 if there was no memory. */
+int gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, int N) {
+    long items = (M + COLSUM_ROWS - 1) / COLSUM_ROWS;
+    int N8 = N & ~7;
+    float *partial = db ? calloc((size_t)items * N, sizeof(float)) : NULL;
+    if (db && !partial) return 0;
+#pragma omp parallel for schedule(static)
+    for (long it = 0; it < items; it++) {
+        long r1 = (it + 1) * COLSUM_ROWS < M ? (it + 1) * COLSUM_ROWS : M;
+        float *pd = partial ? partial + it * N : NULL;
+        for (long r = it * COLSUM_ROWS; r < r1; r++) {
+            float *dr = du + r * N;
+            gelu_grad_span(u + r * N, dy + r * N, dr, N);
+            if (!pd) continue;
+            int i = 0;
+            for (; i < N8; i += 8) _mm256_storeu_ps(pd + i, _mm256_add_ps(_mm256_loadu_ps(pd + i), _mm256_loadu_ps(dr + i)));
+            for (; i < N; i++) pd[i] += dr[i];
+        }
+    }
+    if (db) {
+        sum_partials(partial, items, N, db);
+        free(partial);
+    }
+    return 1;
+}
