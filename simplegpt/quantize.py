@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .accel.cpu import decode as native
+from .accel import cpu
 from .model import GPT
 
 QUANT_MODES = ("none", "int8")
@@ -56,19 +56,16 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_bytes = w.numel() + scales.numel() * 4 + (0 if bias is None else bias.numel() * 4)
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        # The same int8 weights and scales for simplegpt.native's kernel where it is available (up to
-        # native.MAX_ROWS rows: decode steps, short prefills): plain tensors beside fbgemm's packed
-        # copy, which serves the rest.
+        # Where the CPU kernels are enabled, the same int8 weights (N, K), fp32 row scales (N,) and
+        # bias as plain tensors beside fbgemm's packed copy: the engine's native backend runs its
+        # calls of up to MAX_ROWS rows (decode steps, short prefills) on them.
         self.qweight = self.scale = self.bias = None
-        if native.load() is not None and self.in_features <= native.MAX_INT8_IN:
+        if cpu.enabled() and self.in_features <= cpu.MAX_INT8_IN:
             self.qweight = qweight.int_repr().contiguous()
             self.scale = scales.float()
             self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.qweight is not None and x.size(-1) == self.in_features and x.numel() <= native.MAX_ROWS * x.size(-1)
-                and x.dtype == torch.float32 and not torch.is_grad_enabled()):
-            return native.linear_int8(x, self.qweight, self.scale, self.bias)
         return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
 
     def extra_repr(self) -> str:

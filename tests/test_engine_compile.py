@@ -96,12 +96,12 @@ def test_one_compilation_serves_every_step_position_and_call():
 
 
 def test_native_linears_trace_as_nn_linear_under_torch_compile(monkeypatch):
-    # A model an eager Engine prepared (native linears) can still be compiled: under torch.compile
+    # The native backend's view of a model (native linears) can still be compiled: under torch.compile
     # the layers take nn.Linear's forward, not the ctypes kernel dynamo cannot trace.
-    model = tiny()
-    if not Engine(model).native:
+    engine = Engine(tiny())
+    if engine.backend.name != "native":
         pytest.skip(f"simplegpt.native is unavailable here: {native.unavailable_reason()}")
-    layer = model.transformer.h[0].mlp.c_fc
+    layer = engine.backend.model.transformer.h[0].mlp.c_fc
     x = torch.randn(1, 32)
 
     def no_kernel(*args):

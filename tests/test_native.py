@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from simplegpt import GPT, GPTConfig
 from simplegpt.accel.cpu import decode as native
-from simplegpt.engine import Engine, SamplingParams, _Batch, _NativeLinear
+from simplegpt.engine import Engine, SamplingParams
+from simplegpt.generation.native import NativeBatch, NativeLinear
 
 lib = native.load()
 if lib is None and os.environ.get("CI"):
@@ -60,7 +61,7 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     prompts = [[5, 17, 300], [999, 1, 2, 3, 4, 5, 6]]
     threads = torch.get_num_threads()
     fast = Engine(medium())
-    assert isinstance(fast.model.lm_head, _NativeLinear) and fast.native
+    assert isinstance(fast.backend.model.lm_head, NativeLinear) and fast.backend.name == "native"
     got = [fast.generate([p], greedy)[0].token_ids for p in prompts]
     # every decode step runs its blocks in one native call, then the head; the head of each prefill too (one row)
     assert len(blocks) == 2 * 29 and blocks[:3] == [(1, 3, False), (1, 4, False), (1, 5, False)]  # rows, slot, mask
@@ -68,8 +69,8 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     # the prompts' prefills (3 and 7 rows, at most MAX_ROWS) run their 2 x 4 linears in the kernel too
     assert sorted(r for r, n in calls if n != 1000) == [3] * 8 + [7] * 8
     assert torch.get_num_threads() == threads  # torch's threads are given back after each step
-    reference = Engine(medium(), use_cache=False, gemv_layout=False)
-    assert not reference.native
+    reference = Engine(medium(), use_cache=False)
+    assert reference.backend.name != "native"
     assert got == [reference.generate([p], greedy)[0].token_ids for p in prompts]
     # the native step computes what the model's forward computes
     model = medium()
@@ -79,8 +80,8 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
         want = model(idx)[0][0, -1]
     stream = engine.stream_batch([prompts[1]], dataclasses.replace(greedy, max_new_tokens=11))
     logits_seen = []
-    real_step = _Batch.decode_step
-    monkeypatch.setattr(_Batch, "decode_step", lambda self, last: logits_seen.append(real_step(self, last)) or logits_seen[-1])
+    real_step = NativeBatch.decode_step
+    monkeypatch.setattr(NativeBatch, "decode_step", lambda self, last: logits_seen.append(real_step(self, last)) or logits_seen[-1])
     list(stream)
     assert torch.allclose(logits_seen[-1][0], want, atol=1e-3, rtol=1e-4)
     # a batch's decode steps run their blocks natively too, with the padding mask of the shorter
@@ -97,7 +98,7 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     # autograd keeps PyTorch's kernels
     calls.clear()
     x = torch.randn(1, 128, requires_grad=True)
-    fast.model.transformer.h[0].mlp.c_fc(x).sum().backward()
+    fast.backend.model.transformer.h[0].mlp.c_fc(x).sum().backward()
     assert not calls and x.grad is not None
 
 
@@ -130,7 +131,7 @@ from simplegpt.engine import Engine, SamplingParams
 torch.manual_seed(0)
 engine = Engine(GPT(GPTConfig(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2)))
 r = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=5, temperature=0.0, stop_at_eos=False))[0]
-print(engine.native, len(r.token_ids), native.unavailable_reason())
+print(engine.backend.name == "native", len(r.token_ids), native.unavailable_reason())
 """
 
 
@@ -158,10 +159,10 @@ def test_block_kernel_on_odd_shapes_equals_the_model(bias, monkeypatch):
         for p in model.parameters():
             p.mul_(5.0)
     engine = Engine(model)
-    assert engine.native_blocks() is not None
+    assert engine.backend.blocks is not None
     steps = []
-    real_step = _Batch.decode_step
-    monkeypatch.setattr(_Batch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
+    real_step = NativeBatch.decode_step
+    monkeypatch.setattr(NativeBatch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
     [r] = engine.generate([[7, 8, 9, 10]], SamplingParams(max_new_tokens=12, temperature=0.0, stop_at_eos=False))
     with torch.no_grad():
         want = model(torch.tensor([[7, 8, 9, 10] + r.token_ids[:-1]]))[0][0, -1]
@@ -182,8 +183,8 @@ def test_long_contexts_split_attention_heads_between_threads(threads, monkeypatc
     engine = Engine(model)
     monkeypatch.setattr(native, "_threads", threads)
     steps = []
-    real_step = _Batch.decode_step
-    monkeypatch.setattr(_Batch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
+    real_step = NativeBatch.decode_step
+    monkeypatch.setattr(NativeBatch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
     prompt = list(range(40, 100))
     [r] = engine.generate([prompt], SamplingParams(max_new_tokens=90, temperature=0.0, stop_at_eos=False))
     assert len(steps) == 89
@@ -214,7 +215,7 @@ def test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs(N, K, threads,
     x = torch.randn(M, K) * torch.rand(M, 1) * 4  # rows of different ranges: one scale each
     monkeypatch.setattr(native, "_threads", threads)
     with torch.no_grad():
-        got = q(x)
+        got = native.linear_int8(x, q.qweight, q.scale, q.bias)  # what the native backend's int8 layers call
         xs = x.abs().amax(-1, keepdim=True) / 127
         xq = torch.round(x / xs)
         want = (xq.double() @ q.qweight.double().t()) * q.scale.double() * xs.double() + lin.bias.double()
@@ -234,11 +235,11 @@ def test_int8_model_decodes_through_the_block_kernel(monkeypatch):
     model = medium()
     quantize_int8(model)
     engine = Engine(model)
-    blocks = engine.native_blocks()
-    assert engine.native and blocks is not None and all(scales is not None for _, scales in blocks)
+    blocks = engine.backend.blocks
+    assert engine.backend.name == "native" and blocks is not None and all(scales is not None for _, scales in blocks)
     steps = []
-    real_step = _Batch.decode_step
-    monkeypatch.setattr(_Batch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
+    real_step = NativeBatch.decode_step
+    monkeypatch.setattr(NativeBatch, "decode_step", lambda self, last: steps.append(real_step(self, last)) or steps[-1])
     [r] = engine.generate([[5, 17, 300]], SamplingParams(max_new_tokens=10, temperature=0.0, stop_at_eos=False))
     with torch.no_grad():
         want = fp32(torch.tensor([[5, 17, 300] + r.token_ids[:-1]]))[0][0, -1]
