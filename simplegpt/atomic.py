@@ -1,15 +1,23 @@
-"""Directories written atomically: built in a temporary sibling, then swapped in with os.replace.
+"""Directories written atomically and durably: built in a hidden sibling, synced, then renamed in.
 
-A crash (or SIGKILL) mid-write leaves the directory that was there before untouched; only a
-hidden `.NAME.tmp-*` sibling may stay behind, and the next write of NAME removes it.
+A write of NAME by writer K (K = a random part and the writer's pid) goes through these states:
+    1. `.NAME.tmp-K` is written; its files and folders are fsynced         NAME untouched
+    2. the empty folder `.NAME.old-K` is made: `.NAME.tmp-K` is complete     NAME untouched
+    3. NAME is moved to `.NAME.old-K/old` (when there is one)                no NAME for a moment
+    4. `.NAME.tmp-K` is renamed to NAME, and the parent folder is fsynced    the new NAME in place
+    5. `.NAME.old-K` is removed
+A crash, SIGKILL or second Ctrl-C at any point leaves a complete copy: `newest_complete` says which
+one to read, and `recover` (run by the next write of NAME) puts the newest back at NAME and only
+then removes what is left of the interrupted write. A power cut cannot leave a renamed but empty
+file, because nothing is renamed before its data is on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -17,40 +25,140 @@ from typing import Iterator
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; when the block ends normally it replaces
-    `path` (the old one is moved aside first and removed last), otherwise it is removed."""
+    `path` (see the module docstring for the steps), otherwise it is removed and `path` is left as it was.
+    Folders get the permissions the umask gives (as os.mkdir does). Raises OSError from the file system."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", suffix=f".pid{os.getpid()}", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    recover(path)
+    tmp = _make_unique(path, ".tmp-")
     try:
         yield tmp
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", suffix=f".pid{os.getpid()}", dir=path.parent))
-        os.replace(path, aside / "old")
-        os.replace(tmp, path)
-        shutil.rmtree(aside, ignore_errors=True)
+        _sync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    marker = _sibling(tmp, ".old-")
+    marker.mkdir()
+    _fsync_dir(path.parent)  # the marker reaches the disk before NAME is moved into it
+    _finish(path, tmp, marker)
 
 
-def _remove_leftovers(path: Path) -> None:
-    """Temp dirs of writes of `path` that were killed (by pid: only those whose process is gone)."""
-    for prefix in (f".{path.name}.tmp-", f".{path.name}.old-"):
-        for stale in path.parent.glob(prefix + "*"):
-            pid = stale.name.rsplit(".pid", 1)[-1] if ".pid" in stale.name else ""
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
+def newest_complete(path: str | os.PathLike) -> Path | None:
+    """The folder to read for `path`: a complete copy not yet renamed in by a writer that is gone
+    (newer than `path`), else `path`, else a copy still being renamed in, else the previous copy
+    moved aside; None when there is none. Reads only, so it suits read-only folders."""
+    path = Path(path)
+    done, aside = _interrupted(path)
+    gone = [tmp for tmp in done if not _writing(tmp)]
+    if gone:
+        return _newest(gone)
+    if path.exists():
+        return path
+    return _newest(done) or _newest(aside)
 
 
-def _alive(pid: int) -> bool:
+def recover(path: str | os.PathLike) -> Path | None:
+    """Finish the writes of `path` that a crash interrupted (of processes that are gone, or of this
+    one): the newest complete copy is renamed to `path`, then their leftovers are removed. Returns
+    `path` when it exists afterwards, else None. Raises OSError when the folder is not writable."""
+    path = Path(path)
+    for stale in sorted(path.parent.glob(f".{path.name}.tmp-*"), key=_mtime):
+        if not _writing(stale) and not _sibling(stale, ".old-").is_dir():
+            shutil.rmtree(stale, ignore_errors=True)  # killed while writing: never complete
+    for marker in sorted(path.parent.glob(f".{path.name}.old-*"), key=_mtime):
+        if not _writing(marker):
+            _finish(path, _sibling(marker, ".tmp-"), marker)
+    return path if path.exists() else None
+
+
+def _finish(path: Path, tmp: Path, marker: Path) -> None:
+    """Steps 3-5 from wherever a write stopped after step 2; every step can be run again."""
+    aside = marker / "old"
+    if tmp.is_dir():
+        if path.exists() and not aside.exists():
+            os.replace(path, aside)
+        if not path.exists():
+            os.replace(tmp, path)
+    elif not path.exists() and aside.is_dir():
+        os.replace(aside, path)  # its successor is gone: the copy moved aside is the newest left
+    _fsync_dir(path.parent)
+    shutil.rmtree(tmp, ignore_errors=True)  # only when another copy took its place
+    shutil.rmtree(marker, ignore_errors=True)
+
+
+def _interrupted(path: Path) -> tuple[list[Path], list[Path]]:
+    """Complete copies not yet renamed in (their marker exists), and copies moved aside."""
+    done, aside = [], []
+    for marker in path.parent.glob(f".{path.name}.old-*"):
+        tmp = _sibling(marker, ".tmp-")
+        if tmp.is_dir():
+            done.append(tmp)
+        if (marker / "old").is_dir():
+            aside.append(marker / "old")
+    return done, aside
+
+
+def _make_unique(path: Path, kind: str) -> Path:
+    while True:
+        candidate = path.with_name(f".{path.name}{kind}{secrets.token_hex(4)}.pid{os.getpid()}")
+        try:
+            candidate.mkdir()  # mode 0o777 less the umask, unlike mkdtemp's 0o700
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _sibling(leftover: Path, kind: str) -> Path:
+    """`.NAME.tmp-K` <-> `.NAME.old-K`: the same writer's other folder."""
+    other = ".old-" if kind == ".tmp-" else ".tmp-"
+    return leftover.with_name(leftover.name.replace(other, kind, 1))
+
+
+def _writing(leftover: Path) -> bool:
+    """Whether another live process may still be writing this leftover (named after its pid)."""
+    pid = leftover.name.rsplit(".pid", 1)[-1] if ".pid" in leftover.name else ""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except OSError:
-        return True
+        return True  # it exists but belongs to someone else
     return True
+
+
+def _newest(folders: list[Path]) -> Path | None:
+    return max(folders, key=_mtime, default=None)
+
+
+def _mtime(p: Path) -> int:
+    try:
+        return p.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file under root, then every folder, deepest first, so renaming root publishes data on disk."""
+    folders = []
+    for folder, _, files in os.walk(root):
+        folders.append(folder)
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in reversed(folders):
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "nt":
+        return  # Windows cannot open a folder to fsync it; its renames are journaled by NTFS
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

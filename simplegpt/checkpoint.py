@@ -2,25 +2,33 @@
 
 A checkpoint is a directory:
     model.safetensors   weights (the tied head stored once, as transformer.wte.weight)
-    config.json         {"format": "simplegpt", "version": 1, "model": GPTConfig fields, ...metadata}
+    config.json         {"format": "simplegpt", "version": 1, "model": GPTConfig fields, ...metadata,
+                         "sha256": {file name: hex digest} of every other file}
     tokenizer/          the tokenizer (tokenizer.json)
-    train_state.pt      optional: optimizer, scheduler, RNG and sampler state for exact resume
+    train_state.pt      optional: optimizer, scheduler, RNG and sampler state for exact resume,
+                        tensors and plain Python values only (numpy arrays are stored as tensors)
 
-It is written into a temporary sibling directory and swapped in with os.replace, so a crash
-mid-write never damages the checkpoint that was there before.
+It is written into a temporary sibling directory, synced and swapped in (simplegpt.atomic), so a
+crash or power cut mid-write never damages the checkpoint that was there before, and loading finds
+the newest complete copy at any point of the swap. Loading checks each file against its recorded
+sha256 (checkpoints from before the digests load unchecked) and unpickles the train state with
+torch.load(weights_only=True), so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .atomic import atomic_dir
+from . import atomic
 from .devices import resolve_device
 from .errors import CheckpointError
 from .model import GPT, GPTConfig
@@ -33,6 +41,20 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 TRAIN_STATE_FILE = "train_state.pt"
 TIED_KEY = "lm_head.weight"
+CHECKSUMS = "sha256"  # the config.json key of the files' digests
+NOT_METADATA = ("format", "version", "model", CHECKSUMS)
+
+# What load_train_state checks before the trainer uses a state (a nested dict is a nested check).
+TRAIN_STATE_FIELDS: dict[str, Any] = {
+    "step": int, "tokens_seen": int, "best_val_loss": (int, float), "elapsed_s": (int, float),
+    "optimizer": {"state": dict, "param_groups": list}, "scaler": dict, "sampler": dict,
+    "rng": {"torch": torch.Tensor, "numpy": tuple, "python": tuple},
+}
+# A numpy array (or scalar) in a train state is stored as {NUMPY: tensor, "scalar": bool}.
+NUMPY = "__numpy__"
+# Train states saved before NUMPY hold numpy's RNG key, a uint32 array: unpickling it runs no code
+# but these constructors, which weights_only loading is allowed to call.
+_NUMPY_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 @dataclass
@@ -57,27 +79,52 @@ def save_checkpoint(
     metadata: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (temp dir + os.replace) and return its path."""
+    """Write a checkpoint directory atomically and durably (simplegpt.atomic) and return its path.
+    Files get the permissions the umask gives ordinary files; config.json, written last, records
+    their sha256. Raises OSError from the file system (the previous checkpoint is then untouched)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic.atomic_dir(path) as tmp:
         save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        cfg = getattr(model, "_orig_mod", model).config
-        doc = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), **(metadata or {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
         if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE_FILE)
+            torch.save(_to_file(train_state), tmp / TRAIN_STATE_FILE)
+        cfg = getattr(model, "_orig_mod", model).config
+        doc = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), **(metadata or {}),
+               CHECKSUMS: {name: _sha256(tmp / name) for name in _files(tmp)}}
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+        # safetensors writes through a private (0600) temp file; the rest was created as config.json was
+        mode = (tmp / CONFIG_FILE).stat().st_mode & 0o777
+        for name in _files(tmp):
+            os.chmod(tmp / name, mode)
     return path
 
 
+def recover(path: str | os.PathLike) -> Path | None:
+    """Finish a save of `path` that a crash interrupted: the newest complete copy left beside it is
+    renamed to `path`. Returns `path` when a checkpoint is there afterwards, else None. The loaders
+    below find that copy without it; call it before testing whether `path` exists (as when a run
+    folder is given for its last/). Raises OSError when the folder is not writable."""
+    return atomic.recover(path)
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
-    """config.json of a checkpoint, validated; raises CheckpointError with what is wrong."""
-    path = Path(path)
-    if not path.exists():
+    """config.json of a checkpoint (of its newest complete copy, see recover), validated;
+    raises CheckpointError with what is wrong."""
+    return _read_config(_locate(Path(path)))
+
+
+def _locate(path: Path) -> Path:
+    """The directory holding the newest complete copy of the checkpoint `path`."""
+    found = atomic.newest_complete(path)
+    if found is None:
         raise CheckpointError(f"checkpoint {path} does not exist")
+    return found
+
+
+def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a directory")
     cfg_file = path / CONFIG_FILE
@@ -91,7 +138,36 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_file} is not a simplegpt checkpoint config (format != {FORMAT!r})")
     if doc.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} was written by a newer simplegpt (format version {doc['version']})")
+    sums = doc.get(CHECKSUMS, {})
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise CheckpointError(f"{cfg_file} is corrupted ({CHECKSUMS!r} is not a map of file names to digests); "
+                              "use another checkpoint")
     return doc
+
+
+def _verify(path: Path, doc: dict[str, Any], names: list[str]) -> None:
+    """Check the named files against the digests config.json recorded (none before they were recorded)."""
+    sums = doc.get(CHECKSUMS, {})
+    for name in names:
+        if name not in sums:
+            continue
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path} is incomplete: {name} is missing")
+        if _sha256(file) != sums[name]:
+            raise CheckpointError(f"{file} is truncated or corrupted: its sha256 differs from the one recorded in "
+                                  f"{CONFIG_FILE} when it was saved; use another checkpoint")
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under root but config.json, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.relative_to(root).as_posix() != CONFIG_FILE)
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
@@ -109,20 +185,23 @@ def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory written by save_checkpoint."""
+    """Load a checkpoint directory written by save_checkpoint (its newest complete copy, see recover).
+    Raises CheckpointError naming the file that is missing, corrupted or does not match config.json."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     device = resolve_device(device)
     path = Path(path)
-    doc = read_checkpoint_config(path)
+    folder = _locate(path)
+    doc = _read_config(folder)
     try:
         config = GPTConfig.from_dict(doc["model"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE} holds an invalid model config: {e}") from None
-    weights = path / WEIGHTS_FILE
+        raise CheckpointError(f"{folder / CONFIG_FILE} holds an invalid model config: {e}") from None
+    weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{path} is incomplete: {WEIGHTS_FILE} is missing")
+        raise CheckpointError(f"{folder} is incomplete: {WEIGHTS_FILE} is missing")
+    _verify(folder, doc, [name for name in doc.get(CHECKSUMS, {}) if name != TRAIN_STATE_FILE])
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -133,17 +212,72 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{weights} does not match its config.json: {first[-1] if first else e}") from None
     model.to(device).eval()
-    tokenizer = load_tokenizer(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
-    metadata = {k: v for k, v in doc.items() if k not in ("format", "version", "model")}
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR) if (folder / TOKENIZER_DIR).is_dir() else None
+    metadata = {k: v for k, v in doc.items() if k not in NOT_METADATA}
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, metadata=metadata, path=path)
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
-    """The resume state saved beside the weights (optimizer, scheduler, RNG, sampler)."""
-    f = Path(path) / TRAIN_STATE_FILE
+    """The resume state saved beside the weights (optimizer, scheduler, RNG, sampler), as the trainer
+    gave it to save_checkpoint, numpy arrays included. Unpickled with weights_only=True: a file that
+    holds anything but tensors and plain values is refused, never run. Raises CheckpointError naming
+    the file when it is missing, corrupted, unsafe, or lacks a field of TRAIN_STATE_FIELDS."""
+    folder = _locate(Path(path))
+    f = folder / TRAIN_STATE_FILE
     if not f.is_file():
         raise CheckpointError(f"{path} has no {TRAIN_STATE_FILE}: it cannot be resumed exactly")
+    _verify(folder, _read_config(folder), [TRAIN_STATE_FILE])
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise CheckpointError(f"{f} holds objects other than tensors and plain values, and unpickling them "
+                                  "could run code; it was not loaded: use a checkpoint you trust") from None
+        raise CheckpointError(f"{f} is truncated or corrupted ({type(e).__name__}); use another checkpoint") from None
     except Exception as e:  # torch raises many types for a damaged pickle/zip
         raise CheckpointError(f"{f} is truncated or corrupted ({type(e).__name__}); use another checkpoint") from None
+    state = _from_file(state)
+    _check_fields(state, TRAIN_STATE_FIELDS, f, "")
+    return state
+
+
+def _check_fields(value: Any, fields: dict[str, Any], f: Path, where: str) -> None:
+    if not isinstance(value, dict):
+        what = f"its {where.rstrip('.')}" if where else "it"
+        raise CheckpointError(f"{f} is not a simplegpt training state: {what} is a {type(value).__name__}, "
+                              "expected dict; use another checkpoint")
+    for key, kind in fields.items():
+        name = where + key
+        if key not in value:
+            raise CheckpointError(f"{f} is not a complete training state: it has no {name!r}; use another checkpoint")
+        if isinstance(kind, dict):
+            _check_fields(value[key], kind, f, name + ".")
+        elif not isinstance(value[key], kind) or (isinstance(value[key], bool) and kind is int):
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise CheckpointError(f"{f} is damaged: {name!r} is a {type(value[key]).__name__}, expected {kinds}; "
+                                  "use another checkpoint")
+
+
+def _to_file(obj: Any) -> Any:
+    """obj with each numpy array or scalar replaced by {NUMPY: tensor, "scalar": bool}, so that
+    weights_only loading can read it."""
+    if isinstance(obj, dict):
+        return {k: _to_file(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_to_file(v) for v in obj)
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return {NUMPY: torch.from_numpy(np.array(obj)), "scalar": isinstance(obj, np.generic)}  # a copy
+    return obj
+
+
+def _from_file(obj: Any) -> Any:
+    """The inverse of _to_file."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get(NUMPY), torch.Tensor):
+            array = obj[NUMPY].numpy()
+            return array[()] if obj.get("scalar") else array
+        return {k: _from_file(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_from_file(v) for v in obj)
+    return obj

@@ -1,7 +1,13 @@
+import hashlib
+import json
+import math
+import os
+import random
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,9 +22,21 @@ def _model(seed: int) -> GPT:
     return GPT(GPTConfig(vocab_size=257, n_positions=8, n_embd=8, n_layer=1, n_head=2))
 
 
+def train_state(step: int, model: GPT | None = None) -> dict:
+    """A resume state shaped as the trainer's: AdamW moments, the three RNGs (numpy's holds an array)."""
+    model = model or _model(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))[1].backward()
+    optimizer.step()
+    return {"step": step, "tokens_seen": 96 * step, "optimizer": optimizer.state_dict(), "scaler": {},
+            "sampler": {"rng": np.random.default_rng(step).bit_generator.state},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "best_val_loss": math.inf, "elapsed_s": 1.5}
+
+
 def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
     old = _model(0)
-    save_checkpoint(tmp_path / "last", old, ByteTokenizer(), metadata={"step": 1}, train_state={"step": 1})
+    save_checkpoint(tmp_path / "last", old, ByteTokenizer(), metadata={"step": 1}, train_state=train_state(1))
     # A second process overwrites the checkpoint and is SIGKILLed after writing the new weights,
     # in the middle of the save (while the tokenizer is written).
     script = textwrap.dedent(f"""
@@ -90,3 +108,119 @@ def test_info_command_text_json_and_missing(tmp_path, capsys):
     assert doc["step"] == 7 and doc["parameters"] == model.num_parameters() and doc["model"]["n_embd"] == 8
     assert main(["info", str(tmp_path / "nope")]) == 1
     assert capsys.readouterr().err.strip() == f"simplegpt info: error: checkpoint {tmp_path / 'nope'} does not exist"
+
+
+def _same(a, b) -> bool:
+    """Deep equality of resume states: same types, tensors and arrays equal bit for bit."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    return a == b or (a != a and b != b)
+
+
+def _record(ck, name: str) -> None:
+    """Rewrite the digest config.json holds for `name`, as someone who tampers with a file on purpose would."""
+    doc = json.loads((ck / "config.json").read_text())
+    doc["sha256"][name] = hashlib.sha256((ck / name).read_bytes()).hexdigest()
+    (ck / "config.json").write_text(json.dumps(doc))
+
+
+def test_train_state_round_trips_numpy_state_in_a_file_of_tensors_and_plain_values(tmp_path):
+    state = train_state(4)
+    state["extra"] = {"scalar": np.float64(0.25), "ints": np.arange(3, dtype=np.int16), "list": [1, (2, None)]}
+    save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer(), train_state=state)
+    torch.load(tmp_path / "ck" / "train_state.pt", weights_only=True)  # no allow-listed globals needed
+    loaded = load_train_state(tmp_path / "ck")
+    assert _same(loaded, state)
+    np.random.set_state(loaded["rng"]["numpy"])
+    random.setstate(loaded["rng"]["python"])
+
+
+def test_a_malicious_train_state_is_refused_and_runs_nothing(tmp_path):
+    save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer(), train_state=train_state(1))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    f = tmp_path / "ck" / "train_state.pt"
+    torch.save({**train_state(1), "step": Payload()}, f)
+    _record(tmp_path / "ck", "train_state.pt")  # the digest fits: only the loader can stop it now
+    with pytest.raises(CheckpointError, match="could run code") as info:
+        load_train_state(tmp_path / "ck")
+    assert str(f) in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "it has no 'step'"), ("not_a_dict", "it is a list, expected dict"),
+    ("step_type", "'step' is a str, expected int"), ("rng_missing", "it has no 'rng.numpy'"),
+    ("optimizer_type", "'optimizer.param_groups' is a dict, expected list"), ("bool_step", "'step' is a bool"),
+])
+def test_a_train_state_without_its_fields_or_of_other_types_names_the_file(tmp_path, case, message):
+    state = train_state(2)
+    bad = {"empty": {}, "not_a_dict": [1, 2], "step_type": {**state, "step": "5"},
+           "rng_missing": {**state, "rng": {"torch": state["rng"]["torch"], "python": state["rng"]["python"]}},
+           "optimizer_type": {**state, "optimizer": {"state": {}, "param_groups": {}}},
+           "bool_step": {**state, "step": True}}[case]
+    save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer(), train_state=bad)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_train_state(tmp_path / "ck")
+    assert str(tmp_path / "ck" / "train_state.pt") in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "train_state.pt", "tokenizer/tokenizer.json"])
+def test_64_random_bytes_in_any_file_are_reported_naming_it(tmp_path, name):
+    model, state = _model(0), train_state(3)
+    save_checkpoint(tmp_path / "ck", model, ByteTokenizer(), train_state=state)
+    f = tmp_path / "ck" / name
+    data = bytearray(f.read_bytes())
+    # inside the data a loader would take without complaint: a weight matrix, the torch RNG state
+    inside = {"model.safetensors": model.transformer.wte.weight.detach().numpy().tobytes(),
+              "train_state.pt": state["rng"]["torch"].numpy().tobytes()}.get(name, bytes(data[:64]))
+    at = bytes(data).find(inside) + 8
+    data[at:at + 64] = np.random.default_rng(0).bytes(64)
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupted") as info:
+        load_train_state(tmp_path / "ck") if name == "train_state.pt" else load_checkpoint(tmp_path / "ck")
+    assert str(f) in str(info.value)
+    # each loader checks its own files: the weights still load when only the train state is damaged
+    if name == "train_state.pt":
+        assert torch.equal(load_checkpoint(tmp_path / "ck").model.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_checkpoints_from_before_the_digests_and_weights_only_loading_still_load(tmp_path):
+    model, state = _model(0), train_state(5)
+    save_checkpoint(tmp_path / "ck", model, ByteTokenizer(), metadata={"step": 5}, train_state=state)
+    doc = json.loads((tmp_path / "ck" / "config.json").read_text())
+    del doc["sha256"]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(doc))
+    torch.save(state, tmp_path / "ck" / "train_state.pt")  # as before: numpy's RNG state pickled as an array
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.metadata == {"step": 5} and torch.equal(ck.model.lm_head.weight, model.lm_head.weight)
+    assert _same(load_train_state(tmp_path / "ck"), state)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_get_the_permissions_the_umask_gives(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer(), train_state=train_state(1))
+        (tmp_path / "plain").write_text("x")
+        (tmp_path / "folder").mkdir()
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "ck").rglob("*")}
+    files = {name for name in modes if (tmp_path / name).is_file()}
+    assert files == {"ck/model.safetensors", "ck/config.json", "ck/train_state.pt", "ck/tokenizer/tokenizer.json"}
+    assert {name: modes[name] for name in files} == {name: (tmp_path / "plain").stat().st_mode & 0o777 for name in files}
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == (tmp_path / "folder").stat().st_mode & 0o777
+    assert modes["ck/tokenizer"] == (tmp_path / "folder").stat().st_mode & 0o777
