@@ -1,8 +1,14 @@
-"""Training configuration: one dataclass, TOML files, command-line overrides with type checks.
+"""Training configuration: TrainConfig, its TOML files and command-line overrides with type checks.
 
-A TOML file groups the fields in tables ([data], [model], [optim], [eval], [run]) for people to
-read; the dataclass is flat so any field can be overridden as `--name value`. Unknown keys and
-values of the wrong type raise ConfigError naming the key and what it accepts.
+A config has one flat vocabulary of keys: each key is a TOML key in its table ([data], [model],
+[optim], [eval], [run]), a command-line option (`--n_layer 6`, `--max-iters 500`) and a keyword of
+TrainConfig. The [model] keys are the model's shape, held as one GPTConfig (`cfg.model`): n_layer,
+n_head, n_embd, block_size (GPTConfig's n_positions), dropout and bias; vocab_size comes from the
+data when training starts. GPTConfig checks the shape, TrainConfig the rest: unknown keys and bad
+values raise ConfigError naming the key and what it accepts.
+
+Files and checkpoints written before the shape became a GPTConfig load as they are: the keys are the
+same, and a key under another table than its own (init_from under [model]) is still read.
 """
 
 from __future__ import annotations
@@ -11,24 +17,55 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .model import GPTConfig
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "shakespeare_char"
 SECTIONS = ("data", "model", "optim", "eval", "run")
 
 
+@dataclass(frozen=True)
+class Key:
+    """A config key: its TOML table, its value type ('int', 'float', 'bool' or 'str'), help and choices."""
+
+    name: str
+    type: str
+    section: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+# The [model] table: each key and the GPTConfig field that holds it.
+MODEL_KEYS: dict[str, tuple[str, Key]] = {key.name: (attr, key) for attr, key in (
+    ("n_layer", Key("n_layer", "int", "model", "transformer blocks")),
+    ("n_head", Key("n_head", "int", "model", "attention heads (must divide n_embd)")),
+    ("n_embd", Key("n_embd", "int", "model", "embedding width")),
+    ("n_positions", Key("block_size", "int", "model", "context length in tokens (the model's n_positions)")),
+    ("dropout", Key("dropout", "float", "model", "dropout probability")),
+    ("bias", Key("bias", "bool", "model", "biases in linear and LayerNorm layers (GPT-2 has them)")),
+)}
+DEFAULT_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0, bias=True)
+
+
 def _f(default: Any, section: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"section": section, "help": help, "choices": choices})
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig:
+    """Everything a training run needs. Keys go in by their flat names, `TrainConfig(n_layer=6, lr=3e-4)`,
+    or the shape as a GPTConfig, `TrainConfig(model=GPTConfig(...), lr=3e-4)` (flat shape keys given
+    too override its fields). `cfg.model` is the shape; its vocab_size is a placeholder until the
+    trainer takes the data's. cfg.n_layer, cfg.block_size, ... read cfg.model.
+    ConfigError for an unknown key or a bad value."""
+
     # data
     data: str = _f("shakespeare", "data", "corpus to train on: 'shakespeare' (embedded), 'tinyshakespeare', a .txt/"
                    ".jsonl file, folder, glob, URL, 'hf:NAME[:CONFIG]', or a folder made by 'simplegpt prepare'")
@@ -39,15 +76,8 @@ class TrainConfig:
     text_field: str = _f("text", "data", "field holding the text in .jsonl and Hugging Face datasets")
     batch_mode: str = _f("packed", "data", "'packed': random windows of block_size tokens; 'padded': one text per "
                          "row, padded, with an attention mask", ("packed", "padded"))
-    # model
-    n_layer: int = _f(4, "model", "transformer blocks")
-    n_head: int = _f(4, "model", "attention heads (must divide n_embd)")
-    n_embd: int = _f(128, "model", "embedding width")
-    block_size: int = _f(128, "model", "context length in tokens")
-    dropout: float = _f(0.0, "model", "dropout probability")
-    bias: bool = _f(True, "model", "biases in linear and LayerNorm layers (GPT-2 has them)")
-    init_from: str = _f("", "model", "start from weights: a simplegpt checkpoint dir or a Hugging Face GPT-2 "
-                        "dir/name (its tokenizer is then used); empty = random init")
+    # model: the shape ([model] table), see MODEL_KEYS
+    model: GPTConfig = field(default_factory=lambda: DEFAULT_MODEL)
     # optim
     batch_size: int = _f(32, "optim", "sequences per micro-batch")
     grad_accum_steps: int = _f(1, "optim", "micro-batches per optimizer step")
@@ -75,6 +105,8 @@ class TrainConfig:
     # run
     out_dir: str = _f("out/run", "run", "run folder: config.toml, metrics.jsonl, samples.txt, last/ and best/ "
                       "checkpoints, loss.png")
+    init_from: str = _f("", "run", "start from weights: a simplegpt checkpoint dir or a Hugging Face GPT-2 "
+                        "dir/name (its tokenizer is then used); empty = random init")
     seed: int = _f(1337, "run", "random seed for init, batches and dropout")
     device: str = _f("auto", "run", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = _f("auto", "run", "compute dtype; 'auto' = bfloat16 on GPUs that support it, float16 on other "
@@ -91,27 +123,58 @@ class TrainConfig:
     peak_flops: float = _f(0.0, "run", "device peak FLOP/s for MFU; 0 = known GPU table, or a measured "
                            "matmul rate on CPU")
 
-    def __post_init__(self) -> None:
+    def __init__(self, model: GPTConfig | None = None, **values: Any) -> None:
+        check_keys(values)
+        for f in dataclasses.fields(self):
+            if f.name != "model":
+                setattr(self, f.name, values.get(f.name, f.default))
+        shape = {attr: _coerce(key, values[name]) for name, (attr, key) in MODEL_KEYS.items() if name in values}
+        try:
+            self.model = dataclasses.replace(model or DEFAULT_MODEL, **shape)
+        except ValueError as e:  # GPTConfig's own checks of the shape, said in the config's key names
+            raise ConfigError(re.sub(r"\bn_positions\b", "block_size", str(e).replace("GPTConfig.", ""))) from None
         self.validate()
 
+    @property
+    def n_layer(self) -> int:
+        return self.model.n_layer
+
+    @property
+    def n_head(self) -> int:
+        return self.model.n_head
+
+    @property
+    def n_embd(self) -> int:
+        return self.model.n_embd
+
+    @property
+    def block_size(self) -> int:
+        """Context length in tokens: the model's n_positions."""
+        return self.model.n_positions
+
+    @property
+    def dropout(self) -> float:
+        return self.model.dropout
+
+    @property
+    def bias(self) -> bool:
+        return self.model.bias
+
     def validate(self) -> None:
-        """Type and range checks; ConfigError names the field and what it accepts."""
+        """Type and range checks of the keys outside [model] (GPTConfig checks the shape); ConfigError
+        names the key and what it accepts."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
-        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps", "max_iters",
-                    "eval_interval", "eval_iters", "log_interval")
+            if f.name != "model":
+                setattr(self, f.name, _coerce(KEYS[f.name], getattr(self, f.name)))
+        positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_iters", "sample_tokens", "num_threads", "cpu_shards"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -125,23 +188,34 @@ class TrainConfig:
             raise ConfigError("out_dir must not be empty")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """{key: value} for every key (flat, as in a checkpoint's train_config and on the command line)."""
+        return {name: getattr(self, name) for name in KEYS}
 
     def replace(self, **overrides: Any) -> "TrainConfig":
-        check_keys(overrides)
-        return dataclasses.replace(self, **overrides)
+        """A copy with some keys changed (flat names; model=GPTConfig(...) replaces the whole shape)."""
+        model = overrides.pop("model", self.model)
+        kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        return TrainConfig(model=model, **{**kept, **overrides})
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def _keys() -> dict[str, Key]:
+    """Every key, table by table (the order of --help and of a saved config.toml)."""
+    keys = [Key(f.name, f.type, f.metadata["section"], f.metadata["help"], f.metadata["choices"])
+            for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    keys += [key for _, key in MODEL_KEYS.values()]
+    return {key.name: key for section in SECTIONS for key in keys if key.section == section}
 
 
-def _type_name(f: dataclasses.Field) -> str:
-    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[f.type]
+KEYS = _keys()
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """value checked against the field's type; ints are accepted for floats."""
-    kind = f.type
+def _type_name(key: Key) -> str:
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[key.type]
+
+
+def _coerce(key: Key, value: Any) -> Any:
+    """value checked against the key's type; ints are accepted for floats."""
+    kind = key.type
     ok = {
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -149,40 +223,39 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         "str": isinstance(value, str),
     }[kind]
     if not ok:
-        raise ConfigError(f"{f.name} must be {_type_name(f)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key.name} must be {_type_name(key)}, got {value!r} ({type(value).__name__})")
     if kind == "float":
         value = float(value)
         if not math.isfinite(value):
-            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+            raise ConfigError(f"{key.name} must be a finite number, got {value!r}")
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"{key.name} must be one of {list(key.choices)}, got {value!r}")
     return value
 
 
 def check_keys(values: dict[str, Any], where: str = "config") -> None:
-    unknown = sorted(set(values) - set(FIELDS))
+    unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ConfigError(f"unknown {where} key(s) {unknown}; see 'simplegpt train --help' for the valid keys")
 
 
 def parse_value(name: str, text: str) -> Any:
-    """A command-line string converted to the type of field `name` (ConfigError when it cannot be)."""
+    """A command-line string converted to the type of key `name` (ConfigError when it cannot be)."""
     check_keys({name: None}, "option")
-    f = FIELDS[name]
+    key = KEYS[name]
     try:
-        if f.type == "bool":
+        if key.type == "bool":
             low = text.strip().lower()
             if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ValueError
-            return _coerce(f, low in ("true", "1", "yes", "on"))
-        if f.type == "int":
-            return _coerce(f, int(text))
-        if f.type == "float":
-            return _coerce(f, float(text))
+            return _coerce(key, low in ("true", "1", "yes", "on"))
+        if key.type == "int":
+            return _coerce(key, int(text))
+        if key.type == "float":
+            return _coerce(key, float(text))
     except ValueError:
-        raise ConfigError(f"{name} must be {_type_name(f)}, got {text!r}") from None
-    return _coerce(f, text)
+        raise ConfigError(f"{name} must be {_type_name(key)}, got {text!r}") from None
+    return _coerce(key, text)
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -198,7 +271,8 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """The flat {field: value} of a TOML config; tables group fields, keys are checked."""
+    """The flat {key: value} of a TOML config; tables group the keys, which are checked (a key under
+    another known table than its own is read too, as files written before [model] was the shape have it)."""
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -230,11 +304,11 @@ def to_toml(cfg: TrainConfig) -> str:
     lines: list[str] = []
     for section in SECTIONS:
         lines.append(f"[{section}]")
-        for f in dataclasses.fields(cfg):
-            if f.metadata["section"] == section:
-                v = getattr(cfg, f.name)
+        for name, key in KEYS.items():
+            if key.section == section:
+                v = getattr(cfg, name)
                 text = "true" if v is True else "false" if v is False else json.dumps(v) if isinstance(v, str) \
                     else repr(v)
-                lines.append(f"{f.name} = {text}")
+                lines.append(f"{name} = {text}")
         lines.append("")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from simplegpt import cpu_memory
+from simplegpt.training import cpu_memory
 
 pytestmark = pytest.mark.skipif(cpu_memory._glibc() is None, reason="malloc tuning is glibc-only")
 
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(cpu_memory._glibc() is None, reason="malloc tuni
 FIXED_DEFAULT = "glibc.malloc.mmap_threshold=131072"
 SCRIPT = """
 import resource, torch
-from simplegpt.cpu_memory import keep_freed_memory
-from simplegpt.cpu_parallel import CoreShards
+from simplegpt.training.cpu_memory import keep_freed_memory
+from simplegpt.training.core_shards import CoreShards
 from simplegpt.model import GPT, GPTConfig
 torch.manual_seed(0)
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Data parallelism over CPU cores in one process (simplegpt.cpu_parallel) and the trainer's use of it."""
+"""Data parallelism over CPU cores in one process (simplegpt.training.core_shards) and the trainer's use of it."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 from simplegpt import GPT, GPTConfig
 from simplegpt.checkpoint import load_checkpoint
 from simplegpt.config import TrainConfig
-from simplegpt.cpu_parallel import CoreShards
+from simplegpt.training.core_shards import CoreShards
 from simplegpt.errors import ConfigError
 from simplegpt.model import IGNORE_INDEX
 from simplegpt.train import core_shards, train

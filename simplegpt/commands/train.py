@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 
@@ -17,7 +16,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import DEFAULT_CONFIG, FIELDS, SECTIONS, load_config, parse_value
+    from ..config import DEFAULT_CONFIG, KEYS, SECTIONS, load_config, parse_value
 
     defaults = load_config().to_dict()  # what `simplegpt train` with no --config uses
 
@@ -40,46 +39,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 return parse_value(name, text)
             except ValueError as e:
                 raise argparse.ArgumentTypeError(str(e)) from None
-        convert.__name__ = FIELDS[name].type  # argparse names the type in its error message
+        convert.__name__ = KEYS[name].type  # argparse names the type in its error message
         return convert
 
     for section in SECTIONS:
         group = p.add_argument_group(f"[{section}] settings (override the config file)")
-        for name, f in FIELDS.items():
-            if f.metadata["section"] != section:
+        for name, key in KEYS.items():
+            if key.section != section:
                 continue
             flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
             if name == "init_from":
                 flags = ["--init_from"]
-            choices = f.metadata.get("choices")
-            help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
+            help_text = key.help + (f" ({'|'.join(key.choices)})" if key.choices else "")
             group.add_argument(*flags, dest=name, type=converter(name), default=argparse.SUPPRESS,
-                               metavar=f.type.upper(),
+                               metavar=key.type.upper(),
                                help=f"{help_text} [{DEFAULT_CONFIG}: {defaults[name]!r}]")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import read_checkpoint_config
-    from ..config import FIELDS, TrainConfig, load_config
-    from ..train import BEST, LAST, train
+    from ..config import KEYS, TrainConfig, load_config
+    from ..train import BEST, checkpoint_dir, train
 
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    overrides = {k: v for k, v in vars(args).items() if k in KEYS}
     if args.init_from_cli is not None:
         overrides["init_from"] = args.init_from_cli
     finished = False
     if args.resume:
-        from pathlib import Path
-
-        path = Path(args.resume)
-        if (path / LAST).is_dir() and not (path / "config.json").is_file():
-            path = path / LAST
+        path = checkpoint_dir(args.resume)
         doc = read_checkpoint_config(path)
         saved = doc.get("train_config")
         if not isinstance(saved, dict):
             from ..errors import CheckpointError
             raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+        # the flat keys every version of the trainer saved; keys it no longer has are left out
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
         finished = isinstance(doc.get("step"), int) and doc["step"] >= cfg.max_iters
     else:
         cfg = load_config(args.config, overrides)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn as nn
 
-from .model import IGNORE_INDEX
+from ..model import IGNORE_INDEX
 
 
 class CoreShards:

@@ -1,0 +1,65 @@
+"""The prepared dataset a config names (prepared on first use) and the batch samplers over it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import TrainConfig
+from ..data import PackedSampler, PaddedSampler, TokenShards, prepare_corpus, read_meta
+from ..errors import DataError
+from ..tokenizer import Tokenizer
+
+
+def _slug(source: str) -> str:
+    name = Path(source.rstrip("/")).stem if "://" not in source else Path(source).stem
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "corpus"
+
+
+def _is_dataset_dir(path: str) -> bool:
+    return bool(path) and (Path(path) / "meta.json").is_file()
+
+
+def dataset_dir(cfg: TrainConfig) -> Path:
+    """Where cfg's prepared dataset lives: data itself when it is one, else data_dir or a default."""
+    if _is_dataset_dir(cfg.data):
+        return Path(cfg.data)
+    if cfg.data_dir:
+        return Path(cfg.data_dir)
+    return Path("data") / f"{_slug(cfg.data.removeprefix('hf:'))}_{cfg.tokenizer}"
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) -> tuple[Path, dict]:
+    """Prepare cfg.data if needed (with a fixed tokenizer when fine-tuning / resuming); the dataset's
+    folder and meta.json. DataError for no corpus, or a dataset of another tokenizer than the model's."""
+    if not cfg.data or not cfg.data.strip():
+        raise DataError("no corpus given: set data (--data) to a file, folder, glob, URL or 'shakespeare'")
+    out = dataset_dir(cfg)
+    if _is_dataset_dir(cfg.data):
+        meta = read_meta(out)
+    else:
+        meta = prepare_corpus(cfg.data, out, tokenizer or cfg.tokenizer, val_fraction=cfg.val_fraction,
+                              text_field=cfg.text_field, progress=progress)
+    if tokenizer is not None and meta["tokenizer"] != tokenizer.spec():
+        raise DataError(f"the dataset in {out} was prepared with a different tokenizer ({meta['tokenizer']['type']}, "
+                        f"vocab {meta['vocab_size']}) than the model's ({tokenizer.kind}, vocab {tokenizer.vocab_size}); "
+                        "use another data_dir or prepare it from the same tokenizer")
+    return out, meta
+
+
+def make_samplers(cfg: TrainConfig, data_dir: Path, meta: dict) -> tuple[Any, Callable[[], Any]]:
+    """The train sampler and a factory of the (always identical) validation sampler."""
+    train_shards, val_shards = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+    if cfg.batch_mode == "padded":
+        train = PaddedSampler.from_shards(train_shards, meta["eos_id"], cfg.block_size, cfg.batch_size, cfg.seed)
+        val = lambda: PaddedSampler.from_shards(val_shards, meta["eos_id"], cfg.block_size,  # noqa: E731
+                                                cfg.batch_size, cfg.seed + 1)
+    else:
+        for name, shards in (("train", train_shards), ("validation", val_shards)):
+            if shards.num_tokens <= cfg.block_size:
+                raise DataError(f"the corpus is too small: its {name} split has {shards.num_tokens} tokens, fewer "
+                                f"than block_size + 1 = {cfg.block_size + 1}; use a smaller --block_size or more text")
+        train = PackedSampler(train_shards, cfg.block_size, cfg.batch_size, cfg.seed)
+        val = lambda: PackedSampler(val_shards, cfg.block_size, cfg.batch_size, cfg.seed + 1)  # noqa: E731
+    return train, val

@@ -1,0 +1,111 @@
+"""What the trainer needs to know of the machine: the compute dtype, CPU threads, how to split a
+batch over cores, and the peak FLOP/s that MFU divides by."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+
+# Peak dense bf16 FLOP/s of common GPUs, for MFU (the numbers of nanoGPT / the vendor sheets).
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for a config's dtype name; 'auto' is bf16 (or fp16) on CUDA, fp32 elsewhere.
+    ConfigError for float16 off CUDA (it needs loss scaling)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError("dtype float16 needs a CUDA device (loss scaling); use bfloat16 or float32")
+    return dtype
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    """The FLOP/s MFU divides by: configured, a known GPU's bf16 peak, or a measured CPU matmul rate."""
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        return 100e12
+    # CPU: the rate of a large float32 matmul on this machine now, a practical ceiling: the best of
+    # short rounds over a fifth of a second, so that a moment of load from elsewhere does not set it.
+    # Its own generator: drawing from the global one would shift a resumed run's dropout stream.
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    torch.mm(a, a)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < 0.2:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, a)
+        best = max(best, 4 * 2 * 512**3 / (time.perf_counter() - t0))
+    return best
+
+
+def auto_threads() -> int:
+    """CPU threads for torch: the cores this process may use that other processes leave idle.
+
+    OpenMP threads that outnumber the free cores spin against each other: on a 2-core machine
+    with one other busy process, 2 threads train ~7x slower than 1 (measured, docs/training.md).
+    Idle cores are measured over a fifth of a second (/proc/stat on Linux); the load average
+    is the fallback, though it lags: it still counts a job that ended a minute ago.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = _busy_cores(0.2)
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.75)))
+
+
+def core_shards(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, threads: int) -> int:
+    """How many ways CoreShards splits each batch (1 = not at all); ConfigError for a cpu_shards that
+    cannot apply. Auto (0) shards fp32 CPU runs without dropout or torch.compile: one share per
+    thread, at most one per sequence of the batch."""
+    fits = device.type == "cpu" and dtype == torch.float32 and not cfg.compile and cfg.dropout == 0.0
+    if cfg.cpu_shards == 0:
+        return min(threads, cfg.batch_size) if fits else 1
+    if cfg.cpu_shards > 1 and not fits:
+        raise ConfigError("cpu_shards > 1 needs float32 training on the CPU without dropout or compile "
+                          "(dropout draws from one random stream, which threads would share out of order)")
+    if cfg.cpu_shards > cfg.batch_size:
+        raise ConfigError(f"cpu_shards ({cfg.cpu_shards}) cannot exceed batch_size ({cfg.batch_size})")
+    return cfg.cpu_shards
+
+
+def _busy_cores(seconds: float) -> float | None:
+    """How many cores were busy (machine-wide) over the next `seconds`, or None where unknown."""
+
+    def read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal; guest time is already counted in user
+
+    first = read()
+    if first is None:
+        return None
+    time.sleep(seconds)
+    second = read()
+    if second is None:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return None
+    return (os.cpu_count() or 1) * (total - idle) / total

@@ -1,0 +1,83 @@
+"""The optimizer: AdamW over decayed and undecayed parameter groups, its clipped step, and the
+learning-rate schedule.
+
+Every optimizer make_optimizer returns is a torch.optim.AdamW (state_dict included) with one more
+method, clip_and_step(max_norm) -> the gradient norm, which the training loop calls each step:
+on a CPU the native one (simplegpt.accel.cpu.optim.AdamW: clipping and update in two passes of the
+kernels, PyTorch's ops where they do not apply), elsewhere PyTorch's through the run's GradScaler.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+
+from ..accel.cpu.optim import AdamW as NativeAdamW
+from ..config import TrainConfig
+
+
+class ScaledAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW whose clip_and_step goes through a GradScaler (a no-op one unless fp16)."""
+
+    def __init__(self, params, scaler: torch.amp.GradScaler, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.scaler = scaler
+
+    def clip_and_step(self, max_norm: float) -> float:
+        """Unscale the gradients, clip their total norm to max_norm (when > 0), step (skipped by the
+        scaler when a gradient is not finite) and update the scale. Returns the norm, NaN when not clipping."""
+        norm = math.nan
+        if max_norm > 0:
+            self.scaler.unscale_(self)
+            params = [p for group in self.param_groups for p in group["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.scaler.step(self)
+        self.scaler.update()
+        return norm
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
+    """Decay only matrices of Linear layers (and embeddings if asked); never biases or norms."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        is_embedding = id(p) in embeddings
+        (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   scaler: torch.amp.GradScaler) -> NativeAdamW | ScaledAdamW:
+    """The run's AdamW over model's parameters. With cfg.fused: PyTorch's fused kernel where this build has
+    one for the device, and on a CPU the native step (never under an active scaler: fp16 is CUDA-only)."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    native = cfg.fused and device.type == "cpu" and not scaler.is_enabled()
+    make = NativeAdamW if native else functools.partial(ScaledAdamW, scaler=scaler)
+    if cfg.fused and device.type in ("cuda", "cpu"):
+        try:
+            return make(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # this torch build has no fused kernel for the device
+    return make(groups, **kwargs)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine / wsd / constant;
+    the last step (max_iters - 1) runs at min_lr."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, int(cfg.max_iters * cfg.decay_fraction))
+        decay_start = max(cfg.warmup_iters, cfg.max_iters - decay_steps)
+        if step < decay_start:
+            return cfg.lr
+        frac = min(1.0, (step - decay_start) / max(1, cfg.max_iters - 1 - decay_start))
+        return cfg.lr + frac * (cfg.min_lr - cfg.lr)
+    frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - 1 - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)

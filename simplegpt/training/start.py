@@ -1,0 +1,107 @@
+"""Where a run's weights start: random init from cfg.model, a checkpoint or Hugging Face GPT-2 to
+fine-tune (init_from), or a run being resumed; and the random state that exact resume restores."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import checkpoint as ckpt
+from ..config import TrainConfig
+from ..errors import CheckpointError, ConfigError
+from ..model import GPT, GPTConfig
+from ..tokenizer import Tokenizer
+
+# The keys a resumed run cannot change: its weights have this shape and its data this tokenizer.
+RESUME_FIXED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tokenizer")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _set_dropout(model: GPT, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = p
+    model.config = GPTConfig(**{**model.config.to_dict(), "dropout": p})
+
+
+def _is_simplegpt_checkpoint(path: Path) -> bool:
+    try:
+        ckpt.read_checkpoint_config(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def init_model(cfg: TrainConfig, device: torch.device) -> tuple[GPT | None, Tokenizer | None, str]:
+    """For init_from: the loaded model (cropped to block_size, with cfg's dropout), its tokenizer and a
+    log line; (None, None, "") otherwise. ConfigError for a block_size beyond the model's n_positions,
+    CheckpointError for weights that cannot be loaded or have no tokenizer."""
+    if not cfg.init_from:
+        return None, None, ""
+    src = Path(cfg.init_from)
+    if (src / ckpt.CONFIG_FILE).is_file() and _is_simplegpt_checkpoint(src):
+        loaded = ckpt.load_checkpoint(src, device="cpu")
+    else:
+        try:
+            from ..hf import load_hf_model
+        except ImportError as e:
+            raise CheckpointError(f"init_from {cfg.init_from!r} is not a simplegpt checkpoint and Hugging Face "
+                                  f"import is unavailable ({e})") from None
+        loaded = load_hf_model(cfg.init_from)
+    if loaded.tokenizer is None:
+        raise CheckpointError(f"{cfg.init_from} has no tokenizer; it cannot be fine-tuned on text")
+    model = loaded.model
+    if cfg.block_size > model.config.n_positions:
+        raise ConfigError(f"block_size {cfg.block_size} exceeds the n_positions {model.config.n_positions} of "
+                          f"{cfg.init_from}; use --block_size {model.config.n_positions} or less")
+    if cfg.block_size < model.config.n_positions:
+        model.crop_block_size(cfg.block_size)
+    _set_dropout(model, cfg.dropout)
+    return model.to(device), loaded.tokenizer, f"initialized from {cfg.init_from}"
+
+
+def load_resume(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """The model, tokenizer and train state of checkpoint `path` to resume with cfg; ConfigError when cfg
+    changes what a resumed run cannot (RESUME_FIXED), CheckpointError for a damaged checkpoint."""
+    loaded = ckpt.load_checkpoint(path, device="cpu")
+    state = ckpt.load_train_state(path)
+    check_resume_compatible(loaded.metadata.get("train_config", {}), cfg, path)
+    if loaded.tokenizer is None:
+        raise CheckpointError(f"{path} has no tokenizer; it cannot be resumed")
+    return loaded.model.to(device), loaded.tokenizer, state
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuse overrides that change the model's shape or tokenizer of a run being resumed (saved: the
+    checkpoint's flat train_config, as every version of the trainer wrote it)."""
+    for key in RESUME_FIXED:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise ConfigError(f"cannot resume {path} with {key}={getattr(cfg, key)!r}: the checkpoint has "
+                              f"{key}={saved[key]!r}; drop that override, or start a new run with --init-from {path}")
