@@ -39,7 +39,7 @@ HF_MERGES = "merges.txt"
 # simplegpt's own tokenizer spec, kept in a subfolder: a top-level tokenizer.json would be read
 # by AutoTokenizer as a Hugging Face "fast tokenizer" file.
 SIMPLEGPT_TOKENIZER_DIR = "simplegpt_tokenizer"
-INSTALL_HINT = 'install the Hugging Face extra: pip install "simplegpt[hf]"'
+INSTALL_HINT = 'install the Hugging Face extra: pip install "simplegpt-toolkit[hf]"'
 
 
 @dataclass(frozen=True)

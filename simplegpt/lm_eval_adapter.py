@@ -29,7 +29,7 @@ try:
     from lm_eval.api.registry import register_model
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'the lm_eval adapter needs EleutherAI\'s lm-evaluation-harness: pip install "simplegpt[lmeval]"'
+        'the lm_eval adapter needs EleutherAI\'s lm-evaluation-harness: pip install "simplegpt-toolkit[lmeval]"'
     ) from None
 
 from .engine import Engine, SamplingParams

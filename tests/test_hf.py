@@ -249,7 +249,7 @@ def test_cli_bad_paths(tmp_path, capsys):
 def test_hub_name_without_transformers_names_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     code, _, err = cli(capsys, "import-hf", "gpt2", str(tmp_path / "out"))
-    assert_one_line_error(code, err, "transformers", 'pip install "simplegpt[hf]"')
+    assert_one_line_error(code, err, "transformers", 'pip install "simplegpt-toolkit[hf]"')
 
 
 @pytest.mark.parametrize("env_update", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "https://hub.invalid"}])

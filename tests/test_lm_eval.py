@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lm_eval", reason='the lm_eval adapter needs the optional extra: pip install "simplegpt[lmeval]"')
+pytest.importorskip("lm_eval", reason='the lm_eval adapter needs the optional extra: pip install "simplegpt-toolkit[lmeval]"')
 transformers = pytest.importorskip("transformers", reason="the reference scores come from the 'hf' extra")
 
 import lm_eval  # noqa: E402
