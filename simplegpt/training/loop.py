@@ -297,5 +297,5 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     if cfg.plot and result.interrupted is None:
         png = run_dir.plot_losses(out)
         log(f"loss curve: {png}" if png else
-            'loss curve: not drawn, matplotlib is not installed (pip install "simplegpt[plot]")')
+            'loss curve: not drawn, matplotlib is not installed (pip install "simplegpt-toolkit[plot]")')
     return result
