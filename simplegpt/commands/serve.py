@@ -13,7 +13,7 @@ HELP = "serve a checkpoint over an OpenAI-compatible HTTP API, with a web playgr
 DESCRIPTION = (
     "Serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions and /v1/models in the shapes of "
     "OpenAI's API (its official clients work with base_url=http://HOST:PORT/v1 and any api_key), and a "
-    "playground page at /. Needs the serve extra: pip install -e '.[serve]'. Generations run one at a "
+    "playground page at /. Needs the serve extra: pip install 'simplegpt-toolkit[serve]'. Generations run one at a "
     "time, each on every core. Binds to 127.0.0.1 by default; --host 0.0.0.0 opens it to the network "
     "(there is no authentication)."
 )
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
         from ..server import create_app
     except ModuleNotFoundError as e:
-        raise ImportError(f"simplegpt serve needs {e.name}: pip install -e '.[serve]'") from None
+        raise ImportError(f"simplegpt serve needs {e.name}: pip install 'simplegpt-toolkit[serve]'") from None
     check_engine_arguments(args)
     for option, value in (("--max-tokens", args.max_tokens), ("--max-sequences", args.max_sequences)):
         if value <= 0:
