@@ -260,3 +260,13 @@ def test_cli_summary_names_the_checkpoint_and_a_working_generate_command(tmp_pat
     again = _cli("train", "--resume", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
     assert again.returncode == 0 and "had already finished its 3 steps" in again.stderr, again.stderr
     assert "--max_iters 6" in again.stderr
+
+
+def test_resume_is_bit_identical_with_a_measured_peak_flops(tmp_path, corpus):
+    # measuring the CPU's matmul rate at the start must not draw from the random stream dropout uses
+    kw = dict(dropout=0.1, max_iters=6, peak_flops=0.0, sample_tokens=0)
+    full = train(tiny(tmp_path, corpus, out_dir=str(tmp_path / "full"), **kw), progress=False)
+    cfg = tiny(tmp_path, corpus, out_dir=str(tmp_path / "part"), **kw)
+    first = train(cfg, stop_at=3, progress=False)
+    resumed = train(cfg, resume=tmp_path / "part", progress=False)
+    assert first.losses + resumed.losses == full.losses

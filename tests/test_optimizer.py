@@ -1,0 +1,141 @@
+"""The trainer's optimizer: one clip_and_step for every run, the native AdamW equal to PyTorch's
+AdamW + clip_grad_norm_, and state_dicts that stay PyTorch's own."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_gpt
+from simplegpt.accel import cpu
+from simplegpt.accel.cpu import training
+from simplegpt.accel.cpu.optim import AdamW
+from simplegpt.config import TrainConfig
+from simplegpt.training.optimizer import ScaledAdamW, make_optimizer, param_groups
+
+needs_kernels = pytest.mark.skipif(not cpu.enabled(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+
+
+def groups(model):
+    return param_groups(model, 0.1, decay_embeddings=False)
+
+
+def set_grads(models, step):
+    """The same random gradients for every model; odd steps are large enough to be clipped."""
+    gen = torch.Generator().manual_seed(step)
+    for params in zip(*(m.parameters() for m in models)):
+        g = torch.randn(params[0].shape, generator=gen) * (3.0 if step % 2 else 0.01)
+        for p in params:
+            p.grad = g.clone()
+
+
+def reference_step(opt, max_norm):
+    """What the loop ran before clip_and_step: clip_grad_norm_, then PyTorch's AdamW step."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if max_norm > 0 else math.nan
+    opt.step()
+    return norm
+
+
+def run_steps(model, opt, steps, max_norm, first=0):
+    norms = []
+    for step in range(first, first + steps):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * (step + 1) / steps  # the schedule changes lr between steps
+        set_grads([model], step)
+        norms.append(opt.clip_and_step(max_norm) if hasattr(opt, "clip_and_step") else reference_step(opt, max_norm))
+        opt.zero_grad(set_to_none=True)
+    return norms
+
+
+@needs_kernels
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+def test_native_adamw_equals_torch_adamw_and_clip_grad_norm_step_for_step(max_norm, monkeypatch):
+    taken, real = [], training.adamw_step
+    monkeypatch.setattr(training, "adamw_step", lambda *a: taken.append(real(*a)) or taken[-1])
+    ours, ref = make_tiny_gpt(), make_tiny_gpt()
+    opt = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95))
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95))
+    assert isinstance(opt, torch.optim.AdamW)
+    for step in range(6):
+        [norm] = run_steps(ours, opt, 1, max_norm, first=step)
+        [want] = run_steps(ref, ref_opt, 1, max_norm, first=step)
+        assert norm == pytest.approx(want, rel=1e-5) if max_norm else math.isnan(norm) and math.isnan(want)
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
+    assert len(taken) == 6 and all(t is not None for t in taken)  # every step ran in the kernels
+    assert not any(torch.equal(p, q) for p, q in zip(ours.parameters(), make_tiny_gpt().parameters()))
+
+
+def test_without_the_kernels_it_is_exactly_torch():
+    ours, ref = make_tiny_gpt(), make_tiny_gpt()
+    opt = AdamW(groups(ours), lr=1e-2)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2)
+    with cpu.disabled():
+        norms = run_steps(ours, opt, 4, 1.0)
+    assert norms == run_steps(ref, ref_opt, 4, 1.0)
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), ref.parameters()))
+
+
+def test_state_dict_round_trips_through_plain_torch_adamw():
+    a = make_tiny_gpt()
+    opt_a = AdamW(groups(a), lr=1e-2, betas=(0.9, 0.95))
+    run_steps(a, opt_a, 3, 1.0)
+    saved = copy.deepcopy(opt_a.state_dict())  # as from a checkpoint file
+    b = copy.deepcopy(a)
+    opt_b = torch.optim.AdamW(groups(b), lr=1e-2, betas=(0.9, 0.95))
+    opt_b.load_state_dict(saved)  # PyTorch's own format: the plain optimizer takes it as it is
+    assert opt_b.state_dict()["param_groups"] == saved["param_groups"]
+    run_steps(a, opt_a, 3, 1.0, first=3)
+    run_steps(b, opt_b, 3, 1.0, first=3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
+    # and back: torch's state into a new native optimizer
+    c = copy.deepcopy(b)
+    opt_c = AdamW(groups(c), lr=1e-2, betas=(0.9, 0.95))
+    opt_c.load_state_dict(copy.deepcopy(opt_b.state_dict()))
+    run_steps(b, opt_b, 1, 1.0, first=6)
+    run_steps(c, opt_c, 1, 1.0, first=6)
+    for p, q in zip(b.parameters(), c.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
+    assert float(opt_c.state[next(iter(c.parameters()))]["step"]) == 7
+
+
+def test_step_alone_is_adamw_without_clipping():
+    ours, ref = make_tiny_gpt(), make_tiny_gpt()
+    opt, ref_opt = AdamW(groups(ours), lr=1e-2), torch.optim.AdamW(groups(ref), lr=1e-2)
+    for step in range(3):
+        set_grads([ours, ref], step)
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw,scaled,want", [
+    ({}, False, AdamW),
+    ({"fused": False}, False, ScaledAdamW),
+    ({}, True, ScaledAdamW),  # a loss-scaled (fp16) run: never the native step
+])
+def test_every_run_gets_one_clip_and_step(kw, scaled, want):
+    model = make_tiny_gpt()
+    scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+    opt = make_optimizer(model, TrainConfig(**kw), torch.device("cpu"), scaler)
+    assert type(opt) is want and isinstance(opt, torch.optim.AdamW) and callable(opt.clip_and_step)
+
+
+def test_the_scaled_step_unscales_before_clipping():
+    """fp16's path, on the CPU: the loss scaled by 2^10, the step equal to the unscaled one."""
+    ours, ref = make_tiny_gpt(), make_tiny_gpt()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = ScaledAdamW(groups(ours), scaler, lr=1e-2)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2)
+    x = torch.randint(0, 50, (2, 16))
+    scaler.scale(ours.loss(x, x)).backward()
+    ref.loss(x, x).backward()
+    assert ours.transformer.wte.weight.grad.abs().max() > 100 * ref.transformer.wte.weight.grad.abs().max()
+    norm = opt.clip_and_step(0.5)
+    assert norm == pytest.approx(reference_step(ref_opt, 0.5), rel=1e-5)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
