@@ -109,8 +109,8 @@ def test_cli_bad_shape_is_one_line(tmp_path):
 def test_saved_config_is_the_new_layout_and_round_trips(tmp_path):
     cfg = load_config(None, {"n_layer": 6, "block_size": 32, "init_from": "out/x/last"})
     text = to_toml(cfg)
-    model_table = text.split("[model]\n")[1].split("\n\n")[0].splitlines()
-    assert [ln.split(" = ")[0] for ln in model_table] == ["n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"]
+    model_table = [ln.split(" = ")[0] for ln in text.split("[model]\n")[1].split("\n\n")[0].splitlines()]
+    assert model_table == ["n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"]  # the shape alone
     assert 'init_from = "out/x/last"' in text.split("[run]\n")[1]
     path = tmp_path / "c.toml"
     path.write_text(text)
