@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{weights} does not match its config.json: {first[-1] if first else e}") from None
     model.to(device).eval()
-    tokenizer = load_tokenizer(folder / TOKENIZER_DIR) if (folder / TOKENIZER_DIR).is_dir() else None
+    try:
+        tokenizer = load_tokenizer(folder / TOKENIZER_DIR) if (folder / TOKENIZER_DIR).is_dir() else None
+    except (OSError, ValueError, KeyError) as e:  # a missing, corrupted or foreign tokenizer.json
+        detail = f"its spec has no {e} field" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{folder / TOKENIZER_DIR} is damaged ({detail}); use another checkpoint") from None
     metadata = {k: v for k, v in doc.items() if k not in NOT_METADATA}
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, metadata=metadata, path=path)
 
@@ -262,8 +267,8 @@ def _check_fields(value: Any, fields: dict[str, Any], f: Path, where: str) -> No
 def _to_file(obj: Any) -> Any:
     """obj with each numpy array or scalar replaced by {NUMPY: tensor, "scalar": bool}, so that
     weights_only loading can read it."""
-    if isinstance(obj, dict):
-        return {k: _to_file(v) for k, v in obj.items()}
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, _to_file(v)) for k, v in obj.items())
     if type(obj) in (list, tuple):
         return type(obj)(_to_file(v) for v in obj)
     if isinstance(obj, (np.ndarray, np.generic)):
@@ -273,11 +278,11 @@ def _to_file(obj: Any) -> Any:
 
 def _from_file(obj: Any) -> Any:
     """The inverse of _to_file."""
-    if isinstance(obj, dict):
+    if type(obj) in (dict, OrderedDict):
         if isinstance(obj.get(NUMPY), torch.Tensor):
             array = obj[NUMPY].numpy()
             return array[()] if obj.get("scalar") else array
-        return {k: _from_file(v) for k, v in obj.items()}
+        return type(obj)((k, _from_file(v)) for k, v in obj.items())
     if type(obj) in (list, tuple):
         return type(obj)(_from_file(v) for v in obj)
     return obj

@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -134,7 +135,8 @@ def _record(ck, name: str) -> None:
 
 def test_train_state_round_trips_numpy_state_in_a_file_of_tensors_and_plain_values(tmp_path):
     state = train_state(4)
-    state["extra"] = {"scalar": np.float64(0.25), "ints": np.arange(3, dtype=np.int16), "list": [1, (2, None)]}
+    state["extra"] = {"scalar": np.float64(0.25), "ints": np.arange(3, dtype=np.int16), "list": [1, (2, None)],
+                      "ordered": OrderedDict(a=np.ones(2))}
     save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer(), train_state=state)
     torch.load(tmp_path / "ck" / "train_state.pt", weights_only=True)  # no allow-listed globals needed
     loaded = load_train_state(tmp_path / "ck")

@@ -1,0 +1,150 @@
+"""A checkpoint survives a crash at every point of its swap, and its data is on disk before it is renamed in.
+
+The faults are injected where they hurt: os.replace and shutil.rmtree, the calls atomic_dir makes
+to swap a new copy in, raise (as a second Ctrl-C would) or end the process (os._exit, as SIGKILL).
+See docs/reliability.md for the promises these tests stand behind.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from simplegpt.checkpoint import load_checkpoint, load_train_state, read_checkpoint_config, recover, save_checkpoint
+from simplegpt.config import TrainConfig
+from simplegpt.errors import ConfigError
+from simplegpt.tokenizer import ByteTokenizer
+from simplegpt.train import train
+from test_checkpoint import _model, train_state
+
+
+class Crash(BaseException):
+    """An interruption the code under test must not catch (as KeyboardInterrupt)."""
+
+
+def _is_marker(p: Path) -> bool:
+    return p.name.startswith(".last.old-")
+
+
+def _inject(monkeypatch, point: str) -> None:
+    """Make the next save of `last` stop at `point` of its swap."""
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        moving_aside = dst.name == "old" and _is_marker(dst.parent)
+        renaming_in = src.name.startswith(".last.tmp-") and dst.name == "last"
+        if (point == "marked" and moving_aside) or (point == "first" and renaming_in):
+            raise Crash(point)
+        real_replace(src, dst)
+        if (point == "aside" and moving_aside) or (point == "renamed" and renaming_in):
+            raise Crash(point)
+
+    def rmtree(path, *args, **kw):
+        if point == "cleanup" and _is_marker(Path(path)):
+            real_rmtree(Path(path) / "old" / "tokenizer")  # half removed
+            raise Crash(point)
+        real_rmtree(path, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+class FailingTokenizer(ByteTokenizer):
+    def save(self, directory):
+        raise RuntimeError("disk trouble while writing")
+
+
+@pytest.mark.parametrize("point", ["first", "marked", "aside", "renamed", "cleanup"])
+def test_a_save_interrupted_at_any_point_of_the_swap_loses_no_complete_checkpoint(tmp_path, monkeypatch, point):
+    last, new = tmp_path / "last", _model(2)
+    if point != "first":  # "first": the interrupted save is the first of `last`
+        save_checkpoint(last, _model(1), ByteTokenizer(), metadata={"step": 1}, train_state=train_state(1))
+    _inject(monkeypatch, point)
+    with pytest.raises(Crash):
+        save_checkpoint(last, new, ByteTokenizer(), metadata={"step": 2}, train_state=train_state(2))
+    monkeypatch.undo()
+    # The new copy was complete and synced before the swap began: it is the one every loader finds.
+    assert read_checkpoint_config(last)["step"] == 2
+    assert load_train_state(last)["step"] == 2
+    assert torch.equal(load_checkpoint(last).model.transformer.wte.weight, new.transformer.wte.weight)
+    # A save that fails while writing removes nothing complete: it first puts the newest copy back.
+    with pytest.raises(RuntimeError, match="disk trouble"):
+        save_checkpoint(last, _model(3), FailingTokenizer(), metadata={"step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert load_checkpoint(last).metadata["step"] == 2 and load_train_state(last)["step"] == 2
+
+
+@pytest.mark.parametrize("point", ["first", "marked", "aside", "renamed", "cleanup"])
+def test_recover_puts_the_newest_complete_copy_back_in_place(tmp_path, monkeypatch, point):
+    last = tmp_path / "last"
+    if point != "first":
+        save_checkpoint(last, _model(1), ByteTokenizer(), metadata={"step": 1})
+    _inject(monkeypatch, point)
+    with pytest.raises(Crash):
+        save_checkpoint(last, _model(2), ByteTokenizer(), metadata={"step": 2})
+    monkeypatch.undo()
+    assert recover(last) == last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert (last / "config.json").is_file() and read_checkpoint_config(last)["step"] == 2
+    assert recover(tmp_path / "never-written") is None
+
+
+def test_files_and_folders_are_synced_before_the_rename_and_the_parent_after(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "last", _model(1), ByteTokenizer(), train_state=train_state(1))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(src), str(dst))),
+                                                         real_replace(src, dst))[1])
+    save_checkpoint(tmp_path / "last", _model(2), ByteTokenizer(), train_state=train_state(2))
+    monkeypatch.undo()
+    [swap_in] = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / "last")]
+    tmp = events[swap_in][1]
+    first_move = min(i for i, e in enumerate(events) if e[0] == "replace" and not e[1].startswith(tmp + "/"))
+    synced_before = {e[1] for e in events[:first_move] if e[0] == "fsync"}
+    written = {tmp + "/" + p.relative_to(tmp_path / "last").as_posix() for p in (tmp_path / "last").rglob("*")}
+    assert written | {tmp} <= synced_before  # every file and folder, and the new copy itself
+    assert str(tmp_path) in synced_before  # the marker that says the copy is complete
+    assert ("fsync", str(tmp_path)) in events[swap_in + 1:]  # the renames themselves
+
+
+def test_a_run_killed_mid_swap_is_not_restarted_and_resumes_bit_exactly(tmp_path, shakespeare_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_path.read_text()[:60_000])
+    cfg = TrainConfig(data=str(corpus), data_dir=str(tmp_path / "data"), n_layer=1, n_head=2, n_embd=16,
+                      block_size=16, batch_size=4, max_iters=9, eval_interval=4, eval_iters=2, log_interval=1,
+                      warmup_iters=2, sample_tokens=8, out_dir=str(tmp_path / "run"), num_threads=1, plot=False,
+                      tensorboard=False, peak_flops=1e12, dropout=0.1, grad_accum_steps=2)
+    full = train(cfg.replace(out_dir=str(tmp_path / "full")), progress=False)
+    first = train(cfg, stop_at=5, progress=False)
+    last = tmp_path / "run" / "last"
+    # Another save of last/ is killed (no cleanup at all) between moving last/ aside and renaming the new copy in.
+    script = textwrap.dedent(f"""
+        import os
+        from simplegpt.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+
+        real = os.replace
+        def replace(src, dst):
+            real(src, dst)
+            if str(dst).endswith("/old"):
+                os._exit(9)
+        ck, state = load_checkpoint({str(last)!r}), load_train_state({str(last)!r})
+        os.replace = replace
+        save_checkpoint({str(last)!r}, ck.model, ck.tokenizer, metadata=ck.metadata, train_state=state)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9 and not last.exists(), proc.stderr
+    with pytest.raises(ConfigError, match="stopped at step 5/9"):
+        train(cfg, progress=False)  # the same command again must not start over (and delete both copies)
+    resumed = train(cfg, resume=last, progress=False)
+    assert first.losses + resumed.losses == full.losses
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".last")]
+    a, b = load_checkpoint(tmp_path / "full" / "last").model, load_checkpoint(last).model
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
