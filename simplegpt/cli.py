@@ -1,17 +1,23 @@
 """The `simplegpt` command: a thin layer that parses arguments and calls the library.
 
 Each subcommand lives in simplegpt/commands/<name>.py and defines HELP, add_arguments(parser)
-and run(args) -> exit code. Errors meant for the user become one line on stderr and exit 1.
+and run(args) -> exit code. The project's own errors (simplegpt.errors) become one line on stderr
+and their exit code (1, or 2 for usage); any other exception is a bug: its traceback, a request to
+report it, and exit 70 (EX_SOFTWARE, sysexits.h's "internal software error").
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from . import __version__
 from .errors import SimpleGPTError
+
+EXIT_BUG = 70  # sysexits.h EX_SOFTWARE: apart from 1 and 2, so scripts can tell a bug from bad input
 
 # Subcommand name -> module under simplegpt.commands, in the order --help lists them.
 COMMANDS = {
@@ -69,10 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("simplegpt: interrupted", file=sys.stderr)
         return 130
-    except (SimpleGPTError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            PermissionError, ImportError) as e:
+    except SimpleGPTError as e:
         print(f"simplegpt {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:
+        # The reader of stdout left (`simplegpt generate ... | head`): nothing is wrong, nothing more to say.
+        # Python would complain once more while flushing stdout at exit, so stdout goes to devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception:
+        traceback.print_exc()
+        print(f"simplegpt {args.command}: this is a bug in simplegpt, not in what you asked for. Please report it "
+              "on the project's issue tracker, with the command you ran and the traceback above.", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

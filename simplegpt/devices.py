@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import DeviceError
+
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
@@ -17,7 +19,7 @@ def default_device() -> str:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """'auto' or a device name -> a torch.device that exists here; ValueError saying what to use instead."""
+    """'auto' or a device name -> a torch.device that exists here; DeviceError (a ValueError) naming what to use."""
     if isinstance(name, torch.device):
         device = name
     elif name == "auto":
@@ -26,14 +28,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
         try:
             device = torch.device(name)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device {name!r} is not a device: use {DEVICE_CHOICES}") from None
+            raise DeviceError(f"device {name!r} is not a device: use {DEVICE_CHOICES}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu (or auto)")
+            raise DeviceError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA devices")
+            raise DeviceError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA devices")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use cpu (or auto)")
+        raise DeviceError(f"device {str(device)!r}: MPS is not available on this machine; use cpu (or auto)")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {str(device)!r} is not supported: use {DEVICE_CHOICES}")
+        raise DeviceError(f"device {str(device)!r} is not supported: use {DEVICE_CHOICES}")
     return device

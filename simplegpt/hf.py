@@ -25,7 +25,7 @@ import torch
 
 from .atomic import atomic_dir
 from .checkpoint import Checkpoint, load_checkpoint, model_from_state, model_state_dict, save_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingDependencyError, OutputExistsError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import GPT, GPTConfig
 from .tokenizer import EOS_TEXT, GPT2Tokenizer, Tokenizer, gpt2_vocab_files, load_tokenizer
@@ -271,11 +271,12 @@ def _is_local(source: str) -> bool:
 
 
 def require_transformers(what: str) -> ModuleType:
-    """The transformers module, or an ImportError naming the extra to install."""
+    """The transformers module, or a MissingDependencyError (an ImportError) naming the extra to install."""
     try:
         import transformers
     except ImportError:
-        raise ImportError(f"{what} needs the transformers package, which is not installed; {INSTALL_HINT}") from None
+        raise MissingDependencyError(f"{what} needs the transformers package, which is not installed; "
+                                     f"{INSTALL_HINT}") from None
     return transformers
 
 
@@ -340,9 +341,9 @@ def load_any(source: str | os.PathLike, device: str | torch.device = "cpu") -> C
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; choose another output path")
+        raise OutputExistsError(f"{out} exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; choose a new directory or pass --overwrite")
+        raise OutputExistsError(f"{out} already exists and is not empty; choose a new directory or pass --overwrite")
 
 
 def import_hf(source: str, out: str | os.PathLike, overwrite: bool = False) -> Checkpoint:

@@ -19,7 +19,7 @@ from simplegpt.engine import Engine, SamplingParams
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from simplegpt.server import CHAT_STOP, ChatMessage, chat_prompt  # noqa: E402
+from simplegpt.serve import CHAT_STOP, ChatMessage, chat_prompt  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import CheckpointError, OptionError, file_access_errors
+
 HELP = "loss, perplexity and bits per byte of a checkpoint on a text (sliding-window evaluation)"
 DESCRIPTION = (
     "Score a text with a model: mean loss per token (nats), perplexity and bits per byte. Texts "
@@ -14,11 +16,18 @@ DESCRIPTION = (
 )
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return n
+def _at_least(least: int):
+    def parse(value: str) -> int:
+        n = int(value)
+        if n < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+        return n
+
+    parse.__name__ = "integer"  # argparse names the type in its error message
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,11 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None,
                    help="split to score; unset means val for a prepared dataset and test for an hf: dataset")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl lines and hf: datasets")
-    p.add_argument("--context", type=_positive, default=None,
+    p.add_argument("--context", type=_at_least(2), default=None,
                    help="window length in tokens; unset means the model's n_positions")
     p.add_argument("--stride", type=_positive, default=None,
                    help="tokens between window starts, 1..context; unset means context // 2")
-    p.add_argument("--max-tokens", type=_positive, default=None,
+    p.add_argument("--max-tokens", type=_at_least(2), default=None,
                    help="score only the first N tokens of the data (quick estimates); unset means all")
     p.add_argument("--no-bos", action="store_true",
                    help="do not put the end-of-text token before the first document, so its first token is "
@@ -50,7 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..errors import CheckpointError
     from ..evaluate import evaluate_ids, load_eval_tokens
     from ..hf import load_any
 
@@ -58,8 +66,15 @@ def run(args: argparse.Namespace) -> int:
     ck = load_any(args.checkpoint, device=device)
     if ck.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint} has no tokenizer, so text cannot be scored with it")
-    ids = load_eval_tokens(args.data, ck.tokenizer, split=args.split, text_field=args.text_field,
-                           bos=not args.no_bos, max_tokens=args.max_tokens)
+    n_positions = ck.config.n_positions
+    context = args.context or n_positions
+    if context > n_positions:
+        raise OptionError(f"--context {context} exceeds the model's n_positions ({n_positions})")
+    if args.stride is not None and args.stride > context:
+        raise OptionError(f"--stride must be between 1 and the context ({context}), got {args.stride}")
+    with file_access_errors():
+        ids = load_eval_tokens(args.data, ck.tokenizer, split=args.split, text_field=args.text_field,
+                               bos=not args.no_bos, max_tokens=args.max_tokens)
     result = evaluate_ids(ck.model, ids, ck.tokenizer, context=args.context, stride=args.stride,
                           batch_size=args.batch_size, device=device)
     if args.json:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import file_access_errors
+
 HELP = "write a checkpoint as a Hugging Face GPT-2 directory (GPT2LMHeadModel / AutoTokenizer)"
 DESCRIPTION = (
     "Write a simplegpt checkpoint as a Hugging Face GPT-2 directory: config.json, model.safetensors "
@@ -26,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..hf import SIMPLEGPT_TOKENIZER_DIR, export_hf
 
-    result = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    with file_access_errors():
+        result = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {result.path}: {', '.join(result.files)}")
     if result.tokenizer is None:
         print("simplegpt export-hf: warning: the checkpoint has no tokenizer; only weights and config were "

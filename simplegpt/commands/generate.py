@@ -7,6 +7,9 @@ import sys
 import time
 import warnings
 
+from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine
+from ..errors import DataError, FileAccessError, OptionError, UsageError, file_access_errors
+
 HELP = "generate text from a checkpoint"
 DESCRIPTION = (
     "Generate text from a trained checkpoint with a KV-cached engine. The prompt comes from --prompt, "
@@ -49,45 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="don't print the per-sample summary on stderr")
 
 
-def add_engine_arguments(p: argparse.ArgumentParser, long_running: str) -> None:
-    """--quantize, --compile and --device (generate and serve); long_running: where compiling pays off."""
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: int8 weights for the linear layers (CPU; ~4x less memory read per token)")
-    p.add_argument("--compile", action="store_true",
-                   help="run each decode step as one torch.compile'd function over a static KV cache (CUDA graphs "
-                        "on a GPU), in place of the native CPU kernels; helps on GPUs and in long-running "
-                        f"processes ({long_running}), since the first tokens of each batch size wait for the "
-                        "compilation (seconds to a minute); needs a C++ compiler on the CPU; not with --quantize int8")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-
-
-def load_engine(args: argparse.Namespace, quiet: bool = True):
-    """The Engine for args.checkpoint with add_engine_arguments' options (the int8 sizes on stderr unless quiet)."""
-    from ..checkpoint import load_checkpoint
-    from ..devices import resolve_device
-    from ..engine import Engine
-    from ..errors import CheckpointError
-
-    device = "cpu" if args.device == "auto" and args.quantize == "int8" else resolve_device(args.device)
-    ck = load_checkpoint(args.checkpoint, device=device)
-    if ck.tokenizer is None:
-        raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
-    if args.quantize == "int8":
-        from ..quantize import quantize_int8
-
-        report = quantize_int8(ck.model)
-        if not quiet:
-            print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
-                  file=sys.stderr)
-    return Engine(ck.model, ck.tokenizer, compile=args.compile)
-
-
-def check_engine_arguments(args: argparse.Namespace) -> None:
-    if args.compile and args.quantize == "int8":
-        raise ValueError("--compile does not work with --quantize int8 (its int8 kernels do not compile): "
-                         "choose one")
-
-
 def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         # Warnings (e.g. a prompt cut to the model's window) as one plain line on stderr, like errors.
@@ -101,14 +65,18 @@ def _run(args: argparse.Namespace) -> int:
 
     check_engine_arguments(args)
     if args.num_samples <= 0:
-        raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-        stop_at_eos=not args.ignore_eos,
-    )
+        raise OptionError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    try:
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+            stop_at_eos=not args.ignore_eos,
+        )
+    except ValueError as e:  # SamplingParams checks each value and names it
+        raise OptionError(str(e)) from None
     prompt = None if args.interactive else _read_prompt(args)
-    engine = load_engine(args, quiet=args.quiet)
+    with file_access_errors():
+        engine = load_engine(args, quiet=args.quiet)
     if not args.interactive:
         _generate(engine, prompt, params, args)
         return 0
@@ -132,17 +100,19 @@ def _read_prompt(args: argparse.Namespace) -> str:
             with open(args.prompt_file, encoding="utf-8") as f:
                 return f.read()
         except FileNotFoundError:
-            raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist") from None
+            raise OptionError(f"--prompt-file {args.prompt_file} does not exist") from None
         except UnicodeDecodeError:
-            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+            raise DataError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+        except OSError as e:  # a folder, no permission to read
+            raise FileAccessError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
     if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
         text = sys.stdin.read()
         if not text and args.prompt is None:
-            raise ValueError("no prompt: standard input was empty; give --prompt TEXT (--prompt '' samples "
-                             "unconditionally), --prompt-file PATH, or use -i")
+            raise DataError("no prompt: standard input was empty; give --prompt TEXT (--prompt '' samples "
+                            "unconditionally), --prompt-file PATH, or use -i")
         return text[:-1] if text.endswith("\n") else text  # the newline echo/heredocs add
     if args.prompt is None:
-        raise ValueError("no prompt: give --prompt TEXT, --prompt-file PATH, pipe it in, or use -i")
+        raise UsageError("no prompt: give --prompt TEXT, --prompt-file PATH, pipe it in, or use -i")
     return args.prompt
 
 

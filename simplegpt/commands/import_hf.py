@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import file_access_errors
+
 HELP = "convert a Hugging Face GPT-2 (local directory or hub name) into a simplegpt checkpoint"
 DESCRIPTION = (
     "Convert a Hugging Face GPT-2 into a simplegpt checkpoint directory, weights bit-identical. "
@@ -24,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..hf import import_hf
 
-    ck = import_hf(args.source, args.out, overwrite=args.overwrite)
+    with file_access_errors():
+        ck = import_hf(args.source, args.out, overwrite=args.overwrite)
     tok = ck.tokenizer.kind if ck.tokenizer else "none"
     print(f"imported {args.source} -> {ck.path}: {ck.model.num_parameters():,} parameters, "
           f"n_layer={ck.config.n_layer} n_embd={ck.config.n_embd} n_positions={ck.config.n_positions}, "

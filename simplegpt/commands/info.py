@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import file_access_errors
+
 HELP = "show a checkpoint's model config, parameter count, tokenizer and metadata"
 
 
@@ -16,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
 
-    ck = load_checkpoint(args.checkpoint)
+    with file_access_errors():
+        ck = load_checkpoint(args.checkpoint)
     info = {
         "path": str(ck.path),
         "model": ck.config.to_dict(),

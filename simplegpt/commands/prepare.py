@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import file_access_errors
+
 HELP = "tokenize a corpus (files, folder, glob, URL, 'shakespeare', hf:NAME) into a dataset folder"
 DESCRIPTION = (HELP + ". Writes uint16/uint32 token shards, meta.json and the tokenizer; documents are "
                "separated by EOS and the last --val-fraction of the tokens is the validation split. "
@@ -36,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train import dataset_dir
 
     out = args.out or dataset_dir(TrainConfig(data=args.source, tokenizer=args.tokenizer, data_dir=""))
-    meta = prepare_corpus(args.source, out, args.tokenizer, val_fraction=args.val_fraction,
-                          text_field=args.text_field, hf_split=args.hf_split, shard_tokens=args.shard_tokens,
-                          force=args.force, progress=not args.quiet)
+    with file_access_errors():
+        meta = prepare_corpus(args.source, out, args.tokenizer, val_fraction=args.val_fraction,
+                              text_field=args.text_field, hf_split=args.hf_split, shard_tokens=args.shard_tokens,
+                              force=args.force, progress=not args.quiet)
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False))
     else:

@@ -7,7 +7,8 @@ import socket
 import sys
 from pathlib import Path
 
-from .generate import add_engine_arguments, check_engine_arguments, load_engine
+from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine
+from ..errors import MissingDependencyError, OptionError, file_access_errors
 
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API, with a web playground"
 DESCRIPTION = (
@@ -40,15 +41,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..server import create_app
+        from ..serve import create_app
     except ModuleNotFoundError as e:
-        raise ImportError(f"simplegpt serve needs {e.name}: pip install 'simplegpt-toolkit[serve]'") from None
+        if (e.name or "").startswith("simplegpt"):
+            raise
+        raise MissingDependencyError(f"simplegpt serve needs {e.name}: pip install 'simplegpt-toolkit[serve]'") from None
     check_engine_arguments(args)
     for option, value in (("--max-tokens", args.max_tokens), ("--max-sequences", args.max_sequences)):
         if value <= 0:
-            raise ValueError(f"{option} must be a positive integer, got {value}")
+            raise OptionError(f"{option} must be a positive integer, got {value}")
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        raise OptionError(f"--port must be in 0..65535, got {args.port}")
     # Bind first: a taken port is one clear line before the model loads, not a traceback after.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         sock.bind((args.host, args.port))
     except OSError as e:
         sock.close()
-        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    engine = load_engine(args)
+        raise OptionError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    with file_access_errors():
+        engine = load_engine(args)
     folder = Path(args.checkpoint).resolve()
     # out/run/best -> "run-best": the run's name, not only which of its checkpoints
     run_checkpoint = folder.name in ("best", "last")

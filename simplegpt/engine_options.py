@@ -1,0 +1,57 @@
+"""The engine's command-line options (--quantize, --compile, --device) and the Engine they load:
+one definition for every command that runs a checkpoint's engine (generate, serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from .errors import CheckpointError, OptionError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, long_running: str) -> None:
+    """Adds --quantize, --compile and --device to p; long_running: where compiling pays off, for --help."""
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: int8 weights for the linear layers (CPU; ~4x less memory read per token)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one torch.compile'd function over a static KV cache (CUDA graphs "
+                        "on a GPU), in place of the native CPU kernels; helps on GPUs and in long-running "
+                        f"processes ({long_running}), since the first tokens of each batch size wait for the "
+                        "compilation (seconds to a minute); needs a C++ compiler on the CPU; not with --quantize int8")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+
+
+def check_engine_arguments(args: argparse.Namespace) -> None:
+    """Raises OptionError for engine options that cannot go together; cheap, so call it before loading."""
+    if args.compile and args.quantize == "int8":
+        raise OptionError("--compile does not work with --quantize int8 (its int8 kernels do not compile): "
+                          "choose one")
+
+
+def load_engine(args: argparse.Namespace, quiet: bool = True) -> Engine:
+    """The Engine for args.checkpoint with add_engine_arguments' options, its model on the chosen device
+    (the int8 sizes on stderr unless quiet). Raises CheckpointError for a checkpoint that cannot be
+    loaded or has no tokenizer, DeviceError for a device this machine does not have, OptionError for
+    int8 off the CPU."""
+    from .checkpoint import load_checkpoint
+    from .devices import resolve_device
+    from .engine import Engine
+
+    device = resolve_device("cpu" if args.device == "auto" and args.quantize == "int8" else args.device)
+    if args.quantize == "int8" and device.type != "cpu":
+        raise OptionError(f"--quantize int8 runs on the CPU only: use --device cpu (or drop --quantize on {device})")
+    ck = load_checkpoint(args.checkpoint, device=device)
+    if ck.tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
+    if args.quantize == "int8":
+        from .quantize import quantize_int8
+
+        report = quantize_int8(ck.model)
+        if not quiet:
+            print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
+                  file=sys.stderr)
+    return Engine(ck.model, ck.tokenizer, compile=args.compile)

@@ -1,0 +1,68 @@
+"""A request's fields checked and turned into what the engine takes: SamplingParams and prompts.
+Every check that fails is an APIError (400) naming the field."""
+
+from __future__ import annotations
+
+from ..engine import SamplingParams
+from .errors import APIError
+from .schemas import SamplingRequest
+
+Prompt = str | list[int]  # text, or token ids
+
+
+def refuse_unsupported(req: SamplingRequest, extra: dict[str, bool]) -> None:
+    """A 400 for the first of OpenAI's options simplegpt has no equivalent for that the request
+    uses; extra: the endpoint's own such options, name -> used."""
+    unsupported = {"presence_penalty": req.presence_penalty != 0, "frequency_penalty": req.frequency_penalty != 0,
+                   "logit_bias": bool(req.logit_bias), **extra}
+    for name, used in unsupported.items():
+        if used:
+            hint = " (simplegpt's repetition_penalty is the nearest option)" if name.endswith("_penalty") else ""
+            raise APIError(f"{name} is not supported by simplegpt{hint}", param=name)
+
+
+def logprobs_count(k: int | None, most: int, stream: bool, param: str) -> int | None:
+    """The number of alternatives to report (None = no logprobs), checked against 0..most."""
+    if k is None:
+        return None
+    if not 0 <= k <= most:
+        raise APIError(f"{param} must be between 0 and {most}, got {k}", param=param)
+    if stream:
+        raise APIError("logprobs are reported in responses that are not streamed; drop stream or logprobs",
+                       param="logprobs")
+    return k
+
+
+def sampling_params(req: SamplingRequest, max_tokens: int, stop: list[str], limit: int,
+                    logprobs: int | None = None) -> SamplingParams:
+    """The engine's SamplingParams for a request: OpenAI's ranges (temperature 0-2, n 1-16, up to 4
+    stop strings), max_tokens up to the server's limit, stop: the endpoint's own stop strings."""
+    if not 0 <= req.temperature <= 2:
+        raise APIError(f"temperature must be between 0 and 2, got {req.temperature}", param="temperature")
+    if not 1 <= req.n <= 16:
+        raise APIError(f"n must be between 1 and 16, got {req.n}", param="n")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4:
+        raise APIError("stop takes at most 4 strings", param="stop")
+    if not 0 < max_tokens <= limit:
+        raise APIError(f"max_tokens must be between 1 and {limit} (the server's --max-tokens), got {max_tokens}",
+                       param="max_tokens")
+    try:
+        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+                              top_p=req.top_p, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                              seed=req.seed, stop=[s for s in stops + stop if s], stop_at_eos=not req.ignore_eos,
+                              logprobs=logprobs)
+    except ValueError as e:  # SamplingParams checks the rest and names the field
+        raise APIError(str(e)) from None
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    """A completion request's prompt (a string, a list of strings, token ids, or lists of them) as a
+    list of prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError("prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)

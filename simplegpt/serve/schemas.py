@@ -1,0 +1,81 @@
+"""The API's request bodies as pydantic models, with OpenAI's field names and defaults.
+
+Unknown fields are refused (a 400 naming them); fields OpenAI has and simplegpt cannot honour
+(presence_penalty, logit_bias, best_of, tools, ...) are accepted here and refused by
+params.refuse_unsupported unless left at their defaults, so the error names what is unsupported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class SamplingRequest(BaseModel):
+    """The sampling fields completions and chat share. A field sent as null takes its default, as
+    some clients send every option they know of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @property
+    def wants_usage(self) -> bool:
+        """A streamed response ends with a usage chunk (stream_options.include_usage)."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    model: str
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # simplegpt's own (OpenAI clients send them with extra_body)
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    # OpenAI's, which simplegpt has no equivalent for: refused unless left at their defaults
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: a prompt is a string, a list of them, token ids, or lists of token ids."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None  # the chosen token's log-probability and this many alternatives (0-5)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat: its text, or OpenAI's list of content parts (text parts only)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
