@@ -226,3 +226,16 @@ def test_checkpoint_files_get_the_permissions_the_umask_gives(tmp_path, umask):
     assert {name: modes[name] for name in files} == {name: (tmp_path / "plain").stat().st_mode & 0o777 for name in files}
     assert (tmp_path / "ck").stat().st_mode & 0o777 == (tmp_path / "folder").stat().st_mode & 0o777
     assert modes["ck/tokenizer"] == (tmp_path / "folder").stat().st_mode & 0o777
+
+
+def test_a_damaged_checkpoint_is_one_line_from_the_cli(tmp_path, capsys):
+    from simplegpt.cli import main
+
+    save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer())
+    f = tmp_path / "ck" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-64:] = bytes(64)  # the last weights, zeroed: still a valid safetensors file
+    f.write_bytes(bytes(data))
+    assert main(["info", str(tmp_path / "ck")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("simplegpt info: error: ") and str(f) in line and "truncated or corrupted" in line
