@@ -220,12 +220,10 @@ def test_checkpoint_files_get_the_permissions_the_umask_gives(tmp_path, umask):
         (tmp_path / "folder").mkdir()
     finally:
         os.umask(old)
-    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "ck").rglob("*")}
-    files = {name for name in modes if (tmp_path / name).is_file()}
-    assert files == {"ck/model.safetensors", "ck/config.json", "ck/train_state.pt", "ck/tokenizer/tokenizer.json"}
-    assert {name: modes[name] for name in files} == {name: (tmp_path / "plain").stat().st_mode & 0o777 for name in files}
-    assert (tmp_path / "ck").stat().st_mode & 0o777 == (tmp_path / "folder").stat().st_mode & 0o777
-    assert modes["ck/tokenizer"] == (tmp_path / "folder").stat().st_mode & 0o777
+    file_mode, folder_mode = ((tmp_path / name).stat().st_mode & 0o777 for name in ("plain", "folder"))
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in [tmp_path / "ck", *(tmp_path / "ck").rglob("*")]}
+    assert modes == {"ck": folder_mode, "ck/tokenizer": folder_mode, "ck/model.safetensors": file_mode,
+                     "ck/config.json": file_mode, "ck/train_state.pt": file_mode, "ck/tokenizer/tokenizer.json": file_mode}
 
 
 def test_a_damaged_checkpoint_is_one_line_from_the_cli(tmp_path, capsys):
