@@ -221,7 +221,8 @@ def test_checkpoint_files_get_the_permissions_the_umask_gives(tmp_path, umask):
     finally:
         os.umask(old)
     file_mode, folder_mode = ((tmp_path / name).stat().st_mode & 0o777 for name in ("plain", "folder"))
-    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in [tmp_path / "ck", *(tmp_path / "ck").rglob("*")]}
+    paths = [tmp_path / "ck", *(tmp_path / "ck").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in paths}
     assert modes == {"ck": folder_mode, "ck/tokenizer": folder_mode, "ck/model.safetensors": file_mode,
                      "ck/config.json": file_mode, "ck/train_state.pt": file_mode, "ck/tokenizer/tokenizer.json": file_mode}
 
