@@ -123,7 +123,7 @@ class TrainConfig:
     peak_flops: float = _f(0.0, "run", "device peak FLOP/s for MFU; 0 = known GPU table, or a measured "
                            "matmul rate on CPU")
 
-    def __init__(self, model: GPTConfig | None = None, **values: Any) -> None:
+    def __init__(self, *, model: GPTConfig | None = None, **values: Any) -> None:
         check_keys(values)
         for f in dataclasses.fields(self):
             if f.name != "model":

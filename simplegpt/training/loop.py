@@ -178,6 +178,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
     # The module the steps run: compiled, or with the CPU training kernels on modules sharing the parameters.
     step_model = torch.compile(model) if cfg.compile else cpu.for_training(model)
+    step_model.train()  # before CoreShards copies it
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     flops_peak = peak_flops(cfg, device)
@@ -209,7 +210,6 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
     result = TrainResult(out_dir=out, step=step, tokens_seen=tokens_seen, elapsed_s=0.0,
                          best_val_loss=best_val if math.isfinite(best_val) else None)
-    step_model.train()
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     t_last, window_tokens = time.perf_counter(), 0
     try:
