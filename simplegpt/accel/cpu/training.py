@@ -24,6 +24,7 @@ from .slots import BLOCK_SLOTS
 
 IGNORE_INDEX = -100  # as model.IGNORE_INDEX (model.py imports this module)
 HEAD_SIZES = (8, 16, 32, 64)  # the attention kernel's head sizes
+_FC_W = BLOCK_SLOTS.index(("mlp.c_fc", "weight"))  # its rows are the MLP's width F
 MAX_ATTENTION_T = 256  # beyond this PyTorch's flash kernel is faster (at 256: 0.98-1.2x; docs/benchmarks.md)
 
 
@@ -145,7 +146,7 @@ class _Block(torch.autograd.Function):
         *params, n_head, eps1, eps2 = args
         lib = load()
         B, T, C = x.shape
-        F = params[8].size(0)
+        F = params[_FC_W].size(0)
         x = x.contiguous()
         saved = torch.empty(lib.sg_block_saved_floats(B, T, C, F, n_head))
         y = torch.empty(B, T, C)
@@ -166,7 +167,7 @@ class _Block(torch.autograd.Function):
                  for p, need in zip(params, ctx.needs_input_grad[1:])]
         dx = torch.empty_like(x)
         if not load().sg_block_bwd(x.data_ptr(), _pointers(params), saved.data_ptr(), dy.data_ptr(), dx.data_ptr(),
-                                   _pointers(grads), B, T, C, params[8].size(0), ctx.n_head):
+                                   _pointers(grads), B, T, C, params[_FC_W].size(0), ctx.n_head):
             raise MemoryError("block backward: no memory for the kernels' work buffers")
         return (dx, *grads, None, None, None)
 

@@ -10,11 +10,15 @@
  * the calling thread and (threads - 1) workers that spin briefly for the next call and then sleep.
  * A decode step is ~50 memory-bound products back to back, each a few to a few hundred
  * microseconds; the pool hands one out with an atomic counter and no barrier on the way in.
- * Why not OpenMP here as well: decoding() gives torch one thread while the pool runs, so torch's
- * OpenMP team is one thread then; a parallel region of N threads there would start a second team
- * of libgomp threads beside torch's, which is the pool we have with libgomp's spin policy
- * (GOMP_SPINCOUNT, a process-wide setting torch's own ops share) instead of ours. Measured on the
- * 2-core machine (see the comment at sg_gemv in gemv.c for the figures).
+ * Why not OpenMP here as well (one pool for the whole library): measured on the 2-core machine, the
+ * same row split of GPT-2 124M's 49 products a token (batch 1) on an OpenMP team of 2 took
+ * 15.7-16.3 ms against the pool's 14.8-17.4 ms (separate processes, median of 15 tokens, three runs
+ * each, a quiet moment): nothing to gain. With the other cores busy it lost: 206-787 ms against
+ * 78-163 ms (likely libgomp's barrier, which sleeps after its spin and is woken through the
+ * kernel, ~50 times a token). And it would cost what the pool has: decoding on every core where the compiler has
+ * no OpenMP (lib.py then builds without it), a fresh start in a forked child (sg_init's atfork,
+ * decode.py's register_at_fork), and one call at a time from concurrent Python threads (pool_lock)
+ * instead of a team per caller oversubscribing the cores.
  */
 #include "kernels.h"
 #include <pthread.h>
