@@ -1,0 +1,137 @@
+"""The `simplegpt` command's error contract: simplegpt's own errors are one line and exit 1 (2 for
+usage), through real `python -m simplegpt` processes; any other exception is a bug and keeps its
+traceback (exit 70)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_gpt
+from simplegpt import get_tokenizer, save_checkpoint
+from simplegpt.checkpoint import CHECKSUMS
+from simplegpt.cli import EXIT_BUG, main
+
+BUG_REPORT = "Please report it on the project's issue tracker"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    tok = get_tokenizer("byte")
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", make_tiny_gpt(vocab_size=tok.vocab_size), tok)
+
+
+def simplegpt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+
+def damaged_tokenizer(checkpoint: Path, root: Path, checksums: bool) -> Path:
+    """A copy of the checkpoint with its tokenizer.json garbled; checksums=False: as saved before
+    config.json recorded the files' sha256, so only reading the tokenizer finds the damage."""
+    bad = root / "bad-tokenizer"
+    bad.mkdir()
+    for f in checkpoint.rglob("*"):
+        if f.is_file():
+            (bad / f.relative_to(checkpoint)).parent.mkdir(parents=True, exist_ok=True)
+            (bad / f.relative_to(checkpoint)).write_bytes(f.read_bytes())
+    (bad / "tokenizer" / "tokenizer.json").write_text("{not json")
+    if not checksums:
+        doc = json.loads((bad / "config.json").read_text())
+        doc.pop(CHECKSUMS, None)
+        (bad / "config.json").write_text(json.dumps(doc))
+    return bad
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "--prompt", "x", "--max-new-tokens", "-3"], "max_new_tokens must be a positive integer"),
+    (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "x", "--stop", ""], "stop strings must be non-empty"),
+    (["generate", "--prompt", "x", "--device", "cuda:7"], "cuda:7"),
+    (["generate", "--prompt-file", "."], "--prompt-file ."),
+    (["serve", "--max-tokens", "-1"], "--max-tokens must be a positive integer"),
+    (["serve", "--port", "0", "--host", "nonsense.invalid"], "cannot listen on nonsense.invalid"),
+    (["eval", "--data", "{corpus}", "--context", "999"], "--context 999 exceeds the model's n_positions (32)"),
+    (["eval", "--data", "{corpus}", "--device", "nonsense"], "is not a device"),
+    (["info", "{bad}"], "tokenizer.json is truncated or corrupted"),
+    (["info", "{old}"], "tokenizer is damaged"),
+    (["export-hf", "CK", "{corpus}"], "exists and is not a directory"),
+])
+def test_bad_input_is_one_line_and_exit_1(checkpoint, tmp_path, args, words):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 4)
+    bad = damaged_tokenizer(checkpoint, tmp_path, checksums="{bad}" in args) if args[0] == "info" else None
+    args = [a.format(corpus=corpus, bad=bad, old=bad) for a in args]
+    if args[0] in ("generate", "serve", "eval"):
+        args[1:1] = ["--checkpoint", str(checkpoint)]
+    args = [str(checkpoint) if a == "CK" else a for a in args]
+    proc = simplegpt(*args)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"simplegpt {args[0]}: error: ") and words in line, line
+
+
+def test_usage_errors_exit_2(checkpoint, capsys, monkeypatch):
+    proc = simplegpt("generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "many")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "invalid int value: 'many'" in proc.stderr
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())  # no --prompt, nothing piped in: the command says nothing to do
+    assert main(["generate", "--checkpoint", str(checkpoint)]) == 2
+    assert capsys.readouterr().err == ("simplegpt generate: error: no prompt: give --prompt TEXT, --prompt-file PATH, "
+                                       "pipe it in, or use -i\n")
+
+
+def test_a_missing_extra_is_one_line_naming_it(checkpoint, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes `import uvicorn` fail
+    assert main(["serve", "--checkpoint", str(checkpoint)]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("simplegpt serve: error: simplegpt serve needs uvicorn: pip install ") and "[serve]" in line
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug's ValueError"), RuntimeError("a bug"), KeyError("field")])
+def test_a_bug_keeps_its_traceback_and_asks_for_a_report(checkpoint, capsys, monkeypatch, error):
+    """An exception that is not simplegpt's own, a ValueError included, is not dressed as bad input."""
+    import simplegpt.commands.info as info
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(info, "run", run)
+    assert main(["info", str(checkpoint)]) == EXIT_BUG == 70
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in run\n    raise error" in err
+    assert f"{type(error).__name__}: {error}" in err
+    assert err.strip().splitlines()[-1].startswith("simplegpt info: this is a bug in simplegpt") and BUG_REPORT in err
+
+
+def test_a_bug_in_a_real_process_exits_70_with_its_traceback(checkpoint):
+    """The same through `python -m simplegpt`'s own entry point, as a shell sees it."""
+    code = ("import runpy, sys, simplegpt.commands.info as info\n"
+            "def run(args):\n"
+            "    return {}['a key the command forgot']\n"
+            "info.run = run\n"
+            f"sys.argv = ['simplegpt', 'info', {str(checkpoint)!r}]\n"
+            "runpy.run_module('simplegpt', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 70, proc.stderr
+    assert "Traceback" in proc.stderr and "KeyError: 'a key the command forgot'" in proc.stderr
+    assert BUG_REPORT in proc.stderr
+
+
+def test_a_reader_that_leaves_is_not_a_bug(checkpoint):
+    """`simplegpt generate ... | head -c1`: the pipe closes under the output; no traceback, no bug report."""
+    proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "generate", "--checkpoint", str(checkpoint),
+                             "--prompt", "x", "--max-new-tokens", "30", "--stream", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the model is loaded: the first write finds the pipe closed
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert err == "", err
