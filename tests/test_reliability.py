@@ -115,7 +115,8 @@ def test_files_and_folders_are_synced_before_the_rename_and_the_parent_after(tmp
     assert ("fsync", str(tmp_path)) in events[swap_in + 1:]  # the renames themselves
 
 
-def test_a_run_killed_mid_swap_is_not_restarted_and_resumes_bit_exactly(tmp_path, shakespeare_path):
+@pytest.mark.parametrize("resume_from", ["last", "run folder"])
+def test_a_run_killed_mid_swap_is_not_restarted_and_resumes_bit_exactly(tmp_path, shakespeare_path, resume_from):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare_path.read_text()[:60_000])
     cfg = TrainConfig(data=str(corpus), data_dir=str(tmp_path / "data"), n_layer=1, n_head=2, n_embd=16,
@@ -143,7 +144,7 @@ def test_a_run_killed_mid_swap_is_not_restarted_and_resumes_bit_exactly(tmp_path
     assert proc.returncode == 9 and not last.exists(), proc.stderr
     with pytest.raises(ConfigError, match="stopped at step 5/9"):
         train(cfg, progress=False)  # the same command again must not start over (and delete both copies)
-    resumed = train(cfg, resume=last, progress=False)
+    resumed = train(cfg, resume=last if resume_from == "last" else last.parent, progress=False)
     assert first.losses + resumed.losses == full.losses
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".last")]
     a, b = load_checkpoint(tmp_path / "full" / "last").model, load_checkpoint(last).model

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,9 +32,11 @@ LAST, BEST = "last", "best"
 def checkpoint_dir(path: str | os.PathLike) -> Path:
     """The checkpoint a --resume path names: the path itself, or RUN/last for a run folder RUN."""
     path = Path(path)
-    if (path / LAST).is_dir() and not (path / ckpt.CONFIG_FILE).is_file():
-        return path / LAST
-    return path
+    if (path / ckpt.CONFIG_FILE).is_file():
+        return path
+    with contextlib.suppress(OSError):  # a read-only folder: the loaders still find the newest complete copy
+        ckpt.recover(path / LAST)  # a save of last/ that a crash interrupted is finished first
+    return path / LAST if (path / LAST).is_dir() else path
 
 
 def check_out_dir(out: Path, cfg: TrainConfig, overwrite: bool, resuming: bool) -> None:
