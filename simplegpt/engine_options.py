@@ -33,25 +33,21 @@ def check_engine_arguments(args: argparse.Namespace) -> None:
 
 
 def load_engine(args: argparse.Namespace, quiet: bool = True) -> Engine:
-    """The Engine for args.checkpoint with add_engine_arguments' options, its model on the chosen device
-    (the int8 sizes on stderr unless quiet). Raises CheckpointError for a checkpoint that cannot be
-    loaded or has no tokenizer, DeviceError for a device this machine does not have, OptionError for
-    int8 off the CPU."""
-    from .checkpoint import load_checkpoint
+    """The Engine that loads and owns args.checkpoint (Engine.from_checkpoint) with add_engine_arguments'
+    options, the int8 sizes on stderr unless quiet. Raises CheckpointError for a checkpoint that
+    cannot be loaded or has no tokenizer, DeviceError for a device this machine does not have,
+    OptionError for int8 off the CPU."""
     from .devices import resolve_device
     from .engine import Engine
 
     device = resolve_device("cpu" if args.device == "auto" and args.quantize == "int8" else args.device)
     if args.quantize == "int8" and device.type != "cpu":
         raise OptionError(f"--quantize int8 runs on the CPU only: use --device cpu (or drop --quantize on {device})")
-    ck = load_checkpoint(args.checkpoint, device=device)
-    if ck.tokenizer is None:
+    engine = Engine.from_checkpoint(args.checkpoint, device=device, quantize=args.quantize, compile=args.compile)
+    if engine.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
-    if args.quantize == "int8":
-        from .quantize import quantize_int8
-
-        report = quantize_int8(ck.model)
-        if not quiet:
-            print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
-                  file=sys.stderr)
-    return Engine(ck.model, ck.tokenizer, compile=args.compile)
+    if engine.quant_report is not None and not quiet:
+        report = engine.quant_report
+        print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
+              file=sys.stderr)
+    return engine
