@@ -342,3 +342,20 @@ def test_score_is_the_teacher_forced_log_likelihood_of_each_prompt():
     assert [t.logprob for t in lps[2:]] == pytest.approx([t.logprob for t in r.logprobs], abs=1e-4)
     with pytest.raises(ValueError, match="top"):
         engine.score([[1, 2]], top=21)
+
+
+def test_from_checkpoint_loads_owns_and_prepares_its_model(tmp_path):
+    tok = get_tokenizer("byte")
+    model = tiny(n_positions=64, scale=1.0)
+    checkpoint = save_checkpoint(tmp_path / "ck", model, tok)
+    engine = Engine.from_checkpoint(checkpoint, device="cpu")
+    assert engine.tokenizer is not None and engine.quant_report is None and engine.model is not model
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    assert engine.generate(["ab"], params)[0].token_ids == Engine(model, tok).generate(["ab"], params)[0].token_ids
+    int8 = Engine.from_checkpoint(checkpoint, quantize="int8")  # auto device: the CPU for int8
+    assert int8.device.type == "cpu" and int8.quant_report.layers == 2 * 4 + 1
+    assert len(int8.generate(["ab"], params)[0].token_ids) == 12
+    with pytest.raises(ValueError, match="quantize"):
+        Engine.from_checkpoint(checkpoint, quantize="int4")
+    with pytest.raises(ValueError, match="does not support int8"):
+        Engine.from_checkpoint(checkpoint, quantize="int8", compile=True)
