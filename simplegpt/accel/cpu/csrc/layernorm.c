@@ -41,7 +41,7 @@ void sg_layernorm_fwd(const float *x, const float *w, const float *b, float *y, 
     for (long r = 0; r < R; r++) layernorm_row(x + r * C, w, b, y + r * C, mean + r, rstd + r, C, eps);
 }
 
-/* A block's residual add and the LayerNorm after it, for the fused block (training.py):
+/* A block's residual add and the LayerNorm after it, for the training block (block.c):
  * x2 = x + h + hb (hb: the bias of the matmul h came from, may be NULL), y = LayerNorm(x2), and,
  * when xb is not NULL, xb = x2 + eb (the next residual's input with the next bias already in). */
 void residual_layernorm_fwd(const float *x, const float *h, const float *hb, float *x2, const float *eb, float *xb,

@@ -34,16 +34,4 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-#define GELU_K (-1.5957691216057308f) /* -2 sqrt(2/pi) */
-#define GELU_A 0.044715f
-
-/* 1 / (1 + e^(-2z)) with z = sqrt(2/pi) (h + 0.044715 h^3): GPT-2's tanh-GELU is h times this */
-static inline __m256 gelu_gate8(__m256 h) {
-    __m256 u = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(GELU_A), h), _mm256_mul_ps(h, h), h),
-                             _mm256_set1_ps(GELU_K));
-    return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(u)));
-}
-
-static inline float gelu_gate1(float h) { return 1.0f / (1.0f + __builtin_expf(GELU_K * (h + GELU_A * h * h * h))); }
-
 #endif
