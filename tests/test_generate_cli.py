@@ -6,19 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from simplegpt import GPT, GPTConfig, get_tokenizer, load_checkpoint, save_checkpoint
+from conftest import make_tiny_gpt
+from simplegpt import get_tokenizer, load_checkpoint, save_checkpoint
 from simplegpt.cli import main
 from simplegpt.engine import Engine, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     tok = get_tokenizer("byte")
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=2))
-    return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", model, tok)
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", make_tiny_gpt(vocab_size=tok.vocab_size), tok)
 
 
 def expected_text(checkpoint: Path, prompt: str, **kw) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from simplegpt import GPT, GPTConfig, get_tokenizer, load_checkpoint, save_checkpoint
+from conftest import make_tiny_gpt
+from simplegpt import get_tokenizer, load_checkpoint, save_checkpoint
 from simplegpt.engine import Engine, SamplingParams
 
 openai = pytest.importorskip("openai")
@@ -24,12 +24,8 @@ from simplegpt.serve import CHAT_STOP, ChatMessage, chat_prompt  # noqa: E402
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     tok = get_tokenizer("byte")
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=48, n_embd=32, n_layer=2, n_head=2))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0)  # varied text from an untrained model
+    model = make_tiny_gpt(seed=0, scale=4.0, vocab_size=tok.vocab_size, n_positions=48)  # scale: varied text
     return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", model, tok)
 
 
