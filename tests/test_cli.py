@@ -135,3 +135,14 @@ def test_a_reader_that_leaves_is_not_a_bug(checkpoint):
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 1
     assert err == "", err
+
+
+@pytest.mark.parametrize("source", ["stdin", "argv"])
+def test_a_prompt_that_is_not_utf8_is_one_line(checkpoint, source):
+    """Python reads such bytes as lone surrogates, which no tokenizer encodes: bad input, not a bug."""
+    args = [sys.executable, "-m", "simplegpt", "generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "3"]
+    if source == "argv":
+        args += ["--prompt", os.fsdecode(b"caf\xe9")]
+    proc = subprocess.run(args, input=b"caf\xe9\n", capture_output=True, timeout=120)
+    where = "standard input" if source == "stdin" else "--prompt"
+    assert proc.returncode == 1 and proc.stderr.decode() == f"simplegpt generate: error: {where} is not UTF-8 text\n"

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine
 from ..errors import DataError, FileAccessError, OptionError, UsageError, file_access_errors
@@ -84,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = _from_stdin(sys.stdin.readline)
         if not line or line.strip() in ("/quit", "/exit"):
             return 0
         if not line.strip():
@@ -106,14 +107,32 @@ def _read_prompt(args: argparse.Namespace) -> str:
         except OSError as e:  # a folder, no permission to read
             raise FileAccessError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
     if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
-        text = sys.stdin.read()
+        text = _from_stdin(sys.stdin.read)
         if not text and args.prompt is None:
             raise DataError("no prompt: standard input was empty; give --prompt TEXT (--prompt '' samples "
                             "unconditionally), --prompt-file PATH, or use -i")
         return text[:-1] if text.endswith("\n") else text  # the newline echo/heredocs add
     if args.prompt is None:
         raise UsageError("no prompt: give --prompt TEXT, --prompt-file PATH, pipe it in, or use -i")
-    return args.prompt
+    return _utf8(args.prompt, "--prompt")
+
+
+def _from_stdin(read: Callable[[], str]) -> str:
+    """sys.stdin.read or .readline, checked by _utf8 (and a DataError where a strict stdin cannot decode)."""
+    try:
+        return _utf8(read(), "standard input")
+    except UnicodeDecodeError:
+        raise DataError("standard input is not UTF-8 text") from None
+
+
+def _utf8(text: str, source: str) -> str:
+    """text as Python read it from the command line or standard input, where bytes that are not
+    UTF-8 become lone surrogates (surrogateescape) that no tokenizer can encode: a DataError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{source} is not UTF-8 text") from None
+    return text
 
 
 def _generate(engine, prompt: str, params, args: argparse.Namespace) -> None:

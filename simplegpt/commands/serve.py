@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         if (e.name or "").startswith("simplegpt"):
             raise
-        raise MissingDependencyError(f"simplegpt serve needs {e.name}: pip install 'simplegpt-toolkit[serve]'") from None
+        raise MissingDependencyError(f"simplegpt serve needs {e.name}: "
+                                     "pip install 'simplegpt-toolkit[serve]'") from None
     check_engine_arguments(args)
     for option, value in (("--max-tokens", args.max_tokens), ("--max-sequences", args.max_sequences)):
         if value <= 0:
