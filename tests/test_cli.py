@@ -2,6 +2,7 @@
 usage), through real `python -m simplegpt` processes; any other exception is a bug and keeps its
 traceback (exit 70)."""
 
+import ast
 import io
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_gpt
+from conftest import ROOT, make_tiny_gpt
 from simplegpt import get_tokenizer, save_checkpoint
 from simplegpt.checkpoint import CHECKSUMS
 from simplegpt.cli import EXIT_BUG, main
@@ -146,3 +147,17 @@ def test_a_prompt_that_is_not_utf8_is_one_line(checkpoint, source):
     proc = subprocess.run(args, input=b"caf\xe9\n", capture_output=True, timeout=120)
     where = "standard input" if source == "stdin" else "--prompt"
     assert proc.returncode == 1 and proc.stderr.decode() == f"simplegpt generate: error: {where} is not UTF-8 text\n"
+
+
+def test_commands_never_import_each_other():
+    """Options two commands share live in the library (engine_options.py), not in one of them."""
+    commands = sorted((ROOT / "simplegpt" / "commands").glob("*.py"))
+    names = {p.stem for p in commands} - {"__init__"}
+    assert {"generate", "serve"} <= names
+    for path in commands:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                sibling = node.level == 1 or (node.module or "").startswith("simplegpt.commands")
+                assert not sibling, f"{path.name} imports {'.' * node.level}{node.module or ''}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("simplegpt.commands") for a in node.names), path.name
