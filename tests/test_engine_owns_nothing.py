@@ -98,3 +98,17 @@ def test_engine_on_an_int8_model_leaves_its_layers_as_they_were():
     Engine(model).generate(PROMPTS, GREEDY)
     assert_unchanged(model, before)
     assert {name: (type(m), sorted(vars(m))) for name, m in model.named_modules()} == layers
+
+
+def test_the_engine_reads_the_models_parameters_not_copies():
+    """The backend's view shares the model's Parameter objects: an in-place update (an optimizer
+    step) is what the same Engine generates from next."""
+    model = make_tiny_gpt(scale=8.0, vocab_size=257, n_positions=16).eval()
+    engine = Engine(model)
+    first = [r.token_ids for r in engine.generate(PROMPTS, GREEDY)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    now = [r.token_ids for r in engine.generate(PROMPTS, GREEDY)]
+    assert now == [r.token_ids for r in Engine(copy.deepcopy(model)).generate(PROMPTS, GREEDY)]
+    assert now != first
