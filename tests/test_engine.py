@@ -5,25 +5,22 @@ import math
 import pytest
 import torch
 
-from simplegpt import GPT, GPTConfig, generate_text, get_tokenizer, save_checkpoint
+from simplegpt import GPT, generate_text, get_tokenizer, save_checkpoint
 from simplegpt.accel import cpu
 from simplegpt.engine import (Engine, KVCache, SamplingParams, apply_repetition_penalty, generate_ids,
                               sample_next_token, sampling_probs, use_gemv_layout)
 from simplegpt.quantize import quantize_int8
 
+from conftest import make_tiny_gpt
+
 WINDOW = 16
 
 
 def tiny(vocab_size=257, n_positions=WINDOW, seed=0, scale=8.0) -> GPT:
-    """A small random model. With GPT-2's init an untrained model with tied embeddings just repeats
-    its last token, so greedy tests could not tell contexts apart; 8x larger weights make its output
-    depend on the whole context (positions included)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)
-    return model
+    """The suite's tiny model (conftest.make_tiny_gpt), in eval mode. With GPT-2's init an untrained
+    model with tied embeddings just repeats its last token, so greedy tests could not tell contexts
+    apart; 8x larger weights make its output depend on the whole context (positions included)."""
+    return make_tiny_gpt(seed, scale, vocab_size=vocab_size, n_positions=n_positions).eval()
 
 
 def reference_greedy(model: GPT, prompt: list[int], n: int, shift: int) -> list[int]:
