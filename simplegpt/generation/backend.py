@@ -20,37 +20,15 @@ import torch
 import torch.nn as nn
 
 from ..model import GPT
+from ..views import module_view
 from .cache import KVCache
 from .text import Row
 
 
 def model_view(model: nn.Module, swap: Callable[[nn.Module], type | None] | None = None) -> nn.Module:
-    """A new module tree over `model`'s parameters, buffers and attributes, in eval mode.
-
-    Every module object is new (a module shared in `model` is shared in the view too); its
-    parameters and buffers are the same objects, so the view reads what the model holds now,
-    including later in-place updates (an optimizer step). swap(module) may return a subclass of
-    type(module) for the view's object to take (e.g. a Linear that calls a kernel); `model` itself
-    is not changed in any way.
-    """
-    memo: dict[int, nn.Module] = {}
-
-    def view(module: nn.Module) -> nn.Module:
-        if id(module) in memo:
-            return memo[id(module)]
-        new = object.__new__(type(module))
-        new.__dict__.update(module.__dict__)
-        memo[id(module)] = new
-        new._parameters = dict(module._parameters)
-        new._buffers = dict(module._buffers)
-        new._modules = {name: None if m is None else view(m) for name, m in module._modules.items()}
-        new.training = False  # generation never runs dropout, whatever mode the caller's model is in
-        cls = swap(module) if swap is not None else None
-        if cls is not None:
-            new.__class__ = cls
-        return new
-
-    return view(model)
+    """A backend's view of model (simplegpt.views.module_view) in eval mode: generation never runs
+    dropout, whatever mode the caller's model is in."""
+    return module_view(model, swap, training=False)
 
 
 class Batch:

@@ -5,10 +5,11 @@
     step_model.loss(idx, targets).backward()   # gradients land in model's parameters
     optimizer.step()                           # an optimizer over model.parameters()
 
-`for_training` builds a twin of the model's module tree: every module is a shallow copy that holds
-the model's own Parameter and buffer objects (no copies of the weights, so gradients and optimizer
-updates are shared, and the state_dict keys are the model's), and five classes are swapped in the
-twin only, each a subclass that runs a kernel where it applies and its parent's forward otherwise:
+`for_training` builds a twin of the model's module tree (simplegpt.views.module_view): new module
+objects that hold the model's own Parameter and buffer objects (no copies of the weights, so
+gradients and optimizer updates are shared, and the state_dict keys are the model's), with five
+classes swapped in the twin only, each a subclass that runs a kernel where it applies and its
+parent's forward otherwise:
 
     model.GPT                   -> loss(): the whole model and its loss in one call each way (model_loss)
     model.Block                 -> the whole block as one autograd node (training.block)
@@ -25,12 +26,11 @@ head sizes it lacks) fall through to the parent class.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 
 from ...model import GPT, Block, CausalSelfAttention
+from ...views import module_view
 from . import training
 from .lib import load
 
@@ -77,18 +77,6 @@ _SWAPS: dict[type, type] = {GPT: FusedGPT, Block: FusedBlock, CausalSelfAttentio
                             nn.LayerNorm: LayerNorm, nn.GELU: GELU}
 
 
-def _twin(module: nn.Module) -> nn.Module:
-    """A shallow copy of module whose submodules are twins too: the same Parameter and buffer objects,
-    its own dicts (of parameters, buffers, submodules and hooks), and a swapped class from _SWAPS."""
-    twin = copy.copy(module)  # a new __dict__ holding the same values
-    for key, value in vars(twin).items():
-        if isinstance(value, dict):
-            vars(twin)[key] = type(value)(value)  # _parameters, _buffers, _modules, the hook dicts
-    twin._modules = {name: None if child is None else _twin(child) for name, child in module._modules.items()}
-    twin.__class__ = _SWAPS.get(type(module), type(module))
-    return twin
-
-
 def for_training(model: nn.Module) -> nn.Module:
     """The module a training step runs: a twin of model (see the module docstring) whose forward
     passes take the CPU training kernels, or model itself where none can apply (the kernels are
@@ -97,4 +85,4 @@ def for_training(model: nn.Module) -> nn.Module:
     Call train()/eval() and loss()/forward() on what this returns; optimize and save model."""
     if type(model) is not GPT or load() is None or any(p.device.type != "cpu" for p in model.parameters()):
         return model
-    return _twin(model)
+    return module_view(model, lambda m: _SWAPS.get(type(m)))
