@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from simplegpt import GPT, GPTConfig
+from conftest import make_tiny_gpt
+from simplegpt import GPT
 from simplegpt.checkpoint import load_checkpoint
 from simplegpt.config import TrainConfig
 from simplegpt.training.core_shards import CoreShards
@@ -15,8 +16,7 @@ from simplegpt.train import core_shards, train
 
 
 def model(seed=0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=40, n_positions=24, n_embd=32, n_layer=2, n_head=2))
+    return make_tiny_gpt(seed, vocab_size=40, n_positions=24)
 
 
 def grads(m: GPT) -> list[torch.Tensor]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simplegpt import GPT, GPTConfig
+from conftest import make_tiny_gpt
+from simplegpt import GPT
 from simplegpt.accel.cpu import decode as native
 from simplegpt.model import IGNORE_INDEX
 from simplegpt.accel import cpu
@@ -108,9 +109,7 @@ def test_kernels_give_the_same_bits_on_any_thread_count():
 
 def tiny(**overrides) -> GPT:
     """A tiny GPT as a training step runs it: through simplegpt.accel.cpu.for_training."""
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=50, n_positions=32, n_embd=64, n_layer=2, n_head=4, dropout=0.0)
-    return cpu.for_training(GPT(GPTConfig(**{**cfg, **overrides})))
+    return cpu.for_training(make_tiny_gpt(**{"n_embd": 64, "n_head": 4, **overrides}))
 
 
 def loss_and_grads(model: GPT, idx: torch.Tensor) -> tuple[float, dict]:
