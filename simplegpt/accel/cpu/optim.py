@@ -1,4 +1,4 @@
-"""AdamW with gradient clipping in the CPU kernels: torch.optim.AdamW whose step runs in train.c
+"""AdamW with gradient clipping in the CPU kernels: torch.optim.AdamW whose step runs in csrc/adamw.c
 where it applies (fp32 CPU tensors, the library loaded) and is PyTorch's own everywhere else.
 
     optimizer = cpu.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), fused=True)
@@ -22,7 +22,7 @@ from . import training
 
 class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW (same arguments, state and state_dict) whose update, with clipping in
-    clip_and_step, takes two passes of train.c over all tensors where training.adamw_step applies."""
+    clip_and_step, takes two passes of csrc/adamw.c over all tensors where training.adamw_step applies."""
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One AdamW update (PyTorch's, with a closure or where the kernels do not apply)."""

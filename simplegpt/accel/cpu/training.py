@@ -139,7 +139,7 @@ class _Block(torch.autograd.Function):
     one call each of csrc/block.c (sg_block_fwd/bwd): its kernels, with the biases, the residual adds and
     the bias gradients folded into their passes, and the matrix products in the BLAS torch uses.
     One autograd node instead of ~20, and the GIL released for the whole block, so the threads of
-    a split step (cpu_parallel) do not queue for it between ops."""
+    a split step (training/core_shards.py) do not queue for it between ops."""
 
     @staticmethod
     def forward(ctx, x, *args):
