@@ -29,6 +29,8 @@ COMMANDS = {
     "import-hf": "import_hf",
     "export-hf": "export_hf",
     "info": "info",
+    "inspect": "inspect",
+    "report": "report",
 }
 
 
