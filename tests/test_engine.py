@@ -129,6 +129,54 @@ def test_top_p_keeps_smallest_set_reaching_p():
         assert torch.allclose(out[0, sorted(kept)], probs[0, sorted(kept)] / probs[0, sorted(kept)].sum())
 
 
+def kept_by_top_p(probs: list[float], p: float, temperature: float = 1.0) -> list[int]:
+    logits = torch.tensor([probs], dtype=torch.float64).log().float()
+    out = sampling_probs(logits, SamplingParams(top_p=p, temperature=temperature))
+    assert math.isclose(out.sum().item(), 1.0, rel_tol=1e-6)
+    return out[0].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("probs, p, kept", [
+    ([0.3, 0.1, 0.1, 0.5], 0.8, [0, 3]),          # issue 16: a running sum minus its own token kept 3
+    ([0.7, 0.2, 0.1], 0.9, [0, 1]),
+    ([0.7, 0.2, 0.1], 0.7, [0]),
+    ([0.5, 0.25, 0.125, 0.125], 0.75, [0, 1]),
+    ([0.5, 0.25, 0.125, 0.125], 0.875, [0, 1, 2]),
+    ([0.05, 0.15, 0.6, 0.2], 0.95, [1, 2, 3]),
+    ([0.1] * 10, 0.3, [0, 1, 2]),                 # ties: the lower token ids stay, and no more than needed
+    ([0.1] * 10, 0.7, [0, 1, 2, 3, 4, 5, 6]),
+    ([0.4, 0.2, 0.2, 0.2], 0.6, [0, 1]),
+    ([0.2, 0.2, 0.4, 0.2], 0.8, [0, 1, 2]),
+    ([0.25] * 4, 0.5, [0, 1]),
+])
+def test_top_p_at_exact_boundaries_keeps_the_smallest_set(probs, p, kept):
+    """The kept tokens' mass is exactly p: that set reaches p, so no further token joins it."""
+    assert kept_by_top_p(probs, p) == kept
+    assert kept_by_top_p(probs, p + 1e-4) == sorted(kept + [next(i for i in sorted(
+        range(len(probs)), key=lambda i: -probs[i]) if i not in kept)])
+
+
+def test_top_p_at_exact_boundaries_of_random_distributions():
+    """Integer weights w / W: for every k, top_p = (mass of the k most likely) keeps exactly those k
+    (ties broken toward the lower id), at a temperature that changes the logits, too."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        weights = torch.randint(1, 12, (int(torch.randint(2, 40, (1,), generator=gen)),), generator=gen).tolist()
+        total = sum(weights)
+        order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+        for k in range(1, len(weights)):
+            p = sum(weights[i] for i in order[:k]) / total
+            assert kept_by_top_p([w / total for w in weights], p) == sorted(order[:k]), (weights, k)
+            hot = [w ** 0.5 for w in weights]  # the distribution that temperature 2 makes of w
+            hot_p = sum(hot[i] for i in order[:k]) / sum(hot)
+            assert kept_by_top_p([w / total for w in weights], hot_p, temperature=2.0) == sorted(order[:k])
+
+
+def test_top_p_keeps_the_most_likely_token_for_any_p():
+    assert kept_by_top_p([0.2, 0.5, 0.3], 1e-9) == [1]
+    assert kept_by_top_p([0.5, 0.5], 1e-9) == [0]
+
+
 def test_min_p_top_k_temperature_and_repetition_penalty():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     probs = torch.softmax(logits, -1)

@@ -31,7 +31,8 @@ from ..model import GPT, GPTConfig
 from .backend import Backend, model_view
 from .compiled import CompiledBackend, check_compilable
 from .native import NativeBackend, native_view
-from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs, sample_next_token, token_logprobs
+from .sampling import (MAX_LOGPROBS, SamplingParams, TokenLogprobs, sample_next_token, seeded_generator,
+                       token_logprobs)
 from .text import FINISH_LENGTH, FINISH_STOP, Result, Row, Stream, TextAssembler, TextStream
 
 
@@ -155,7 +156,7 @@ class Engine:
         rows = []
         for i, prompt in enumerate(prompts):
             ids = self._prompt_ids(prompt)
-            gen = torch.Generator(device=self.device).manual_seed(seed + i)
+            gen = seeded_generator(seed + i, self.device)  # all 64 bits of seed + i (modulo 2^64)
             text = TextAssembler(params.stop) if self.tokenizer is not None else None
             rows.append(Row(len(ids), ids, gen, text, logprobs=None if params.logprobs is None else []))
         return Stream(self._decode(rows, params), rows)

@@ -4,20 +4,29 @@ the engine, and through it the CLI, the server and the tutorial's generate_text.
 from __future__ import annotations
 
 import math
+import random
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 MAX_LOGPROBS = 20  # most alternatives SamplingParams.logprobs may ask for
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # a seed is any signed or unsigned 64-bit integer
+# top_p is "reached" by a set of tokens whose mass is within this of it: softmax's fp32 probabilities
+# carry ~1e-7 relative error, so a set whose exact mass is p (0.5 + 0.3 for p = 0.8) can add up a few
+# fp32 steps short of it, and would then drag in one token more than the smallest set reaching p.
+TOP_P_TOLERANCE = 1e-6
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy decoding.
 
-    top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 switch that filter off. Row i of a batch
-    samples with seed + i, so a prompt alone with seed s + i gives what it gives in row i.
+    top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 switch that filter off. seed is any 64-bit
+    integer (SEED_MIN..SEED_MAX, taken modulo 2^64: -1 is 2^64 - 1), and every one of those 2^64
+    values gives its own samples. Row i of a batch samples with seed + i (modulo 2^64), so a prompt
+    alone with seed s + i gives what it gives in row i.
     Raises ValueError, naming the field, for a value out of range.
     """
 
@@ -48,6 +57,7 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        check_seed(self.seed)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
@@ -58,6 +68,34 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_seed(seed: int | None) -> None:
+    """Raises ValueError (naming seed) unless seed is None or an integer in SEED_MIN..SEED_MAX."""
+    if seed is not None and (not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX):
+        raise ValueError(f"seed must be an integer from -2^63 to 2^64 - 1 (64 bits), got {seed!r}")
+
+
+def seeded_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator on device whose stream is set by all 64 bits of seed (taken modulo 2^64).
+
+    CUDA's and MPS's Philox generators take a 64-bit seed as it is. The CPU's Mersenne Twister
+    keeps only the low 32 bits of torch's manual_seed (so 0, 2^32 and 2^63 would give one stream):
+    a seed of 2^32 or more fills its 624-word state from all its bits instead, as Python's
+    random.seed does (MT19937's init_by_array). Seeds below 2^32 keep the streams they always had.
+    """
+    seed %= 2**64
+    gen = torch.Generator(device=device)
+    if gen.device.type != "cpu" or seed < 2**32:
+        return gen.manual_seed(seed)
+    words = random.Random(seed).getstate()[1][:624]  # init_by_array([low 32 bits, high 32 bits])
+    # torch's CPU state (CPUGeneratorImplState): u64 seed, i32 left, i32 seeded, u64 next, u64 state[624],
+    # then the cached normal samples (none: zeros); left=1, next=0 as manual_seed leaves it (the first
+    # draw twists the state).
+    state = bytearray(gen.get_state().numel())
+    struct.pack_into("<QiiQ624Q", state, 0, seed, 1, 1, 0, *words)
+    gen.set_state(torch.frombuffer(state, dtype=torch.uint8))
+    return gen
 
 
 @dataclass
@@ -94,11 +132,14 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose total probability reaches top_p:
-        # a token stays when the mass of the tokens ranked above it is still below top_p.
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        above = sorted_p.cumsum(-1) - sorted_p
-        drop_sorted = above >= params.top_p
+        # Keep the smallest set of most likely tokens whose total probability reaches top_p (within
+        # TOP_P_TOLERANCE): a token stays while the mass of the tokens ranked above it is below that.
+        # The mass is summed in float64, where a running fp32 sum of 50k tokens would drift; ties keep
+        # the lower token id (a stable sort); the most likely token always stays.
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        sorted64 = sorted_p.double()
+        drop_sorted = sorted64.cumsum(-1) - sorted64 >= params.top_p - TOP_P_TOLERANCE  # (B, V)
+        drop_sorted[:, 0] = False
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)

@@ -4,6 +4,7 @@ Every check that fails is an APIError (400) naming the field."""
 from __future__ import annotations
 
 from ..engine import SamplingParams
+from ..generation.sampling import check_seed
 from .errors import APIError
 from .schemas import SamplingRequest
 
@@ -47,6 +48,10 @@ def sampling_params(req: SamplingRequest, max_tokens: int, stop: list[str], limi
     if not 0 < max_tokens <= limit:
         raise APIError(f"max_tokens must be between 1 and {limit} (the server's --max-tokens), got {max_tokens}",
                        param="max_tokens")
+    try:
+        check_seed(req.seed)  # any 64-bit seed; a row's seed + i wraps modulo 2^64
+    except ValueError as e:
+        raise APIError(str(e), param="seed") from None
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
                               top_p=req.top_p, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
