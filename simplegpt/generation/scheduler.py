@@ -1,0 +1,345 @@
+"""Continuous batching: one thread owns an Engine and runs decode steps over every active request.
+
+    batcher = ContinuousBatcher(engine, max_batch=16)
+    ticket = batcher.submit(["Once upon a time"], SamplingParams(max_new_tokens=50),
+                            on_piece=lambda row, piece: ..., on_done=lambda results_or_error: ...)
+    ticket.cancel()  # leaves at the next step; its slot is reused
+
+A request (a Ticket: one or more prompts sharing SamplingParams) waits in a queue until the batch
+has room, is prefilled alone and joins the running batch at the next step; a finished or
+cancelled row leaves at once. Each row keeps its own parameters, generator, stop strings,
+max_new_tokens and logprobs, so a request gives what Engine.generate gives for it alone.
+
+The cache is one KVCache of max_batch rows over a shared timeline (the slot `cache.length` that
+every row's next token is written to). A row's cached tokens are the `cached[j]` slots just
+before it, right-aligned; the slots before them are padding (mask 0), which the attention skips.
+A joining row is prefilled alone (a one-row batch, as alone) and its keys and values copied in;
+when the timeline reaches the window every row is moved to the right of a shorter one
+(`_repack`: a copy, the numbers unchanged). A row whose own context fills the window slides as
+it would alone: its oldest `window_shift` tokens dropped and the rest re-encoded alone.
+At most `prefill_tokens` prompt tokens are prefilled between two decode steps (one prompt at
+least), so a burst of long prompts delays the running decodes by about one prefill each step.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .backend import Batch
+from .engine import Engine
+from .sampling import SamplingParams, sample_next_token, token_logprobs
+from .text import FINISH_LENGTH, FINISH_STOP, Result, Row
+
+PieceCallback = Callable[[int, str], None]  # (row of the request, text piece)
+DoneCallback = Callable[[list[Result] | BaseException | None], None]  # results, an error, or None if cancelled
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submitted request: its rows (one per prompt), their parameters and the callbacks, which
+    run on the scheduler's thread (hand their arguments on; do not block)."""
+
+    rows: list[Row]
+    params: SamplingParams
+    on_piece: PieceCallback
+    on_done: DoneCallback
+    waiting: collections.deque = field(default_factory=collections.deque)  # row indices not yet admitted
+    live: int = 0  # rows admitted and not finished
+    cancelled: bool = False
+    done: bool = False  # on_done has been called
+    seen: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (V,) bool, for repetition_penalty
+
+    def cancel(self) -> None:
+        """Stop generating: the rows leave the batch (or the queue) at the next step; on_done(None)."""
+        self.cancelled = True
+
+    def finish(self, outcome: list[Result] | BaseException | None) -> None:
+        if not self.done:
+            self.done = True
+            self.on_done(outcome)
+
+
+class ContinuousBatcher:
+    """Runs every submitted request's rows in one batch of up to max_batch rows (see the module
+    docstring), on a thread of its own started here. Raises ValueError for an engine without a
+    KV cache or a max_batch below 1."""
+
+    def __init__(self, engine: Engine, max_batch: int = 16, prefill_tokens: int = 512):
+        if not engine.use_cache:
+            raise ValueError("continuous batching needs the KV cache (an Engine with use_cache=True)")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.engine, self.max_batch, self.prefill_tokens = engine, max_batch, max(1, prefill_tokens)
+        backend = engine.backend
+        # A compiled backend's static batches keep their rows in place; here rows come and go, so
+        # its steps run eagerly through the plain Batch.
+        make = (lambda n: Batch(backend, n)) if backend.name == "compiled" else backend.new_batch
+        self.batch, self.solo = make(max_batch), make(1)
+        cache = self.batch.cache
+        cache.k.zero_()  # padding slots are skipped or weighted 0, and 0 * NaN would be NaN
+        cache.v.zero_()
+        self.batch.mask = torch.zeros(max_batch, engine.window, dtype=torch.long, device=engine.device)
+        self.slots: list[tuple[Ticket, int]] = []  # (ticket, row) of cache row j
+        self.cached: list[int] = []  # tokens cached for cache row j (right-aligned before cache.length)
+        self.queue: collections.deque[Ticket] = collections.deque()
+        self.jobs: collections.deque = collections.deque()  # (fn, done) run between steps
+        self.queued_rows = 0
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="simplegpt-batcher", daemon=True)
+        self.thread.start()
+
+    @property
+    def active_rows(self) -> int:
+        """Rows in the running batch now."""
+        return len(self.slots)
+
+    def submit(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
+               on_piece: PieceCallback, on_done: DoneCallback) -> Ticket:
+        """Queues a request. Its prompts are checked and seeded here, as Engine.stream_batch does it
+        (ValueError/TypeError for a prompt the engine cannot take), before anything waits."""
+        stream = self.engine.stream_batch(prompts, params)
+        rows = stream._rows  # the engine's own rows: its checks, truncation and per-row seeds
+        stream.close()
+        ticket = Ticket(rows, params, on_piece, on_done, collections.deque(range(len(rows))))
+        with self.cond:
+            if self.stopping:
+                raise RuntimeError("the batcher has stopped")
+            self.queue.append(ticket)
+            self.queued_rows += len(rows)
+            self.cond.notify()
+        return ticket
+
+    def call(self, fn: Callable[[], object], done: Callable[[object], None]) -> None:
+        """Runs fn() on the scheduler's thread between two steps (work that needs the engine, such
+        as Engine.score) and hands done its return value or the exception it raised."""
+        with self.cond:
+            self.jobs.append((fn, done))
+            self.cond.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancels what is queued and running and ends the thread (waiting up to timeout seconds)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.stopping or self.queue or self.jobs or self.slots):
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                jobs = list(self.jobs)
+                self.jobs.clear()
+            for fn, done in jobs:
+                try:
+                    out = fn()
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    out = e
+                done(out)
+            try:
+                self._iteration()
+            except Exception as e:  # noqa: BLE001 - a bug: every request running is told, the loop goes on
+                self._fail_all(e)
+        self._fail_all(None)
+
+    def _fail_all(self, error: BaseException | None) -> None:
+        tickets = {t for t, _ in self.slots}
+        with self.cond:
+            tickets |= set(self.queue)
+            self.queue.clear()
+            self.queued_rows = 0
+        self.slots, self.cached = [], []
+        self.batch.cache.reset()
+        for t in tickets:
+            t.finish(error)
+
+    def _iteration(self) -> None:
+        """Cancelled rows leave; one decode step for the running rows (slides re-encoded alone); new
+        rows admitted within the prefill budget; every row that got logits samples its token."""
+        self._drop_cancelled()
+        logits = self._step() if self.slots else None
+        if logits is not None:
+            self._sample(list(range(len(self.slots))), logits)
+        self._admit()
+
+    def _drop_cancelled(self) -> None:
+        with self.cond:
+            for t in [t for t in self.queue if t.cancelled]:
+                self.queue.remove(t)
+                self.queued_rows -= len(t.waiting)
+                t.finish(None)
+        gone = {t for t, _ in self.slots if t.cancelled}
+        for t in gone:
+            t.waiting.clear()
+        for j in reversed(range(len(self.slots))):
+            if self.slots[j][0].cancelled:
+                self._leave(j)
+        for t in gone:
+            t.finish(None)
+
+    def _step(self) -> torch.Tensor:
+        """Logits (n, V) for every cache row's next token, in cache-row order."""
+        window, cache, batch = self.engine.window, self.batch.cache, self.batch
+        # A row whose own context fills the window slides, as alone: re-encoded without its oldest
+        # tokens. Those rows go to the end, and the decode step takes the rows before them.
+        full = [j for j, c in enumerate(self.cached) if c == window]
+        n = len(self.slots)
+        for k, j in enumerate(reversed(full)):
+            self._swap(j, n - 1 - k)
+        d = n - len(full)
+        for j in range(d, n):
+            self.cached[j] = 0  # re-encoded below, after the step: they end where the others do
+        parts = []
+        if d:
+            if cache.length == window:
+                self._repack(max(self.cached))
+            batch.next_pos = torch.tensor([[c] for c in self.cached[:d]], device=self.engine.device)
+            last = [self.slots[j][0].rows[self.slots[j][1]].tokens[-1] for j in range(d)]
+            parts.append(batch.decode_step(last))
+            for j in range(d):
+                self.cached[j] += 1
+        slid = []
+        for j in range(d, n):
+            ticket, i = self.slots[j]
+            row = ticket.rows[i]
+            if len(row.tokens) - row.start > window:
+                row.start += self.engine.window_shift
+            slid.append(self._prefill_into(j, row))
+        return torch.cat(parts + slid) if len(parts) + len(slid) > 1 else (parts + slid)[0]
+
+    def _prefill_into(self, j: int, row: Row) -> torch.Tensor:
+        """Encodes row's context alone (as Engine.generate would) and copies its keys and values to
+        cache row j, right-aligned at the timeline. Returns its logits (1, V)."""
+        logits = self.solo.prefill([row])
+        n = self.solo.cache.length
+        cache, mask = self.batch.cache, self.batch.mask
+        if cache.length < n:
+            self._repack(max([n, *(c for k, c in enumerate(self.cached) if k != j)]))
+        end = cache.length
+        with torch.inference_mode():
+            cache.k[:, j, :, end - n:end] = self.solo.cache.k[:, 0, :, :n]
+            cache.v[:, j, :, end - n:end] = self.solo.cache.v[:, 0, :, :n]
+            mask[j].zero_()
+            mask[j, end - n:end] = 1
+        self.cached[j] = n
+        return logits
+
+    @torch.inference_mode()
+    def _repack(self, length: int) -> None:
+        """Moves every cache row's cached tokens to end at slot `length` (>= each row's count)."""
+        cache, mask, end = self.batch.cache, self.batch.mask, self.batch.cache.length
+        for j, c in enumerate(self.cached):
+            if c and length != end:
+                cache.k[:, j, :, length - c:length] = cache.k[:, j, :, end - c:end].clone()
+                cache.v[:, j, :, length - c:length] = cache.v[:, j, :, end - c:end].clone()
+            mask[j].zero_()
+            mask[j, length - c:length] = 1
+        cache.length = length
+
+    @torch.inference_mode()
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        cache, mask = self.batch.cache, self.batch.mask
+        for t in (cache.k, cache.v):
+            t[:, [a, b]] = t[:, [b, a]]
+        mask[[a, b]] = mask[[b, a]]
+        self.slots[a], self.slots[b] = self.slots[b], self.slots[a]
+        self.cached[a], self.cached[b] = self.cached[b], self.cached[a]
+
+    def _leave(self, j: int) -> None:
+        """Cache row j leaves; the last row takes its place."""
+        self._swap(j, len(self.slots) - 1)
+        self.slots.pop()
+        self.cached.pop()
+        if not self.slots:
+            self.batch.cache.reset()
+
+    def _admit(self) -> None:
+        """Prefills queued rows into free cache rows, within the prefill budget, and samples their
+        first tokens."""
+        budget, new = self.prefill_tokens, []
+        while len(self.slots) < self.max_batch and budget > 0:
+            with self.cond:
+                if not self.queue:
+                    break
+                ticket = self.queue[0]
+                i = ticket.waiting.popleft()
+                self.queued_rows -= 1
+                if not ticket.waiting:
+                    self.queue.popleft()
+            row = ticket.rows[i]
+            self.slots.append((ticket, i))
+            self.cached.append(0)
+            ticket.live += 1
+            if ticket.params.repetition_penalty != 1.0:
+                seen = torch.zeros(self.engine.config.vocab_size, dtype=torch.bool, device=self.engine.device)
+                seen[row.tokens] = True
+                ticket.seen[i] = seen
+            budget -= len(row.tokens) - row.start
+            new.append(self._prefill_into(len(self.slots) - 1, row))
+        if new:
+            n = len(self.slots)
+            self._sample(list(range(n - len(new), n)), torch.cat(new))
+
+    def _sample(self, js: list[int], logits: torch.Tensor) -> None:
+        """Each cache row js[k] draws its next token from logits[k] with its request's parameters;
+        pieces are handed out, and rows that finish leave."""
+        groups: dict[Ticket, list[int]] = {}
+        for k, j in enumerate(js):
+            groups.setdefault(self.slots[j][0], []).append(k)
+        engine = self.engine
+        stop_eos_id = engine.eos_id
+        finished = []
+        with torch.inference_mode(), engine.backend.sampling():
+            drawn = {}
+            for ticket, ks in groups.items():
+                p = ticket.params
+                rows = [self.slots[js[k]][1] for k in ks]
+                lg = logits[ks] if len(ks) != len(js) else logits
+                seen = torch.stack([ticket.seen[i] for i in rows]) if ticket.seen else None
+                tok = sample_next_token(lg, p, [ticket.rows[i].generator for i in rows], seen)
+                lps = None if p.logprobs is None else token_logprobs(lg, tok, p.logprobs)
+                drawn[ticket] = (rows, tok.tolist(), lps, ks)
+        for ticket, (rows, toks, lps, ks) in drawn.items():
+            p = ticket.params
+            stop_eos = p.stop_at_eos and stop_eos_id is not None
+            for n, (i, tok) in enumerate(zip(rows, toks)):
+                row = ticket.rows[i]
+                if stop_eos and tok == stop_eos_id:
+                    row.finish_reason, row.stop_reason = FINISH_STOP, tok
+                else:
+                    row.generated.append(tok)
+                    row.tokens.append(tok)
+                    if lps is not None:
+                        row.logprobs.append(lps[n])
+                    if i in ticket.seen:
+                        ticket.seen[i][tok] = True
+                    if row.text is not None:
+                        piece = row.text.feed(engine.tokenizer.decode_bytes([tok]))
+                        if piece:
+                            ticket.on_piece(i, piece)
+                        if row.text.matched is not None:
+                            row.finish_reason, row.stop_reason = FINISH_STOP, row.text.matched
+                    if row.finish_reason is None and len(row.generated) >= p.max_new_tokens:
+                        row.finish_reason = FINISH_LENGTH
+                if row.finish_reason is not None:
+                    if row.text is not None and row.text.matched is None:
+                        piece = row.text.feed(b"", final=True)
+                        if piece:
+                            ticket.on_piece(i, piece)
+                    finished.append(js[ks[n]])
+        for j in sorted(finished, reverse=True):
+            ticket, _ = self.slots[j]
+            self._leave(j)
+            ticket.live -= 1
+            if not ticket.live and not ticket.waiting:
+                ticket.finish([r.result() for r in ticket.rows])

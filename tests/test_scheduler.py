@@ -1,0 +1,112 @@
+"""The continuous batcher (simplegpt.generation.scheduler): requests that join and leave a running
+batch give what Engine.generate gives each of them alone."""
+
+import threading
+
+import pytest
+import torch
+
+from conftest import make_tiny_gpt
+from simplegpt import get_tokenizer
+from simplegpt.accel import cpu
+from simplegpt.engine import Engine, SamplingParams
+from simplegpt.generation.scheduler import ContinuousBatcher
+
+
+class Collector:
+    """A request's pieces and its outcome, gathered from the batcher's thread."""
+
+    def __init__(self, rows: int):
+        self.pieces = [[] for _ in range(rows)]
+        self.outcome = None
+        self.done = threading.Event()
+
+    def piece(self, row: int, text: str) -> None:
+        self.pieces[row].append(text)
+
+    def finish(self, outcome) -> None:
+        self.outcome = outcome
+        self.done.set()
+
+
+def requests():
+    """Varied requests: greedy and seeded, stop strings, penalties, logprobs, different lengths,
+    several past the 24-token window (they slide), one with two prompts."""
+    out = []
+    for i in range(12):
+        kw = dict(max_new_tokens=5 + 4 * i, seed=100 + i, temperature=0.0 if i % 3 == 0 else 0.9)
+        if i % 4 == 1:
+            kw.update(top_k=5, repetition_penalty=1.3)
+        if i % 5 == 2:
+            kw.update(logprobs=2)
+        prompts = [f"prompt {i}" * (1 + i % 3)]
+        if i == 7:
+            prompts.append("second")
+        out.append((prompts, SamplingParams(**kw)))
+    return out
+
+
+@pytest.fixture(params=["native", "eager"])
+def engine(request):
+    tok = get_tokenizer("byte")
+    model = make_tiny_gpt(seed=1, scale=4.0, vocab_size=tok.vocab_size, n_positions=24)
+    if request.param == "eager":
+        with cpu.disabled():
+            return Engine(model, tok)
+    return Engine(model, tok)
+
+
+@pytest.mark.filterwarnings("ignore:prompt of")
+def test_concurrent_requests_equal_each_alone(engine):
+    reqs = requests()
+    alone = [engine.generate(prompts, params) for prompts, params in reqs]
+    # a stop string from a greedy text: the request ends there, as alone
+    stop = alone[3][0].text[4:6]
+    reqs.append((reqs[3][0], SamplingParams(max_new_tokens=26, temperature=0.0, stop=[stop])))
+    alone.append(engine.generate(*reqs[-1]))
+    assert alone[-1][0].finish_reason == "stop"
+    batcher = ContinuousBatcher(engine, max_batch=5, prefill_tokens=8)  # fewer rows than requests: a queue
+    try:
+        got = [Collector(len(p)) for p, _ in reqs]
+        for (prompts, params), c in zip(reqs, got):
+            batcher.submit(prompts, params, c.piece, c.finish)
+        for c in got:
+            assert c.done.wait(60)
+    finally:
+        batcher.stop(10)
+    for want, c in zip(alone, got):
+        assert [r.token_ids for r in c.outcome] == [r.token_ids for r in want]
+        assert [r.text for r in c.outcome] == [r.text for r in want] == ["".join(p) for p in c.pieces]
+        assert [r.finish_reason for r in c.outcome] == [r.finish_reason for r in want]
+        if want[0].logprobs is not None:
+            assert [t.logprob for t in c.outcome[0].logprobs] == pytest.approx([t.logprob for t in want[0].logprobs],
+                                                                              abs=1e-5)
+
+
+def test_a_cancelled_request_leaves_and_its_slot_is_reused(engine):
+    batcher = ContinuousBatcher(engine, max_batch=1)  # one row: the next request waits for its slot
+    try:
+        endless = Collector(1)
+        ticket = batcher.submit(["A"], SamplingParams(max_new_tokens=1_000_000, stop_at_eos=False, seed=1),
+                                endless.piece, endless.finish)
+        params = SamplingParams(max_new_tokens=20, temperature=0.0)
+        waiting = Collector(1)
+        batcher.submit(["B"], params, waiting.piece, waiting.finish)
+        assert not waiting.done.wait(0.5) and batcher.active_rows == 1
+        ticket.cancel()
+        assert endless.done.wait(30) and endless.outcome is None  # cancelled: no results
+        assert waiting.done.wait(30)
+        assert waiting.outcome[0].token_ids == engine.generate(["B"], params)[0].token_ids
+        assert batcher.active_rows == 0 and batcher.queued_rows == 0
+    finally:
+        batcher.stop(10)
+
+
+def test_bad_prompts_are_refused_at_submit(engine):
+    batcher = ContinuousBatcher(engine)
+    try:
+        with pytest.raises(ValueError, match="out of range"):
+            batcher.submit([[65, 9999]], SamplingParams(), lambda *a: None, lambda *a: None)
+        assert batcher.queued_rows == 0
+    finally:
+        batcher.stop(10)
