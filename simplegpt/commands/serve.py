@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -14,9 +17,12 @@ HELP = "serve a checkpoint over an OpenAI-compatible HTTP API, with a web playgr
 DESCRIPTION = (
     "Serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions and /v1/models in the shapes of "
     "OpenAI's API (its official clients work with base_url=http://HOST:PORT/v1 and any api_key), and a "
-    "playground page at /. Needs the serve extra: pip install 'simplegpt-toolkit[serve]'. Generations run one at a "
-    "time, each on every core. Binds to 127.0.0.1 by default; --host 0.0.0.0 opens it to the network "
-    "(there is no authentication)."
+    "playground page at /, /health and Prometheus metrics at /metrics. Needs the serve extra: "
+    "pip install 'simplegpt-toolkit[serve]'. Requests are batched continuously: each joins the running decode "
+    "batch (up to --max-batch sequences) as soon as it is prefilled, and leaves it when done. Binds to 127.0.0.1 "
+    "by default; --host 0.0.0.0 opens it to the network: set an API key (--api-key, SIMPLEGPT_API_KEY or "
+    "--api-key-file) first. SIGTERM or Ctrl-C stops taking requests and lets running ones finish "
+    "(--shutdown-timeout)."
 )
 
 
@@ -31,6 +37,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the most new tokens a request may ask for, per sequence (a generation holds the server)")
     p.add_argument("--max-sequences", type=int, default=64,
                    help="the most sequences (prompts x n) one request may ask for")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="the most sequences decoded together in one step (16 fills the CPU kernels' rows); "
+                        "more wait in the queue")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="the most sequences that may wait for a place in the batch; beyond them a request gets "
+                        "429 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a request still running after this long is cancelled (504; 0 = no limit)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 2**20,
+                   help="the largest request body taken (413 beyond)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections served at once; more get 503")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="an idle keep-alive connection is closed after this long")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long running requests may take to finish")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics (repeat for several; "
+                        "also SIMPLEGPT_API_KEY); /health and the playground page stay open")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="a file of API keys, one a line (blank lines and # comments skipped)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may use in the Host header; a server on a loopback address answers "
+                        "only localhost and its own address unless named here (this stops DNS rebinding)")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request on stderr: client, method, path, status, seconds")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from this origin (e.g. http://localhost:3000, or '*' for any) call the API "
                         "from a browser; repeat for several; none by default")
@@ -41,16 +73,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..serve import create_app
+        from ..serve import Limits, create_app
     except ModuleNotFoundError as e:
         if (e.name or "").startswith("simplegpt"):
             raise
         raise MissingDependencyError(f"simplegpt serve needs {e.name}: "
                                      "pip install 'simplegpt-toolkit[serve]'") from None
     check_engine_arguments(args)
-    for option, value in (("--max-tokens", args.max_tokens), ("--max-sequences", args.max_sequences)):
+    for option, value in (("--max-tokens", args.max_tokens), ("--max-sequences", args.max_sequences),
+                          ("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                          ("--max-body-bytes", args.max_body_bytes), ("--max-connections", args.max_connections)):
         if value <= 0:
             raise OptionError(f"{option} must be a positive integer, got {value}")
+    for option, seconds in (("--request-timeout", args.request_timeout), ("--keep-alive-timeout",
+                            args.keep_alive_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
+        if not seconds >= 0:
+            raise OptionError(f"{option} must be a number of seconds >= 0, got {seconds}")
+    keys = api_keys(args)
     if not 0 <= args.port <= 65535:
         raise OptionError(f"--port must be in 0..65535, got {args.port}")
     # Bind first: a taken port is one clear line before the model loads, not a traceback after.
@@ -67,12 +106,52 @@ def run(args: argparse.Namespace) -> int:
     # out/run/best -> "run-best": the run's name, not only which of its checkpoints
     run_checkpoint = folder.name in ("best", "last")
     name = getattr(args, "model_name", None) or (f"{folder.parent.name}-{folder.name}" if run_checkpoint else folder.name)
-    app = create_app(engine, name, max_tokens=args.max_tokens, max_rows=args.max_sequences,
-                     cors_origins=args.cors_origin)
     host, port = sock.getsockname()[:2]
+    limits = Limits(max_tokens=args.max_tokens, max_rows=args.max_sequences, max_batch=args.max_batch,
+                    max_queue=args.max_queue, timeout=args.request_timeout or None, max_body=args.max_body_bytes)
+    app = create_app(engine, name, cors_origins=args.cors_origin, limits=limits, api_keys=keys,
+                     allowed_hosts=allowed_hosts(host, args.allowed_host))
     shown = f"[{host}]" if ":" in host else host
     print(f"simplegpt serve: '{name}' on http://{shown}:{port} (playground: /, API: /v1, Ctrl-C stops)",
           file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    if not keys and not ipaddress.ip_address(host).is_loopback:
+        print(f"simplegpt serve: warning: {host} is reachable from other machines and no API key is set: anyone who "
+              "can reach it can use it (set --api-key, SIMPLEGPT_API_KEY or --api-key-file)", file=sys.stderr,
+              flush=True)
+    if args.access_log:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access = logging.getLogger("simplegpt.serve")
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=args.max_connections,
+                                           timeout_keep_alive=args.keep_alive_timeout,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
     server.run(sockets=[sock])
     return 0
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """The keys from --api-key, SIMPLEGPT_API_KEY and --api-key-file (OptionError for a file that
+    cannot be read or holds none)."""
+    keys = [k for k in args.api_key if k] + ([os.environ["SIMPLEGPT_API_KEY"]]
+                                              if os.environ.get("SIMPLEGPT_API_KEY") else [])
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise OptionError(f"cannot read --api-key-file {args.api_key_file}: {getattr(e, 'strerror', None) or e}") \
+                from None
+        found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not found:
+            raise OptionError(f"--api-key-file {args.api_key_file} holds no key (one a line)")
+        keys += found
+    return keys
+
+
+def allowed_hosts(host: str, extra: list[str]) -> list[str] | None:
+    """The Host names a loopback server answers to (None: any, for a server open to the network,
+    whose clients use names it cannot know)."""
+    if not ipaddress.ip_address(host).is_loopback:
+        return [*extra] or None
+    return ["localhost", "127.0.0.1", "::1", host, *extra]

@@ -25,8 +25,8 @@ The modules, each with one job:
 The playground is simplegpt/static/index.html.
 """
 
-from .app import create_app
+from .app import Limits, create_app
 from .chat import CHAT_STOP, chat_prompt
 from .schemas import ChatMessage, ChatRequest, CompletionRequest
 
-__all__ = ["create_app", "CHAT_STOP", "chat_prompt", "ChatMessage", "ChatRequest", "CompletionRequest"]
+__all__ = ["create_app", "Limits", "CHAT_STOP", "chat_prompt", "ChatMessage", "ChatRequest", "CompletionRequest"]

@@ -2,42 +2,79 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.concurrency import run_in_threadpool
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from ..engine import FINISH_LENGTH, Engine, Result, TokenLogprobs
 from .chat import CHAT_STOP, DEFAULT_CHAT_MAX_TOKENS, chat_prompt
-from .errors import APIError, add_error_handlers
-from .params import Prompt, logprobs_count, prompt_list, refuse_unsupported, sampling_params
+from .errors import APIError, add_error_handlers, error_body
+from .guard import Guard
+from .metrics import Metrics
+from .params import Prompt, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
 from .responses import chat_logprobs, completion_logprobs, model_card, sse, usage
-from .scheduler import Scheduler
+from .scheduler import RequestTimeout, Scheduler, Submission
 from .schemas import ChatRequest, CompletionRequest
 
 STATIC = Path(__file__).parent.parent / "static"
+CLIENT_GONE = 499  # the status logged for a request whose client left before its answer (nginx's)
+
+
+@dataclass
+class Limits:
+    """What the server takes, each with its default (see `simplegpt serve --help`).
+
+    max_tokens: new tokens per sequence; max_rows: sequences (prompts x n) per request; max_batch:
+    sequences decoded together; max_queue: sequences that may wait for a place (then 429);
+    timeout: seconds a request may run (then it is cancelled: 504, or an error event when
+    streamed); max_body: bytes of a request body (413); body_timeout: seconds to send it (408)."""
+
+    max_tokens: int = 4096
+    max_rows: int = 64
+    max_batch: int = 16
+    max_queue: int = 256
+    timeout: float | None = 600.0
+    max_body: int = 2 * 2**20
+    body_timeout: float = 30.0
 
 
 def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows: int = 64,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name` (see simplegpt.serve). A request may ask
-    for at most max_tokens new tokens per sequence and max_rows sequences (prompts x n): a
-    generation holds the server while it runs. cors_origins: web origins (e.g.
+               cors_origins: Sequence[str] = (), *, limits: Limits | None = None, api_keys: Sequence[str] = (),
+               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` under `model_name` (see simplegpt.serve). Requests run
+    together in one continuously batched decode (serve.scheduler). max_tokens and max_rows: as in
+    Limits (limits, when given, holds every limit and wins). cors_origins: web origins (e.g.
     http://localhost:3000, or "*") whose pages may call the API from a browser; none by default.
+    api_keys: keys a request to /v1 or /metrics must send as a bearer token (none: open).
+    allowed_hosts: the names the Host header may give (None: any).
     Raises ValueError for an engine without a tokenizer."""
     if engine.tokenizer is None:
         raise ValueError("serving needs a model with a tokenizer (text in, text out)")
-    tokenizer = engine.tokenizer
-    scheduler = Scheduler(engine)
+    limits = limits or Limits(max_tokens=max_tokens, max_rows=max_rows)
+    tokenizer, window = engine.tokenizer, engine.window
+    scheduler = Scheduler(engine, limits.max_batch, limits.max_queue, limits.timeout)
+    metrics = Metrics(lambda: scheduler.queued, lambda: scheduler.running, limits.max_batch)
     created = int(time.time())
-    app = FastAPI(title="simplegpt", description="An OpenAI-compatible API over a simplegpt model.")
-    if cors_origins:
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        scheduler.close(timeout=10)
+
+    app = FastAPI(title="simplegpt", description="An OpenAI-compatible API over a simplegpt model.",
+                  lifespan=lifespan)
+    app.state.scheduler = scheduler
+    app.add_middleware(Guard, api_keys=api_keys, allowed_hosts=allowed_hosts, max_body=limits.max_body,
+                       body_timeout=limits.body_timeout, on_done=metrics.request_done)
+    if cors_origins:  # outside the guard: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])
     add_error_handlers(app)
@@ -48,14 +85,56 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                            param="model", code="model_not_found")
 
     def check_rows(rows: list[Prompt]) -> list[Prompt]:
-        if len(rows) > max_rows:
+        if len(rows) > limits.max_rows:
             raise APIError(f"{len(rows)} sequences (prompts x n) in one request; the server takes at most "
-                           f"{max_rows}", param="n")
+                           f"{limits.max_rows}", param="n")
         return rows
+
+    def token_rows(rows: list[Prompt], truncate: int | None) -> list[list[int]]:
+        return [prompt_tokens(tokenizer, p, window, truncate) for p in rows]
+
+    def count(results: list[Result], n: int) -> None:
+        u = usage(results, n)
+        metrics.prompt_tokens.inc(u["prompt_tokens"])
+        metrics.generated_tokens.inc(u["completion_tokens"])
+
+    def timed_out() -> APIError:
+        return APIError(f"the request ran past the server's --request-timeout of {limits.timeout:g} s and was "
+                        "cancelled", status=504, code="timeout")
+
+    async def finished(sub: Submission, request: Request) -> list[Result] | Response:
+        """A request that is not streamed: its results, or an empty answer when its client left."""
+        try:
+            results = await sub.results(request.is_disconnected)
+        except RequestTimeout:
+            raise timed_out() from None
+        return Response(status_code=CLIENT_GONE) if results is None else results
+
+    def first_token_timer(sub: Submission) -> None:
+        start = time.perf_counter()
+        sub.on_first = lambda: metrics.ttft.observe(time.perf_counter() - start)
+
+    async def error_event(events: AsyncIterator) -> AsyncIterator:
+        """The events; a request past its time ends with an error event (the status is sent)."""
+        try:
+            async for event in events:
+                yield event
+        except RequestTimeout:
+            e = timed_out()
+            yield error_body(e.message, e.status, code=e.code)
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/load", include_in_schema=False)
+    def load() -> dict[str, int]:
+        """The playground's view of the server's load."""
+        return {"running": scheduler.running, "queued": scheduler.queued, "max_batch": limits.max_batch}
 
     @app.get("/", include_in_schema=False)
     def playground() -> FileResponse:
@@ -71,7 +150,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         return model_card(engine, model_name, created)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req, {"best_of": req.best_of not in (None, 1), "suffix": bool(req.suffix)})
         k = logprobs_count(req.logprobs, 5, req.stream, "logprobs")
@@ -79,9 +158,10 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         score_only = req.echo and max_new == 0  # the prompt scored (with logprobs), nothing generated
         if score_only and req.stream:
             raise APIError("max_tokens 0 with echo (scoring the prompt) is not streamed", param="max_tokens")
-        params = sampling_params(req, 1 if score_only else max_new, [], max_tokens, k)
+        params = sampling_params(req, 1 if score_only else max_new, [], limits.max_tokens, k)
         prompts = prompt_list(req.prompt)
         rows = check_rows([p for p in prompts for _ in range(req.n)])
+        ids = token_rows(rows, req.truncate_prompt_tokens)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
 
@@ -90,26 +170,40 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
             return {"index": i, "text": text, "logprobs": completion_logprobs(tokenizer, result, scored),
                     "finish_reason": finish}
 
-        stream = scheduler.open(rows, params)
         # echo: the prompt as text (token-id prompts decoded, once the engine has checked them)
-        echo = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in rows]
+        def echoed(i: int) -> str:
+            p = rows[i]
+            return (p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else ""
+
+        if score_only:
+            scored = await scheduler.score(ids, k or 0)
+            results = [Result("", [], FINISH_LENGTH, prompt_tokens=len(t)) for t, _ in scored]
+            count(results, req.n)
+            return {**head, "choices": [choice(i, echoed(i), FINISH_LENGTH, r, scored[i] if k is not None else None)
+                                        for i, r in enumerate(results)], "usage": usage(results, req.n)}
+        # echo with logprobs: the prompt's own tokens come first, each given the ones before it
+        scored = await scheduler.score(ids, k or 0) if req.echo and k is not None and not req.stream else None
+        sub = scheduler.submit(ids, params)
+        first_token_timer(sub)
         if not req.stream:
-            # echo with logprobs: the prompt's own tokens come first, each given the ones before it
-            scored = await run_in_threadpool(scheduler.score, rows, k or 0) if score_only or (req.echo and k) else None
-            if score_only:
-                results = [Result("", [], FINISH_LENGTH, prompt_tokens=len(ids)) for ids, _ in scored]
-            else:
-                results = await run_in_threadpool(scheduler.generate, stream)
-            choices = [choice(i, echo[i] + r.text, r.finish_reason, r, scored[i] if scored and k is not None else None)
+            results = await finished(sub, request)
+            if isinstance(results, Response):
+                return results
+            count(results, req.n)
+            choices = [choice(i, echoed(i) + r.text, r.finish_reason, r, scored[i] if scored else None)
                        for i, r in enumerate(results)]
             return {**head, "choices": choices, "usage": usage(results, req.n)}
 
         async def events() -> AsyncIterator[str]:
             if req.echo:
                 for i in range(len(rows)):
-                    yield sse({**head, "choices": [choice(i, echo[i], None)]})
-            async for event in scheduler.events(stream):
+                    yield sse({**head, "choices": [choice(i, echoed(i), None)]})
+            async for event in error_event(sub.events()):
+                if isinstance(event, dict):
+                    yield sse(event)
+                    return
                 if isinstance(event, list):
+                    count(event, req.n)
                     for i, r in enumerate(event):
                         yield sse({**head, "choices": [choice(i, "", r.finish_reason)]})
                     if req.wants_usage:
@@ -121,7 +215,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req, {"tools": bool(req.tools), "tool_choice": req.tool_choice not in (None, "none"),
                                  "response_format": (req.response_format or {}).get("type", "text") != "text"})
@@ -129,14 +223,18 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
         k = logprobs_count(req.top_logprobs or 0, 20, req.stream, "top_logprobs") if req.logprobs else None
-        params = sampling_params(req, limit if limit is not None else min(DEFAULT_CHAT_MAX_TOKENS, max_tokens),
-                                 [CHAT_STOP], max_tokens, k)
+        params = sampling_params(req, limit if limit is not None else min(DEFAULT_CHAT_MAX_TOKENS, limits.max_tokens),
+                                 [CHAT_STOP], limits.max_tokens, k)
         rows = check_rows([chat_prompt(req.messages)] * req.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
-        stream = scheduler.open(rows, params)
+        sub = scheduler.submit(token_rows(rows, req.truncate_prompt_tokens), params)
+        first_token_timer(sub)
         if not req.stream:
-            results = await run_in_threadpool(scheduler.generate, stream)
+            results = await finished(sub, request)
+            if isinstance(results, Response):
+                return results
+            count(results, req.n)
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
                         "logprobs": chat_logprobs(tokenizer, r), "finish_reason": r.finish_reason}
                        for i, r in enumerate(results)]
@@ -151,8 +249,12 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
             for i in range(len(rows)):
                 yield delta(i, {"role": "assistant", "content": ""})
             started = [False] * len(rows)
-            async for event in scheduler.events(stream):
+            async for event in error_event(sub.events()):
+                if isinstance(event, dict):
+                    yield sse(event)
+                    return
                 if isinstance(event, list):
+                    count(event, req.n)
                     for i, r in enumerate(event):
                         yield delta(i, {}, r.finish_reason)
                     if req.wants_usage:

@@ -34,6 +34,26 @@ def logprobs_count(k: int | None, most: int, stream: bool, param: str) -> int | 
     return k
 
 
+MAX_STOP_CHARS = 256  # per stop string: held-back text and the matching cost grow with it
+
+
+def prompt_tokens(tokenizer, prompt: Prompt, window: int, truncate: int | None) -> list[int]:
+    """A prompt as token ids, checked against the model's context: longer than `window` tokens is
+    a 400 that says the limit, unless truncate (the request's truncate_prompt_tokens) asks to keep
+    its last tokens (at most window of them)."""
+    ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+    if truncate is not None:
+        if truncate < 1:
+            raise APIError(f"truncate_prompt_tokens must be a positive integer, got {truncate}",
+                           param="truncate_prompt_tokens")
+        return ids[-min(truncate, window):]
+    if len(ids) > window:
+        raise APIError(f"the prompt has {len(ids)} tokens; this model's context is {window} tokens: shorten it, "
+                       f"or send truncate_prompt_tokens to keep its last tokens", param="prompt",
+                       code="context_length_exceeded")
+    return ids
+
+
 def sampling_params(req: SamplingRequest, max_tokens: int, stop: list[str], limit: int,
                     logprobs: int | None = None) -> SamplingParams:
     """The engine's SamplingParams for a request: OpenAI's ranges (temperature 0-2, n 1-16, up to 4
@@ -45,6 +65,8 @@ def sampling_params(req: SamplingRequest, max_tokens: int, stop: list[str], limi
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4:
         raise APIError("stop takes at most 4 strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(f"each stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
     if not 0 < max_tokens <= limit:
         raise APIError(f"max_tokens must be between 1 and {limit} (the server's --max-tokens), got {max_tokens}",
                        param="max_tokens")
@@ -58,7 +80,8 @@ def sampling_params(req: SamplingRequest, max_tokens: int, stop: list[str], limi
                               seed=req.seed, stop=[s for s in stops + stop if s], stop_at_eos=not req.ignore_eos,
                               logprobs=logprobs)
     except ValueError as e:  # SamplingParams checks the rest and names the field
-        raise APIError(str(e)) from None
+        field = str(e).split(" ", 1)[0]
+        raise APIError(str(e), param=field if field in SamplingParams.__dataclass_fields__ else None) from None
 
 
 def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:

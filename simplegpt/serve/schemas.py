@@ -42,6 +42,7 @@ class SamplingRequest(BaseModel):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last tokens, up to the context (vLLM's name)
     # OpenAI's, which simplegpt has no equivalent for: refused unless left at their defaults
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -1,0 +1,129 @@
+"""What every request passes before a route: the Host check, the API key, the body's size and
+read time, and after it the access-log line and the request counters. An ASGI middleware, so it
+also covers streamed responses and bodies the routes never read."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+from .errors import error_body
+
+log = logging.getLogger("simplegpt.serve")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+PROTECTED = ("/v1/", "/metrics")  # routes that need the key when the server has one
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while the route reads a body past the limit; FastAPI passes HTTPExceptions on, and
+    errors.add_error_handlers answers them in OpenAI's format."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than the server's --max-body-bytes ({limit} bytes)")
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body took longer than {seconds:g} s to arrive")
+
+
+class Guard:
+    """An ASGI middleware around the app (see the module docstring).
+
+    api_keys: keys a /v1 request (and /metrics) must send as `Authorization: Bearer KEY`, none = open;
+    allowed_hosts: host names the Host header may name (None = any), which stops a web page from
+    reaching a loopback server through DNS rebinding; max_body: bytes a request body may have (413);
+    body_timeout: seconds the client may take to send its body (408); on_done(method, path,
+    status, seconds): called once per request (metrics).
+    """
+
+    def __init__(self, app, api_keys: Sequence[str] = (), allowed_hosts: Sequence[str] | None = None,
+                 max_body: int = 2 * 2**20, body_timeout: float = 30.0,
+                 on_done: Callable[[str, str, int, float], None] | None = None):
+        self.app, self.max_body, self.body_timeout, self.on_done = app, max_body, body_timeout, on_done
+        self.keys = [k.encode() for k in api_keys]
+        self.hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self.refuse(scope)
+            if refusal is not None:
+                await self.answer(sending, *refusal)
+                return
+            await self.app(scope, self.reader(receive), sending)
+        finally:
+            seconds = time.perf_counter() - start
+            client = scope.get("client") or ("-", 0)
+            log.info('%s "%s %s" %d %.3fs', client[0], scope["method"], scope["path"], status[0], seconds)
+            if self.on_done is not None:
+                self.on_done(scope["method"], scope["path"], status[0], seconds)
+
+    def refuse(self, scope: Scope) -> tuple[int, str, dict[str, str] | None] | None:
+        """(status, message, headers) for a request refused before its route, or None."""
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        if self.hosts is not None:
+            host = headers.get("host", b"").decode("latin-1").lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.strip("[]") not in self.hosts:
+                return 400, f"the Host header {host!r} is not one this server answers to", None
+        if self.keys and scope["path"].startswith(PROTECTED):
+            auth = headers.get("authorization", b"")
+            scheme, _, key = auth.partition(b" ")
+            # every key compared, each in constant time: the answer's timing tells nothing of them
+            ok = scheme.lower() == b"bearer" and sum(hmac.compare_digest(key.strip(), k) for k in self.keys) > 0
+            if not ok:
+                what = "no API key" if not auth else "an invalid API key"
+                return (401, f"{what} was sent: send 'Authorization: Bearer KEY' with one of the server's keys",
+                        {"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return 413, f"the request body is larger than the server's --max-body-bytes ({self.max_body} bytes)", None
+        return None
+
+    def reader(self, receive: Receive) -> Receive:
+        """receive, with the body's size and read time bounded (BodyTooLarge, BodyTimeout)."""
+        seen = [0, False]  # bytes so far, body complete
+
+        async def receiving() -> dict:
+            if seen[1]:
+                return await receive()  # after the body: only a disconnect comes, whenever it comes
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+                seen[1] = not message.get("more_body", False)
+            return message
+
+        return receiving
+
+    @staticmethod
+    async def answer(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(error_body(message, status, code="invalid_api_key" if status == 401 else None)).encode()
+        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
