@@ -6,6 +6,7 @@
     python bench/generate.py --llama-bench /tmp/llamasrc/.../build/bin/llama-bench   # + llama.cpp, same run
     python bench/generate.py --compile            # + Engine(compile=True), against the eager engine
     python bench/generate.py --device cuda --compile --skip-llama   # GPU: compiled (CUDA graphs) vs HF eager
+    python bench/generate.py --contention --preset mini --repeats 7  # decode beside a busy process
 
 With --llama-bench (built by ../shared/bench/llamacpp_anchor.sh, which also writes the random GPT-2
 GGUF files it reads), llama.cpp's f32 and q8_0 decode speeds are measured at the start of each
@@ -25,6 +26,13 @@ often the greedy next token agrees under teacher forcing, plus how many generate
 torch.compile'd function over the static cache (CUDA graphs on a GPU); its compilation happens in
 a warm-up call before the timed rounds. On --device cuda the int8 engine and its quality check
 (CPU only) are skipped, and every timing synchronizes the GPU before the clock is read.
+
+--contention measures only the cached engine, on the CPU, with the threads `simplegpt generate`
+picks by default (decode_threads: the cores other processes leave idle), with one thread per core
+and with one thread, in rounds that interleave the three: first alone, then beside a process that
+keeps one core busy (a tight Python loop, pinned to --busy-cpu where given). It prints each
+setting's median tokens/s with the range over the rounds, and each setting's ratio to the one
+thread of the same round (median and range).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import argparse
 import copy
 import json
 import math
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +53,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from simplegpt.accel.cpu.threads import decode_threads  # noqa: E402
 from simplegpt.engine import Engine, SamplingParams  # noqa: E402
 from simplegpt.model import GPT, preset_config  # noqa: E402
 from simplegpt.quantize import quantize_int8  # noqa: E402
@@ -124,6 +135,49 @@ def llama_bench(binary: str, models: dict[str, str], threads: int, prompt_len: i
     return {name: by_file[path] for name, path in models.items()}
 
 
+def busy_process(cpu: int | None) -> subprocess.Popen:
+    """A process that keeps one core busy (a tight Python loop), pinned to `cpu` where given."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    if cpu is not None:
+        os.sched_setaffinity(proc.pid, {cpu})
+    return proc
+
+
+def contention(model: GPT, prompt: list[int], args: argparse.Namespace) -> None:
+    """--contention: decode tokens/s with the default threads, torch's (one per core) and one, alone and beside a
+    busy process (see the module docstring)."""
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
+    cores = torch.get_num_threads()
+    where = "not pinned" if args.busy_cpu is None else f"pinned to CPU {args.busy_cpu}"
+    for phase in ("alone", f"beside a busy process ({where})"):
+        busy = busy_process(args.busy_cpu) if phase != "alone" else None
+        try:
+            if busy is not None:
+                time.sleep(0.5)  # under way before the threads are picked
+            default = decode_threads()
+            settings = {f"default ({default})": default, f"{cores} threads": cores, "1 thread": 1}
+            times: dict[str, list[float]] = {name: [] for name in settings}
+            for name, threads in settings.items():
+                torch.set_num_threads(threads)
+                engine.generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0, stop_at_eos=False))
+            for _ in range(args.repeats):
+                for name, threads in settings.items():
+                    torch.set_num_threads(threads)
+                    times[name].append(timed(lambda: engine.generate([prompt], params), torch.device("cpu")))
+        finally:
+            torch.set_num_threads(cores)
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+        print(f"\n{phase}: tokens/s, median [range] of {args.repeats} rounds; ratio to 1 thread in the same round")
+        for name, ts in times.items():
+            rates = [args.new_tokens / t for t in ts]
+            ratios = [one / t for t, one in zip(ts, times["1 thread"])]
+            print(f"  {name:18s} {statistics.median(rates):8.1f} [{min(rates):.1f}-{max(rates):.1f}]   "
+                  f"{statistics.median(ratios):5.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]")
+
+
 @torch.inference_mode()
 def quality(fp32: GPT, int8: GPT, ids: torch.Tensor) -> tuple[float, float, float]:
     """(fp32 loss, int8 loss, greedy agreement) on rows of token ids (B, T), teacher forced."""
@@ -159,7 +213,15 @@ def main() -> None:
     p.add_argument("--skip-llama", action="store_true", help="don't measure llama.cpp even if --llama-bench is given")
     p.add_argument("--gguf-f32", default="/tmp/gpt2-rand-f32.gguf", help="f32 GGUF for --llama-bench")
     p.add_argument("--gguf-q8", default="/tmp/gpt2-rand-q8_0.gguf", help="q8_0 GGUF for --llama-bench")
+    p.add_argument("--contention", action="store_true",
+                   help="measure only the cached engine's decode with the default threads, one per core and one "
+                        "thread, alone and beside a busy process (CPU)")
+    p.add_argument("--busy-cpu", type=int, metavar="N", help="with --contention: pin the busy process to CPU N")
     args = p.parse_args()
+    if args.contention and args.device != "cpu":
+        p.error("--contention measures CPU decoding: drop --device")
+    if args.busy_cpu is not None and args.busy_cpu not in os.sched_getaffinity(0):
+        p.error(f"--busy-cpu {args.busy_cpu}: this process may use CPUs {sorted(os.sched_getaffinity(0))}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine")
     if args.skip_llama:
@@ -189,6 +251,8 @@ def main() -> None:
     print(f"model: {label}, {model.num_parameters() / 1e6:.1f}M parameters, fp32; torch {torch.__version__}, "
           f"{where}; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    if args.contention:
+        return contention(model, prompt, args)
 
     fp32_out: list[int] = []
     int8_out: list[int] = []
