@@ -9,6 +9,11 @@ values raise ConfigError naming the key and what it accepts.
 
 Files and checkpoints written before the shape became a GPTConfig load as they are: the keys are the
 same, and a key under another table than its own (init_from under [model]) is still read.
+
+Some keys of a config file belong to its corpus (CORPUS_KEYS): where the prepared data goes, the run
+folder and the sample prompt. When the command line names other data, another tokenizer or other
+starting weights, those keys follow the new data instead of the file (`default_out_dir`), so
+`simplegpt train --data my.txt` neither trains into the Shakespeare run nor prompts with "HAMLET:".
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class TrainConfig:
     data: str = _f("shakespeare", "data", "corpus to train on: 'shakespeare' (embedded), 'tinyshakespeare', a .txt/"
                    ".jsonl file, folder, glob, URL, 'hf:NAME[:CONFIG]', or a folder made by 'simplegpt prepare'")
     data_dir: str = _f("", "data", "where the prepared dataset goes; empty = data/<corpus>_<tokenizer> under the "
-                       "current directory")
+                       "current directory (a config file's data_dir applies to its own data only)")
     tokenizer: str = _f("char", "data", "tokenizer used to prepare the corpus", ("char", "byte", "gpt2"))
     val_fraction: float = _f(0.1, "data", "fraction of the token stream (its end) held out for validation")
     text_field: str = _f("text", "data", "field holding the text in .jsonl and Hugging Face datasets")
@@ -101,10 +106,12 @@ class TrainConfig:
     eval_iters: int = _f(20, "eval", "validation batches per evaluation")
     log_interval: int = _f(10, "eval", "write a train record to metrics.jsonl every this many steps")
     sample_tokens: int = _f(200, "eval", "tokens to generate at each evaluation (0 = no samples)")
-    sample_prompt: str = _f("", "eval", "prompt for samples; empty = start of a document")
+    sample_prompt: str = _f("", "eval", "prompt for samples, checked against the tokenizer before training; "
+                            "empty = start of a document (a config file's prompt applies to its own data only)")
     # run
     out_dir: str = _f("out/run", "run", "run folder: config.toml, metrics.jsonl, samples.txt, last/ and best/ "
-                      "checkpoints, loss.png")
+                      "checkpoints, loss.png; on the command line it follows --data, --tokenizer and --init-from "
+                      "unless given: out/<corpus>_<tokenizer>, out/<dataset folder>, out/<corpus>_from_<weights>")
     init_from: str = _f("", "run", "start from weights: a simplegpt checkpoint dir or a Hugging Face GPT-2 "
                         "dir/name (its tokenizer is then used); empty = random init")
     seed: int = _f(1337, "run", "random seed for init, batches and dropout")
@@ -119,9 +126,10 @@ class TrainConfig:
                          "models); 0 = one per thread when the run is fp32 on the CPU without dropout or "
                          "compile, 1 = off")
     tensorboard: bool = _f(True, "run", "also log to TensorBoard (out_dir/tb) when tensorboard is installed")
-    plot: bool = _f(True, "run", "save a loss curve loss.png at the end (needs matplotlib)")
-    peak_flops: float = _f(0.0, "run", "device peak FLOP/s for MFU; 0 = known GPU table, or a measured "
-                           "matmul rate on CPU")
+    plot: bool = _f(True, "run", "save a loss curve loss.png and the run report report.html at the end")
+    peak_flops: float = _f(0.0, "run", "device peak FLOP/s for MFU; 0 = a known GPU's bf16 peak, or on a CPU "
+                           "the float32 peak of the cores used (the higher of its FMA width x clock and a "
+                           "timed matmul)")
 
     def __init__(self, *, model: GPTConfig | None = None, **values: Any) -> None:
         check_keys(values)
@@ -291,12 +299,54 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     return flat
 
 
+# The keys that say which data a run is about (and the run that is made from it), and the keys of a
+# config file that belong to its data: the file's data_dir, out_dir and sample_prompt are the
+# file's corpus's, so they give way to defaults that follow the data named on the command line.
+DATA_IDENTITY = ("data", "tokenizer", "init_from")
+CORPUS_KEYS = {"data_dir": DATA_IDENTITY, "out_dir": DATA_IDENTITY, "sample_prompt": ("data",)}
+
+
 def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from defaults < the config file (default: the built-in quick CPU one) < overrides."""
+    """TrainConfig from defaults < the config file (default: the built-in quick CPU one) < overrides.
+
+    A corpus key of the file (CORPUS_KEYS) is dropped when the overrides change what it belongs to
+    (e.g. --data): data_dir then defaults to data/<corpus>_<tokenizer>, out_dir to default_out_dir's
+    folder and sample_prompt to empty (the start of a document)."""
     values = read_toml(resolve_config_path(name_or_path or DEFAULT_CONFIG))
-    values.update(overrides or {})
+    overrides = overrides or {}
+    check_keys(overrides, "option")
+    defaults = {name: f.default for name, f in TrainConfig.__dataclass_fields__.items() if name in KEYS}
+    changed = {k for k in DATA_IDENTITY if k in overrides and overrides[k] != values.get(k, defaults[k])}
+    for key, follows in CORPUS_KEYS.items():
+        if key not in overrides and changed & set(follows):
+            values.pop(key, None)
+    values.update(overrides)
+    if "out_dir" not in values:
+        merged = {**defaults, **values}
+        values["out_dir"] = default_out_dir(merged["data"], merged["tokenizer"], merged["init_from"])
     check_keys(values)
     return TrainConfig(**values)
+
+
+def corpus_slug(source: str) -> str:
+    """A short folder-name form of a corpus or checkpoint name: 'my_texts/' -> 'my_texts',
+    'hf:HuggingFaceFW/fineweb-edu' -> 'fineweb_edu', 'https://x.org/book.txt' -> 'book'."""
+    name = Path(source.removeprefix("hf:").rstrip("/")).stem
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "corpus"
+
+
+def default_out_dir(data: str, tokenizer: str, init_from: str = "") -> str:
+    """The run folder a run gets when none is given: out/<corpus>_<tokenizer> (out/<folder> for a
+    dataset prepared by 'simplegpt prepare', whose folder already names it), and for a fine-tune
+    out/<corpus>_from_<weights> (a checkpoint's run folder for RUN/best or RUN/last). Two runs
+    on other data or from other weights never share a folder."""
+    prepared = bool(data) and (Path(data) / "meta.json").is_file()
+    corpus = corpus_slug(data) if prepared else f"{corpus_slug(data)}_{tokenizer}"
+    if init_from:
+        src = Path(init_from.rstrip("/"))
+        weights = src.parent.name if src.name in ("best", "last") and src.parent.name else src.name
+        corpus = f"{corpus_slug(data)}_from_{corpus_slug(weights)}"
+    return str(Path("out") / corpus)
 
 
 def to_toml(cfg: TrainConfig) -> str:

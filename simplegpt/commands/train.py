@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 
@@ -11,7 +12,11 @@ DESCRIPTION = (
     "Train a GPT. Settings come from the built-in quick CPU config (shakespeare_char), or --config FILE, "
     "and any setting can be overridden on the command line, e.g. --lr 3e-4 --max_iters 500. "
     "With no arguments it prepares the embedded Shakespeare plays into data/shakespeare_char and trains "
-    "into out/shakespeare_char. Ctrl-C or SIGTERM saves a checkpoint you can --resume."
+    "into out/shakespeare_char. With --data (or --tokenizer, --init-from) the dataset folder, run folder and "
+    "sample prompt follow that data unless given: --data my.txt trains into out/my_char. "
+    "It prints an estimate of the time at the start, and warns when the steps would repeat the "
+    "training text more than ~20 times. A finished run is not trained again (--overwrite does). "
+    "Ctrl-C or SIGTERM saves a checkpoint you can --resume."
 )
 
 
@@ -28,10 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", dest="init_from_cli", metavar="SRC", default=None,
                    help="start from weights: a simplegpt checkpoint dir, or a Hugging Face GPT-2 dir or name "
                         "(same as --init_from)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different run already in out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in out_dir (a different one, or this one to train it again)")
     p.add_argument("--stop-at", type=int, metavar="STEP", default=None,
                    help="stop at this step with a checkpoint (continue later with --resume)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (a bar on a terminal, else a plain line every log_interval steps)")
 
     def converter(name: str):
         def convert(text: str):
@@ -64,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in KEYS}
     if args.init_from_cli is not None:
         overrides["init_from"] = args.init_from_cli
-    finished = False
     if args.resume:
         path = checkpoint_dir(args.resume)
         doc = read_checkpoint_config(path)
@@ -74,25 +80,26 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
         # the flat keys every version of the trainer saved; keys it no longer has are left out
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
-        finished = isinstance(doc.get("step"), int) and doc["step"] >= cfg.max_iters
     else:
         cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
                    progress=not args.quiet)
-    if args.resume and finished:
-        print(f"simplegpt train: {args.resume} had already finished its {cfg.max_iters} steps; to train longer, "
-              f"resume with a larger --max_iters (e.g. --max_iters {2 * cfg.max_iters})", file=sys.stderr)
+    if result.already_finished:
+        run = shlex.quote(str(result.out_dir))
+        again = "" if args.resume else "; to train it again from step 0, add --overwrite"
+        print(f"simplegpt train: {args.resume or result.out_dir} had already finished its {result.step} steps; "
+              f"nothing was trained. To train longer, resume with a larger --max_iters (e.g. simplegpt train "
+              f"--resume {run} --max_iters {2 * result.step}){again}", file=sys.stderr)
     print(f"\nsteps: {result.step}/{cfg.max_iters}   tokens seen: {result.tokens_seen:,}   "
           f"time: {result.elapsed_s:.0f} s")
     if result.val_loss is not None:
         best = f"   best val loss: {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
         print(f"val loss: {result.val_loss:.4f}   val bits/byte: {result.val_bpb:.3f}{best}")
-    print(f"checkpoint: {result.last_checkpoint}   run folder: {result.out_dir}")
     best_dir = result.out_dir / BEST
+    best = f"   best: {best_dir} (lowest val loss)" if best_dir.is_dir() else ""
+    print(f"checkpoint: {result.last_checkpoint} (latest, for --resume){best}\nrun folder: {result.out_dir}")
     if result.interrupted is None and best_dir.is_dir():
-        import shlex
-
-        prompt = shlex.quote(cfg.sample_prompt.strip() or "Once upon a time")
+        prompt = shlex.quote(cfg.sample_prompt.strip())  # one that fits the vocabulary, or '' (unconditional)
         print(f"next: simplegpt generate --checkpoint {shlex.quote(str(best_dir))} --prompt {prompt} --stream")
         print(f"  or: simplegpt serve --checkpoint {shlex.quote(str(best_dir))}   (API + playground in a browser)")
     if result.interrupted in ("SIGINT", "SIGTERM"):

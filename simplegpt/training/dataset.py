@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import TrainConfig
+from ..config import TrainConfig, corpus_slug
 from ..data import PackedSampler, PaddedSampler, TokenShards, prepare_corpus, read_meta
 from ..errors import DataError
 from ..tokenizer import Tokenizer
-
-
-def _slug(source: str) -> str:
-    name = Path(source.rstrip("/")).stem if "://" not in source else Path(source).stem
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "corpus"
 
 
 def _is_dataset_dir(path: str) -> bool:
@@ -27,7 +21,7 @@ def dataset_dir(cfg: TrainConfig) -> Path:
         return Path(cfg.data)
     if cfg.data_dir:
         return Path(cfg.data_dir)
-    return Path("data") / f"{_slug(cfg.data.removeprefix('hf:'))}_{cfg.tokenizer}"
+    return Path("data") / f"{corpus_slug(cfg.data)}_{cfg.tokenizer}"
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) -> tuple[Path, dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,17 +31,57 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    """The FLOP/s MFU divides by: configured, a known GPU's bf16 peak, or a measured CPU matmul rate."""
+    """The FLOP/s MFU divides by (see mfu_peak), on torch's current number of threads."""
+    return mfu_peak(cfg, device, torch.get_num_threads())[0]
+
+
+def mfu_peak(cfg: TrainConfig, device: torch.device, threads: int) -> tuple[float, str]:
+    """The FLOP/s MFU divides by, and what it is: configured (peak_flops), a known GPU's bf16 peak,
+    or on a CPU the float32 peak of the `threads` cores the run uses.
+
+    The CPU peak is the higher of two figures. A timed matmul alone is lowered by whatever else runs
+    on the machine (a run started beside a busy process measured too low and logged MFU 1.18);
+    the cores' vector width x FMA units x clock (cpu_vector_peak) is a ceiling that load cannot lower."""
     if cfg.peak_flops:
-        return cfg.peak_flops
+        return cfg.peak_flops, f"the configured peak_flops, {cfg.peak_flops / 1e12:.3g} TFLOP/s"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
-                return flops
-        return 100e12
-    # CPU: the rate of a large float32 matmul on this machine now, a practical ceiling: the best of
-    # short rounds over a fifth of a second, so that a moment of load from elsewhere does not set it.
+                return flops, f"the {key}'s bf16 peak, {flops / 1e12:.0f} TFLOP/s"
+        return 100e12, f"an assumed 100 TFLOP/s ({name} is not in the table; set peak_flops)"
+    measured = _matmul_rate()
+    vector = cpu_vector_peak(threads)
+    cores = f"{threads} core{'s' if threads != 1 else ''}"
+    if vector is not None and vector[0] >= measured:
+        return vector[0], f"the float32 peak of {cores}, {vector[0] / 1e9:,.0f} GFLOP/s ({vector[1]})"
+    return measured, f"the float32 peak of {cores}, {measured / 1e9:,.0f} GFLOP/s (a timed matmul)"
+
+
+def cpu_vector_peak(threads: int) -> tuple[float, str] | None:
+    """The float32 FLOP/s of `threads` x86-64 cores at their top clock, from /proc/cpuinfo's flags
+    (AVX-512: 2 FMA units x 16 lanes x 2 FLOPs = 64 per cycle, AVX2 + FMA: 32, AVX: 16) and
+    cpufreq's maximum clock, else cpuinfo's; with a description. None where unknown (not Linux x86)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    per_cycle, isa = next(((n, isa) for n, isa, need in ((64, "AVX-512", {"avx512f"}), (32, "AVX2 FMA", {"avx2", "fma"}),
+                                                         (16, "AVX", {"avx"})) if need <= flags), (0, ""))
+    try:
+        hz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
+    except (OSError, ValueError):
+        mhz = [float(ln.split(":", 1)[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")]
+        hz = max(mhz, default=0.0) * 1e6
+    if not per_cycle or hz <= 0:
+        return None
+    return threads * per_cycle * hz, f"{isa}, {per_cycle} FLOPs/cycle at {hz / 1e9:.2f} GHz"
+
+
+def _matmul_rate() -> float:
+    """The rate of a large float32 matmul on torch's threads now: the best of short rounds over a fifth
+    of a second, so that a moment of load from elsewhere does not set it."""
     # Its own generator: drawing from the global one would shift a resumed run's dropout stream.
     a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
     torch.mm(a, a)

@@ -3,8 +3,11 @@
 It only orchestrates: the data (dataset), the weights (start), the optimizer and schedule
 (optimizer), the machine (hardware) and the run folder (run_dir). Resuming restores model,
 optimizer, step, sampler and every RNG, so the per-step losses equal an uninterrupted run's bit for
-bit on CPU. Ctrl-C / SIGTERM finish the current step, save last/ and return; a non-finite loss
-stops the run before the optimizer step, so last/ stays the last good state.
+bit on CPU. Ctrl-C / SIGTERM finish the current step, save last/ and return; a non-finite loss or
+gradient norm stops the run before the optimizer applies it, so last/ stays the last good state.
+Everything that can be checked is checked before step 1 (the sample prompt against the tokenizer
+included), and each evaluation saves its checkpoints before it draws a sample. A run that is already
+finished is not trained again: train() returns its result (already_finished) unless overwrite.
 
 The steps run through the step module: torch.compile(model), or on a CPU the training kernels'
 twin of the model (simplegpt.accel.cpu.for_training, sharing its parameters); checkpoints and
@@ -30,7 +33,8 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from ..accel import cpu
-from ..config import TrainConfig
+from ..console import survives_closed_output
+from ..config import TrainConfig, read_toml
 from ..data import load_dataset_tokenizer
 from ..devices import resolve_device
 from ..errors import ConfigError
@@ -40,10 +44,16 @@ from . import TrainingError, run_dir
 from .core_shards import CoreShards
 from .cpu_memory import keep_freed_memory
 from .dataset import make_samplers, prepare_data
-from .hardware import auto_threads, core_shards, peak_flops, resolve_dtype
+from .hardware import auto_threads, core_shards, mfu_peak, resolve_dtype
 from .optimizer import lr_at, make_optimizer
-from .run_dir import BEST, LAST
+from .run_dir import BEST, CONFIG_FILE, LAST
 from .start import init_model, load_resume, rng_state, seed_everything, set_rng_state
+
+
+# The estimate of the time left comes after this many timed steps, or this many seconds of them.
+ESTIMATE_STEPS, ESTIMATE_S = 3, 10.0
+# Off a terminal, a progress line every log_interval steps, at most one per this many seconds.
+LINE_EVERY_S = 5.0
 
 
 @dataclass
@@ -56,6 +66,7 @@ class TrainResult:
     val_bpb: float | None = None
     best_val_loss: float | None = None
     interrupted: str | None = None  # "SIGINT" / "SIGTERM" / "stop_at" when the run stopped early
+    already_finished: bool = False  # the run had done its max_iters before: nothing was trained
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -118,11 +129,85 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: i
     return prompt + result.text
 
 
+def _finished_run(out: Path, cfg: TrainConfig) -> Path | None:
+    """out's last/ when out holds this very run (the same config) and it has done its max_iters."""
+    try:
+        same = (out / CONFIG_FILE).is_file() and read_toml(out / CONFIG_FILE) == cfg.to_dict()
+    except ConfigError:
+        return None
+    step = run_dir.checkpoint_step(out / LAST) if same else None
+    return out / LAST if step is not None and step >= cfg.max_iters else None
+
+
+def _finished_result(last: Path) -> TrainResult:
+    """The TrainResult of a finished run, read from its last/ checkpoint (nothing is trained)."""
+    doc = ckpt.read_checkpoint_config(last)
+    found = doc.get("metrics") if isinstance(doc.get("metrics"), dict) else {}
+    state = ckpt.load_train_state(last)
+    return TrainResult(out_dir=last.parent, step=int(doc["step"]), tokens_seen=int(doc.get("tokens_seen", 0)),
+                       elapsed_s=float(state.get("elapsed_s", 0.0)), val_loss=found.get("val_loss"),
+                       val_bpb=found.get("val_bpb"), best_val_loss=found.get("best_val_loss"), already_finished=True)
+
+
+def _check_sample_prompt(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    """ConfigError, before step 1, for a sample prompt the tokenizer cannot encode (it would fail at
+    the first evaluation)."""
+    if not (cfg.sample_tokens and cfg.sample_prompt):
+        return
+    try:
+        tokenizer.encode(cfg.sample_prompt)
+    except ValueError as e:
+        raise ConfigError(f"sample_prompt {cfg.sample_prompt!r} does not fit the corpus's {tokenizer.kind} "
+                          f"vocabulary ({e}); give a prompt made of the corpus's text, or --sample_prompt '' "
+                          "to sample from the start of a document") from None
+
+
+def _last_good(out: Path) -> str:
+    """What the message of a run stopped by a fault says of its last good state."""
+    if (out / LAST).is_dir():
+        return f"{out / LAST} keeps the last good state"
+    return "no checkpoint was saved before it (the first is saved at the first evaluation)"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _repeat_warning(cfg: TrainConfig, step: int, tokens_per_step: int, train_tokens: int) -> str | None:
+    """A warning when the run will go over its training tokens more than ~20 times (it would learn
+    them by heart: the val loss rises while the train loss falls)."""
+    epochs = cfg.max_iters * tokens_per_step / max(train_tokens, 1)
+    if epochs <= 20:
+        return None
+    twenty = max(1, 20 * train_tokens // tokens_per_step)
+    return (f"warning: {cfg.max_iters:,} steps of {tokens_per_step:,} tokens go over the {train_tokens:,} training "
+            f"tokens ~{epochs:,.0f} times, and a model learns text seen that often by heart; use more text, or "
+            f"--max_iters {twenty} for 20 passes")
+
+
+def _estimate(cfg: TrainConfig, step: int, s_per_step: float, timed: int) -> str:
+    """The estimated time left, from the mean of `timed` steps (an evaluation costs its eval_iters
+    forward passes, about a third of a training step each over grad_accum_steps micro-batches)."""
+    left = cfg.max_iters - step
+    evals = cfg.max_iters // cfg.eval_interval - step // cfg.eval_interval + (cfg.max_iters % cfg.eval_interval > 0)
+    seconds = s_per_step * (left + evals * cfg.eval_iters / (3 * cfg.grad_accum_steps))
+    return (f"estimated time: ~{_duration(seconds)} for the {left:,} steps left and {evals} evaluation"
+            f"{'s' if evals != 1 else ''} ({s_per_step:.3g} s/step over {timed} steps)")
+
+
+@survives_closed_output  # a reader of the output that left (`| tee`) must not stop a save or the run
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: bool = False,
           stop_at: int | None = None, progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run (or resume from checkpoint or run folder `resume`) the training run cfg describes; see the
     module docstring. stop_at: stop with a checkpoint after this step. ConfigError, DataError and
-    CheckpointError for what cannot start; TrainingError for a run that cannot go on."""
+    CheckpointError for what cannot start; TrainingError for a run that cannot go on. A run already
+    finished (resumed, or started again with the config of the run in out_dir) is not trained again:
+    the result is read from its last/ checkpoint, with already_finished set."""
     from tqdm.auto import tqdm
 
     log = log or (lambda s: tqdm.write(s))
@@ -141,11 +226,15 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
         out = resume.parent
         cfg = cfg.replace(out_dir=str(out))
         note = f"resuming {resume} at step {state['step']}"
+        if state["step"] >= cfg.max_iters:
+            return _finished_result(resume)
     else:
         model, tokenizer, note = init_model(cfg, device)
         out = Path(cfg.out_dir)
         if model is not None:
             cfg = cfg.replace(model=model.config, tokenizer=tokenizer.kind)
+        if not overwrite and (finished := _finished_run(out, cfg)) is not None:
+            return _finished_result(finished)
     if stop_at is not None and stop_at <= (state["step"] if state else 0):
         raise ConfigError(f"stop_at must be after the starting step {(state or {}).get('step', 0)}")
 
@@ -155,6 +244,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
         data_dir, meta = prepare_data(cfg, tokenizer, progress)
         if tokenizer is None:
             tokenizer = load_dataset_tokenizer(data_dir)
+        _check_sample_prompt(cfg, tokenizer)
         if model is None:
             model = GPT(dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"])).to(device)
         run_dir.check_disk_space(out, model.num_parameters())
@@ -181,7 +271,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     step_model.train()  # before CoreShards copies it
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
-    flops_peak = peak_flops(cfg, device)
+    flops_peak, peak_basis = mfu_peak(cfg, device, threads)
     flops_per_token = model.flops_per_token(cfg.block_size)  # once: counting parameters walks the model
     bytes_per_token = meta["val_bytes_per_token"]
     dataset_info = {k: meta[k] for k in ("source", "tokens", "vocab_size", "val_bytes_per_token")}
@@ -191,8 +281,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     shards = CoreShards(step_model, n_shards) if n_shards > 1 else None
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
         f"block {cfg.block_size}; data: {data_dir} ({meta['tokens']['train']:,} train tokens); device: {device}, "
-        f"{str(dtype).removeprefix('torch.')}, {threads} threads"
+        f"{str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads != 1 else ''}"
         f"{f' (each batch split {n_shards} ways)' if shards else ''}; run folder: {out}")
+    log(f"MFU (model FLOPs utilization) is against {peak_basis}")
+    if (warning := _repeat_warning(cfg, step, tokens_per_step, meta["tokens"]["train"])) is not None:
+        log(warning)
 
     def save(name: str, val_loss: float | None, with_state: bool) -> Path:
         metadata = {"train_config": cfg.to_dict(), "step": step, "tokens_seen": tokens_seen,
@@ -210,11 +303,16 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
     result = TrainResult(out_dir=out, step=step, tokens_seen=tokens_seen, elapsed_s=0.0,
                          best_val_loss=best_val if math.isfinite(best_val) else None)
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    # A bar on a terminal; elsewhere (a pipe, a log file) a plain line now and then, not a stream of \r updates.
+    lines = progress and not sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not progress or lines, unit="step", dynamic_ncols=True)
     t_last, window_tokens = time.perf_counter(), 0
+    t_line = t_last - LINE_EVERY_S
+    timed, timed_s = -1, 0.0  # steps timed for the estimate (the first warms up), and their seconds
     try:
         with _StopSignals() as signals, keep_freed_memory(device.type == "cpu"):
             while step < cfg.max_iters:
+                t_step = time.perf_counter()
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -231,10 +329,15 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                 if not math.isfinite(step_loss):
                     raise TrainingError(
                         f"the loss became {step_loss} at step {step + 1} (lr {lr:.3g}); the run stopped and "
-                        f"{out / LAST} keeps the last good state; lower --lr or set --grad_clip")
+                        f"{_last_good(out)}; lower --lr or set --grad_clip")
                 # On torch's current thread count: 1 in a split step, where a second OpenMP thread would
                 # spin on the core that the next step's other share needs (measured 15% slower steps).
                 grad_norm = optimizer.clip_and_step(cfg.grad_clip)
+                if cfg.grad_clip > 0 and not math.isfinite(grad_norm) and not scaler.is_enabled():
+                    # the optimizer did not apply it (under fp16 the scaler skips such steps by design)
+                    raise TrainingError(
+                        f"the gradient norm became {grad_norm} at step {step + 1} (lr {lr:.3g}); the step was not "
+                        f"applied, the run stopped and {_last_good(out)}; lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += tokens_per_step
@@ -243,7 +346,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
                 now = time.perf_counter()
                 tok_s = window_tokens / max(now - t_last, 1e-9)
-                mfu = flops_per_token * tok_s / flops_peak
+                mfu = min(flops_per_token * tok_s / flops_peak, 1.0)  # a peak set too low never reads as >100%
+                if 0 <= timed:
+                    timed, timed_s = timed + 1, timed_s + now - t_step
+                    if timed >= ESTIMATE_STEPS or timed_s >= ESTIMATE_S:
+                        log(_estimate(cfg, step, timed_s / timed, timed))
+                        timed = -2  # said once
+                elif timed == -1:
+                    timed = 0
                 stop = signals.received or ("stop_at" if stop_at is not None and step >= stop_at else None)
                 if step % cfg.log_interval == 0 or step == cfg.max_iters or stop:
                     metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
@@ -252,29 +362,36 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                     t_last, window_tokens = now, 0
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
                 bar.update(1)
+                if lines and (step % cfg.log_interval == 0 and now - t_line >= LINE_EVERY_S or step == cfg.max_iters):
+                    t_line = now
+                    print(f"step {step:,}/{cfg.max_iters:,}  loss {step_loss:.4f}  {tok_s:,.0f} tok/s  MFU {mfu:.1%}  "
+                          f"{_duration(elapsed_before + now - t_start)} elapsed", file=sys.stderr, flush=True)
 
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                     torch.set_num_threads(threads)
                     # Evaluation and sampling use their own RNG, so they never change the training stream.
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         val_loss = evaluate(step_model, val_sampler, cfg.eval_iters, device, autocast)
-                        sample = (sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device,
-                                              cfg.seed) if cfg.sample_tokens else "")
                     if not math.isfinite(val_loss):
                         raise TrainingError(
                             f"the validation loss became {val_loss} at step {step}; the run stopped and "
-                            f"{out / LAST} keeps the last good state; lower --lr or set --grad_clip")
+                            f"{_last_good(out)}; lower --lr or set --grad_clip")
                     result.val_loss, result.val_bpb = val_loss, bpb(val_loss)
                     metrics.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": bpb(val_loss),
                                    "tokens": tokens_seen})
                     log(f"step {step}: val loss {val_loss:.4f}, {bpb(val_loss):.3f} bits/byte")
-                    if sample:
-                        log(f"--- sample at step {step} ---\n{sample}\n---")
-                        run_dir.append_sample(out, step, val_loss, sample)
+                    # The checkpoints first: nothing optional (the sample) can lose the steps done.
                     if val_loss < best_val:
                         best_val = val_loss
                         save(BEST, val_loss, with_state=False)
                     save(LAST, val_loss, with_state=True)
+                    if cfg.sample_tokens:
+                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                            sample = sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device,
+                                                 cfg.seed)
+                        if sample:
+                            log(f"--- sample at step {step} ---\n{sample}\n---")
+                            run_dir.append_sample(out, step, val_loss, sample)
                     t_last, window_tokens = time.perf_counter(), 0  # eval time is not training speed
 
                 stop = stop or signals.received

@@ -2,7 +2,8 @@
 learning-rate schedule.
 
 Every optimizer make_optimizer returns is a torch.optim.AdamW (state_dict included) with one more
-method, clip_and_step(max_norm) -> the gradient norm, which the training loop calls each step:
+method, clip_and_step(max_norm) -> the gradient norm, which the training loop calls each step (a
+non-finite norm leaves the weights as they were, see each class):
 on a CPU the native one (simplegpt.accel.cpu.optim.AdamW: clipping and update in two passes of the
 kernels, PyTorch's ops where they do not apply), elsewhere PyTorch's through the run's GradScaler.
 """
@@ -28,12 +29,16 @@ class ScaledAdamW(torch.optim.AdamW):
 
     def clip_and_step(self, max_norm: float) -> float:
         """Unscale the gradients, clip their total norm to max_norm (when > 0), step (skipped by the
-        scaler when a gradient is not finite) and update the scale. Returns the norm, NaN when not clipping."""
+        scaler when a gradient is not finite) and update the scale. Returns the norm, NaN when not clipping.
+        A non-finite norm is never applied: under fp16 the scaler skips the step and lowers its scale;
+        without a scaler the step is not taken (the caller sees the norm)."""
         norm = math.nan
         if max_norm > 0:
             self.scaler.unscale_(self)
             params = [p for group in self.param_groups for p in group["params"]]
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(norm) and not self.scaler.is_enabled():
+                return norm
         self.scaler.step(self)
         self.scaler.update()
         return norm

@@ -32,7 +32,8 @@ class AdamW(torch.optim.AdamW):
 
     def clip_and_step(self, max_norm: float) -> float:
         """torch.nn.utils.clip_grad_norm_ over the parameters with gradients (when max_norm > 0), then
-        step(). Returns the gradients' total norm before clipping (NaN when max_norm <= 0)."""
+        step(). Returns the gradients' total norm before clipping (NaN when max_norm <= 0). A non-finite
+        norm is returned without a step: clipping by it would turn every weight into NaN."""
         norm = training.adamw_step(self, max_norm, torch.get_num_threads())
         if norm is not None:
             return norm
@@ -40,5 +41,7 @@ class AdamW(torch.optim.AdamW):
         if max_norm > 0:
             params = [p for group in self.param_groups for p in group["params"]]
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(norm):
+                return norm
         super().step()
         return norm

@@ -387,8 +387,8 @@ def adamw_step(optimizer: torch.optim.Optimizer, max_norm: float, threads: int) 
     are). PyTorch takes a pass per op and per tensor group, single-threaded inside a split step.
 
     The optimizer's state (step, exp_avg, exp_avg_sq) is PyTorch's own, so its state_dict, a
-    checkpoint and a resume are unchanged. Returns the total gradient norm (NaN when max_norm <= 0),
-    or None without doing anything when the optimizer or its tensors are not ones it takes
+    checkpoint and a resume are unchanged. Returns the total gradient norm (NaN when max_norm <= 0;
+    a non-finite norm is returned without an update), or None without doing anything when the optimizer or its tensors are not ones it takes
     (the caller then runs PyTorch's path)."""
     params = _adamw_params(optimizer)
     if params is None:
@@ -409,6 +409,8 @@ def adamw_step(optimizer: torch.optim.Optimizer, max_norm: float, threads: int) 
         if not lib.sg_sqnorm(grads, plan.sizes, len(params), threads, ctypes.byref(sq)):
             raise MemoryError("optimizer step: no memory for the gradient norm's partial sums")
         norm = math.sqrt(sq.value)
+        if not math.isfinite(norm):
+            return norm  # no update: clipping by a non-finite norm would make every weight NaN
         scale = min(max_norm / (norm + 1e-6), 1.0)  # clip_grad_norm_'s factor
     plan.steps += 1
     hp = np.empty((len(params), 6))  # per tensor: lr, weight decay, beta1, beta2, eps, step
