@@ -1,6 +1,7 @@
 """The trainer's optimizer: one clip_and_step for every run, the native AdamW equal to PyTorch's
 AdamW + clip_grad_norm_, and state_dicts that stay PyTorch's own."""
 
+import contextlib
 import copy
 import math
 
@@ -139,3 +140,29 @@ def test_the_scaled_step_unscales_before_clipping():
     assert norm == pytest.approx(reference_step(ref_opt, 0.5), rel=1e-5)
     for p, q in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["native", "native_kernels_off", "scaled"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_gradient_norm_is_returned_and_never_applied(kind, bad):
+    # clipping by an infinite norm multiplies every gradient by 0 (inf * 0 = NaN), so a step taken
+    # anyway turns the weights into NaN
+    if kind == "native" and not cpu.enabled():
+        pytest.skip(f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+    model = make_tiny_gpt()
+    make = {"native": AdamW, "native_kernels_off": AdamW,
+            "scaled": lambda g, **kw: ScaledAdamW(g, torch.amp.GradScaler("cpu", enabled=False), **kw)}[kind]
+    opt = make(groups(model), lr=1e-2, fused=True)
+    run_steps(model, opt, 2, 1.0)  # a state to keep
+    before = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    set_grads([model], 2)
+    next(model.parameters()).grad[0, 0] = bad
+    with cpu.disabled() if kind == "native_kernels_off" else contextlib.nullcontext():
+        norm = opt.clip_and_step(1.0)
+    assert not math.isfinite(norm)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[i][k], s[k]) for i, s in state["state"].items() for k in s)
+    opt.zero_grad(set_to_none=True)
+    assert all(math.isfinite(n) for n in run_steps(model, opt, 2, 1.0, first=3))  # and it goes on from there
