@@ -9,10 +9,12 @@ report it, and exit 70 (EX_SOFTWARE, sysexits.h's "internal software error").
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 from . import __version__
 from .errors import SimpleGPTError
@@ -34,18 +36,69 @@ COMMANDS = {
 }
 
 
+SPELLINGS = "Options take dashes or underscores: --max-new-tokens and --max_new_tokens are one option."
+
+
+def _key(option: str) -> str:
+    """An option's name whatever its spelling: --max_new_tokens and --max-new-tokens -> max-new-tokens."""
+    return option.lstrip("-").replace("_", "-")
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors as one line (what is wrong, where to look) and exit status 2."""
+    """argparse with usage errors as one line (what is wrong, where to look) and exit status 2.
+
+    Every long option of every command takes both spellings (--max-new-tokens, --max_new_tokens),
+    and an unknown option names the closest valid one and the command's own --help. Options are not
+    abbreviated: `--max_iter` is a mistake to point out, not a run of `train --max-iters`, and a new
+    option cannot change what an old command line means.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        if self._subparsers is None:  # a command's own parser: every option in args is one of its own
+            end = args.index("--") if "--" in args else len(args)  # after "--" come only values
+            args = [self._respell(a) for a in args[:end]] + args[end:]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and extras[0].startswith("-"):
+            self._unknown_option(extras[0].partition("=")[0])
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def _respell(self, arg: str) -> str:
+        """arg with its option named as this parser spells it (--max_new_tokens=5 -> --max-new-tokens=5).
+        Runs before argparse, so an unknown option is reported before any missing required one."""
+        if not arg.startswith("-") or arg in ("-", "--") or " " in arg or self._negative_number_matcher.match(arg):
+            return arg  # what argparse takes for a value
+        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg[:2], "", arg[2:])
+        options = self._option_string_actions
+        if name in options:
+            return arg
+        spelled = {_key(o): o for o in options if o.startswith("--")}
+        if name.startswith("--") and _key(name) in spelled:
+            return spelled[_key(name)] + eq + value
+        self._unknown_option(name)
+
+    def _unknown_option(self, name: str) -> NoReturn:
+        """Exits 2 naming the option, the closest valid one (if any is close) and this command's --help."""
+        spelled = {_key(o): o for o in self._option_string_actions if o.startswith("--")}
+        spelled.update({_key(o): o for o in self._option_string_actions if o.startswith("--") and "_" not in o})
+        close = [k for k in spelled if k.startswith(_key(name))] or difflib.get_close_matches(_key(name), spelled, n=1)
+        names = " or ".join(spelled[k] for k in sorted(close)[:3])
+        self.error(f"unknown option {name}" + (f"; did you mean {names}?" if names else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="simplegpt",
         description="Train, generate with, evaluate and serve small GPT models.",
-        epilog="Run 'simplegpt COMMAND --help' for the options of a command.",
+        epilog=f"Run 'simplegpt COMMAND --help' for the options of a command. {SPELLINGS}",
     )
     parser.add_argument("--version", action="version", version=f"simplegpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -57,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           epilog=SPELLINGS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

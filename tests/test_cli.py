@@ -2,6 +2,7 @@
 usage), through real `python -m simplegpt` processes; any other exception is a bug and keeps its
 traceback (exit 70)."""
 
+import argparse
 import ast
 import io
 import json
@@ -15,7 +16,7 @@ import pytest
 from conftest import ROOT, make_tiny_gpt
 from simplegpt import get_tokenizer, save_checkpoint
 from simplegpt.checkpoint import CHECKSUMS
-from simplegpt.cli import EXIT_BUG, main
+from simplegpt.cli import EXIT_BUG, build_parser, main
 
 BUG_REPORT = "Please report it on the project's issue tracker"
 
@@ -161,3 +162,70 @@ def test_commands_never_import_each_other():
                 assert not sibling, f"{path.name} imports {'.' * node.level}{node.module or ''}"
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("simplegpt.commands") for a in node.names), path.name
+
+
+def respelled(option: str) -> str:
+    """--max-new-tokens <-> --max_new_tokens."""
+    name = option[2:]
+    return "--" + (name.replace("_", "-") if "_" in name else name.replace("-", "_"))
+
+
+def parse(argv: list[str], capsys) -> tuple[object, str]:
+    """What the CLI's parser makes of argv: its namespace (without the command function), or its exit and error."""
+    try:
+        args = vars(build_parser().parse_args(argv))
+        args.pop("_run", None)
+        return args, ""
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+
+
+def test_every_option_of_every_command_takes_both_spellings(capsys):
+    """Issue 16: train took --max_iters and --max-iters, generate only --max-new-tokens."""
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    checked = 0
+    for command, sub in subcommands.items():
+        required = []
+        for action in sub._actions:
+            if not action.option_strings:
+                required.append("X")
+            elif action.required:
+                required += [action.option_strings[-1], "X"]
+        for action in sub._actions:
+            if action.nargs == 0 and isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            value = [] if action.nargs == 0 else [str(action.choices[0]) if action.choices else "1"]
+            for option in action.option_strings:
+                if not option.startswith("--") or option[2:].replace("_", "-") == option[2:].replace("_", ""):
+                    continue  # one-word options have one spelling
+                if sub._option_string_actions.get(respelled(option), action) is not action:
+                    continue  # train's --init-from and --init_from: two options the command declares itself
+                want = parse([command, *required, option, *value], capsys)
+                assert parse([command, *required, respelled(option), *value], capsys) == want, (command, option)
+                checked += 1
+    assert checked > 20
+
+
+def test_an_unknown_option_names_the_closest_and_the_commands_help(checkpoint):
+    """One line, exit 2, before any complaint about a missing --checkpoint; no abbreviations."""
+    proc = simplegpt("generate", "--max_new_token", "5")
+    assert proc.returncode == 2 and proc.stderr == (
+        "simplegpt generate: error: unknown option --max_new_token; did you mean --max-new-tokens? "
+        "(see 'simplegpt generate --help')\n")
+    proc = simplegpt("train", "--max_iter", "3")  # argparse would have run `--max-iters 3`
+    assert proc.returncode == 2 and proc.stderr == (
+        "simplegpt train: error: unknown option --max_iter; did you mean --max-iters? (see 'simplegpt train --help')\n")
+    proc = simplegpt("generate", "--checkpoint", str(checkpoint), "--top", "0.5")
+    assert proc.returncode == 2 and "unknown option --top; did you mean --top-k or --top-p?" in proc.stderr
+    proc = simplegpt("serve", "--checkpoint", str(checkpoint), "--nonsense")
+    assert proc.returncode == 2 and proc.stderr == ("simplegpt serve: error: unknown option --nonsense "
+                                                    "(see 'simplegpt serve --help')\n")
+
+
+def test_underscores_in_a_real_generate_run(checkpoint):
+    """The spelling of train's settings works for generate: the same text as with dashes."""
+    args = ["--checkpoint", str(checkpoint), "--prompt", "x", "--temperature", "0", "--quiet"]
+    dashes = simplegpt("generate", *args, "--max-new-tokens", "7", "--no-echo")
+    underscores = simplegpt("generate", *args, "--max_new_tokens=7", "--no_echo")
+    assert dashes.returncode == underscores.returncode == 0, underscores.stderr
+    assert underscores.stdout == dashes.stdout and len(dashes.stdout) == 8
