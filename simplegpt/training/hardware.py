@@ -3,12 +3,12 @@ batch over cores, and the peak FLOP/s that MFU divides by."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from ..accel.cpu.threads import auto_threads  # re-exported: training's threads from the idle cores
 from ..config import TrainConfig
 from ..errors import ConfigError
 
@@ -94,24 +94,6 @@ def _matmul_rate() -> float:
     return best
 
 
-def auto_threads() -> int:
-    """CPU threads for torch: the cores this process may use that other processes leave idle.
-
-    OpenMP threads that outnumber the free cores spin against each other: on a 2-core machine
-    with one other busy process, 2 threads train ~7x slower than 1 (measured, docs/training.md).
-    Idle cores are measured over a fifth of a second (/proc/stat on Linux); the load average
-    is the fallback, though it lags: it still counts a job that ended a minute ago.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = _busy_cores(0.2)
-    if busy is None:
-        try:
-            busy = os.getloadavg()[0]
-        except OSError:
-            busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.75)))
-
-
 def core_shards(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, threads: int) -> int:
     """How many ways CoreShards splits each batch (1 = not at all); ConfigError for a cpu_shards that
     cannot apply. Auto (0) shards fp32 CPU runs without dropout or torch.compile: one share per
@@ -125,28 +107,3 @@ def core_shards(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, thre
     if cfg.cpu_shards > cfg.batch_size:
         raise ConfigError(f"cpu_shards ({cfg.cpu_shards}) cannot exceed batch_size ({cfg.batch_size})")
     return cfg.cpu_shards
-
-
-def _busy_cores(seconds: float) -> float | None:
-    """How many cores were busy (machine-wide) over the next `seconds`, or None where unknown."""
-
-    def read() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle  # user..steal; guest time is already counted in user
-
-    first = read()
-    if first is None:
-        return None
-    time.sleep(seconds)
-    second = read()
-    if second is None:
-        return None
-    total, idle = second[0] - first[0], second[1] - first[1]
-    if total <= 0:
-        return None
-    return (os.cpu_count() or 1) * (total - idle) / total
