@@ -16,6 +16,9 @@ from ..errors import ConfigError
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
                   "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
+# float32 FLOPs per cycle per x86-64 core, widest first: FMA units x lanes x 2 (a multiply and an add).
+VECTOR_FLOPS_PER_CYCLE = ((64, "AVX-512", {"avx512f"}), (32, "AVX2 FMA", {"avx2", "fma"}), (16, "AVX", {"avx"}))
+
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for a config's dtype name; 'auto' is bf16 (or fp16) on CUDA, fp32 elsewhere.
@@ -67,14 +70,16 @@ def cpu_vector_peak(threads: int) -> tuple[float, str] | None:
     except OSError:
         return None
     flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    per_cycle, isa = next(((n, isa) for n, isa, need in ((64, "AVX-512", {"avx512f"}), (32, "AVX2 FMA", {"avx2", "fma"}),
-                                                         (16, "AVX", {"avx"})) if need <= flags), (0, ""))
+    known = [(n, isa) for n, isa, needs in VECTOR_FLOPS_PER_CYCLE if needs <= flags]
+    if not known:
+        return None
+    per_cycle, isa = known[0]
     try:
         hz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
     except (OSError, ValueError):
         mhz = [float(ln.split(":", 1)[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")]
         hz = max(mhz, default=0.0) * 1e6
-    if not per_cycle or hz <= 0:
+    if hz <= 0:
         return None
     return threads * per_cycle * hz, f"{isa}, {per_cycle} FLOPs/cycle at {hz / 1e9:.2f} GHz"
 
