@@ -52,6 +52,7 @@ def attention_weights(model: GPT, idx: torch.Tensor,
     attention_mask (B, T), 1 = real token, as in GPT.forward. Raises ValueError for ids the model
     cannot take (out of its vocabulary, longer than its context)."""
     view = module_view(model, _swap, training=False)
-    logits, _ = view(idx, attention_mask=attention_mask)
+    # GPT's own forward: a subclass such as the tutorial's SimpleGPT may return the logits alone
+    logits, _ = GPT.forward(view, idx, attention_mask=attention_mask)
     weights = torch.stack([block.attn.weights for block in view.transformer.h]).float()
     return logits, weights
