@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -121,6 +122,46 @@ def test_kernel_works_in_a_forked_child():
     child.start()
     child.join(60)
     assert child.exitcode == 0 and queue.get(timeout=5) == 4096 * 64
+
+
+@needs_kernel
+def test_workers_that_went_to_sleep_take_the_next_calls(monkeypatch):
+    """Past their spin the pool's workers sleep; the next call wakes them and every part is done once."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(3001, 771), torch.randn(3001), torch.randn(2, 771)
+    ref = F.linear(x.double(), w.double(), b.double()).float()
+    monkeypatch.setattr(native, "_threads", 3)
+    with torch.no_grad():
+        for pause in (0.0, 0.01, 0.05, 0.0, 0.03):
+            time.sleep(pause)  # longer than the workers' spin (0.5 ms): they are asleep
+            for _ in range(3):
+                assert torch.allclose(native.linear(x, w, b), ref, atol=1e-4 * 771 ** 0.5, rtol=1e-5)
+
+
+ONE_CORE = """
+import os, sys, torch
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+sys.path.insert(0, sys.argv[1])
+from test_native import medium
+from simplegpt.engine import Engine, SamplingParams
+greedy = SamplingParams(max_new_tokens=60, temperature=0.0, stop_at_eos=False)
+engine = Engine(medium())
+tokens = []
+for threads in (1, 3, 1, 3):
+    torch.set_num_threads(threads)
+    tokens.append([engine.generate([p], greedy)[0].token_ids for p in ([5, 17, 300], [999, 1, 2, 3, 4, 5, 6])])
+print(all(t == tokens[0] for t in tokens), engine.backend.name)
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_three_threads_on_one_core_decode_what_one_thread_decodes():
+    """On one core the caller takes the parts its workers cannot get to, or waits for a started one
+    asleep, and the workers that find they were put aside sleep: the same tokens as one thread."""
+    out = subprocess.run([sys.executable, "-c", ONE_CORE, os.path.dirname(__file__)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "native"], out.stderr
 
 
 FALLBACK = """
