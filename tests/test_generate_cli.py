@@ -1,8 +1,10 @@
 """`simplegpt generate` end to end: real checkpoints, real subprocesses for stdin and -i."""
 
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from conftest import make_tiny_gpt
 from simplegpt import get_tokenizer, load_checkpoint, save_checkpoint
 from simplegpt.cli import main
 from simplegpt.engine import Engine, SamplingParams
+from simplegpt.tokenizer import CharTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,92 @@ def test_missing_or_corrupt_checkpoint_and_empty_stdin(checkpoint, tmp_path):
     assert corrupt.returncode == 1 and "corrupted" in corrupt.stderr and "Traceback" not in corrupt.stderr
     empty = cli("--checkpoint", str(checkpoint), stdin="")
     assert empty.returncode == 1 and "no prompt" in empty.stderr
+
+
+@pytest.fixture(scope="module")
+def char_checkpoint(tmp_path_factory) -> Path:
+    """A character-level model whose vocabulary lacks most letters, in a run folder: run/best."""
+    tok = CharTokenizer.from_text("abcdefgh ijklmnop\n")
+    return save_checkpoint(tmp_path_factory.mktemp("runs") / "run" / "best",
+                           make_tiny_gpt(vocab_size=tok.vocab_size), tok)
+
+
+def test_a_prompt_outside_the_vocabulary_is_one_line(char_checkpoint):
+    proc = cli("--checkpoint", str(char_checkpoint), "--prompt", "abz", "--max-new-tokens", "3")
+    assert proc.returncode == 1 and proc.stderr.startswith("simplegpt generate: error: the prompt cannot be encoded")
+    assert len(proc.stderr.splitlines()) == 1 and "'z'" in proc.stderr
+
+
+def test_interactive_session_goes_on_after_a_bad_prompt_and_takes_multi_line_prompts(char_checkpoint):
+    """Issue 16: one bad prompt ended the session, and a newline could not be entered."""
+    prompts = ["abc", "ab\ncd", "fe\n\n  g", "ab\ncd\n"]
+    stdin = ('abc\n'
+             'xyz\n'                        # outside the vocabulary: one error line, the session goes on
+             'ab\\\ncd\n'                   # a trailing backslash goes on to the next line
+             '"""\nfe\n\n  g\n"""\n'         # a block, empty line and indentation kept
+             'ab\udce9\n'                   # not UTF-8 (written as the byte 0xe9 below)
+             '\n'                           # skipped
+             '"""\nab\ncd\n\n')             # EOF ends the open block, which is still a prompt
+    args = ["--checkpoint", str(char_checkpoint), "--temperature", "0", "--max-new-tokens", "6", "--quiet", "-i"]
+    proc = subprocess.run([sys.executable, "-m", "simplegpt", "generate", *args], capture_output=True, timeout=120,
+                          input=stdin.encode("utf-8", "surrogateescape"))
+    out = [p + expected_text(char_checkpoint, p, max_new_tokens=6, temperature=0) for p in prompts]
+    assert proc.stdout.decode() == "".join(o + "\n" for o in out)
+    err = proc.stderr.decode().splitlines()
+    assert len(err) == 2 and all(e.startswith("simplegpt generate: error: ") for e in err), err
+    assert "'x'" in err[0] and "not UTF-8" in err[1]
+    assert proc.returncode == 1  # a prompt failed, as `cat a missing b` says
+
+
+def read_until(fd: int, proc: subprocess.Popen, wanted: bytes, seconds: float = 120) -> bytes:
+    """What a pseudo-terminal's program writes, up to wanted (or until it ends)."""
+    got, end = b"", time.monotonic() + seconds
+    while wanted not in got and time.monotonic() < end:
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the program closed the terminal
+                break
+            if not chunk:
+                break
+            got += chunk
+        elif proc.poll() is not None:
+            break
+    return got
+
+
+def test_interactive_session_on_a_terminal_has_a_banner_and_ends_ctrl_d_with_a_newline(char_checkpoint):
+    """A real pseudo-terminal: the banner names the model (run-best) and how to quit, prompts show
+    >>> and ..., and after Ctrl-D the shell's prompt starts a line of its own."""
+    import pty
+
+    master, slave = pty.openpty()
+    args = ["--checkpoint", str(char_checkpoint), "--temperature", "0", "--max-new-tokens", "4", "--quiet", "-i"]
+    proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "generate", *args], stdin=slave, stdout=slave,
+                            stderr=slave, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    os.close(slave)
+    try:
+        banner = read_until(master, proc, b">>> ").decode()
+        assert banner.startswith("simplegpt generate: run-best (") and banner.count("\n") == 1, banner
+        assert "Ctrl-D or /quit ends" in banner and '"""' in banner
+        os.write(master, b"ab\\\n")
+        assert read_until(master, proc, b"... ").endswith(b"... ")
+        os.write(master, b"cd\n")
+        text = "ab\ncd" + expected_text(char_checkpoint, "ab\ncd", max_new_tokens=4, temperature=0)
+        assert text.replace("\n", "\r\n").encode() in read_until(master, proc, b">>> ")
+        os.write(master, b"\x04")  # Ctrl-D at the >>> prompt
+        assert proc.wait(timeout=60) == 0
+        assert read_until(master, proc, b"\n", seconds=5) == b"\r\n"
+    finally:
+        proc.kill()
+        os.close(master)
+
+
+def test_prompt_file_byte_order_mark_is_not_text(checkpoint, tmp_path):
+    """A UTF-8 byte-order mark (Windows editors write one) is not part of the prompt, as in corpora."""
+    f = tmp_path / "prompt.txt"
+    f.write_bytes(b"\xef\xbb\xbfhello")
+    proc = cli("--checkpoint", str(checkpoint), "--prompt-file", str(f), "--temperature", "0",
+               "--max-new-tokens", "10", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello" + expected_text(checkpoint, "hello", max_new_tokens=10, temperature=0) + "\n"

@@ -7,14 +7,16 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine
-from ..errors import DataError, FileAccessError, OptionError, UsageError, file_access_errors
+from ..errors import DataError, FileAccessError, OptionError, SimpleGPTError, UsageError, file_access_errors
 
 HELP = "generate text from a checkpoint"
 DESCRIPTION = (
     "Generate text from a trained checkpoint with a KV-cached engine. The prompt comes from --prompt, "
-    "--prompt-file or standard input; -i keeps the model loaded and reads one prompt per line. "
+    "--prompt-file or standard input; -i keeps the model loaded and reads prompts from standard input "
+    "(one a line; a line ending in \\ goes on to the next, and a block between two \"\"\" lines is one prompt). "
     "An empty prompt starts from the end-of-text token (unconditional sampling). When prompt + output "
     "outgrow the model's window, the oldest quarter of the context is dropped and generation goes on. "
     "On x86-64 CPUs up to 16 samples at a time decode in simplegpt's native kernels, compiled on first use with "
@@ -29,8 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="the prompt; '-' reads it from standard input (also the default when input is piped)")
     src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 file")
     src.add_argument("-i", "--interactive", action="store_true",
-                     help="read prompts line by line from standard input, keeping the model loaded; "
-                          "empty lines are skipped, EOF (Ctrl-D) or /quit ends")
+                     help="read prompts from standard input, keeping the model loaded: one a line (empty lines "
+                          "are skipped), a line ending in \\ goes on to the next, a block between two \"\"\" lines "
+                          "is one prompt; a bad prompt is one error line and the session goes on (exit status 1 "
+                          "at the end); EOF (Ctrl-D) or /quit ends")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy decoding")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 = off")
@@ -81,24 +85,95 @@ def _run(args: argparse.Namespace) -> int:
     if not args.interactive:
         _generate(engine, prompt, params, args)
         return 0
-    interactive = sys.stdin.isatty()
+    return _session(engine, params, args)
+
+
+def _session(engine, params, args: argparse.Namespace) -> int:
+    """-i: prompts from standard input until EOF or /quit, each generated as it is complete. A prompt
+    that fails (a character outside the vocabulary, bytes that are not UTF-8) is one error line on
+    stderr and the session goes on; the exit status is then 1. On a terminal: a banner, and the
+    >>> and ... prompts on stderr."""
+    tty = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 spoil their prompt (_utf8), not the session
+        sys.stdin.reconfigure(errors="surrogateescape")
+    if tty:
+        n = sum(p.numel() for p in engine.model.parameters())
+        print(f"simplegpt generate: {_model_name(args.checkpoint)} ({n / 1e6:.1f}M parameters); a prompt a line, "
+              '\\ at the end goes on to the next line, """ starts and ends a block; Ctrl-D or /quit ends',
+              file=sys.stderr)
+    failed = False
+    lines = _PromptLines()
     while True:
-        if interactive:
-            print(">>> ", end="", file=sys.stderr, flush=True)
-        line = _from_stdin(sys.stdin.readline)
-        if not line or line.strip() in ("/quit", "/exit"):
-            return 0
-        if not line.strip():
-            continue
-        _generate(engine, line.rstrip("\n"), params, args)
-        if params.seed is not None:  # a new prompt, new samples; still reproducible from --seed
-            params.seed += args.num_samples
+        if tty:
+            print(lines.cue, end="", file=sys.stderr, flush=True)
+        line = _from_stdin(sys.stdin.readline, check=False)
+        if not line and tty:
+            print(file=sys.stderr)  # after Ctrl-D, the shell's prompt on a line of its own
+        end = not line or (lines.empty and line.strip() in ("/quit", "/exit"))
+        prompt = lines.finish() if end else lines.feed(line)  # EOF ends a block or continued line too
+        if prompt is not None:
+            try:
+                _generate(engine, _utf8(prompt, "the prompt"), params, args)
+            except SimpleGPTError as e:
+                print(f"simplegpt generate: error: {e}", file=sys.stderr)
+                failed = True
+            if params.seed is not None:  # a new prompt, new samples; still reproducible from --seed
+                params.seed += args.num_samples
+        if end:
+            return 1 if failed else 0
+
+
+class _PromptLines:
+    """Lines of an -i session put together into prompts: a line is a prompt, unless it ends in a
+    backslash (dropped; the prompt goes on, with a newline, on the next line) or is a \"\"\" line,
+    which starts a block that runs to the next \"\"\" line. Empty lines outside a block are skipped."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.block = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.lines and not self.block
+
+    @property
+    def cue(self) -> str:
+        """The terminal's prompt: >>> for a new prompt, ... inside one."""
+        return ">>> " if self.empty else "... "
+
+    def feed(self, line: str) -> str | None:
+        """The prompt that line completes, or None while it is not complete."""
+        line = line.removesuffix("\n")
+        if self.block:
+            if line.strip() == '"""':
+                return self.finish()
+            self.lines.append(line)
+        elif self.empty and line.strip() == '"""':
+            self.block = True
+        elif line.endswith("\\"):
+            self.lines.append(line[:-1])
+        elif self.lines or line.strip():
+            self.lines.append(line)
+            return self.finish()
+        return None
+
+    def finish(self) -> str | None:
+        """The prompt put together so far (None if there is none), and a fresh start."""
+        prompt = "\n".join(self.lines) if self.lines else None
+        self.lines, self.block = [], False
+        return prompt
+
+
+def _model_name(checkpoint: str) -> str:
+    """out/run/best -> run-best (which run, and which of its checkpoints); any other folder: its name."""
+    folder = Path(checkpoint).resolve()
+    return f"{folder.parent.name}-{folder.name}" if folder.name in ("best", "last") else folder.name
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is not None:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
+            with open(args.prompt_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no text
                 return f.read()
         except FileNotFoundError:
             raise OptionError(f"--prompt-file {args.prompt_file} does not exist") from None
@@ -117,10 +192,12 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return _utf8(args.prompt, "--prompt")
 
 
-def _from_stdin(read: Callable[[], str]) -> str:
-    """sys.stdin.read or .readline, checked by _utf8 (and a DataError where a strict stdin cannot decode)."""
+def _from_stdin(read: Callable[[], str], check: bool = True) -> str:
+    """sys.stdin.read or .readline, checked by _utf8 unless not check (and a DataError where a strict
+    stdin cannot decode)."""
     try:
-        return _utf8(read(), "standard input")
+        text = read()
+        return _utf8(text, "standard input") if check else text
     except UnicodeDecodeError:
         raise DataError("standard input is not UTF-8 text") from None
 
@@ -136,7 +213,12 @@ def _utf8(text: str, source: str) -> str:
 
 
 def _generate(engine, prompt: str, params, args: argparse.Namespace) -> None:
+    """Generates for prompt and prints it; DataError for a prompt the tokenizer cannot encode."""
     out = sys.stdout
+    try:
+        ids = engine.tokenizer.encode(prompt)
+    except ValueError as e:  # a character outside a char tokenizer's vocabulary
+        raise DataError(f"the prompt cannot be encoded: {e}") from None
     for n in range(args.num_samples) if args.stream else [None]:
         t0 = time.perf_counter()
         if args.stream:
@@ -144,14 +226,14 @@ def _generate(engine, prompt: str, params, args: argparse.Namespace) -> None:
                 print(f"--- sample {n + 1} ---", file=out)
             if not args.no_echo:
                 out.write(prompt)
-            stream = engine.stream(prompt, _for_sample(params, n))
+            stream = engine.stream(ids, _for_sample(params, n))
             for piece in stream:
                 out.write(piece)
                 out.flush()
             out.write("\n")
             results = [stream.result]
         else:
-            results = engine.generate([prompt] * args.num_samples, params)
+            results = engine.generate([ids] * args.num_samples, params)
             for i, r in enumerate(results):
                 if args.num_samples > 1:
                     print(f"--- sample {i + 1} ---", file=out)
