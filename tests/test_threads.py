@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from simplegpt.accel.cpu.threads import busy_cores, cpu_times, decode_threads, threads_for
 
@@ -77,3 +78,24 @@ def test_training_and_decoding_ask_the_same_helper():
     from simplegpt.training import hardware
 
     assert hardware.auto_threads is threads.auto_threads
+
+
+def test_generate_takes_threads_and_refuses_a_negative_count(tmp_path, capsys):
+    from conftest import make_tiny_gpt
+    from simplegpt import get_tokenizer, save_checkpoint
+    from simplegpt.cli import main
+
+    tok = get_tokenizer("byte")
+    checkpoint = save_checkpoint(tmp_path / "tiny", make_tiny_gpt(vocab_size=tok.vocab_size, scale=8.0), tok)
+    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "ab", "--temperature", "0",
+            "--max-new-tokens", "20", "--quiet", "--device", "cpu"]
+    outs = []
+    for extra in ([], ["--threads", "1"], ["--threads", "3"]):
+        assert main([*base, *extra]) == 0
+        outs.append(capsys.readouterr().out)
+        if extra:
+            assert torch.get_num_threads() == int(extra[1])
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) > 3
+    assert main([*base, "--threads", "-1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--threads" in err
