@@ -17,7 +17,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run folder (or a checkpoint in it, such as RUN/last)")
-    p.add_argument("--out", metavar="FILE", default=None, help="where to write the page; default RUN/report.html")
+    p.add_argument("--out", metavar="FILE", default=None, help="write the page here instead of RUN/report.html")
 
 
 def run(args: argparse.Namespace) -> int:
