@@ -91,7 +91,8 @@ class _Parser(argparse.ArgumentParser):
         spelled.update({_key(o): o for o in self._option_string_actions if o.startswith("--") and "_" not in o})
         close = [k for k in spelled if k.startswith(_key(name))] or difflib.get_close_matches(_key(name), spelled, n=1)
         names = " or ".join(spelled[k] for k in sorted(close)[:3])
-        self.error(f"unknown option {name}" + (f"; did you mean {names}?" if names else ""))
+        # argparse's own words for it, which scripts and tests may look for, and the closest options
+        self.error(f"unrecognized arguments: {name}" + (f"; did you mean {names}?" if names else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -210,15 +210,16 @@ def test_an_unknown_option_names_the_closest_and_the_commands_help(checkpoint):
     """One line, exit 2, before any complaint about a missing --checkpoint; no abbreviations."""
     proc = simplegpt("generate", "--max_new_token", "5")
     assert proc.returncode == 2 and proc.stderr == (
-        "simplegpt generate: error: unknown option --max_new_token; did you mean --max-new-tokens? "
+        "simplegpt generate: error: unrecognized arguments: --max_new_token; did you mean --max-new-tokens? "
         "(see 'simplegpt generate --help')\n")
     proc = simplegpt("train", "--max_iter", "3")  # argparse would have run `--max-iters 3`
     assert proc.returncode == 2 and proc.stderr == (
-        "simplegpt train: error: unknown option --max_iter; did you mean --max-iters? (see 'simplegpt train --help')\n")
+        "simplegpt train: error: unrecognized arguments: --max_iter; did you mean --max-iters? "
+        "(see 'simplegpt train --help')\n")
     proc = simplegpt("generate", "--checkpoint", str(checkpoint), "--top", "0.5")
-    assert proc.returncode == 2 and "unknown option --top; did you mean --top-k or --top-p?" in proc.stderr
+    assert proc.returncode == 2 and "unrecognized arguments: --top; did you mean --top-k or --top-p?" in proc.stderr
     proc = simplegpt("serve", "--checkpoint", str(checkpoint), "--nonsense")
-    assert proc.returncode == 2 and proc.stderr == ("simplegpt serve: error: unknown option --nonsense "
+    assert proc.returncode == 2 and proc.stderr == ("simplegpt serve: error: unrecognized arguments: --nonsense "
                                                     "(see 'simplegpt serve --help')\n")
 
 
