@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,16 +83,15 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory atomically and durably (simplegpt.atomic) and return its path.
     Files get the permissions the umask gives ordinary files; config.json, written last, records
-    their sha256. Raises OSError from the file system (the previous checkpoint is then untouched)."""
-    from safetensors.torch import save_file
-
+    their sha256. Raises OSError from the file system, naming the file (ENOSPC for a full disk);
+    the previous checkpoint is then untouched."""
     path = Path(path)
     with atomic.atomic_dir(path) as tmp:
-        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _write_weights(model_state_dict(model), tmp / WEIGHTS_FILE)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
         if train_state is not None:
-            torch.save(_to_file(train_state), tmp / TRAIN_STATE_FILE)
+            _write_train_state(_to_file(train_state), tmp / TRAIN_STATE_FILE)
         cfg = getattr(model, "_orig_mod", model).config
         doc = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), **(metadata or {}),
                CHECKSUMS: {name: _sha256(tmp / name) for name in _files(tmp)}}
@@ -101,6 +101,33 @@ def save_checkpoint(
         for name in _files(tmp):
             os.chmod(tmp / name, mode)
     return path
+
+
+def _write_weights(state: dict[str, torch.Tensor], file: Path) -> None:
+    """safetensors' file, with its I/O errors as the OSError they are (its SafetensorError names
+    only the OS error code: "... No space left on device (os error 28)")."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(state, str(file), metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
+
+
+def _write_train_state(state: dict[str, Any], file: Path) -> None:
+    """torch.save through a Python file, so that a failed write is the OSError it is, naming the
+    file (given a path, torch reports a full disk as "RuntimeError: ... unexpected pos")."""
+    with open(file, "wb", buffering=0) as f:  # unbuffered: closing after a failure writes nothing more
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            if not isinstance(e.__context__, OSError):
+                raise
+            raise OSError(e.__context__.errno, e.__context__.strerror, str(file)) from None
 
 
 def recover(path: str | os.PathLike) -> Path | None:

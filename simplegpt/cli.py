@@ -9,6 +9,7 @@ report it, and exit 70 (EX_SOFTWARE, sysexits.h's "internal software error").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import os
@@ -17,9 +18,14 @@ import traceback
 from typing import NoReturn
 
 from . import __version__
+from .console import output_cannot_fail, say
 from .errors import SimpleGPTError
 
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE: apart from 1 and 2, so scripts can tell a bug from bad input
+# Commands whose output is only a log of work saved on disk: a reader that leaves (`| tee` killed by
+# the same Ctrl-C) must not stop that work or change its exit code. Others stop when their output,
+# which is their product, has no reader (`generate ... | head`).
+OUTPUT_IS_A_LOG = {"train"}
 
 # Subcommand name -> module under simplegpt.commands, in the order --help lists them.
 COMMANDS = {
@@ -127,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with output_cannot_fail() if args.command in OUTPUT_IS_A_LOG else contextlib.nullcontext():
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("simplegpt: interrupted", file=sys.stderr)
+        say("simplegpt: interrupted")
         return 130
     except SimpleGPTError as e:
-        print(f"simplegpt {args.command}: error: {e}", file=sys.stderr)
+        say(f"simplegpt {args.command}: error: {e}")
         return e.exit_code
     except BrokenPipeError:
         # The reader of stdout left (`simplegpt generate ... | head`): nothing is wrong, nothing more to say.
@@ -140,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception:
-        traceback.print_exc()
-        print(f"simplegpt {args.command}: this is a bug in simplegpt, not in what you asked for. Please report it "
-              "on the project's issue tracker, with the command you ran and the traceback above.", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):
+            traceback.print_exc()
+        say(f"simplegpt {args.command}: this is a bug in simplegpt, not in what you asked for. Please report it "
+            "on the project's issue tracker, with the command you ran and the traceback above.")
         return EXIT_BUG
 
 

@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
         raise ConfigError(f"stop_at must be after the starting step {(state or {}).get('step', 0)}")
 
     created_out = not out.exists()
-    run_dir.check_out_dir(out, cfg, overwrite, resuming=state is not None)
+    lock = run_dir.check_out_dir(out, cfg, overwrite, resuming=state is not None)  # held until the run ends
     try:
         data_dir, meta = prepare_data(cfg, tokenizer, progress)
         if tokenizer is None:
@@ -250,8 +250,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
         run_dir.check_disk_space(out, model.num_parameters())
         train_sampler, val_sampler = make_samplers(cfg, data_dir, meta)
     except BaseException:
-        if created_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # nothing was trained: leave no empty run folder behind
+        run_dir.give_up(lock, created_out)  # nothing was trained: leave no empty run folder behind
         raise
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = make_optimizer(model, cfg, device, scaler)
@@ -402,9 +401,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                     log(f"stopped at step {step} ({stop}); checkpoint saved to {out / LAST}; "
                         f"continue with: simplegpt train --resume {out / LAST}")
                     break
+    except OSError as e:  # a full disk, or a file of the run folder that cannot be written
+        if (failure := run_dir.write_failure(out, e, step)) is None:
+            raise
+        raise failure from None
     finally:
         bar.close()
         metrics.close()
+        lock.release()
         if shards is not None:
             shards.close()
             torch.set_num_threads(threads)
@@ -412,7 +416,17 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     result.best_val_loss = best_val if math.isfinite(best_val) else None
     result.elapsed_s = elapsed_before + time.perf_counter() - t_start
     if cfg.plot and result.interrupted is None:
-        png = run_dir.plot_losses(out)
-        log(f"loss curve: {png}" if png else
-            'loss curve: not drawn, matplotlib is not installed (pip install "simplegpt-toolkit[plot]")')
+        try:
+            png = run_dir.plot_losses(out)
+            log(f"loss curve: {png}" if png else
+                'loss curve: not drawn, matplotlib is not installed (pip install "simplegpt-toolkit[plot]")')
+        except OSError as e:  # the run is saved: a picture that cannot be written does not fail it
+            log(f"loss curve: not drawn ({e.strerror or e})")
+    if cfg.plot:
+        try:  # the run is saved by now: a report that cannot be drawn must not turn it into a failure
+            from ..report import write_report
+
+            log(f"report: {write_report(out)}")
+        except Exception as e:
+            log(f"report: not written ({type(e).__name__}: {e}); try again with: simplegpt report {out}")
     return result

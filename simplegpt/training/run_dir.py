@@ -6,11 +6,16 @@
     out_dir/last/           the latest checkpoint, with the full train state for --resume
     out_dir/best/           the checkpoint with the lowest val loss
     out_dir/loss.png        the loss curve, drawn at the end
+    out_dir/.lock           held by the trainer writing the folder (see lock.py)
+
+A run folder that cannot be written mid-run (a full disk, a quota, a file too large) stops the
+run with one line naming its last good checkpoint (`write_failure`); the metrics written so far stay.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -21,6 +26,7 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, read_toml, to_toml
 from ..errors import CheckpointError, ConfigError
 from . import TrainingError
+from .lock import LOCK_FILE, RunLock, lock_run_folder
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -39,34 +45,70 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     return path / LAST if (path / LAST).is_dir() else path
 
 
-def check_out_dir(out: Path, cfg: TrainConfig, overwrite: bool, resuming: bool) -> None:
-    """Refuse a folder that holds another run or other files (ConfigError naming the way out); make it
-    and check that it is writable."""
+def check_out_dir(out: Path, cfg: TrainConfig, overwrite: bool, resuming: bool) -> RunLock:
+    """Make `out` and take its lock (lock.py) before anything is written there, and return it.
+    Raises RunFolderInUse when another trainer holds it, ConfigError for a folder that holds another
+    run or other files (naming the way out) or that cannot be written; the lock is then let go."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (resuming or overwrite):
-        saved = out / CONFIG_FILE
-        if not saved.is_file():
-            raise ConfigError(f"out_dir {out} is not empty and holds no simplegpt run; choose another out_dir "
-                              "or pass --overwrite")
-        try:
-            same = read_toml(saved) == cfg.to_dict()
-        except ConfigError:
-            same = False
-        if not same:
-            raise ConfigError(f"out_dir {out} already holds a different run; pass --overwrite to replace it, "
-                              f"--resume {out / LAST} to continue it, or choose another out_dir")
-        step = checkpoint_step(out / LAST)
-        if step is not None and step < cfg.max_iters:
-            raise ConfigError(f"out_dir {out} holds this run stopped at step {step}/{cfg.max_iters}; continue it "
-                              f"with --resume {out / LAST}, or pass --overwrite to start again")
+    if not (resuming or overwrite) and _other_files(out) and not (out / CONFIG_FILE).is_file():
+        # checked before the lock file is made: it must not be left in a folder that is not a run's
+        raise ConfigError(f"out_dir {out} is not empty and holds no simplegpt run; choose another out_dir "
+                          "or pass --overwrite")
+    created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
+        lock = lock_run_folder(out)
     except OSError as e:
         raise ConfigError(f"cannot write to out_dir {out} ({e.strerror or e}); choose a writable out_dir") from None
+    try:
+        if not (resuming or overwrite) and _other_files(out):
+            _check_same_run(out, cfg)
+        _check_writable(out)
+    except BaseException:
+        give_up(lock, created)
+        raise
+    return lock
+
+
+def give_up(lock: RunLock, created: bool) -> None:
+    """Let the lock go for a run that ends before it trained: a folder it left holding only the lock
+    file loses that file, and the folder itself if the run made it."""
+    with contextlib.suppress(OSError):
+        if not _other_files(lock.path.parent):
+            lock.remove()
+            if created:
+                lock.path.parent.rmdir()
+    lock.release()
+
+
+def _other_files(out: Path) -> bool:
+    """Whether `out` holds anything but the lock file."""
+    return out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+
+
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    try:
+        same = read_toml(out / CONFIG_FILE) == cfg.to_dict()
+    except ConfigError:
+        same = False
+    if not same:
+        raise ConfigError(f"out_dir {out} already holds a different run; pass --overwrite to replace it, "
+                          f"--resume {out / LAST} to continue it, or choose another out_dir")
+    step = checkpoint_step(out / LAST)
+    if step is not None and step < cfg.max_iters:
+        raise ConfigError(f"out_dir {out} holds this run stopped at step {step}/{cfg.max_iters}; continue it "
+                          f"with --resume {out / LAST}, or pass --overwrite to start again")
+
+
+def _check_writable(out: Path) -> None:
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        probe.touch()  # an empty file: on a full disk the check is check_disk_space's, with its own message
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir {out} ({e.strerror or e}); choose a writable out_dir") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -78,13 +120,46 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def check_disk_space(out: Path, num_parameters: int) -> None:
-    """TrainingError when out's disk cannot hold the run's checkpoints (float32 weights)."""
+    """TrainingError when out's disk cannot hold the run's checkpoints (float32 weights), counting
+    the space its own checkpoints take now, which the run's saves replace."""
     # last/ holds weights + 2 AdamW moments, best/ the weights; during a save one more copy exists.
-    need = num_parameters * 4 * (3 + 1 + 3) + (16 << 20)
+    need = num_parameters * 4 * (3 + 1 + 3) + (16 << 20) - _size(out / LAST) - _size(out / BEST)
     free = shutil.disk_usage(out).free
     if free < need:
-        raise TrainingError(f"not enough disk space in {out}: checkpoints need ~{need / 2**20:.0f} MiB, "
+        raise TrainingError(f"not enough disk space in {out}: checkpoints need ~{need / 2**20:.0f} MiB more, "
                             f"{free / 2**20:.0f} MiB free; free some space or choose another out_dir")
+
+
+def _size(folder: Path) -> int:
+    """Bytes the files under folder take on disk (0 when there is none)."""
+    total = 0
+    for p in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                total += p.stat().st_size
+    return total
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def write_failure(out: Path, e: OSError, step: int) -> TrainingError | None:
+    """The one-line error for a write of the run folder that failed at `step` (disk full, quota,
+    file too large, or a file of the folder that cannot be written), naming the last good
+    checkpoint and how to go on; None when `e` is not such a failure (a bug keeps its traceback)."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in DISK_FULL:
+        what = f"the disk of {out} is full{where}: {e.strerror}"
+    elif e.filename and Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(out)):
+        what = f"cannot write {e.filename}: {e.strerror or e}"
+    else:
+        return None
+    saved = checkpoint_step(out / LAST)
+    if saved is None:
+        return TrainingError(f"{what}; the run stopped at step {step} before its first checkpoint; free some "
+                             "space and start it again")
+    return TrainingError(f"{what}; the run stopped at step {step}; {out / LAST} (step {saved}) is the last good "
+                         f"checkpoint: free some space, then continue with: simplegpt train --resume {out / LAST}")
 
 
 def write_config(out: Path, cfg: TrainConfig) -> None:
@@ -97,17 +172,16 @@ def append_sample(out: Path, step: int, val_loss: float, sample: str) -> None:
 
 
 class Metrics:
-    """metrics.jsonl (always) and TensorBoard (when installed and asked for)."""
+    """metrics.jsonl (always) and TensorBoard (when installed and asked for). Each record is one
+    write of one line: a write that fails (a full disk) is cut back off, so the file holds whole
+    records only, and closing it writes nothing more."""
 
     def __init__(self, out: Path, keep_until: int | None, tensorboard: bool):
         self.path = out / METRICS_FILE
-        if keep_until is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            # resuming at step k: records after k belong to the lost future of the interrupted run
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        self.file = open(self.path, "a", encoding="utf-8")
+        # resuming at step k: records after k belong to the lost future of the interrupted run
+        self.size = 0 if keep_until is None else _records_until(self.path, keep_until)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        os.ftruncate(self.fd, self.size)  # shrinking needs no space, unlike rewriting the file
         self.tb = None
         if tensorboard:
             try:
@@ -118,21 +192,49 @@ class Metrics:
                 pass
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        """Append the record. Raises OSError naming metrics.jsonl (the file is left as it was)."""
+        line = (json.dumps(record) + "\n").encode()
+        data = memoryview(line)
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+        self.size += len(line)
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "kind") and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
         if self.tb is not None:
-            self.tb.close()
+            with contextlib.suppress(OSError):  # TensorBoard's own writes on a full disk
+                self.tb.close()
+
+
+def _records_until(path: Path, step: int) -> int:
+    """The length of the file's longest start made of whole records of steps <= step."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    end = 0
+    for line in data.splitlines(keepends=True):
+        try:
+            if not line.endswith(b"\n") or json.loads(line)["step"] > step:
+                break
+        except (ValueError, KeyError, TypeError):
+            break  # a record cut off by a crash, and what follows it
+        end += len(line)
+    return end
 
 
 def plot_losses(out: Path) -> Path | None:
-    """loss.png from metrics.jsonl; None when matplotlib is missing."""
+    """loss.png from metrics.jsonl; None when matplotlib is missing. Raises OSError when it cannot
+    be written (and leaves no partial file)."""
     try:
         import matplotlib
 
@@ -154,7 +256,12 @@ def plot_losses(out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     path = out / PLOT_FILE
     tmp = out / ".loss.tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: no half-drawn picture left behind
+        raise
+    finally:
+        plt.close(fig)
     return path
