@@ -166,3 +166,10 @@ def open_in_browser(page_file: Path, screenshot: Path) -> tuple[list[int], str, 
         finally:
             browser.close()
     return widths, text, [u for u in requests if not u.startswith(("file:", "data:"))]
+
+
+def test_labels_make_spaces_newlines_eos_and_partial_characters_visible():
+    from simplegpt.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    assert token_labels(tok, tok.encode("é a\n\t") + [tok.eos_id]) == ["<C3>", "<A9>", "·", "a", "\\n", "\\t", "<eos>"]

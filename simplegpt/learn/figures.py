@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from .inspection import Inspection
 
 MAX_LABELS = 48  # more tick labels than this on an axis overlap: then only every n-th is shown
+MAX_BAR_POSITIONS = 64  # next_token_figure draws the last this many positions (the .npz keeps them all)
 
 
 def _label_axes(ax, tokens: Sequence[str], y_labels: bool = True) -> None:
@@ -49,13 +50,17 @@ def attention_figure(weights: np.ndarray, tokens: Sequence[str], layer: int) -> 
 
 def next_token_figure(insp: Inspection) -> Figure:
     """A small bar chart per position: the top-k next tokens the model predicts after reading the
-    text up to and including that position, with their probabilities."""
+    text up to and including that position, with their probabilities. A text longer than
+    MAX_BAR_POSITIONS tokens gets its last MAX_BAR_POSITIONS positions (a taller figure is unreadable)."""
     T, K = insp.top_probs.shape
-    cols = min(T, 4)
-    rows = math.ceil(T / cols)
+    first = max(0, T - MAX_BAR_POSITIONS)
+    shown = T - first
+    cols = min(shown, 4)
+    rows = math.ceil(shown / cols)
     fig = Figure(figsize=(cols * 3.0, rows * (0.28 * K + 0.8)), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
-    for t, ax in enumerate(axes.flat):
+    for i, ax in enumerate(axes.flat):
+        t = first + i
         if t >= T:
             ax.axis("off")
             continue
@@ -67,7 +72,8 @@ def next_token_figure(insp: Inspection) -> Figure:
         ax.tick_params(axis="x", labelsize=6)
         context = "".join(insp.tokens[max(0, t - 7):t + 1])
         ax.set_title(f"{t}: after …{context}" if t > 7 else f"{t}: after {context}", fontsize=8, loc="left")
-    fig.suptitle("next-token probabilities at each position (top tokens)", fontsize=10)
+    fig.suptitle("next-token probabilities at each position (top tokens)"
+                 + (f", positions {first} to {T - 1} of {T}" if first else ""), fontsize=10)
     return fig
 
 

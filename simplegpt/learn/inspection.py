@@ -38,13 +38,18 @@ class Inspection:
 
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     """Each token's text on its own, with what a label would hide made visible: a space as '·',
-    a newline as '\\n', a tab as '\\t', the end-of-text token as '<eos>'."""
+    a newline as '\\n', a tab as '\\t', the end-of-text token as '<eos>', and the bytes of a token
+    that holds part of a character in hex ('<C3>')."""
     out = []
     for i in ids:
         if i == tokenizer.eos_id:
             out.append("<eos>")
             continue
-        piece = tokenizer.decode([i])
+        raw = tokenizer.decode_bytes([i])
+        try:
+            piece = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            piece = "".join(f"<{b:02X}>" for b in raw)
         out.append(piece.replace(" ", "·").replace("\n", "\\n").replace("\t", "\\t") or "∅")
     return out
 
