@@ -88,7 +88,8 @@ class TrainConfig:
     grad_accum_steps: int = _f(1, "optim", "micro-batches per optimizer step")
     max_iters: int = _f(2000, "optim", "optimizer steps in the whole run")
     lr: float = _f(1e-3, "optim", "peak learning rate")
-    min_lr: float = _f(1e-4, "optim", "learning rate at the end of the decay")
+    min_lr: float = _f(1e-4, "optim", "learning rate at the end of the decay (on the command line, --lr alone "
+                       "scales the config file's min_lr with it)")
     schedule: str = _f("cosine", "optim", "learning-rate schedule after warmup: cosine decay to min_lr, "
                        "warmup-stable-decay (linear decay over the last decay_fraction), or constant",
                        ("cosine", "wsd", "constant"))
@@ -311,7 +312,8 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
 
     A corpus key of the file (CORPUS_KEYS) is dropped when the overrides change what it belongs to
     (e.g. --data): data_dir then defaults to data/<corpus>_<tokenizer>, out_dir to default_out_dir's
-    folder and sample_prompt to empty (the start of a document)."""
+    folder and sample_prompt to empty (the start of a document). An lr given without a min_lr
+    scales the file's min_lr with it (2e-3 -> 2e-4 in the file, --lr 1e-4 -> 1e-5)."""
     values = read_toml(resolve_config_path(name_or_path or DEFAULT_CONFIG))
     overrides = overrides or {}
     check_keys(overrides, "option")
@@ -320,6 +322,9 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     for key, follows in CORPUS_KEYS.items():
         if key not in overrides and changed & set(follows):
             values.pop(key, None)
+    if "lr" in overrides and "min_lr" not in overrides:  # --lr alone: the schedule keeps the file's lr/min_lr
+        lr, min_lr = values.get("lr", defaults["lr"]), values.get("min_lr", defaults["min_lr"])
+        values["min_lr"] = min_lr * overrides["lr"] / lr if isinstance(overrides["lr"], (int, float)) and lr else min_lr
     values.update(overrides)
     if "out_dir" not in values:
         merged = {**defaults, **values}

@@ -83,6 +83,13 @@ def test_a_fine_tune_gets_a_folder_of_its_own(tmp_path, corpus):
     assert load_checkpoint(tmp_path / "out" / "notes_char" / "last").metadata["train_config"]["init_from"] == ""
 
 
+def test_an_lr_alone_scales_the_files_min_lr_with_it():
+    # the file's 2e-3 -> 2e-4: --lr 1e-4 alone (the README's fine-tune) would put min_lr above lr
+    assert load_config(None, {"lr": 1e-4}).min_lr == pytest.approx(1e-5)
+    assert load_config(None, {"lr": 1e-4, "min_lr": 0.0}).min_lr == 0.0
+    assert load_config().min_lr == 2e-4
+
+
 def test_a_sample_prompt_outside_the_vocabulary_is_refused_before_step_1(tmp_path, corpus):
     cfg = tiny(tmp_path, corpus, sample_prompt="HAMLET:\n")
     with pytest.raises(ConfigError, match=r"sample_prompt 'HAMLET:\\n' does not fit .*'H'.*--sample_prompt ''"):
