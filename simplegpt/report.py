@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 
 REPORT_FILE = "report.html"
 # The run folder's files (simplegpt.training.run_dir names them; the report reads them by these names).
@@ -55,7 +55,6 @@ def read_run(path: str | Path) -> RunRecords:
     """A run folder's records (see RunRecords). DataError for a folder that is not a run."""
     from .checkpoint import read_checkpoint_config
     from .config import read_toml
-    from .errors import ConfigError
 
     rec = RunRecords(folder=run_folder(path))
     for line in (rec.folder / METRICS_FILE).read_text(encoding="utf-8", errors="replace").splitlines():

@@ -1,7 +1,6 @@
 """simplegpt inspect and simplegpt.learn: attention weights recorded from the plain model, next-token
 bars, the self-contained page in a real browser, and one-line errors for bad input."""
 
-import json
 import os
 import shutil
 import subprocess
