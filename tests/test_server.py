@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,14 +30,19 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", model, tok)
 
 
-def start(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+def start(checkpoint: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """A `simplegpt serve` process and its port; its later stderr lines (the access log) are read
+    into proc.log, so that the pipe never fills."""
     proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "serve", "--checkpoint", str(checkpoint),
-                             "--port", "0", *extra], stderr=subprocess.PIPE, text=True)
+                             "--port", "0", *extra], stderr=subprocess.PIPE, text=True,
+                            env=None if env is None else {**os.environ, **env})
     line = proc.stderr.readline()
     found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
     if not found:
         proc.kill()
         raise AssertionError(f"no address in the server's first line: {line!r} {proc.stderr.read()}")
+    proc.log = []
+    threading.Thread(target=lambda: proc.log.extend(proc.stderr), daemon=True).start()
     port = int(found.group(1))
     for _ in range(200):
         try:

@@ -124,11 +124,28 @@ def run(args: argparse.Namespace) -> int:
         access = logging.getLogger("simplegpt.serve")
         access.addHandler(handler)
         access.setLevel(logging.INFO)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=args.max_connections,
+    server = graceful_server_class()(uvicorn.Config(app, log_level="warning", limit_concurrency=args.max_connections,
                                            timeout_keep_alive=args.keep_alive_timeout,
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     server.run(sockets=[sock])
     return 0
+
+
+def graceful_server_class():
+    """uvicorn.Server whose SIGTERM is an ordinary, graceful end (exit 0): uvicorn re-raises a
+    captured SIGTERM after its shutdown, so that a process killed by it looks killed."""
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM:
+                self.should_exit = True  # not recorded: nothing to re-raise once the requests finished
+            else:
+                super().handle_exit(sig, frame)
+
+    return GracefulServer
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:

@@ -65,23 +65,32 @@ class Submission:
     async def results(self, disconnected: Callable[[], Awaitable[bool]]) -> list[Result] | None:
         """The results of a request that is not streamed; None when disconnected() turned true
         first (the request is then cancelled). Raises RequestTimeout past the timeout."""
-        events = self.events()
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        look = loop.time() + 0.25  # when to look at the client next, whether or not pieces come
         try:
             while True:
-                nxt = asyncio.ensure_future(events.__anext__())
-                while not nxt.done():
-                    await asyncio.wait([nxt], timeout=0.25)
-                    if not nxt.done() and await disconnected():
-                        nxt.cancel()
-                        return None
                 try:
-                    item = nxt.result()
-                except StopAsyncIteration:
-                    return None
+                    item = await asyncio.wait_for(self.queue.get(), max(0.0, look - loop.time()))
+                except asyncio.TimeoutError:
+                    item = None
+                if loop.time() >= look:
+                    if await disconnected():
+                        return None
+                    if deadline is not None and loop.time() > deadline:
+                        raise RequestTimeout()
+                    look = loop.time() + 0.25
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, tuple) and self.on_first is not None:
+                    self.on_first()
+                    self.on_first = None
                 if isinstance(item, list):
                     return item
+                if item is _DONE:
+                    return None
         finally:
-            await events.aclose()
+            self.cancel()
 
 
 class Scheduler:

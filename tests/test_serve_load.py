@@ -1,0 +1,230 @@
+"""`simplegpt serve` under load and under attack: real server processes on 127.0.0.1, OpenAI's
+official client, many clients at once, limits, keys, metrics and SIGTERM."""
+
+import concurrent.futures
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from conftest import make_tiny_gpt
+from simplegpt import get_tokenizer, load_checkpoint, save_checkpoint
+from simplegpt.engine import Engine, SamplingParams
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+
+from test_server import start  # noqa: E402
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tok = get_tokenizer("byte")
+    model = make_tiny_gpt(seed=0, scale=4.0, vocab_size=tok.vocab_size, n_positions=48)
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", model, tok)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint) -> Engine:
+    ck = load_checkpoint(checkpoint)
+    return Engine(ck.model, ck.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """A server with a key, a small queue and short limits, and its address."""
+    proc, port = start(checkpoint, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16",
+                       "--max-body-bytes", "20000", "--request-timeout", "10", "--max-tokens", "1000000")
+    yield proc, f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(base: str, key: str = KEY) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def requests(engine: Engine):
+    """Eight requests, greedy and seeded, stop strings, different max_tokens (some past the
+    48-token window), and what each gives alone."""
+    out = []
+    for i in range(8):
+        kw = dict(max_tokens=6 + 9 * i, temperature=0.0 if i % 2 else 0.8, seed=40 + i)
+        prompt = ["ROMEO:", "JULIET:", "A", "Bee"][i % 4] * (1 + i % 3)
+        params = SamplingParams(max_new_tokens=kw["max_tokens"], temperature=kw["temperature"], seed=kw["seed"])
+        want = engine.generate([prompt], params)[0].text
+        if i in (3, 6):  # a stop string from the text alone: the request stops there
+            kw["stop"] = [want[len(want) // 2: len(want) // 2 + 2]]
+            want = want[: want.index(kw["stop"][0])]
+        out.append((prompt, kw, want))
+    return out
+
+
+def test_eight_concurrent_requests_each_give_what_they_give_alone(server, engine):
+    _, base = server
+    c = client(base)
+    reqs = requests(engine)
+
+    def plain(r):
+        prompt, kw, _ = r
+        return c.completions.create(model="tiny", prompt=prompt, **kw).choices[0].text
+
+    def streamed(r):
+        prompt, kw, _ = r
+        return "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", prompt=prompt, stream=True,
+                                                                          **kw) if ch.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(plain, reqs)) + list(pool.map(streamed, reqs))
+        mixed = [pool.submit(plain if i % 2 else streamed, r) for i, r in enumerate(reqs)]
+        mixed = [f.result() for f in mixed]
+    want = [w for _, _, w in reqs]
+    assert got == want + want and mixed == want
+
+
+def test_a_client_that_leaves_frees_its_row(checkpoint):
+    proc, port = start(checkpoint, "--max-batch", "1", "--max-tokens", "1000000")  # one row: the next request waits for it
+    base = f"http://127.0.0.1:{port}"
+    try:
+        body = {"model": "tiny", "prompt": "A", "max_tokens": 100_000, "ignore_eos": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            for _ in zip(range(3), r.iter_lines()):
+                pass
+        out = client(base).completions.create(model="tiny", prompt="B", max_tokens=5, temperature=0)
+        assert out.usage.completion_tokens == 5
+        # not streamed: a client that times out is cancelled too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/completions", json=body, timeout=1.5)
+        out = client(base).completions.create(model="tiny", prompt="B", max_tokens=5, temperature=0, timeout=60)
+        assert out.usage.completion_tokens == 5
+        assert httpx.get(f"{base}/load").json()["running"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_keys_are_required_on_the_api_only(server):
+    _, base = server
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    assert httpx.get(base).status_code == 200  # the playground page, which asks for the key
+    for headers in ({}, auth("wrong"), {"Authorization": KEY}):
+        r = httpx.get(f"{base}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        client(base, "wrong").completions.create(model="tiny", prompt="A", max_tokens=2)
+    assert httpx.get(f"{base}/metrics").status_code == 401
+    assert client(base).completions.create(model="tiny", prompt="A", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_limits_are_answered_in_openais_shape_while_the_server_serves(server, engine):
+    _, base = server
+
+    def post(body=None, content=None, headers=None):
+        return httpx.post(f"{base}/v1/completions", json=body, content=content, timeout=60,
+                          headers={**auth(), "Content-Type": "application/json", **(headers or {})})
+
+    def error(r, status):
+        assert r.status_code == status, r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        return r.json()["error"]
+
+    e = error(post(content=b"x" * 30_000), 413)
+    assert "20000" in e["message"]
+    e = error(post({"model": "tiny", "prompt": "A" * 49}), 400)  # the window is 48 tokens (bytes)
+    assert e["param"] == "prompt" and "48" in e["message"]
+    r = post({"model": "tiny", "prompt": "AB" * 40, "truncate_prompt_tokens": 10, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 10
+    assert error(post({"model": "tiny", "prompt": "A", "stop": ["x" * 5_000]}), 400)["param"] == "stop"
+    assert error(post({"model": "tiny", "prompt": "A", "seed": 2**70}), 400)["param"] == "seed"
+    error(post(content=b'{"model": "tiny", "prompt": "\xff\xfe"}'), 400)  # not UTF-8
+    error(post(content=b"[" * 9_000 + b"]" * 9_000), 400)  # nested too deep for a parser
+    error(httpx.get(f"{base}/v1/models", headers={**auth(), "Host": "evil.example"}), 400)  # DNS rebinding
+    error(httpx.get(f"{base}/v1/nowhere", headers=auth()), 404)
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    out = client(base).completions.create(model="tiny", prompt="ROMEO:", max_tokens=8, temperature=0)
+    assert out.choices[0].text == engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=8, temperature=0))[0].text
+
+
+def test_a_full_queue_is_a_429_with_retry_after(server):
+    _, base = server
+    body = {"model": "tiny", "prompt": "A", "max_tokens": 100_000, "ignore_eos": True, "n": 5}
+    c = httpx.Client(headers=auth(), timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        # 4 rows run (--max-batch 4) and 16 wait (--max-queue 16); then there is no room
+        long = [pool.submit(c.post, f"{base}/v1/completions", json={**body, "n": n}) for n in (4, 16)]
+        for _ in range(200):
+            load = c.get(f"{base}/load").json()
+            if load["running"] == 4 and load["queued"] == 16:
+                break
+            time.sleep(0.05)
+        r = c.post(f"{base}/v1/completions", json={**body, "n": 1, "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["Retry-After"] and r.json()["error"]["type"] == "rate_limit_error"
+        assert c.get(f"{base}/health").status_code == 200
+        # the request timeout (--request-timeout 10) ends the long ones
+        assert [f.result().status_code for f in long] == [504, 504]
+    for _ in range(100):  # and their rows leave at the batcher's next step
+        if c.get(f"{base}/load").json() == {"running": 0, "queued": 0, "max_batch": 4}:
+            break
+        time.sleep(0.05)
+    assert c.get(f"{base}/load").json() == {"running": 0, "queued": 0, "max_batch": 4}
+
+
+def test_metrics_count_what_was_sent(checkpoint):
+    proc, port = start(checkpoint)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        c = client(base)
+        for n in (3, 5):
+            c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=n, temperature=0)
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="tiny", prompt="A", temperature=5)
+        text = httpx.get(f"{base}/metrics").text
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        assert values['simplegpt_requests_total{method="POST",route="/v1/completions",status="200"}'] == 2
+        assert values['simplegpt_requests_total{method="POST",route="/v1/completions",status="400"}'] == 1
+        assert values["simplegpt_generated_tokens_total"] == 8
+        assert values["simplegpt_prompt_tokens_total"] == 12
+        assert values["simplegpt_time_to_first_token_seconds_count"] == 2
+        assert values["simplegpt_queue_rows"] == 0 and values["simplegpt_batch_capacity"] == 16
+        # one access-log line per request
+        time.sleep(0.2)
+        assert sum('"POST /v1/completions"' in line for line in proc.log) == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_sigterm_lets_running_requests_finish_and_exits_0(checkpoint, engine):
+    proc, port = start(checkpoint)
+    base = f"http://127.0.0.1:{port}"
+    params = SamplingParams(max_new_tokens=1000, temperature=0)
+    want = engine.generate(["JULIET:"], params)[0].text
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        def stream() -> str:
+            with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+                    "model": "tiny", "prompt": "JULIET:", "max_tokens": 1000, "temperature": 0, "stream": True}) as r:
+                return "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                               if line.startswith("data: {"))
+
+        streamed = pool.submit(stream)
+        plain = pool.submit(httpx.post, f"{base}/v1/completions", timeout=60,
+                            json={"model": "tiny", "prompt": "JULIET:", "max_tokens": 1000, "temperature": 0})
+        while httpx.get(f"{base}/load").json()["running"] < 2:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # while both run
+        assert proc.wait(timeout=60) == 0
+        assert streamed.result() == want
+        assert plain.result().json()["choices"][0]["text"] == want
