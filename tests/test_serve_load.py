@@ -228,3 +228,33 @@ def test_sigterm_lets_running_requests_finish_and_exits_0(checkpoint, engine):
         assert proc.wait(timeout=60) == 0
         assert streamed.result() == want
         assert plain.result().json()["choices"][0]["text"] == want
+
+
+def test_the_playground_asks_for_the_key_in_a_real_browser(server, engine):
+    from test_server import _browser, _has_playwright
+
+    browser_path = _browser()
+    if browser_path is None or not _has_playwright():
+        pytest.skip("no Chromium or playwright here: apt-get install chromium; pip install playwright")
+    from playwright.sync_api import sync_playwright
+
+    _, base = server
+    want = engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=20, temperature=0))[0].text
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/?max_tokens=20&temperature=0")
+            page.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+            assert "needs an API key" in page.inner_text("#status")
+            page.fill("#api_key", KEY)
+            page.dispatch_event("#api_key", "change")
+            page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+            page.wait_for_function("document.getElementById('load').textContent.includes('decoding')")
+            assert "0/4 decoding" in page.inner_text("#load")
+            page.fill("#prompt", "ROMEO:")
+            page.click("#generate")
+            page.wait_for_function("document.body.dataset.finish !== undefined", timeout=60_000)
+            assert page.inner_text("#output .completion") == want and "tokens/s" in page.inner_text("#status")
+        finally:
+            browser.close()
