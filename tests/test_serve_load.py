@@ -4,6 +4,8 @@ official client, many clients at once, limits, keys, metrics and SIGTERM."""
 import concurrent.futures
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -258,3 +260,25 @@ def test_the_playground_asks_for_the_key_in_a_real_browser(server, engine):
             assert page.inner_text("#output .completion") == want and "tokens/s" in page.inner_text("#status")
         finally:
             browser.close()
+
+
+def test_keys_from_a_file_and_the_environment_and_a_warning_for_an_open_server(checkpoint, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nsk-one\n\nsk-two\n")
+    proc, port = start(checkpoint, "--api-key-file", str(keys), env={"SIMPLEGPT_API_KEY": "sk-env"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for key in ("sk-one", "sk-two", "sk-env"):
+            assert httpx.get(f"{base}/v1/models", headers=auth(key)).status_code == 200
+        assert httpx.get(f"{base}/v1/models", headers=auth("# team keys")).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "serve", "--checkpoint", str(checkpoint),
+                             "--host", "0.0.0.0", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+        assert "0.0.0.0" in lines[0] and "warning" in lines[1] and "no API key" in lines[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
