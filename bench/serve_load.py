@@ -1,0 +1,169 @@
+"""Serving under load: many concurrent clients against `simplegpt serve` (continuous batching).
+
+    python bench/serve_load.py                          # GPT-2 124M shape, random weights, 1/4/16/32 clients
+    python bench/serve_load.py --preset tiny --clients 1,4 --new-tokens 16   # a quick check
+    python bench/serve_load.py --also http://127.0.0.1:8080/v1   # the same load on another server (llama-server)
+
+A random-weight checkpoint is written to a temporary folder and served by a real `simplegpt serve`
+process on 127.0.0.1 (--max-batch, access log off). For each number of clients, every client sends
+--requests streamed greedy completions one after another (a 16-token prompt, --new-tokens new tokens,
+EOS ignored), all clients at once. Printed per level: requests, errors, aggregate generated tokens/s
+and requests/s, p50/p99 latency and time to first token, and the tokens/s as a ratio of one client's.
+--also URL measures an OpenAI-compatible server already running (llama.cpp's `llama-server --parallel 16`
+on the same model as GGUF: ../shared/bench/llamacpp_anchor.sh builds it) with the same load, in the same run.
+Goals on the 2-core CPU (issue 18): 16 clients >= 4x one client's tokens/s, >= llama-server's, no
+errors, p99 time to first token at 16 clients under 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from simplegpt import GPT, get_tokenizer, save_checkpoint  # noqa: E402
+from simplegpt.model import preset_config  # noqa: E402
+
+
+@dataclass
+class Level:
+    """What one number of clients measured."""
+
+    clients: int
+    seconds: float = 0.0
+    tokens: int = 0
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def one_request(client, url: str, body: dict, level: Level) -> None:
+    import httpx
+
+    start = time.perf_counter()
+    first = None
+    try:
+        async with client.stream("POST", f"{url}/completions", json=body) as r:
+            if r.status_code != 200:
+                level.errors.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") and first is None:
+                    first = time.perf_counter() - start
+                if chunk.get("usage"):
+                    level.tokens += chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        level.errors.append(f"{type(e).__name__}: {e}")
+        return
+    level.latencies.append(time.perf_counter() - start)
+    if first is not None:
+        level.ttfts.append(first)
+
+
+async def run_level(url: str, model: str, clients: int, requests: int, prompt: str, new_tokens: int) -> Level:
+    import httpx
+
+    level = Level(clients)
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers={"Authorization": "Bearer unused"}) as client:
+        async def one_client() -> None:
+            for _ in range(requests):
+                await one_request(client, url, body, level)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        level.seconds = time.perf_counter() - start
+    return level
+
+
+def report(name: str, levels: list[Level]) -> None:
+    print(f"\n{name}")
+    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'x 1 client':>10} {'req/s':>6} "
+          f"{'p50 lat':>8} {'p99 lat':>8} {'p50 TTFT':>9} {'p99 TTFT':>9}")
+    base = None
+    for lv in levels:
+        rate = lv.tokens / lv.seconds if lv.seconds else 0.0
+        base = base or rate
+        print(f"{lv.clients:>7} {len(lv.latencies) + len(lv.errors):>8} {len(lv.errors):>6} {rate:>9.1f} "
+              f"{rate / base if base else 0:>10.2f} {len(lv.latencies) / lv.seconds:>6.2f} "
+              f"{percentile(lv.latencies, 50):>7.2f}s {percentile(lv.latencies, 99):>7.2f}s "
+              f"{percentile(lv.ttfts, 50):>8.3f}s {percentile(lv.ttfts, 99):>8.3f}s")
+        for e in lv.errors[:3]:
+            print(f"        error: {e}")
+
+
+def measure(url: str, model: str, args: argparse.Namespace, prompt: str) -> list[Level]:
+    levels = []
+    for clients in args.clients:
+        levels.append(asyncio.run(run_level(url, model, clients, args.requests, prompt, args.new_tokens)))
+    return levels
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2", help="model shape for random weights (gpt2 = 124M)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request")
+    p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32],
+                   help="comma-separated numbers of concurrent clients")
+    p.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
+    p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    p.add_argument("--also", metavar="URL", help="an OpenAI-compatible API (…/v1) to measure with the same load")
+    p.add_argument("--also-model", default="model", help="the model name to send to --also")
+    args = p.parse_args()
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        p.error("needs httpx and the serve extra: pip install -e '.[dev]'")
+
+    torch.manual_seed(0)
+    tokenizer = get_tokenizer("gpt2")
+    model = GPT(preset_config(args.preset, vocab_size=tokenizer.vocab_size)).eval()
+    prompt = tokenizer.decode(list(range(1000, 1016)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_checkpoint(Path(tmp) / "bench", model, tokenizer)
+        proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "serve", "--checkpoint", str(path), "--port", "0",
+                                 "--max-batch", str(args.max_batch), "--no-access-log",
+                                 "--max-queue", str(max(256, 2 * max(args.clients)))],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            found = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stderr.readline())
+            if not found:
+                sys.exit(f"the server did not start: {proc.stderr.read()}")
+            url = f"http://127.0.0.1:{found.group(1)}/v1"
+            print(f"simplegpt serve: {args.preset} shape ({model.num_parameters() / 1e6:.0f}M parameters), "
+                  f"--max-batch {args.max_batch}, {args.new_tokens} new tokens a request, {args.requests} requests "
+                  f"a client, {torch.get_num_threads()} threads")
+            asyncio.run(run_level(url, "bench", 1, 1, prompt, 4))  # warm-up
+            report("simplegpt serve", measure(url, "bench", args, prompt))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    if args.also:
+        report(f"{args.also}", measure(args.also, args.also_model, args, prompt))
+
+
+if __name__ == "__main__":
+    main()
