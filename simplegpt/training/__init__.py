@@ -3,6 +3,7 @@
     loop         train(): the run from config to checkpoints; the step, evaluation and samples
     optimizer    AdamW's parameter groups and clipped step, the learning-rate schedule
     run_dir      the run folder: config.toml, metrics.jsonl, samples.txt, loss.png, last/ and best/
+    lock         one trainer per run folder: the flock held for the whole run
     start        where the weights start (random, init_from, a resumed run) and the RNG state
     dataset      the prepared dataset a config names, and its batch samplers
     hardware     dtype, CPU threads, batch splitting over cores, peak FLOP/s for MFU
