@@ -99,19 +99,24 @@ static void run_part(int part, int parts) {
     }
 }
 
-/* A worker's wait for a state other than `seen`: spin, then sleep on `wake` */
+/* A worker's wait for a state other than `seen`: spin, then sleep on `wake`. A worker that finds it
+ * was put aside (a gap between two looks at the clock, a new call or not) backs off: it sleeps
+ * until a call after the backoff wakes it. */
 static void wait_for_call(uint64_t seen) {
     int64_t start = now_ns(), last = start;
     for (;;) {
-        for (int i = 0; i < CHECK_EVERY; i++) {
-            if (atomic_load_explicit(&pool.state, memory_order_acquire) != seen) return;
+        int called = 0;
+        for (int i = 0; i < CHECK_EVERY && !called; i++) {
+            called = atomic_load_explicit(&pool.state, memory_order_acquire) != seen;
             _mm_pause();
         }
         int64_t t = now_ns();
         if (t - last > PREEMPTED_NS) { /* put aside for another thread: it needs the core more */
             back_off(t);
+            seen = atomic_load(&pool.state); /* the caller takes what is left of this call */
             break;
         }
+        if (called) return;
         if (t - start > SPIN_NS) break;
         last = t;
     }
@@ -189,7 +194,8 @@ void pool_run(pool_fn fn, void *arg, int parts) {
     pool.arg = arg;
     atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
     atomic_store(&pool.state, STATE(++pool.calls, parts)); /* publishes fn and arg (and finished) */
-    if (atomic_load(&pool.sleepers)) { /* zeroed here, not by the woken: one wake-up each, however late they run */
+    int woke = atomic_load(&pool.sleepers) > 0;
+    if (woke) { /* sleepers is zeroed here, not by the woken: one wake-up each, however late they run */
         pthread_mutex_lock(&pool.mu);
         atomic_store(&pool.sleepers, 0);
         pthread_cond_broadcast(&pool.wake);
@@ -205,11 +211,13 @@ void pool_run(pool_fn fn, void *arg, int parts) {
             _mm_pause();
         }
     } while (now_ns() - start < WAIT_SPIN_NS);
-    /* a worker has not finished its part yet, likely put aside for another thread: sleeping here
-     * lets the scheduler move it onto this core */
+    /* A worker has not finished its part yet. Unless it was just woken (it starts late), it was
+     * put aside for another thread mid-part: sleeping here lets the scheduler move it onto this
+     * core, and the next calls run alone. */
     pthread_mutex_lock(&pool.mu);
     atomic_store(&pool.waiting, 1); /* before looking at finished: run_part looks at waiting after */
     while (atomic_load(&pool.finished) < parts) pthread_cond_wait(&pool.done, &pool.mu);
     atomic_store(&pool.waiting, 0);
     pthread_mutex_unlock(&pool.mu);
+    if (!woke) back_off(now_ns());
 }
