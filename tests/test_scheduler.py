@@ -21,7 +21,7 @@ class Collector:
         self.outcome = None
         self.done = threading.Event()
 
-    def piece(self, row: int, text: str) -> None:
+    def piece(self, row: int, text: str, tokens: int) -> None:
         self.pieces[row].append(text)
 
     def finish(self, outcome) -> None:

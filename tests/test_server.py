@@ -135,16 +135,15 @@ def test_logprobs_are_the_engines(client, engine, server):
     assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
     assert [list(top.values()) for top in lp.top_logprobs] == [
         pytest.approx([v for _, v in t.top], abs=1e-5) for t in want.logprobs]
-    assert lp.text_offset == [sum(map(len, tokens[:i])) for i in range(12)]
+    assert_offsets_index(out.choices[0].text, lp.tokens, lp.text_offset)
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
                                           temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)  # greedy
     assert all(len(c.bytes) == 1 and c.token == bytes(c.bytes).decode("utf-8", "backslashreplace") for c in content)
-    for kw in (dict(logprobs=6), dict(logprobs=2, stream=True)):
-        with pytest.raises(openai.BadRequestError, match="logprobs"):
-            client.completions.create(model="tiny", prompt="A", **kw)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="tiny", prompt="A", logprobs=6)
     # echo + logprobs: the prompt's tokens first (the first without a log-probability), as engine.score gives
     # them; max_tokens 0 scores the prompt alone (how evaluation harnesses ask for a text's log-likelihood)
     [(ids, scored)] = engine.score(["ROMEO:"], top=2)
@@ -166,6 +165,48 @@ def test_logprobs_are_the_engines(client, engine, server):
             client.completions.create(model="tiny", prompt="A", **kw)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
+
+
+def test_logprobs_in_streams_with_echo_and_offsets_that_index_the_text(client, engine):
+    params = SamplingParams(max_new_tokens=40, temperature=0.9, seed=3, logprobs=2)
+    [want] = engine.generate(["ROMEO:"], params)
+    plain = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40, temperature=0.9, seed=3, logprobs=2)
+    chunks = [c.choices[0] for c in client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40,
+                                                               temperature=0.9, seed=3, logprobs=2, stream=True)]
+    text = "".join(c.text for c in chunks)
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    lps = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert text == want.text == plain.choices[0].text and tokens == plain.choices[0].logprobs.tokens
+    assert lps == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    assert offsets == plain.choices[0].logprobs.text_offset
+    assert_offsets_index(text, tokens, offsets)
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=12, temperature=0,
+                logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**chat).choices[0].logprobs.content
+    parts = [e for c in client.chat.completions.create(**chat, stream=True) if c.choices and c.choices[0].logprobs
+             for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in parts] == [(e.token, e.logprob) for e in whole] and len(whole) == 12
+    # echo scores the prompt whatever logprobs asks, 0 included; a prompt starting with an emoji (4 byte
+    # tokens here) and an empty prompt (the EOS token, which its text does not show) index their text
+    for prompt in ("\N{GRINNING FACE} ROMEO:", ""):
+        [(ids, scored)] = engine.score([prompt], top=0)
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, echo=True,
+                                        logprobs=0).choices[0]
+        lp = out.logprobs
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx([t.logprob for t in scored], abs=1e-5)
+        assert len(lp.tokens) == len(ids) + 5 and out.text.startswith(prompt)
+        assert_offsets_index(out.text, lp.tokens, lp.text_offset)
+        assert lp.text_offset[len(ids)] == len(prompt)  # the first generated token starts after the prompt
+    assert lp.text_offset[:1] == [0]
+
+
+def assert_offsets_index(text: str, tokens: list[str], offsets: list[int]) -> None:
+    """text_offset indexes the returned text: from 0, never backwards, never past its end, and a
+    token that is one ASCII character is that character of the text (a character split across
+    tokens, escaped as \\xNN in `tokens`, gives each of them its index)."""
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(text)
+    assert all(text[o] == t for o, t in zip(offsets, tokens) if len(t) == 1 and t.isascii())
 
 
 def test_chat_through_the_template(client, engine):

@@ -2,7 +2,7 @@
 
     batcher = ContinuousBatcher(engine, max_batch=16)
     ticket = batcher.submit(["Once upon a time"], SamplingParams(max_new_tokens=50),
-                            on_piece=lambda row, piece: ..., on_done=lambda results_or_error: ...)
+                            on_piece=lambda row, piece, tokens: ..., on_done=lambda results_or_error: ...)
     ticket.cancel()  # leaves at the next step; its slot is reused
 
 A request (a Ticket: one or more prompts sharing SamplingParams) waits in a queue until the batch
@@ -35,7 +35,7 @@ from .engine import Engine
 from .sampling import SamplingParams, sample_next_token, token_logprobs
 from .text import FINISH_LENGTH, FINISH_STOP, Result, Row
 
-PieceCallback = Callable[[int, str], None]  # (row of the request, text piece)
+PieceCallback = Callable[[int, str, int], None]  # (row of the request, text piece, tokens generated so far)
 DoneCallback = Callable[[list[Result] | BaseException | None], None]  # results, an error, or None if cancelled
 
 
@@ -326,7 +326,7 @@ class ContinuousBatcher:
                     if row.text is not None:
                         piece = row.text.feed(engine.tokenizer.decode_bytes([tok]))
                         if piece:
-                            ticket.on_piece(i, piece)
+                            ticket.on_piece(i, piece, len(row.generated))
                         if row.text.matched is not None:
                             row.finish_reason, row.stop_reason = FINISH_STOP, row.text.matched
                     if row.finish_reason is None and len(row.generated) >= p.max_new_tokens:
@@ -335,7 +335,7 @@ class ContinuousBatcher:
                     if row.text is not None and row.text.matched is None:
                         piece = row.text.feed(b"", final=True)
                         if piece:
-                            ticket.on_piece(i, piece)
+                            ticket.on_piece(i, piece, len(row.generated))
                     finished.append(js[ks[n]])
         for j in sorted(finished, reverse=True):
             ticket, _ = self.slots[j]

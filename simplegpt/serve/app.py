@@ -20,7 +20,7 @@ from .errors import APIError, add_error_handlers, error_body
 from .guard import Guard
 from .metrics import Metrics
 from .params import Prompt, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
-from .responses import chat_logprobs, completion_logprobs, model_card, sse, usage
+from .responses import Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card, sse, usage
 from .scheduler import RequestTimeout, Scheduler, Submission
 from .schemas import ChatRequest, CompletionRequest
 
@@ -153,7 +153,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req, {"best_of": req.best_of not in (None, 1), "suffix": bool(req.suffix)})
-        k = logprobs_count(req.logprobs, 5, req.stream, "logprobs")
+        k = logprobs_count(req.logprobs, 5, "logprobs")
         max_new = req.max_tokens if req.max_tokens is not None else 16
         score_only = req.echo and max_new == 0  # the prompt scored (with logprobs), nothing generated
         if score_only and req.stream:
@@ -165,24 +165,25 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
 
-        def choice(i: int, text: str, finish: str | None, result: Result | None = None,
-                   scored: tuple[list[int], list[TokenLogprobs]] | None = None) -> dict[str, Any]:
-            return {"index": i, "text": text, "logprobs": completion_logprobs(tokenizer, result, scored),
-                    "finish_reason": finish}
+        def choice(i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        # echo: the prompt as text (token-id prompts decoded, once the engine has checked them)
+        # echo: the prompt as text (token-id prompts and cut prompts as their tokens decode)
         def echoed(i: int) -> str:
             p = rows[i]
-            return (p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else ""
+            whole = isinstance(p, str) and req.truncate_prompt_tokens is None
+            return (p if whole else tokenizer.decode(ids[i])) if req.echo else ""
 
         if score_only:
             scored = await scheduler.score(ids, k or 0)
             results = [Result("", [], FINISH_LENGTH, prompt_tokens=len(t)) for t, _ in scored]
             count(results, req.n)
-            return {**head, "choices": [choice(i, echoed(i), FINISH_LENGTH, r, scored[i] if k is not None else None)
-                                        for i, r in enumerate(results)], "usage": usage(results, req.n)}
+            choices = [choice(i, echoed(i), FINISH_LENGTH,
+                              choice_logprobs(tokenizer, echoed(i), None, scored[i] if k is not None else None))
+                       for i in range(len(rows))]
+            return {**head, "choices": choices, "usage": usage(results, req.n)}
         # echo with logprobs: the prompt's own tokens come first, each given the ones before it
-        scored = await scheduler.score(ids, k or 0) if req.echo and k is not None and not req.stream else None
+        scored = await scheduler.score(ids, k or 0) if req.echo and k is not None else None
         sub = scheduler.submit(ids, params)
         first_token_timer(sub)
         if not req.stream:
@@ -190,14 +191,31 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
             if isinstance(results, Response):
                 return results
             count(results, req.n)
-            choices = [choice(i, echoed(i) + r.text, r.finish_reason, r, scored[i] if scored else None)
+            choices = [choice(i, echoed(i) + r.text, r.finish_reason,
+                              choice_logprobs(tokenizer, echoed(i), r, scored[i] if scored else None))
                        for i, r in enumerate(results)]
             return {**head, "choices": choices, "usage": usage(results, req.n)}
+
+        sent = [0] * len(rows)  # each row's tokens whose logprobs went out
+        shown = [len(echoed(i)) for i in range(len(rows))]  # each row's characters sent
+        offsets = [Offsets(tokenizer, shown[i]) for i in range(len(rows))]
+
+        def new_logprobs(i: int, upto: int, piece: str, last: bool = False) -> dict[str, Any] | None:
+            """The logprobs of row i's tokens sent[i]..upto, which this piece of text completes; the
+            last ones point no further than the text's end."""
+            shown[i] += len(piece)
+            if k is None:
+                return None
+            lps = sub.ticket.rows[i].logprobs[sent[i]:upto]
+            sent[i] = upto
+            return completion_logprobs(tokenizer, lps, offsets[i]([t.token_id for t in lps],
+                                                                  shown[i] if last else None))
 
         async def events() -> AsyncIterator[str]:
             if req.echo:
                 for i in range(len(rows)):
-                    yield sse({**head, "choices": [choice(i, echoed(i), None)]})
+                    lp = choice_logprobs(tokenizer, echoed(i), None, scored[i]) if scored else None
+                    yield sse({**head, "choices": [choice(i, echoed(i), None, lp)]})
             async for event in error_event(sub.events()):
                 if isinstance(event, dict):
                     yield sse(event)
@@ -205,11 +223,13 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                 if isinstance(event, list):
                     count(event, req.n)
                     for i, r in enumerate(event):
-                        yield sse({**head, "choices": [choice(i, "", r.finish_reason)]})
+                        yield sse({**head, "choices": [choice(i, "", r.finish_reason,
+                                                              new_logprobs(i, len(r.token_ids), "", True))]})
                     if req.wants_usage:
                         yield sse({**head, "choices": [], "usage": usage(event, req.n)})
                 else:
-                    yield sse({**head, "choices": [choice(event[0], event[1], None)]})
+                    i, piece, upto = event
+                    yield sse({**head, "choices": [choice(i, piece, None, new_logprobs(i, upto, piece))]})
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -222,7 +242,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        k = logprobs_count(req.top_logprobs or 0, 20, req.stream, "top_logprobs") if req.logprobs else None
+        k = logprobs_count(req.top_logprobs or 0, 20, "top_logprobs") if req.logprobs else None
         params = sampling_params(req, limit if limit is not None else min(DEFAULT_CHAT_MAX_TOKENS, limits.max_tokens),
                                  [CHAT_STOP], limits.max_tokens, k)
         rows = check_rows([chat_prompt(req.messages)] * req.n)
@@ -236,14 +256,20 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                 return results
             count(results, req.n)
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
-                        "logprobs": chat_logprobs(tokenizer, r), "finish_reason": r.finish_reason}
+                        "logprobs": chat_logprobs(tokenizer, r.logprobs), "finish_reason": r.finish_reason}
                        for i, r in enumerate(results)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage(results, req.n)}
 
         chunk = {**head, "object": "chat.completion.chunk"}
 
-        def delta(i: int, d: dict[str, str], finish: str | None = None) -> str:
-            return sse({**chunk, "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": finish}]})
+        sent = [0] * len(rows)  # each row's tokens whose logprobs went out
+
+        def delta(i: int, d: dict[str, str], finish: str | None = None, upto: int | None = None) -> str:
+            lp = None
+            if k is not None and upto is not None:
+                lp = chat_logprobs(tokenizer, sub.ticket.rows[i].logprobs[sent[i]:upto])
+                sent[i] = upto
+            return sse({**chunk, "choices": [{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}]})
 
         async def events() -> AsyncIterator[str]:
             for i in range(len(rows)):
@@ -256,16 +282,16 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                 if isinstance(event, list):
                     count(event, req.n)
                     for i, r in enumerate(event):
-                        yield delta(i, {}, r.finish_reason)
+                        yield delta(i, {}, r.finish_reason, len(r.token_ids))
                     if req.wants_usage:
                         yield sse({**chunk, "choices": [], "usage": usage(event, req.n)})
                 else:
-                    i, piece = event
+                    i, piece, upto = event
                     if not started[i]:  # the reply without the space after 'Assistant:', as non-streamed
                         piece = piece.lstrip()
                         started[i] = bool(piece)
                     if piece:
-                        yield delta(i, {"content": piece})
+                        yield delta(i, {"content": piece}, upto=upto)
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -22,15 +22,12 @@ def refuse_unsupported(req: SamplingRequest, extra: dict[str, bool]) -> None:
             raise APIError(f"{name} is not supported by simplegpt{hint}", param=name)
 
 
-def logprobs_count(k: int | None, most: int, stream: bool, param: str) -> int | None:
+def logprobs_count(k: int | None, most: int, param: str) -> int | None:
     """The number of alternatives to report (None = no logprobs), checked against 0..most."""
     if k is None:
         return None
     if not 0 <= k <= most:
         raise APIError(f"{param} must be between 0 and {most}, got {k}", param=param)
-    if stream:
-        raise APIError("logprobs are reported in responses that are not streamed; drop stream or logprobs",
-                       param="logprobs")
     return k
 
 

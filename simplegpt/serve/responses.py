@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any
 
@@ -27,29 +28,66 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> tuple[str, list[int]]:
     return raw.decode("utf-8", errors="backslashreplace"), list(raw)
 
 
-def completion_logprobs(tokenizer: Tokenizer, result: Result | None,
-                        scored: tuple[list[int], list[TokenLogprobs]] | None) -> dict[str, Any] | None:
-    """The completions API's logprobs: tokens, their log-probabilities, the alternatives, text
-    offsets; with `scored` (echo) the prompt's tokens first, the very first without any (null)."""
-    if scored is None and (result is None or result.logprobs is None):
-        return None
-    entries: list[TokenLogprobs | int] = []
-    if scored is not None:
-        ids, lps = scored
-        entries = [ids[0], *lps]
-    if result is not None and result.logprobs:
-        entries += result.logprobs
+class Offsets:
+    """Where each token starts in the text its bytes decode to, token after token: the index (plus
+    start) of the character its first byte belongs to, counted as the text is decoded (UTF-8,
+    incrementally, bad bytes replaced), so a character split across tokens gives them all its index."""
+
+    def __init__(self, tokenizer: Tokenizer, start: int = 0):
+        self.tokenizer, self.chars = tokenizer, start
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, ids: list[int], limit: int | None = None) -> list[int]:
+        """The next tokens' offsets, none past limit: tokens the text does not show (a stop string,
+        the EOS of an empty prompt) point at its end."""
+        out = []
+        for t in ids:
+            raw = self.tokenizer.decode_bytes([t])
+            head = self.decoder.decode(raw[:1])  # may flush replacement characters for bytes held before
+            held = bool(self.decoder.getstate()[0])  # the first byte starts (or continues) a character not yet whole
+            at = self.chars + len(head) - (0 if held or not raw else 1)
+            out.append(at if limit is None else min(at, limit))
+            self.chars += len(head) + len(self.decoder.decode(raw[1:]))
+        return out
+
+
+def text_offsets(tokenizer: Tokenizer, ids: list[int], text_len: int, start: int = 0) -> list[int]:
+    """Offsets (see Offsets) of ids in a text of text_len characters that starts at `start`."""
+    return Offsets(tokenizer, start)(ids, start + text_len)
+
+
+def completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs | int], offsets: list[int]) -> dict[str, Any]:
+    """The completions API's logprobs for `entries` (a bare token id: one without a log-probability,
+    the prompt's first) at text offsets `offsets`: tokens, their log-probabilities, the alternatives."""
     tokens = [token_text(tokenizer, e if isinstance(e, int) else e.token_id)[0] for e in entries]
     return {"tokens": tokens,
             "token_logprobs": [None if isinstance(e, int) else e.logprob for e in entries],
             "top_logprobs": [None if isinstance(e, int) else {token_text(tokenizer, i)[0]: v for i, v in e.top}
                              for e in entries],
-            "text_offset": [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]}
+            "text_offset": offsets}
 
 
-def chat_logprobs(tokenizer: Tokenizer, result: Result) -> dict[str, Any] | None:
+def choice_logprobs(tokenizer: Tokenizer, echo: str, result: Result | None,
+                    scored: tuple[list[int], list[TokenLogprobs]] | None) -> dict[str, Any] | None:
+    """A completion choice's logprobs, whose text is echo + result.text: with `scored` (echo) the
+    prompt's tokens first, the very first without any (null), then the generated ones."""
+    if scored is None and (result is None or result.logprobs is None):
+        return None
+    entries: list[TokenLogprobs | int] = []
+    offsets: list[int] = []
+    if scored is not None:
+        ids, lps = scored
+        entries = [ids[0], *lps]
+        offsets = text_offsets(tokenizer, ids, len(echo))
+    if result is not None and result.logprobs:
+        entries += result.logprobs
+        offsets += text_offsets(tokenizer, [t.token_id for t in result.logprobs], len(result.text), len(echo))
+    return completion_logprobs(tokenizer, entries, offsets)
+
+
+def chat_logprobs(tokenizer: Tokenizer, logprobs: list[TokenLogprobs] | None) -> dict[str, Any] | None:
     """The chat API's logprobs: one entry per token with its bytes and the alternatives."""
-    if result.logprobs is None:
+    if logprobs is None:
         return None
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
@@ -57,7 +95,7 @@ def chat_logprobs(tokenizer: Tokenizer, result: Result) -> dict[str, Any] | None
         return {"token": text, "logprob": logprob, "bytes": raw}
 
     return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
-                        for t in result.logprobs]}
+                        for t in logprobs]}
 
 
 def model_card(engine: Engine, name: str, created: int) -> dict[str, Any]:
