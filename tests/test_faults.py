@@ -16,6 +16,7 @@ import pytest
 
 from simplegpt.checkpoint import load_train_state, read_checkpoint_config
 from simplegpt.training.lock import RunFolderInUse, lock_run_folder
+from simplegpt.training.run_dir import METRICS_FILE, Metrics
 
 
 @pytest.fixture
@@ -238,6 +239,19 @@ def test_a_full_disk_mid_run_is_one_line_naming_the_last_good_checkpoint(tmp_pat
                               str(saved + 2), "--quiet"], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert load_train_state(run / "last")["step"] == saved + 2
+
+
+def test_a_resume_keeps_the_whole_records_up_to_its_step_and_drops_one_cut_short(tmp_path):
+    """A record the disk or a crash cut off (no newline, no closing brace) ends what a resume keeps."""
+    path = tmp_path / METRICS_FILE
+    path.write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in (1, 2, 3)) + '{"kind": "tr')
+    metrics = Metrics(tmp_path, keep_until=2, tensorboard=False)
+    metrics.write({"kind": "train", "step": 3})
+    metrics.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    path.write_text(path.read_text() + '{"kind": "tr')
+    Metrics(tmp_path, keep_until=5, tensorboard=False).close()
+    assert path.read_text().endswith('"step": 3}\n')
 
 
 def test_the_free_space_check_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, corpus, small_disk):

@@ -143,27 +143,39 @@ def _size(folder: Path) -> int:
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def write_failure(out: Path, e: OSError, step: int) -> TrainingError | None:
-    """The one-line error for a write of the run folder that failed at `step` (disk full, quota,
-    file too large, or a file of the folder that cannot be written), naming the last good
-    checkpoint and how to go on; None when `e` is not such a failure (a bug keeps its traceback)."""
+def write_failure(out: Path, e: OSError, step: int | None) -> TrainingError | None:
+    """The one-line error for a write of the run folder that failed at `step` (None: before the
+    first) because the disk is full (or a quota or file-size limit is hit) or a file of the folder
+    cannot be written, naming the last good checkpoint and how to go on; None when `e` is not such
+    a failure (a bug keeps its traceback)."""
     where = f" ({e.filename})" if e.filename else ""
     if e.errno in DISK_FULL:
-        what = f"the disk of {out} is full{where}: {e.strerror}"
+        what, fix = f"the disk of {out} is full{where}: {e.strerror}", "free some space"
     elif e.filename and Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(out)):
-        what = f"cannot write {e.filename}: {e.strerror or e}"
+        what, fix = f"cannot write {e.filename}: {e.strerror or e}", f"make {out} writable"
     else:
         return None
+    stopped = "before its first step" if step is None else f"at step {step}"
     saved = checkpoint_step(out / LAST)
     if saved is None:
-        return TrainingError(f"{what}; the run stopped at step {step} before its first checkpoint; free some "
-                             "space and start it again")
-    return TrainingError(f"{what}; the run stopped at step {step}; {out / LAST} (step {saved}) is the last good "
-                         f"checkpoint: free some space, then continue with: simplegpt train --resume {out / LAST}")
+        return TrainingError(f"{what}; the run stopped {stopped}, before its first checkpoint; {fix} and start "
+                             "it again")
+    return TrainingError(f"{what}; the run stopped {stopped}; {out / LAST} (step {saved}) is the last good "
+                         f"checkpoint: {fix}, then continue with: simplegpt train --resume {out / LAST}")
 
 
 def write_config(out: Path, cfg: TrainConfig) -> None:
-    (out / CONFIG_FILE).write_text(to_toml(cfg), encoding="utf-8")
+    """config.toml, replaced whole (a full disk cannot leave it half written). Raises TrainingError
+    (write_failure) when it cannot be written."""
+    tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(to_toml(cfg), encoding="utf-8")
+        os.replace(tmp, out / CONFIG_FILE)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if (failure := write_failure(out, e, None)) is None:
+            raise
+        raise failure from None
 
 
 def append_sample(out: Path, step: int, val_loss: float, sample: str) -> None:
