@@ -86,20 +86,25 @@ def save_checkpoint(
     their sha256. Raises OSError from the file system, naming the file (ENOSPC for a full disk);
     the previous checkpoint is then untouched."""
     path = Path(path)
-    with atomic.atomic_dir(path) as tmp:
-        _write_weights(model_state_dict(model), tmp / WEIGHTS_FILE)
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_DIR)
-        if train_state is not None:
-            _write_train_state(_to_file(train_state), tmp / TRAIN_STATE_FILE)
-        cfg = getattr(model, "_orig_mod", model).config
-        doc = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), **(metadata or {}),
-               CHECKSUMS: {name: _sha256(tmp / name) for name in _files(tmp)}}
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
-        # safetensors writes through a private (0600) temp file; the rest was created as config.json was
-        mode = (tmp / CONFIG_FILE).stat().st_mode & 0o777
-        for name in _files(tmp):
-            os.chmod(tmp / name, mode)
+    try:
+        with atomic.atomic_dir(path) as tmp:
+            _write_weights(model_state_dict(model), tmp / WEIGHTS_FILE)
+            if tokenizer is not None:
+                tokenizer.save(tmp / TOKENIZER_DIR)
+            if train_state is not None:
+                _write_train_state(_to_file(train_state), tmp / TRAIN_STATE_FILE)
+            cfg = getattr(model, "_orig_mod", model).config
+            doc = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), **(metadata or {}),
+                   CHECKSUMS: {name: _sha256(tmp / name) for name in _files(tmp)}}
+            (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+            # safetensors writes through a private (0600) temp file; the rest was created as config.json was
+            mode = (tmp / CONFIG_FILE).stat().st_mode & 0o777
+            for name in _files(tmp):
+                os.chmod(tmp / name, mode)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # a flush or fsync names no file: the checkpoint
     return path
 
 

@@ -179,8 +179,16 @@ def write_config(out: Path, cfg: TrainConfig) -> None:
 
 
 def append_sample(out: Path, step: int, val_loss: float, sample: str) -> None:
-    with open(out / SAMPLES_FILE, "a", encoding="utf-8") as f:
-        f.write(f"=== step {step}, val loss {val_loss:.4f} ===\n{sample}\n\n")
+    """Append an evaluation's sample to samples.txt, whole or not at all. Raises OSError naming it."""
+    path = out / SAMPLES_FILE
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"=== step {step}, val loss {val_loss:.4f} ===\n{sample}\n\n")
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 class Metrics:
