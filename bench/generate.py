@@ -29,8 +29,9 @@ a warm-up call before the timed rounds. On --device cuda the int8 engine and its
 
 --contention measures only the cached engine, on the CPU, with the threads `simplegpt generate`
 picks by default (decode_threads: the cores other processes leave idle), with one thread per core
-and with one thread, in rounds that interleave the three: first alone, then beside a process that
-keeps one core busy (a tight Python loop, pinned to --busy-cpu where given). It prints each
+and with one thread, in rounds that interleave the three (each first in turn), each timing as
+many calls as one thread makes in ~0.3 s: first alone, then beside a process that keeps one core
+busy (a tight Python loop, pinned to --busy-cpu where given). It prints each
 setting's median tokens/s with the range over the rounds, and each setting's ratio to the one
 thread of the same round (median and range).
 """
@@ -161,16 +162,23 @@ def contention(model: GPT, prompt: list[int], args: argparse.Namespace) -> None:
             for name, threads in settings.items():
                 torch.set_num_threads(threads)
                 engine.generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0, stop_at_eos=False))
-            for _ in range(args.repeats):
-                for name, threads in settings.items():
+            # each timing runs as many calls as one thread makes in ~0.3 s: a call of a small model
+            # takes a few scheduler time slices, and the other processes' turns would decide it
+            torch.set_num_threads(1)
+            calls = max(1, round(0.3 / timed(lambda: engine.generate([prompt], params), torch.device("cpu"))))
+            for r in range(args.repeats):
+                order = list(settings.items())
+                for name, threads in order[r % 3:] + order[: r % 3]:  # each setting first in turn
                     torch.set_num_threads(threads)
-                    times[name].append(timed(lambda: engine.generate([prompt], params), torch.device("cpu")))
+                    times[name].append(timed(lambda: [engine.generate([prompt], params) for _ in range(calls)],
+                                             torch.device("cpu")) / calls)
         finally:
             torch.set_num_threads(cores)
             if busy is not None:
                 busy.kill()
                 busy.wait()
-        print(f"\n{phase}: tokens/s, median [range] of {args.repeats} rounds; ratio to 1 thread in the same round")
+        print(f"\n{phase}: tokens/s, median [range] of {args.repeats} rounds of {calls} calls each; ratio to 1 "
+              "thread in the same round")
         for name, ts in times.items():
             rates = [args.new_tokens / t for t in ts]
             ratios = [one / t for t, one in zip(ts, times["1 thread"])]
