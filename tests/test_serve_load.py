@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -41,7 +42,7 @@ def engine(checkpoint) -> Engine:
 def server(checkpoint):
     """A server with a key, a small queue and short limits, and its address."""
     proc, port = start(checkpoint, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16",
-                       "--max-body-bytes", "20000", "--request-timeout", "10", "--max-tokens", "1000000")
+                       "--max-body-bytes", "20000", "--max-tokens", "1000000")
     yield proc, f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
@@ -158,26 +159,52 @@ def test_limits_are_answered_in_openais_shape_while_the_server_serves(server, en
 
 def test_a_full_queue_is_a_429_with_retry_after(server):
     _, base = server
-    body = {"model": "tiny", "prompt": "A", "max_tokens": 100_000, "ignore_eos": True, "n": 5}
+    body = {"model": "tiny", "prompt": "A", "max_tokens": 100_000, "ignore_eos": True, "stream": True}
     c = httpx.Client(headers=auth(), timeout=60)
+    leave = threading.Event()
+
+    def long(n: int) -> int:
+        with c.stream("POST", f"{base}/v1/completions", json={**body, "n": n}) as r:
+            leave.wait(60)
+            return r.status_code  # and the client leaves: its rows are cancelled
+
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         # 4 rows run (--max-batch 4) and 16 wait (--max-queue 16); then there is no room
-        long = [pool.submit(c.post, f"{base}/v1/completions", json={**body, "n": n}) for n in (4, 16)]
-        for _ in range(200):
+        streams = [pool.submit(long, n) for n in (4, 16)]
+        for _ in range(400):
             load = c.get(f"{base}/load").json()
             if load["running"] == 4 and load["queued"] == 16:
                 break
             time.sleep(0.05)
-        r = c.post(f"{base}/v1/completions", json={**body, "n": 1, "max_tokens": 2})
-        assert r.status_code == 429 and r.headers["Retry-After"] and r.json()["error"]["type"] == "rate_limit_error"
-        assert c.get(f"{base}/health").status_code == 200
-        # the request timeout (--request-timeout 10) ends the long ones
-        assert [f.result().status_code for f in long] == [504, 504]
-    for _ in range(100):  # and their rows leave at the batcher's next step
+        try:
+            assert load["running"] == 4 and load["queued"] == 16, load
+            r = c.post(f"{base}/v1/completions", json={**body, "n": 1, "max_tokens": 2, "stream": False})
+            assert r.status_code == 429 and r.headers["Retry-After"] and r.json()["error"]["type"] == "rate_limit_error"
+            assert c.get(f"{base}/health").status_code == 200
+        finally:
+            leave.set()
+        assert [f.result() for f in streams] == [200, 200]
+    for _ in range(100):  # the leaving clients' rows leave at the batcher's next step
         if c.get(f"{base}/load").json() == {"running": 0, "queued": 0, "max_batch": 4}:
             break
         time.sleep(0.05)
     assert c.get(f"{base}/load").json() == {"running": 0, "queued": 0, "max_batch": 4}
+
+
+def test_a_request_past_its_time_is_cancelled(checkpoint):
+    proc, port = start(checkpoint, "--request-timeout", "2", "--max-tokens", "1000000")
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": "tiny", "prompt": "A", "max_tokens": 100_000, "ignore_eos": True}
+    try:
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["type"] == "timeout_error"  # the status was sent: an event says it
+        assert httpx.get(f"{base}/load").json()["running"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_metrics_count_what_was_sent(checkpoint):

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -146,7 +148,11 @@ class ContinuousBatcher:
                 done(out)
             try:
                 self._iteration()
+                # Let waiting threads (the server's event loop) take the GIL between steps: a small
+                # model's steps are mostly Python and would otherwise hold it nearly all the time.
+                time.sleep(0)
             except Exception as e:  # noqa: BLE001 - a bug: every request running is told, the loop goes on
+                traceback.print_exc()
                 self._fail_all(e)
         self._fail_all(None)
 

@@ -184,7 +184,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
             return {**head, "choices": choices, "usage": usage(results, req.n)}
         # echo with logprobs: the prompt's own tokens come first, each given the ones before it
         scored = await scheduler.score(ids, k or 0) if req.echo and k is not None else None
-        sub = scheduler.submit(ids, params)
+        sub = scheduler.submit(ids, params, req.stream)
         first_token_timer(sub)
         if not req.stream:
             results = await finished(sub, request)
@@ -248,7 +248,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         rows = check_rows([chat_prompt(req.messages)] * req.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
-        sub = scheduler.submit(token_rows(rows, req.truncate_prompt_tokens), params)
+        sub = scheduler.submit(token_rows(rows, req.truncate_prompt_tokens), params, req.stream)
         first_token_timer(sub)
         if not req.stream:
             results = await finished(sub, request)

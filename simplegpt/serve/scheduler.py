@@ -112,8 +112,8 @@ class Scheduler:
         """Rows in the batch now."""
         return self.batcher.active_rows
 
-    def submit(self, prompts: list[Prompt], params: SamplingParams) -> Submission:
-        """Queues a request (call it on the event loop). Prompts the engine cannot take (token ids
+    def submit(self, prompts: list[Prompt], params: SamplingParams, stream: bool = True) -> Submission:
+        """Queues a request (call it on the event loop); stream: hand its pieces out as they come. Prompts the engine cannot take (token ids
         out of range, ...) are a 400 and a full queue a 429, before the response starts."""
         if self.batcher.queued_rows + len(prompts) > self.max_queue:
             raise APIError(f"the server is busy: {self.batcher.queued_rows} sequences are waiting (its "
@@ -130,13 +130,22 @@ class Scheduler:
                 if sub.ticket is not None:
                     sub.ticket.cancel()
 
+        first = [True]
+
+        def piece(row: int, text: str, tokens: int) -> None:
+            if stream:
+                put((row, text, tokens))
+            elif first[0]:  # a request that is not streamed hears of its first piece only (its TTFT)
+                first[0] = False
+                put((row, "", tokens))
+
         def done(outcome: list[Result] | BaseException | None) -> None:
             if outcome is not None:
                 put(outcome)
             put(_DONE)
 
         try:
-            sub.ticket = self.batcher.submit(prompts, params, lambda row, piece, tokens: put((row, piece, tokens)), done)
+            sub.ticket = self.batcher.submit(prompts, params, piece, done)
         except (ValueError, TypeError) as e:
             raise APIError(str(e), param="prompt") from None
         return sub
