@@ -5,22 +5,26 @@ Endpoints (the shapes of OpenAI's API, so its official clients work against it):
 - GET  /v1/models            the one model served
 - POST /v1/completions       text completion: prompt (a string or a list of them), n, stream (SSE)
 - POST /v1/chat/completions  chat over the base model through a plain-text template (chat_prompt)
-- GET  /health               {"status": "ok"}
+- GET  /health               {"status": "ok"}, always open
+- GET  /metrics              Prometheus metrics (needs the key when the server has one)
+- GET  /load                 sequences decoding and waiting (the playground shows it)
 - GET  /                     the playground: a page that streams completions from /v1/completions
 
 Sampling: temperature, top_p, seed, stop, max_tokens (max_completion_tokens for chat), n, and
 simplegpt's own top_k, min_p, repetition_penalty and ignore_eos (the `extra_body` of OpenAI's
-clients); logprobs (and chat's top_logprobs) in responses that are not streamed, with echo also
-for the prompt's tokens (max_tokens 0 scores a prompt without generating). Options simplegpt has
+clients); logprobs (and chat's top_logprobs), streamed or not, with echo also for the prompt's
+tokens (max_tokens 0 scores a prompt without generating). Options simplegpt has
 no equivalent for (presence/frequency penalties, logit_bias, best_of, suffix, tools) are refused
 with a 400, not silently dropped. Errors come as OpenAI's {"error": {"message", "type", "param",
-"code"}} with 400 (bad request) or 404 (unknown model).
+"code"}}: 400, 401 (key), 404, 408, 413 (body), 429 (queue full, with Retry-After), 504 (timeout).
+Requests are batched continuously (simplegpt.generation.scheduler.ContinuousBatcher).
 
 The modules, each with one job:
 - app: create_app and the routes, thin steps from a request body to the engine and back;
 - schemas: the request bodies (pydantic); params: their fields checked and made SamplingParams;
 - chat: the chat template; responses: usage, server-sent events, logprobs, the model card;
-- scheduler: runs generations one at a time and hands streamed pieces to the event loop;
+- scheduler: submits requests to the batcher and hands their pieces and results to the event loop;
+- guard: the Host check, API keys, body limits and the access log; metrics: Prometheus metrics;
 - errors: APIError and OpenAI's error format.
 The playground is simplegpt/static/index.html.
 """
