@@ -4,6 +4,7 @@ official client, many clients at once, limits, keys, metrics and SIGTERM."""
 import concurrent.futures
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -306,6 +307,26 @@ def test_keys_from_a_file_and_the_environment_and_a_warning_for_an_open_server(c
     try:
         lines = [proc.stderr.readline(), proc.stderr.readline()]
         assert "0.0.0.0" in lines[0] and "warning" in lines[1] and "no API key" in lines[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_half_sent_body_gets_408_while_others_are_served(checkpoint):
+    proc, port = start(checkpoint, "--body-timeout", "3")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\"")
+            out = client(base).completions.create(model="tiny", prompt="A", max_tokens=3)
+            slow.setblocking(False)
+            with pytest.raises(BlockingIOError):  # served while the slow client still holds its request
+                slow.recv(1)
+            slow.setblocking(True)
+            answer = slow.recv(65536).decode()
+            assert out.usage.completion_tokens == 3
+        assert answer.startswith("HTTP/1.1 408") and '"type": "invalid_request_error"' in answer.replace('":"', '": "')
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a request still running after this long is cancelled (504; 0 = no limit)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20,
                    help="the largest request body taken (413 beyond)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a client that takes longer than this to send a request body gets 408")
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections served at once; more get 503")
     p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         if value <= 0:
             raise OptionError(f"{option} must be a positive integer, got {value}")
     for option, seconds in (("--request-timeout", args.request_timeout), ("--keep-alive-timeout",
-                            args.keep_alive_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
+                            args.keep_alive_timeout), ("--shutdown-timeout", args.shutdown_timeout),
+                           ("--body-timeout", args.body_timeout)):
         if not seconds >= 0:
             raise OptionError(f"{option} must be a number of seconds >= 0, got {seconds}")
     keys = api_keys(args)
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     name = getattr(args, "model_name", None) or (f"{folder.parent.name}-{folder.name}" if run_checkpoint else folder.name)
     host, port = sock.getsockname()[:2]
     limits = Limits(max_tokens=args.max_tokens, max_rows=args.max_sequences, max_batch=args.max_batch,
-                    max_queue=args.max_queue, timeout=args.request_timeout or None, max_body=args.max_body_bytes)
+                    max_queue=args.max_queue, timeout=args.request_timeout or None, max_body=args.max_body_bytes,
+                    body_timeout=args.body_timeout)
     app = create_app(engine, name, cors_origins=args.cors_origin, limits=limits, api_keys=keys,
                      allowed_hosts=allowed_hosts(host, args.allowed_host))
     shown = f"[{host}]" if ":" in host else host
