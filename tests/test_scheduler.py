@@ -4,7 +4,6 @@ batch give what Engine.generate gives each of them alone."""
 import threading
 
 import pytest
-import torch
 
 from conftest import make_tiny_gpt
 from simplegpt import get_tokenizer

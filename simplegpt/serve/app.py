@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from ..engine import FINISH_LENGTH, Engine, Result, TokenLogprobs
+from ..engine import FINISH_LENGTH, Engine, Result
 from .chat import CHAT_STOP, DEFAULT_CHAT_MAX_TOKENS, chat_prompt
 from .errors import APIError, add_error_handlers, error_body
 from .guard import Guard
