@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..accel.cpu.threads import auto_threads  # re-exported: training's threads from the idle cores
+from ..accel.cpu.threads import auto_threads as auto_threads  # re-exported: the trainer's threads
 from ..config import TrainConfig
 from ..errors import ConfigError
 
