@@ -14,11 +14,12 @@
  * That matters where another process holds a core: when each worker had its own part, every one of
  * the ~50 calls of a token waited for a worker the scheduler had put aside until its turn came
  * back (with one busy process on a 2-core machine, 2 threads decoded a small model at 50-73
- * tokens/s, 1 thread at 2,632-2,714). A worker that finds it was put aside while it spun (its
- * clock jumped) sleeps, and for BACKOFF_NS the caller runs every part itself without waking anyone:
- * the core stays with the process that holds it instead of being spun for. A caller waiting for a
- * part a worker took spins briefly, then sleeps, so that the scheduler can move that worker onto
- * its core. The parts are the same whoever runs them: the results do not depend on the load.
+ * tokens/s, 1 thread at 2,632-2,714). A caller waiting for a part a worker took spins briefly,
+ * then sleeps, so that the scheduler can move that worker onto its core. A worker that finds it
+ * was put aside while it spun (its clock jumped), or one the caller waited for longer than its own
+ * parts took, starts a backoff: for BACKOFF_NS the caller runs every part itself and wakes no one
+ * (the workers fall asleep), so the core stays with the process that holds it instead of being
+ * spun for. The parts are the same whoever runs them: the results do not depend on the load.
  * Why not OpenMP here as well (one pool for the whole library): measured on the 2-core machine, the
  * same row split of GPT-2 124M's 49 products a token (batch 1) on an OpenMP team of 2 took
  * 15.7-16.3 ms against the pool's 14.8-17.4 ms (separate processes, median of 15 tokens, three runs
@@ -203,21 +204,24 @@ void pool_run(pool_fn fn, void *arg, int parts) {
     }
     uint64_t seen;
     int part;
+    int64_t mine = now_ns();
     while ((part = take_part(&seen)) >= 0) run_part(part, parts);
     int64_t start = now_ns();
+    mine = start - mine; /* how long the caller's parts took */
     do {
         for (int i = 0; i < CHECK_EVERY; i++) {
             if (atomic_load_explicit(&pool.finished, memory_order_acquire) == parts) return;
             _mm_pause();
         }
     } while (now_ns() - start < WAIT_SPIN_NS);
-    /* A worker has not finished its part yet. Unless it was just woken (it starts late), it was
-     * put aside for another thread mid-part: sleeping here lets the scheduler move it onto this
-     * core, and the next calls run alone. */
+    /* A worker has not finished its part yet. Unless it was just woken (it starts late) or its part
+     * is merely slower than the caller's, it was put aside for another thread mid-part: sleeping
+     * here lets the scheduler move it onto this core, and the next calls run alone. */
     pthread_mutex_lock(&pool.mu);
     atomic_store(&pool.waiting, 1); /* before looking at finished: run_part looks at waiting after */
     while (atomic_load(&pool.finished) < parts) pthread_cond_wait(&pool.done, &pool.mu);
     atomic_store(&pool.waiting, 0);
     pthread_mutex_unlock(&pool.mu);
-    if (!woke) back_off(now_ns());
+    int64_t now = now_ns();
+    if (!woke && now - start > mine) back_off(now);
 }
