@@ -166,13 +166,14 @@ def test_a_full_queue_is_a_429_with_retry_after(server):
 
     def long(n: int) -> int:
         with c.stream("POST", f"{base}/v1/completions", json={**body, "n": n}) as r:
-            leave.wait(60)
+            leave.wait(180)
             return r.status_code  # and the client leaves: its rows are cancelled
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         # 4 rows run (--max-batch 4) and 16 wait (--max-queue 16); then there is no room
         streams = [pool.submit(long, n) for n in (4, 16)]
-        for _ in range(400):
+        deadline = time.monotonic() + 120  # both requests in: seconds on a loaded 2-core machine
+        while time.monotonic() < deadline:
             load = c.get(f"{base}/load").json()
             if load["running"] == 4 and load["queued"] == 16:
                 break
