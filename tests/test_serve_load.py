@@ -169,15 +169,22 @@ def test_a_full_queue_is_a_429_with_retry_after(server):
             leave.wait(180)
             return r.status_code  # and the client leaves: its rows are cancelled
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        # 4 rows run (--max-batch 4) and 16 wait (--max-queue 16); then there is no room
-        streams = [pool.submit(long, n) for n in (4, 16)]
-        deadline = time.monotonic() + 120  # both requests in: seconds on a loaded 2-core machine
+    def wait_for(running: int, queued: int) -> dict:
+        deadline = time.monotonic() + 120  # seconds on a loaded 2-core machine
         while time.monotonic() < deadline:
             load = c.get(f"{base}/load").json()
-            if load["running"] == 4 and load["queued"] == 16:
+            if load["running"] == running and load["queued"] == queued:
                 break
             time.sleep(0.05)
+        return load
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        # 4 rows run (--max-batch 4) and 16 wait (--max-queue 16); then there is no room. The second
+        # request is sent once the first one's rows run: while they still wait, it would not fit.
+        streams = [pool.submit(long, 4)]
+        wait_for(4, 0)
+        streams.append(pool.submit(long, 16))
+        load = wait_for(4, 16)
         try:
             assert load["running"] == 4 and load["queued"] == 16, load
             r = c.post(f"{base}/v1/completions", json={**body, "n": 1, "max_tokens": 2, "stream": False})
