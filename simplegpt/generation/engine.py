@@ -33,7 +33,7 @@ from .compiled import CompiledBackend, check_compilable
 from .native import NativeBackend, native_view
 from .sampling import (MAX_LOGPROBS, SamplingParams, TokenLogprobs, sample_next_token, seeded_generator,
                        token_logprobs)
-from .text import FINISH_LENGTH, FINISH_STOP, Result, Row, Stream, TextAssembler, TextStream
+from .text import Result, Row, Stream, TextAssembler, TextStream
 
 
 def pick_backend(model: GPT, device: torch.device, window_shift: int, use_cache: bool, compile: bool) -> Backend:
@@ -192,7 +192,8 @@ class Engine:
         try:
             active = list(range(len(rows)))
             logits = batch.prefill(rows)
-            stop_eos = params.stop_at_eos and self.eos_id is not None
+            eos_id = self.eos_id if params.stop_at_eos else None
+            decode_bytes = self.tokenizer.decode_bytes if self.tokenizer is not None else None
             while True:
                 row_seen = seen[active] if seen is not None else None
                 with torch.inference_mode(), self.backend.sampling():
@@ -202,29 +203,13 @@ class Engine:
                 still = []
                 for j, (i, tok) in enumerate(zip(active, nxt)):
                     row = rows[i]
-                    if stop_eos and tok == self.eos_id:
-                        row.finish_reason, row.stop_reason = FINISH_STOP, tok
-                    else:
-                        row.generated.append(tok)
-                        row.tokens.append(tok)
-                        if lps is not None:
-                            row.logprobs.append(lps[j])
-                        if seen is not None:
-                            seen[i, tok] = True
-                        if row.text is not None:
-                            piece = row.text.feed(self.tokenizer.decode_bytes([tok]))
-                            if piece:
-                                yield i, piece
-                            if row.text.matched is not None:
-                                row.finish_reason, row.stop_reason = FINISH_STOP, row.text.matched
-                        if row.finish_reason is None and len(row.generated) >= params.max_new_tokens:
-                            row.finish_reason = FINISH_LENGTH
+                    for piece in row.accept(tok, None if lps is None else lps[j], eos_id, params.max_new_tokens,
+                                            decode_bytes):
+                        yield i, piece
                     if row.finish_reason is None:
                         still.append(i)
-                    elif row.text is not None and row.text.matched is None:
-                        piece = row.text.feed(b"", final=True)
-                        if piece:
-                            yield i, piece
+                        if seen is not None:
+                            seen[i, tok] = True
                 if not still:
                     return
                 logits = batch.next_logits(rows, active, still)

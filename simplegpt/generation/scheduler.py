@@ -35,7 +35,7 @@ import torch
 from .backend import Batch
 from .engine import Engine
 from .sampling import SamplingParams, sample_next_token, token_logprobs
-from .text import FINISH_LENGTH, FINISH_STOP, Result, Row
+from .text import Result, Row
 
 PieceCallback = Callable[[int, str, int], None]  # (row of the request, text piece, tokens generated so far)
 DoneCallback = Callable[[list[Result] | BaseException | None], None]  # results, an error, or None if cancelled
@@ -315,34 +315,18 @@ class ContinuousBatcher:
                 tok = sample_next_token(lg, p, [ticket.rows[i].generator for i in rows], seen)
                 lps = None if p.logprobs is None else token_logprobs(lg, tok, p.logprobs)
                 drawn[ticket] = (rows, tok.tolist(), lps, ks)
+        decode_bytes = engine.tokenizer.decode_bytes if engine.tokenizer is not None else None
         for ticket, (rows, toks, lps, ks) in drawn.items():
             p = ticket.params
-            stop_eos = p.stop_at_eos and stop_eos_id is not None
+            eos_id = stop_eos_id if p.stop_at_eos else None
             for n, (i, tok) in enumerate(zip(rows, toks)):
                 row = ticket.rows[i]
-                if stop_eos and tok == stop_eos_id:
-                    row.finish_reason, row.stop_reason = FINISH_STOP, tok
-                else:
-                    row.generated.append(tok)
-                    row.tokens.append(tok)
-                    if lps is not None:
-                        row.logprobs.append(lps[n])
-                    if i in ticket.seen:
-                        ticket.seen[i][tok] = True
-                    if row.text is not None:
-                        piece = row.text.feed(engine.tokenizer.decode_bytes([tok]))
-                        if piece:
-                            ticket.on_piece(i, piece, len(row.generated))
-                        if row.text.matched is not None:
-                            row.finish_reason, row.stop_reason = FINISH_STOP, row.text.matched
-                    if row.finish_reason is None and len(row.generated) >= p.max_new_tokens:
-                        row.finish_reason = FINISH_LENGTH
+                for piece in row.accept(tok, None if lps is None else lps[n], eos_id, p.max_new_tokens, decode_bytes):
+                    ticket.on_piece(i, piece, len(row.generated))
                 if row.finish_reason is not None:
-                    if row.text is not None and row.text.matched is None:
-                        piece = row.text.feed(b"", final=True)
-                        if piece:
-                            ticket.on_piece(i, piece, len(row.generated))
                     finished.append(js[ks[n]])
+                elif i in ticket.seen:
+                    ticket.seen[i][tok] = True
         for j in sorted(finished, reverse=True):
             ticket, _ = self.slots[j]
             self._leave(j)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -76,6 +76,31 @@ class Row:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] | None = None  # with SamplingParams(logprobs=k): one per generated token
+
+    def accept(self, token: int, logprob: TokenLogprobs | None, eos_id: int | None, max_new_tokens: int,
+               decode_bytes: Callable[[list[int]], bytes] | None) -> list[str]:
+        """Takes the token drawn for this row: eos_id (None: EOS does not stop) finishes it, any other
+        token is appended (with its logprob when logprobs are on) and may complete a stop string or
+        max_new_tokens. Returns the text pieces it releases, in order (the new text, and the rest
+        held back for a stop string once the row is finished); decode_bytes: the tokenizer's, for
+        rows with text."""
+        pieces = []
+        if eos_id is not None and token == eos_id:
+            self.finish_reason, self.stop_reason = FINISH_STOP, token
+        else:
+            self.generated.append(token)
+            self.tokens.append(token)
+            if logprob is not None:
+                self.logprobs.append(logprob)
+            if self.text is not None:
+                pieces.append(self.text.feed(decode_bytes([token])))
+                if self.text.matched is not None:
+                    self.finish_reason, self.stop_reason = FINISH_STOP, self.text.matched
+            if self.finish_reason is None and len(self.generated) >= max_new_tokens:
+                self.finish_reason = FINISH_LENGTH
+        if self.finish_reason is not None and self.text is not None and self.text.matched is None:
+            pieces.append(self.text.feed(b"", final=True))
+        return [piece for piece in pieces if piece]
 
     def result(self) -> Result:
         text = self.text.text if self.text is not None else ""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..accel.cpu.threads import auto_threads as auto_threads  # re-exported: the trainer's threads
+from ..accel.cpu.threads import auto_threads as auto_threads  # noqa: F401 (re-exported: the trainer's threads)
 from ..config import TrainConfig
 from ..errors import ConfigError
 

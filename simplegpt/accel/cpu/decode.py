@@ -18,7 +18,7 @@ import os
 import torch
 
 from . import lib
-from .lib import MAX_INT8_IN, MAX_ROWS, load, unavailable_reason
+from .lib import MAX_INT8_IN, MAX_ROWS, load, unavailable_reason  # noqa: F401 (callers check load() first)
 from .slots import BLOCK_SLOTS
 
 _threads = 0  # threads of the innermost decoding() block; 0 outside
