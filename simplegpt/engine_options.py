@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, OptionError
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+
+def model_name(checkpoint: str) -> str:
+    """The name a checkpoint is shown and served under: out/run/best -> run-best (which run, and which
+    of its checkpoints); any other folder: its name."""
+    folder = Path(checkpoint).resolve()
+    return f"{folder.parent.name}-{folder.name}" if folder.name in ("best", "last") else folder.name
 
 
 def add_engine_arguments(p: argparse.ArgumentParser, long_running: str) -> None:

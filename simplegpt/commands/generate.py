@@ -7,9 +7,8 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
-from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine
+from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
 from ..errors import DataError, FileAccessError, OptionError, SimpleGPTError, UsageError, file_access_errors
 
 HELP = "generate text from a checkpoint"
@@ -98,7 +97,7 @@ def _session(engine, params, args: argparse.Namespace) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")
     if tty:
         n = sum(p.numel() for p in engine.model.parameters())
-        print(f"simplegpt generate: {_model_name(args.checkpoint)} ({n / 1e6:.1f}M parameters); a prompt a line, "
+        print(f"simplegpt generate: {model_name(args.checkpoint)} ({n / 1e6:.1f}M parameters); a prompt a line, "
               '\\ at the end goes on to the next line, """ starts and ends a block; Ctrl-D or /quit ends',
               file=sys.stderr)
     failed = False
@@ -162,12 +161,6 @@ class _PromptLines:
         prompt = "\n".join(self.lines) if self.lines else None
         self.lines, self.block = [], False
         return prompt
-
-
-def _model_name(checkpoint: str) -> str:
-    """out/run/best -> run-best (which run, and which of its checkpoints); any other folder: its name."""
-    folder = Path(checkpoint).resolve()
-    return f"{folder.parent.name}-{folder.name}" if folder.name in ("best", "last") else folder.name
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

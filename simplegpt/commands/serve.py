@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine
+from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
 from ..errors import MissingDependencyError, OptionError, file_access_errors
 
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API, with a web playground"
@@ -105,10 +105,7 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     with file_access_errors():
         engine = load_engine(args)
-    folder = Path(args.checkpoint).resolve()
-    # out/run/best -> "run-best": the run's name, not only which of its checkpoints
-    run_checkpoint = folder.name in ("best", "last")
-    name = getattr(args, "model_name", None) or (f"{folder.parent.name}-{folder.name}" if run_checkpoint else folder.name)
+    name = getattr(args, "model_name", None) or model_name(args.checkpoint)
     host, port = sock.getsockname()[:2]
     limits = Limits(max_tokens=args.max_tokens, max_rows=args.max_sequences, max_batch=args.max_batch,
                     max_queue=args.max_queue, timeout=args.request_timeout or None, max_body=args.max_body_bytes,
