@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from ...model import IGNORE_INDEX  # csrc/model.c's IGNORE_INDEX is the same -100
 from .lib import load
 from .slots import BLOCK_SLOTS
 
-IGNORE_INDEX = -100  # as model.IGNORE_INDEX (model.py imports this module)
 HEAD_SIZES = (8, 16, 32, 64)  # the attention kernel's head sizes
 _FC_W = BLOCK_SLOTS.index(("mlp.c_fc", "weight"))  # its rows are the MLP's width F
 MAX_ATTENTION_T = 256  # beyond this PyTorch's flash kernel is faster (at 256: 0.98-1.2x; docs/benchmarks.md)
