@@ -294,6 +294,12 @@ def test_the_playground_asks_for_the_key_in_a_real_browser(server, engine):
             page.click("#generate")
             page.wait_for_function("document.body.dataset.finish !== undefined", timeout=60_000)
             assert page.inner_text("#output .completion") == want and "tokens/s" in page.inner_text("#status")
+            # The key field fires "change" again when it loses focus; the model list that
+            # reloads then must leave the generation's result in the status line.
+            with page.expect_response(lambda r: r.url.endswith("/v1/models")):
+                page.dispatch_event("#api_key", "change")
+            page.wait_for_timeout(200)
+            assert "tokens/s" in page.inner_text("#status")
         finally:
             browser.close()
 
