@@ -27,39 +27,97 @@ class Result:
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, with SamplingParams(logprobs=k)
 
 
+class StopMatcher:
+    """Finds one stop string in text fed to it piece by piece (Knuth-Morris-Pratt).
+
+    `state` is the length of the longest prefix of the stop that the text fed so far ends with
+    (the text a stop may still start in). Each feed costs O(len(new text) + len(stop)) character
+    steps, whatever the length of the text before it: the text itself is not kept.
+    Source: Knuth, Morris & Pratt, "Fast pattern matching in strings", SIAM J. Comput. 6(2), 1977.
+    """
+
+    def __init__(self, stop: str):
+        if not stop:
+            raise ValueError("a stop string must not be empty")
+        self.stop = stop
+        self.state = 0
+        # failure[q]: the longest proper prefix of stop[:q + 1] that is also its suffix
+        failure = [0] * len(stop)
+        k = 0
+        for q in range(1, len(stop)):
+            while k and stop[q] != stop[k]:
+                k = failure[k - 1]
+            if stop[q] == stop[k]:
+                k += 1
+            failure[q] = k
+        self.failure = failure
+
+    def feed(self, text: str) -> int:
+        """Advance over text; return the index in it where the first whole stop string ends (exclusive,
+        so it starts at that index minus len(stop)), or -1. After a match the matcher is spent."""
+        stop, failure, q, m = self.stop, self.failure, self.state, len(self.stop)
+        for i, c in enumerate(text):
+            while q and stop[q] != c:
+                q = failure[q - 1]
+            if stop[q] == c:
+                q += 1
+                if q == m:
+                    self.state = q
+                    return i + 1
+        self.state = q
+        return -1
+
+
 class TextAssembler:
     """Turns a row's token bytes into safe text pieces.
 
     Pieces never end inside a multi-byte character (an incremental UTF-8 decoder holds the
     partial bytes) and never contain the start of a possible stop string (held back until it
-    is known not to be one), so their concatenation is exactly the final text.
+    is known not to be one), so their concatenation is exactly the final text. The first stop
+    string to start in the text (the earliest; of two starting together, the smaller string) ends it.
+
+    Each feed costs O(len(new text) + len(stop)) per stop string, not the length of the text so far:
+    a matcher per stop (StopMatcher) keeps how much of its stop the text ends with, and only the
+    held-back tail is kept apart from the emitted pieces.
     """
 
     def __init__(self, stops: Sequence[str]):
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = stops
-        self.text = ""
-        self.emitted = 0
+        self.matchers = [StopMatcher(s) for s in stops]
+        self._pieces: list[str] = []  # the emitted text, in pieces (joined when `text` is read)
+        self.pending = ""  # decoded text not emitted yet: at most a stop's length - 1 between feeds
+        self.emitted = 0  # characters emitted
         self.matched: str | None = None
 
+    @property
+    def text(self) -> str:
+        """All the text so far (cut before a matched stop string), emitted or held back."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return (self._pieces[0] if self._pieces else "") + self.pending
+
     def feed(self, data: bytes, final: bool = False) -> str:
-        """Add bytes; return the newly safe text. Sets `matched` when a stop string appears."""
-        before = len(self.text)
-        self.text += self.decoder.decode(data, final=final)
+        """Add bytes; return the newly safe text. Sets `matched` when a stop string appears (the text
+        ends before it, and later feeds add nothing)."""
+        if self.matched is not None:
+            return ""
+        new = self.decoder.decode(data, final=final)
+        pending = self.pending + new
         hold = 0
-        if self.stops:
-            longest = max(len(s) for s in self.stops)
-            window_start = max(0, before - longest + 1)
-            hits = [(i, s) for s in self.stops if (i := self.text.find(s, window_start)) >= 0]
+        if self.matchers:
+            base = len(self.pending)  # `new` starts here in `pending`
+            hits = [(base + end - len(m.stop), m.stop) for m in self.matchers if (end := m.feed(new)) >= 0]
             if hits:
                 cut, self.matched = min(hits)
-                self.text = self.text[:cut]
-                final = True
+                pending = pending[:cut]
             elif not final:
-                hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        upto = len(self.text) - hold
-        piece = self.text[self.emitted:upto]
-        self.emitted = max(self.emitted, upto)
+                hold = max(m.state for m in self.matchers)
+        upto = len(pending) - hold
+        piece, self.pending = pending[:upto], pending[upto:]
+        if piece:
+            self._pieces.append(piece)
+            self.emitted += len(piece)
         return piece
 
 
