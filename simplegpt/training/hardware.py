@@ -1,8 +1,10 @@
-"""What the trainer needs to know of the machine: the compute dtype, CPU threads, how to split a
-batch over cores, and the peak FLOP/s that MFU divides by."""
+"""What the trainer needs to know of the machine: the compute dtype, the CUDA backends' settings, CPU
+threads, how to split a batch over cores, and the peak FLOP/s that MFU divides by."""
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from pathlib import Path
 
@@ -12,9 +14,35 @@ from ..accel.cpu.threads import auto_threads as auto_threads  # noqa: F401 (re-e
 from ..config import TrainConfig
 from ..errors import ConfigError
 
-# Peak dense bf16 FLOP/s of common GPUs, for MFU (the numbers of nanoGPT / the vendor sheets).
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Dense half-precision tensor-core peaks, FLOP/s per device: bf16 (fp16 on V100 and T4, which have no
+# bf16), from NVIDIA's datasheets (H100, H200, GH200, A100, A30, A10, L40, L40S, L4, V100, T4) and its
+# Ampere GA102 / Ada Lovelace whitepapers (GeForce RTX 3090 / 4090: bf16 with float32 accumulation).
+# The datasheets headline the figure "with sparsity"; dense training runs at half of it.
+# (label, pattern, FLOP/s), matched in this order against the upper-cased torch.cuda.get_device_name,
+# the specific before the general: "H100 PCIe" before "H100", "A100" never taken for "A10", "L40S"
+# and "L40" never for "L4"; a name matching none (an A10G, an RTX 3090 Ti, a laptop GPU) is unknown.
+GPU_PEAKS: tuple[tuple[str, str, float], ...] = (
+    ("GH200", r"\bGH200\b", 989e12),
+    ("H200 NVL", r"\bH200\b.*\bNVL\b", 835e12),
+    ("H200 SXM", r"\bH200\b", 989e12),
+    ("H100 NVL", r"\bH100\b.*\bNVL\b", 835e12),
+    ("H100 PCIe", r"\bH100\b.*\bPCIE\b", 756e12),
+    ("H100 SXM", r"\bH100\b", 989e12),
+    ("A100", r"\bA100\b", 312e12),
+    ("A30", r"\bA30\b", 165e12),
+    ("A10", r"\bA10\b", 125e12),
+    ("L40S", r"\bL40S\b", 362e12),
+    ("L40", r"\bL40\b", 181e12),
+    ("L4", r"\bL4\b", 121e12),
+    ("RTX 4090", r"\bRTX 4090$", 165e12),
+    ("RTX 3090", r"\bRTX 3090$", 71e12),
+    ("V100S", r"\bV100S\b", 130e12),
+    ("V100 PCIe", r"\bV100\b.*\bPCIE\b", 112e12),
+    ("V100 SXM", r"\bV100\b", 125e12),
+    ("T4", r"\bT4\b", 65e12),
+)
+# label -> FLOP/s, for readers of the table alone
+GPU_PEAK_FLOPS = {label: flops for label, _, flops in GPU_PEAKS}
 
 # float32 FLOPs per cycle per x86-64 core, widest first: FMA units x lanes x 2 (a multiply and an add).
 VECTOR_FLOPS_PER_CYCLE = ((64, "AVX-512", {"avx512f"}), (32, "AVX2 FMA", {"avx2", "fma"}), (16, "AVX", {"avx"}))
@@ -33,14 +61,52 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    """The FLOP/s MFU divides by (see mfu_peak), on torch's current number of threads."""
-    return mfu_peak(cfg, device, torch.get_num_threads())[0]
+def configure_backends(device: torch.device) -> None:
+    """Set up PyTorch's CUDA backends for training on `device`, process-wide; nothing off CUDA.
+
+    - TF32 for float32 matmuls (what runs outside bf16 autocast: the float32 loss's matmuls, a float32
+      run) through torch.set_float32_matmul_precision("high"). Not the per-backend
+      torch.backends.cuda.matmul.fp32_precision alone: in this torch, a matmul precision set only that
+      way makes torch.get_float32_matmul_precision() raise (legacy and new settings mixed), and
+      torch.compile's autotuning calls it; "high" sets the new setting to "tf32" as well.
+    - TF32 for cuDNN convolutions (torch.backends.cudnn.conv.fp32_precision; allow_tf32 before torch 2.9).
+    - The flash and memory-efficient kernels of F.scaled_dot_product_attention switched on (the
+      defaults, unless something switched them off). SDPA takes flash attention when the inputs allow
+      it: bf16/fp16, no attn_mask (is_causal instead), a head size that is a multiple of 8 up to 256, a
+      GPU of compute capability 8.0 or later. The trainer's packed batches (no padding) call it that way;
+      padded batches pass a mask and take the memory-efficient kernel."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high")
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: per-operation precision
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_flash_sdp(True)
+    torch.backends.cuda.enable_mem_efficient_sdp(True)
 
 
-def mfu_peak(cfg: TrainConfig, device: torch.device, threads: int) -> tuple[float, str]:
-    """The FLOP/s MFU divides by, and what it is: configured (peak_flops), a known GPU's bf16 peak,
-    or on a CPU the float32 peak of the `threads` cores the run uses.
+def gpu_peak_flops(device_name: str) -> tuple[str, float] | None:
+    """The (label, dense bf16 FLOP/s) of GPU_PEAKS for a torch.cuda.get_device_name, e.g.
+    "NVIDIA H100 80GB HBM3" -> ("H100 SXM", 989e12), "NVIDIA H100 PCIe" -> ("H100 PCIe", 756e12).
+    None for a device not in the table, and for a MIG slice (a part of the GPU's peak)."""
+    name = " ".join(device_name.upper().split())
+    if re.search(r"\bMIG\b", name):
+        return None
+    return next(((label, flops) for label, pattern, flops in GPU_PEAKS if re.search(pattern, name)), None)
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    """The FLOP/s MFU divides by (see device_peak_flops), on torch's current number of threads; None
+    on a GPU that is not in the table and no peak_flops set."""
+    return device_peak_flops(cfg, device, torch.get_num_threads())[0]
+
+
+def device_peak_flops(cfg: TrainConfig, device: torch.device, threads: int) -> tuple[float | None, str]:
+    """The FLOP/s MFU divides by, and what it is: configured (peak_flops), a known GPU's dense bf16 peak
+    (GPU_PEAKS; a float32 run is measured against it too), or on a CPU the float32 peak of the
+    `threads` cores the run uses. On a GPU not in the table: None and a line saying to set peak_flops
+    (MFU is then not computed: see mfu).
 
     The CPU peak is the higher of two figures. A timed matmul alone is lowered by whatever else runs
     on the machine (a run started beside a busy process measured too low and logged MFU 1.18);
@@ -49,16 +115,44 @@ def mfu_peak(cfg: TrainConfig, device: torch.device, threads: int) -> tuple[floa
         return cfg.peak_flops, f"the configured peak_flops, {cfg.peak_flops / 1e12:.3g} TFLOP/s"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops, f"the {key}'s bf16 peak, {flops / 1e12:.0f} TFLOP/s"
-        return 100e12, f"an assumed 100 TFLOP/s ({name} is not in the table; set peak_flops)"
+        known = gpu_peak_flops(name)
+        if known is None:
+            return None, (f"no known peak: {name} is not in simplegpt's table of GPU peaks, so MFU is not "
+                          "computed; set peak_flops (--peak_flops) to the device's dense bf16 peak FLOP/s")
+        label, flops = known
+        return flops, f"the {label}'s dense bf16 peak, {flops / 1e12:.0f} TFLOP/s"
+    if device.type != "cpu":
+        return None, (f"no known peak for a {device.type} device, so MFU is not computed; set peak_flops "
+                      "to the device's peak FLOP/s")
     measured = _matmul_rate()
     vector = cpu_vector_peak(threads)
     cores = f"{threads} core{'s' if threads != 1 else ''}"
     if vector is not None and vector[0] >= measured:
         return vector[0], f"the float32 peak of {cores}, {vector[0] / 1e9:,.0f} GFLOP/s ({vector[1]})"
     return measured, f"the float32 peak of {cores}, {measured / 1e9:,.0f} GFLOP/s (a timed matmul)"
+
+
+def mfu_peak(cfg: TrainConfig, device: torch.device, threads: int) -> tuple[float, str]:
+    """device_peak_flops with a number always: an unknown GPU's peak is infinite, so MFU reads 0 (the
+    line says it is not computed). For callers that divide by the peak; prefer device_peak_flops and mfu."""
+    flops, basis = device_peak_flops(cfg, device, threads)
+    if flops is None:
+        return math.inf, basis.replace("MFU is not computed", "MFU is not computed (it reads 0%)")
+    return flops, basis
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization, a fraction: flops_per_token (GPT.flops_per_token: 6N + 12·L·C·T, PaLM's
+    appendix B) x tokens/s over the peak FLOP/s; at most 1.0 (a peak set too low never reads as
+    more than 100%). None where the peak is unknown."""
+    if peak is None or not math.isfinite(peak) or peak <= 0:
+        return None
+    return min(flops_per_token * tokens_per_s / peak, 1.0)
+
+
+def format_mfu(value: float | None) -> str:
+    """An MFU for people: "41.3%", or "unknown" where it was not computed."""
+    return "unknown" if value is None else f"{value:.1%}"
 
 
 def cpu_vector_peak(threads: int) -> tuple[float, str] | None:
