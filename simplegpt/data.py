@@ -18,10 +18,12 @@ one short text per row, padded, with an attention mask and IGNORE_INDEX labels o
 
 from __future__ import annotations
 
+import decimal
 import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import urllib.parse
 import urllib.request
@@ -36,7 +38,8 @@ from .atomic import atomic_dir
 from .errors import DataError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
-from .tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, get_tokenizer, load_tokenizer
+from .tokenizer import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, get_tokenizer, load_tokenizer,
+                        tokenizer_from_spec)
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -46,7 +49,8 @@ URL_ALIASES = {
     "tinyshakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
 }
 DEFAULT_SHARD_TOKENS = 100_000_000
-ENCODE_BATCH_DOCS = 256
+ENCODE_BATCH_DOCS = 256  # a batch for one worker: up to 256 documents or about 1 MiB of text
+ENCODE_BATCH_CHARS = 1 << 20
 
 
 def cache_dir() -> Path:
@@ -199,62 +203,302 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
 
 
-def _encode_batch(tokenizer: Tokenizer, docs: list[str]) -> list[np.ndarray]:
-    if isinstance(tokenizer, CharTokenizer):
-        # Vectorised lookup: code points -> ids through a sorted table (5 MB of text in ~0.1 s).
-        table = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)
-        out = []
-        for doc in docs:
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as taskset and cgroup cpusets set it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
+
+
+def parse_count(text: str | int) -> int:
+    """A count written as '10M', '1.5B', '500k', '2_000_000' or '1e9' -> int (k = 10^3, M = 10^6,
+    G or B = 10^9, T = 10^12, case-insensitive). Raises ValueError for anything else, negative
+    numbers and fractions included."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:e\d+)?)\s*([kmgbt]?)", str(text).strip().replace("_", "").replace(",", ""),
+                     re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r} is not a count; write e.g. 10M, 1.5B, 500k or 2000000")
+    value = decimal.Decimal(m[1]) * _COUNT_SUFFIXES[m[2].lower()]
+    if value != value.to_integral_value():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def _utf8(doc: str) -> tuple[str, bytes]:
+    """doc and its UTF-8 bytes; lone surrogates (JSON can carry them) become U+FFFD first, as tiktoken does."""
+    try:
+        return doc, doc.encode("utf-8")
+    except UnicodeEncodeError:
+        doc = doc.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return doc, doc.encode("utf-8")
+
+
+class _Encoder:
+    """Turns a batch of documents into one token array: each non-empty document's tokens, then EOS.
+
+    The same object runs in this process (workers=1) and in each worker process, so the output does
+    not depend on the number of workers. Pickled as the tokenizer's spec (for spawned workers)."""
+
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype):
+        self.tok = tokenizer
+        self.dtype = np.dtype(dtype)
+        self.eos = np.array([tokenizer.eos_id], dtype=self.dtype)
+        self.table = (np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)
+                      if isinstance(tokenizer, CharTokenizer) else None)
+
+    def __reduce__(self):
+        return _encoder_from_spec, (self.tok.spec(), self.dtype.str)
+
+    def encode(self, doc: str) -> np.ndarray:
+        """One document's tokens (no EOS), any integer dtype."""
+        tok = self.tok
+        if self.table is not None:
+            # Vectorised lookup: code points -> ids through the sorted vocabulary.
             cps = np.frombuffer(doc.encode("utf-32-le"), dtype=np.uint32)
-            ids = np.searchsorted(table, cps)
-            bad = (ids >= len(table)) | (table[np.minimum(ids, len(table) - 1)] != cps)
+            ids = np.searchsorted(self.table, cps)
+            bad = (ids >= len(self.table)) | (self.table[np.minimum(ids, len(self.table) - 1)] != cps)
             if bad.any():
-                ids = np.asarray(tokenizer.encode(doc))  # raises (or maps to unk) with a clear message
-            out.append(ids)
-        return out
-    if isinstance(tokenizer, ByteTokenizer):
-        return [np.frombuffer(doc.encode("utf-8"), dtype=np.uint8) for doc in docs]
-    # GPT-2 BPE: tiktoken encodes the batch on all cores.
-    return [np.asarray(ids) for ids in tokenizer.encode_batch(docs)]
+                try:
+                    return np.asarray(tok.encode(doc))  # raises (or maps to unk) with a clear message
+                except ValueError as e:
+                    raise DataError(str(e)) from None
+            return ids
+        if isinstance(tok, ByteTokenizer):
+            return np.frombuffer(doc.encode("utf-8"), dtype=np.uint8)
+        if isinstance(tok, GPT2Tokenizer):
+            # encode(text, no special tokens) is encode_ordinary, straight into a numpy buffer.
+            return tok._enc.encode_to_numpy(doc, allowed_special=set(), disallowed_special=())
+        return np.asarray(tok.encode(doc))
+
+    def __call__(self, docs: list[str]) -> tuple[np.ndarray, int, int]:
+        """(tokens, documents, bytes): the batch's token stream and how many non-empty documents
+        and UTF-8 bytes of text it holds."""
+        pieces: list[np.ndarray] = []
+        n_docs = n_bytes = 0
+        for doc in docs:
+            doc, raw = _utf8(doc)
+            ids = self.encode(doc)
+            if len(ids) == 0:
+                continue
+            pieces += (ids, self.eos)
+            n_docs += 1
+            n_bytes += len(raw)
+        tokens = np.concatenate(pieces).astype(self.dtype, copy=False) if pieces else np.zeros(0, self.dtype)
+        return tokens, n_docs, n_bytes
 
 
-def _batched(docs: Iterable[str], n: int) -> Iterator[list[str]]:
+def _encoder_from_spec(spec: dict, dtype: str) -> _Encoder:
+    return _Encoder(tokenizer_from_spec(spec), np.dtype(dtype))
+
+
+def _encode_batch(tokenizer: Tokenizer, docs: list[str]) -> list[np.ndarray]:
+    """Each document's tokens (no EOS), in order."""
+    enc = _Encoder(tokenizer, token_dtype(tokenizer.vocab_size))
+    return [enc.encode(_utf8(doc)[0]) for doc in docs]
+
+
+def _batched(docs: Iterable[str], n: int = ENCODE_BATCH_DOCS, chars: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
+    """Consecutive documents in lists of at most n documents or about `chars` characters."""
     batch: list[str] = []
+    size = 0
     for doc in docs:
         batch.append(doc)
-        if len(batch) == n:
+        size += len(doc)
+        if len(batch) == n or size >= chars:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 
 
-def _char_vocabulary(corpus: Corpus) -> CharTokenizer:
+# The worker processes' encoder (set once per worker by the pool's initializer).
+_worker_encoder: _Encoder | None = None
+
+
+def _init_worker(encoder: _Encoder) -> None:
+    global _worker_encoder
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(docs: list[str]) -> tuple[np.ndarray, int, int]:
+    assert _worker_encoder is not None
+    return _worker_encoder(docs)
+
+
+def _count_bytes_in_worker(path: str, offset: int, count: int) -> int:
+    assert _worker_encoder is not None
+    return _shard_bytes(_worker_encoder.tok, path, _worker_encoder.dtype, offset, count)
+
+
+class _EncodingPool:
+    """Runs an _Encoder over batches of documents in `workers` processes (or in this one when
+    workers == 1), yielding results in input order with at most IN_FLIGHT_PER_WORKER batches per
+    worker in flight: the reader never runs ahead of the writer by more than that, so memory is
+    bounded whatever the corpus's size (multiprocessing.Pool.imap would read the whole input ahead).
+
+    Workers are forked where the platform can (before any thread of this run starts), so they
+    inherit the loaded tokenizer instead of importing simplegpt again."""
+
+    IN_FLIGHT_PER_WORKER = 4
+
+    def __init__(self, encoder: _Encoder, workers: int):
+        import multiprocessing
+
+        self.encoder = encoder
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder,))
+
+    def imap(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, int, int]]:
+        if self.pool is None:
+            for batch in batches:
+                yield self.encoder(batch)
+            return
+        from collections import deque
+
+        pending: deque = deque()
+        window = self.workers * self.IN_FLIGHT_PER_WORKER
+        for batch in batches:
+            pending.append(self.pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def shard_bytes(self, shards: list[tuple[Path, int]], chunk: int = 1 << 22) -> int:
+        """UTF-8 bytes the tokens of these (file, tokens) shards stand for, EOS counting zero."""
+        parts = [(str(path), start, min(chunk, n - start)) for path, n in shards for start in range(0, n, chunk)]
+        if self.pool is None:
+            return sum(_shard_bytes(self.encoder.tok, path, self.encoder.dtype, offset, count)
+                       for path, offset, count in parts)
+        return sum(self.pool.starmap(_count_bytes_in_worker, parts))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()  # any batch still in flight (a budget reached, an error) is not needed
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self) -> "_EncodingPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shard_bytes(tok: Tokenizer, path: str, dtype: np.dtype, offset: int, count: int) -> int:
+    """UTF-8 bytes of `count` tokens of a shard file from token `offset` (EOS counts zero), read
+    with a plain file read so that only this chunk is ever in memory."""
+    with open(path, "rb") as f:
+        f.seek(offset * dtype.itemsize)
+        ids = np.fromfile(f, dtype=dtype, count=count)
+    return len(tok.decode_bytes(ids[ids != tok.eos_id].tolist()))
+
+
+def _char_vocabulary(corpus: Corpus, max_tokens: int | None = None) -> CharTokenizer:
+    """The characters of the corpus, or of its first max_tokens tokens (one per character, one EOS
+    per non-empty document): exactly what prepare will encode."""
     chars: set[str] = set()
+    budget = max_tokens if max_tokens is not None else float("inf")
     for doc in corpus.documents():
-        chars.update(doc)
+        if budget <= 0:
+            break
+        doc = _utf8(doc)[0]
+        if not doc:
+            continue
+        chars.update(doc[:int(min(budget, len(doc)))])
+        budget -= len(doc) + 1
     if not chars:
         raise DataError(f"corpus {corpus.name!r} is empty: it holds no text")
     return CharTokenizer(chars)
 
 
+class _ShardWriter:
+    """Appends tokens to numbered shard files PREFIX_000000.bin, ... of shard_tokens tokens each,
+    opening the next file when one is full: only the token array being written is ever in memory."""
+
+    def __init__(self, out: Path, prefix: str, shard_tokens: int):
+        self.out, self.prefix, self.shard_tokens = out, prefix, shard_tokens
+        self.shards: list[dict] = []  # {"file", "tokens"} of each file begun, in order
+        self.tokens = 0
+        self._file = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        start = 0
+        while start < len(tokens):
+            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._next_file()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part = tokens[start:start + room]
+            part.tofile(self._file)
+            self.shards[-1]["tokens"] += len(part)
+            self.tokens += len(part)
+            start += len(part)
+
+    def _next_file(self) -> None:
+        self.close()
+        name = f"{self.prefix}_{len(self.shards):06d}.bin"
+        self._file = open(self.out / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def _write_shards(stream: np.ndarray, out: Path, prefix: str, shard_tokens: int) -> list[dict]:
-    shards = []
-    for i, start in enumerate(range(0, max(len(stream), 1), shard_tokens)):
-        part = stream[start:start + shard_tokens]
-        name = f"{prefix}_{i:06d}.bin"
-        part.tofile(out / name)
-        shards.append({"file": name, "tokens": int(len(part))})
-    return shards
+    """Write a token array as shards PREFIX_000000.bin, ...; at least one (empty) shard."""
+    writer = _ShardWriter(out, prefix, shard_tokens)
+    writer.write(stream)
+    writer.close()
+    return writer.shards or [_empty_shard(out, prefix)]
 
 
-def _decoded_bytes(tokenizer: Tokenizer, ids: np.ndarray, chunk: int = 1 << 20) -> int:
-    """UTF-8 bytes the tokens stand for (EOS counts zero), for bits-per-byte."""
-    total = 0
-    for start in range(0, len(ids), chunk):
-        part = ids[start:start + chunk]
-        total += len(tokenizer.decode_bytes(part[part != tokenizer.eos_id].tolist()))
-    return total
+def _empty_shard(out: Path, prefix: str) -> dict:
+    name = f"{prefix}_000000.bin"
+    (out / name).touch()
+    return {"file": name, "tokens": 0}
+
+
+def _split_tail(out: Path, shards: list[dict], cut: int, dtype: np.dtype, chunk: int = 1 << 22) -> tuple[list, list]:
+    """Move every token from position `cut` of the stream in the train shards to val shards:
+    whole shards past the cut are renamed, the one shard the cut falls in has its tail copied
+    (in chunks) and is truncated. Returns (train shards, val shards)."""
+    train: list[dict] = []
+    val: list[dict] = []
+    start = 0
+    for shard in shards:
+        n, path = shard["tokens"], out / shard["file"]
+        if start + n <= cut:
+            train.append(shard)
+        elif start >= cut:
+            name = f"val_{len(val):06d}.bin"
+            os.replace(path, out / name)
+            val.append({"file": name, "tokens": n})
+        else:
+            keep = cut - start
+            name = f"val_{len(val):06d}.bin"
+            with open(path, "rb") as src, open(out / name, "wb") as dst:
+                src.seek(keep * dtype.itemsize)
+                shutil.copyfileobj(src, dst, chunk)
+            os.truncate(path, keep * dtype.itemsize)
+            train.append({"file": shard["file"], "tokens": keep})
+            val.append({"file": name, "tokens": n - keep})
+        start += n
+    return train or [_empty_shard(out, "train")], val or [_empty_shard(out, "val")]
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -281,11 +525,23 @@ def prepare_corpus(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     force: bool = False,
     progress: bool = True,
+    max_tokens: int | None = None,
+    val_tokens: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into a dataset directory and return its meta.json contents.
 
-    Does nothing (and returns the existing meta) when out_dir already holds this corpus,
+    The corpus is read as a stream: batches of documents are tokenized in `workers` processes
+    (default: usable_cores(); 1 = in this process; the output is the same byte for byte), and their
+    tokens, in corpus order, are appended to train shards of shard_tokens tokens as they fill, so
+    memory stays bounded by a few batches per worker (and the largest document) whatever the
+    corpus's size. max_tokens stops reading once the stream holds that many tokens (EOS included;
+    the last document may be cut). At the end the validation split, the last val_tokens tokens of
+    the stream (default: the last val_fraction of them, at least 2), is moved out of the train
+    shards. Does nothing (and returns the existing meta) when out_dir already holds this corpus,
     tokenized the same way, unless force=True.
+
+    Raises DataError for an unusable source, an empty corpus or bad settings.
     """
     from tqdm.auto import tqdm
 
@@ -293,54 +549,72 @@ def prepare_corpus(
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
+    if max_tokens is not None and max_tokens < 2:
+        raise DataError(f"max_tokens must be at least 2 (a train and a validation token), got {max_tokens}")
+    if val_tokens is not None and val_tokens < 2:
+        raise DataError(f"val_tokens must be at least 2, got {val_tokens}")
+    if max_tokens is not None and val_tokens is not None and val_tokens >= max_tokens:
+        raise DataError(f"val_tokens ({val_tokens}) must be smaller than max_tokens ({max_tokens})")
+    workers = usable_cores() if workers is None else workers
+    if workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
     corpus = source if isinstance(source, Corpus) else resolve_corpus(source, text_field, hf_split)
     out = Path(out_dir)
     request = {"source": corpus.name, "source_checksums": corpus.fingerprint, "val_fraction": val_fraction,
                "tokenizer_request": tokenizer if isinstance(tokenizer, str) else tokenizer.kind}
+    # Only set when given, so that datasets prepared before these settings existed stay up to date.
+    request.update({k: v for k, v in (("max_tokens", max_tokens), ("val_tokens", val_tokens)) if v is not None})
     if not force and (out / META_FILE).is_file():
         try:
             meta = read_meta(out)
         except DataError:
             meta = {}
         same_tokenizer = isinstance(tokenizer, str) or meta.get("tokenizer") == tokenizer.spec()
-        if same_tokenizer and all(meta.get(k) == v for k, v in request.items()):
+        if (same_tokenizer and all(meta.get(k) == v for k, v in request.items())
+                and not {"max_tokens", "val_tokens"} & (set(meta) - set(request))):
             return meta
     if isinstance(tokenizer, str):
-        tok = _char_vocabulary(corpus) if tokenizer == "char" else get_tokenizer(tokenizer)
+        tok = _char_vocabulary(corpus, max_tokens) if tokenizer == "char" else get_tokenizer(tokenizer)
     else:
         tok = tokenizer
     dtype = token_dtype(tok.vocab_size)
+    budget = max_tokens if max_tokens is not None else float("inf")
 
     _check_out_dir(out)
-    with atomic_dir(out) as tmp:
-        # Pass 1: every document's tokens + EOS, appended to one flat stream on disk.
+    # The pool is started first, before the corpus's reader or the progress bar start any thread.
+    with _EncodingPool(_Encoder(tok, dtype), workers) as pool, atomic_dir(out) as tmp:
+        writer = _ShardWriter(tmp, "train", shard_tokens)
         n_docs = n_bytes = 0
-        stream_path = tmp / "all.tmp"
-        with open(stream_path, "wb") as f, tqdm(desc=f"tokenizing {corpus.name}", unit="B", unit_scale=True,
-                                                disable=not progress) as bar:
-            eos = np.array([tok.eos_id], dtype=dtype)
-            for docs in _batched(corpus.documents(), ENCODE_BATCH_DOCS):
-                for doc, ids in zip(docs, _encode_batch(tok, docs)):
-                    if len(ids) == 0:
-                        continue
-                    ids.astype(dtype).tofile(f)
-                    eos.tofile(f)
-                    n_docs += 1
-                    size = len(doc.encode("utf-8"))
+        try:
+            with tqdm(desc=f"tokenizing {corpus.name}", total=max_tokens, unit="tok", unit_scale=True,
+                      disable=not progress) as bar:
+                for tokens, docs, size in pool.imap(_batched(corpus.documents())):
+                    if writer.tokens + len(tokens) >= budget:  # the budget ends inside this batch
+                        tokens = tokens[:int(budget) - writer.tokens]
+                        docs = int((tokens == tok.eos_id).sum()) + int(len(tokens) > 0 and tokens[-1] != tok.eos_id)
+                        size = len(tok.decode_bytes(tokens[tokens != tok.eos_id].tolist()))
+                    writer.write(tokens)
+                    n_docs += docs
                     n_bytes += size
-                    bar.update(size)
-        stream = np.memmap(stream_path, dtype=dtype, mode="r") if n_docs else np.zeros(0, dtype)
-        if n_docs == 0 or len(stream) < 2:
+                    bar.update(len(tokens))
+                    if writer.tokens >= budget:
+                        break
+        finally:
+            writer.close()
+        total = writer.tokens
+        if n_docs == 0 or total < 2:
             raise DataError(f"corpus {corpus.name!r} is empty: it holds no text to train on")
-        # Pass 2: the last val_fraction of the stream is the validation split (at least 2 tokens).
-        n_val = max(2, int(len(stream) * val_fraction))
-        cut = len(stream) - n_val
-        train_shards = _write_shards(stream[:cut], tmp, "train", shard_tokens)
-        val_shards = _write_shards(stream[cut:], tmp, "val", shard_tokens)
-        val_bytes = _decoded_bytes(tok, np.asarray(stream[cut:]))
-        del stream
-        stream_path.unlink()
+        # The validation split: the last val_tokens (else val_fraction, at least 2) tokens of the stream.
+        n_val = val_tokens if val_tokens is not None else max(2, int(total * val_fraction))
+        if n_val >= total:
+            raise DataError(f"val_tokens ({n_val:,}) must be smaller than the corpus's {total:,} tokens")
+        cut = total - n_val
+        train_shards, val_shards = _split_tail(tmp, writer.shards, cut, dtype)
+        val_bytes = pool.shard_bytes([(tmp / s["file"], s["tokens"]) for s in val_shards])
         tok.save(tmp / TOKENIZER_DIR)
+        split = {"method": "tail", "val_fraction": val_fraction}
+        if val_tokens is not None:
+            split["val_tokens"] = val_tokens
         meta = {
             "format": "simplegpt-dataset",
             "version": FORMAT_VERSION,
@@ -352,10 +626,10 @@ def prepare_corpus(
             "documents": n_docs,
             "bytes": n_bytes,
             "tokens": {"train": cut, "val": n_val},
-            "bytes_per_token": n_bytes / (cut + n_val),
+            "bytes_per_token": n_bytes / total,
             "val_bytes": val_bytes,
             "val_bytes_per_token": val_bytes / n_val,
-            "split": {"method": "tail", "val_fraction": val_fraction},
+            "split": split,
             "shards": {"train": train_shards, "val": val_shards},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
