@@ -51,11 +51,18 @@ def browser():
         b.close()
 
 
-def generate(page) -> None:
+def generate(page, finish: str = "length") -> None:
     page.evaluate("delete document.body.dataset.finish")
     page.click("#generate")
     page.wait_for_function("document.body.dataset.finish !== undefined", timeout=60_000)
-    assert page.evaluate("document.body.dataset.finish") == "length", page.inner_text("#status")
+    assert page.evaluate("document.body.dataset.finish") == finish, page.inner_text("#status")
+
+
+def token_spans(page) -> list[dict]:
+    return page.eval_on_selector_all(
+        "#output .completion .tok",
+        "els => els.map(e => ({text: e.textContent, p: Number(e.dataset.p), token: e.dataset.token,"
+        " background: getComputedStyle(e).backgroundColor}))")
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -73,10 +80,7 @@ def test_tokens_coloured_by_probability_with_alternatives_and_none_asked_when_of
         generate(page)
         assert sent[-1]["logprobs"] == 5 and sent[-1]["stream"] is stream
 
-        spans = page.eval_on_selector_all(
-            "#output .completion .tok",
-            "els => els.map(e => ({text: e.textContent, p: Number(e.dataset.p), token: e.dataset.token,"
-            " background: getComputedStyle(e).backgroundColor}))")
+        spans = token_spans(page)
         assert "".join(s["text"] for s in spans) == want["text"]
         assert page.evaluate("document.querySelector('#output .completion').textContent") == want["text"]
         assert [s["token"] for s in spans] == lp["tokens"]
@@ -97,7 +101,8 @@ def test_tokens_coloured_by_probability_with_alternatives_and_none_asked_when_of
             page.hover(f"#output .completion .tok >> nth={i}")
             page.wait_for_selector("#tokinfo:not([hidden])")
             rows = page.eval_on_selector_all(
-                "#tokinfo tr.alt", "els => els.map(e => ({token: e.dataset.token, chosen: e.classList.contains('chosen'),"
+                "#tokinfo tr.alt",
+                "els => els.map(e => ({token: e.dataset.token, chosen: e.classList.contains('chosen'),"
                 " cells: [...e.cells].map(c => c.textContent)}))")
             top = sorted(lp["top_logprobs"][i].items(), key=lambda kv: -kv[1])
             assert [r["token"] for r in rows] == [t for t, _ in top]
@@ -109,6 +114,19 @@ def test_tokens_coloured_by_probability_with_alternatives_and_none_asked_when_of
         page.hover(f"#output .completion .tok >> nth={first}")
         page.screenshot(path=tmp_path / "playground.png")
         assert (tmp_path / "playground.png").stat().st_size > 0
+
+        # a stop string: the text held back while it may start one still lands in the right spans,
+        # and the stop string's own tokens are empty marks at the end
+        stop = next(want["text"][k:k + 2] for k in range(len(want["text"]) // 3, len(want["text"]) - 2)
+                    if want["text"][k:k + 2].isascii() and want["text"][k:k + 2].isprintable())
+        stopped = completion(server, prompt, logprobs=5, stop=[stop])
+        assert stopped["finish_reason"] == "stop"
+        page.fill("#stop_text", stop)
+        generate(page, "stop")
+        spans = token_spans(page)
+        assert "".join(s["text"] for s in spans) == stopped["text"]
+        assert [s["token"] for s in spans] == stopped["logprobs"]["tokens"]
+        page.fill("#stop_text", "")
 
         # the box off: no logprobs asked, the same text, plain
         page.uncheck("#colour")
