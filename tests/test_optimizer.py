@@ -166,3 +166,41 @@ def test_a_non_finite_gradient_norm_is_returned_and_never_applied(kind, bad):
     assert all(torch.equal(after[i][k], s[k]) for i, s in state["state"].items() for k in s)
     opt.zero_grad(set_to_none=True)
     assert all(math.isfinite(n) for n in run_steps(model, opt, 2, 1.0, first=3))  # and it goes on from there
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_cuda_run_gets_torch_s_fused_adamw_through_its_scaler(fused, scaled):
+    """make_optimizer's CUDA choice (this torch checks a fused optimizer's devices at its first step,
+    so the choice can be read here without a GPU): PyTorch's fused kernel when asked, bf16 or fp16."""
+    scaler = torch.amp.GradScaler("cpu", enabled=scaled)  # a CUDA one disables itself on a machine without CUDA
+    opt = make_optimizer(make_tiny_gpt(), TrainConfig(fused=fused), torch.device("cuda"), scaler)
+    assert type(opt) is ScaledAdamW and opt.scaler is scaler
+    assert all(bool(g["fused"]) is fused for g in opt.param_groups)
+    assert getattr(opt, "_step_supports_amp_scaling", False) is fused  # the scaler hands the kernel its scale
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])
+def test_the_fused_kernel_under_a_grad_scaler_steps_as_unscaled_adamw_and_skips_inf(max_norm):
+    """fp16's path with PyTorch's fused AdamW, on the CPU's fused kernel: with clipping the scaler
+    unscales first; without, the kernel divides by the scale itself. A non-finite gradient is skipped
+    and lowers the scale."""
+    ours, ref = make_tiny_gpt(), make_tiny_gpt()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = ScaledAdamW(groups(ours), scaler, lr=1e-2, fused=True)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2)
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    scaler.scale(ours.loss(x, x)).backward()
+    ref.loss(x, x).backward()
+    norm = opt.clip_and_step(max_norm)
+    want = reference_step(ref_opt, max_norm)
+    assert norm == pytest.approx(want, rel=1e-5) if max_norm else math.isnan(norm)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    opt.zero_grad(set_to_none=True)
+    before = copy.deepcopy(ours.state_dict())
+    scaler.scale(ours.loss(x, x)).backward()
+    next(ours.parameters()).grad[0, 0] = math.inf
+    opt.clip_and_step(max_norm)
+    assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+    assert scaler.get_scale() == 2.0**9

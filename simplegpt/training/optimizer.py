@@ -54,19 +54,26 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# Devices whose AdamW has a fused kernel in every torch simplegpt supports (>= 2.4): CUDA (since 2.0), CPU (2.4).
+FUSED_DEVICES = ("cuda", "cpu")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
                    scaler: torch.amp.GradScaler) -> NativeAdamW | ScaledAdamW:
-    """The run's AdamW over model's parameters. With cfg.fused: PyTorch's fused kernel where this build has
-    one for the device, and on a CPU the native step (never under an active scaler: fp16 is CUDA-only)."""
+    """The run's AdamW over model's parameters. With cfg.fused: on CUDA, PyTorch's fused kernel
+    (fused=True: one kernel launch per step for all parameters, with bf16 autocast's float32 weights
+    or an fp16 run's GradScaler, whose scale and inf check the kernel applies itself); on a CPU the
+    native step over PyTorch's fused CPU AdamW (never under an active scaler: fp16 is CUDA-only).
+    Elsewhere, or without cfg.fused, PyTorch's default (foreach) AdamW.
+
+    PyTorch checks a fused optimizer's devices and dtypes at its first step, not here, so the device
+    is checked before asking for it."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     native = cfg.fused and device.type == "cpu" and not scaler.is_enabled()
     make = NativeAdamW if native else functools.partial(ScaledAdamW, scaler=scaler)
-    if cfg.fused and device.type in ("cuda", "cpu"):
-        try:
-            return make(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError):
-            pass  # this torch build has no fused kernel for the device
+    if cfg.fused and device.type in FUSED_DEVICES:
+        kwargs["fused"] = True
     return make(groups, **kwargs)
 
 
