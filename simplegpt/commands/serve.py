@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the largest request body taken (413 beyond)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a client that takes longer than this to send a request body gets 408")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a connection that takes longer than this to send a request's line and headers (after it "
+                        "opens, or after its previous response) is closed (0 = no limit)")
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections served at once; more get 503")
     p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from ..serve import Limits, create_app
+        from ..serve.guard import header_timeout_protocol
     except ModuleNotFoundError as e:
         if (e.name or "").startswith("simplegpt"):
             raise
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             raise OptionError(f"{option} must be a positive integer, got {value}")
     for option, seconds in (("--request-timeout", args.request_timeout), ("--keep-alive-timeout",
                             args.keep_alive_timeout), ("--shutdown-timeout", args.shutdown_timeout),
-                           ("--body-timeout", args.body_timeout)):
+                           ("--body-timeout", args.body_timeout), ("--header-timeout", args.header_timeout)):
         if not seconds >= 0:
             raise OptionError(f"{option} must be a number of seconds >= 0, got {seconds}")
     keys = api_keys(args)
@@ -125,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
         access = logging.getLogger("simplegpt.serve")
         access.addHandler(handler)
         access.setLevel(logging.INFO)
+    http = header_timeout_protocol(args.header_timeout) if args.header_timeout else "auto"
     server = graceful_server_class()(uvicorn.Config(app, log_level="warning", limit_concurrency=args.max_connections,
-                                           timeout_keep_alive=args.keep_alive_timeout,
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
+                                                    timeout_keep_alive=args.keep_alive_timeout, http=http,
+                                                    timeout_graceful_shutdown=args.shutdown_timeout))
     server.run(sockets=[sock])
     return 0
 

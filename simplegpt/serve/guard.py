@@ -1,6 +1,9 @@
 """What every request passes before a route: the Host check, the API key, the body's size and
 read time, and after it the access-log line and the request counters. An ASGI middleware, so it
-also covers streamed responses and bodies the routes never read."""
+also covers streamed responses and bodies the routes never read.
+
+Before a request reaches the app its headers must arrive: `header_timeout_protocol` bounds how
+long a connection may take to send them (uvicorn bounds only the idle time between requests)."""
 
 from __future__ import annotations
 
@@ -127,3 +130,50 @@ class Guard:
         raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's HTTP protocol (its AutoHTTPProtocol: httptools where installed, else h11) with a
+    deadline for a request's headers: a connection that has not sent a whole request line and headers
+    within `seconds` of opening, or of its previous response's end, is closed. This drops clients
+    that send half a request, or trickle its bytes, and would otherwise hold a connection (one of
+    --max-connections) for as long as they like. The deadline does not move when bytes arrive, and
+    a request whose headers are in (its body is bounded by Guard's body_timeout, its run by the
+    request timeout) is never cut by it. Pass the class as uvicorn.Config(http=...)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderTimeoutProtocol(AutoHTTPProtocol):
+        header_timeout = seconds
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_deadline = None
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()  # the next request's headers: again at most header_timeout
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_header_deadline()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            self._disarm_header_deadline()
+            if not self.transport.is_closing():
+                self._header_deadline = self.loop.call_later(self.header_timeout, self._header_deadline_passed)
+
+        def _disarm_header_deadline(self) -> None:
+            if getattr(self, "_header_deadline", None) is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
+
+        def _header_deadline_passed(self) -> None:
+            self._header_deadline = None
+            in_request = self.cycle is not None and not self.cycle.response_complete
+            if not in_request and not self.transport.is_closing():
+                log.info("%s closed: no whole request headers within %g s", (self.client or ("-",))[0],
+                         self.header_timeout)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
