@@ -36,6 +36,7 @@ COMMANDS = {
     "serve": "serve",
     "import-hf": "import_hf",
     "export-hf": "export_hf",
+    "consolidate": "consolidate",
     "info": "info",
     "inspect": "inspect",
     "report": "report",

@@ -1,0 +1,45 @@
+"""simplegpt consolidate: a sharded (FSDP2) checkpoint as the usual single-process checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..errors import file_access_errors
+
+HELP = "turn a sharded (FSDP2) checkpoint into the usual checkpoint that generate, serve, eval and export-hf read"
+DESCRIPTION = (
+    "Read a checkpoint saved by 'torchrun ... simplegpt train' with parallel = \"fsdp\" (its dcp/ folder "
+    "holds each rank's shards, written with torch.distributed.checkpoint) in this one process, and write "
+    "DST as the usual checkpoint directory: model.safetensors, config.json (the model config, step and "
+    "metrics) and tokenizer/. Any number of ranks may have saved SRC; no process group is needed. DST is "
+    "written beside it atomically and gets no training state: to continue training, resume from SRC "
+    "itself, on any number of processes."
+)
+SUFFIX = "-consolidated"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="SRC", help="sharded checkpoint directory (a run folder's last/ or best/)")
+    p.add_argument("out", metavar="DST", nargs="?",
+                   help=f"checkpoint directory to write (default: SRC{SUFFIX}, beside SRC)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it already exists (otherwise refuse)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..training.fsdp import consolidate
+
+    src = Path(args.checkpoint)
+    dst = Path(args.out) if args.out else src.with_name(src.resolve().name + SUFFIX) if src.name in ("", ".", "..") \
+        else src.with_name(src.name + SUFFIX)
+    started = time.perf_counter()
+    with file_access_errors():
+        out = consolidate(src, dst, overwrite=args.overwrite)
+        ck = load_checkpoint(out)  # what generate, serve, eval and export-hf will do with it
+    step = f", step {ck.metadata['step']:,}" if isinstance(ck.metadata.get("step"), int) else ""
+    size = (out / "model.safetensors").stat().st_size
+    print(f"consolidated {src} -> {out}: {ck.model.num_parameters():,} parameters{step}, "
+          f"model.safetensors {size / 2**20:.1f} MiB, in {time.perf_counter() - started:.1f} s")
+    return 0
