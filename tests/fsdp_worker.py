@@ -7,7 +7,8 @@ What it does, every rank:
      saves a sharded checkpoint to OUT/sharded (rank 0 adds config.json and tokenizer/ with
      simplegpt.checkpoint), then trains MORE steps: the uninterrupted run;
   2. builds the model from another seed, shards it, load_sharded(OUT/sharded), trains MORE steps;
-  3. the same from ONE_PROCESS_CKPT, saved by the test's one-process reference without a process group.
+  3. the same from ONE_PROCESS_CKPT, saved by the test's one-process reference without a process group;
+  4. shards the seed-0 model with bf16 compute and takes one step.
 Rank 0 writes OUT/result.json (the losses) and the full (unsharded) states as torch files.
 """
 
@@ -106,6 +107,8 @@ def write_other_files(directory: Path, model_state: dict, step: int) -> None:
 
 
 def main(out: Path, one_process_ckpt: Path) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
     from simplegpt.training.fsdp import fsdp_unavailable, load_sharded, save_sharded, shard_model
 
     torch.set_num_threads(1)
@@ -121,6 +124,8 @@ def main(out: Path, one_process_ckpt: Path) -> None:
     result = {"world_size": dist.get_world_size()}
 
     model = shard_model(make_model(0))
+    result["fully_sharded"] = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    result["tied"] = model.lm_head.weight is model.transformer.wte.weight
     optimizer = make_optimizer(model)
     losses = [train_step(model, optimizer, b) for b in data[:STEPS]]
     save_sharded(out / "sharded", model, optimizer)
@@ -138,6 +143,12 @@ def main(out: Path, one_process_ckpt: Path) -> None:
         if rank == 0:
             torch.save(loaded, out / f"full_{name}.pt")
         result[name] = [train_step(model, optimizer, b) for b in data[STEPS:]]
+
+    # bf16 compute (parameters cast for forward and backward, gradients reduced in float32)
+    model = shard_model(make_model(0), mp_policy=torch.bfloat16)
+    optimizer = make_optimizer(model)
+    result["bf16_first_loss"] = train_step(model, optimizer, data[0])
+    result["bf16_param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
 
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))

@@ -62,7 +62,17 @@ def test_two_processes_train_as_one(runs):
     """FSDP2 over 2 ranks (each half the rows, gradient sync on the last micro-batch only, clipping
     on DTensors) gives the losses of 1 process accumulating the same global batch."""
     assert runs["result"]["world_size"] == 2
+    assert runs["result"]["fully_sharded"] == ["", "transformer.h.0", "transformer.h.1"]  # each block, the root
+    assert runs["result"]["tied"]
     assert _close(runs["result"]["losses"], runs["one_losses"]), (runs["result"]["losses"], runs["one_losses"])
+
+
+def test_bf16_compute_keeps_float32_parameters(runs):
+    """mp_policy=torch.bfloat16 computes in bf16 (the first loss moves off float32's, a little) while
+    the sharded parameters, which the optimizer and checkpoints see, stay float32."""
+    bf16, fp32 = runs["result"]["bf16_first_loss"], runs["result"]["losses"][0]
+    assert 0 < abs(bf16 - fp32) < 0.05, (bf16, fp32)
+    assert runs["result"]["bf16_param_dtypes"] == ["torch.float32"]
 
 
 def test_resume_on_two_processes(runs):

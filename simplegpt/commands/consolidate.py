@@ -22,7 +22,7 @@ SUFFIX = "-consolidated"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="SRC", help="sharded checkpoint directory (a run folder's last/ or best/)")
-    p.add_argument("out", metavar="DST", nargs="?",
+    p.add_argument("out", metavar="DST", nargs="?", default=argparse.SUPPRESS,
                    help=f"checkpoint directory to write (default: SRC{SUFFIX}, beside SRC)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it already exists (otherwise refuse)")
 
@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training.fsdp import consolidate
 
     src = Path(args.checkpoint)
-    dst = Path(args.out) if args.out else src.with_name(src.resolve().name + SUFFIX) if src.name in ("", ".", "..") \
-        else src.with_name(src.name + SUFFIX)
+    base = src if src.name not in ("", "..") else src.resolve()  # "." and ".." name no folder to put DST beside
+    dst = Path(args.out) if hasattr(args, "out") else base.with_name(base.name + SUFFIX)
     started = time.perf_counter()
     with file_access_errors():
         out = consolidate(src, dst, overwrite=args.overwrite)
