@@ -21,6 +21,7 @@ from __future__ import annotations
 import decimal
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -585,10 +586,13 @@ def prepare_corpus(
     with _EncodingPool(_Encoder(tok, dtype), workers) as pool, atomic_dir(out) as tmp:
         writer = _ShardWriter(tmp, "train", shard_tokens)
         n_docs = n_bytes = 0
+        documents = iter(corpus.documents())
+        first = next(documents, None)  # opens the source: a source that cannot be read fails before the bar
+        documents = itertools.chain([first], documents) if first is not None else iter(())
         try:
             with tqdm(desc=f"tokenizing {corpus.name}", total=max_tokens, unit="tok", unit_scale=True,
                       disable=not progress) as bar:
-                for tokens, docs, size in pool.imap(_batched(corpus.documents())):
+                for tokens, docs, size in pool.imap(_batched(documents)):
                     if writer.tokens + len(tokens) >= budget:  # the budget ends inside this batch
                         tokens = tokens[:int(budget) - writer.tokens]
                         docs = int((tokens == tok.eos_id).sum()) + int(len(tokens) > 0 and tokens[-1] != tok.eos_id)

@@ -1,0 +1,225 @@
+"""simplegpt prepare on large corpora: worker processes, token budgets, streaming Hugging Face datasets,
+bounded memory, the progress bar and bad input (issue 17)."""
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from simplegpt.cli import main as cli_main
+from simplegpt.data import Corpus, TokenShards, load_dataset_tokenizer, parse_count, prepare_corpus, read_meta
+from simplegpt.errors import DataError
+from simplegpt.tokenizer import GPT2Tokenizer
+
+WORDS = ["the", "king", "crown", "é", "naïve", "über", "café", "日本", "語", "🙂", "  ", "\n", "\n\n", "12", "3.5",
+         "<|endoftext|>", "don't", "HAMLET:", "To", "be", ",", "or", "not"]
+
+
+def _documents(n: int, seed: int = 0, words: int = 60) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=int(rng.integers(1, words)))) for _ in range(n)]
+
+
+def _stream(data_dir) -> np.ndarray:
+    return np.concatenate([np.asarray(a) for split in ("train", "val") for a in TokenShards(data_dir, split).arrays])
+
+
+def _tree(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _reference(tok, docs) -> np.ndarray:
+    """The token stream prepare must write, from the tokenizer's own encode: each document, then EOS."""
+    return np.array([i for d in docs if d for i in (*tok.encode(d), tok.eos_id)], dtype=np.int64)
+
+
+def _corpus_folder(root, docs):
+    (root / "txt").mkdir(parents=True)
+    for i, doc in enumerate(docs[:40]):
+        (root / "txt" / f"{i:03d}.txt").write_text(doc, encoding="utf-8")
+    (root / "rows.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[40:]), encoding="utf-8")
+    # the folder's order: txt/000.txt ... txt/039.txt sort after rows.jsonl
+    return docs[40:] + docs[:40]
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_worker_processes_write_the_same_dataset_as_one_process_byte_for_byte(tmp_path, tokenizer):
+    docs = _documents(1500) + [""] + _documents(300, seed=1)  # > 256 documents: several batches
+    order = _corpus_folder(tmp_path / "corpus", docs)
+    trees = {}
+    for workers in (1, 3):
+        out = tmp_path / f"ds{workers}"
+        meta = prepare_corpus(str(tmp_path / "corpus"), out, tokenizer, shard_tokens=4000, workers=workers,
+                              progress=False)
+        trees[workers] = _tree(out)
+    assert trees[1] == trees[3]
+    assert len(meta["shards"]["train"]) > 5 and len(meta["shards"]["val"]) > 1  # the tail split spans shards
+    tok = load_dataset_tokenizer(tmp_path / "ds3")
+    stream = _stream(tmp_path / "ds3")
+    assert np.array_equal(stream, _reference(tok, order))
+    assert meta["documents"] == len(docs) - 1  # the empty one is not a document
+    assert meta["bytes"] == sum(len(d.encode()) for d in docs)
+    assert meta["tokens"]["val"] == int(len(stream) * 0.1) and meta["split"]["method"] == "tail"
+    assert all(s["tokens"] <= 4000 for split in meta["shards"].values() for s in split)
+
+
+def test_hf_dataset_streams_through_load_dataset_with_a_budget(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason='the "datasets" extra reads hf: sources')
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    # A local dataset laid out as on the hub: parquet shards under data/, read by the same
+    # datasets.load_dataset(..., streaming=True) call that reads hf:HuggingFaceFW/fineweb-edu.
+    docs = _documents(900, seed=2)
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for k in range(3):
+        part = docs[k * 300:(k + 1) * 300]
+        pq.write_table(pa.table({"text": part, "id": list(range(len(part)))}),
+                       tmp_path / "hub" / "data" / f"train-{k:05d}-of-00003.parquet")
+    calls = []
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or real_load(*a, **kw))
+
+    tok = GPT2Tokenizer()
+    full = _reference(tok, docs)
+    budget = len(full) // 2 + 7  # ends inside a document
+    metas = [prepare_corpus(f"hf:{tmp_path / 'hub'}", tmp_path / f"ds{w}", "gpt2", max_tokens=budget,
+                            val_tokens=1000, shard_tokens=3000, workers=w, progress=False) for w in (1, 2)]
+    assert calls and all(kw.get("streaming") is True and kw.get("split") == "train" for _, kw in calls)
+    assert _tree(tmp_path / "ds1") == _tree(tmp_path / "ds2")
+    meta = metas[1]
+    stream = _stream(tmp_path / "ds2")
+    assert len(stream) == budget and np.array_equal(stream, full[:budget])
+    assert meta["tokens"] == {"train": budget - 1000, "val": 1000} and meta["split"]["val_tokens"] == 1000
+    assert meta["max_tokens"] == budget and meta["source"] == f"hf:{tmp_path / 'hub'}"
+    # the last document is cut: its tokens count as a document and their bytes as text
+    assert meta["documents"] == int((stream == tok.eos_id).sum()) + 1
+    assert meta["bytes"] == len(tok.decode_bytes(stream[stream != tok.eos_id].tolist()))
+    assert meta["val_bytes"] == len(tok.decode_bytes([i for i in stream[-1000:].tolist() if i != tok.eos_id]))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_max_tokens_stops_reading_an_endless_corpus(tmp_path, workers):
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            if i == 20_000:
+                raise AssertionError("prepare read far past its token budget")
+            pulled.append(i)
+            # 'Z' appears only after the budget: the character vocabulary must not hold it
+            yield f"document {i}: " + ("abc xyz " * 10) + ("Z" if i > 500 else "")
+
+    corpus = Corpus("endless", endless, {"endless": "1"})
+    meta = prepare_corpus(corpus, tmp_path / "ds", "char", max_tokens=20_000, workers=workers, progress=False)
+    tok = load_dataset_tokenizer(tmp_path / "ds")
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == 20_000 == len(_stream(tmp_path / "ds"))
+    assert "Z" not in tok.chars
+    assert len(pulled) < 2 * (20_000 // 90) + 8 * 256  # the budget's documents and a few batches in flight
+
+
+def _rss_probe(tmp_path, source, out, workers, tokenizer="byte", shard_tokens="2M") -> dict:
+    """Run prepare in a fresh process; return its peak RSS growth during prepare (VmHWM, reset just
+    before, minus VmRSS then) and the dataset's meta."""
+    script = textwrap.dedent(f"""
+        import json, re
+        from simplegpt.data import prepare_corpus, parse_count
+
+        def status(key):
+            return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size, to the current one
+        before = status("VmRSS")
+        meta = prepare_corpus({str(source)!r}, {str(out)!r}, {tokenizer!r}, shard_tokens=parse_count({shard_tokens!r}),
+                              workers={workers}, progress=False)
+        print(json.dumps({{"growth": status("VmHWM") - before, "meta": meta}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads peak RSS from Linux's /proc")
+def test_memory_stays_bounded_on_a_corpus_much_larger_than_a_shard(tmp_path):
+    # 24,000 documents of ~2.5 kB: 60 MB of text, 60 M byte tokens = 120 MB as uint16, 30 shards of 2 M
+    line = json.dumps({"text": "x" * 2500}) + "\n"
+    (tmp_path / "big.jsonl").write_text(line * 24_000)
+    result = _rss_probe(tmp_path, tmp_path / "big.jsonl", tmp_path / "ds", workers=2)
+    meta = result["meta"]
+    token_bytes = (meta["tokens"]["train"] + meta["tokens"]["val"]) * 2
+    assert token_bytes > 115e6 and len(meta["shards"]["train"]) + len(meta["shards"]["val"]) >= 30
+    print(f"peak RSS growth {result['growth'] / 1e6:.1f} MB for {token_bytes / 1e6:.0f} MB of tokens")
+    assert result["growth"] < token_bytes / 4, f"peak RSS grew by {result['growth'] / 1e6:.0f} MB"
+
+
+def _prepare_cli(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "simplegpt", "prepare", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_cli_shows_tokens_per_second_and_takes_counts_with_suffixes(tmp_path):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(3000)))
+    proc = _prepare_cli("rows.jsonl", "-t", "gpt2", "-o", "ds", "--max-tokens", "50k", "--val-tokens", "2k",
+                        "--shard-tokens", "10k", "--workers", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"tokenizing rows\.jsonl: 100%.* 50\.0k/50\.0k \[.*, [\d.]+[kM]?tok/s\]", proc.stderr), proc.stderr
+    assert "48,000 train + 2,000 val tokens in 5 + 1 shards" in proc.stdout
+    meta = read_meta(tmp_path / "ds")
+    assert meta["max_tokens"] == 50_000 and [s["tokens"] for s in meta["shards"]["train"]] == [10_000] * 4 + [8_000]
+
+
+def test_help_explains_the_new_options():
+    proc = subprocess.run([sys.executable, "-m", "simplegpt", "prepare", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    text = " ".join(proc.stdout.split())
+    for phrase in ("--max-tokens N", "--val-tokens N", "--workers N", "the number of cores this process may use",
+                   f"(default: {len(os.sched_getaffinity(0))})", "hf:HuggingFaceFW/fineweb", "tokens/s"):
+        assert phrase in text, phrase
+
+
+@pytest.mark.parametrize("args,message", [
+    (["empty.txt"], "corpus 'empty.txt' is empty: it holds no text"),
+    (["empty.txt", "-t", "gpt2"], "corpus 'empty.txt' is empty: it holds no text to train on"),
+    (["ok.txt", "--max-tokens", "0"], "--max-tokens must be at least 2, got 0"),
+    (["ok.txt", "--max-tokens", "10X"], "--max-tokens: '10X' is not a count; write e.g. 10M, 1.5B, 500k or 2000000"),
+    (["ok.txt", "--max-tokens", "100", "--val-tokens", "100"], "--val-tokens (100) must be smaller than --max-tokens"),
+    (["ok.txt", "--val-tokens", "1M"], "val_tokens (1,000,000) must be smaller than the corpus's 1,201 tokens"),
+    (["ok.txt", "--workers", "0"], "--workers must be at least 1, got 0"),
+])
+def test_bad_input_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "ok.txt").write_text("hello world\n" * 100)
+    workers = [] if "--workers" in args else ["--workers", "2"]
+    assert cli_main(["prepare", *args, "-o", "ds", "--quiet", *workers]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simplegpt prepare: error: ") and message in err[0], err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_unknown_hf_dataset_without_the_hub_is_one_line_with_workers(tmp_path):
+    pytest.importorskip("datasets", reason='the "datasets" extra reads hf: sources')
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = _prepare_cli("hf:no-such-user/no-such-dataset:sample-10BT", "-t", "gpt2", "--max-tokens", "10M",
+                        "--workers", "2", "-o", "out", cwd=tmp_path, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "could not open the Hugging Face dataset 'no-such-user/no-such-dataset:sample-10BT'" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_counts_parse_with_suffixes():
+    assert [parse_count(s) for s in ("10M", "1.5B", "500k", "2_000_000", "1e9", "3G", "1T", "7")] == [
+        10**7, 15 * 10**8, 500_000, 2_000_000, 10**9, 3 * 10**9, 10**12, 7]
+    for bad in ("-1", "1.5", "ten", "10X", ""):
+        with pytest.raises(ValueError):
+            parse_count(bad)
+    with pytest.raises(DataError, match="max_tokens must be at least 2"):
+        prepare_corpus("shakespeare", "unused", max_tokens=0, progress=False)
