@@ -85,7 +85,10 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=lambda: DEFAULT_MODEL)
     # optim
     batch_size: int = _f(32, "optim", "sequences per micro-batch")
-    grad_accum_steps: int = _f(1, "optim", "micro-batches per optimizer step")
+    grad_accum_steps: int = _f(1, "optim", "micro-batches per optimizer step, over all processes: "
+                               "batch_size x grad_accum_steps sequences make one step whatever the number of "
+                               "processes; under torchrun each of N ranks computes grad_accum_steps / N of them "
+                               "(N must divide it)")
     max_iters: int = _f(2000, "optim", "optimizer steps in the whole run")
     lr: float = _f(1e-3, "optim", "peak learning rate")
     min_lr: float = _f(1e-4, "optim", "learning rate at the end of the decay (on the command line, --lr alone "
@@ -126,6 +129,11 @@ class TrainConfig:
                          "share through the whole model on one core (faster than splitting every op for small "
                          "models); 0 = one per thread when the run is fp32 on the CPU without dropout or "
                          "compile, 1 = off")
+    parallel: str = _f("ddp", "run", "under torchrun: 'ddp' (DistributedDataParallel, every rank holds the whole "
+                       "model) or 'fsdp' (FSDP2, parameters and optimizer state sharded over the ranks); "
+                       "ignored by a plain 'simplegpt train'", ("ddp", "fsdp"))
+    dist_timeout: int = _f(120, "run", "under torchrun: seconds a rank waits for the others (a collective, rank 0 "
+                           "saving a checkpoint) before it stops with an error; a dead rank ends the run within it")
     tensorboard: bool = _f(True, "run", "also log to TensorBoard (out_dir/tb) when tensorboard is installed")
     plot: bool = _f(True, "run", "save a loss curve loss.png and the run report report.html at the end")
     peak_flops: float = _f(0.0, "run", "device peak FLOP/s for MFU; 0 = a known GPU's bf16 peak, or on a CPU "
@@ -175,7 +183,8 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             if f.name != "model":
                 setattr(self, f.name, _coerce(KEYS[f.name], getattr(self, f.name)))
-        positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval")
+        positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval",
+                    "dist_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 HELP = "train a GPT on text; with no arguments, a character-level Shakespeare model on the CPU"
 DESCRIPTION = (
@@ -16,7 +18,9 @@ DESCRIPTION = (
     "sample prompt follow that data unless given: --data my.txt trains into out/my_char. "
     "It prints an estimate of the time at the start, and warns when the steps would repeat the "
     "training text more than ~20 times. A finished run is not trained again (--overwrite does). "
-    "Ctrl-C or SIGTERM saves a checkpoint you can --resume."
+    "Ctrl-C or SIGTERM saves a checkpoint you can --resume. "
+    "Under torchrun (torchrun --nproc_per_node N -m simplegpt train ...) the N processes train one run "
+    "with DDP: see docs/distributed.md."
 )
 
 
@@ -29,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TOML config file, or a built-in name: shakespeare_char (the default), gpt2_124m")
     p.add_argument("--resume", metavar="DIR", default=None,
                    help="continue a run exactly from its checkpoint (RUN/last or the run folder RUN); "
-                        "its saved config is used, with any overrides given here")
+                        "its saved config is used, with any overrides given here. 'auto': continue the run "
+                        "of out_dir from its last checkpoint when it has one, else start it (for "
+                        "torchrun --max-restarts, whose restarted workers then resume by themselves)")
     p.add_argument("--init-from", dest="init_from_cli", metavar="SRC", default=None,
                    help="start from weights: a simplegpt checkpoint dir, or a Hugging Face GPT-2 dir or name "
                         "(same as --init_from)")
@@ -71,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in KEYS}
     if args.init_from_cli is not None:
         overrides["init_from"] = args.init_from_cli
+    if args.resume == "auto":
+        args.resume = _auto_resume(args.config, overrides)
     if args.resume:
         path = checkpoint_dir(args.resume)
         doc = read_checkpoint_config(path)
@@ -82,8 +90,17 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
     else:
         cfg = load_config(args.config, overrides)
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
-                   progress=not args.quiet)
+    from ..training.distributed import PeerError, launched
+
+    try:
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
+                       progress=not args.quiet)
+    except PeerError as e:
+        if e.quiet:  # another rank could not start and rank 0 says why, once
+            return e.exit_code
+        raise
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports the run
+        return 0
     if result.already_finished:
         run = shlex.quote(str(result.out_dir))
         again = "" if args.resume else "; to train it again from step 0, add --overwrite"
@@ -102,6 +119,21 @@ def run(args: argparse.Namespace) -> int:
         prompt = shlex.quote(cfg.sample_prompt.strip())  # one that fits the vocabulary, or '' (unconditional)
         print(f"next: simplegpt generate --checkpoint {shlex.quote(str(best_dir))} --prompt {prompt} --stream")
         print(f"  or: simplegpt serve --checkpoint {shlex.quote(str(best_dir))}   (API + playground in a browser)")
-    if result.interrupted in ("SIGINT", "SIGTERM"):
+    if result.interrupted in ("SIGINT", "SIGTERM") and not launched():
+        # under torchrun a stop with its checkpoint saved is a success: a failure would be restarted
         return 128 + signal.Signals[result.interrupted].value
     return 0
+
+
+def _auto_resume(config: str | None, overrides: dict) -> str | None:
+    """--resume auto: the last checkpoint of the run folder the config and overrides name, when it
+    holds one; None (start the run) otherwise."""
+    from ..config import load_config
+    from ..train import LAST
+    from ..training.run_dir import checkpoint_dir, checkpoint_step
+
+    out = Path(load_config(config, overrides).out_dir)
+    path = checkpoint_dir(out)
+    if path == out / LAST and checkpoint_step(path) is not None:
+        return str(path)
+    return None

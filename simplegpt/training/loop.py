@@ -12,6 +12,10 @@ finished is not trained again: train() returns its result (already_finished) unl
 The steps run through the step module: torch.compile(model), or on a CPU the training kernels'
 twin of the model (simplegpt.accel.cpu.for_training, sharing its parameters); checkpoints and
 samples come from the model itself.
+
+Under torchrun the ranks train one run together (distributed.py, docs/distributed.md): DDP over the
+same step module, each rank its share of every step's micro-batches, rank 0 alone writing the run
+folder; the losses are those of one process accumulating the same global batch.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from ..devices import resolve_device
 from ..errors import ConfigError
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from . import TrainingError, run_dir
+from . import TrainingError, distributed, hardware, run_dir
 from .core_shards import CoreShards
 from .cpu_memory import keep_freed_memory
 from .dataset import make_samplers, prepare_data
@@ -106,15 +110,26 @@ def _forward(model: nn.Module, batch: tuple, device: torch.device, autocast: Any
     return loss
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, make_sampler: Callable[[], Any], iters: int, device: torch.device,
              autocast: Any) -> float:
     """Mean val loss over the same `iters` batches every time (model is left in train mode)."""
+    return _eval_sum(model, make_sampler, iters, device, autocast) / iters
+
+
+@torch.no_grad()
+def _eval_sum(model: nn.Module, make_sampler: Callable[[], Any], iters: int, device: torch.device, autocast: Any,
+              rank: int = 0, world: int = 1) -> float:
+    """The sum of the val losses of batches rank, rank + world, ... of the `iters` batches of the (always
+    identical) validation sequence; summed over the ranks it is the single process's sum."""
     model.eval()
     sampler = make_sampler()
-    losses = [float(_forward(model, sampler.next_batch(), device, autocast)) for _ in range(iters)]
+    total = 0.0
+    for i in range(iters):
+        batch = sampler.next_batch()
+        if i % world == rank:
+            total += float(_forward(model, batch, device, autocast))
     model.train()
-    return sum(losses) / len(losses)
+    return total
 
 
 def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
@@ -200,6 +215,37 @@ def _estimate(cfg: TrainConfig, step: int, s_per_step: float, timed: int) -> str
             f"{'s' if evals != 1 else ''} ({s_per_step:.3g} s/step over {timed} steps)")
 
 
+class _LossOf(nn.Module):
+    """The training loss as a module's forward, for DistributedDataParallel (whose forward call is what
+    arms its gradient all-reduce): forward(x, y[, mask]) -> model.loss(...), a scalar."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(self.model, GPT):
+            return self.model.loss(x, y, attention_mask=mask)
+        return self.model(x, y, attention_mask=mask)[1]
+
+
+class _NoLock:
+    """What ranks other than 0 hold instead of the run folder's lock (rank 0 alone writes the folder)."""
+
+    def release(self) -> None:
+        pass
+
+
+class _NoMetrics:
+    """What ranks other than 0 write metrics to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @survives_closed_output  # a reader of the output that left (`| tee`) must not stop a save or the run
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: bool = False,
           stop_at: int | None = None, progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
@@ -207,50 +253,111 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     module docstring. stop_at: stop with a checkpoint after this step. ConfigError, DataError and
     CheckpointError for what cannot start; TrainingError for a run that cannot go on. A run already
     finished (resumed, or started again with the config of the run in out_dir) is not trained again:
-    the result is read from its last/ checkpoint, with already_finished set."""
+    the result is read from its last/ checkpoint, with already_finished set.
+
+    Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) the processes train one run together
+    (simplegpt.training.distributed, docs/distributed.md): every rank calls train() with the same
+    arguments; rank 0 alone prints and writes the run folder, and every rank returns the result."""
+    device = resolve_device(cfg.device)
+    configure = getattr(hardware, "configure_backends", None)
+    if configure is not None:
+        configure(device)
+    d = distributed.setup(device, cfg.dist_timeout)
+    try:
+        return _train(cfg, d, d.device if d else device, resume, overwrite, stop_at, progress, log)
+    finally:
+        if d is not None:
+            d.close()
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, resume: str | os.PathLike | None,
+           overwrite: bool, stop_at: int | None, progress: bool, log: Callable[[str], None] | None) -> TrainResult:
     from tqdm.auto import tqdm
 
-    log = log or (lambda s: tqdm.write(s))
+    main = d is None or d.is_main
+    rank, world = (d.rank, d.world_size) if d else (0, 1)
+    log = (log or (lambda s: tqdm.write(s))) if main else (lambda s: None)
+    progress = progress and main
     t_start = time.perf_counter()
-    threads = cfg.num_threads or auto_threads()
+    threads = cfg.num_threads or (distributed.threads_per_rank(d.local_world_size) if d else auto_threads())
     torch.set_num_threads(threads)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    n_shards = core_shards(cfg, device, dtype, threads)
-    seed_everything(cfg.seed)
 
-    state: dict[str, Any] | None = None
-    if resume is not None:
-        resume = run_dir.checkpoint_dir(resume)
-        model, tokenizer, state = load_resume(resume, cfg, device)
-        out = resume.parent
-        cfg = cfg.replace(out_dir=str(out))
-        note = f"resuming {resume} at step {state['step']}"
-        if state["step"] >= cfg.max_iters:
-            return _finished_result(resume)
-    else:
-        model, tokenizer, note = init_model(cfg, device)
-        out = Path(cfg.out_dir)
-        if model is not None:
-            cfg = cfg.replace(model=model.config, tokenizer=tokenizer.kind)
-        if not overwrite and (finished := _finished_run(out, cfg)) is not None:
-            return _finished_result(finished)
-    if stop_at is not None and stop_at <= (state["step"] if state else 0):
-        raise ConfigError(f"stop_at must be after the starting step {(state or {}).get('step', 0)}")
+    def start() -> tuple:
+        """Everything that can fail before step 1 on one rank and not another: every rank runs it, and
+        all of them stop when one fails (distributed.agree)."""
+        dtype = resolve_dtype(cfg.dtype, device)
+        if d is not None:
+            distributed.check_accumulation(cfg.grad_accum_steps, world)
+            if cfg.cpu_shards > 1:
+                raise ConfigError("cpu_shards > 1 cannot run under torchrun: the ranks already split each step, "
+                                  "and CoreShards adds its replicas' gradients outside autograd, where DDP's "
+                                  "all-reduce never sees them; leave cpu_shards at 0")
+            if cfg.parallel == "fsdp":
+                raise ConfigError("parallel = 'fsdp' is not available in this version; use parallel = 'ddp'")
+        # CoreShards under DDP: its replicas' gradients are added to the model's .grad by hand, after
+        # autograd, so DDP's hooks would all-reduce only the first replica's share: off (1 way).
+        n_shards = core_shards(cfg, device, dtype, threads) if d is None else 1
+        seed_everything(cfg.seed)
+        run_cfg, state, finished = cfg, None, None
+        if resume is not None:
+            path = run_dir.checkpoint_dir(resume)
+            model, tokenizer, state = load_resume(path, cfg, device)
+            out = path.parent
+            run_cfg = cfg.replace(out_dir=str(out))
+            note = f"resuming {path} at step {state['step']}"
+            if state["step"] >= cfg.max_iters:
+                finished = _finished_result(path)
+        else:
+            model, tokenizer, note = init_model(cfg, device)
+            out = Path(cfg.out_dir)
+            if model is not None:
+                run_cfg = cfg.replace(model=model.config, tokenizer=tokenizer.kind)
+            if not overwrite and (done := _finished_run(out, run_cfg)) is not None:
+                finished = _finished_result(done)
+        if finished is None and stop_at is not None and stop_at <= (state["step"] if state else 0):
+            raise ConfigError(f"stop_at must be after the starting step {(state or {}).get('step', 0)}")
+        lock, created_out, data = _NoLock(), False, None
+        if finished is None and main:
+            created_out = not out.exists()
+            lock = run_dir.check_out_dir(out, run_cfg, overwrite, resuming=state is not None)  # held to the end
+            try:
+                data = prepare_data(run_cfg, tokenizer, progress)  # before the other ranks read it
+            except BaseException:
+                run_dir.give_up(lock, created_out)
+                raise
+        return dtype, n_shards, run_cfg, state, finished, model, tokenizer, note, out, lock, created_out, data
 
-    created_out = not out.exists()
-    lock = run_dir.check_out_dir(out, cfg, overwrite, resuming=state is not None)  # held until the run ends
+    (dtype, n_shards, cfg, state, finished, model, tokenizer, note, out, lock, created_out,
+     data) = distributed.agree(d, start)
+    if d is not None and len(set(distributed.gather_objects(d, finished is None))) > 1:
+        lock.release()
+        raise TrainingError(f"the ranks see different run folders at {out}: the run folder, data and checkpoints "
+                            "must be on a filesystem that every node shares")
+    if finished is not None:
+        return finished
+
+    def data_and_model() -> tuple:
+        nonlocal model, tokenizer
+        try:
+            data_dir, meta = data if data is not None else prepare_data(cfg, tokenizer, False)
+            if tokenizer is None:
+                tokenizer = load_dataset_tokenizer(data_dir)
+            _check_sample_prompt(cfg, tokenizer)
+            if model is None:
+                model = GPT(dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"])).to(device)
+            if main:
+                run_dir.check_disk_space(out, model.num_parameters())
+            return data_dir, meta, make_samplers(cfg, data_dir, meta)
+        except BaseException:
+            if main:
+                run_dir.give_up(lock, created_out)  # nothing was trained: leave no empty run folder behind
+            raise
+
     try:
-        data_dir, meta = prepare_data(cfg, tokenizer, progress)
-        if tokenizer is None:
-            tokenizer = load_dataset_tokenizer(data_dir)
-        _check_sample_prompt(cfg, tokenizer)
-        if model is None:
-            model = GPT(dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"])).to(device)
-        run_dir.check_disk_space(out, model.num_parameters())
-        train_sampler, val_sampler = make_samplers(cfg, data_dir, meta)
-    except BaseException:
-        run_dir.give_up(lock, created_out)  # nothing was trained: leave no empty run folder behind
+        data_dir, meta, (train_sampler, val_sampler) = distributed.agree(d, data_and_model)
+    except distributed.PeerError:
+        if main:
+            run_dir.give_up(lock, created_out)
         raise
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = make_optimizer(model, cfg, device, scaler)
@@ -258,19 +365,45 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        train_sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        train_sampler.load_state_dict(state["sampler"])  # the global sampler: the same on every rank
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val, elapsed_before = state["best_val_loss"], state["elapsed_s"]
-    run_dir.write_config(out, cfg)
-    metrics = run_dir.Metrics(out, keep_until=step if state is not None else None, tensorboard=cfg.tensorboard)
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if rank < len(ranks):
+            set_rng_state(ranks[rank])
+        else:  # a rank the saved run did not have (resumed on more processes): a stream of its own
+            set_rng_state(state["rng"])
+            torch.manual_seed(_rank_seed(cfg.seed, rank, step))
+    elif rank:
+        torch.manual_seed(_rank_seed(cfg.seed, rank, 0))  # its own dropout stream; the weights are rank 0's
+    if main:
+        run_dir.write_config(out, cfg)
+        metrics: Any = run_dir.Metrics(out, keep_until=step if state is not None else None,
+                                       tensorboard=cfg.tensorboard)
+    else:
+        metrics = _NoMetrics()
 
     # The module the steps run: compiled, or with the CPU training kernels on modules sharing the parameters.
     step_model = torch.compile(model) if cfg.compile else cpu.for_training(model)
     step_model.train()  # before CoreShards copies it
+    ddp = runner = None
+    if d is not None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # DDP over the kernels' view: the same Parameter objects, and their gradients pass through autograd's
+        # AccumulateGrad (the kernels are autograd Functions), where DDP's all-reduce hooks sit.
+        inner = model if cfg.compile else step_model
+        try:
+            ddp = DDP(_LossOf(inner), device_ids=[device.index] if device.type == "cuda" else None)
+        except Exception as e:
+            raise distributed.lost_peer(d, e) from None
+        runner = torch.compile(ddp) if cfg.compile else ddp
+        if cfg.compile:
+            step_model = model  # evaluation: the plain model (the compiled module is DDP's)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
-    flops_peak, peak_basis = mfu_peak(cfg, device, threads)
+    flops_peak, peak_basis = mfu_peak(cfg, device, threads) if main else (1.0, "")
+    flops_peak *= world  # the run's peak: every rank's devices
     flops_per_token = model.flops_per_token(cfg.block_size)  # once: counting parameters walks the model
     bytes_per_token = meta["val_bytes_per_token"]
     dataset_info = {k: meta[k] for k in ("source", "tokens", "vocab_size", "val_bytes_per_token")}
@@ -278,15 +411,22 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     if note:
         log(note)
     shards = CoreShards(step_model, n_shards) if n_shards > 1 else None
+    procs = (f"; {world} processes (DDP over {d.backend}, {cfg.grad_accum_steps // world} of the "
+             f"{cfg.grad_accum_steps} micro-batches of a step each)" if d else "")
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
         f"block {cfg.block_size}; data: {data_dir} ({meta['tokens']['train']:,} train tokens); device: {device}, "
         f"{str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads != 1 else ''}"
-        f"{f' (each batch split {n_shards} ways)' if shards else ''}; run folder: {out}")
-    log(f"MFU (model FLOPs utilization) is against {peak_basis}")
+        f"{' per process' if d else ''}{f' (each batch split {n_shards} ways)' if shards else ''}{procs}; "
+        f"run folder: {out}")
+    log(f"MFU (model FLOPs utilization) is against {peak_basis}{f' x {world} processes' if d else ''}")
     if (warning := _repeat_warning(cfg, step, tokens_per_step, meta["tokens"]["train"])) is not None:
         log(warning)
 
-    def save(name: str, val_loss: float | None, with_state: bool) -> Path:
+    def save(name: str, val_loss: float | None, with_state: bool) -> Path | None:
+        """Rank 0 writes the checkpoint; a collective when with_state (every rank's RNG state is in it)."""
+        rngs = distributed.gather_objects(d, rng_state()) if d is not None and with_state else None
+        if not main:
+            return None
         metadata = {"train_config": cfg.to_dict(), "step": step, "tokens_seen": tokens_seen,
                     "metrics": {"val_loss": val_loss, "val_bpb": bpb(val_loss), "best_val_loss": best_val},
                     "dataset": dataset_info}
@@ -295,10 +435,38 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
             train_state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
                            "scaler": scaler.state_dict(), "sampler": train_sampler.state_dict(), "rng": rng_state(),
                            "best_val_loss": best_val, "elapsed_s": elapsed_before + time.perf_counter() - t_start}
+            if rngs is not None:
+                train_state["rng_ranks"] = rngs
         return ckpt.save_checkpoint(out / name, model, tokenizer, metadata=metadata, train_state=train_state)
 
     def bpb(loss: float | None) -> float | None:
         return None if loss is None else loss / (math.log(2) * bytes_per_token)
+
+    def micro_steps() -> float:
+        """Forward and backward of this rank's micro-batches of a step; the sum of their losses."""
+        loss_sum = 0.0
+        for i in range(cfg.grad_accum_steps):
+            batch = train_sampler.next_batch()  # every rank draws every micro-batch of the step
+            if shards is not None:
+                torch.set_num_threads(1)  # one core per share of the batch
+                loss_sum += shards.forward_backward(batch, 1 / cfg.grad_accum_steps)
+                continue
+            if ddp is not None:
+                if i % world != rank:
+                    continue  # another rank's micro-batch
+                # Only the rank's last micro-batch of the step all-reduces the gradients.
+                with contextlib.nullcontext() if i + world >= cfg.grad_accum_steps else ddp.no_sync():
+                    x, y, *mask = (t.to(device, non_blocking=True) for t in batch)
+                    with autocast:
+                        loss = runner(x, y, mask[0] if mask else None)
+                    loss_sum += float(loss.detach())
+                    # DDP averages over the ranks: N / grad_accum_steps makes it the mean over all.
+                    scaler.scale(loss * (world / cfg.grad_accum_steps)).backward()
+                continue
+            loss = _forward(step_model, batch, device, autocast)
+            loss_sum += float(loss.detach())
+            scaler.scale(loss / cfg.grad_accum_steps).backward()
+        return loss_sum
 
     result = TrainResult(out_dir=out, step=step, tokens_seen=tokens_seen, elapsed_s=0.0,
                          best_val_loss=best_val if math.isfinite(best_val) else None)
@@ -315,15 +483,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
-                for _ in range(cfg.grad_accum_steps):
-                    if shards is not None:
-                        torch.set_num_threads(1)  # one core per share of the batch
-                        loss_sum += shards.forward_backward(train_sampler.next_batch(), 1 / cfg.grad_accum_steps)
-                        continue
-                    loss = _forward(step_model, train_sampler.next_batch(), device, autocast)
-                    loss_sum += float(loss.detach())
-                    scaler.scale(loss / cfg.grad_accum_steps).backward()
+                with distributed.collectives(d):  # a peer lost in DDP's all-reduce: one line
+                    loss_sum = micro_steps()
+                received = signals.received
+                if d is not None:  # the step's loss over all ranks, and whether any rank was asked to stop
+                    loss_sum, sigint, sigterm = distributed.all_reduce_sum(
+                        d, [loss_sum, received == "SIGINT", received == "SIGTERM"], device)
+                    received = "SIGINT" if sigint else "SIGTERM" if sigterm else None
                 step_loss = loss_sum / cfg.grad_accum_steps
                 if not math.isfinite(step_loss):
                     raise TrainingError(
@@ -353,7 +519,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                         timed = -2  # said once
                 elif timed == -1:
                     timed = 0
-                stop = signals.received or ("stop_at" if stop_at is not None and step >= stop_at else None)
+                stop = received or ("stop_at" if stop_at is not None and step >= stop_at else None)
                 if step % cfg.log_interval == 0 or step == cfg.max_iters or stop:
                     metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                                    "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": mfu,
@@ -370,7 +536,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                     torch.set_num_threads(threads)
                     # Evaluation and sampling use their own RNG, so they never change the training stream.
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                        val_loss = evaluate(step_model, val_sampler, cfg.eval_iters, device, autocast)
+                        val_sum = _eval_sum(step_model, val_sampler, cfg.eval_iters, device, autocast, rank, world)
+                    if d is not None:  # each rank evaluated its share of the same eval_iters batches
+                        [val_sum] = distributed.all_reduce_sum(d, [val_sum], device)
+                    val_loss = val_sum / cfg.eval_iters
                     if not math.isfinite(val_loss):
                         raise TrainingError(
                             f"the validation loss became {val_loss} at step {step}; the run stopped and "
@@ -384,19 +553,22 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
                         best_val = val_loss
                         save(BEST, val_loss, with_state=False)
                     save(LAST, val_loss, with_state=True)
-                    if cfg.sample_tokens:
+                    if cfg.sample_tokens and main:
                         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                             sample = sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device,
                                                  cfg.seed)
                         if sample:
                             log(f"--- sample at step {step} ---\n{sample}\n---")
                             run_dir.append_sample(out, step, val_loss, sample)
+                    distributed.barrier(d)  # the other ranks wait here while rank 0 saves and samples
                     t_last, window_tokens = time.perf_counter(), 0  # eval time is not training speed
 
-                stop = stop or signals.received
+                if d is None:
+                    stop = stop or signals.received  # one during the evaluation (under torchrun: at the next step)
                 if stop and step < cfg.max_iters:
                     if step % cfg.eval_interval:
                         save(LAST, None, with_state=True)
+                        distributed.barrier(d)
                     result.interrupted = stop
                     log(f"stopped at step {step} ({stop}); checkpoint saved to {out / LAST}; "
                         f"continue with: simplegpt train --resume {out / LAST}")
@@ -415,14 +587,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     result.step, result.tokens_seen = step, tokens_seen
     result.best_val_loss = best_val if math.isfinite(best_val) else None
     result.elapsed_s = elapsed_before + time.perf_counter() - t_start
-    if cfg.plot and result.interrupted is None:
+    if cfg.plot and result.interrupted is None and main:
         try:
             png = run_dir.plot_losses(out)
             log(f"loss curve: {png}" if png else
                 'loss curve: not drawn, matplotlib is not installed (pip install "simplegpt-toolkit[plot]")')
         except OSError as e:  # the run is saved: a picture that cannot be written does not fail it
             log(f"loss curve: not drawn ({e.strerror or e})")
-    if cfg.plot:
+    if cfg.plot and main:
         try:  # the run is saved by now: a report that cannot be drawn must not turn it into a failure
             from ..report import write_report
 
@@ -430,3 +602,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
         except Exception as e:
             log(f"report: not written ({type(e).__name__}: {e}); try again with: simplegpt report {out}")
     return result
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of rank > 0's own random stream (dropout), from the run's seed, the rank and the
+    step it starts at."""
+    return (seed * 1_000_003 + rank * 7919 + step) % 2**63
