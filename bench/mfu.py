@@ -79,7 +79,8 @@ def transformers_rate(cfg: TrainConfig, data: Path, vocab_size: int, device: tor
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0)).to(device)
+                                       attn_pdrop=0.0, bos_token_id=vocab_size - 1,
+                                       eos_token_id=vocab_size - 1)).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
