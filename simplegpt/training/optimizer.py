@@ -61,7 +61,7 @@ FUSED_DEVICES = ("cuda", "cpu")
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
                    scaler: torch.amp.GradScaler) -> NativeAdamW | ScaledAdamW:
     """The run's AdamW over model's parameters. With cfg.fused: on CUDA, PyTorch's fused kernel
-    (fused=True: one kernel launch per step for all parameters, with bf16 autocast's float32 weights
+    (fused=True: the whole update in multi-tensor kernels, with bf16 autocast's float32 weights
     or an fp16 run's GradScaler, whose scale and inf check the kernel applies itself); on a CPU the
     native step over PyTorch's fused CPU AdamW (never under an active scaler: fp16 is CUDA-only).
     Elsewhere, or without cfg.fused, PyTorch's default (foreach) AdamW.
