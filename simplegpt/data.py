@@ -5,9 +5,14 @@
     meta.json             tokenizer spec, vocab size, dtype, token and byte counts, split, source checksums
     tokenizer/            the tokenizer (tokenizer.json)
     train_000000.bin ...  token shards: flat little-endian uint16 (vocab < 65536) or uint32
-    val_000000.bin        the validation split (the last val_fraction of the token stream)
+    val_000000.bin ...    the validation split: the last val_fraction (or val_tokens) of the token stream
 
-Documents are separated by the tokenizer's EOS token. The directory is written into a temporary
+Documents are separated by the tokenizer's EOS token. The corpus is a stream: batches of documents
+are tokenized in worker processes (`_EncodingPool`, results in corpus order, a few batches per worker
+in flight) and appended to train shards as they fill (`_ShardWriter`), so memory is bounded whatever
+the corpus's size and the output does not depend on the number of workers; max_tokens stops reading
+at a token budget. The validation split is the stream's tail, moved out of the last train shards
+once the stream's length is known (`_split_tail`). The directory is written into a temporary
 sibling and swapped in, so an interrupted prepare never leaves a half-written dataset, and
 re-running on unchanged input finds matching checksums in meta.json and does nothing.
 
