@@ -15,7 +15,7 @@ import pytest
 from simplegpt.cli import main as cli_main
 from simplegpt.data import Corpus, TokenShards, load_dataset_tokenizer, parse_count, prepare_corpus, read_meta
 from simplegpt.errors import DataError
-from simplegpt.tokenizer import GPT2Tokenizer
+from simplegpt.tokenizer import GPT2Tokenizer, Tokenizer
 
 WORDS = ["the", "king", "crown", "é", "naïve", "über", "café", "日本", "語", "🙂", "  ", "\n", "\n\n", "12", "3.5",
          "<|endoftext|>", "don't", "HAMLET:", "To", "be", ",", "or", "not"]
@@ -67,6 +67,37 @@ def test_worker_processes_write_the_same_dataset_as_one_process_byte_for_byte(tm
     assert meta["bytes"] == sum(len(d.encode()) for d in docs)
     assert meta["tokens"]["val"] == int(len(stream) * 0.1) and meta["split"]["method"] == "tail"
     assert all(s["tokens"] <= 4000 for split in meta["shards"].values() for s in split)
+
+
+class _PidTokenizer(Tokenizer):
+    """Bytes as tokens, noting which process encoded each document."""
+
+    kind = "byte-pid"
+    vocab_size, eos_id = 257, 256
+
+    def __init__(self, log):
+        self.log = log
+
+    def encode(self, text):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return list(text.encode())
+
+    def decode_bytes(self, ids):
+        return bytes(i for i in ids if i < 256)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_documents_are_tokenized_in_worker_processes(tmp_path, workers):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(1200)))
+    tok = _PidTokenizer(tmp_path / "pids.log")
+    meta = prepare_corpus(str(tmp_path / "rows.jsonl"), tmp_path / "ds", tok, workers=workers, progress=False)
+    pids = (tmp_path / "pids.log").read_text().split()
+    assert len(pids) == meta["documents"] == 1200
+    if workers == 1:
+        assert set(pids) == {str(os.getpid())}
+    else:
+        assert str(os.getpid()) not in pids and 1 <= len(set(pids)) <= 2
 
 
 def test_hf_dataset_streams_through_load_dataset_with_a_budget(tmp_path, monkeypatch):
