@@ -19,7 +19,8 @@ written as .jsonl files of about 8 MB each into a temporary folder. Both sides r
   reference, the batched form (1000 rows per call, `encode_ordinary_batch`, one thread each). Only
   the map is timed: not the load, nor writing the tokens to a file afterwards, as such scripts do.
   The encoding is tiktoken's `Encoding` with GPT-2's ranks and pattern, built from the vocabulary
-  simplegpt ships (tiktoken.get_encoding("gpt2") would download the same files).
+  simplegpt ships (tiktoken.get_encoding("gpt2") would download the same files), once, before any
+  timing: both sides' worker processes are forked with it loaded.
 
 Both must produce the same number of tokens (checked). Each side runs --repeats times, the sides
 interleaved; the best time of each counts. Prints tokens/s for each and the ratios simplegpt/reference.
@@ -141,6 +142,7 @@ def main() -> int:
     import datasets
 
     datasets.disable_progress_bars()
+    _enc()  # GPT-2's ranks are read once here, before any timing: both sides' processes inherit them
     text = Path(args.text).read_text(encoding="utf-8")
     size = parse_size(args.size)
     docs = make_documents(text, size, args.doc_bytes)
