@@ -96,13 +96,19 @@ def flatten(tree, prefix: str = "") -> dict:
 
 def write_other_files(directory: Path, model_state: dict, step: int) -> None:
     """What rank 0 writes beside dcp/: config.json and tokenizer/, made by simplegpt.checkpoint's own
-    save of the same weights into a scratch folder (its model.safetensors is left out)."""
+    save of the same weights into a scratch folder (its model.safetensors is left out, dcp/'s files
+    are recorded in its place)."""
     scratch = directory.parent / f"{directory.name}-scratch"
     model = ckpt.model_from_state(GPTConfig(**CONFIG), model_state)
     tokenizer = CharTokenizer(string.ascii_letters[:CONFIG["vocab_size"] - 1])  # + EOS: the model's vocabulary
     ckpt.save_checkpoint(scratch, model, tokenizer, metadata={"step": step, "tokens_seen": step * ROWS * SEQ})
-    shutil.copy2(scratch / ckpt.CONFIG_FILE, directory / ckpt.CONFIG_FILE)
     shutil.copytree(scratch / ckpt.TOKENIZER_DIR, directory / ckpt.TOKENIZER_DIR)
+    # config.json records the digest of every other file of the directory, dcp/'s included
+    doc = json.loads((scratch / ckpt.CONFIG_FILE).read_text())
+    del doc[ckpt.CHECKSUMS][ckpt.WEIGHTS_FILE]
+    doc[ckpt.CHECKSUMS].update({p.relative_to(directory).as_posix(): ckpt._sha256(p)
+                                for p in sorted((directory / "dcp").iterdir())})
+    (directory / ckpt.CONFIG_FILE).write_text(json.dumps(doc, indent=2))
     shutil.rmtree(scratch)
 
 

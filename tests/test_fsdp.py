@@ -4,6 +4,7 @@ gloo (tests/fsdp_worker.py) against one process accumulating the same global bat
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +124,9 @@ def test_consolidate_command(runs, tmp_path):
     done = subprocess.run([sys.executable, "-m", "simplegpt", "consolidate", str(src)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert str(tmp_path / "ck-consolidated") in done.stdout and "step 3" in done.stdout
+    progress, summary = done.stdout.strip().splitlines()
+    assert progress.startswith(f"consolidating {src}: 2 layers") and "2 shard files" in progress
+    assert str(tmp_path / "ck-consolidated") in summary and "step 3" in summary
     assert torch.equal(ckpt.load_checkpoint(tmp_path / "ck-consolidated").model.transformer.wpe.weight,
                        runs["saved"]["model"]["transformer.wpe.weight"])
 
@@ -141,6 +144,22 @@ def test_load_into_another_shape_is_one_clear_error(runs):
         fsdp.load_sharded(runs["tmp"] / "sharded", wide, None)
     with pytest.raises(CheckpointError, match="not a sharded"):
         fsdp.load_sharded(runs["tmp"], model, None)
+
+
+def test_a_corrupted_shard_is_one_clear_error(runs, tmp_path):
+    """config.json's digests cover dcp/: a flipped byte in a rank's shard file is refused, naming it."""
+    src = tmp_path / "ck"
+    shutil.copytree(runs["tmp"] / "sharded", src)
+    shard = src / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    model = w.make_model(0)
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp is truncated or corrupted"):
+        fsdp.load_sharded(src, model, w.make_optimizer(model))
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp is truncated or corrupted"):
+        fsdp.consolidate(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_fsdp_needs_a_process_group():

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     dst = Path(args.out) if hasattr(args, "out") else base.with_name(base.name + SUFFIX)
     started = time.perf_counter()
     with file_access_errors():
-        out = consolidate(src, dst, overwrite=args.overwrite)
+        out = consolidate(src, dst, overwrite=args.overwrite, progress=lambda line: print(f"{line} ...", flush=True))
         ck = load_checkpoint(out)  # what generate, serve, eval and export-hf will do with it
     step = f", step {ck.metadata['step']:,}" if isinstance(ck.metadata.get("step"), int) else ""
     size = (out / "model.safetensors").stat().st_size

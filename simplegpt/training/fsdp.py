@@ -4,8 +4,12 @@ the ranks with `torch.distributed.fsdp.fully_shard`, saved and loaded with `torc
 
 Where FSDP2 runs (measured, tests/test_fsdp.py): torch 2.13.0's CPU build runs `fully_shard` on CPU
 tensors over gloo, two processes under `torchrun --nproc_per_node 2` giving the losses of one process
-that accumulates the same global batch. On CUDA simplegpt runs it over nccl only (torchrun's GPU
-backend; FSDP2 over gloo on CUDA tensors was not measured).
+that accumulates the same global batch (to 1e-5, with gradient sync only on the last micro-batch and
+clip_grad_norm_ over the DTensor gradients), bf16 compute included. On CUDA simplegpt runs it over
+nccl only (torchrun's GPU backend; FSDP2 over gloo on CUDA tensors was not measured).
+The optimizer of a sharded model must be PyTorch's (torch.optim.AdamW, fused or not): the CPU
+kernels' AdamW (simplegpt.accel.cpu.optim) reads parameters as plain tensors and crashed the process
+(SIGSEGV) on DTensors, and the CPU training kernels (accel.cpu.for_training) do not apply either.
 
 A sharded checkpoint is the usual checkpoint directory (simplegpt.checkpoint) with the weights and
 the optimizer state in `dcp/` instead of model.safetensors:
@@ -25,7 +29,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -185,14 +189,16 @@ def load_sharded(directory: str | os.PathLike, model: nn.Module, optimizer: torc
         set_state_dict(model, optimizer, model_state_dict=state[MODEL], optim_state_dict=state[OPTIMIZER])
 
 
-def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Path:
+def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False,
+                progress: Callable[[str], None] | None = None) -> Path:
     """Read the sharded checkpoint `src` in this process (no process group needed; DCP gathers every
     rank's shards) and write `dst` as the usual checkpoint directory: model.safetensors, config.json
     (src's model config and metadata: step, metrics, ...), tokenizer/ — what load_checkpoint, and so
     generate, serve, eval and export-hf, read. Written atomically (a temporary sibling renamed in).
     No train_state.pt: a sharded checkpoint resumes as it is, on any world size (load_sharded).
     Raises CheckpointError when src is not a readable sharded checkpoint, OutputExistsError when dst
-    exists and overwrite is False, OSError from the file system. Returns dst."""
+    exists and overwrite is False, OSError from the file system. progress, when given, is called
+    once the checks passed, with a line saying what is being read. Returns dst."""
     from ..tokenizer import load_tokenizer
 
     src, dst = Path(src), Path(dst)
@@ -207,6 +213,10 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool 
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / ckpt.CONFIG_FILE} holds an invalid model config: {e}") from None
     _verify_shards(folder, doc)
+    if progress is not None:
+        shards = sorted((folder / DCP_DIR).glob("*.distcp"))
+        progress(f"consolidating {src}: {config.n_layer} layers, {config.n_embd} wide, from {len(shards)} shard "
+                 f"file{'s' if len(shards) != 1 else ''} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)")
     with torch.device("meta"):
         shapes = GPT(config).state_dict()
     weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != ckpt.TIED_KEY}
