@@ -141,6 +141,8 @@ def main() -> int:
 
     import datasets
 
+    print("command: python bench/prepare.py " + " ".join(sys.argv[1:]), flush=True)
+
     datasets.disable_progress_bars()
     _enc()  # GPT-2's ranks are read once here, before any timing: both sides' processes inherit them
     text = Path(args.text).read_text(encoding="utf-8")
