@@ -25,6 +25,7 @@ class Result:
     stop_reason: str | int | None = None  # the stop string matched, or the EOS id; None for "length"
     prompt_tokens: int = 0  # after left truncation to the window
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, with SamplingParams(logprobs=k)
+    eos_logprob: TokenLogprobs | None = None  # with logprobs: the end-of-text token's, when it ended the row
 
 
 class StopMatcher:
@@ -134,6 +135,7 @@ class Row:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] | None = None  # with SamplingParams(logprobs=k): one per generated token
+    eos_logprob: TokenLogprobs | None = None  # the drawn end-of-text token's, which token_ids leave out
 
     def accept(self, token: int, logprob: TokenLogprobs | None, eos_id: int | None, max_new_tokens: int,
                decode_bytes: Callable[[list[int]], bytes] | None) -> list[str]:
@@ -145,6 +147,7 @@ class Row:
         pieces = []
         if eos_id is not None and token == eos_id:
             self.finish_reason, self.stop_reason = FINISH_STOP, token
+            self.eos_logprob = logprob
         else:
             self.generated.append(token)
             self.tokens.append(token)
@@ -163,7 +166,7 @@ class Row:
     def result(self) -> Result:
         text = self.text.text if self.text is not None else ""
         return Result(text, list(self.generated), self.finish_reason or FINISH_LENGTH, self.stop_reason,
-                      self.prompt_len, None if self.logprobs is None else list(self.logprobs))
+                      self.prompt_len, None if self.logprobs is None else list(self.logprobs), self.eos_logprob)
 
 
 class Stream:

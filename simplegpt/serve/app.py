@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from ..engine import FINISH_LENGTH, Engine, Result
+from ..tokenizer import EOS_TEXT
 from .chat import CHAT_STOP, DEFAULT_CHAT_MAX_TOKENS, chat_prompt
 from .errors import APIError, add_error_handlers, error_body
 from .guard import Guard
@@ -22,7 +23,7 @@ from .metrics import Metrics
 from .params import Prompt, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
 from .responses import Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card, sse, usage
 from .scheduler import RequestTimeout, Scheduler, Submission
-from .schemas import ChatRequest, CompletionRequest
+from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 STATIC = Path(__file__).parent.parent / "static"
 CLIENT_GONE = 499  # the status logged for a request whose client left before its answer (nginx's)
@@ -149,6 +150,33 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         check_model(name)
         return model_card(engine, model_name, created)
 
+    # vLLM's tokenizer routes, through which lm-evaluation-harness's API clients (local-completions)
+    # tokenize a task's text as the server does: any simplegpt tokenizer works, with nothing to download.
+    @app.get("/tokenizer_info")
+    def tokenizer_info() -> dict[str, Any]:
+        return {"tokenizer_class": f"simplegpt-{tokenizer.kind}", "eos_token": EOS_TEXT, "bos_token": None,
+                "pad_token": None, "model_max_length": window, "vocab_size": tokenizer.vocab_size}
+
+    @app.post("/tokenize")
+    def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            check_model(req.model)
+        # the end-of-text token's name is that token here, as in Hugging Face's tokenizers (and vLLM's
+        # /tokenize); a completion's text prompt stays plain text
+        ids: list[int] = []
+        for i, part in enumerate(req.prompt.split(EOS_TEXT)):
+            ids += ([tokenizer.eos_id] if i else []) + (list(tokenizer.encode(part)) if part else [])
+        return {"tokens": ids, "count": len(ids), "max_model_len": window}
+
+    @app.post("/detokenize")
+    def detokenize(req: DetokenizeRequest) -> dict[str, str]:
+        if req.model is not None:
+            check_model(req.model)
+        bad = next((t for t in req.tokens if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
@@ -200,16 +228,19 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         shown = [len(echoed(i)) for i in range(len(rows))]  # each row's characters sent
         offsets = [Offsets(tokenizer, shown[i]) for i in range(len(rows))]
 
-        def new_logprobs(i: int, upto: int, piece: str, last: bool = False) -> dict[str, Any] | None:
+        def new_logprobs(i: int, upto: int, piece: str, last: Result | None = None) -> dict[str, Any] | None:
             """The logprobs of row i's tokens sent[i]..upto, which this piece of text completes; the
-            last ones point no further than the text's end."""
+            last ones (the row's Result given) point no further than the text's end, and end with the
+            end-of-text token's when it ended the row."""
             shown[i] += len(piece)
             if k is None:
                 return None
             lps = sub.ticket.rows[i].logprobs[sent[i]:upto]
             sent[i] = upto
+            if last is not None and last.eos_logprob is not None:
+                lps = [*lps, last.eos_logprob]
             return completion_logprobs(tokenizer, lps, offsets[i]([t.token_id for t in lps],
-                                                                  shown[i] if last else None))
+                                                                  shown[i] if last is not None else None))
 
         async def events() -> AsyncIterator[str]:
             if req.echo:
@@ -224,7 +255,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                     count(event, req.n)
                     for i, r in enumerate(event):
                         yield sse({**head, "choices": [choice(i, "", r.finish_reason,
-                                                              new_logprobs(i, len(r.token_ids), "", True))]})
+                                                              new_logprobs(i, len(r.token_ids), "", r))]})
                     if req.wants_usage:
                         yield sse({**head, "choices": [], "usage": usage(event, req.n)})
                 else:

@@ -25,7 +25,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
-PROTECTED = ("/v1/", "/metrics")  # routes that need the key when the server has one
+PROTECTED = ("/v1/", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")  # need the key, when there is one
 
 
 class BodyTooLarge(HTTPException):

@@ -70,7 +70,9 @@ def completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs | int]
 def choice_logprobs(tokenizer: Tokenizer, echo: str, result: Result | None,
                     scored: tuple[list[int], list[TokenLogprobs]] | None) -> dict[str, Any] | None:
     """A completion choice's logprobs, whose text is echo + result.text: with `scored` (echo) the
-    prompt's tokens first, the very first without any (null), then the generated ones."""
+    prompt's tokens first, the very first without any (null), then the generated ones, and last the
+    end-of-text token when it ended the row (its text is not shown: it points at the text's end; a
+    scoring client that asks for one token reads that token's logprob, whatever it is)."""
     if scored is None and (result is None or result.logprobs is None):
         return None
     entries: list[TokenLogprobs | int] = []
@@ -82,6 +84,9 @@ def choice_logprobs(tokenizer: Tokenizer, echo: str, result: Result | None,
     if result is not None and result.logprobs:
         entries += result.logprobs
         offsets += text_offsets(tokenizer, [t.token_id for t in result.logprobs], len(result.text), len(echo))
+    if result is not None and result.eos_logprob is not None:
+        entries.append(result.eos_logprob)
+        offsets.append(len(echo) + len(result.text))
     return completion_logprobs(tokenizer, entries, offsets)
 
 

@@ -80,3 +80,23 @@ class ChatRequest(SamplingRequest):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's route, which lm-evaluation-harness's API clients use): text to token ids.
+    add_special_tokens is taken and has no effect: simplegpt's tokenizers add none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's route): token ids to text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[int]
+    model: str | None = None
