@@ -140,10 +140,17 @@ def test_consolidate_command(runs, tmp_path):
 def test_load_into_another_shape_is_one_clear_error(runs):
     model = w.make_model(0)
     wide = type(model)(type(model.config)(**{**w.CONFIG, "n_embd": 64}))
-    with pytest.raises(CheckpointError, match="cannot be loaded into this model"):
+    with pytest.raises(CheckpointError, match="cannot be loaded into this model: Size mismatch") as e:
         fsdp.load_sharded(runs["tmp"] / "sharded", wide, None)
+    assert "\n" not in str(e.value) and "Frame" not in str(e.value)
     with pytest.raises(CheckpointError, match="not a sharded"):
         fsdp.load_sharded(runs["tmp"], model, None)
+    fsdp.save_sharded(runs["tmp"] / "weights-only", model, None)
+    with pytest.raises(CheckpointError, match="weights only, no optimizer state"):
+        fsdp.load_sharded(runs["tmp"] / "weights-only", model, w.make_optimizer(model))
+    fresh = w.make_model(5)
+    fsdp.load_sharded(runs["tmp"] / "weights-only", fresh, None)
+    assert _equal_states(fresh.state_dict(), model.state_dict()) == []
 
 
 def test_a_corrupted_shard_is_one_clear_error(runs, tmp_path):

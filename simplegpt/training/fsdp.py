@@ -178,6 +178,9 @@ def load_sharded(directory: str | os.PathLike, model: nn.Module, optimizer: torc
     if optimizer is None:
         state = {MODEL: get_model_state_dict(model)}
     else:
+        saved = dcp.FileSystemReader(folder / DCP_DIR).read_metadata().state_dict_metadata
+        if not any(key.startswith(f"{OPTIMIZER}.") for key in saved):
+            raise CheckpointError(f"{directory} holds weights only, no optimizer state: it cannot be resumed exactly")
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {MODEL: model_state, OPTIMIZER: optim_state}
     state[MODEL].pop(ckpt.TIED_KEY, None)
@@ -274,9 +277,9 @@ def _dcp_load(state: dict[str, Any], folder: Path, no_dist: bool) -> None:
 
 def _first_failure(e: BaseException) -> str:
     """The first line that says what went wrong, from DCP's per-rank failures or a plain error."""
-    failures = getattr(e, "failures", None)
+    failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, its stack)}
     if failures:
         first = next(iter(failures.values()))
-        e = getattr(first, "exc", first) if not isinstance(first, BaseException) else first
+        e = first[0] if isinstance(first, tuple) else first
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__
