@@ -10,7 +10,10 @@ process on 127.0.0.1 (--max-batch, access log off). For each number of clients, 
 EOS ignored), all clients at once. Printed per level: requests, errors, aggregate generated tokens/s
 and requests/s, p50/p99 latency and time to first token, and the tokens/s as a ratio of one client's.
 --also URL measures an OpenAI-compatible server already running (llama.cpp's `llama-server --parallel 16`
-on the same model as GGUF: ../shared/bench/llamacpp_anchor.sh builds it) with the same load, in the same run.
+on the same model as GGUF: ../shared/bench/llamacpp_anchor.sh builds it) with the same load, in the same run,
+after simplegpt's server has stopped, and prints simplegpt's tokens/s as a ratio of its own, level by level.
+Its token counts come from the stream's usage (or llama-server's timings); a server that sends neither
+is counted at max_tokens and flagged. Last, the goals below as measured.
 Goals on the 2-core CPU (issue 18): 16 clients >= 4x one client's tokens/s, >= llama-server's, no
 errors, p99 time to first token at 16 clients under 2 s.
 """
@@ -45,6 +48,12 @@ class Level:
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    uncounted: int = 0  # requests whose server sent no token count (max_tokens assumed)
+
+    @property
+    def rate(self) -> float:
+        """Aggregate generated tokens per second."""
+        return self.tokens / self.seconds if self.seconds else 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -59,6 +68,7 @@ async def one_request(client, url: str, body: dict, level: Level) -> None:
 
     start = time.perf_counter()
     first = None
+    counted = False
     try:
         async with client.stream("POST", f"{url}/completions", json=body) as r:
             if r.status_code != 200:
@@ -70,11 +80,18 @@ async def one_request(client, url: str, body: dict, level: Level) -> None:
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text") and first is None:
                     first = time.perf_counter() - start
-                if chunk.get("usage"):
+                if chunk.get("usage") and not counted:
                     level.tokens += chunk["usage"]["completion_tokens"]
+                    counted = True
+                elif not counted and (chunk.get("timings") or {}).get("predicted_n"):  # llama-server's own count
+                    level.tokens += chunk["timings"]["predicted_n"]
+                    counted = True
     except httpx.HTTPError as e:
         level.errors.append(f"{type(e).__name__}: {e}")
         return
+    if not counted:  # a server that reports no count: the request's own length (EOS is ignored)
+        level.tokens += body["max_tokens"]
+        level.uncounted += 1
     level.latencies.append(time.perf_counter() - start)
     if first is not None:
         level.ttfts.append(first)
@@ -104,7 +121,7 @@ def report(name: str, levels: list[Level]) -> None:
           f"{'p50 lat':>8} {'p99 lat':>8} {'p50 TTFT':>9} {'p99 TTFT':>9}")
     base = None
     for lv in levels:
-        rate = lv.tokens / lv.seconds if lv.seconds else 0.0
+        rate = lv.rate
         base = base or rate
         print(f"{lv.clients:>7} {len(lv.latencies) + len(lv.errors):>8} {len(lv.errors):>6} {rate:>9.1f} "
               f"{rate / base if base else 0:>10.2f} {len(lv.latencies) / lv.seconds:>6.2f} "
@@ -112,6 +129,31 @@ def report(name: str, levels: list[Level]) -> None:
               f"{percentile(lv.ttfts, 50):>8.3f}s {percentile(lv.ttfts, 99):>8.3f}s")
         for e in lv.errors[:3]:
             print(f"        error: {e}")
+        if lv.uncounted:
+            print(f"        {lv.uncounted} requests without a token count from the server: max_tokens assumed")
+
+
+def compare(ours: list[Level], theirs: list[Level], name: str) -> None:
+    """simplegpt's aggregate tokens/s as a ratio of the other server's, level by level (same run, same load)."""
+    print(f"\nsimplegpt serve / {name}, aggregate tokens/s")
+    for a, b in zip(ours, theirs):
+        ratio = a.rate / b.rate if b.rate else float("nan")
+        print(f"{a.clients:>7} clients: {a.rate:9.1f} / {b.rate:9.1f} = {ratio:5.2f}x")
+
+
+def goals(levels: list[Level], other: list[Level] | None) -> None:
+    """Issue 18's goals, each as measured in this run (only the levels that were run)."""
+    by = {lv.clients: lv for lv in levels}
+    print("\ngoals (issue 18)")
+    if 1 in by and 16 in by and by[1].rate:
+        print(f"  16 clients >= 4x one client's tokens/s: {by[16].rate / by[1].rate:.2f}x")
+    if other is not None and 16 in by:
+        theirs = {lv.clients: lv for lv in other}.get(16)
+        if theirs is not None and theirs.rate:
+            print(f"  16 clients >= the other server's tokens/s: {by[16].rate / theirs.rate:.2f}x")
+    print(f"  no errors: {sum(len(lv.errors) for lv in levels)} errors")
+    if 16 in by:
+        print(f"  p99 time to first token at 16 clients < 2 s: {percentile(by[16].ttfts, 99):.3f} s")
 
 
 def measure(url: str, model: str, args: argparse.Namespace, prompt: str) -> list[Level]:
@@ -129,7 +171,9 @@ def main() -> None:
                    help="comma-separated numbers of concurrent clients")
     p.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
-    p.add_argument("--also", metavar="URL", help="an OpenAI-compatible API (…/v1) to measure with the same load")
+    p.add_argument("--also", metavar="URL",
+                   help="an OpenAI-compatible API (its /v1 address, e.g. llama-server's http://127.0.0.1:8080/v1), "
+                        "already running, measured after simplegpt with the same load and compared level by level")
     p.add_argument("--also-model", default="model", help="the model name to send to --also")
     args = p.parse_args()
     try:
@@ -156,12 +200,19 @@ def main() -> None:
                   f"--max-batch {args.max_batch}, {args.new_tokens} new tokens a request, {args.requests} requests "
                   f"a client, {torch.get_num_threads()} threads")
             asyncio.run(run_level(url, "bench", 1, 1, prompt, 4))  # warm-up
-            report("simplegpt serve", measure(url, "bench", args, prompt))
+            ours = measure(url, "bench", args, prompt)
+            report("simplegpt serve", ours)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    theirs = None
     if args.also:
-        report(f"{args.also}", measure(args.also, args.also_model, args, prompt))
+        url = args.also.rstrip("/")
+        asyncio.run(run_level(url, args.also_model, 1, 1, prompt, 4))  # warm-up
+        theirs = measure(url, args.also_model, args, prompt)
+        report(url, theirs)
+        compare(ours, theirs, url)
+    goals(ours, theirs)
 
 
 if __name__ == "__main__":
