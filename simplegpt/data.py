@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_dir
-from .errors import DataError
+from .errors import DataError, SimpleGPTError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
 from .tokenizer import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, get_tokenizer, load_tokenizer,
@@ -351,13 +351,16 @@ class _EncodingPool:
     worker in flight: the reader never runs ahead of the writer by more than that, so memory is
     bounded whatever the corpus's size (multiprocessing.Pool.imap would read the whole input ahead).
 
-    Workers are forked where the platform can (before any thread of this run starts), so they
-    inherit the loaded tokenizer instead of importing simplegpt again."""
+    Workers are forked where the platform can, all at once when the pool is made (before the
+    corpus's reader or the progress bar start a thread), so they inherit the loaded tokenizer
+    instead of importing simplegpt again. A worker that dies (killed, out of memory) ends the run
+    with one line instead of a hang."""
 
     IN_FLIGHT_PER_WORKER = 4
 
     def __init__(self, encoder: _Encoder, workers: int):
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         self.encoder = encoder
         self.workers = workers
@@ -365,7 +368,18 @@ class _EncodingPool:
         if workers > 1:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder,))
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(encoder,))
+            self._result(self.pool.submit(int))  # starts the workers now
+
+    @staticmethod
+    def _result(future):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise SimpleGPTError("a tokenizing worker process died (killed, or out of memory?); "
+                                 "run again, with fewer workers if memory is short") from None
 
     def imap(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, int, int]]:
         if self.pool is None:
@@ -377,11 +391,11 @@ class _EncodingPool:
         pending: deque = deque()
         window = self.workers * self.IN_FLIGHT_PER_WORKER
         for batch in batches:
-            pending.append(self.pool.apply_async(_encode_in_worker, (batch,)))
+            pending.append(self.pool.submit(_encode_in_worker, batch))
             if len(pending) >= window:
-                yield pending.popleft().get()
+                yield self._result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield self._result(pending.popleft())
 
     def shard_bytes(self, shards: list[tuple[Path, int]], chunk: int = 1 << 22) -> int:
         """UTF-8 bytes the tokens of these (file, tokens) shards stand for, EOS counting zero."""
@@ -389,12 +403,12 @@ class _EncodingPool:
         if self.pool is None:
             return sum(_shard_bytes(self.encoder.tok, path, self.encoder.dtype, offset, count)
                        for path, offset, count in parts)
-        return sum(self.pool.starmap(_count_bytes_in_worker, parts))
+        return sum(self._result(f) for f in [self.pool.submit(_count_bytes_in_worker, *p) for p in parts])
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()  # any batch still in flight (a budget reached, an error) is not needed
-            self.pool.join()
+            # Batches still queued (a budget reached, an error) are dropped; running ones take < 1 s.
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
     def __enter__(self) -> "_EncodingPool":

@@ -100,6 +100,38 @@ def test_documents_are_tokenized_in_worker_processes(tmp_path, workers):
         assert str(os.getpid()) not in pids and 1 <= len(set(pids)) <= 2
 
 
+def test_a_worker_that_dies_ends_the_run_with_one_line_not_a_hang(tmp_path):
+    docs = _documents(1500)
+    docs[1000] = "KILL " + docs[1000]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    script = textwrap.dedent(f"""
+        import os, signal
+        from simplegpt.data import prepare_corpus
+        from simplegpt.errors import SimpleGPTError
+        from simplegpt.tokenizer import Tokenizer
+
+        class Killing(Tokenizer):  # bytes as tokens; a worker process that meets KILL is killed
+            kind, vocab_size, eos_id = "killing", 257, 256
+            parent = os.getpid()
+
+            def encode(self, text):
+                if text.startswith("KILL") and os.getpid() != self.parent:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return list(text.encode())
+
+        try:
+            prepare_corpus({str(tmp_path / "rows.jsonl")!r}, {str(tmp_path / "ds")!r}, Killing(), workers=2,
+                           progress=False)
+        except SimpleGPTError as e:
+            print("error:", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ("error: a tokenizing worker process died (killed, or out of memory?); "
+                                   "run again, with fewer workers if memory is short")
+    assert not (tmp_path / "ds").exists()
+
+
 def test_hf_dataset_streams_through_load_dataset_with_a_budget(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets", reason='the "datasets" extra reads hf: sources')
     pa = pytest.importorskip("pyarrow")
