@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -609,8 +610,9 @@ def prepare_corpus(
         first = next(documents, None)  # opens the source: a source that cannot be read fails before the bar
         documents = itertools.chain([first], documents) if first is not None else iter(())
         try:
+            # Off a terminal (a log file, a pipe) the bar is redrawn every 10 s instead of 10 times a second.
             with tqdm(desc=f"tokenizing {corpus.name}", total=max_tokens, unit="tok", unit_scale=True,
-                      disable=not progress) as bar:
+                      disable=not progress, mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
                 for tokens, docs, size in pool.imap(_batched(documents)):
                     if writer.tokens + len(tokens) >= budget:  # the budget ends inside this batch
                         tokens = tokens[:int(budget) - writer.tokens]
