@@ -5,6 +5,9 @@ A checkpoint is a directory:
     config.json         {"format": "simplegpt", "version": 1, "model": GPTConfig fields, ...metadata,
                          "sha256": {file name: hex digest} of every other file}
     tokenizer/          the tokenizer (tokenizer.json)
+    dcp/                instead of model.safetensors in a sharded (FSDP2) checkpoint: the weights and
+                        optimizer state as torch.distributed.checkpoint wrote them, one file per rank
+                        (simplegpt.training.fsdp; `simplegpt consolidate` makes a plain checkpoint of it)
     train_state.pt      optional: optimizer, scheduler, RNG and sampler state for exact resume,
                         tensors and plain Python values only (numpy arrays are stored as tensors)
 
@@ -25,7 +28,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,6 +45,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 TRAIN_STATE_FILE = "train_state.pt"
+SHARDED_METADATA = "dcp/.metadata"  # a sharded (FSDP2) checkpoint's weights: torch.distributed.checkpoint
 TIED_KEY = "lm_head.weight"
 CHECKSUMS = "sha256"  # the config.json key of the files' digests
 NOT_METADATA = ("format", "version", "model", CHECKSUMS)
@@ -80,15 +84,23 @@ def save_checkpoint(
     tokenizer: Tokenizer | None = None,
     metadata: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
+    write_weights: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically and durably (simplegpt.atomic) and return its path.
     Files get the permissions the umask gives ordinary files; config.json, written last, records
     their sha256. Raises OSError from the file system, naming the file (ENOSPC for a full disk);
-    the previous checkpoint is then untouched."""
+    the previous checkpoint is then untouched.
+
+    write_weights, when given, writes the weights into the temporary directory instead of
+    model.safetensors (a sharded model's dcp/, simplegpt.training.fsdp.save_sharded); the files it
+    writes are digested in config.json like the others. `model` then only gives the config."""
     path = Path(path)
     try:
         with atomic.atomic_dir(path) as tmp:
-            _write_weights(model_state_dict(model), tmp / WEIGHTS_FILE)
+            if write_weights is not None:
+                write_weights(tmp)
+            else:
+                _write_weights(model_state_dict(model), tmp / WEIGHTS_FILE)
             if tokenizer is not None:
                 tokenizer.save(tmp / TOKENIZER_DIR)
             if train_state is not None:
@@ -178,8 +190,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _verify(path: Path, doc: dict[str, Any], names: list[str]) -> None:
-    """Check the named files against the digests config.json recorded (none before they were recorded)."""
+def verify_files(path: Path, doc: dict[str, Any], names: list[str]) -> None:
+    """Check the named files of the checkpoint directory `path` against the digests its config.json
+    (`doc`) recorded; files recorded without a digest (older checkpoints) pass. Raises CheckpointError
+    naming a file that is missing or differs."""
     sums = doc.get(CHECKSUMS, {})
     for name in names:
         if name not in sums:
@@ -232,9 +246,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE} holds an invalid model config: {e}") from None
     weights = folder / WEIGHTS_FILE
+    if not weights.is_file() and (folder / SHARDED_METADATA).is_file():
+        raise CheckpointError(f"{path} is a sharded (FSDP2) checkpoint; consolidate it first: "
+                              f"simplegpt consolidate {path}")
     if not weights.is_file():
         raise CheckpointError(f"{folder} is incomplete: {WEIGHTS_FILE} is missing")
-    _verify(folder, doc, [name for name in doc.get(CHECKSUMS, {}) if name != TRAIN_STATE_FILE])
+    verify_files(folder, doc, [name for name in doc.get(CHECKSUMS, {}) if name != TRAIN_STATE_FILE])
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -263,7 +280,7 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     f = folder / TRAIN_STATE_FILE
     if not f.is_file():
         raise CheckpointError(f"{path} has no {TRAIN_STATE_FILE}: it cannot be resumed exactly")
-    _verify(folder, _read_config(folder), [TRAIN_STATE_FILE])
+    verify_files(folder, _read_config(folder), [TRAIN_STATE_FILE])
     try:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             state = torch.load(f, map_location="cpu", weights_only=True)

@@ -106,6 +106,9 @@ def test_resume_one_process_from_two(runs):
 def test_consolidate_gives_a_checkpoint_the_loader_reads(runs, tmp_path):
     src = runs["tmp"] / "sharded"
     assert fsdp.is_sharded_checkpoint(src) and not fsdp.is_sharded_checkpoint(runs["tmp"])
+    with pytest.raises(CheckpointError, match=f"sharded .FSDP2. checkpoint; consolidate it first: simplegpt "
+                                              f"consolidate {src}$"):
+        ckpt.load_checkpoint(src)  # what generate, serve, eval and export-hf say of it
     dst = fsdp.consolidate(src, tmp_path / "plain")
     assert not fsdp.is_sharded_checkpoint(dst)
     loaded = ckpt.load_checkpoint(dst)

@@ -258,7 +258,7 @@ def _verify_shards(folder: Path, doc: dict[str, Any] | None = None) -> None:
             return
         doc = ckpt.read_checkpoint_config(folder)
     names = [n for n in doc.get(ckpt.CHECKSUMS, {}) if n.startswith((f"{DCP_DIR}/", f"{ckpt.TOKENIZER_DIR}/"))]
-    ckpt._verify(folder, doc, names)
+    ckpt.verify_files(folder, doc, names)
 
 
 def _dcp_load(state: dict[str, Any], folder: Path, no_dist: bool) -> None:
