@@ -19,6 +19,7 @@ import pytest
 from simplegpt.checkpoint import read_checkpoint_config
 from simplegpt.config import load_config
 from simplegpt.train import train
+from simplegpt.training.lock import lock_run_folder
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo and signals as on Linux")
 
@@ -129,8 +130,10 @@ def test_sigterm_stops_every_rank_at_one_step_and_resumes_in_one_process(work):
     _wait_step(run, proc, 25)
     proc.send_signal(signal.SIGTERM)
     out = _finish(proc, timeout=60)
-    assert out.count("stopped at step") == 1, out[-3000:]  # rank 0 alone says it, and it saved once
-    assert "ERROR" not in out.split("stopped at step")[0], out[-3000:]
+    # torchrun itself exits 1 after a signal (it re-raises it); its workers stop cleanly: rank 0 says so
+    # once and prints the run's summary (train() returned), and no rank reports an error
+    assert out.count("stopped at step") == 1 and "steps: " in out, out[-3000:]
+    assert "lost the other processes" not in out and "this is a bug" not in out, out[-3000:]
     stopped = int(read_checkpoint_config(run / "last")["step"])
     assert 25 <= stopped < 400
     steps = [r["step"] for r in _records(run) if r["kind"] == "train"]
@@ -171,7 +174,7 @@ def test_resume_one_process_checkpoint_on_two_simulated_nodes(work):
 def test_restarted_workers_resume_and_finish_the_run(work):
     """--max-restarts 1 --resume auto: rank 1 killed after the first checkpoint; the restarted ranks
     go on from it and the run ends with every step once, each equal to one process's."""
-    settings = _settings(work, "restart", max_iters=60, n_embd=64, block_size=64, batch_size=8)
+    settings = _settings(work, "restart", max_iters=40, n_embd=64, block_size=64, batch_size=8)
     run = work / "restart"
     proc = _torchrun(work, settings, "--resume", "auto", launcher=("--standalone", "--max-restarts", "1"))
     _wait_step(run, proc, 14)
@@ -181,9 +184,9 @@ def test_restarted_workers_resume_and_finish_the_run(work):
     assert "resuming" in out and "at step" in out, out[-3000:]
     assert "this is a bug" not in out, out[-3000:]
     reference = _reference(work, settings, "restart_ref")
-    assert [r["step"] for r in _records(run) if r["kind"] == "train"] == list(range(1, 61))
-    _same(_losses(run), dict(enumerate(reference.losses, start=1)), range(1, 61))
-    _same(_val(run), {60: reference.val_loss}, [60])
+    assert [r["step"] for r in _records(run) if r["kind"] == "train"] == list(range(1, 41))
+    _same(_losses(run), dict(enumerate(reference.losses, start=1)), range(1, 41))
+    _same(_val(run), {40: reference.val_loss}, [40])
 
 
 def test_a_dead_rank_ends_the_run_within_the_timeout(work):
@@ -209,3 +212,17 @@ def test_accumulation_not_divisible_by_the_world_size_is_one_line(work):
     # torchrun prints its own traceback (ChildFailedError) for failed workers; the workers print none
     assert not [ln for ln in out.splitlines() if ln.strip().startswith("File ") and "simplegpt" in ln], out[-3000:]
     assert not (work / "bad").exists(), "nothing is written for a run that cannot start"
+
+
+def test_a_run_folder_in_use_stops_every_rank_with_rank_0s_line(work):
+    """Rank 0 alone takes the run folder's lock: when another trainer holds it, rank 0 says so once and
+    the other ranks leave with it instead of waiting for rank 0 in a collective."""
+    settings = _settings(work, "busy")
+    with lock_run_folder(work / "busy"):
+        t0 = time.time()
+        proc = _torchrun(work, settings)
+        out = _finish(proc, timeout=60)
+    assert proc.returncode != 0
+    assert len([ln for ln in out.splitlines() if "is in use by another simplegpt train process" in ln]) == 1, out
+    assert "could not start" not in out  # the other rank is quiet: rank 0's line is the one
+    assert time.time() - t0 < settings["dist_timeout"]

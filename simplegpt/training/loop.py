@@ -38,7 +38,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..accel import cpu
 from ..console import survives_closed_output
-from ..config import TrainConfig, read_toml
+from ..config import TrainConfig
 from ..data import load_dataset_tokenizer
 from ..devices import resolve_device
 from ..errors import ConfigError
@@ -50,7 +50,7 @@ from .cpu_memory import keep_freed_memory
 from .dataset import make_samplers, prepare_data
 from .hardware import auto_threads, core_shards, mfu_peak, resolve_dtype
 from .optimizer import lr_at, make_optimizer
-from .run_dir import BEST, CONFIG_FILE, LAST
+from .run_dir import BEST, LAST
 from .start import init_model, load_resume, rng_state, seed_everything, set_rng_state
 
 
@@ -79,10 +79,13 @@ class TrainResult:
 
 
 class _StopSignals:
-    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one interrupts."""
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one interrupts, unless
+    `keep` (under torchrun: Ctrl-C reaches a worker twice, from the terminal and forwarded by torchrun,
+    and the ranks must still save together; torchrun's SIGKILL after its shutdown timeout is the hard stop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self.received: str | None = None
+        self.keep = keep
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopSignals":
@@ -92,7 +95,9 @@ class _StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
+        if self.keep:
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)  # a second signal acts at once
 
@@ -146,11 +151,7 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: i
 
 def _finished_run(out: Path, cfg: TrainConfig) -> Path | None:
     """out's last/ when out holds this very run (the same config) and it has done its max_iters."""
-    try:
-        same = (out / CONFIG_FILE).is_file() and read_toml(out / CONFIG_FILE) == cfg.to_dict()
-    except ConfigError:
-        return None
-    step = run_dir.checkpoint_step(out / LAST) if same else None
+    step = run_dir.checkpoint_step(out / LAST) if run_dir.holds_config(out, cfg) else None
     return out / LAST if step is not None and step >= cfg.max_iters else None
 
 
@@ -477,7 +478,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
     t_line = t_last - LINE_EVERY_S
     timed, timed_s = -1, 0.0  # steps timed for the estimate (the first warms up), and their seconds
     try:
-        with _StopSignals() as signals, keep_freed_memory(device.type == "cpu"):
+        with _StopSignals(keep=d is not None) as signals, keep_freed_memory(device.type == "cpu"):
             while step < cfg.max_iters:
                 t_step = time.perf_counter()
                 lr = lr_at(step, cfg)

@@ -86,12 +86,16 @@ def _other_files(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
 
 
-def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+def holds_config(out: Path, cfg: TrainConfig) -> bool:
+    """Whether out's config.toml is cfg (keys a file written before they existed read as their defaults)."""
     try:
-        same = read_toml(out / CONFIG_FILE) == cfg.to_dict()
+        return (out / CONFIG_FILE).is_file() and TrainConfig(**read_toml(out / CONFIG_FILE)).to_dict() == cfg.to_dict()
     except ConfigError:
-        same = False
-    if not same:
+        return False
+
+
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    if not holds_config(out, cfg):
         raise ConfigError(f"out_dir {out} already holds a different run; pass --overwrite to replace it, "
                           f"--resume {out / LAST} to continue it, or choose another out_dir")
     step = checkpoint_step(out / LAST)
