@@ -304,12 +304,6 @@ def _encoder_from_spec(spec: dict, dtype: str) -> _Encoder:
     return _Encoder(tokenizer_from_spec(spec), np.dtype(dtype))
 
 
-def _encode_batch(tokenizer: Tokenizer, docs: list[str]) -> list[np.ndarray]:
-    """Each document's tokens (no EOS), in order."""
-    enc = _Encoder(tokenizer, token_dtype(tokenizer.vocab_size))
-    return [enc.encode(_utf8(doc)[0]) for doc in docs]
-
-
 def _batched(docs: Iterable[str], n: int = ENCODE_BATCH_DOCS, chars: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
     """Consecutive documents in lists of at most n documents or about `chars` characters."""
     batch: list[str] = []
@@ -480,14 +474,6 @@ class _ShardWriter:
             self._file = None
 
 
-def _write_shards(stream: np.ndarray, out: Path, prefix: str, shard_tokens: int) -> list[dict]:
-    """Write a token array as shards PREFIX_000000.bin, ...; at least one (empty) shard."""
-    writer = _ShardWriter(out, prefix, shard_tokens)
-    writer.write(stream)
-    writer.close()
-    return writer.shards or [_empty_shard(out, prefix)]
-
-
 def _empty_shard(out: Path, prefix: str) -> dict:
     name = f"{prefix}_000000.bin"
     (out / name).touch()
@@ -631,7 +617,7 @@ def prepare_corpus(
             raise DataError(f"corpus {corpus.name!r} is empty: it holds no text to train on")
         # The validation split: the last val_tokens (else val_fraction, at least 2) tokens of the stream.
         n_val = val_tokens if val_tokens is not None else max(2, int(total * val_fraction))
-        if n_val >= total:
+        if val_tokens is not None and n_val >= total:
             raise DataError(f"val_tokens ({n_val:,}) must be smaller than the corpus's {total:,} tokens")
         cut = total - n_val
         train_shards, val_shards = _split_tail(tmp, writer.shards, cut, dtype)
