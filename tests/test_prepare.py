@@ -287,3 +287,22 @@ def test_counts_parse_with_suffixes():
             parse_count(bad)
     with pytest.raises(DataError, match="max_tokens must be at least 2"):
         prepare_corpus("shakespeare", "unused", max_tokens=0, progress=False)
+
+
+@pytest.mark.parametrize("val_tokens,train_sizes,val_sizes", [
+    (300, [100] * 7, [100] * 3),              # the cut on a shard boundary: whole shards renamed
+    (250, [100] * 7 + [50], [50, 100, 100]),  # the cut inside a shard: its tail copied, the shard truncated
+    (30, [100] * 9 + [70], [30]),
+])
+def test_the_validation_tail_is_moved_out_of_the_train_shards(tmp_path, val_tokens, train_sizes, val_sizes):
+    (tmp_path / "a.txt").write_text("0123456789" * 99 + "012345678")  # 999 bytes + EOS = 1000 tokens
+    meta = prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "byte", shard_tokens=100, val_tokens=val_tokens,
+                          workers=1, progress=False)
+    assert [s["tokens"] for s in meta["shards"]["train"]] == train_sizes
+    assert [s["tokens"] for s in meta["shards"]["val"]] == val_sizes
+    assert sorted(p.name for p in (tmp_path / "ds").glob("*.bin")) == sorted(
+        s["file"] for split in meta["shards"].values() for s in split)
+    expected = np.array([*("0123456789" * 99 + "012345678").encode(), 256])
+    assert np.array_equal(_stream(tmp_path / "ds"), expected)
+    val = np.concatenate([np.asarray(a) for a in TokenShards(tmp_path / "ds", "val").arrays])
+    assert np.array_equal(val, expected[-val_tokens:]) and meta["val_bytes"] == val_tokens - 1
