@@ -41,17 +41,17 @@ from ..console import survives_closed_output
 from ..config import TrainConfig
 from ..data import load_dataset_tokenizer
 from ..devices import resolve_device
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from . import TrainingError, distributed, hardware, run_dir
+from . import TrainingError, distributed, fsdp, hardware, run_dir
 from .core_shards import CoreShards
 from .cpu_memory import keep_freed_memory
 from .dataset import make_samplers, prepare_data
 from .hardware import auto_threads, core_shards, mfu_peak, resolve_dtype
 from .optimizer import lr_at, make_optimizer
 from .run_dir import BEST, LAST
-from .start import init_model, load_resume, rng_state, seed_everything, set_rng_state
+from .start import check_resume_compatible, init_model, load_resume, rng_state, seed_everything, set_rng_state
 
 
 # The estimate of the time left comes after this many timed steps, or this many seconds of them.
@@ -123,16 +123,21 @@ def evaluate(model: nn.Module, make_sampler: Callable[[], Any], iters: int, devi
 
 @torch.no_grad()
 def _eval_sum(model: nn.Module, make_sampler: Callable[[], Any], iters: int, device: torch.device, autocast: Any,
-              rank: int = 0, world: int = 1) -> float:
+              rank: int = 0, world: int = 1, same_count: bool = False) -> float:
     """The sum of the val losses of batches rank, rank + world, ... of the `iters` batches of the (always
-    identical) validation sequence; summed over the ranks it is the single process's sum."""
+    identical) validation sequence; summed over the ranks it is the single process's sum. same_count:
+    every rank runs as many forward passes (a sharded model's forward is a collective), the ranks
+    short of one run their last batch again, uncounted."""
     model.eval()
     sampler = make_sampler()
-    total = 0.0
+    total, mine = 0.0, None
     for i in range(iters):
         batch = sampler.next_batch()
         if i % world == rank:
+            mine = batch
             total += float(_forward(model, batch, device, autocast))
+    if same_count and iters % world and rank >= iters % world:
+        _forward(model, mine if mine is not None else batch, device, autocast)
     model.train()
     return total
 
@@ -293,16 +298,22 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                 raise ConfigError("cpu_shards > 1 cannot run under torchrun: the ranks already split each step, "
                                   "and CoreShards adds its replicas' gradients outside autograd, where DDP's "
                                   "all-reduce never sees them; leave cpu_shards at 0")
-            if cfg.parallel == "fsdp":
-                raise ConfigError("parallel = 'fsdp' is not available in this version; use parallel = 'ddp'")
+            if cfg.parallel == "fsdp" and (why := fsdp.fsdp_unavailable(device)) is not None:
+                raise ConfigError(f"parallel = 'fsdp' cannot run here: {why}; use parallel = 'ddp'")
         # CoreShards under DDP: its replicas' gradients are added to the model's .grad by hand, after
         # autograd, so DDP's hooks would all-reduce only the first replica's share: off (1 way).
         n_shards = core_shards(cfg, device, dtype, threads) if d is None else 1
         seed_everything(cfg.seed)
-        run_cfg, state, finished = cfg, None, None
+        run_cfg, state, finished, path = cfg, None, None, None
         if resume is not None:
             path = run_dir.checkpoint_dir(resume)
-            model, tokenizer, state = load_resume(path, cfg, device)
+            if sharded and fsdp.is_sharded_checkpoint(path):
+                model, tokenizer, state = _load_sharded_resume(path, cfg, device)  # weights: after sharding
+            elif sharded:
+                raise ConfigError(f"{path} is a single-process (DDP) checkpoint: resume it with parallel = 'ddp'; "
+                                  "parallel = 'fsdp' resumes sharded checkpoints (any number of processes)")
+            else:
+                model, tokenizer, state = load_resume(path, cfg, device)
             out = path.parent
             run_cfg = cfg.replace(out_dir=str(out))
             note = f"resuming {path} at step {state['step']}"
@@ -326,10 +337,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
             except BaseException:
                 run_dir.give_up(lock, created_out)
                 raise
-        return dtype, n_shards, run_cfg, state, finished, model, tokenizer, note, out, lock, created_out, data
+        return dtype, n_shards, run_cfg, state, finished, model, tokenizer, note, out, lock, created_out, data, path
 
+    sharded = d is not None and cfg.parallel == "fsdp"  # FSDP2: parameters, gradients, optimizer state split
     (dtype, n_shards, cfg, state, finished, model, tokenizer, note, out, lock, created_out,
-     data) = distributed.agree(d, start)
+     data, resume_path) = distributed.agree(d, start)
     if d is not None and len(set(distributed.gather_objects(d, finished is None))) > 1:
         lock.release()
         raise TrainingError(f"the ranks see different run folders at {out}: the run folder, data and checkpoints "
@@ -345,6 +357,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                 tokenizer = load_dataset_tokenizer(data_dir)
             _check_sample_prompt(cfg, tokenizer)
             if model is None:
+                if sharded:
+                    torch.manual_seed(cfg.seed)  # every rank the same weights: fully_shard keeps each rank's own
                 model = GPT(dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"])).to(device)
             if main:
                 run_dir.check_disk_space(out, model.num_parameters())
@@ -361,10 +375,23 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
             run_dir.give_up(lock, created_out)
         raise
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    optimizer = make_optimizer(model, cfg, device, scaler)
+    if sharded:
+        # fully_shard per block, then the root; PyTorch's AdamW (the CPU kernels' one takes no DTensors)
+        fsdp.shard_model(model, mp_policy=dtype if dtype != torch.float32 else None)
+        optimizer = make_optimizer(model, cfg.replace(fused=cfg.fused and device.type != "cpu"), device, scaler)
+    else:
+        optimizer = make_optimizer(model, cfg, device, scaler)
     step, tokens_seen, best_val, elapsed_before = 0, 0, math.inf, 0.0
+    if state is not None and sharded:
+        try:  # collective: each rank reads its part, whatever world size saved it
+            fsdp.load_sharded(resume_path, model, optimizer)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise distributed.lost_peer(d, e) from None
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if not sharded:
+            optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         train_sampler.load_state_dict(state["sampler"])  # the global sampler: the same on every rank
         step, tokens_seen = state["step"], state["tokens_seen"]
@@ -385,10 +412,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
         metrics = _NoMetrics()
 
     # The module the steps run: compiled, or with the CPU training kernels on modules sharing the parameters.
-    step_model = torch.compile(model) if cfg.compile else cpu.for_training(model)
+    step_model = torch.compile(model) if cfg.compile else model if sharded else cpu.for_training(model)
     step_model.train()  # before CoreShards copies it
     ddp = runner = None
-    if d is not None:
+    if sharded:
+        runner = _LossOf(step_model)  # FSDP2's hooks in the sharded model's modules do the collectives
+    elif d is not None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # DDP over the kernels' view: the same Parameter objects, and their gradients pass through autograd's
@@ -412,7 +441,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
     if note:
         log(note)
     shards = CoreShards(step_model, n_shards) if n_shards > 1 else None
-    procs = (f"; {world} processes (DDP over {d.backend}, {cfg.grad_accum_steps // world} of the "
+    procs = (f"; {world} processes ({'FSDP2' if sharded else 'DDP'} over {d.backend}, "
+             f"{cfg.grad_accum_steps // world} of the "
              f"{cfg.grad_accum_steps} micro-batches of a step each)" if d else "")
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
         f"block {cfg.block_size}; data: {data_dir} ({meta['tokens']['train']:,} train tokens); device: {device}, "
@@ -422,23 +452,39 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
     log(f"MFU (model FLOPs utilization) is against {peak_basis}{f' x {world} processes' if d else ''}")
     if (warning := _repeat_warning(cfg, step, tokens_per_step, meta["tokens"]["train"])) is not None:
         log(warning)
+    if sharded and cfg.sample_tokens:
+        log("samples: not drawn under FSDP2 (a forward pass of the sharded model needs every rank); "
+            "consolidate a checkpoint and use simplegpt generate")
 
     def save(name: str, val_loss: float | None, with_state: bool) -> Path | None:
         """Rank 0 writes the checkpoint; a collective when with_state (every rank's RNG state is in it)."""
         rngs = distributed.gather_objects(d, rng_state()) if d is not None and with_state else None
+        opt = optimizer if with_state else None
         if not main:
+            if sharded:  # into rank 0's temporary directory, before its atomic swap
+                fsdp.save_sharded(distributed.broadcast_object(d, None), model, opt)
             return None
+
+        def write_sharded(tmp: Path) -> None:
+            distributed.broadcast_object(d, tmp)
+            fsdp.save_sharded(tmp, model, opt)
+
         metadata = {"train_config": cfg.to_dict(), "step": step, "tokens_seen": tokens_seen,
                     "metrics": {"val_loss": val_loss, "val_bpb": bpb(val_loss), "best_val_loss": best_val},
                     "dataset": dataset_info}
         train_state = None
         if with_state:
-            train_state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-                           "scaler": scaler.state_dict(), "sampler": train_sampler.state_dict(), "rng": rng_state(),
+            train_state = {"step": step, "tokens_seen": tokens_seen, "scaler": scaler.state_dict(),
+                           "sampler": train_sampler.state_dict(), "rng": rng_state(),
                            "best_val_loss": best_val, "elapsed_s": elapsed_before + time.perf_counter() - t_start}
+            # a sharded run's optimizer state is in dcp/, each rank's part (the field is kept, empty, for
+            # the readers that check a train state's fields)
+            train_state["optimizer"] = ({"state": {}, "param_groups": [], "in": fsdp.DCP_DIR} if sharded
+                                        else optimizer.state_dict())
             if rngs is not None:
                 train_state["rng_ranks"] = rngs
-        return ckpt.save_checkpoint(out / name, model, tokenizer, metadata=metadata, train_state=train_state)
+        return ckpt.save_checkpoint(out / name, model, tokenizer, metadata=metadata, train_state=train_state,
+                                    write_weights=write_sharded if sharded else None)
 
     def bpb(loss: float | None) -> float | None:
         return None if loss is None else loss / (math.log(2) * bytes_per_token)
@@ -452,11 +498,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                 torch.set_num_threads(1)  # one core per share of the batch
                 loss_sum += shards.forward_backward(batch, 1 / cfg.grad_accum_steps)
                 continue
-            if ddp is not None:
+            if runner is not None:
                 if i % world != rank:
                     continue  # another rank's micro-batch
                 # Only the rank's last micro-batch of the step all-reduces the gradients.
-                with contextlib.nullcontext() if i + world >= cfg.grad_accum_steps else ddp.no_sync():
+                last = i + world >= cfg.grad_accum_steps
+                if sharded:
+                    model.set_requires_gradient_sync(last)  # FSDP2's no_sync
+                with contextlib.nullcontext() if last or sharded else ddp.no_sync():
                     x, y, *mask = (t.to(device, non_blocking=True) for t in batch)
                     with autocast:
                         loss = runner(x, y, mask[0] if mask else None)
@@ -537,7 +586,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                     torch.set_num_threads(threads)
                     # Evaluation and sampling use their own RNG, so they never change the training stream.
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                        val_sum = _eval_sum(step_model, val_sampler, cfg.eval_iters, device, autocast, rank, world)
+                        val_sum = _eval_sum(step_model, val_sampler, cfg.eval_iters, device, autocast, rank, world,
+                                            same_count=sharded)
                     if d is not None:  # each rank evaluated its share of the same eval_iters batches
                         [val_sum] = distributed.all_reduce_sum(d, [val_sum], device)
                     val_loss = val_sum / cfg.eval_iters
@@ -554,7 +604,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                         best_val = val_loss
                         save(BEST, val_loss, with_state=False)
                     save(LAST, val_loss, with_state=True)
-                    if cfg.sample_tokens and main:
+                    if cfg.sample_tokens and main and not sharded:
                         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                             sample = sample_text(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device,
                                                  cfg.seed)
@@ -609,3 +659,19 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     """The torch seed of rank > 0's own random stream (dropout), from the run's seed, the rank and the
     step it starts at."""
     return (seed * 1_000_003 + rank * 7919 + step) % 2**63
+
+
+def _load_sharded_resume(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """For a sharded (FSDP2) checkpoint: a model of its config (its weights come with fsdp.load_sharded
+    once it is sharded), its tokenizer and train state. ConfigError / CheckpointError as load_resume."""
+    from ..model import GPTConfig
+    from ..tokenizer import load_tokenizer
+
+    doc = ckpt.read_checkpoint_config(path)
+    check_resume_compatible(doc.get("train_config", {}), cfg, path)
+    try:
+        tokenizer = load_tokenizer(path / ckpt.TOKENIZER_DIR)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} has no readable tokenizer ({e}); it cannot be resumed") from None
+    return GPT(GPTConfig.from_dict(doc["model"])).to(device), tokenizer, ckpt.load_train_state(path)
+
