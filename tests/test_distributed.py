@@ -226,3 +226,21 @@ def test_a_run_folder_in_use_stops_every_rank_with_rank_0s_line(work):
     assert len([ln for ln in out.splitlines() if "is in use by another simplegpt train process" in ln]) == 1, out
     assert "could not start" not in out  # the other rank is quiet: rank 0's line is the one
     assert time.time() - t0 < settings["dist_timeout"]
+
+
+def test_fsdp_shards_train_like_one_process_and_resume_on_other_world_sizes(work):
+    """parallel = 'fsdp' (FSDP2 on gloo): 2 ranks to step 7, resumed by 1 to step 14, then by 2 to step 20;
+    every step's loss and the val losses equal one process's (PyTorch's AdamW on both sides: fused false)."""
+    settings = _settings(work, "fsdp", grad_accum_steps=2, eval_interval=7, fused=False, parallel="fsdp")
+    reference = _reference(work, {**settings, "parallel": "ddp"}, "fsdp_ref")
+    run = work / "fsdp"
+    for nproc, stop, resume in ((2, 7, ()), (1, 14, ("--resume", str(run / "last"))), (2, None, ("--resume", "auto"))):
+        proc = _torchrun(work, settings, *resume, *(("--stop-at", str(stop)) if stop else ()), nproc=nproc)
+        out = _finish(proc)
+        assert proc.returncode == 0, out[-3000:]
+        assert f"{nproc} processes (FSDP2 over gloo" in out
+        assert len(list((run / "last" / "dcp").glob("*.distcp"))) == nproc  # each rank wrote its shard
+    _same(_losses(run), dict(enumerate(reference.losses, start=1)), range(1, 21))
+    _same(_val(run), {7: _val(work / "fsdp_ref")[7], 14: _val(work / "fsdp_ref")[14], 20: reference.val_loss},
+          [7, 14, 20])
+    assert [r["step"] for r in _records(run) if r["kind"] == "train"] == list(range(1, 21))
