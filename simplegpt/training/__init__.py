@@ -9,6 +9,8 @@
     hardware     dtype, CPU threads, batch splitting over cores, peak FLOP/s for MFU
     core_shards  CoreShards: a batch split over CPU cores, one replica of the model each
     cpu_memory   keep_freed_memory: glibc's malloc keeps a step's freed buffers for the next
+    distributed  under torchrun: the process group (gloo / NCCL), the global batch, rank roles, agreement
+    fsdp         FSDP2 sharding, sharded checkpoints (torch.distributed.checkpoint), consolidate
 """
 
 from ..errors import SimpleGPTError
