@@ -92,8 +92,8 @@ def normal(resp) -> tuple[float, bool | None]:
 
 def in_process(root: Path) -> dict:
     out = lm_eval.simple_evaluate(
-        model=simplegpt.lm_eval_adapter.MODEL_NAME, model_args=f"checkpoint={root / 'ck'}", tasks=list(TASKS), device="cpu",
-        batch_size=2, task_manager=TaskManager(include_path=str(root / "tasks"), include_defaults=False),
+        model=simplegpt.lm_eval_adapter.MODEL_NAME, model_args=f"checkpoint={root / 'ck'}", tasks=list(TASKS),
+        device="cpu", batch_size=2, task_manager=TaskManager(include_path=str(root / "tasks"), include_defaults=False),
         log_samples=True, bootstrap_iters=0)
     return scores(out["samples"])
 

@@ -126,6 +126,11 @@ def test_keys_are_required_on_the_api_only(server):
     with pytest.raises(openai.AuthenticationError):
         client(base, "wrong").completions.create(model="tiny", prompt="A", max_tokens=2)
     assert httpx.get(f"{base}/metrics").status_code == 401
+    for path in ("/tokenize", "/detokenize"):  # the tokenizer routes (lm_eval's client) are the API's too
+        body = {"prompt": "A"} if path == "/tokenize" else {"tokens": [65]}
+        assert httpx.post(f"{base}{path}", json=body).status_code == 401
+        assert httpx.post(f"{base}{path}", json=body, headers=auth()).status_code == 200
+    assert httpx.get(f"{base}/tokenizer_info").status_code == 401
     assert client(base).completions.create(model="tiny", prompt="A", max_tokens=2).usage.completion_tokens == 2
 
 

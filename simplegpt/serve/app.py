@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,14 +115,36 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         start = time.perf_counter()
         sub.on_first = lambda: metrics.ttft.observe(time.perf_counter() - start)
 
-    async def error_event(events: AsyncIterator) -> AsyncIterator:
-        """The events; a request past its time ends with an error event (the status is sent)."""
-        try:
-            async for event in events:
+    def streamed(sub: Submission, n: int, wants_usage: bool, head: dict[str, Any], opening: Iterable[str],
+                 piece_event: Callable[[int, str, int], str | None],
+                 final_event: Callable[[int, Result], str]) -> StreamingResponse:
+        """A streamed request's server-sent events, for completions and chat alike: `opening` first, then
+        piece_event(row, text piece, tokens so far) for each piece (None: nothing to send), at the end
+        final_event(row, Result) for each row, the usage chunk (stream_options.include_usage) and
+        [DONE]; a request past its time ends with an error event instead (its status was sent)."""
+
+        async def events() -> AsyncIterator[str]:
+            for event in opening:
                 yield event
-        except RequestTimeout:
-            e = timed_out()
-            yield error_body(e.message, e.status, code=e.code)
+            try:
+                async for event in sub.events():
+                    if isinstance(event, list):
+                        count(event, n)
+                        for i, r in enumerate(event):
+                            yield final_event(i, r)
+                        if wants_usage:
+                            yield sse({**head, "choices": [], "usage": usage(event, n)})
+                    else:
+                        out = piece_event(*event)
+                        if out is not None:
+                            yield out
+            except RequestTimeout:
+                e = timed_out()
+                yield sse(error_body(e.message, e.status, code=e.code))
+                return
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -242,28 +264,16 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
             return completion_logprobs(tokenizer, lps, offsets[i]([t.token_id for t in lps],
                                                                   shown[i] if last is not None else None))
 
-        async def events() -> AsyncIterator[str]:
-            if req.echo:
-                for i in range(len(rows)):
-                    lp = choice_logprobs(tokenizer, echoed(i), None, scored[i]) if scored else None
-                    yield sse({**head, "choices": [choice(i, echoed(i), None, lp)]})
-            async for event in error_event(sub.events()):
-                if isinstance(event, dict):
-                    yield sse(event)
-                    return
-                if isinstance(event, list):
-                    count(event, req.n)
-                    for i, r in enumerate(event):
-                        yield sse({**head, "choices": [choice(i, "", r.finish_reason,
-                                                              new_logprobs(i, len(r.token_ids), "", r))]})
-                    if req.wants_usage:
-                        yield sse({**head, "choices": [], "usage": usage(event, req.n)})
-                else:
-                    i, piece, upto = event
-                    yield sse({**head, "choices": [choice(i, piece, None, new_logprobs(i, upto, piece))]})
-            yield sse("[DONE]")
+        def echo_events() -> Iterator[str]:
+            for i in range(len(rows) if req.echo else 0):
+                lp = choice_logprobs(tokenizer, echoed(i), None, scored[i]) if scored else None
+                yield sse({**head, "choices": [choice(i, echoed(i), None, lp)]})
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return streamed(
+            sub, req.n, req.wants_usage, head, echo_events(),
+            lambda i, piece, upto: sse({**head, "choices": [choice(i, piece, None, new_logprobs(i, upto, piece))]}),
+            lambda i, r: sse({**head, "choices": [choice(i, "", r.finish_reason,
+                                                         new_logprobs(i, len(r.token_ids), "", r))]}))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -302,29 +312,16 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                 sent[i] = upto
             return sse({**chunk, "choices": [{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}]})
 
-        async def events() -> AsyncIterator[str]:
-            for i in range(len(rows)):
-                yield delta(i, {"role": "assistant", "content": ""})
-            started = [False] * len(rows)
-            async for event in error_event(sub.events()):
-                if isinstance(event, dict):
-                    yield sse(event)
-                    return
-                if isinstance(event, list):
-                    count(event, req.n)
-                    for i, r in enumerate(event):
-                        yield delta(i, {}, r.finish_reason, len(r.token_ids))
-                    if req.wants_usage:
-                        yield sse({**chunk, "choices": [], "usage": usage(event, req.n)})
-                else:
-                    i, piece, upto = event
-                    if not started[i]:  # the reply without the space after 'Assistant:', as non-streamed
-                        piece = piece.lstrip()
-                        started[i] = bool(piece)
-                    if piece:
-                        yield delta(i, {"content": piece}, upto=upto)
-            yield sse("[DONE]")
+        started = [False] * len(rows)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        def piece_event(i: int, piece: str, upto: int) -> str | None:
+            if not started[i]:  # the reply without the space after 'Assistant:', as non-streamed
+                piece = piece.lstrip()
+                started[i] = bool(piece)
+            return delta(i, {"content": piece}, upto=upto) if piece else None
+
+        return streamed(sub, req.n, req.wants_usage, chunk,
+                        (delta(i, {"role": "assistant", "content": ""}) for i in range(len(rows))), piece_event,
+                        lambda i, r: delta(i, {}, r.finish_reason, len(r.token_ids)))
 
     return app
