@@ -90,13 +90,17 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
     else:
         cfg = load_config(args.config, overrides)
-    from ..training.distributed import PeerError, launched
+    from ..errors import SimpleGPTError
+    from ..training.distributed import LostPeer, PeerError, launched
 
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
                        progress=not args.quiet)
-    except PeerError as e:
-        if e.quiet:  # another rank could not start and rank 0 says why, once
+    except SimpleGPTError as e:
+        # Under torchrun rank 0 says it once: an error every rank meets (a setting, a non-finite loss) or
+        # one rank 0 reports for another (PeerError). A rank that lost the others says so itself.
+        quiet = e.quiet if isinstance(e, PeerError) else os.environ.get("RANK", "0") != "0"
+        if quiet and not isinstance(e, LostPeer):
             return e.exit_code
         raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports the run

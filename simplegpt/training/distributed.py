@@ -167,10 +167,15 @@ def agree(d: Dist | None, fn: Callable[[], T]) -> T:
     raise PeerError(f"rank {r} could not start ({kind}: {message})", exit_code=code, quiet=not d.is_main)
 
 
-def lost_peer(d: Dist, e: BaseException) -> TrainingError:
+class LostPeer(TrainingError):
+    """A collective failed: another rank died, or did not answer within dist_timeout. Every surviving
+    rank says so (the dead one cannot)."""
+
+
+def lost_peer(d: Dist, e: BaseException) -> LostPeer:
     """The error of a collective that failed: a peer died, or did not answer within the timeout."""
     detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return TrainingError(f"rank {d.rank}: lost the other processes of the run (a rank died, or did not answer "
+    return LostPeer(f"rank {d.rank}: lost the other processes of the run (a rank died, or did not answer "
                          f"within dist_timeout {d.timeout_s} s): {detail[:300]}")
 
 

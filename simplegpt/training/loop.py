@@ -344,8 +344,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
      data, resume_path) = distributed.agree(d, start)
     if d is not None and len(set(distributed.gather_objects(d, finished is None))) > 1:
         lock.release()
-        raise TrainingError(f"the ranks see different run folders at {out}: the run folder, data and checkpoints "
-                            "must be on a filesystem that every node shares")
+        raise distributed.PeerError(f"the ranks see different run folders at {out}: the run folder, data and "
+                                    "checkpoints must be on a file system that every node shares", quiet=not main)
     if finished is not None:
         return finished
 
