@@ -109,6 +109,12 @@ def test_the_tokenizer_routes_follow_vllms_shapes(server, setup):
     assert back.json() == {"prompt": "a stage"}
     bad = httpx.post(f"{base}/detokenize", json={"tokens": [tok.vocab_size]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    # a character the vocabulary lacks is a 400 naming it, not a server error (here and in a completion)
+    for path, body in (("/tokenize", {"prompt": "the zebra"}),
+                       ("/v1/completions", {"model": "tiny", "prompt": "the zebra", "max_tokens": 1})):
+        bad = httpx.post(f"{base}{path}", json=body)
+        assert bad.status_code == 400 and "'z'" in bad.json()["error"]["message"], bad.text
+        assert bad.json()["error"]["param"] == "prompt"
 
 
 def test_lm_evals_local_completions_client_scores_like_the_in_process_adapter(server, setup, tmp_path):

@@ -20,7 +20,7 @@ from .chat import CHAT_STOP, DEFAULT_CHAT_MAX_TOKENS, chat_prompt
 from .errors import APIError, add_error_handlers, error_body
 from .guard import Guard
 from .metrics import Metrics
-from .params import Prompt, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
+from .params import Prompt, encode, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
 from .responses import Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card, sse, usage
 from .scheduler import RequestTimeout, Scheduler, Submission
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -187,7 +187,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         # /tokenize); a completion's text prompt stays plain text
         ids: list[int] = []
         for i, part in enumerate(req.prompt.split(EOS_TEXT)):
-            ids += ([tokenizer.eos_id] if i else []) + (list(tokenizer.encode(part)) if part else [])
+            ids += ([tokenizer.eos_id] if i else []) + (encode(tokenizer, part) if part else [])
         return {"tokens": ids, "count": len(ids), "max_model_len": window}
 
     @app.post("/detokenize")

@@ -34,11 +34,20 @@ def logprobs_count(k: int | None, most: int, param: str) -> int | None:
 MAX_STOP_CHARS = 256  # per stop string: held-back text and the matching cost grow with it
 
 
+def encode(tokenizer, text: str, param: str = "prompt") -> list[int]:
+    """text as token ids; a character the tokenizer has no token for (a character-level vocabulary) is a
+    400 naming it."""
+    try:
+        return list(tokenizer.encode(text))
+    except ValueError as e:
+        raise APIError(str(e), param=param) from None
+
+
 def prompt_tokens(tokenizer, prompt: Prompt, window: int, truncate: int | None) -> list[int]:
     """A prompt as token ids, checked against the model's context: longer than `window` tokens is
     a 400 that says the limit, unless truncate (the request's truncate_prompt_tokens) asks to keep
     its last tokens (at most window of them)."""
-    ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+    ids = encode(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     if truncate is not None:
         if truncate < 1:
             raise APIError(f"truncate_prompt_tokens must be a positive integer, got {truncate}",
