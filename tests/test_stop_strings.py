@@ -149,3 +149,19 @@ def test_matching_work_is_linear_in_the_text_and_the_stops_length():
     assert big < 1.5 * small
     # a bound on the whole: at most a few dozen steps per character and stop
     assert big < 40 * 4 * (4000 + MAX_STOP_CHARS)
+
+
+def test_the_server_bounds_each_stop_strings_length():
+    """The server takes stop strings up to MAX_STOP_CHARS characters, and refuses a longer one with a
+    400 that names `stop` and the limit (the matcher's work grows with a stop's length)."""
+    from simplegpt.serve.errors import APIError
+    from simplegpt.serve.params import sampling_params
+    from simplegpt.serve.schemas import CompletionRequest
+
+    def params(stop):
+        return sampling_params(CompletionRequest(model="m", prompt="A", stop=stop), 16, [], 4096)
+
+    assert params(["é" * MAX_STOP_CHARS] * 4).stop == ("é" * MAX_STOP_CHARS,) * 4
+    with pytest.raises(APIError) as e:
+        params(["x", "y" * (MAX_STOP_CHARS + 1)])
+    assert e.value.param == "stop" and str(MAX_STOP_CHARS) in e.value.message and e.value.status == 400
