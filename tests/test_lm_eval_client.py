@@ -110,11 +110,13 @@ def test_the_tokenizer_routes_follow_vllms_shapes(server, setup):
     bad = httpx.post(f"{base}/detokenize", json={"tokens": [tok.vocab_size]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     # a character the vocabulary lacks is a 400 naming it, not a server error (here and in a completion)
-    for path, body in (("/tokenize", {"prompt": "the zebra"}),
-                       ("/v1/completions", {"model": "tiny", "prompt": "the zebra", "max_tokens": 1})):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "zebra"}]}  # its template has a 'U'
+    for path, body, param in (("/tokenize", {"prompt": "the zebra"}, "prompt"),
+                              ("/v1/completions", {"model": "tiny", "prompt": "the zebra", "max_tokens": 1}, "prompt"),
+                              ("/v1/chat/completions", chat, "messages")):
         bad = httpx.post(f"{base}{path}", json=body)
-        assert bad.status_code == 400 and "'z'" in bad.json()["error"]["message"], bad.text
-        assert bad.json()["error"]["param"] == "prompt"
+        assert bad.status_code == 400 and "not in the character vocabulary" in bad.json()["error"]["message"], bad.text
+        assert bad.json()["error"]["param"] == param
 
 
 def test_lm_evals_local_completions_client_scores_like_the_in_process_adapter(server, setup, tmp_path):

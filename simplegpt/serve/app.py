@@ -91,8 +91,8 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                            f"{limits.max_rows}", param="n")
         return rows
 
-    def token_rows(rows: list[Prompt], truncate: int | None) -> list[list[int]]:
-        return [prompt_tokens(tokenizer, p, window, truncate) for p in rows]
+    def token_rows(rows: list[Prompt], truncate: int | None, param: str = "prompt") -> list[list[int]]:
+        return [prompt_tokens(tokenizer, p, window, truncate, param) for p in rows]
 
     def count(results: list[Result], n: int) -> None:
         u = usage(results, n)
@@ -289,7 +289,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         rows = check_rows([chat_prompt(req.messages)] * req.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
-        sub = scheduler.submit(token_rows(rows, req.truncate_prompt_tokens), params, req.stream)
+        sub = scheduler.submit(token_rows(rows, req.truncate_prompt_tokens, "messages"), params, req.stream)
         first_token_timer(sub)
         if not req.stream:
             results = await finished(sub, request)

@@ -43,11 +43,11 @@ def encode(tokenizer, text: str, param: str = "prompt") -> list[int]:
         raise APIError(str(e), param=param) from None
 
 
-def prompt_tokens(tokenizer, prompt: Prompt, window: int, truncate: int | None) -> list[int]:
+def prompt_tokens(tokenizer, prompt: Prompt, window: int, truncate: int | None, param: str = "prompt") -> list[int]:
     """A prompt as token ids, checked against the model's context: longer than `window` tokens is
     a 400 that says the limit, unless truncate (the request's truncate_prompt_tokens) asks to keep
     its last tokens (at most window of them)."""
-    ids = encode(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    ids = encode(tokenizer, prompt, param) if isinstance(prompt, str) else list(prompt)
     if truncate is not None:
         if truncate < 1:
             raise APIError(f"truncate_prompt_tokens must be a positive integer, got {truncate}",
