@@ -112,10 +112,16 @@ def setup(device: torch.device, timeout_s: int) -> Dist | None:
         timeout = datetime.timedelta(seconds=timeout_s)
         # torch's own env:// store, with the keys of each attempt apart: torchrun --max-restarts keeps one
         # store for every attempt, and the restarted ranks would otherwise read the dead ranks' addresses.
-        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"simplegpt/attempt_{attempt}", store)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+        try:
+            store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"simplegpt/attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+        except (RuntimeError, ValueError, dist.DistError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise LostPeer(f"rank {rank}: could not join the other {world - 1} processes of the run at {where} "
+                           f"within dist_timeout {timeout_s} s ({backend}): {detail[:300]}") from None
     else:
         rank, world = dist.get_rank(), dist.get_world_size()
     return Dist(rank, world, local_rank, local_world, backend, device, owns, timeout_s)

@@ -263,7 +263,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) the processes train one run together
     (simplegpt.training.distributed, docs/distributed.md): every rank calls train() with the same
-    arguments; rank 0 alone prints and writes the run folder, and every rank returns the result."""
+    arguments; rank 0 alone prints and writes the run folder, and every rank returns the result.
+    resume="auto": cfg.out_dir's last checkpoint when it has one, else a fresh start (for restarts)."""
+    if resume == "auto":
+        resume = Path(cfg.out_dir) / LAST if run_dir.checkpoint_step(Path(cfg.out_dir) / LAST) is not None else None
     device = resolve_device(cfg.device)
     configure = getattr(hardware, "configure_backends", None)
     if configure is not None:
@@ -332,6 +335,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
         if finished is None and main:
             created_out = not out.exists()
             lock = run_dir.check_out_dir(out, run_cfg, overwrite, resuming=state is not None)  # held to the end
+            taken.append((lock, created_out))
             try:
                 data = prepare_data(run_cfg, tokenizer, progress)  # before the other ranks read it
             except BaseException:
@@ -340,8 +344,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
         return dtype, n_shards, run_cfg, state, finished, model, tokenizer, note, out, lock, created_out, data, path
 
     sharded = d is not None and cfg.parallel == "fsdp"  # FSDP2: parameters, gradients, optimizer state split
-    (dtype, n_shards, cfg, state, finished, model, tokenizer, note, out, lock, created_out,
-     data, resume_path) = distributed.agree(d, start)
+    taken: list[tuple[Any, bool]] = []  # rank 0's lock, for a run another rank stops before it starts
+    try:
+        (dtype, n_shards, cfg, state, finished, model, tokenizer, note, out, lock, created_out,
+         data, resume_path) = distributed.agree(d, start)
+    except distributed.PeerError:
+        for held, created in taken:
+            run_dir.give_up(held, created)
+        raise
     if d is not None and len(set(distributed.gather_objects(d, finished is None))) > 1:
         lock.release()
         raise distributed.PeerError(f"the ranks see different run folders at {out}: the run folder, data and "
