@@ -86,13 +86,17 @@ def setup(device: torch.device, timeout_s: int) -> Dist | None:
     timeout_s: seconds any collective waits for the other ranks before it raises.
     Reuses a process group the caller already initialized. ConfigError for a launch environment
     that cannot work (a LOCAL_RANK this machine has no GPU for, a device type without a backend)."""
-    if not launched() and not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns and not launched():
         return None
     try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
+        if owns:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        else:
+            rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    except (KeyError, ValueError) as e:
+    except ValueError as e:
         raise ConfigError(f"the torchrun variables RANK/WORLD_SIZE/LOCAL_RANK are not integers ({e})") from None
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -106,7 +110,6 @@ def setup(device: torch.device, timeout_s: int) -> Dist | None:
     else:
         raise ConfigError(f"torchrun training runs on CUDA (NCCL) or on CPUs (gloo), not on {device.type}; "
                           "use --device cpu or cuda")
-    owns = not dist.is_initialized()
     if owns:
         kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -122,8 +125,6 @@ def setup(device: torch.device, timeout_s: int) -> Dist | None:
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             raise LostPeer(f"rank {rank}: could not join the other {world - 1} processes of the run at {where} "
                            f"within dist_timeout {timeout_s} s ({backend}): {detail[:300]}") from None
-    else:
-        rank, world = dist.get_rank(), dist.get_world_size()
     return Dist(rank, world, local_rank, local_world, backend, device, owns, timeout_s)
 
 
@@ -144,9 +145,10 @@ def threads_per_rank(local_world_size: int) -> int:
 
 def agree(d: Dist | None, fn: Callable[[], T]) -> T:
     """fn() on every rank, then an exchange (a collective) of who failed. When no rank failed, fn's
-    result. When this rank raised, its own exception; when only others did, PeerError (a SystemExit
-    with their exit code under the CLI: the failing rank prints the one line). Every rank leaves,
-    instead of waiting in a later collective for a rank that is gone."""
+    result. Otherwise every rank raises: rank 0 its own exception, or a PeerError naming the first
+    rank that failed and its message; another rank a quiet PeerError (the CLI prints nothing for it:
+    rank 0 says it once), or its own exception when that is a bug (which keeps its traceback).
+    No rank is left waiting in a later collective for one that stopped."""
     if d is None:
         return fn()
     error: BaseException | None = None
