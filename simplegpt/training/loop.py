@@ -315,6 +315,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
             elif sharded:
                 raise ConfigError(f"{path} is a single-process (DDP) checkpoint: resume it with parallel = 'ddp'; "
                                   "parallel = 'fsdp' resumes sharded checkpoints (any number of processes)")
+            elif fsdp.is_sharded_checkpoint(path):
+                raise ConfigError(f"{path} is a sharded (FSDP2) checkpoint: resume it under torchrun with --parallel "
+                                  f"fsdp (any number of processes, 1 included: torchrun --nproc_per_node 1 -m "
+                                  f"simplegpt train --resume {path} --parallel fsdp); 'simplegpt consolidate {path}' "
+                                  "makes a single-process checkpoint of its weights")
             else:
                 model, tokenizer, state = load_resume(path, cfg, device)
             out = path.parent
