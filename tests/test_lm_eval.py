@@ -56,15 +56,20 @@ def setup(tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.05)
     save_checkpoint(root / "ck", model, GPT2Tokenizer())
     export_hf(root / "ck", root / "hf")
+    write_tasks(root, DOCS, TASKS)
+    return root
+
+
+def write_tasks(root: Path, docs: list[dict], tasks: dict[str, dict]) -> None:
+    """root/tiny.jsonl holding docs, and root/tasks/NAME.yaml for each task reading it (JSON is valid
+    YAML, and lm_eval reads task files as YAML)."""
     data = root / "tiny.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     (root / "tasks").mkdir()
-    for name, spec in TASKS.items():
+    for name, spec in tasks.items():
         doc = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
                "test_split": "test", **spec}
-        # JSON is valid YAML, and lm_eval reads task files as YAML
         (root / "tasks" / f"{name}.yaml").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="module")

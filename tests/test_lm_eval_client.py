@@ -24,6 +24,7 @@ import simplegpt.lm_eval_adapter  # noqa: E402  (registers the model "simplegpt"
 from conftest import make_tiny_gpt  # noqa: E402
 from simplegpt.checkpoint import save_checkpoint  # noqa: E402
 from simplegpt.tokenizer import EOS_TEXT, CharTokenizer  # noqa: E402
+from test_lm_eval import write_tasks  # noqa: E402
 from test_server import start  # noqa: E402
 
 CONTEXT = 48
@@ -53,13 +54,7 @@ def setup(tmp_path_factory):
         ln_f.bias.copy_(torch.randn(ln_f.bias.shape, generator=torch.Generator().manual_seed(0)))
         wte[tok.eos_id] = ln_f.bias / ln_f.bias.norm() ** 2 * 40
     save_checkpoint(root / "ck", model, tok)
-    data = root / "tiny.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
-    (root / "tasks").mkdir()
-    for name, spec in TASKS.items():
-        doc = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-               "test_split": "test", **spec}
-        (root / "tasks" / f"{name}.yaml").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    write_tasks(root, DOCS, TASKS)
     return root, tok
 
 

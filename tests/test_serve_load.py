@@ -22,6 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
 from test_server import start  # noqa: E402
+from test_serve_guard import read_response  # noqa: E402
 
 KEY = "sk-test-key"
 
@@ -331,26 +332,6 @@ def test_keys_from_a_file_and_the_environment_and_a_warning_for_an_open_server(c
         proc.wait(timeout=30)
 
 
-def _read_response(sock: socket.socket) -> str:
-    """One whole HTTP response from sock: the headers, then Content-Length bytes of body (the two
-    can arrive in separate reads)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data.decode()
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return (head + b"\r\n\r\n" + body).decode()
-
-
 def test_a_half_sent_body_gets_408_while_others_are_served(checkpoint):
     proc, port = start(checkpoint, "--body-timeout", "3")
     base = f"http://127.0.0.1:{port}"
@@ -363,7 +344,7 @@ def test_a_half_sent_body_gets_408_while_others_are_served(checkpoint):
             with pytest.raises(BlockingIOError):  # served while the slow client still holds its request
                 slow.recv(1)
             slow.setblocking(True)
-            answer = _read_response(slow)
+            answer = read_response(slow).decode()
             assert out.usage.completion_tokens == 3
         assert answer.startswith("HTTP/1.1 408") and '"type": "invalid_request_error"' in answer.replace('":"', '": "')
     finally:
