@@ -112,7 +112,7 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{name} {results[name][-1]:,.0f} tok/s" for name in sides), flush=True)
         ddp, one = (statistics.median(results[name]) for name in sides)
         for name in sides:
-            print(f"{name:>30}: {statistics.median(results[name]):,.0f} tok/s (median of {args.rounds} rounds)")
+            print(f"{name:>30}: {statistics.median(results[name]):,.0f} tok/s (median of {args.rounds} round{'s' if args.rounds != 1 else ''})")
         print(f"{'ratio DDP / one process':>30}: {ddp / one:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
