@@ -241,6 +241,12 @@ def test_fsdp_shards_train_like_one_process_and_resume_on_other_world_sizes(work
         assert proc.returncode == 0, out[-3000:]
         assert f"{nproc} processes (FSDP2 over gloo" in out
         assert len(list((run / "last" / "dcp").glob("*.distcp"))) == nproc  # each rank wrote its shard
+        # the hints name commands that read a sharded checkpoint (plain 'simplegpt train/generate' refuse it)
+        if stop:
+            assert f"continue with: torchrun --nproc_per_node {nproc} -m simplegpt train --resume" in out, out[-2000:]
+        else:
+            assert f"next: simplegpt consolidate {run / 'best'}" in out, out[-2000:]
+            assert "simplegpt generate --checkpoint " + str(run / "best") + " " not in out, out[-2000:]
     _same(_losses(run), dict(enumerate(reference.losses, start=1)), range(1, 21))
     _same(_val(run), {7: _val(work / "fsdp_ref")[7], 14: _val(work / "fsdp_ref")[14], 20: reference.val_loss},
           [7, 14, 20])

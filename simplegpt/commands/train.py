@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     from ..errors import SimpleGPTError
     from ..training.distributed import LostPeer, PeerError, launched
+    from ..training.fsdp import is_sharded_checkpoint
 
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
@@ -119,7 +120,13 @@ def run(args: argparse.Namespace) -> int:
     best_dir = result.out_dir / BEST
     best = f"   best: {best_dir} (lowest val loss)" if best_dir.is_dir() else ""
     print(f"checkpoint: {result.last_checkpoint} (latest, for --resume){best}\nrun folder: {result.out_dir}")
-    if result.interrupted is None and best_dir.is_dir():
+    if result.interrupted is None and best_dir.is_dir() and is_sharded_checkpoint(best_dir):
+        # FSDP2's checkpoints are sharded: generate and serve read the consolidated copy
+        whole = shlex.quote(f"{best_dir}-consolidated")
+        print(f"next: simplegpt consolidate {shlex.quote(str(best_dir))} {whole}   (a sharded FSDP2 checkpoint)")
+        print(f"then: simplegpt generate --checkpoint {whole} --prompt {shlex.quote(cfg.sample_prompt.strip())} "
+              f"--stream")
+    elif result.interrupted is None and best_dir.is_dir():
         prompt = shlex.quote(cfg.sample_prompt.strip())  # one that fits the vocabulary, or '' (unconditional)
         print(f"next: simplegpt generate --checkpoint {shlex.quote(str(best_dir))} --prompt {prompt} --stream")
         print(f"  or: simplegpt serve --checkpoint {shlex.quote(str(best_dir))}   (API + playground in a browser)")

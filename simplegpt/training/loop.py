@@ -48,7 +48,7 @@ from . import TrainingError, distributed, fsdp, hardware, run_dir
 from .core_shards import CoreShards
 from .cpu_memory import keep_freed_memory
 from .dataset import make_samplers, prepare_data
-from .hardware import auto_threads, core_shards, mfu_peak, resolve_dtype
+from .hardware import auto_threads, core_shards, device_peak_flops, format_mfu, mfu, resolve_dtype
 from .optimizer import lr_at, make_optimizer
 from .run_dir import BEST, LAST
 from .start import check_resume_compatible, init_model, load_resume, rng_state, seed_everything, set_rng_state
@@ -447,8 +447,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
             step_model = model  # evaluation: the plain model (the compiled module is DDP's)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
-    flops_peak, peak_basis = mfu_peak(cfg, device, threads) if main else (1.0, "")
-    flops_peak *= world  # the run's peak: every rank's devices
+    flops_peak, peak_basis = device_peak_flops(cfg, device, threads) if main else (1.0, "")
+    if flops_peak is not None:
+        flops_peak *= world  # the run's peak: every rank's devices
     flops_per_token = model.flops_per_token(cfg.block_size)  # once: counting parameters walks the model
     bytes_per_token = meta["val_bytes_per_token"]
     dataset_info = {k: meta[k] for k in ("source", "tokens", "vocab_size", "val_bytes_per_token")}
@@ -576,7 +577,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
 
                 now = time.perf_counter()
                 tok_s = window_tokens / max(now - t_last, 1e-9)
-                mfu = min(flops_per_token * tok_s / flops_peak, 1.0)  # a peak set too low never reads as >100%
+                step_mfu = mfu(flops_per_token, tok_s, flops_peak)  # None on a GPU of unknown peak
                 if 0 <= timed:
                     timed, timed_s = timed + 1, timed_s + now - t_step
                     if timed >= ESTIMATE_STEPS or timed_s >= ESTIMATE_S:
@@ -587,14 +588,16 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                 stop = received or ("stop_at" if stop_at is not None and step >= stop_at else None)
                 if step % cfg.log_interval == 0 or step == cfg.max_iters or stop:
                     metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                   "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": mfu,
+                                   "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": step_mfu,
                                    "time_s": elapsed_before + now - t_start})
                     t_last, window_tokens = now, 0
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=format_mfu(step_mfu),
+                                refresh=False)
                 bar.update(1)
                 if lines and (step % cfg.log_interval == 0 and now - t_line >= LINE_EVERY_S or step == cfg.max_iters):
                     t_line = now
-                    print(f"step {step:,}/{cfg.max_iters:,}  loss {step_loss:.4f}  {tok_s:,.0f} tok/s  MFU {mfu:.1%}  "
+                    print(f"step {step:,}/{cfg.max_iters:,}  loss {step_loss:.4f}  {tok_s:,.0f} tok/s  "
+                          f"MFU {format_mfu(step_mfu)}  "
                           f"{_duration(elapsed_before + now - t_start)} elapsed", file=sys.stderr, flush=True)
 
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:
@@ -636,8 +639,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                         save(LAST, None, with_state=True)
                         distributed.barrier(d)
                     result.interrupted = stop
+                    # a sharded checkpoint resumes only under torchrun (any number of processes)
+                    again = (f"torchrun --nproc_per_node {world} -m simplegpt train" if sharded
+                             else "simplegpt train")
                     log(f"stopped at step {step} ({stop}); checkpoint saved to {out / LAST}; "
-                        f"continue with: simplegpt train --resume {out / LAST}")
+                        f"continue with: {again} --resume {out / LAST}")
                     break
     except OSError as e:  # a full disk, or a file of the run folder that cannot be written
         if (failure := run_dir.write_failure(out, e, step)) is None:
