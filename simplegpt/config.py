@@ -138,7 +138,7 @@ class TrainConfig:
     plot: bool = _f(True, "run", "save a loss curve loss.png and the run report report.html at the end")
     peak_flops: float = _f(0.0, "run", "device peak FLOP/s for MFU; 0 = a known GPU's bf16 peak, or on a CPU "
                            "the float32 peak of the cores used (the higher of its FMA width x clock and a "
-                           "timed matmul)")
+                           "timed matmul); a GPU not in the table reads MFU unknown until this is set")
 
     def __init__(self, *, model: GPTConfig | None = None, **values: Any) -> None:
         check_keys(values)

@@ -2,7 +2,6 @@
 peak table MFU divides by, and MFU itself. No GPU here: the CUDA branches are run on this CPU build
 of torch, whose backend flags exist and can be read back."""
 
-import math
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from simplegpt.data import PackedSampler, PaddedSampler, TokenShards, prepare_co
 from simplegpt.model import GPTConfig
 from simplegpt.training import hardware
 from simplegpt.training.hardware import (GPU_PEAKS, configure_backends, device_peak_flops, format_mfu,
-                                         gpu_peak_flops, mfu, mfu_peak)
+                                         gpu_peak_flops, mfu)
 
 # Names as torch.cuda.get_device_name reports them, and the table's entry each must get.
 KNOWN = [
@@ -85,10 +84,9 @@ def test_the_trainer_s_peak_on_a_known_and_an_unknown_gpu(cuda_named):
 
 
 def test_an_unknown_gpu_is_no_longer_an_assumed_100_tflops(cuda_named):
-    """mfu_peak keeps its (number, line) shape for the loop: an unknown peak is infinite, so MFU reads 0
-    and the line says it is not computed; mfu() turns that peak into None."""
-    flops, basis = mfu_peak(TrainConfig(), cuda_named("NVIDIA A10G"), 1)
-    assert flops == math.inf and "not computed (it reads 0%)" in basis
+    """An unknown GPU's peak is None, so the trainer's MFU is None in metrics.jsonl and "unknown" on screen."""
+    flops, basis = device_peak_flops(TrainConfig(), cuda_named("NVIDIA A10G"), 1)
+    assert flops is None and "MFU is not computed" in basis
     assert mfu(1e9, 1e5, flops) is None and format_mfu(None) == "unknown"
 
 

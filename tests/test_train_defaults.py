@@ -18,7 +18,7 @@ from simplegpt.config import load_config
 from simplegpt.errors import ConfigError
 from simplegpt.train import TrainingError, train
 from simplegpt.training import loop
-from simplegpt.training.hardware import cpu_vector_peak, mfu_peak
+from simplegpt.training.hardware import cpu_vector_peak, device_peak_flops
 
 # a corpus without the letters of the quick start's "HAMLET:" prompt
 WORDS = "the cat sat on a mat and ran far away from every dog in town".split()
@@ -186,7 +186,7 @@ def test_the_cpu_peak_is_never_below_what_the_cores_can_do():
     assert vector[0] == 2 * cpu_vector_peak(1)[0] and "FLOPs/cycle" in vector[1]
     from simplegpt.config import TrainConfig
 
-    flops, basis = mfu_peak(TrainConfig(), torch.device("cpu"), 2)
+    flops, basis = device_peak_flops(TrainConfig(), torch.device("cpu"), 2)
     assert flops >= vector[0] and basis.startswith("the float32 peak of 2 cores")
 
 

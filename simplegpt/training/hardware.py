@@ -132,15 +132,6 @@ def device_peak_flops(cfg: TrainConfig, device: torch.device, threads: int) -> t
     return measured, f"the float32 peak of {cores}, {measured / 1e9:,.0f} GFLOP/s (a timed matmul)"
 
 
-def mfu_peak(cfg: TrainConfig, device: torch.device, threads: int) -> tuple[float, str]:
-    """device_peak_flops with a number always: an unknown GPU's peak is infinite, so MFU reads 0 (the
-    line says it is not computed). For callers that divide by the peak; prefer device_peak_flops and mfu."""
-    flops, basis = device_peak_flops(cfg, device, threads)
-    if flops is None:
-        return math.inf, basis.replace("MFU is not computed", "MFU is not computed (it reads 0%)")
-    return flops, basis
-
-
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
     """Model FLOPs utilization, a fraction: flops_per_token (GPT.flops_per_token: 6N + 12·L·C·T, PaLM's
     appendix B) x tokens/s over the peak FLOP/s; at most 1.0 (a peak set too low never reads as
