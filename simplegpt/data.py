@@ -422,19 +422,26 @@ def _shard_bytes(tok: Tokenizer, path: str, dtype: np.dtype, offset: int, count:
     return len(tok.decode_bytes(ids[ids != tok.eos_id].tolist()))
 
 
-def _char_vocabulary(corpus: Corpus, max_tokens: int | None = None) -> CharTokenizer:
-    """The characters of the corpus, or of its first max_tokens tokens (one per character, one EOS
-    per non-empty document): exactly what prepare will encode."""
-    chars: set[str] = set()
+def _char_budget(documents: Iterable[str], max_tokens: int | None) -> Iterator[str]:
+    """The documents that fill max_tokens character tokens (one per character, one EOS per non-empty
+    document), the last one cut at the budget: all of them when max_tokens is None."""
     budget = max_tokens if max_tokens is not None else float("inf")
-    for doc in corpus.documents():
+    for doc in documents:
         if budget <= 0:
-            break
+            return
         doc = _utf8(doc)[0]
         if not doc:
             continue
-        chars.update(doc[:int(min(budget, len(doc)))])
+        yield doc[:int(min(budget, len(doc)))]
         budget -= len(doc) + 1
+
+
+def _char_vocabulary(corpus: Corpus, max_tokens: int | None = None) -> CharTokenizer:
+    """The characters of the corpus, or of its first max_tokens tokens (one per character, one EOS
+    per non-empty document): exactly what prepare will encode (it cuts the documents the same way)."""
+    chars: set[str] = set()
+    for doc in _char_budget(corpus.documents(), max_tokens):
+        chars.update(doc)
     if not chars:
         raise DataError(f"corpus {corpus.name!r} is empty: it holds no text")
     return CharTokenizer(chars)
@@ -593,6 +600,10 @@ def prepare_corpus(
         writer = _ShardWriter(tmp, "train", shard_tokens)
         n_docs = n_bytes = 0
         documents = iter(corpus.documents())
+        if tokenizer == "char" and max_tokens is not None:
+            # the vocabulary holds the characters up to the budget only: the last document is cut there
+            # before it is encoded (its characters past the budget may be missing from the vocabulary)
+            documents = _char_budget(documents, max_tokens)
         first = next(documents, None)  # opens the source: a source that cannot be read fails before the bar
         documents = itertools.chain([first], documents) if first is not None else iter(())
         try:

@@ -187,6 +187,19 @@ def test_max_tokens_stops_reading_an_endless_corpus(tmp_path, workers):
     assert len(pulled) < 2 * (20_000 // 90) + 8 * 256  # the budget's documents and a few batches in flight
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_max_tokens_cuts_a_char_document_whose_tail_has_new_characters(tmp_path, workers):
+    """The budget ends inside a document whose later characters are not in the budget's vocabulary:
+    the document is cut at the budget, not refused for a character it never gets to."""
+    (tmp_path / "one.txt").write_text("abc " * 500 + "XYZ!")
+    meta = prepare_corpus(str(tmp_path / "one.txt"), tmp_path / "ds", "char", max_tokens=1000, workers=workers,
+                          progress=False)
+    tok = load_dataset_tokenizer(tmp_path / "ds")
+    assert sorted(tok.chars) == [" ", "a", "b", "c"]
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == 1000 and meta["documents"] == 1
+    assert tok.decode(_stream(tmp_path / "ds").tolist()) == ("abc " * 250)
+
+
 def _rss_probe(tmp_path, source, out, workers, tokenizer="byte", shard_tokens="2M") -> dict:
     """Run prepare in a fresh process; return its peak RSS growth during prepare (VmHWM, reset just
     before, minus VmRSS then) and the dataset's meta."""
