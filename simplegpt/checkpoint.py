@@ -174,7 +174,9 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not a directory")
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
-        raise CheckpointError(f"{path} is not a simplegpt checkpoint: {CONFIG_FILE} is missing")
+        inside = [path / name for name in ("best", "last") if (path / name).is_dir()]  # a run folder's checkpoints
+        hint = f"; it looks like a run folder: name its checkpoint, {inside[0]}" if inside else ""
+        raise CheckpointError(f"{path} is not a simplegpt checkpoint: {CONFIG_FILE} is missing{hint}")
     try:
         doc = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

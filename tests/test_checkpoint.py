@@ -238,3 +238,16 @@ def test_a_damaged_checkpoint_is_one_line_from_the_cli(tmp_path, capsys):
     assert main(["info", str(tmp_path / "ck")]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("simplegpt info: error: ") and str(f) in line and "truncated or corrupted" in line
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoint(tmp_path, capsys):
+    """`generate`/`info`/`serve --checkpoint out/RUN` (the run folder, not RUN/best): one line naming the
+    checkpoint inside it to use instead."""
+    from simplegpt.cli import main
+
+    save_checkpoint(tmp_path / "run" / "best", _model(0), ByteTokenizer())
+    assert main(["info", str(tmp_path / "run")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("simplegpt info: error: ") and f"name its checkpoint, {tmp_path / 'run' / 'best'}" in line
+    with pytest.raises(CheckpointError, match=r"config\.json is missing$"):  # not a run folder: no hint
+        load_checkpoint(tmp_path)
