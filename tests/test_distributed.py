@@ -239,7 +239,7 @@ def test_fsdp_shards_train_like_one_process_and_resume_on_other_world_sizes(work
         proc = _torchrun(work, settings, *resume, *(("--stop-at", str(stop)) if stop else ()), nproc=nproc)
         out = _finish(proc)
         assert proc.returncode == 0, out[-3000:]
-        assert f"{nproc} processes (FSDP2 over gloo" in out
+        assert f"{nproc} process{'es' if nproc > 1 else ''} (FSDP2 over gloo" in out
         assert len(list((run / "last" / "dcp").glob("*.distcp"))) == nproc  # each rank wrote its shard
         # the hints name commands that read a sharded checkpoint (plain 'simplegpt train/generate' refuse it)
         if stop:

@@ -457,7 +457,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
     if note:
         log(note)
     shards = CoreShards(step_model, n_shards) if n_shards > 1 else None
-    procs = (f"; {world} processes ({'FSDP2' if sharded else 'DDP'} over {d.backend}, "
+    processes = f"{world} process{'es' if world != 1 else ''}"
+    procs = (f"; {processes} ({'FSDP2' if sharded else 'DDP'} over {d.backend}, "
              f"{cfg.grad_accum_steps // world} of the "
              f"{cfg.grad_accum_steps} micro-batches of a step each)" if d else "")
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
@@ -465,7 +466,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
         f"{str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads != 1 else ''}"
         f"{' per process' if d else ''}{f' (each batch split {n_shards} ways)' if shards else ''}{procs}; "
         f"run folder: {out}")
-    log(f"MFU (model FLOPs utilization) is against {peak_basis}{f' x {world} processes' if d else ''}")
+    log(f"MFU (model FLOPs utilization) is against {peak_basis}{f' x {processes}' if d else ''}")
     if (warning := _repeat_warning(cfg, step, tokens_per_step, meta["tokens"]["train"])) is not None:
         log(warning)
     if sharded and cfg.sample_tokens:
