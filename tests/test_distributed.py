@@ -215,6 +215,18 @@ def test_accumulation_not_divisible_by_the_world_size_is_one_line(work):
     assert not (work / "bad").exists(), "nothing is written for a run that cannot start"
 
 
+@pytest.mark.parametrize("bad, message", [
+    (("--dist_timeout", "0"), "dist_timeout must be a positive integer, got 0"),  # a setting's check
+    (("--max_itres", "5"), "unrecognized arguments: --max_itres"),  # the command line's parser
+    (("--resume", "no_such_run"), "checkpoint no_such_run does not exist"),  # before the trainer starts
+])
+def test_an_error_before_training_is_said_once_not_by_every_rank(work, bad, message):
+    proc = _torchrun(work, _settings(work, "bad_early"), *bad)
+    out = _finish(proc, timeout=60)
+    assert proc.returncode != 0
+    assert len([ln for ln in out.splitlines() if message in ln]) == 1, out[-3000:]  # rank 0's line only
+
+
 def test_a_run_folder_in_use_stops_every_rank_with_rank_0s_line(work):
     """Rank 0 alone takes the run folder's lock: when another trainer holds it, rank 0 says so once and
     the other ranks leave with it instead of waiting for rank 0 in a collective."""

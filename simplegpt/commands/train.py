@@ -70,30 +70,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import read_checkpoint_config
-    from ..config import KEYS, TrainConfig, load_config
-    from ..train import BEST, checkpoint_dir, train
-
-    overrides = {k: v for k, v in vars(args).items() if k in KEYS}
-    if args.init_from_cli is not None:
-        overrides["init_from"] = args.init_from_cli
-    if args.resume == "auto":
-        args.resume = _auto_resume(args.config, overrides)
-    if args.resume:
-        path = checkpoint_dir(args.resume)
-        doc = read_checkpoint_config(path)
-        saved = doc.get("train_config")
-        if not isinstance(saved, dict):
-            from ..errors import CheckpointError
-            raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
-        # the flat keys every version of the trainer saved; keys it no longer has are left out
-        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
-    else:
-        cfg = load_config(args.config, overrides)
     from ..errors import SimpleGPTError
+    from ..train import BEST, train
     from ..training.distributed import LostPeer, PeerError, launched
     from ..training.fsdp import is_sharded_checkpoint
 
+    try:
+        cfg = _train_config(args)
+    except SimpleGPTError as e:
+        # every rank meets a bad setting or a missing checkpoint (same arguments, same files): rank 0 says it
+        if launched() and os.environ["RANK"] != "0":
+            return e.exit_code
+        raise
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
                        progress=not args.quiet)
@@ -134,6 +122,30 @@ def run(args: argparse.Namespace) -> int:
         # under torchrun a stop with its checkpoint saved is a success: a failure would be restarted
         return 128 + signal.Signals[result.interrupted].value
     return 0
+
+
+def _train_config(args: argparse.Namespace):
+    """The run's TrainConfig: the config file (or a resumed checkpoint's saved config) with the
+    command line's overrides. Raises ConfigError or CheckpointError."""
+    from ..checkpoint import read_checkpoint_config
+    from ..config import KEYS, TrainConfig, load_config
+    from ..train import checkpoint_dir
+
+    overrides = {k: v for k, v in vars(args).items() if k in KEYS}
+    if args.init_from_cli is not None:
+        overrides["init_from"] = args.init_from_cli
+    if args.resume == "auto":
+        args.resume = _auto_resume(args.config, overrides)
+    if args.resume:
+        path = checkpoint_dir(args.resume)
+        doc = read_checkpoint_config(path)
+        saved = doc.get("train_config")
+        if not isinstance(saved, dict):
+            from ..errors import CheckpointError
+            raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
+        # the flat keys every version of the trainer saved; keys it no longer has are left out
+        return TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
+    return load_config(args.config, overrides)
 
 
 def _auto_resume(config: str | None, overrides: dict) -> str | None:
