@@ -198,6 +198,14 @@ def _cli(*args, cwd, **kw):
                           timeout=120, **kw)
 
 
+def test_fsdp_without_torchrun_says_the_run_is_one_process(tmp_path, corpus):
+    """parallel = 'fsdp' in a plain 'simplegpt train' (no process group) trains one process, and says so."""
+    logged: list[str] = []
+    train(tiny(tmp_path, corpus, max_iters=2, eval_interval=2, parallel="fsdp"), progress=False, log=logged.append)
+    assert [ln for ln in logged if ln.startswith("note: parallel = 'fsdp' applies under torchrun")], logged
+    assert (tmp_path / "run" / "last" / "model.safetensors").is_file()  # a plain checkpoint, not dcp/ shards
+
+
 def _tiny_args(tmp_path, corpus):
     return ["--data", str(corpus), "--data_dir", str(tmp_path / "data"), "--n_layer", "1", "--n_head", "2",
             "--n_embd", "16", "--block_size", "16", "--batch_size", "4", "--eval_iters", "2", "--peak_flops", "1e12",

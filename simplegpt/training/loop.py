@@ -456,6 +456,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
     dataset_info["dir"] = str(data_dir)
     if note:
         log(note)
+    if d is None and cfg.parallel == "fsdp":
+        log("note: parallel = 'fsdp' applies under torchrun (torchrun --nproc_per_node N -m simplegpt train ...); "
+            "this run is one process and saves a plain checkpoint")
     shards = CoreShards(step_model, n_shards) if n_shards > 1 else None
     processes = f"{world} process{'es' if world != 1 else ''}"
     procs = (f"; {processes} ({'FSDP2' if sharded else 'DDP'} over {d.backend}, "
