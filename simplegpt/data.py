@@ -174,8 +174,10 @@ def _hf_corpus(spec: str, text_field: str, split: str) -> Corpus:
                 ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
         except Exception as e:  # offline, unknown name, bad config: datasets raises many types
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            advice = ("offline mode is on (HF_HUB_OFFLINE): check the name, or that the dataset is in the local "
+                      "Hugging Face cache" if offline_mode() else "check the name and the network")
             raise DataError(f"could not open the Hugging Face dataset {spec!r} ({type(e).__name__}: {first}); "
-                            "check the name and the network") from None
+                            f"{advice}") from None
         for row in ds:
             if text_field not in row:
                 raise DataError(f"dataset {spec!r} has no {text_field!r} column (has {sorted(row)}); "

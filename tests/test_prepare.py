@@ -289,6 +289,7 @@ def test_unknown_hf_dataset_without_the_hub_is_one_line_with_workers(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert "could not open the Hugging Face dataset 'no-such-user/no-such-dataset:sample-10BT'" in lines[0]
+    assert "offline mode is on (HF_HUB_OFFLINE)" in lines[0] and "the network" not in lines[0]  # none is asked for
     assert not (tmp_path / "out").exists()
 
 
