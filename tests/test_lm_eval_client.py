@@ -102,6 +102,8 @@ def test_the_tokenizer_routes_follow_vllms_shapes(server, setup):
     assert got.json()["tokens"] == tok.encode("the cat") + [tok.eos_id] + tok.encode("sat")
     back = httpx.post(f"{base}/detokenize", json={"tokens": tok.encode("a stage")})
     assert back.json() == {"prompt": "a stage"}
+    back = httpx.post(f"{base}/detokenize", json={"tokens": got.json()["tokens"]})
+    assert back.json() == {"prompt": "the cat" + EOS_TEXT + "sat"}  # /tokenize's ids back to its text
     bad = httpx.post(f"{base}/detokenize", json={"tokens": [tok.vocab_size]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     # a character the vocabulary lacks is a 400 naming it, not a server error (here and in a completion)

@@ -197,7 +197,15 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         bad = next((t for t in req.tokens if not 0 <= t < tokenizer.vocab_size), None)
         if bad is not None:
             raise APIError(f"token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})", param="tokens")
-        return {"prompt": tokenizer.decode(req.tokens)}
+        # the end-of-text token reads as its name, as /tokenize takes it (every tokenizer alike: the char and
+        # byte tokenizers' decode drops it)
+        parts: list[list[int]] = [[]]
+        for t in req.tokens:
+            if t == tokenizer.eos_id:
+                parts.append([])
+            else:
+                parts[-1].append(t)
+        return {"prompt": EOS_TEXT.join(tokenizer.decode(part) for part in parts)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
