@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +239,38 @@ def test_memory_stays_bounded_on_a_corpus_much_larger_than_a_shard(tmp_path):
 def _prepare_cli(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "simplegpt", "prepare", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120, env=env)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_sigterm_ends_prepare_with_its_worker_processes_and_writes_nothing(tmp_path):
+    """SIGTERM to the prepare process alone (not its process group): the workers end with it (they were
+    left idle forever), and neither the dataset nor its temporary folder is left behind."""
+    import signal
+    import time
+
+    rows = tmp_path / "rows.jsonl"
+    with rows.open("w") as f:
+        subprocess.run([sys.executable, "-c", "import itertools\nfor i in range(400_000): "
+                        "print('{\"text\": \"line %d of a long corpus to tokenize\"}' % i)"], stdout=f, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "prepare", str(rows), "-t", "gpt2", "-o", "ds",
+                             "--workers", "2"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    deadline = time.time() + 60
+    while len(children) < 2 and time.time() < deadline and proc.poll() is None:
+        children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        time.sleep(0.05)
+    assert len(children) == 2, "the two workers did not start"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    deadline = time.time() + 10
+    while [c for c in children if Path(f"/proc/{c}").exists()] and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [c for c in children if Path(f"/proc/{c}").exists()]
+    for c in alive:
+        os.kill(c, signal.SIGKILL)
+    assert not alive, "worker processes outlived the prepare that made them"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".ds", "ds"))] == []
 
 
 def test_cli_shows_tokens_per_second_and_takes_counts_with_suffixes(tmp_path):

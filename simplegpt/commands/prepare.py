@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 
+from ..console import say
 from ..errors import OptionError, file_access_errors
 
 HELP = "tokenize a corpus (files, folder, glob, URL, 'shakespeare', hf:NAME) into a dataset folder"
@@ -74,6 +76,14 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise OptionError(f"--workers must be at least 1, got {args.workers}")
     out = args.out or dataset_dir(TrainConfig(data=args.source, tokenizer=args.tokenizer, data_dir=""))
+
+    def terminated(signum, frame):
+        # as Ctrl-C does: the worker processes are shut down and the temporary folder removed on the way
+        # out (Python's default for SIGTERM ends this process alone and leaves the workers waiting forever)
+        say("simplegpt prepare: terminated (SIGTERM)")
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, terminated)
     with file_access_errors():
         meta = prepare_corpus(args.source, out, args.tokenizer, val_fraction=args.val_fraction,
                               text_field=args.text_field, hf_split=args.hf_split, shard_tokens=shard_tokens,
