@@ -324,11 +324,20 @@ def _batched(docs: Iterable[str], n: int = ENCODE_BATCH_DOCS, chars: int = ENCOD
 _worker_encoder: _Encoder | None = None
 
 
-def _init_worker(encoder: _Encoder) -> None:
+def _init_worker(encoder: _Encoder, parent: int) -> None:
     global _worker_encoder
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
+    if sys.platform.startswith("linux"):
+        # A parent killed outright (SIGKILL, or SIGTERM while 'simplegpt train' prepares its data) cannot shut
+        # the pool down, and a worker waits for batches forever: Linux ends it with its parent instead
+        # (prctl(2) PR_SET_PDEATHSIG = 1), and one whose parent is already gone ends now.
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
     _worker_encoder = encoder
 
 
@@ -365,7 +374,8 @@ class _EncodingPool:
         if workers > 1:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(encoder,))
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(encoder, os.getpid()))
             self._result(self.pool.submit(int))  # starts the workers now
 
     @staticmethod

@@ -242,9 +242,11 @@ def _prepare_cli(*args, cwd, env=None):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
-def test_sigterm_ends_prepare_with_its_worker_processes_and_writes_nothing(tmp_path):
-    """SIGTERM to the prepare process alone (not its process group): the workers end with it (they were
-    left idle forever), and neither the dataset nor its temporary folder is left behind."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_prepare_takes_its_worker_processes_with_it(tmp_path, sig):
+    """SIGTERM or SIGKILL to the prepare process alone (not its process group): the workers end with it
+    (they were left idle forever), and no dataset is left behind; after SIGTERM, no temporary folder
+    either (after SIGKILL the next prepare removes it)."""
     import signal
     import time
 
@@ -261,8 +263,8 @@ def test_sigterm_ends_prepare_with_its_worker_processes_and_writes_nothing(tmp_p
         time.sleep(0.05)
     assert len(children) == 2, "the two workers did not start"
     time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(timeout=30) in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGKILL)
     deadline = time.time() + 10
     while [c for c in children if Path(f"/proc/{c}").exists()] and time.time() < deadline:
         time.sleep(0.1)
@@ -270,7 +272,9 @@ def test_sigterm_ends_prepare_with_its_worker_processes_and_writes_nothing(tmp_p
     for c in alive:
         os.kill(c, signal.SIGKILL)
     assert not alive, "worker processes outlived the prepare that made them"
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".ds", "ds"))] == []
+    assert not (tmp_path / "ds").exists()
+    if sig == "SIGTERM":
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ds")] == []
 
 
 def test_cli_shows_tokens_per_second_and_takes_counts_with_suffixes(tmp_path):
