@@ -104,6 +104,15 @@ class _Parser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {name}" + (f"; did you mean {names}?" if names else ""))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in --help, except for options that must be given (a required option has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="simplegpt",
@@ -120,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
-                           epilog=SPELLINGS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           epilog=SPELLINGS, formatter_class=_HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -123,15 +123,17 @@ class TrainConfig:
     dtype: str = _f("auto", "run", "compute dtype; 'auto' = bfloat16 on GPUs that support it, float16 on other "
                     "GPUs, float32 on CPU", ("auto", "float32", "bfloat16", "float16"))
     compile: bool = _f(False, "run", "torch.compile the model")
-    num_threads: int = _f(0, "run", "CPU threads for torch; 0 = the cores other processes leave idle (set it "
-                          "for bit-identical results across runs)")
+    num_threads: int = _f(0, "run", "CPU threads for torch; 0 = the cores other processes leave idle, or under "
+                          "torchrun the cores shared out over the node's processes (set it for bit-identical "
+                          "results across runs)")
     cpu_shards: int = _f(0, "run", "CPU training: split each batch over this many threads, each running its "
                          "share through the whole model on one core (faster than splitting every op for small "
                          "models); 0 = one per thread when the run is fp32 on the CPU without dropout or "
                          "compile, 1 = off")
     parallel: str = _f("ddp", "run", "under torchrun: 'ddp' (DistributedDataParallel, every rank holds the whole "
                        "model) or 'fsdp' (FSDP2, parameters and optimizer state sharded over the ranks); "
-                       "ignored by a plain 'simplegpt train'", ("ddp", "fsdp"))
+                       "a plain 'simplegpt train' is one process either way (fsdp then says so and "
+                       "saves a plain checkpoint)", ("ddp", "fsdp"))
     dist_timeout: int = _f(120, "run", "under torchrun: seconds a rank waits for the others (a collective, rank 0 "
                            "saving a checkpoint) before it stops with an error; a dead rank ends the run within it")
     tensorboard: bool = _f(True, "run", "also log to TensorBoard (out_dir/tb) when tensorboard is installed")

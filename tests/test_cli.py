@@ -230,3 +230,20 @@ def test_underscores_in_a_real_generate_run(checkpoint):
     underscores = simplegpt("generate", *args, "--max_new_tokens=7", "--no_echo")
     assert dashes.returncode == underscores.returncode == 0, underscores.stderr
     assert underscores.stdout == dashes.stdout and len(dashes.stdout) == 8
+
+
+def test_help_shows_defaults_but_none_for_a_required_option():
+    """Every command's --help shows its defaults; an option that must be given shows none ("(default:
+    None)" beside it read as if leaving it out were fine)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    required = 0
+    for command, parser in sub.choices.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            text = formatter._get_help_string(action) or ""
+            if action.required and action.option_strings:
+                required += 1
+                assert "%(default)" not in text, (command, action.option_strings)
+            elif action.help and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
+                assert "%(default)" in text or "default" in action.help, (command, action.option_strings)
+    assert required >= 3  # serve's, generate's and inspect's --checkpoint at least

@@ -306,6 +306,7 @@ def test_help_explains_the_new_options(capsys):
     (["ok.txt", "--max-tokens", "100", "--val-tokens", "100"], "--val-tokens (100) must be smaller than --max-tokens"),
     (["ok.txt", "--val-tokens", "1M"], "val_tokens (1,000,000) must be smaller than the corpus's 1,201 tokens"),
     (["ok.txt", "--workers", "0"], "--workers must be at least 1, got 0"),
+    (["ok.txt", "--shard-tokens", "10"], "--shard-tokens must be at least 1000, got 10"),
 ])
 def test_bad_input_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

@@ -63,6 +63,10 @@ def _count(args: argparse.Namespace, name: str, minimum: int) -> int | None:
     return n
 
 
+# Fewer tokens a shard would only make files by the thousand (10 wrote 20,002 files for 200 kB).
+MIN_SHARD_TOKENS = 1_000
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
     from ..data import prepare_corpus
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     max_tokens = _count(args, "max_tokens", 2)
     val_tokens = _count(args, "val_tokens", 2)
-    shard_tokens = _count(args, "shard_tokens", 1)
+    shard_tokens = _count(args, "shard_tokens", MIN_SHARD_TOKENS)
     if max_tokens is not None and val_tokens is not None and val_tokens >= max_tokens:
         raise OptionError(f"--val-tokens ({val_tokens:,}) must be smaller than --max-tokens ({max_tokens:,})")
     if args.workers < 1:
