@@ -589,7 +589,9 @@ def prepare_corpus(
     request = {"source": corpus.name, "source_checksums": corpus.fingerprint, "val_fraction": val_fraction,
                "tokenizer_request": tokenizer if isinstance(tokenizer, str) else tokenizer.kind}
     # Only set when given, so that datasets prepared before these settings existed stay up to date.
-    request.update({k: v for k, v in (("max_tokens", max_tokens), ("val_tokens", val_tokens)) if v is not None})
+    given = (("max_tokens", max_tokens), ("val_tokens", val_tokens),
+             ("shard_tokens", shard_tokens if shard_tokens != DEFAULT_SHARD_TOKENS else None))
+    request.update({k: v for k, v in given if v is not None})
     if not force and (out / META_FILE).is_file():
         try:
             meta = read_meta(out)
@@ -597,7 +599,7 @@ def prepare_corpus(
             meta = {}
         same_tokenizer = isinstance(tokenizer, str) or meta.get("tokenizer") == tokenizer.spec()
         if (same_tokenizer and all(meta.get(k) == v for k, v in request.items())
-                and not {"max_tokens", "val_tokens"} & (set(meta) - set(request))):
+                and not {k for k, _ in given} & (set(meta) - set(request))):
             return meta
     if isinstance(tokenizer, str):
         tok = _char_vocabulary(corpus, max_tokens) if tokenizer == "char" else get_tokenizer(tokenizer)

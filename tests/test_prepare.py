@@ -358,3 +358,19 @@ def test_the_validation_tail_is_moved_out_of_the_train_shards(tmp_path, val_toke
     assert np.array_equal(_stream(tmp_path / "ds"), expected)
     val = np.concatenate([np.asarray(a) for a in TokenShards(tmp_path / "ds", "val").arrays])
     assert np.array_equal(val, expected[-val_tokens:]) and meta["val_bytes"] == val_tokens - 1
+
+
+def test_a_new_shard_size_prepares_again_and_the_same_one_does_not(tmp_path):
+    """--shard-tokens is part of what makes a dataset up to date: a re-run with another size re-shards,
+    a re-run with the same size (or, for a dataset of the default size, none given) does nothing."""
+    (tmp_path / "a.txt").write_text("hello world, " * 2000)
+    sizes = lambda meta: [s["tokens"] for s in meta["shards"]["train"]]  # noqa: E731
+    first = prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "byte", shard_tokens=5000, progress=False)
+    assert sizes(first)[0] == 5000
+    again = prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "byte", shard_tokens=5000, progress=False)
+    assert again == first
+    other = prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "byte", shard_tokens=7000, progress=False)
+    assert sizes(other)[0] == 7000
+    default = prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "byte", progress=False)
+    assert len(sizes(default)) == 1  # one shard of the default size, not the 7,000-token ones
+    assert prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "byte", progress=False) == default
