@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == f"simplegpt.commands.{module_name}":
                 continue  # command not built yet
             raise
-        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+        description = getattr(module, "DESCRIPTION", module.HELP)  # a sentence: HELP is a list item
+        p = sub.add_parser(name, help=module.HELP, description=description[:1].upper() + description[1:],
                            epilog=SPELLINGS, formatter_class=_HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

@@ -238,6 +238,7 @@ def test_help_shows_defaults_but_none_for_a_required_option():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     required = 0
     for command, parser in sub.choices.items():
+        assert parser.description[:1].isupper(), command  # a sentence, as every command's page begins
         formatter = parser._get_formatter()
         for action in parser._actions:
             text = formatter._get_help_string(action) or ""
