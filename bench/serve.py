@@ -16,19 +16,13 @@ so the ratio is the HTTP, JSON and event-stream overhead (goal: >= 0.95).
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from random_server import served_random_model  # bench/: the random checkpoint and its server
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simplegpt import GPT, get_tokenizer, save_checkpoint  # noqa: E402
-from simplegpt.engine import Engine, SamplingParams  # noqa: E402
-from simplegpt.model import preset_config  # noqa: E402
+from simplegpt.engine import Engine, SamplingParams
 
 
 def main() -> None:
@@ -42,57 +36,42 @@ def main() -> None:
     except ImportError:
         p.error("needs OpenAI's client and the serve extra: pip install -e '.[dev]'")
 
-    torch.manual_seed(0)
-    tokenizer = get_tokenizer("gpt2")
-    model = GPT(preset_config(args.preset, vocab_size=tokenizer.vocab_size)).eval()
-    prompt = tokenizer.decode(list(range(1000, 1016)))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(Path(tmp) / "bench", model, tokenizer)
-        proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "serve", "--checkpoint", str(path), "--port", "0"],
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            found = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stderr.readline())
-            if not found:
-                sys.exit(f"the server did not start: {proc.stderr.read()}")
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{found.group(1)}/v1", api_key="unused",
-                                   max_retries=20, timeout=600)
-            engine = Engine(model, tokenizer)
-            params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
-            request = dict(model="bench", prompt=prompt, max_tokens=args.new_tokens, temperature=0,
-                           extra_body={"ignore_eos": True})
-            texts: dict[str, str] = {}
+    with served_random_model(args.preset) as (model, tokenizer, prompt, url):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=20, timeout=600)
+        engine = Engine(model, tokenizer)
+        params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
+        request = dict(model="bench", prompt=prompt, max_tokens=args.new_tokens, temperature=0,
+                       extra_body={"ignore_eos": True})
+        texts: dict[str, str] = {}
 
-            def run_engine() -> None:
-                texts["engine"] = engine.generate([prompt], params)[0].text
+        def run_engine() -> None:
+            texts["engine"] = engine.generate([prompt], params)[0].text
 
-            def run_api() -> None:
-                out = client.completions.create(**request)
-                assert out.usage.completion_tokens == args.new_tokens, out.usage
-                texts["API"] = out.choices[0].text
+        def run_api() -> None:
+            out = client.completions.create(**request)
+            assert out.usage.completion_tokens == args.new_tokens, out.usage
+            texts["API"] = out.choices[0].text
 
-            first: list[float] = []
+        first: list[float] = []
 
-            def run_stream() -> None:
-                t0, pieces = time.perf_counter(), []
-                for chunk in client.completions.create(**request, stream=True):
-                    if chunk.choices and chunk.choices[0].text:
-                        if not pieces:
-                            first.append(time.perf_counter() - t0)
-                        pieces.append(chunk.choices[0].text)
-                texts["stream"] = "".join(pieces)
+        def run_stream() -> None:
+            t0, pieces = time.perf_counter(), []
+            for chunk in client.completions.create(**request, stream=True):
+                if chunk.choices and chunk.choices[0].text:
+                    if not pieces:
+                        first.append(time.perf_counter() - t0)
+                    pieces.append(chunk.choices[0].text)
+            texts["stream"] = "".join(pieces)
 
-            ways = {"engine": run_engine, "API": run_api, "stream": run_stream}
-            for run in ways.values():  # warm-up: the server's kernels, the client's connection
+        ways = {"engine": run_engine, "API": run_api, "stream": run_stream}
+        for run in ways.values():  # warm-up: the server's kernels, the client's connection
+            run()
+        best = dict.fromkeys(ways, float("inf"))
+        for _ in range(args.repeats):
+            for name, run in ways.items():
+                t0 = time.perf_counter()
                 run()
-            best = dict.fromkeys(ways, float("inf"))
-            for _ in range(args.repeats):
-                for name, run in ways.items():
-                    t0 = time.perf_counter()
-                    run()
-                    best[name] = min(best[name], time.perf_counter() - t0)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+                best[name] = min(best[name], time.perf_counter() - t0)
     if len(set(texts.values())) != 1:
         sys.exit("the three ways generated different text: the comparison would be meaningless")
     print(f"model: {args.preset} random weights, {model.num_parameters() / 1e6:.1f}M parameters; torch "

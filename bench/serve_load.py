@@ -23,19 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simplegpt import GPT, get_tokenizer, save_checkpoint  # noqa: E402
-from simplegpt.model import preset_config  # noqa: E402
+from random_server import served_random_model  # bench/: the random checkpoint and its server
 
 
 @dataclass
@@ -181,30 +173,15 @@ def main() -> None:
     except ImportError:
         p.error("needs httpx and the serve extra: pip install -e '.[dev]'")
 
-    torch.manual_seed(0)
-    tokenizer = get_tokenizer("gpt2")
-    model = GPT(preset_config(args.preset, vocab_size=tokenizer.vocab_size)).eval()
-    prompt = tokenizer.decode(list(range(1000, 1016)))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(Path(tmp) / "bench", model, tokenizer)
-        proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "serve", "--checkpoint", str(path), "--port", "0",
-                                 "--max-batch", str(args.max_batch), "--no-access-log",
-                                 "--max-queue", str(max(256, 2 * max(args.clients)))],
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            found = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stderr.readline())
-            if not found:
-                sys.exit(f"the server did not start: {proc.stderr.read()}")
-            url = f"http://127.0.0.1:{found.group(1)}/v1"
-            print(f"simplegpt serve: {args.preset} shape ({model.num_parameters() / 1e6:.0f}M parameters), "
-                  f"--max-batch {args.max_batch}, {args.new_tokens} new tokens a request, {args.requests} requests "
-                  f"a client, {torch.get_num_threads()} threads")
-            asyncio.run(run_level(url, "bench", 1, 1, prompt, 4))  # warm-up
-            ours = measure(url, "bench", args, prompt)
-            report("simplegpt serve", ours)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    serve_args = ("--max-batch", str(args.max_batch), "--no-access-log",
+                  "--max-queue", str(max(256, 2 * max(args.clients))))
+    with served_random_model(args.preset, *serve_args) as (model, _, prompt, url):
+        print(f"simplegpt serve: {args.preset} shape ({model.num_parameters() / 1e6:.0f}M parameters), "
+              f"--max-batch {args.max_batch}, {args.new_tokens} new tokens a request, {args.requests} requests "
+              f"a client, {torch.get_num_threads()} threads")
+        asyncio.run(run_level(url, "bench", 1, 1, prompt, 4))  # warm-up
+        ours = measure(url, "bench", args, prompt)
+        report("simplegpt serve", ours)
     theirs = None
     if args.also:
         url = args.also.rstrip("/")
