@@ -23,6 +23,7 @@ one short text per row, padded, with an attention mask and IGNORE_INDEX labels o
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import glob
 import hashlib
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_dir
-from .errors import DataError, SimpleGPTError
+from .errors import DISK_FULL, DataError, FileAccessError, SimpleGPTError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
 from .tokenizer import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, get_tokenizer, load_tokenizer,
@@ -476,7 +477,8 @@ class _ShardWriter:
                 self._next_file()
             room = self.shard_tokens - self.shards[-1]["tokens"]
             part = tokens[start:start + room]
-            part.tofile(self._file)
+            # a plain write: ndarray.tofile reports a full disk as an OSError without its errno
+            self._file.write(memoryview(part).cast("B"))
             self.shards[-1]["tokens"] += len(part)
             self.tokens += len(part)
             start += len(part)
@@ -610,7 +612,7 @@ def prepare_corpus(
 
     _check_out_dir(out)
     # The pool is started first, before the corpus's reader or the progress bar start any thread.
-    with _EncodingPool(_Encoder(tok, dtype), workers) as pool, atomic_dir(out) as tmp:
+    with _disk_full_is_one_line(out), _EncodingPool(_Encoder(tok, dtype), workers) as pool, atomic_dir(out) as tmp:
         writer = _ShardWriter(tmp, "train", shard_tokens)
         n_docs = n_bytes = 0
         documents = iter(corpus.documents())
@@ -670,6 +672,20 @@ def prepare_corpus(
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     return meta
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(out: Path) -> Iterator[None]:
+    """Inside it, a write that finds no room (a full disk, a quota) is a FileAccessError naming out's
+    disk; atomic_dir has removed what was written by then, and a dataset already at out is untouched."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise FileAccessError(f"the disk of {out} is full{where}: {e.strerror}; nothing was written: free some "
+                              "space and prepare again") from None
 
 
 def _check_out_dir(path: Path) -> None:

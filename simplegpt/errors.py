@@ -8,7 +8,11 @@ value, ImportError for a missing package), so `except ValueError` in user code s
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
+
+# The errors of a write that found no room: a full disk, a quota, a file-size limit.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class SimpleGPTError(Exception):

@@ -282,3 +282,26 @@ def test_a_resume_counts_the_space_its_own_checkpoints_free(tmp_path, corpus, sm
                            "--quiet"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert load_train_state(run / "last")["step"] == 4
+
+
+def test_a_full_disk_during_prepare_is_one_line_and_leaves_the_old_dataset(tmp_path, corpus, small_disk):
+    """prepare alone and inside `train --data`: the shards fill a 1 MiB disk. One line, exit 1, and
+    nothing half-written: a dataset already in the folder stays as it was."""
+    disk = small_disk("1m")
+    big = tmp_path / "big.txt"
+    big.write_text(corpus.read_text() * 20)  # 1.2 MB of text: more tokens than the disk holds
+    prepare = [sys.executable, "-m", "simplegpt", "prepare", "-t", "char", "--quiet", "-j", "1"]
+    old = subprocess.run([*prepare, str(corpus), "-o", str(disk / "ds")], capture_output=True, text=True,
+                         timeout=120)
+    assert old.returncode == 0, old.stderr
+    before = {p.name: p.read_bytes() for p in (disk / "ds").rglob("*") if p.is_file()}
+    for command in ([*prepare, str(big), "-o", str(disk / "ds")],
+                    [sys.executable, "-m", "simplegpt", "train",
+                     *_args(tmp_path, big, tmp_path / "run", data_dir=disk / "ds", max_iters=2), "--quiet"]):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert f"error: the disk of {disk / 'ds'} is full" in line and "No space left on device" in line, line
+        assert sorted(p.name for p in disk.iterdir()) == ["ds"]  # no temporary copy left beside it
+        assert {p.name: p.read_bytes() for p in (disk / "ds").rglob("*") if p.is_file()} == before

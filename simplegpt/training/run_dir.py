@@ -15,7 +15,6 @@ run with one line naming its last good checkpoint (`write_failure`); the metrics
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from typing import Any
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, read_toml, to_toml
-from ..errors import CheckpointError, ConfigError
+from ..errors import DISK_FULL, CheckpointError, ConfigError
 from . import TrainingError
 from .lock import LOCK_FILE, RunLock, lock_run_folder
 
@@ -142,9 +141,6 @@ def _size(folder: Path) -> int:
             if p.is_file():
                 total += p.stat().st_size
     return total
-
-
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def write_failure(out: Path, e: OSError, step: int | None) -> TrainingError | None:
