@@ -109,3 +109,61 @@ def test_bad_prompts_are_refused_at_submit(engine):
         assert batcher.queued_rows == 0
     finally:
         batcher.stop(10)
+
+
+def test_the_servers_scoring_passes_the_queue_limit_the_deadline_and_the_client_check():
+    """simplegpt.serve.scheduler.Scheduler.score, as /v1/completions runs echo with max_tokens 0: beyond
+    --max-queue it is a 429; while it waits behind a busy batcher its deadline passes (RequestTimeout)
+    or its client leaves (None), and then the engine never scores it."""
+    pytest.importorskip("fastapi")
+    import asyncio
+
+    from simplegpt.serve.errors import APIError
+    from simplegpt.serve.scheduler import RequestTimeout, Scheduler
+
+    tok = get_tokenizer("byte")
+    engine = Engine(make_tiny_gpt(seed=1, vocab_size=tok.vocab_size, n_positions=24), tok)
+    scored = []
+    engine_score = engine.score
+    engine.score = lambda prompts, top=0: scored.append(len(prompts)) or engine_score(prompts, top)
+    timeout = 3.0  # seconds: long enough for a loaded machine's first scoring
+    scheduler = Scheduler(engine, max_batch=2, max_queue=4, timeout=timeout)
+    busy = threading.Event()
+
+    def hold() -> None:  # the batcher's thread stays busy until released
+        busy.wait(30)
+
+    async def never_gone() -> bool:
+        return False
+
+    async def gone() -> bool:
+        return True
+
+    async def main() -> None:
+        assert await scheduler.score([[1, 2, 3]] * 4, 1, never_gone) is not None  # 4 rows fit
+        with pytest.raises(APIError) as e:
+            await scheduler.score([[1, 2, 3]] * 5, 1, never_gone)
+        assert e.value.status == 429 and scored == [4]
+        scheduler.batcher.call(hold, lambda _: None)
+        late = asyncio.ensure_future(scheduler.score([[1, 2]] * 3, 0, never_gone))
+        await asyncio.sleep(0)
+        assert scheduler.queued == 3  # scoring rows wait in the queue, and count against it
+        with pytest.raises(APIError) as e:
+            await scheduler.score([[1, 2]] * 2, 0, never_gone)
+        assert e.value.status == 429
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(RequestTimeout):
+            await late
+        assert asyncio.get_running_loop().time() - start < timeout + 5  # not held until the batcher is free
+        assert await scheduler.score([[1, 2]], 0, gone) is None
+        busy.set()
+        while scheduler.queued:  # the cancelled jobs run (as nothing) and leave the queue
+            await asyncio.sleep(0.01)
+        assert scored == [4]  # neither was scored
+        assert await scheduler.score([[1, 2]] * 4, 0, never_gone) is not None
+
+    try:
+        asyncio.run(main())
+    finally:
+        busy.set()
+        scheduler.close(timeout=10)

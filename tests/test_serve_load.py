@@ -350,3 +350,130 @@ def test_a_half_sent_body_gets_408_while_others_are_served(checkpoint):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_scoring_flood_gets_429s_while_a_completion_finishes_within_its_timeout(checkpoint):
+    """echo with max_tokens 0 (scoring, as evaluation harnesses send it) passes the same queue limit
+    as generation: a flood of them gets 429s, and a completion sent in the middle of it is answered
+    before its --request-timeout (a 504 would say it was not)."""
+    timeout = 30
+    proc, port = start(checkpoint, "--max-queue", "8", "--request-timeout", str(timeout))
+    base = f"http://127.0.0.1:{port}"
+    score = {"model": "tiny", "prompt": [[65 + i % 26] * 40 for i in range(5)], "echo": True, "max_tokens": 0,
+             "logprobs": 1}  # 5 rows: two of them do not fit in --max-queue 8
+    flooding = threading.Event()
+    flooding.set()
+
+    def flood() -> list[int]:
+        codes = []
+        with httpx.Client(timeout=120) as c:
+            while flooding.is_set():
+                codes.append(c.post(f"{base}/v1/completions", json=score).status_code)
+        return codes
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            floods = [pool.submit(flood) for _ in range(8)]
+            time.sleep(1)
+            try:
+                r = httpx.post(f"{base}/v1/completions", timeout=120,
+                               json={"model": "tiny", "prompt": "ROMEO:", "max_tokens": 8, "ignore_eos": True})
+            finally:
+                flooding.clear()
+            codes = [c for f in floods for c in f.result()]
+        assert r.status_code == 200, r.text  # within its timeout (else a 504), though the queue was full
+        assert r.json()["usage"]["completion_tokens"] == 8
+        assert set(codes) == {200, 429} and codes.count(429) >= 1, codes
+        assert httpx.get(f"{base}/load").json()["queued"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_trickled_body_is_cut_at_the_body_timeout(checkpoint):
+    """--body-timeout bounds the whole body, not the gap between its bytes: a client that sends one
+    byte every fraction of the timeout gets 408 before its body is complete."""
+    body_timeout = 1.5
+    proc, port = start(checkpoint, "--body-timeout", str(body_timeout))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 200\r\n\r\n")
+            sent = 0
+            slow.setblocking(False)
+            while sent < 200:
+                try:
+                    if slow.recv(1, socket.MSG_PEEK):
+                        break  # answered
+                except BlockingIOError:
+                    pass
+                slow.send(b" ")
+                sent += 1
+                time.sleep(body_timeout / 6)  # far inside the timeout between two bytes
+            slow.setblocking(True)
+            answer = read_response(slow).decode()
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert sent < 200  # cut before the whole body came (it would take 200 / 6 timeouts)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_small_hostile_requests_are_400s_and_the_schema_needs_the_key(server):
+    _, base = server
+
+    def error(r, status):
+        assert r.status_code == status, r.text
+        return r.json()["error"]
+
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}
+    e = error(httpx.post(f"{base}/v1/chat/completions", json=chat, headers=auth()), 400)
+    assert e["param"] == "messages.0.content.0.text", e
+    completion = {"model": "tiny", "prompt": "A"}
+    for field, value in (("max_tokens", True), ("n", True), ("temperature", True), ("logprobs", False),
+                         ("seed", True), ("temperature", "0.5"), ("n", 1.0), ("echo", 1), ("prompt", [65, True])):
+        e = error(httpx.post(f"{base}/v1/completions", json={**completion, field: value}, headers=auth()), 400)
+        assert e["param"].split(".")[0] == field, (field, value, e)
+    chat["messages"][0]["content"] = [{"type": "text", "text": "Hi"}]
+    e = error(httpx.post(f"{base}/v1/chat/completions", json={**chat, "max_completion_tokens": True},
+                         headers=auth()), 400)
+    assert e["param"] == "max_completion_tokens"
+    assert error(httpx.post(f"{base}/detokenize", json={"tokens": [65, True]}, headers=auth()), 400)["param"] \
+        .startswith("tokens")
+    assert httpx.post(f"{base}/v1/chat/completions", json={**chat, "max_tokens": 2},
+                      headers=auth()).status_code == 200
+    port = base.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}@evil.example", f"localhost:{port}@evil.example", "127.0.0.1:x", "[::1]x"):
+        error(httpx.get(f"{base}/health", headers={"Host": host}), 400)
+    assert httpx.get(f"{base}/health", headers={"Host": f"[::1]:{port}"}).status_code == 200
+    for path in ("/docs", "/redoc"):  # no pages that load their scripts from a CDN
+        assert httpx.get(f"{base}{path}", headers=auth()).status_code == 404
+    error(httpx.get(f"{base}/openapi.json"), 401)
+    assert httpx.get(f"{base}/openapi.json", headers=auth()).json()["info"]["title"] == "simplegpt"
+
+
+def test_a_stream_past_the_shutdown_timeout_ends_with_an_error_event_and_one_log_line(checkpoint):
+    proc, port = start(checkpoint, "--shutdown-timeout", "1", "--max-tokens", "1000000")
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": "tiny", "prompt": "A", "max_tokens": 100_000, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        def stream() -> list[str]:
+            with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+        streamed = pool.submit(stream)
+        plain = pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60)
+        while httpx.get(f"{base}/load").json()["running"] < 2:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        events = streamed.result()
+        r = plain.result()
+    assert json.loads(events[-1])["error"]["code"] == "server_shutdown", events[-1]  # not cut off unannounced
+    assert "--shutdown-timeout (1 s)" in json.loads(events[-1])["error"]["message"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown"
+    time.sleep(0.2)
+    log = "".join(proc.log)
+    assert "Traceback" not in log, log
+    [line] = [line for line in proc.log if "shutdown" in line]
+    assert line.strip() == "simplegpt serve: --shutdown-timeout (1 s) ran out: 2 running request(s) stopped"

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
@@ -57,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="an idle keep-alive connection is closed after this long")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM or Ctrl-C, how long running requests may take to finish")
+                   help="on SIGTERM or Ctrl-C, how long running requests may take to finish; those still running "
+                        "then are stopped (503, or an error event when streamed)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics (repeat for several; "
                         "also SIMPLEGPT_API_KEY); /health and the playground page stay open")
@@ -130,26 +132,56 @@ def run(args: argparse.Namespace) -> int:
         access.addHandler(handler)
         access.setLevel(logging.INFO)
     http = header_timeout_protocol(args.header_timeout) if args.header_timeout else "auto"
+    # uvicorn cancels what still runs at its own timeout, mid-response and with tracebacks; the requests
+    # are stopped first (stop_requests), and its timeout is only a backstop for a connection that hangs.
+    seconds = args.shutdown_timeout
     server = graceful_server_class()(uvicorn.Config(app, log_level="warning", limit_concurrency=args.max_connections,
                                                     timeout_keep_alive=args.keep_alive_timeout, http=http,
-                                                    timeout_graceful_shutdown=args.shutdown_timeout))
+                                                    timeout_graceful_shutdown=seconds + SHUTDOWN_BACKSTOP))
+
+    def stop_requests() -> None:
+        stopped = app.state.scheduler.stop_all(f"the server is shutting down and its --shutdown-timeout "
+                                               f"({seconds:g} s) ran out before this request finished; retry")
+        if stopped:
+            print(f"simplegpt serve: --shutdown-timeout ({seconds:g} s) ran out: {stopped} running request(s) "
+                  "stopped", file=sys.stderr, flush=True)
+
+    server.stop_requests = (seconds, stop_requests)
     server.run(sockets=[sock])
     return 0
 
 
+SHUTDOWN_BACKSTOP = 5.0  # seconds after --shutdown-timeout at which uvicorn cancels what still runs
+
+
 def graceful_server_class():
     """uvicorn.Server whose SIGTERM is an ordinary, graceful end (exit 0): uvicorn re-raises a
-    captured SIGTERM after its shutdown, so that a process killed by it looks killed."""
+    captured SIGTERM after its shutdown, so that a process killed by it looks killed. Its
+    stop_requests, (seconds, callback), has the callback called that long after the shutdown
+    begins, on the event loop, unless it ended first."""
+    import asyncio
     import signal
 
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
+        stop_requests: tuple[float, Callable[[], None]] | None = None
+
         def handle_exit(self, sig, frame) -> None:
             if sig == signal.SIGTERM:
                 self.should_exit = True  # not recorded: nothing to re-raise once the requests finished
             else:
                 super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            timer = None
+            if self.stop_requests is not None:
+                timer = asyncio.get_running_loop().call_later(*self.stop_requests)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     return GracefulServer
 

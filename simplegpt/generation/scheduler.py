@@ -119,7 +119,8 @@ class ContinuousBatcher:
 
     def call(self, fn: Callable[[], object], done: Callable[[object], None]) -> None:
         """Runs fn() on the scheduler's thread between two steps (work that needs the engine, such
-        as Engine.score) and hands done its return value or the exception it raised."""
+        as Engine.score; one such job between two steps) and hands done its return value or the
+        exception it raised."""
         with self.cond:
             self.jobs.append((fn, done))
             self.cond.notify()
@@ -138,8 +139,9 @@ class ContinuousBatcher:
                     self.cond.wait()
                 if self.stopping:
                     break
-                jobs = list(self.jobs)
-                self.jobs.clear()
+                # one job between two steps: a burst of jobs (a scoring flood) delays the running rows'
+                # decode by one job a step, as a burst of prompts delays it by one prefill budget
+                jobs = [self.jobs.popleft()] if self.jobs else []
             for fn, done in jobs:
                 try:
                     out = fn()

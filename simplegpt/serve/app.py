@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from ..engine import FINISH_LENGTH, Engine, Result
+from ..engine import FINISH_LENGTH, Engine, Result, TokenLogprobs
 from ..tokenizer import EOS_TEXT
 from .chat import CHAT_STOP, DEFAULT_CHAT_MAX_TOKENS, chat_prompt
 from .errors import APIError, add_error_handlers, error_body
@@ -22,7 +22,7 @@ from .guard import Guard
 from .metrics import Metrics
 from .params import Prompt, encode, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
 from .responses import Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card, sse, usage
-from .scheduler import RequestTimeout, Scheduler, Submission
+from .scheduler import RequestTimeout, Scheduler, ServerStopping, Submission
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -70,8 +70,9 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         yield
         scheduler.close(timeout=10)
 
+    # No /docs or /redoc pages: they load their scripts from a CDN; /openapi.json needs the key (guard.PROTECTED).
     app = FastAPI(title="simplegpt", description="An OpenAI-compatible API over a simplegpt model.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = scheduler
     app.add_middleware(Guard, api_keys=api_keys, allowed_hosts=allowed_hosts, max_body=limits.max_body,
                        body_timeout=limits.body_timeout, on_done=metrics.request_done)
@@ -103,13 +104,28 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         return APIError(f"the request ran past the server's --request-timeout of {limits.timeout:g} s and was "
                         "cancelled", status=504, code="timeout")
 
+    def stopped(e: ServerStopping) -> APIError:
+        return APIError(str(e), status=503, code="server_shutdown")
+
     async def finished(sub: Submission, request: Request) -> list[Result] | Response:
         """A request that is not streamed: its results, or an empty answer when its client left."""
         try:
             results = await sub.results(request.is_disconnected)
         except RequestTimeout:
             raise timed_out() from None
+        except ServerStopping as e:
+            raise stopped(e) from None
         return Response(status_code=CLIENT_GONE) if results is None else results
+
+    async def score_prompts(ids: list[list[int]], top: int, request: Request,
+                            deadline: float | None) -> list[tuple[list[int], list[TokenLogprobs]]] | None:
+        """The prompts scored (Scheduler.score: the queue's limit, the deadline, None when the client left)."""
+        try:
+            return await scheduler.score(ids, top, request.is_disconnected, deadline)
+        except RequestTimeout:
+            raise timed_out() from None
+        except ServerStopping as e:
+            raise stopped(e) from None
 
     def first_token_timer(sub: Submission) -> None:
         start = time.perf_counter()
@@ -138,8 +154,8 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                         out = piece_event(*event)
                         if out is not None:
                             yield out
-            except RequestTimeout:
-                e = timed_out()
+            except (RequestTimeout, ServerStopping) as stop:
+                e = timed_out() if isinstance(stop, RequestTimeout) else stopped(stop)
                 yield sse(error_body(e.message, e.status, code=e.code))
                 return
             yield sse("[DONE]")
@@ -232,8 +248,11 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
             whole = isinstance(p, str) and req.truncate_prompt_tokens is None
             return (p if whole else tokenizer.decode(ids[i])) if req.echo else ""
 
+        deadline = scheduler.deadline()  # scoring the prompt and generating share the request's time
         if score_only:
-            scored = await scheduler.score(ids, k or 0)
+            scored = await score_prompts(ids, k or 0, request, deadline)
+            if scored is None:
+                return Response(status_code=CLIENT_GONE)
             results = [Result("", [], FINISH_LENGTH, prompt_tokens=len(t)) for t, _ in scored]
             count(results, req.n)
             choices = [choice(i, echoed(i), FINISH_LENGTH,
@@ -241,8 +260,12 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                        for i in range(len(rows))]
             return {**head, "choices": choices, "usage": usage(results, req.n)}
         # echo with logprobs: the prompt's own tokens come first, each given the ones before it
-        scored = await scheduler.score(ids, k or 0) if req.echo and k is not None else None
-        sub = scheduler.submit(ids, params, req.stream)
+        scored = None
+        if req.echo and k is not None:
+            scored = await score_prompts(ids, k, request, deadline)
+            if scored is None:
+                return Response(status_code=CLIENT_GONE)
+        sub = scheduler.submit(ids, params, req.stream, deadline)
         first_token_timer(sub)
         if not req.stream:
             results = await finished(sub, request)

@@ -15,12 +15,9 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
     content parts that are not text."""
     parts: list[str] = []
     for m in messages:
-        if isinstance(m.content, list):
-            if any(p.get("type") != "text" for p in m.content):
-                raise APIError("only text content parts are supported", param="messages")
-            text = "".join(p.get("text", "") for p in m.content)
-        else:
-            text = m.content or ""
+        if any(p.type != "text" for p in m.content or []):
+            raise APIError("only text content parts are supported", param="messages")
+        text = "".join(p.text for p in m.content or [])
         if m.role in ("system", "developer"):
             parts.append(f"{text}\n\n")
         else:

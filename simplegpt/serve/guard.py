@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -25,7 +26,8 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
-PROTECTED = ("/v1/", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")  # need the key, when there is one
+PROTECTED = ("/v1/", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info",
+             "/openapi.json")  # need the key, when there is one
 
 
 class BodyTooLarge(HTTPException):
@@ -47,7 +49,7 @@ class Guard:
     api_keys: keys a /v1 request (and /metrics) must send as `Authorization: Bearer KEY`, none = open;
     allowed_hosts: host names the Host header may name (None = any), which stops a web page from
     reaching a loopback server through DNS rebinding; max_body: bytes a request body may have (413);
-    body_timeout: seconds the client may take to send its body (408); on_done(method, path,
+    body_timeout: seconds the client may take to send its whole body (408); on_done(method, path,
     status, seconds): called once per request (metrics).
     """
 
@@ -86,8 +88,7 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         if self.hosts is not None:
             host = headers.get("host", b"").decode("latin-1").lower()
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name.strip("[]") not in self.hosts:
+            if host_name(host) not in self.hosts:
                 return 400, f"the Host header {host!r} is not one this server answers to", None
         if self.keys and scope["path"].startswith(PROTECTED):
             auth = headers.get("authorization", b"")
@@ -104,14 +105,17 @@ class Guard:
         return None
 
     def reader(self, receive: Receive) -> Receive:
-        """receive, with the body's size and read time bounded (BodyTooLarge, BodyTimeout)."""
+        """receive, with the body's size bounded (BodyTooLarge) and the whole body due within
+        body_timeout of the request's start (BodyTimeout), however its bytes trickle in."""
         seen = [0, False]  # bytes so far, body complete
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.body_timeout
 
         async def receiving() -> dict:
             if seen[1]:
                 return await receive()  # after the body: only a disconnect comes, whenever it comes
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, due - loop.time()))
             except asyncio.TimeoutError:
                 raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
@@ -130,6 +134,18 @@ class Guard:
         raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+# A Host header (RFC 9110 7.2): a name, an IPv4 address or a bracketed IPv6 address, then an optional port.
+HOST = re.compile(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::[0-9]*)?")
+
+
+def host_name(host: str) -> str | None:
+    """The name or address a lowercase Host header gives (an IPv6 address without its brackets);
+    None for anything else, such as 'localhost:8000@evil.com', which a looser split would read as
+    localhost."""
+    m = HOST.fullmatch(host)
+    return None if m is None else m[1] or m[2]
 
 
 def header_timeout_protocol(seconds: float) -> type:

@@ -3,20 +3,22 @@
 Unknown fields are refused (a 400 naming them); fields OpenAI has and simplegpt cannot honour
 (presence_penalty, logit_bias, best_of, tools, ...) are accepted here and refused by
 params.refuse_unsupported unless left at their defaults, so the error names what is unsupported.
+Types are strict (a 400 naming the field): no value is coerced into another type, so `true` is no
+count, "0.5" no temperature and 2.0 no n (a whole number is still a float where a float is asked).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SamplingRequest(BaseModel):
     """The sampling fields completions and chat share. A field sent as null takes its default, as
     some clients send every option they know of."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -60,13 +62,28 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
 
 
-class ChatMessage(BaseModel):
-    """One message of a chat: its text, or OpenAI's list of content parts (text parts only)."""
+class ContentPart(BaseModel):
+    """One of OpenAI's content parts of a chat message (chat.chat_prompt takes text parts only)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: str
+    text: str = ""
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat: its text, or OpenAI's list of content parts. Text sent as a string is
+    kept as one text part, so that a bad part is refused naming its field (messages.0.content.1.text)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
+    content: list[ContentPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_is_one_part(cls, content: Any) -> Any:
+        return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
 class ChatRequest(SamplingRequest):
@@ -86,7 +103,7 @@ class TokenizeRequest(BaseModel):
     """POST /tokenize (vLLM's route, which lm-evaluation-harness's API clients use): text to token ids.
     add_special_tokens is taken and has no effect: simplegpt's tokenizers add none."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str
     add_special_tokens: bool = True
@@ -96,7 +113,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """POST /detokenize (vLLM's route): token ids to text."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     tokens: list[int]
     model: str | None = None
