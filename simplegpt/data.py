@@ -7,7 +7,8 @@
     train_000000.bin ...  token shards: flat little-endian uint16 (vocab < 65536) or uint32
     val_000000.bin ...    the validation split: the last val_fraction (or val_tokens) of the token stream
 
-Documents are separated by the tokenizer's EOS token. The corpus is a stream: batches of documents
+Documents are separated by the tokenizer's EOS token (a .txt file is one document, read in pieces:
+`corpus_files`). The corpus is a stream: batches of documents
 are tokenized in worker processes (`_EncodingPool`, results in corpus order, a few batches per worker
 in flight) and appended to train shards as they fill (`_ShardWriter`), so memory is bounded whatever
 the corpus's size and the output does not depend on the number of workers; max_tokens stops reading
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import decimal
-import glob
 import hashlib
 import itertools
 import json
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_dir
+from .corpus_files import Part, glob_files, text_pieces
 from .errors import DISK_FULL, DataError, FileAccessError, SimpleGPTError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
@@ -86,15 +87,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_text(path: Path) -> str:
-    # utf-8-sig drops a leading byte-order mark (Windows editors write one), which would otherwise
-    # become the corpus's first character and a token of its own.
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8 first") from None
-
-
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark would break line 1's JSON
         for n, line in enumerate(f, 1):
@@ -113,17 +105,17 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _file_documents(files: list[Path], text_field: str) -> Iterator[str]:
-    # Each .txt file is one document; each .jsonl line is one document.
+    # Each .txt file is one document, read in pieces (Parts, then the last piece); each .jsonl line is one.
     for path in files:
         if path.suffix == ".jsonl":
             yield from _jsonl_documents(path, text_field)
         else:
-            yield _read_text(path)
+            yield from text_pieces(path)
 
 
 def _local_files(source: str) -> list[Path]:
     if any(ch in source for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        files = glob_files(source)
         if not files:
             raise DataError(f"the pattern {source!r} matches no files")
         return files
@@ -288,16 +280,18 @@ class _Encoder:
 
     def __call__(self, docs: list[str]) -> tuple[np.ndarray, int, int]:
         """(tokens, documents, bytes): the batch's token stream and how many non-empty documents
-        and UTF-8 bytes of text it holds."""
+        and UTF-8 bytes of text it holds. A Part (a document's piece that goes on in the next item)
+        gets no EOS and is not counted: its document's last piece is."""
         pieces: list[np.ndarray] = []
         n_docs = n_bytes = 0
         for doc in docs:
+            whole = not isinstance(doc, Part)
             doc, raw = _utf8(doc)
             ids = self.encode(doc)
             if len(ids) == 0:
                 continue
-            pieces += (ids, self.eos)
-            n_docs += 1
+            pieces += (ids, self.eos) if whole else (ids,)
+            n_docs += whole
             n_bytes += len(raw)
         tokens = np.concatenate(pieces).astype(self.dtype, copy=False) if pieces else np.zeros(0, self.dtype)
         return tokens, n_docs, n_bytes
@@ -442,11 +436,12 @@ def _char_budget(documents: Iterable[str], max_tokens: int | None) -> Iterator[s
     for doc in documents:
         if budget <= 0:
             return
+        whole = not isinstance(doc, Part)  # a Part's document goes on: its EOS comes after its last piece
         doc = _utf8(doc)[0]
         if not doc:
             continue
-        yield doc[:int(min(budget, len(doc)))]
-        budget -= len(doc) + 1
+        yield doc if len(doc) <= budget else doc[:int(budget)]
+        budget -= len(doc) + whole
 
 
 def _char_vocabulary(corpus: Corpus, max_tokens: int | None = None) -> CharTokenizer:
@@ -562,14 +557,15 @@ def prepare_corpus(
     The corpus is read as a stream: batches of documents are tokenized in `workers` processes
     (default: usable_cores(); 1 = in this process; the output is the same byte for byte), and their
     tokens, in corpus order, are appended to train shards of shard_tokens tokens as they fill, so
-    memory stays bounded by a few batches per worker (and the largest document) whatever the
-    corpus's size. max_tokens stops reading once the stream holds that many tokens (EOS included;
+    memory stays bounded by a few batches per worker whatever the corpus's size (a .txt file is read
+    in pieces, corpus_files.text_pieces; a .jsonl line or a Hugging Face row is held whole). max_tokens stops reading once the stream holds that many tokens (EOS included;
     the last document may be cut). At the end the validation split, the last val_tokens tokens of
     the stream (default: the last val_fraction of them, at least 2), is moved out of the train
     shards. Does nothing (and returns the existing meta) when out_dir already holds this corpus,
     tokenized the same way, unless force=True.
 
-    Raises DataError for an unusable source, an empty corpus or bad settings.
+    Raises DataError for an unusable source, an empty corpus or bad settings, FileAccessError when
+    out's disk is full (nothing is left half-written).
     """
     from tqdm.auto import tqdm
 

@@ -374,3 +374,66 @@ def test_a_new_shard_size_prepares_again_and_the_same_one_does_not(tmp_path):
     default = prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "byte", progress=False)
     assert len(sizes(default)) == 1  # one shard of the default size, not the 7,000-token ones
     assert prepare_corpus(str(tmp_path / "a.txt"), tmp_path / "ds", "byte", progress=False) == default
+
+
+def test_large_text_files_read_in_pieces_give_the_same_dataset_byte_for_byte(tmp_path, monkeypatch):
+    """A .txt file is read in pieces (simplegpt.corpus_files.text_pieces): cut between words, or anywhere in
+    a stretch with no white space; the shards, vocabulary and counts are those of the file read whole."""
+    from simplegpt import corpus_files
+
+    rng = np.random.default_rng(3)
+    words = WORDS + ["\r\n", "\t", "x\ry"]
+    prose = "".join(words[i] + (" " if j % 3 else "") for j, i in enumerate(rng.integers(0, len(words), 6000)))
+    files = {"a.txt": "\ufeff" + prose, "b.txt": "", "c.txt": "ab日本" * 3000, "d.txt": prose.replace("\n", " ")}
+    (tmp_path / "c").mkdir()
+    for name, text in files.items():
+        (tmp_path / "c" / name).write_bytes(text.encode())
+    for tokenizer, workers, max_tokens in (("char", 1, None), ("char", 2, 30_000), ("byte", 1, None),
+                                           ("gpt2", 2, None)):
+        trees = []
+        for piece_chars in (10**9, 1000, 4096):
+            monkeypatch.setattr(corpus_files, "PIECE_CHARS", piece_chars)
+            source = str(tmp_path / "c") if tokenizer != "gpt2" else str(tmp_path / "c" / "[ad].txt")
+            out = tmp_path / f"ds-{tokenizer}-{piece_chars}"
+            prepare_corpus(source, out, tokenizer, shard_tokens=3000, workers=workers, max_tokens=max_tokens,
+                           progress=False)
+            trees.append(_tree(out))
+        assert trees[1] == trees[0] and trees[2] == trees[0], tokenizer
+    assert len(list(corpus_files.text_pieces(tmp_path / "c" / "a.txt"))) > 5  # 4096 characters a piece: read in pieces
+    pieces = list(corpus_files.text_pieces(tmp_path / "c" / "a.txt", 1000))
+    assert all(isinstance(p, corpus_files.Part) for p in pieces[:-1]) and type(pieces[-1]) is str
+    assert "".join(pieces) == prose.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads peak RSS from Linux's /proc")
+def test_memory_stays_bounded_on_a_single_line_file(tmp_path):
+    """30 MB of text on one line, with the char tokenizer: read whole, it grew the peak RSS by about
+    26 times its size (780 MB); read in pieces, by what a piece and the validation count need."""
+    line = " ".join(d.replace("\n", " ") for d in _documents(200))
+    (tmp_path / "big.txt").write_text(line * (30_000_000 // len(line.encode())), encoding="utf-8")
+    size = (tmp_path / "big.txt").stat().st_size
+    result = _rss_probe(tmp_path, tmp_path / "big.txt", tmp_path / "ds", workers=1, tokenizer="char",
+                        shard_tokens="100M")
+    assert result["meta"]["bytes"] == size and result["meta"]["documents"] == 1
+    assert result["growth"] < 250e6, f"peak RSS grew by {result['growth'] / 1e6:.0f} MB for {size / 1e6:.0f} MB"
+
+
+def test_a_recursive_glob_follows_no_symlink_loop_and_counts_each_file_once(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (root / "a.txt").write_text("first")
+    (root / "sub" / "b.txt").write_text("second")
+    (tmp_path / "other" / "d.txt").write_text("third")
+    (root / "sub" / "up").symlink_to("..")  # loops: back to corpus/, and to sub/ itself
+    (root / "sub" / "here").symlink_to(".")
+    (root / "again.txt").symlink_to("a.txt")  # the same file by another path
+    (root / "other").symlink_to(tmp_path / "other")  # a linked folder outside: followed
+    proc = subprocess.run([sys.executable, "-m", "simplegpt", "prepare", f"{root}/**/*.txt", "-o",
+                           str(tmp_path / "ds"), "-t", "byte", "-j", "1", "--quiet", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(proc.stdout)
+    assert sorted(meta["source_checksums"]) == [str(root / "a.txt"), str(root / "other" / "d.txt"),
+                                                str(root / "sub" / "b.txt")]
+    assert meta["documents"] == 3
