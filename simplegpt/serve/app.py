@@ -121,7 +121,8 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         """A streamed request's server-sent events, for completions and chat alike: `opening` first, then
         piece_event(row, text piece, tokens so far) for each piece (None: nothing to send), at the end
         final_event(row, Result) for each row, the usage chunk (stream_options.include_usage) and
-        [DONE]; a request past its time ends with an error event instead (its status was sent)."""
+        [DONE]; a request past its time, or whose decoding failed, ends with an error event instead (its
+        status was sent)."""
 
         async def events() -> AsyncIterator[str]:
             for event in opening:
@@ -138,8 +139,8 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                         out = piece_event(*event)
                         if out is not None:
                             yield out
-            except RequestTimeout:
-                e = timed_out()
+            except (RequestTimeout, APIError) as caught:  # past its time, or its decoding failed (500)
+                e = timed_out() if isinstance(caught, RequestTimeout) else caught
                 yield sse(error_body(e.message, e.status, code=e.code))
                 return
             yield sse("[DONE]")

@@ -4,7 +4,8 @@ thread, and their pieces and results come back to the event loop.
 
 A request beyond the queue's room is refused (429) rather than queued without bound; a request
 whose client leaves, or that runs past the server's timeout, is cancelled and its rows leave the
-batch at the next step.
+batch at the next step. A request whose decoding fails gets a 500 (an APIError its reader raises),
+and the batch goes on with the others.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ class Scheduler:
                 put((row, "", tokens))
 
         def done(outcome: list[Result] | BaseException | None) -> None:
+            if isinstance(outcome, BaseException):  # decoding this request failed (the others go on)
+                outcome = APIError(f"generating this request failed: {type(outcome).__name__}: {outcome}",
+                                   status=500, code="internal_error")
             if outcome is not None:
                 put(outcome)
             put(_DONE)

@@ -1,0 +1,131 @@
+"""The server against real clients' edge cases: one failing request among others, lone surrogates,
+model ids with '/', stream_options, chat logprobs. Real servers on 127.0.0.1 (a `simplegpt serve`
+process, or uvicorn in a thread where the test must reach into the process) and OpenAI's client."""
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import make_tiny_gpt
+from simplegpt import get_tokenizer, save_checkpoint
+from simplegpt.engine import Engine, SamplingParams
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from simplegpt.generation import scheduler as batcher_module  # noqa: E402
+from simplegpt.serve import create_app  # noqa: E402
+from test_server import start  # noqa: E402
+
+
+def tiny_engine(tokenizer) -> Engine:
+    model = make_tiny_gpt(seed=0, scale=4.0, vocab_size=tokenizer.vocab_size, n_positions=48)
+    return Engine(model, tokenizer)
+
+
+@contextlib.contextmanager
+def serving(engine: Engine, model_name: str = "tiny"):
+    """create_app(engine) served by uvicorn on 127.0.0.1 in a thread of this process; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            time.sleep(0.025)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def byte_engine() -> Engine:
+    return tiny_engine(get_tokenizer("byte"))
+
+
+@pytest.fixture(scope="module")
+def process(tmp_path_factory, byte_engine):
+    """A `simplegpt serve --model-name org/tiny-gpt` process over byte_engine's model."""
+    path = save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", byte_engine.model, byte_engine.tokenizer)
+    proc, port = start(path, "--model-name", "org/tiny-gpt")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+LONG = dict(prompt="ROMEO:", max_tokens=120, seed=3, temperature=0.9, ignore_eos=True)
+
+
+def stream_text(url: str, body: dict) -> tuple[str, list[dict]]:
+    """A streamed completion's text and its events (an error event included)."""
+    text, events = "", []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+                text += "".join(c["text"] for c in events[-1].get("choices", []))
+    return text, events
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_no_one(process, byte_engine):
+    """temperature 1e-45 (logits / temperature overflowed to NaN) beside a long request: it is greedy,
+    and the long one gives what it gives alone."""
+    model = "org/tiny-gpt"
+    [alone] = byte_engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=120, seed=3, temperature=0.9,
+                                                              stop_at_eos=False))
+    [greedy] = byte_engine.generate(["JULIET:"], SamplingParams(max_new_tokens=20, temperature=0))
+    got = {}
+    long = threading.Thread(target=lambda: got.setdefault("long", stream_text(process, {"model": model, **LONG})))
+    long.start()
+    time.sleep(0.2)
+    for temperature in (1e-45, 1e-38, 5e-324):
+        r = httpx.post(f"{process}/v1/completions", timeout=60, json={
+            "model": model, "prompt": "JULIET:", "max_tokens": 20, "temperature": temperature})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy.text, r.text
+    long.join(60)
+    assert got["long"][0] == alone.text
+
+
+def test_a_failing_request_gets_a_500_and_the_others_go_on(byte_engine, monkeypatch):
+    """A request whose decoding raises (its sampler, made to fail for seed 666) ends alone, as a 500 or
+    an error event; a long request beside it finishes with the text it gives alone."""
+    real = batcher_module.sample_next_token
+
+    def sampler(logits, params, *args, **kw):
+        if params.seed == 666:
+            raise RuntimeError("a sampler that fails for this request")
+        return real(logits, params, *args, **kw)
+
+    monkeypatch.setattr(batcher_module, "sample_next_token", sampler)
+    [alone] = byte_engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=120, seed=3, temperature=0.9,
+                                                              stop_at_eos=False))
+    with serving(byte_engine) as url:
+        got = {}
+        long = threading.Thread(target=lambda: got.setdefault("long", stream_text(url, {"model": "tiny", **LONG})))
+        long.start()
+        time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "A", "seed": 666}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert "a sampler that fails" in r.json()["error"]["message"]
+        _, events = stream_text(url, {"model": "tiny", "prompt": "A", "seed": 666})
+        assert events[-1]["error"]["code"] == "internal_error"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], seed=666)
+        long.join(60)
+        assert got["long"][0] == alone.text
+        ok = client.completions.create(model="tiny", prompt="B", max_tokens=5, seed=1)
+        assert ok.usage.completion_tokens == 5
