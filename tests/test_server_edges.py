@@ -129,3 +129,38 @@ def test_a_failing_request_gets_a_500_and_the_others_go_on(byte_engine, monkeypa
         assert got["long"][0] == alone.text
         ok = client.completions.create(model="tiny", prompt="B", max_tokens=5, seed=1)
         assert ok.usage.completion_tokens == 5
+
+
+SURROGATE = "a\ud800b"  # valid JSON ("a\\ud800b"), but no Unicode text
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "gpt2"])
+def test_a_lone_surrogate_is_one_400_naming_the_field_on_every_route(kind):
+    """GPT-2's tokenizer replaced it silently (and an echo could not be encoded back: a 500), the byte
+    tokenizer refused it, the char one took it as a character: now every route and tokenizer answers
+    one 400 naming where the text is."""
+    tokenizer = get_tokenizer(kind, text="ab \ud800:\nUsertAsin") if kind == "char" else get_tokenizer(kind)
+    user = {"role": "user", "content": SURROGATE}
+    requests = [
+        ("/v1/completions", {"prompt": SURROGATE}, "prompt"),
+        ("/v1/completions", {"prompt": SURROGATE, "echo": True}, "prompt"),
+        ("/v1/completions", {"prompt": SURROGATE, "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt"),
+        ("/v1/completions", {"prompt": SURROGATE, "stream": True}, "prompt"),
+        ("/v1/completions", {"prompt": ["ok", SURROGATE], "echo": True}, "prompt.1"),
+        ("/v1/completions", {"prompt": "ab", "stop": ["x", SURROGATE]}, "stop.1"),
+        ("/v1/chat/completions", {"messages": [user]}, "messages.0.content"),
+        ("/v1/chat/completions", {"messages": [user], "stream": True}, "messages.0.content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+         "messages.0.content.0.text"),
+        ("/tokenize", {"prompt": SURROGATE}, "prompt"),
+    ]
+    with serving(tiny_engine(tokenizer)) as url:
+        for route, body, field in requests:
+            r = httpx.post(f"{url}{route}", content=json.dumps({"model": "tiny", **body}), timeout=60,
+                           headers={"Content-Type": "application/json"})  # json.dumps writes \ud800 escaped
+            assert r.status_code == 400, (route, body, r.text)
+            error = r.json()["error"]
+            assert error["param"] == field and "surrogate" in error["message"], (route, body, error)
+        # the same text properly paired (U+1F642) or as UTF-8 is fine wherever the tokenizer knows it
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "ab", "echo": True, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("ab")
