@@ -164,3 +164,18 @@ def test_a_lone_surrogate_is_one_400_naming_the_field_on_every_route(kind):
         # the same text properly paired (U+1F642) or as UTF-8 is fine wherever the tokenizer knows it
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "ab", "echo": True, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("ab")
+
+
+def test_a_model_id_with_a_slash_is_found_plain_and_percent_encoded(process):
+    """Hugging Face-style names (org/tiny-gpt) were a 404 at GET /v1/models/{id}."""
+    client = openai.OpenAI(base_url=f"{process}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["org/tiny-gpt"]
+    assert client.models.retrieve("org/tiny-gpt").id == "org/tiny-gpt"
+    for path in ("org/tiny-gpt", "org%2Ftiny-gpt", "org%2ftiny-gpt"):
+        r = httpx.get(f"{process}/v1/models/{path}")
+        assert r.status_code == 200 and r.json()["id"] == "org/tiny-gpt", path
+    for path in ("org/other", "org", "org/tiny-gpt/x", "tiny-gpt"):
+        r = httpx.get(f"{process}/v1/models/{path}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", path
+    out = client.completions.create(model="org/tiny-gpt", prompt="A", max_tokens=3)
+    assert out.model == "org/tiny-gpt"

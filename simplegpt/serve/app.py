@@ -168,7 +168,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(engine, model_name, created)]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name:path}")  # ids such as org/tiny-gpt hold a slash
     def model(name: str) -> dict[str, Any]:
         check_model(name)
         return model_card(engine, model_name, created)
