@@ -179,3 +179,26 @@ def test_a_model_id_with_a_slash_is_found_plain_and_percent_encoded(process):
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", path
     out = client.completions.create(model="org/tiny-gpt", prompt="A", max_tokens=3)
     assert out.model == "org/tiny-gpt"
+
+
+def test_stream_options_without_stream_is_refused(process):
+    client = openai.OpenAI(base_url=f"{process}/v1", api_key="unused", max_retries=0)
+    user = [{"role": "user", "content": "hi"}]
+    for stream in (False, None):  # null is the default: not streamed
+        with pytest.raises(openai.BadRequestError, match="stream: true") as e:
+            client.completions.create(model="org/tiny-gpt", prompt="A", max_tokens=2, stream=stream,
+                                      stream_options={"include_usage": True})
+        assert e.value.body["param"] == "stream_options"
+        with pytest.raises(openai.BadRequestError, match="stream: true"):
+            client.chat.completions.create(model="org/tiny-gpt", messages=user, max_tokens=2, stream=stream,
+                                           stream_options={"include_usage": True})
+    r = httpx.post(f"{process}/v1/completions", json={"model": "org/tiny-gpt", "prompt": "A", "echo": True,
+                                                      "max_tokens": 0, "stream_options": {}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    # with stream: true it is taken; null stream_options is the default (none)
+    chunks = list(client.chat.completions.create(model="org/tiny-gpt", messages=user, max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 2
+    r = httpx.post(f"{process}/v1/completions", json={"model": "org/tiny-gpt", "prompt": "A", "max_tokens": 2,
+                                                      "stream_options": None})
+    assert r.status_code == 200
