@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from simplegpt.generation import scheduler as batcher_module  # noqa: E402
-from simplegpt.serve import create_app  # noqa: E402
+from simplegpt.serve import ChatMessage, chat_prompt, create_app  # noqa: E402
 from test_server import start  # noqa: E402
 
 
@@ -202,3 +202,72 @@ def test_stream_options_without_stream_is_refused(process):
     r = httpx.post(f"{process}/v1/completions", json={"model": "org/tiny-gpt", "prompt": "A", "max_tokens": 2,
                                                       "stream_options": None})
     assert r.status_code == 200
+
+
+def chat_entries(url: str, model: str, seed: int, stop: list[str], stream: bool) -> tuple[str, list[dict], str]:
+    """A sampled chat reply with logprobs: its content, its logprobs entries and its finish reason."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 24, "seed": seed,
+            "temperature": 1.0, "stop": stop, "logprobs": True, "top_logprobs": 1}
+    if not stream:
+        choice = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        return choice["message"]["content"], choice["logprobs"]["content"], choice["finish_reason"]
+    content, entries, finish = "", [], None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                [c] = json.loads(line[6:])["choices"]
+                content += c["delta"].get("content", "")
+                entries += (c["logprobs"] or {}).get("content", [])
+                finish = c["finish_reason"] or finish
+    return content, entries, finish
+
+
+def assert_entries_make_the_content(content: str, entries: list[dict], stops: list[str]) -> None:
+    """The reported tokens' bytes are the content, with at most removed whitespace before it and the start
+    of a stop string after it; neither end holds a token that shows none of the content."""
+    joined = bytes(b for e in entries for b in e["bytes"]).decode("utf-8", "replace")
+    if not content:
+        assert entries == []
+        return
+    at = joined.find(content)
+    assert at >= 0 and not joined[:at].strip(), (joined, content)
+    tail = joined[at + len(content):]
+    assert not tail or any(s.startswith(tail) or tail.startswith(s) for s in stops), (joined, content)
+    with contextlib.suppress(UnicodeDecodeError):  # a token that is part of a character has no length of its own
+        assert len(bytes(entries[0]["bytes"]).decode()) > at, (joined, content)
+    with contextlib.suppress(UnicodeDecodeError):
+        assert len(bytes(entries[-1]["bytes"]).decode()) > len(tail), (joined, content)
+
+
+def test_chat_logprobs_are_the_tokens_of_the_message():
+    """logprobs.content held the tokens of a matched stop string and of the whitespace removed before the
+    reply: with a character vocabulary (a token per character) they now join to message.content exactly,
+    streamed or not, over many seeds."""
+    engine = tiny_engine(get_tokenizer("char", text="User: hi there\nAssistant:\t"))
+    prompt = chat_prompt([ChatMessage(role="user", content="hi there")])
+    stops = ["U", "\nUser:"]
+    stopped = spaced = 0
+    with serving(engine) as url:
+        for seed in range(20):
+            content, entries, finish = chat_entries(url, "tiny", seed, stops, stream=False)
+            assert "".join(e["token"] for e in entries) == content, seed
+            assert chat_entries(url, "tiny", seed, stops, stream=True) == (content, entries, finish), seed
+            [alone] = engine.generate([prompt], SamplingParams(max_new_tokens=24, seed=seed, stop=stops))
+            assert alone.text.lstrip() == content
+            stopped += isinstance(alone.stop_reason, str)
+            spaced += alone.text != content
+    assert stopped >= 4 and spaced >= 4, (stopped, spaced)  # the cases that went wrong were met
+
+
+def test_chat_logprobs_with_gpt2_tokens_that_span_the_edges():
+    """With GPT-2's tokens (' Hello' holds the space removed; 'x\\n' the start of '\\nUser:') a token that
+    shows any of the content is reported whole, none that shows nothing; streamed as not."""
+    stops = ["e", "\nUser:", "t ", "."]
+    with serving(tiny_engine(get_tokenizer("gpt2"))) as url:
+        spanned = 0
+        for seed in range(14):
+            content, entries, finish = chat_entries(url, "tiny", seed, stops, stream=False)
+            assert_entries_make_the_content(content, entries, stops)
+            assert chat_entries(url, "tiny", seed, stops, stream=True) == (content, entries, finish)
+            spanned += bytes(b for e in entries for b in e["bytes"]).decode("utf-8", "replace") != content
+        assert spanned >= 3  # the edge cases were met

@@ -21,7 +21,7 @@ from .errors import APIError, add_error_handlers, error_body
 from .guard import Guard
 from .metrics import Metrics
 from .params import Prompt, encode, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
-from .responses import Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card, sse, usage
+from .responses import ChatTokens, Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card, sse, usage
 from .scheduler import RequestTimeout, Scheduler, Submission
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -305,32 +305,44 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
             if isinstance(results, Response):
                 return results
             count(results, req.n)
+            def reported(r: Result) -> list | None:  # the tokens of message.content (ChatTokens)
+                if r.logprobs is None:
+                    return None
+                return [r.logprobs[k] for k in ChatTokens(tokenizer).release(r.token_ids, r.text, final=True)]
+
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
-                        "logprobs": chat_logprobs(tokenizer, r.logprobs), "finish_reason": r.finish_reason}
+                        "logprobs": chat_logprobs(tokenizer, reported(r)), "finish_reason": r.finish_reason}
                        for i, r in enumerate(results)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage(results, req.n)}
 
         chunk = {**head, "object": "chat.completion.chunk"}
 
-        sent = [0] * len(rows)  # each row's tokens whose logprobs went out
+        reporting = [ChatTokens(tokenizer) for _ in rows]  # which tokens' logprobs go out, as non-streamed
 
-        def delta(i: int, d: dict[str, str], finish: str | None = None, upto: int | None = None) -> str:
+        def delta(i: int, d: dict[str, str], finish: str | None = None, piece: str | None = None,
+                  upto: int = 0) -> str:
             lp = None
-            if k is not None and upto is not None:
-                lp = chat_logprobs(tokenizer, sub.ticket.rows[i].logprobs[sent[i]:upto])
-                sent[i] = upto
+            if k is not None and piece is not None:  # the row's first `upto` tokens released `piece`
+                row = sub.ticket.rows[i]
+                lp = chat_logprobs(tokenizer, [row.logprobs[t] for t in
+                                               reporting[i].release(row.generated[:upto], piece, finish is not None)])
             return sse({**chunk, "choices": [{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}]})
 
         started = [False] * len(rows)
 
         def piece_event(i: int, piece: str, upto: int) -> str | None:
+            shown = piece
             if not started[i]:  # the reply without the space after 'Assistant:', as non-streamed
-                piece = piece.lstrip()
-                started[i] = bool(piece)
-            return delta(i, {"content": piece}, upto=upto) if piece else None
+                shown = piece.lstrip()
+                started[i] = bool(shown)
+            if not shown:
+                if k is not None:  # its tokens are decided with the next piece
+                    reporting[i].release(sub.ticket.rows[i].generated[:upto], piece)
+                return None
+            return delta(i, {"content": shown}, piece=piece, upto=upto)
 
         return streamed(sub, req.n, req.wants_usage, chunk,
                         (delta(i, {"role": "assistant", "content": ""}) for i in range(len(rows))), piece_event,
-                        lambda i, r: delta(i, {}, r.finish_reason, len(r.token_ids)))
+                        lambda i, r: delta(i, {}, r.finish_reason, "", len(r.token_ids)))
 
     return app
