@@ -145,7 +145,8 @@ class SimpleGPTLM(TemplateLM):
             for chunk in self._chunks(members, consecutive=not params.greedy):
                 # the engine samples row k with seed + k: a chunk of consecutive requests i.. gives request
                 # i + k the seed base + i + k
-                seeded = params if params.greedy else dataclasses.replace(params, seed=(self.seed + chunk[0]) % 2**64)
+                seed = (self.seed + chunk[0]) % 2**64
+                seeded = params if params.greedy else dataclasses.replace(params, seed=seed)
                 # an empty context becomes the end-of-text token inside the engine
                 results = self.engine.generate([self.tok_encode(requests[i].args[0]) for i in chunk], seeded)
                 for i, result in zip(chunk, results):

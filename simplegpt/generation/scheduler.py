@@ -8,8 +8,9 @@
 A request (a Ticket: one or more prompts sharing SamplingParams) waits in a queue until the batch
 has room, is prefilled alone and joins the running batch at the next step; a finished or
 cancelled row leaves at once; a request whose prefill, sampling or callbacks raise ends with
-that error alone (on_done(error)) while the others go on. Each row keeps its own parameters, generator, stop strings,
-max_new_tokens and logprobs, so a request gives what Engine.generate gives for it alone.
+that error alone (on_done(error)) while the others go on. Each row keeps its own parameters,
+generator, stop strings, max_new_tokens and logprobs, so a request gives what Engine.generate gives
+for it alone.
 
 The cache is one KVCache of max_batch rows over a shared timeline (the slot `cache.length` that
 every row's next token is written to). A row's cached tokens are the `cached[j]` slots just
@@ -283,6 +284,8 @@ class ContinuousBatcher:
                 self.queued_rows -= 1
                 if not ticket.waiting:
                     self.queue.popleft()
+            if ticket in failed:  # its other rows are not admitted: it ends below
+                continue
             row = ticket.rows[i]
             self.slots.append((ticket, i))
             self.cached.append(0)
@@ -307,7 +310,7 @@ class ContinuousBatcher:
         go on."""
         if not failed:
             return
-        for t, e in failed.items():
+        for e in failed.values():
             traceback.print_exception(e)  # a bug in decoding that request: its trace for the log
         for j in reversed(range(len(self.slots))):
             if self.slots[j][0] in failed:

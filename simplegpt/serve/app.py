@@ -21,7 +21,8 @@ from .errors import APIError, add_error_handlers, error_body
 from .guard import Guard
 from .metrics import Metrics
 from .params import Prompt, encode, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
-from .responses import ChatTokens, Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card, sse, usage
+from .responses import (ChatTokens, Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card,
+                        reply_logprobs, sse, usage)
 from .scheduler import RequestTimeout, Scheduler, Submission
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -305,13 +306,9 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
             if isinstance(results, Response):
                 return results
             count(results, req.n)
-            def reported(r: Result) -> list | None:  # the tokens of message.content (ChatTokens)
-                if r.logprobs is None:
-                    return None
-                return [r.logprobs[k] for k in ChatTokens(tokenizer).release(r.token_ids, r.text, final=True)]
-
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
-                        "logprobs": chat_logprobs(tokenizer, reported(r)), "finish_reason": r.finish_reason}
+                        "logprobs": chat_logprobs(tokenizer, reply_logprobs(tokenizer, r)),
+                        "finish_reason": r.finish_reason}
                        for i, r in enumerate(results)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage(results, req.n)}
 

@@ -138,6 +138,13 @@ class ChatTokens:
         return out
 
 
+def reply_logprobs(tokenizer: Tokenizer, result: Result) -> list[TokenLogprobs] | None:
+    """The TokenLogprobs a whole chat reply reports (ChatTokens): those of message.content's tokens."""
+    if result.logprobs is None:
+        return None
+    return [result.logprobs[k] for k in ChatTokens(tokenizer).release(result.token_ids, result.text, final=True)]
+
+
 def chat_logprobs(tokenizer: Tokenizer, logprobs: list[TokenLogprobs] | None) -> dict[str, Any] | None:
     """The chat API's logprobs: one entry per token with its bytes and the alternatives."""
     if logprobs is None:
