@@ -65,7 +65,8 @@ def process(tmp_path_factory, byte_engine):
     proc.wait(timeout=30)
 
 
-LONG = dict(prompt="ROMEO:", max_tokens=120, seed=3, temperature=0.9, ignore_eos=True)
+LONG = dict(prompt="ROMEO:", max_tokens=400, seed=3, temperature=0.9, ignore_eos=True)
+LONG_PARAMS = SamplingParams(max_new_tokens=400, seed=3, temperature=0.9, stop_at_eos=False)
 
 
 def stream_text(url: str, body: dict) -> tuple[str, list[dict]]:
@@ -80,23 +81,47 @@ def stream_text(url: str, body: dict) -> tuple[str, list[dict]]:
     return text, events
 
 
+class Beside:
+    """The LONG request streamed on a thread; `running` once its first piece came, `text` at the end."""
+
+    def __init__(self, url: str, model: str):
+        self.running, self.finished, self.text = threading.Event(), threading.Event(), None
+        self.body = {"model": model, **LONG, "stream": True}
+        self.thread = threading.Thread(target=self._read, args=(url,))
+        self.thread.start()
+        assert self.running.wait(60)
+
+    def _read(self, url: str) -> None:
+        text = ""
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=self.body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        text += "".join(c["text"] for c in json.loads(line[6:]).get("choices", []))
+                        self.running.set()
+            self.text = text
+        finally:
+            self.running.set()
+            self.finished.set()
+
+    def result(self) -> str:
+        self.thread.join(60)
+        return self.text
+
+
 def test_a_tiny_temperature_is_greedy_and_fails_no_one(process, byte_engine):
-    """temperature 1e-45 (logits / temperature overflowed to NaN) beside a long request: it is greedy,
-    and the long one gives what it gives alone."""
+    """temperature 1e-45 (logits / temperature overflowed to NaN, and the batch failed) beside a long
+    request: it is greedy, and the long one gives what it gives alone."""
     model = "org/tiny-gpt"
-    [alone] = byte_engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=120, seed=3, temperature=0.9,
-                                                              stop_at_eos=False))
+    [alone] = byte_engine.generate(["ROMEO:"], LONG_PARAMS)
     [greedy] = byte_engine.generate(["JULIET:"], SamplingParams(max_new_tokens=20, temperature=0))
-    got = {}
-    long = threading.Thread(target=lambda: got.setdefault("long", stream_text(process, {"model": model, **LONG})))
-    long.start()
-    time.sleep(0.2)
+    long = Beside(process, model)
     for temperature in (1e-45, 1e-38, 5e-324):
         r = httpx.post(f"{process}/v1/completions", timeout=60, json={
             "model": model, "prompt": "JULIET:", "max_tokens": 20, "temperature": temperature})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy.text, r.text
-    long.join(60)
-    assert got["long"][0] == alone.text
+    assert not long.finished.is_set()  # they ran beside it
+    assert long.result() == alone.text
 
 
 def test_a_failing_request_gets_a_500_and_the_others_go_on(byte_engine, monkeypatch):
@@ -110,13 +135,9 @@ def test_a_failing_request_gets_a_500_and_the_others_go_on(byte_engine, monkeypa
         return real(logits, params, *args, **kw)
 
     monkeypatch.setattr(batcher_module, "sample_next_token", sampler)
-    [alone] = byte_engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=120, seed=3, temperature=0.9,
-                                                              stop_at_eos=False))
+    [alone] = byte_engine.generate(["ROMEO:"], LONG_PARAMS)
     with serving(byte_engine) as url:
-        got = {}
-        long = threading.Thread(target=lambda: got.setdefault("long", stream_text(url, {"model": "tiny", **LONG})))
-        long.start()
-        time.sleep(0.2)
+        long = Beside(url, "tiny")
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "A", "seed": 666}, timeout=60)
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         assert "a sampler that fails" in r.json()["error"]["message"]
@@ -125,8 +146,8 @@ def test_a_failing_request_gets_a_500_and_the_others_go_on(byte_engine, monkeypa
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.InternalServerError):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], seed=666)
-        long.join(60)
-        assert got["long"][0] == alone.text
+        assert not long.finished.is_set()  # they ran beside it
+        assert long.result() == alone.text
         ok = client.completions.create(model="tiny", prompt="B", max_tokens=5, seed=1)
         assert ok.usage.completion_tokens == 5
 
