@@ -120,7 +120,7 @@ def test_a_failing_request_ends_alone_and_the_batch_goes_on(engine):
     that error; a long request beside it gives what it gives alone, and the batcher serves the next."""
     long_params = SamplingParams(max_new_tokens=60, seed=3, stop_at_eos=False)
     alone = engine.generate(["a long one"], long_params)[0]
-    batcher = ContinuousBatcher(engine, max_batch=4)
+    batcher = ContinuousBatcher(engine, max_batch=3)  # the third request waits in the queue
     try:
         long = Collector(1)
         batcher.submit(["a long one"], long_params, long.piece, long.finish)
@@ -130,7 +130,7 @@ def test_a_failing_request_ends_alone_and_the_batch_goes_on(engine):
 
         bad = Collector(2)
         batcher.submit(["x", "yz"], SamplingParams(max_new_tokens=50, seed=1), bad_piece, bad.finish)
-        queued = Collector(1)  # waits for a place behind the others, and is served
+        queued = Collector(1)  # submitted behind the failing one (queued while it runs, when it is slow enough)
         next_params = SamplingParams(max_new_tokens=5, temperature=0.0)
         batcher.submit(["next"], next_params, queued.piece, queued.finish)
         assert bad.done.wait(30) and isinstance(bad.outcome, Poisoned)
