@@ -398,7 +398,9 @@ def write_gpt2_tokenizer_files(directory: Path, model_max_length: int) -> None:
     special = {"bos_token": EOS_TEXT, "eos_token": EOS_TEXT, "unk_token": EOS_TEXT}
     _write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
-        "add_prefix_space": False, "add_bos_token": False, "errors": "replace", **special,
+        "add_prefix_space": False, "add_bos_token": False, "errors": "replace",
+        # transformers up to 4.44 defaults it to True, which turns "y is ?" into "y is?" on decode
+        "clean_up_tokenization_spaces": False, **special,
     })
     _write_json(directory / "special_tokens_map.json", special)
 

@@ -9,11 +9,13 @@ Command line (lm_eval's own CLI, with the model registered first):
 Scoring follows lm_eval's HFLM: context and continuation are encoded together and split, an
 empty context is replaced by the end-of-text token, and inputs longer than the model's context
 keep their last n_positions tokens. Generation goes through simplegpt's engine: greedy unless a
-task sets do_sample.
+task sets do_sample; a sampled request is seeded with the model's `seed` (model_args, 1234 by
+default) + its position in the request list, so every repeat gets its own sample.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -61,7 +63,7 @@ class SimpleGPTLM(TemplateLM):
         # lm_eval passes "auto" for automatic batch sizing; a fixed size is enough on these models.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
-        self.seed = int(seed)  # for sampled generations; greedy ones do not use it
+        self.seed = int(seed)  # the base of sampled generations' seeds; greedy ones do not use it
         self.engine = Engine(self.model, self.tok, device=self._device)
         if kwargs:
             log.info("simplegpt lm_eval adapter ignores arguments %s", sorted(kwargs))
@@ -131,21 +133,37 @@ class SimpleGPTLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Each context's continuation, cut before the first stop string, through simplegpt's engine
-        (KV cache, batches of requests that share their generation settings)."""
+        (KV cache, batches of requests that share their generation settings). A sampled request is
+        seeded with the adapter's seed + its position in `requests` (modulo 2^64), so repeats of one
+        context (a task's `repeats`) each get their own sample, whatever the batch size."""
         groups: dict[str, tuple[SamplingParams, list[int]]] = {}
         for i, req in enumerate(requests):
             params = self._sampling_params(req.args[1])
             groups.setdefault(repr(params), (params, []))[1].append(i)
         out = [""] * len(requests)
         for params, members in groups.values():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
+            for chunk in self._chunks(members, consecutive=not params.greedy):
+                # the engine samples row k with seed + k: a chunk of consecutive requests i.. gives request
+                # i + k the seed base + i + k
+                seed = (self.seed + chunk[0]) % 2**64
+                seeded = params if params.greedy else dataclasses.replace(params, seed=seed)
                 # an empty context becomes the end-of-text token inside the engine
-                results = self.engine.generate([self.tok_encode(requests[i].args[0]) for i in chunk], params)
+                results = self.engine.generate([self.tok_encode(requests[i].args[0]) for i in chunk], seeded)
                 for i, result in zip(chunk, results):
                     out[i] = result.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, result.text)
         return out
+
+    def _chunks(self, members: list[int], consecutive: bool) -> list[list[int]]:
+        """members (ascending request positions) in batches of at most batch_size; consecutive: each
+        batch a run of consecutive positions (what per-position seeds through the engine need)."""
+        chunks: list[list[int]] = []
+        for i in members:
+            if chunks and len(chunks[-1]) < self.batch_size and (not consecutive or chunks[-1][-1] == i - 1):
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
 
     def _sampling_params(self, gen_kwargs: dict[str, Any] | None) -> SamplingParams:
         """lm_eval's generation kwargs as engine settings: greedy unless do_sample is true."""

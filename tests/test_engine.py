@@ -1,5 +1,6 @@
 """The generation engine: KV cache == reference, batching, streaming, stops, sampling, bad input."""
 
+import itertools
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from simplegpt import GPT, generate_text, get_tokenizer, save_checkpoint
 from simplegpt.accel import cpu
+from simplegpt.generation.sampling import MIN_TEMPERATURE
 from simplegpt.engine import (Engine, KVCache, SamplingParams, apply_repetition_penalty, generate_ids,
                               sample_next_token, sampling_probs, use_gemv_layout)
 from simplegpt.quantize import quantize_int8
@@ -188,6 +190,40 @@ def test_min_p_top_k_temperature_and_repetition_penalty():
     seen = torch.tensor([[True, False, False, True]])
     assert apply_repetition_penalty(logits, 2.0, seen).tolist() == [[1.0, 1.0, 0.0, -2.0]]
     assert sample_next_token(logits, SamplingParams(temperature=0, repetition_penalty=3.0), seen=seen).item() == 1
+
+
+EXTREMES = [5e-324, 1e-45, 1e-40, 1e-38, 1e-30, 1e-6, 9.99e-6, 1e-5, 0.01, 1.0, 2.0, 1e30, 1e308]
+
+
+@pytest.mark.parametrize("temperature", EXTREMES)
+def test_sampling_is_a_distribution_for_every_accepted_value(temperature):
+    """Every temperature and repetition penalty SamplingParams accepts (subnormal to 1e308), with the
+    filters at their extremes: probabilities without NaN that sum to 1, and a token drawn. A temperature
+    of 1e-38 used to overflow logits / temperature, and the softmax gave NaN."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(2, 40, generator=g) * 30, torch.full((1, 40), -5.0), torch.full((1, 40), 7.0)])
+    logits[0, :3] = 1e4  # a tie at the top, far above the rest
+    seen = torch.rand(4, 40, generator=g) < 0.5
+    seen[2:] = True  # every token seen: all-negative and all-positive rows penalized whole
+    for penalty, extra in itertools.product([5e-324, 1e-40, 0.5, 1.0, 3.0, 1e30, 1e308],
+                                            [{}, dict(top_k=1), dict(top_k=39), dict(top_p=5e-324), dict(top_p=0.999),
+                                             dict(min_p=0.999999), dict(min_p=1e-300)]):
+        params = SamplingParams(temperature=temperature, repetition_penalty=penalty, seed=1, **extra)
+        probs = sampling_probs(logits, params, seen)
+        assert torch.isfinite(probs).all() and (probs >= 0).all(), (params, probs)
+        assert torch.allclose(probs.sum(-1), torch.ones(4)), params
+        drawn = sample_next_token(logits, params, [torch.Generator().manual_seed(i) for i in range(4)], seen)
+        assert (probs.gather(-1, drawn.view(-1, 1)) > 0).all()
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-45, 1e-38, 9.99e-6])
+def test_a_temperature_below_the_threshold_is_greedy(temperature):
+    assert MIN_TEMPERATURE == 1e-5
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=temperature)
+    assert params.greedy
+    assert sample_next_token(logits, params).tolist() == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy
 
 
 def scripted_model(tokenizer, script: list[int]) -> GPT:

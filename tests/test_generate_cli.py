@@ -47,6 +47,19 @@ def test_prompt_option_stream_and_samples(checkpoint, capsys):
         assert out == f"--- sample 1 ---\n{sampled[0]}\n--- sample 2 ---\n{sampled[1]}\n"
 
 
+def test_tiny_temperatures_and_penalties_are_greedy_not_a_crash(checkpoint, capsys):
+    """--temperature 1e-40 overflowed logits / temperature to NaN and ended in a traceback; below 1e-5
+    it is greedy. A repetition penalty of 1e-45 saturates instead of overflowing."""
+    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--quiet",
+            "--no-echo"]
+    greedy = expected_text(checkpoint, "ROMEO:", max_new_tokens=20, temperature=0)
+    for temperature in ("1e-40", "1e-45", "5e-324", "9e-6"):
+        assert main([*base, "--temperature", temperature]) == 0
+        assert capsys.readouterr().out == greedy + "\n"
+    assert main([*base, "--repetition-penalty", "1e-45", "--temperature", "1e-30", "--seed", "1"]) == 0
+    assert main([*base, "--repetition-penalty", "1e-45", "--seed", "1"]) == 0
+
+
 def test_stop_prompt_file_and_int8(checkpoint, capsys, tmp_path):
     text = expected_text(checkpoint, "hello", max_new_tokens=30, temperature=0)
     stop = text[5:8]

@@ -106,6 +106,25 @@ def test_export_loads_in_transformers_without_warnings(tmp_path):
     assert tok.eos_token_id == 50256 and tok.model_max_length == TINY["n_positions"]
 
 
+SPACED = ["y is ?", "a , b . c ! d", "it 's , we 're , do n't , I 'm , you 've", "x  ?  y"]
+
+
+def test_exported_tokenizer_decodes_the_text_it_encoded(tmp_path):
+    """tokenizer_config.json did not set clean_up_tokenization_spaces, which transformers 4.40 to 4.44
+    (pyproject allows >= 4.40) default to True: "y is ?" decoded as "y is?". It is written False, and
+    every spacing comes back as it was, from the fast and the slow tokenizer."""
+    save_checkpoint(tmp_path / "ck", GPT(GPTConfig(vocab_size=V_GPT2, **TINY)), GPT2Tokenizer())
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["clean_up_tokenization_spaces"] is False
+    for use_fast in (True, False):
+        tok = AutoTokenizer.from_pretrained(tmp_path / "hf", use_fast=use_fast)
+        for text in SPACED:
+            ids = tok(text)["input_ids"]
+            assert ids == GPT2Tokenizer().encode(text)
+            assert tok.decode(ids) == text and tok.batch_decode([ids]) == [text], (use_fast, text)
+
+
 def test_round_trip_is_bit_identical(hf_dir, tmp_path):
     import_hf(str(hf_dir), tmp_path / "ck")
     export_hf(tmp_path / "ck", tmp_path / "back")

@@ -153,6 +153,33 @@ def test_generation_stops_before_the_first_stop_string(setup):
     assert one == lm.generate_until([Req("Once", sampled)]) and one != lm.generate_until([Req("Once", {"max_gen_toks": 8})])
 
 
+def test_repeated_sampled_requests_each_get_their_own_seed(setup):
+    """Row k of every batch was seeded 1234 + k, so 12 repeats of one context at batch size 4 gave 4
+    samples 3 times each. Request i is seeded seed + i, whatever the batch size and the other requests."""
+    from simplegpt.engine import SamplingParams
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    sampled = {"do_sample": True, "temperature": 1.0, "max_gen_toks": 8}
+    greedy = {"max_gen_toks": 8}
+    requests = [Req("Once upon a time", sampled) for _ in range(12)]
+    mixed = requests[:5] + [Req("Once upon a time", greedy)] + requests[5:]  # positions 6.. shift by one
+    lm = SimpleGPTLM(checkpoint=str(setup / "ck"), device="cpu", batch_size=4, seed=77)
+    out = lm.generate_until(requests)
+    assert len(set(out)) == 12
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=77 + 3)
+    [alone] = lm.engine.generate([lm.tok_encode("Once upon a time")], params)
+    assert out[3] == alone.text
+    for batch_size in (1, 5):
+        assert SimpleGPTLM(checkpoint=str(setup / "ck"), device="cpu", batch_size=batch_size,
+                           seed=77).generate_until(requests) == out
+    got = lm.generate_until(mixed)
+    assert got[:5] == out[:5] and got[6:7] != out[5:6] and len(set(got)) == 13
+    assert SimpleGPTLM(checkpoint=str(setup / "ck"), device="cpu", batch_size=1, seed=77).generate_until(mixed) == got
+
+
 def test_documented_command_line(setup, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "simplegpt.lm_eval_adapter", "run", "--model", "simplegpt",

@@ -167,3 +167,32 @@ def test_the_servers_scoring_passes_the_queue_limit_the_deadline_and_the_client_
     finally:
         busy.set()
         scheduler.close(timeout=10)
+class Poisoned(Exception):
+    pass
+
+
+def test_a_failing_request_ends_alone_and_the_batch_goes_on(engine):
+    """A request whose decoding raises (here its own piece callback) ends with
+    that error; a long request beside it gives what it gives alone, and the batcher serves the next."""
+    long_params = SamplingParams(max_new_tokens=60, seed=3, stop_at_eos=False)
+    alone = engine.generate(["a long one"], long_params)[0]
+    batcher = ContinuousBatcher(engine, max_batch=3)  # the third request waits in the queue
+    try:
+        long = Collector(1)
+        batcher.submit(["a long one"], long_params, long.piece, long.finish)
+
+        def bad_piece(row, text, tokens):
+            raise Poisoned("a request's own failure")
+
+        bad = Collector(2)
+        batcher.submit(["x", "yz"], SamplingParams(max_new_tokens=50, seed=1), bad_piece, bad.finish)
+        queued = Collector(1)  # submitted behind the failing one (queued while it runs, when it is slow enough)
+        next_params = SamplingParams(max_new_tokens=5, temperature=0.0)
+        batcher.submit(["next"], next_params, queued.piece, queued.finish)
+        assert bad.done.wait(30) and isinstance(bad.outcome, Poisoned)
+        assert long.done.wait(60) and queued.done.wait(60)
+        assert long.outcome[0].token_ids == alone.token_ids and long.outcome[0].text == alone.text
+        assert queued.outcome[0].token_ids == engine.generate(["next"], next_params)[0].token_ids
+        assert batcher.active_rows == 0 and batcher.queued_rows == 0
+    finally:
+        batcher.stop(10)

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "is one prompt; a bad prompt is one error line and the session goes on (exit status 1 "
                           "at the end); EOF (Ctrl-D) or /quit ends")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 (or below 1e-5) = greedy decoding")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 = off")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: the smallest set of tokens with total probability >= p; 1 = off")

@@ -17,11 +17,17 @@ SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # a seed is any signed or unsigned 64-bi
 # carry ~1e-7 relative error, so a set whose exact mass is p (0.5 + 0.3 for p = 0.8) can add up a few
 # fp32 steps short of it, and would then drag in one token more than the smallest set reaching p.
 TOP_P_TOLERANCE = 1e-6
+# A temperature below this samples greedily. logits / temperature overflows float32 (and the softmax
+# gives NaN) once |logit| / temperature passes ~3.4e38, as 1 / 1e-38 does; long before that the
+# distribution is the argmax anyway: at 1e-5 a token 0.001 below the best has odds e^-100 against it.
+MIN_TEMPERATURE = 1e-5
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 means greedy decoding.
+    """How to pick tokens and when to stop. temperature 0 (or any below MIN_TEMPERATURE, 1e-5) means
+    greedy decoding.
 
     top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 switch that filter off. seed is any 64-bit
     integer (SEED_MIN..SEED_MAX, taken modulo 2^64: -1 is 2^64 - 1), and every one of those 2^64
@@ -67,7 +73,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Whether the most likely token is taken: temperature below MIN_TEMPERATURE (0 included)."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 def check_seed(seed: int | None) -> None:
@@ -122,11 +129,13 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
     Order as in Hugging Face: repetition penalty, temperature, top-k, top-p, min-p.
     seen (B, V) bool marks tokens already in a row's context, for the repetition penalty.
+    Every value SamplingParams accepts gives a distribution (no NaN): scaled logits past float32's
+    range saturate at its largest finite value, so tokens that overflow together tie.
     """
     logits = apply_repetition_penalty(logits.float(), params.repetition_penalty, seen)
     if params.greedy:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / params.temperature
+    logits = (logits / params.temperature).clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
     if 0 < params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -147,10 +156,12 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
 
 def apply_repetition_penalty(logits: torch.Tensor, penalty: float, seen: torch.Tensor | None) -> torch.Tensor:
-    """CTRL's penalty: seen tokens' positive logits are divided by penalty, negative ones multiplied."""
+    """CTRL's penalty: seen tokens' positive logits are divided by penalty, negative ones multiplied;
+    (B, V) logits and (B, V) bool seen -> (B, V) float32 logits. A result past float32's range
+    saturates at its largest finite value (a tiny penalty would make it inf, and the softmax NaN)."""
     if penalty == 1.0 or seen is None:
         return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
     return torch.where(seen, penalized, logits)
 
 

@@ -7,8 +7,10 @@
 
 A request (a Ticket: one or more prompts sharing SamplingParams) waits in a queue until the batch
 has room, is prefilled alone and joins the running batch at the next step; a finished or
-cancelled row leaves at once. Each row keeps its own parameters, generator, stop strings,
-max_new_tokens and logprobs, so a request gives what Engine.generate gives for it alone.
+cancelled row leaves at once; a request whose prefill, sampling or callbacks raise ends with
+that error alone (on_done(error)) while the others go on. Each row keeps its own parameters,
+generator, stop strings, max_new_tokens and logprobs, so a request gives what Engine.generate gives
+for it alone.
 
 The cache is one KVCache of max_batch rows over a shared timeline (the slot `cache.length` that
 every row's next token is written to). A row's cached tokens are the `cached[j]` slots just
@@ -153,7 +155,7 @@ class ContinuousBatcher:
                 # Let waiting threads (the server's event loop) take the GIL between steps: a small
                 # model's steps are mostly Python and would otherwise hold it nearly all the time.
                 time.sleep(0)
-            except Exception as e:  # noqa: BLE001 - a bug: every request running is told, the loop goes on
+            except Exception as e:  # noqa: BLE001 - a bug in the batch's own step: every request is told
                 traceback.print_exc()
                 self._fail_all(e)
         self._fail_all(None)
@@ -273,8 +275,8 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         """Prefills queued rows into free cache rows, within the prefill budget, and samples their
-        first tokens."""
-        budget, new = self.prefill_tokens, []
+        first tokens. A request whose prefill fails ends with that error alone."""
+        budget, new, failed = self.prefill_tokens, [], {}
         while len(self.slots) < self.max_batch and budget > 0:
             with self.cond:
                 if not self.queue:
@@ -284,54 +286,93 @@ class ContinuousBatcher:
                 self.queued_rows -= 1
                 if not ticket.waiting:
                     self.queue.popleft()
+            if ticket in failed:  # its other rows are not admitted: it ends below
+                continue
             row = ticket.rows[i]
             self.slots.append((ticket, i))
             self.cached.append(0)
             ticket.live += 1
-            if ticket.params.repetition_penalty != 1.0:
-                seen = torch.zeros(self.engine.config.vocab_size, dtype=torch.bool, device=self.engine.device)
-                seen[row.tokens] = True
-                ticket.seen[i] = seen
             budget -= len(row.tokens) - row.start
-            new.append(self._prefill_into(len(self.slots) - 1, row))
+            try:
+                if ticket.params.repetition_penalty != 1.0:
+                    seen = torch.zeros(self.engine.config.vocab_size, dtype=torch.bool, device=self.engine.device)
+                    seen[row.tokens] = True
+                    ticket.seen[i] = seen
+                new.append((ticket, i, self._prefill_into(len(self.slots) - 1, row)))
+            except Exception as e:  # noqa: BLE001 - this request's failure, told to it alone
+                failed[ticket] = e
+        self._fail(failed)
+        new = [(t, i, lg) for t, i, lg in new if t not in failed]
         if new:
-            n = len(self.slots)
-            self._sample(list(range(n - len(new), n)), torch.cat(new))
+            where = {(id(t), i): j for j, (t, i) in enumerate(self.slots)}
+            self._sample([where[id(t), i] for t, i, _ in new], torch.cat([lg for _, _, lg in new]))
+
+    def _fail(self, failed: dict[Ticket, BaseException]) -> None:
+        """Ends each failed request with its error: its rows leave the batch and the queue; the others
+        go on."""
+        if not failed:
+            return
+        for e in failed.values():
+            traceback.print_exception(e)  # a bug in decoding that request: its trace for the log
+        for j in reversed(range(len(self.slots))):
+            if self.slots[j][0] in failed:
+                self.slots[j][0].live -= 1
+                self._leave(j)
+        with self.cond:
+            for t in failed:
+                if t in self.queue:
+                    self.queue.remove(t)
+                    self.queued_rows -= len(t.waiting)
+                t.waiting.clear()
+        for t, e in failed.items():
+            t.finish(e)
 
     def _sample(self, js: list[int], logits: torch.Tensor) -> None:
         """Each cache row js[k] draws its next token from logits[k] with its request's parameters;
-        pieces are handed out, and rows that finish leave."""
+        pieces are handed out, and rows that finish leave. A request whose sampling or callback
+        raises ends with that error alone (_fail)."""
         groups: dict[Ticket, list[int]] = {}
         for k, j in enumerate(js):
             groups.setdefault(self.slots[j][0], []).append(k)
         engine = self.engine
         stop_eos_id = engine.eos_id
-        finished = []
+        finished, failed = [], {}
         with torch.inference_mode(), engine.backend.sampling():
             drawn = {}
             for ticket, ks in groups.items():
                 p = ticket.params
                 rows = [self.slots[js[k]][1] for k in ks]
                 lg = logits[ks] if len(ks) != len(js) else logits
-                seen = torch.stack([ticket.seen[i] for i in rows]) if ticket.seen else None
-                tok = sample_next_token(lg, p, [ticket.rows[i].generator for i in rows], seen)
-                lps = None if p.logprobs is None else token_logprobs(lg, tok, p.logprobs)
-                drawn[ticket] = (rows, tok.tolist(), lps, ks)
+                try:
+                    seen = torch.stack([ticket.seen[i] for i in rows]) if ticket.seen else None
+                    tok = sample_next_token(lg, p, [ticket.rows[i].generator for i in rows], seen)
+                    lps = None if p.logprobs is None else token_logprobs(lg, tok, p.logprobs)
+                    drawn[ticket] = (rows, tok.tolist(), lps, ks)
+                except Exception as e:  # noqa: BLE001 - this request's failure, told to it alone
+                    failed[ticket] = e
         decode_bytes = engine.tokenizer.decode_bytes if engine.tokenizer is not None else None
         for ticket, (rows, toks, lps, ks) in drawn.items():
             p = ticket.params
             eos_id = stop_eos_id if p.stop_at_eos else None
-            for n, (i, tok) in enumerate(zip(rows, toks)):
-                row = ticket.rows[i]
-                for piece in row.accept(tok, None if lps is None else lps[n], eos_id, p.max_new_tokens, decode_bytes):
-                    ticket.on_piece(i, piece, len(row.generated))
-                if row.finish_reason is not None:
-                    finished.append(js[ks[n]])
-                elif i in ticket.seen:
-                    ticket.seen[i][tok] = True
+            done = []
+            try:
+                for n, (i, tok) in enumerate(zip(rows, toks)):
+                    row = ticket.rows[i]
+                    for piece in row.accept(tok, None if lps is None else lps[n], eos_id, p.max_new_tokens,
+                                            decode_bytes):
+                        ticket.on_piece(i, piece, len(row.generated))
+                    if row.finish_reason is not None:
+                        done.append(js[ks[n]])
+                    elif i in ticket.seen:
+                        ticket.seen[i][tok] = True
+            except Exception as e:  # noqa: BLE001 - this request's failure, told to it alone
+                failed[ticket] = e
+            else:
+                finished += done
         for j in sorted(finished, reverse=True):
             ticket, _ = self.slots[j]
             self._leave(j)
             ticket.live -= 1
             if not ticket.live and not ticket.waiting:
                 ticket.finish([r.result() for r in ticket.rows])
+        self._fail(failed)

@@ -18,7 +18,8 @@ clients); logprobs (and chat's top_logprobs), streamed or not, with echo also fo
 tokens (max_tokens 0 scores a prompt without generating). Options simplegpt has
 no equivalent for (presence/frequency penalties, logit_bias, best_of, suffix, tools) are refused
 with a 400, not silently dropped. Errors come as OpenAI's {"error": {"message", "type", "param",
-"code"}}: 400, 401 (key), 404, 408, 413 (body), 429 (queue full, with Retry-After), 504 (timeout).
+"code"}}: 400, 401 (key), 404, 408, 413 (body), 429 (queue full, with Retry-After), 500 (this request's
+decoding failed; the others go on), 504 (timeout).
 Requests are batched continuously (simplegpt.generation.scheduler.ContinuousBatcher).
 
 The modules, each with one job:

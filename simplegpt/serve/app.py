@@ -21,7 +21,8 @@ from .errors import APIError, add_error_handlers, error_body
 from .guard import Guard
 from .metrics import Metrics
 from .params import Prompt, encode, logprobs_count, prompt_list, prompt_tokens, refuse_unsupported, sampling_params
-from .responses import Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card, sse, usage
+from .responses import (ChatTokens, Offsets, chat_logprobs, choice_logprobs, completion_logprobs, model_card,
+                        reply_logprobs, sse, usage)
 from .scheduler import RequestTimeout, Scheduler, ServerStopping, Submission
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -137,7 +138,8 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         """A streamed request's server-sent events, for completions and chat alike: `opening` first, then
         piece_event(row, text piece, tokens so far) for each piece (None: nothing to send), at the end
         final_event(row, Result) for each row, the usage chunk (stream_options.include_usage) and
-        [DONE]; a request past its time ends with an error event instead (its status was sent)."""
+        [DONE]; a request past its time, or whose decoding failed, ends with an error event instead (its
+        status was sent)."""
 
         async def events() -> AsyncIterator[str]:
             for event in opening:
@@ -154,8 +156,9 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                         out = piece_event(*event)
                         if out is not None:
                             yield out
-            except (RequestTimeout, ServerStopping) as stop:
-                e = timed_out() if isinstance(stop, RequestTimeout) else stopped(stop)
+            except (RequestTimeout, ServerStopping, APIError) as caught:  # past its time, stopped, or failed (500)
+                e = (timed_out() if isinstance(caught, RequestTimeout)
+                     else stopped(caught) if isinstance(caught, ServerStopping) else caught)
                 yield sse(error_body(e.message, e.status, code=e.code))
                 return
             yield sse("[DONE]")
@@ -183,7 +186,7 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(engine, model_name, created)]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name:path}")  # ids such as org/tiny-gpt hold a slash
     def model(name: str) -> dict[str, Any]:
         check_model(name)
         return model_card(engine, model_name, created)
@@ -328,31 +331,39 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
                 return results
             count(results, req.n)
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
-                        "logprobs": chat_logprobs(tokenizer, r.logprobs), "finish_reason": r.finish_reason}
+                        "logprobs": chat_logprobs(tokenizer, reply_logprobs(tokenizer, r)),
+                        "finish_reason": r.finish_reason}
                        for i, r in enumerate(results)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage(results, req.n)}
 
         chunk = {**head, "object": "chat.completion.chunk"}
 
-        sent = [0] * len(rows)  # each row's tokens whose logprobs went out
+        reporting = [ChatTokens(tokenizer) for _ in rows]  # which tokens' logprobs go out, as non-streamed
 
-        def delta(i: int, d: dict[str, str], finish: str | None = None, upto: int | None = None) -> str:
+        def delta(i: int, d: dict[str, str], finish: str | None = None, piece: str | None = None,
+                  upto: int = 0) -> str:
             lp = None
-            if k is not None and upto is not None:
-                lp = chat_logprobs(tokenizer, sub.ticket.rows[i].logprobs[sent[i]:upto])
-                sent[i] = upto
+            if k is not None and piece is not None:  # the row's first `upto` tokens released `piece`
+                row = sub.ticket.rows[i]
+                lp = chat_logprobs(tokenizer, [row.logprobs[t] for t in
+                                               reporting[i].release(row.generated[:upto], piece, finish is not None)])
             return sse({**chunk, "choices": [{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}]})
 
         started = [False] * len(rows)
 
         def piece_event(i: int, piece: str, upto: int) -> str | None:
+            shown = piece
             if not started[i]:  # the reply without the space after 'Assistant:', as non-streamed
-                piece = piece.lstrip()
-                started[i] = bool(piece)
-            return delta(i, {"content": piece}, upto=upto) if piece else None
+                shown = piece.lstrip()
+                started[i] = bool(shown)
+            if not shown:
+                if k is not None:  # its tokens are decided with the next piece
+                    reporting[i].release(sub.ticket.rows[i].generated[:upto], piece)
+                return None
+            return delta(i, {"content": shown}, piece=piece, upto=upto)
 
         return streamed(sub, req.n, req.wants_usage, chunk,
                         (delta(i, {"role": "assistant", "content": ""}) for i in range(len(rows))), piece_event,
-                        lambda i, r: delta(i, {}, r.finish_reason, len(r.token_ids)))
+                        lambda i, r: delta(i, {}, r.finish_reason, "", len(r.token_ids)))
 
     return app

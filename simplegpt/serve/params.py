@@ -63,7 +63,10 @@ def prompt_tokens(tokenizer, prompt: Prompt, window: int, truncate: int | None, 
 def sampling_params(req: SamplingRequest, max_tokens: int, stop: list[str], limit: int,
                     logprobs: int | None = None) -> SamplingParams:
     """The engine's SamplingParams for a request: OpenAI's ranges (temperature 0-2, n 1-16, up to 4
-    stop strings), max_tokens up to the server's limit, stop: the endpoint's own stop strings."""
+    stop strings), max_tokens up to the server's limit, stop: the endpoint's own stop strings;
+    stream_options only with stream: true."""
+    if req.stream_options is not None and not req.stream:  # as OpenAI documents it and vLLM refuses it
+        raise APIError("stream_options is only allowed with stream: true", param="stream_options")
     if not 0 <= req.temperature <= 2:
         raise APIError(f"temperature must be between 0 and 2, got {req.temperature}", param="temperature")
     if not 1 <= req.n <= 16:

@@ -90,6 +90,61 @@ def choice_logprobs(tokenizer: Tokenizer, echo: str, result: Result | None,
     return completion_logprobs(tokenizer, entries, offsets)
 
 
+class ChatTokens:
+    """Which tokens of a chat reply its logprobs report: those whose text shows in message.content,
+    the reply with its leading whitespace removed and without a matched stop string. A token whose
+    characters meet that content is reported whole (' Hello' whose space is removed, 'x\\n' where the
+    stop '\\nUser:' begins), so the reported tokens' bytes, joined, are the content with at most the
+    removed whitespace before it and the start of the stop string after it; tokens that fall wholly
+    in either are left out.
+
+    Fed a row's tokens as its reply's text is released piece by piece (streamed), it hands out the
+    same tokens, in order, as fed the whole reply at once.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.offsets = Offsets(tokenizer)
+        self.spans: list[tuple[int, int]] = []  # per token: the characters [first, end) its bytes touch
+        self.sent = 0  # tokens decided (reported or left out)
+        self.shown = 0  # characters of the reply released
+        self.lead = 0  # leading whitespace characters (all released ones until the content starts)
+        self.started = False  # a character of the content was released
+
+    def release(self, ids: list[int], piece: str, final: bool = False) -> list[int]:
+        """The reply's tokens so far (ids) once `piece` of its text (before any removal) is released;
+        final: the reply is whole. Returns the indices in ids of the tokens to report now."""
+        for t in ids[len(self.spans):]:
+            [first] = self.offsets([t])
+            self.spans.append((first, max(self.offsets.chars, first + 1)))  # a partial character is touched
+        if not self.started:
+            self.lead += len(piece) - len(piece.lstrip())
+            self.started = bool(piece.strip())
+        self.shown += len(piece)
+        out = []
+        while self.sent < len(ids):
+            first, end = self.spans[self.sent]
+            if end <= self.lead:  # wholly in the removed whitespace
+                pass
+            elif final:  # content [lead, shown): report what meets it
+                if max(first, self.lead) >= min(end, self.shown):
+                    self.sent = len(ids)  # the rest is the stop string's
+                    break
+                out.append(self.sent)
+            elif self.started and first < self.shown:
+                out.append(self.sent)
+            else:  # its text is not released yet (held back for a stop string, or a partial character)
+                break
+            self.sent += 1
+        return out
+
+
+def reply_logprobs(tokenizer: Tokenizer, result: Result) -> list[TokenLogprobs] | None:
+    """The TokenLogprobs a whole chat reply reports (ChatTokens): those of message.content's tokens."""
+    if result.logprobs is None:
+        return None
+    return [result.logprobs[k] for k in ChatTokens(tokenizer).release(result.token_ids, result.text, final=True)]
+
+
 def chat_logprobs(tokenizer: Tokenizer, logprobs: list[TokenLogprobs] | None) -> dict[str, Any] | None:
     """The chat API's logprobs: one entry per token with its bytes and the alternatives."""
     if logprobs is None:

@@ -7,6 +7,8 @@ batcher's thread between two steps), passes the same gate: beyond the queue's ro
 (429) rather than queued without bound; one whose client leaves, or that runs past the server's
 timeout, is cancelled (its rows leave the batch at the next step, its scoring is skipped when it has
 not begun); and when the server stops (stop_all) each one still running ends with ServerStopping.
+A request whose decoding fails gets a 500 (an APIError its reader raises), and the batch goes on
+with the others.
 """
 
 from __future__ import annotations
@@ -171,6 +173,9 @@ class Scheduler:
                 put((row, "", tokens))
 
         def done(outcome: list[Result] | BaseException | None) -> None:
+            if isinstance(outcome, BaseException):  # decoding this request failed (the others go on)
+                outcome = APIError(f"generating this request failed: {type(outcome).__name__}: {outcome}",
+                                   status=500, code="internal_error")
             if outcome is not None:
                 put(outcome)
             put(_DONE)

@@ -1,6 +1,8 @@
 """The API's request bodies as pydantic models, with OpenAI's field names and defaults.
 
-Unknown fields are refused (a 400 naming them); fields OpenAI has and simplegpt cannot honour
+Unknown fields are refused (a 400 naming them), and so is text with a lone UTF-16 surrogate
+("\ud800" is valid JSON but no Unicode text: no tokenizer can encode it, nor can the reply carry it
+back as UTF-8); fields OpenAI has and simplegpt cannot honour
 (presence_penalty, logit_bias, best_of, tools, ...) are accepted here and refused by
 params.refuse_unsupported unless left at their defaults, so the error names what is unsupported.
 Types are strict (a 400 naming the field): no value is coerced into another type, so `true` is no
@@ -11,10 +13,42 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import APIError
 
-class SamplingRequest(BaseModel):
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """The dotted path (messages.0.content) of the first string in value that holds a lone surrogate."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+class TextRequest(BaseModel):
+    """A request body whose text must be Unicode text: a string with a lone surrogate, in any field
+    (prompt, messages, stop, ...) is a 400 naming that field, whatever the route and the tokenizer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = _lone_surrogate_at(data, "")
+        if where is not None:
+            raise APIError(f"{where}: the text holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                           "Unicode text; send text as UTF-8 or as properly paired \\u escapes", param=where)
+        return data
+
+
+class SamplingRequest(TextRequest):
     """The sampling fields completions and chat share. A field sent as null takes its default, as
     some clients send every option they know of."""
 
@@ -99,7 +133,7 @@ class ChatRequest(SamplingRequest):
     response_format: dict[str, Any] | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(TextRequest):
     """POST /tokenize (vLLM's route, which lm-evaluation-harness's API clients use): text to token ids.
     add_special_tokens is taken and has no effect: simplegpt's tokenizers add none."""
 
@@ -110,7 +144,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(TextRequest):
     """POST /detokenize (vLLM's route): token ids to text."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
