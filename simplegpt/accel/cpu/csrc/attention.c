@@ -37,6 +37,10 @@ static float *scratch_alloc(scratch *s, int T, int D) {
 
 /* the 8 x 8 block at src (rows ld apart) transposed into dst (rows ldd apart) */
 static inline void transpose8x8(const float *src, long ld, float *dst, long ldd) {
+#ifdef SG_PORTABLE
+    for (int k = 0; k < 8; k++)
+        for (int d = 0; d < 8; d++) dst[d * ldd + k] = src[k * ld + d];
+#else
     __m256 r[8], t[8];
     for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(src + k * ld);
     for (int k = 0; k < 8; k += 2) {
@@ -53,6 +57,7 @@ static inline void transpose8x8(const float *src, long ld, float *dst, long ldd)
         _mm256_storeu_ps(dst + k * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
         _mm256_storeu_ps(dst + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
     }
+#endif
 }
 
 /* transpose T rows of D floats (stride ld; D a multiple of 8) into (D, Tp) */

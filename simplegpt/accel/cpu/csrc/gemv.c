@@ -8,6 +8,95 @@
 #include "kernels.h"
 #include <math.h>
 
+#ifdef SG_AVX512
+/* The AVX-512 build's fp32 products: the AVX2 loops below at 16 floats a step, a masked load for the
+ * last K % 16 (no scalar tail). */
+
+/* the lanes of a 16-float step at k that lie below K */
+static inline __mmask16 lanes16(int k, int K) { return K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1); }
+
+/* Rows n0..n1 of y, four at a time sharing each load of x, the four a quarter of the range apart
+ * (see the AVX2 gemv_rows below) */
+static void gemv_rows(const float *W, const float *x, const float *b, float *y, int K, int n0, int n1) {
+    int q = (n1 - n0) / 4;
+    size_t step = (size_t)q * K;
+    for (int n = n0; n < n0 + q; n++) {
+        const float *w0 = W + (size_t)n * K, *w1 = w0 + step, *w2 = w1 + step, *w3 = w2 + step;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = 0; k < K; k += 16) {
+            __mmask16 m = lanes16(k, K);
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + k), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + k), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + k), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + k), xv, a3);
+        }
+        y[n] = _mm512_reduce_add_ps(a0) + (b ? b[n] : 0.0f);
+        y[n + q] = _mm512_reduce_add_ps(a1) + (b ? b[n + q] : 0.0f);
+        y[n + 2 * q] = _mm512_reduce_add_ps(a2) + (b ? b[n + 2 * q] : 0.0f);
+        y[n + 3 * q] = _mm512_reduce_add_ps(a3) + (b ? b[n + 3 * q] : 0.0f);
+    }
+    for (int n = n0 + 4 * q; n < n1; n++) {
+        const float *w = W + (size_t)n * K;
+        __m512 a = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            __mmask16 m = lanes16(k, K);
+            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a);
+        }
+        y[n] = _mm512_reduce_add_ps(a) + (b ? b[n] : 0.0f);
+    }
+}
+
+/* Rows n0..n1 of Y (M, N) = X (M, K) W^T + b for a few rows of X: as the AVX2 gemm_rows below, four
+ * weight rows a quarter of the range apart times two rows of X (eight accumulators) */
+static void gemm_rows(const float *W, const float *X, const float *b, float *Y, int M, int N, int K, int n0,
+                      int n1) {
+    int q = (n1 - n0) / 4;
+    size_t step = (size_t)q * K;
+    for (int n = n0; n < n0 + q; n++) {
+        const float *w0 = W + (size_t)n * K, *w1 = w0 + step, *w2 = w1 + step, *w3 = w2 + step;
+        for (int m = 0; m < M; m += 2) {
+            int pair = m + 1 < M;
+            const float *x0 = X + (size_t)m * K, *x1 = pair ? x0 + K : x0;
+            __m512 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+            for (int k = 0; k < K; k += 16) {
+                __mmask16 mk = lanes16(k, K);
+                __m512 v0 = _mm512_maskz_loadu_ps(mk, w0 + k), v1 = _mm512_maskz_loadu_ps(mk, w1 + k),
+                       v2 = _mm512_maskz_loadu_ps(mk, w2 + k), v3 = _mm512_maskz_loadu_ps(mk, w3 + k),
+                       u = _mm512_maskz_loadu_ps(mk, x0 + k);
+                a[0] = _mm512_fmadd_ps(v0, u, a[0]);
+                a[1] = _mm512_fmadd_ps(v1, u, a[1]);
+                a[2] = _mm512_fmadd_ps(v2, u, a[2]);
+                a[3] = _mm512_fmadd_ps(v3, u, a[3]);
+                u = _mm512_maskz_loadu_ps(mk, x1 + k);
+                a[4] = _mm512_fmadd_ps(v0, u, a[4]);
+                a[5] = _mm512_fmadd_ps(v1, u, a[5]);
+                a[6] = _mm512_fmadd_ps(v2, u, a[6]);
+                a[7] = _mm512_fmadd_ps(v3, u, a[7]);
+            }
+            for (int r = 0; r <= pair; r++)
+                for (int j = 0; j < 4; j++) {
+                    int col = n + j * q;
+                    Y[(size_t)(m + r) * N + col] = _mm512_reduce_add_ps(a[4 * r + j]) + (b ? b[col] : 0.0f);
+                }
+        }
+    }
+    for (int n = n0 + 4 * q; n < n1; n++) {
+        const float *w = W + (size_t)n * K;
+        for (int m = 0; m < M; m++) {
+            const float *x = X + (size_t)m * K;
+            __m512 a = _mm512_setzero_ps();
+            for (int k = 0; k < K; k += 16) {
+                __mmask16 mk = lanes16(k, K);
+                a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), a);
+            }
+            Y[(size_t)m * N + n] = _mm512_reduce_add_ps(a) + (b ? b[n] : 0.0f);
+        }
+    }
+}
+
+#else
 /* Rows n0..n1 of y, four at a time sharing each load of x. The four rows are a quarter of the
  * range apart, not neighbours: four distant sequential streams keep more memory requests in
  * flight than one, and a core streams ~10-25% more bytes a second that way (docs/benchmarks.md). */
@@ -97,6 +186,48 @@ static void gemm_rows(const float *W, const float *X, const float *b, float *Y, 
     }
 }
 
+#endif
+
+#if defined(SG_AVX512)
+/* The integer dot products of x with `rows` (1 or 4) rows of W, `step` bytes apart, with VNNI:
+ * vpdpbusd multiplies unsigned bytes by signed ones, so it takes |x| and w negated where x < 0
+ * (AVX-512 has no vpsignb). With both in [-127, 127] the sums are exact: the same integers as the
+ * AVX2 and portable paths. A masked load takes the last K % 64. */
+static inline __m512i dot64_q8(__m512i acc, const int8_t *w, __mmask64 m, __mmask64 neg, __m512i xabs) {
+    __m512i wv = _mm512_maskz_loadu_epi8(m, w);
+    return _mm512_dpbusd_epi32(acc, xabs, _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv));
+}
+
+static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int K, int *sum) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int k = 0; k < K; k += 64) {
+        __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
+        __m512i xv = _mm512_maskz_loadu_epi8(m, xq + k), xabs = _mm512_abs_epi8(xv);
+        __mmask64 neg = _mm512_movepi8_mask(xv);
+        a0 = dot64_q8(a0, w + k, m, neg, xabs);
+        if (rows == 4) {
+            a1 = dot64_q8(a1, w + step + k, m, neg, xabs);
+            a2 = dot64_q8(a2, w + 2 * step + k, m, neg, xabs);
+            a3 = dot64_q8(a3, w + 3 * step + k, m, neg, xabs);
+        }
+    }
+    sum[0] = _mm512_reduce_add_epi32(a0), sum[1] = _mm512_reduce_add_epi32(a1);
+    sum[2] = _mm512_reduce_add_epi32(a2), sum[3] = _mm512_reduce_add_epi32(a3);
+}
+
+#elif defined(SG_PORTABLE)
+/* the integer dot products of x with `rows` (1 or 4) rows of W, `step` bytes apart, in plain C
+ * (the compiler vectorises the int8 products) */
+static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int K, int *sum) {
+    for (int j = 0; j < rows; j++) {
+        const int8_t *wj = w + j * step;
+        int s = 0;
+        for (int k = 0; k < K; k++) s += (int)wj[k] * (int)xq[k];
+        sum[j] = s;
+    }
+}
+
+#else
 /* int8 weights with one scale per row, times x quantized to int8 with one scale (xs): the integer
  * dot products of llama.cpp's q8_0 on AVX2. maddubs multiplies |x| (unsigned) by w carrying x's sign,
  * and with both in [-127, 127] its 16-bit sums of two products cannot saturate. */
@@ -130,6 +261,8 @@ static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *
     for (int j = 0; j < rows; j++)
         for (int k = K32; k < K; k++) sum[j] += (int)w[j * step + k] * (int)xq[k];
 }
+
+#endif
 
 /* Rows n0..n1 of y (M, N) = (W q8(x)) scaled, + b, for M rows of x, each quantized with its own
  * scale (xq: M x K int8, xs: M scales): as gemv_rows, four weight rows a quarter of the range

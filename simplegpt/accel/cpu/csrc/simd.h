@@ -1,6 +1,27 @@
-/* AVX2 helpers shared by the library's kernels. */
+/* Which code paths this build of the library has, chosen by the compiler flags that lib.py's
+ * VARIANTS give each build (never by the CPU it is compiled on), and the vector helpers they share.
+ *   SG_AVX512: AVX-512 F/BW/VL with VNNI (-mavx512f -mavx512bw -mavx512vl -mavx512vnni): the
+ *              decoding products take 512-bit paths (gemv.c); the rest runs the AVX2 code.
+ *   AVX2 and FMA (-mavx2 -mfma): the AVX2 code everywhere.
+ *   SG_PORTABLE: neither (another CPU, e.g. aarch64): the same code over simd_portable.h, plain C
+ *              that the compiler vectorises for the target (NEON on aarch64). */
 #ifndef SIMPLEGPT_SIMD_H
 #define SIMPLEGPT_SIMD_H
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__AVX2__) && defined(__FMA__)
+#define SG_AVX512 1
+#define SG_VARIANT "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SG_VARIANT "avx2"
+#else
+#define SG_PORTABLE 1
+#define SG_VARIANT "portable"
+#endif
+
+#ifdef SG_PORTABLE
+#include "simd_portable.h"
+#else
 #include <immintrin.h>
 
 static inline float hsum(__m256 v) {
@@ -32,6 +53,16 @@ static inline __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* the body of a spin-wait loop: tells the core (and a hyperthread sibling) that this thread waits */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
 }
 
 #endif
