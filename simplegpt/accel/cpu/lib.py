@@ -213,6 +213,28 @@ def forced_variant() -> Variant | None:
     raise OptionError(f"SIMPLEGPT_CPU_KERNELS={name!r}: expected one of {', '.join(VARIANT_NAMES)}")
 
 
+def missing_features(variant: Variant) -> list[str]:
+    """The CPU flags `variant` needs that this CPU does not report (empty: it can run here)."""
+    flags, _ = _features()
+    return [f for f in variant.cpu_flags if f not in flags]
+
+
+def build(name: str) -> ctypes.CDLL:
+    """The library of the variant called `name`, built if needed, whatever load() chose: for tests
+    that run every variant the CPU can, and benchmarks that compare them. OptionError where this CPU
+    cannot run it; RuntimeError or OSError where it does not build."""
+    [variant] = [v for v in VARIANTS if v.name == name] or [None]
+    if variant is None:
+        raise OptionError(f"no kernel variant {name!r}: expected one of {', '.join(VARIANT_NAMES)}")
+    missing = missing_features(variant)
+    if missing:
+        raise OptionError(f"the {name} kernels cannot run here: this CPU lacks {', '.join(missing)}")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (set CC)")
+    return _build(cc, variant)
+
+
 def _build(cc: str, variant: Variant) -> ctypes.CDLL:
     code = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS])
     key = hashlib.sha256(code + " ".join([cc, variant.name, *FLAGS, *variant.flags, *OPENMP]).encode()).hexdigest()[:16]
