@@ -6,6 +6,9 @@ on x86. A variant this CPU cannot run is skipped with the features it lacks. Als
 forces a variant, and the report of which one is in use."""
 
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -117,3 +120,42 @@ def test_a_forced_variant_the_cpu_cannot_run_is_one_clear_error(fresh_load, monk
         monkeypatch.delenv("SIMPLEGPT_CPU_KERNELS")
         assert fresh_load() is not None and lib.variant() == "avx2"
         assert "avx512: not used, the CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni (per a test)" in lib.report()
+
+
+@pytest.mark.skipif(not shutil.which("objdump") or lib.missing_features(lib.VARIANTS[1]) != [],
+                    reason="needs objdump and a CPU that runs the avx2 build")
+def test_the_avx2_build_holds_no_avx512_instruction():
+    """The avx2 build must run on CPUs without AVX-512 (AMD Zen 3): no zmm or mask register, no
+    EVEX-only register (xmm/ymm 16-31), while the avx512 build has them."""
+    evex = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b")
+    def disassembly(name):
+        so = lib.build(name)._name
+        return subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], capture_output=True, text=True,
+                              check=True).stdout
+    assert not evex.findall(disassembly("avx2"))
+    if not lib.missing_features(lib.VARIANTS[0]):
+        assert evex.search(disassembly("avx512"))
+
+
+@pytest.mark.skipif(not shutil.which("aarch64-linux-gnu-gcc"), reason="no aarch64 cross compiler "
+                    "(Debian: gcc-aarch64-linux-gnu; CI installs it)")
+def test_the_portable_build_compiles_for_aarch64(tmp_path):
+    """The C sources hold no x86 intrinsic outside the x86 variants' paths: the portable variant
+    builds for aarch64 with lib.py's own compile step (its flags, OpenMP and all)."""
+    target = tmp_path / "kernels-aarch64.so"
+    lib._compile(shutil.which("aarch64-linux-gnu-gcc"), lib.VARIANTS[-1], target)
+    assert target.read_bytes()[:4] == b"\x7fELF" and target.read_bytes()[18] == 183  # e_machine: EM_AARCH64
+
+
+def test_info_system_prints_the_kernels_in_use_and_why(capsys):
+    from simplegpt.cli import main
+
+    assert main(["info", "--system"]) == 0
+    out = capsys.readouterr().out
+    assert "features (per " in out and "PyTorch's own kernels:" in out
+    if lib.load() is not None:
+        assert f"CPU kernels: {lib.variant()} build" in out and f"{lib.variant()}: in use" in out
+    else:
+        assert f"CPU kernels: not in use ({lib.unavailable_reason()})" in out
+    assert main(["info"]) == 2
+    assert "give a checkpoint directory, or --system" in capsys.readouterr().err
