@@ -189,30 +189,61 @@ static void gemm_rows(const float *W, const float *X, const float *b, float *Y, 
 #endif
 
 #if defined(SG_AVX512)
-/* The integer dot products of x with `rows` (1 or 4) rows of W, `step` bytes apart, with VNNI:
- * vpdpbusd multiplies unsigned bytes by signed ones, so it takes |x| and w negated where x < 0
- * (AVX-512 has no vpsignb). With both in [-127, 127] the sums are exact: the same integers as the
- * AVX2 and portable paths. A masked load takes the last K % 64. */
-static inline __m512i dot64_q8(__m512i acc, const int8_t *w, __mmask64 m, __mmask64 neg, __m512i xabs) {
-    __m512i wv = _mm512_maskz_loadu_epi8(m, w);
-    return _mm512_dpbusd_epi32(acc, xabs, _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv));
-}
-
-static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int K, int *sum) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+/* The integer dot products of ROWS (1 or 4) rows of W (`step` bytes apart) with MB (1 to 4) rows of
+ * x (K apart) into sum[4 m + j], with VNNI. vpdpbusd multiplies unsigned bytes by signed ones, so x
+ * goes in as x + 128 (x ^ 0x80, in [1, 255]) and 128 times each weight row's sum (one more
+ * vpdpbusd, by ones) comes off at the end: exact, the same integers as the AVX2 and portable paths
+ * (|sums| < 255 * 127 * 65536 < 2^31). Each load of the weights serves the MB rows of x from
+ * registers (4 x 4 accumulators); a masked load takes the last K % 64. */
+static inline __attribute__((always_inline)) void tile_q8(const int8_t *w, size_t step, const int8_t *xq, int K,
+                                                          int *sum, const int ROWS, const int MB) {
+    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][4], ws[4], wv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < ROWS; j++) {
+        ws[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[i][j] = _mm512_setzero_si512();
+    }
     for (int k = 0; k < K; k += 64) {
         __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
-        __m512i xv = _mm512_maskz_loadu_epi8(m, xq + k), xabs = _mm512_abs_epi8(xv);
-        __mmask64 neg = _mm512_movepi8_mask(xv);
-        a0 = dot64_q8(a0, w + k, m, neg, xabs);
-        if (rows == 4) {
-            a1 = dot64_q8(a1, w + step + k, m, neg, xabs);
-            a2 = dot64_q8(a2, w + 2 * step + k, m, neg, xabs);
-            a3 = dot64_q8(a3, w + 3 * step + k, m, neg, xabs);
+#pragma GCC unroll 4
+        for (int j = 0; j < ROWS; j++) {
+            wv[j] = _mm512_maskz_loadu_epi8(m, w + j * step + k);
+            ws[j] = _mm512_dpbusd_epi32(ws[j], ones, wv[j]);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, xq + (size_t)i * K + k), flip);
+#pragma GCC unroll 4
+            for (int j = 0; j < ROWS; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xu, wv[j]);
         }
     }
-    sum[0] = _mm512_reduce_add_epi32(a0), sum[1] = _mm512_reduce_add_epi32(a1);
-    sum[2] = _mm512_reduce_add_epi32(a2), sum[3] = _mm512_reduce_add_epi32(a3);
+#pragma GCC unroll 4
+    for (int j = 0; j < ROWS; j++) {
+        int off = 128 * _mm512_reduce_add_epi32(ws[j]);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) sum[4 * i + j] = _mm512_reduce_add_epi32(acc[i][j]) - off;
+    }
+}
+
+/* sum[4 m + j] = row j of `rows` (1 or 4) rows of W, `step` bytes apart, dot row m of the M rows of xq */
+static void dots_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int M, int K, int *sum) {
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        int mb = M - m0 < 4 ? M - m0 : 4;
+        const int8_t *x = xq + (size_t)m0 * K;
+        int *s = sum + 4 * m0;
+        switch (rows * 8 + mb) {
+        case 33: tile_q8(w, step, x, K, s, 4, 1); break;
+        case 34: tile_q8(w, step, x, K, s, 4, 2); break;
+        case 35: tile_q8(w, step, x, K, s, 4, 3); break;
+        case 36: tile_q8(w, step, x, K, s, 4, 4); break;
+        case 9: tile_q8(w, step, x, K, s, 1, 1); break;
+        case 10: tile_q8(w, step, x, K, s, 1, 2); break;
+        case 11: tile_q8(w, step, x, K, s, 1, 3); break;
+        default: tile_q8(w, step, x, K, s, 1, 4); break;
+        }
+    }
 }
 
 #elif defined(SG_PORTABLE)
@@ -261,7 +292,14 @@ static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *
     for (int j = 0; j < rows; j++)
         for (int k = K32; k < K; k++) sum[j] += (int)w[j * step + k] * (int)xq[k];
 }
+#endif
 
+#ifndef SG_AVX512
+/* sum[4 m + j] = row j of `rows` (1 or 4) rows of W, `step` bytes apart, dot row m of the M rows of
+ * xq: one row of x at a time, the weight rows read from the cache after the first */
+static void dots_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int M, int K, int *sum) {
+    for (int m = 0; m < M; m++) dot_q8(w, step, rows, xq + (size_t)m * K, K, sum + 4 * m);
+}
 #endif
 
 /* Rows n0..n1 of y (M, N) = (W q8(x)) scaled, + b, for M rows of x, each quantized with its own
@@ -269,18 +307,17 @@ static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *
  * apart, then the rest one by one; each group of weight rows serves every row of x from the cache. */
 static void gemv_rows_q8(const int8_t *W, const float *scale, const int8_t *xq, const float *xs, const float *b,
                          float *y, int M, int N, int K, int n0, int n1) {
-    int q = (n1 - n0) / 4, sum[4];
+    int q = (n1 - n0) / 4, sum[4 * MAX_ROWS];
     for (int n = n0; n < n1; n++) {
         if (n == n0 + q) n = n0 + 4 * q;  /* the quarters are done: the rest one by one */
         if (n >= n1) break;
         int rows = n < n0 + q ? 4 : 1;
-        for (int m = 0; m < M; m++) {
-            dot_q8(W + (size_t)n * K, (size_t)q * K, rows, xq + (size_t)m * K, K, sum);
+        dots_q8(W + (size_t)n * K, (size_t)q * K, rows, xq, M, K, sum);
+        for (int m = 0; m < M; m++)
             for (int j = 0; j < rows; j++) {
                 int col = n + j * q;
-                y[(size_t)m * N + col] = (float)sum[j] * scale[col] * xs[m] + (b ? b[col] : 0.0f);
+                y[(size_t)m * N + col] = (float)sum[4 * m + j] * scale[col] * xs[m] + (b ? b[col] : 0.0f);
             }
-        }
     }
 }
 
