@@ -147,25 +147,25 @@ static void wsum_rows(const float *w, int T, int Tp, const float *b, long ldb, f
 
 /* softmax of p[0..n) in place (n >= 1), returning its log-sum-exp */
 float softmax_row(float *p, int n) {
-    int n8 = n & ~7, j;
-    __m256 mv = _mm256_set1_ps(-3.4e38f);
-    for (j = 0; j < n8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(p + j));
-    float mx = hmax(mv);
+    int nv = n - n % VF, j;
+    vf mv = vf_set1(-3.4e38f);
+    for (j = 0; j < nv; j += VF) mv = vf_max(mv, vf_load(p + j));
+    float mx = vf_hmax(mv);
     for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
-    __m256 sv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(mx);
-    for (j = 0; j < n8; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), m8));
-        _mm256_storeu_ps(p + j, e);
-        sv = _mm256_add_ps(sv, e);
+    vf sv = vf_zero(), mxv = vf_set1(mx);
+    for (j = 0; j < nv; j += VF) {
+        vf e = vf_exp(vf_sub(vf_load(p + j), mxv));
+        vf_store(p + j, e);
+        sv = vf_add(sv, e);
     }
-    float sum = hsum(sv);
+    float sum = vf_sum(sv);
     for (; j < n; j++) {
         p[j] = expf(p[j] - mx);
         sum += p[j];
     }
     float inv = 1.0f / sum;
-    __m256 iv = _mm256_set1_ps(inv);
-    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), iv));
+    vf iv = vf_set1(inv);
+    for (j = 0; j < nv; j += VF) vf_store(p + j, vf_mul(vf_load(p + j), iv));
     for (; j < n; j++) p[j] *= inv;
     return mx + logf(sum);
 }
