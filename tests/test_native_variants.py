@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -138,14 +139,25 @@ def test_the_avx2_build_holds_no_avx512_instruction():
         assert evex.search(disassembly("avx512"))
 
 
-@pytest.mark.skipif(not shutil.which("aarch64-linux-gnu-gcc"), reason="no aarch64 cross compiler "
-                    "(Debian: gcc-aarch64-linux-gnu; CI installs it)")
-def test_the_portable_build_compiles_for_aarch64(tmp_path):
+AARCH64_GCC, QEMU, SYSROOT = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64"), "/usr/aarch64-linux-gnu"
+
+
+@pytest.mark.skipif(not AARCH64_GCC, reason="no aarch64 cross compiler (Debian: gcc-aarch64-linux-gnu; CI installs it)")
+def test_the_portable_build_compiles_and_computes_on_aarch64(tmp_path):
     """The C sources hold no x86 intrinsic outside the x86 variants' paths: the portable variant
-    builds for aarch64 with lib.py's own compile step (its flags, OpenMP and all)."""
+    builds for aarch64 with lib.py's own compile step (its flags, OpenMP and all). Under qemu-user
+    (Debian: qemu-user) tests/native/check_kernels.c then checks that library's products,
+    LayerNorm, GELU and attention against double-precision references (torch cannot run there)."""
     target = tmp_path / "kernels-aarch64.so"
-    lib._compile(shutil.which("aarch64-linux-gnu-gcc"), lib.VARIANTS[-1], target)
+    lib._compile(AARCH64_GCC, lib.VARIANTS[-1], target)
     assert target.read_bytes()[:4] == b"\x7fELF" and target.read_bytes()[18] == 183  # e_machine: EM_AARCH64
+    if not (QEMU and os.path.isdir(SYSROOT)):
+        pytest.skip("built; no qemu-aarch64 to run it (Debian: qemu-user; CI installs it)")
+    check = tmp_path / "check_kernels"
+    subprocess.run([AARCH64_GCC, "-O2", "-o", str(check), str(Path(__file__).parent / "native" / "check_kernels.c"),
+                    str(target), f"-Wl,-rpath,{tmp_path}", "-lm"], check=True, capture_output=True)
+    out = subprocess.run([QEMU, "-L", SYSROOT, str(check)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok (portable)", out.stdout + out.stderr
 
 
 def test_info_system_prints_the_kernels_in_use_and_why(capsys):
