@@ -1,9 +1,9 @@
 /* Which code paths this build of the library has, chosen by the compiler flags that lib.py's
  * VARIANTS give each build (never by the CPU it is compiled on), and the vector helpers they share.
  *   SG_AVX512: AVX-512 F/BW/VL with VNNI (-mavx512f -mavx512bw -mavx512vl -mavx512vnni): the
- *              decoding products (gemv.c: vpdpbusd for int8) and the elementwise and row kernels
- *              (vf below: GELU, LayerNorm, AdamW, softmax) take 512-bit paths; attention's
- *              register-tiled products keep the AVX2 code.
+ *              decoding products (gemv.c: vpdpbusd for int8), training attention's products
+ *              (attention.c, head sizes 16-64) and the elementwise and row kernels (vf below:
+ *              GELU, LayerNorm, AdamW, softmax) take 512-bit paths; the rest runs the AVX2 code.
  *   AVX2 and FMA (-mavx2 -mfma): the AVX2 code everywhere.
  *   SG_PORTABLE: neither (another CPU, e.g. aarch64): the same code over simd_portable.h, plain C
  *              that the compiler vectorises for the target (NEON on aarch64). */
