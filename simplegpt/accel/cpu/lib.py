@@ -263,10 +263,12 @@ def _load() -> None:
         if os.environ.get("SIMPLEGPT_NATIVE", "1") == "0":
             raise RuntimeError("SIMPLEGPT_NATIVE=0")
         forced = forced_variant()  # an OptionError leaves the library unloaded: every load() raises it
-        x86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
-        if sys.platform == "win32" or not (x86 or forced):
-            raise RuntimeError(f"no kernel for {sys.platform}/{platform.machine()} "
-                               "(SIMPLEGPT_CPU_KERNELS=portable builds the portable one)")
+        where = f"{sys.platform}/{platform.machine()}"
+        if sys.platform == "win32":
+            raise RuntimeError(f"no kernel for {where}")
+        if platform.machine().lower() not in ("x86_64", "amd64") and not forced:
+            raise RuntimeError(f"no kernel for {where} by default (SIMPLEGPT_CPU_KERNELS=portable builds the "
+                               "portable one, whose speed there is not measured)")
         flags, source = _features()
         if forced:
             missing = [f for f in forced.cpu_flags if f not in flags]
@@ -324,5 +326,7 @@ def report() -> str:
     else:
         lines.append(f"CPU kernels: {_variant.name} build ({' '.join(_variant.flags) or 'no ISA flags'})")
     lines += [f"  {line}" for line in _why]
+    if flags & {"avx512_bf16", "amx_tile"}:
+        lines.append("  (AVX-512 BF16 and AMX are listed for information: these kernels use neither)")
     lines.append(f"PyTorch's own kernels: {torch.backends.cpu.get_cpu_capability()}")
     return "\n".join(lines)
