@@ -3,7 +3,9 @@
  * W is row-major (N, K): nn.Linear's own layout, so the weights are used as they are. The rows of
  * W are split between the pool's threads (pool.c). At batch 1 this is memory-bound: the point is
  * to stream W from every core at once, which PyTorch's BLAS matrix-vector path does not do at
- * these sizes (docs/benchmarks.md).
+ * these sizes (docs/benchmarks.md). The AVX-512 build has its own loops (SG_AVX512, simd.h): 16
+ * floats a step, and VNNI for int8; the others share the AVX2 code (the portable build through
+ * simd_portable.h, with a plain C int8 dot product).
  */
 #include "kernels.h"
 #include <math.h>
@@ -13,7 +15,9 @@
  * last K % 16 (no scalar tail). */
 
 /* the lanes of a 16-float step at k that lie below K */
-static inline __mmask16 lanes16(int k, int K) { return K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1); }
+static inline __mmask16 lanes16(int k, int K) {
+    return K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+}
 
 /* Rows n0..n1 of y, four at a time sharing each load of x, the four a quarter of the range apart
  * (see the AVX2 gemv_rows below) */
