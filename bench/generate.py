@@ -27,6 +27,14 @@ torch.compile'd function over the static cache (CUDA graphs on a GPU); its compi
 a warm-up call before the timed rounds. On --device cuda the int8 engine and its quality check
 (CPU only) are skipped, and every timing synchronizes the GPU before the clock is read.
 
+On the CPU, a C read loop (bench/read_bandwidth.c, one thread per core, --read-mb of memory, best
+of 3 passes) measures the memory bandwidth just before and just after every timed call of the
+cached fp32 and int8 engines (the host's bandwidth swings within minutes, so a limit measured
+once means little), and each call is printed as a fraction of it: the weight bytes a decode step
+reads (fp32: 4 a parameter, wpe left out; int8: 1 a linear weight, 4 a row scale and a bias or
+LayerNorm float) times its tokens/s, over the mean of the two read figures (tokens/s counts the
+prefill too, and the KV cache's reads are left out, so the fraction is a slight underestimate).
+
 --contention measures only the cached engine, on the CPU, with the threads `simplegpt generate`
 picks by default (decode_threads: the cores other processes leave idle), with one thread per core
 and with one thread, in rounds that interleave the three (each first in turn), each timing as
@@ -40,12 +48,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +71,46 @@ from simplegpt.model import GPT, preset_config  # noqa: E402
 from simplegpt.quantize import quantize_int8  # noqa: E402
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+READ_LOOP = Path(__file__).resolve().parent / "read_bandwidth.c"
+
+
+class ReadLoop:
+    """The memory-bandwidth limit: bench/read_bandwidth.c reading `mb` MB with `threads` threads."""
+
+    def __init__(self, mb: int, threads: int):
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if not cc:
+            raise SystemExit("the read loop needs a C compiler (set CC), or pass --read-mb 0")
+        self._dir = tempfile.TemporaryDirectory(prefix="simplegpt-read-")
+        so = Path(self._dir.name) / "read_bandwidth.so"
+        subprocess.run([cc, "-O3", "-shared", "-fPIC", "-pthread", "-o", str(so), str(READ_LOOP)], check=True)
+        self.lib = ctypes.CDLL(str(so))
+        self.lib.read_all.restype = ctypes.c_uint64
+        self.lib.read_all.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.buf = torch.ones(mb * 2**20 // 8, dtype=torch.int64)  # written: every page is in memory
+        self.threads = threads
+
+    def gbps(self, passes: int = 3) -> float:
+        """GB/s of the best of `passes` reads of the whole buffer."""
+        best = math.inf
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            total = self.lib.read_all(self.buf.data_ptr(), self.buf.numel() * 8, self.threads)
+            best = min(best, time.perf_counter() - t0)
+            assert total == self.buf.numel(), "the read loop missed words"
+        return self.buf.numel() * 8 / best / 1e9
+
+
+def bytes_per_token(model: GPT, int8: bool) -> int:
+    """Weight bytes one batch-1 decode step reads: every parameter but the position embeddings (one
+    row of them is read); the head is the tied token embedding. int8: 1 byte a linear weight (the
+    blocks' and the head's) plus a 4-byte scale per row, 4 bytes a float of the rest."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name == "transformer.wpe.weight":
+            continue
+        total += p.numel() + 4 * p.size(0) if int8 and p.dim() == 2 else 4 * p.numel()
+    return total
 
 
 def timed(fn, device: torch.device) -> float:
@@ -221,6 +272,8 @@ def main() -> None:
     p.add_argument("--skip-llama", action="store_true", help="don't measure llama.cpp even if --llama-bench is given")
     p.add_argument("--gguf-f32", default="/tmp/gpt2-rand-f32.gguf", help="f32 GGUF for --llama-bench")
     p.add_argument("--gguf-q8", default="/tmp/gpt2-rand-q8_0.gguf", help="q8_0 GGUF for --llama-bench")
+    p.add_argument("--read-mb", type=int, default=512,
+                   help="MB the C read loop (the bandwidth limit) reads on the CPU; 0 = don't measure it")
     p.add_argument("--contention", action="store_true",
                    help="measure only the cached engine's decode with the default threads, one per core and one "
                         "thread, alone and beside a busy process (CPU)")
@@ -291,6 +344,9 @@ def main() -> None:
             "tutorial loop": tutorial_runner(model, prompt, args.uncached_tokens)}
     gguf = {"llama.cpp f32": args.gguf_f32, "llama.cpp q8_0": args.gguf_q8}
     llama: list[dict[str, list[float]]] = []
+    reader = ReadLoop(args.read_mb, len(os.sched_getaffinity(0))) if on_cpu and args.read_mb > 0 else None
+    # per round: (seconds, the read loop's GB/s just before, just after) of the bandwidth-bound engines
+    bound: dict[str, list[tuple[float, float, float]]] = {"simplegpt cached": [], "simplegpt int8": []}
 
     def measure_llama() -> None:
         if args.llama_bench:
@@ -304,7 +360,12 @@ def main() -> None:
     for r in range(args.repeats):
         measure_llama()
         for name, run in [*runners.items(), *(slow.items() if r == 0 else [])]:
-            best[name] = min(best[name], timed(run, device))
+            limited = reader is not None and name in bound
+            before = reader.gbps() if limited else 0.0
+            t = timed(run, device)
+            if limited:
+                bound[name].append((t, before, reader.gbps()))
+            best[name] = min(best[name], t)
     measure_llama()  # and after the last round
     rows = {name: args.batch if "batch" in name else 1 for name in best}  # tokens per step
     rates = {name: rows[name] * (args.uncached_tokens if name in slow else args.new_tokens) / t
@@ -338,6 +399,16 @@ def main() -> None:
         if "HF generate" in rates:
             print(f"  compiled / HF generate {rates['simplegpt compiled'] / rates['HF generate']:6.2f}x"
                   "  (goal >= 5 on a GPU)")
+    if reader is not None:
+        print(f"\nthe C read loop ({reader.threads} threads, {args.read_mb} MB) just before and after each timed call")
+        for name, label, q in (("simplegpt cached", "fp32", False), ("simplegpt int8", "int8", True)):
+            if not bound[name]:
+                continue
+            nbytes = bytes_per_token(model, q)
+            fractions = [nbytes * args.new_tokens / t / ((a + b) / 2 * 1e9) for t, a, b in bound[name]]
+            print(f"  decode {label}: {nbytes / 1e6:.0f} MB of weights a token; read loop "
+                  + ", ".join(f"{a:.1f}/{b:.1f}" for _, a, b in bound[name]) + " GB/s; decode at "
+                  + ", ".join(f"{f * 100:.0f}%" for f in fractions) + f" of it (best {max(fractions) * 100:.0f}%)")
     if args.llama_bench:
         print(f"  cached / llama.cpp f32 {rates['simplegpt cached'] / rates['llama.cpp f32']:6.2f}x  (goal >= 1)")
         print(f"  int8   / llama.cpp q8_0 {rates['simplegpt int8'] / rates['llama.cpp q8_0']:5.2f}x  (goal >= 0.75)")

@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import file_access_errors
+from ..errors import UsageError, file_access_errors
 
 HELP = "show a checkpoint's model config, parameter count, tokenizer and metadata"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory")
+    p.add_argument("--system", action="store_true",
+                   help="print which CPU kernels this machine uses and why (no checkpoint needed)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
+
+    if args.system:
+        from ..accel.cpu.lib import report
+
+        print(report())
+        if args.checkpoint is None:
+            return 0
+    elif args.checkpoint is None:
+        raise UsageError("give a checkpoint directory, or --system")
 
     with file_access_errors():
         ck = load_checkpoint(args.checkpoint)

@@ -172,7 +172,7 @@ class _Block(torch.autograd.Function):
         return (dx, *grads, None, None, None)
 
 
-_sgemm: bool | None = None
+_sgemm: int | None = None  # the address of torch's sgemm_, 0 where it has none; None before the first look
 
 
 def _blas_ready() -> bool:
@@ -183,11 +183,11 @@ def _blas_ready() -> bool:
         try:
             fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_
         except (OSError, AttributeError):
-            _sgemm = False
+            _sgemm = 0
         else:
-            load().sg_set_sgemm(ctypes.cast(fn, ctypes.c_void_p).value)
-            _sgemm = True
-    return _sgemm
+            _sgemm = ctypes.cast(fn, ctypes.c_void_p).value
+            load().sg_set_sgemm(_sgemm)
+    return bool(_sgemm)
 
 
 def _block_ok(block: torch.nn.Module, T: int) -> bool:

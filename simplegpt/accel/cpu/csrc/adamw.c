@@ -40,15 +40,15 @@ int sg_sqnorm(float *const *g, const long *n, int count, int threads, double *ou
     for (long k = 0; k < ns; k++) {
         const float *x = g[s[k].t] + s[k].off;
         long len = s[k].len, i = 0;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        vf a0 = vf_zero(), a1 = vf_zero();
         double tail = 0.0;
-        for (; i + 16 <= len; i += 16) {
-            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-            a0 = _mm256_fmadd_ps(x0, x0, a0);
-            a1 = _mm256_fmadd_ps(x1, x1, a1);
+        for (; i + 2 * VF <= len; i += 2 * VF) {
+            vf x0 = vf_load(x + i), x1 = vf_load(x + i + VF);
+            a0 = vf_fmadd(x0, x0, a0);
+            a1 = vf_fmadd(x1, x1, a1);
         }
         for (; i < len; i++) tail += (double)x[i] * x[i];
-        part[k] = (double)hsum(_mm256_add_ps(a0, a1)) + tail;
+        part[k] = (double)vf_sum(vf_add(a0, a1)) + tail;
     }
     double total = 0.0;
     for (long k = 0; k < ns; k++) total += part[k];
@@ -79,20 +79,20 @@ int sg_adamw(float *const *p, float *const *g, float *const *m, float *const *v,
         float *pp = p[t] + s[k].off, *mm = m[t] + s[k].off, *vv = v[t] + s[k].off;
         const float *gg = g[t] + s[k].off;
         long len = s[k].len, i = 0;
-        __m256 vdecay = _mm256_set1_ps(decay), v1b1 = _mm256_set1_ps(1.0f - b1), vb2 = _mm256_set1_ps(b2);
-        __m256 v1b2 = _mm256_set1_ps(1.0f - b2), vss = _mm256_set1_ps(step_size), vr = _mm256_set1_ps(rbc2);
-        __m256 veps = _mm256_set1_ps(eps), vgs = _mm256_set1_ps(gscale);
-        for (; i + 8 <= len; i += 8) {
-            __m256 gv = _mm256_mul_ps(_mm256_loadu_ps(gg + i), vgs);
-            __m256 mv = _mm256_loadu_ps(mm + i), vv2 = _mm256_loadu_ps(vv + i);
-            mv = _mm256_fmadd_ps(v1b1, _mm256_sub_ps(gv, mv), mv);
-            vv2 = _mm256_fmadd_ps(vb2, vv2, _mm256_mul_ps(v1b2, _mm256_mul_ps(gv, gv)));
-            __m256 denom = _mm256_fmadd_ps(_mm256_sqrt_ps(vv2), vr, veps);
-            __m256 pv = _mm256_mul_ps(_mm256_loadu_ps(pp + i), vdecay);
-            pv = _mm256_sub_ps(pv, _mm256_div_ps(_mm256_mul_ps(vss, mv), denom));
-            _mm256_storeu_ps(mm + i, mv);
-            _mm256_storeu_ps(vv + i, vv2);
-            _mm256_storeu_ps(pp + i, pv);
+        vf vdecay = vf_set1(decay), v1b1 = vf_set1(1.0f - b1), vb2 = vf_set1(b2);
+        vf v1b2 = vf_set1(1.0f - b2), vss = vf_set1(step_size), vr = vf_set1(rbc2);
+        vf veps = vf_set1(eps), vgs = vf_set1(gscale);
+        for (; i + VF <= len; i += VF) {
+            vf gv = vf_mul(vf_load(gg + i), vgs);
+            vf mv = vf_load(mm + i), vv2 = vf_load(vv + i);
+            mv = vf_fmadd(v1b1, vf_sub(gv, mv), mv);
+            vv2 = vf_fmadd(vb2, vv2, vf_mul(v1b2, vf_mul(gv, gv)));
+            vf denom = vf_fmadd(vf_sqrt(vv2), vr, veps);
+            vf pv = vf_mul(vf_load(pp + i), vdecay);
+            pv = vf_sub(pv, vf_div(vf_mul(vss, mv), denom));
+            vf_store(mm + i, mv);
+            vf_store(vv + i, vv2);
+            vf_store(pp + i, pv);
         }
         for (; i < len; i++) {
             float gv = gg[i] * gscale;

@@ -7,8 +7,10 @@
 
 #define SG_API __attribute__((visibility("default")))
 
-/* pool.c: the decoding kernels' thread pool; OpenMP's thread count for the training kernels */
+/* pool.c: the decoding kernels' thread pool; OpenMP's thread count for the training kernels; the
+ * build's variant (simd.h) */
 SG_API int sg_init(int threads);
+SG_API const char *sg_variant(void);
 SG_API int sg_omp_threads(void);
 
 /* gemv.c: matrix-vector products (fp32 and int8 weights) for up to sg_max_rows() rows */

@@ -37,6 +37,10 @@ static float *scratch_alloc(scratch *s, int T, int D) {
 
 /* the 8 x 8 block at src (rows ld apart) transposed into dst (rows ldd apart) */
 static inline void transpose8x8(const float *src, long ld, float *dst, long ldd) {
+#ifdef SG_PORTABLE
+    for (int k = 0; k < 8; k++)
+        for (int d = 0; d < 8; d++) dst[d * ldd + k] = src[k * ld + d];
+#else
     __m256 r[8], t[8];
     for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(src + k * ld);
     for (int k = 0; k < 8; k += 2) {
@@ -53,6 +57,7 @@ static inline void transpose8x8(const float *src, long ld, float *dst, long ldd)
         _mm256_storeu_ps(dst + k * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
         _mm256_storeu_ps(dst + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
     }
+#endif
 }
 
 /* transpose T rows of D floats (stride ld; D a multiple of 8) into (D, Tp) */
@@ -64,6 +69,29 @@ static void transpose_in(const float *src, long ld, float *dst, int T, int D, in
         for (int d = 0; d < D; d++) dst[(size_t)d * Tp + t] = src[(size_t)t * ld + d];
 }
 
+#ifdef SG_AVX512
+/* s0[j] = scale a0 . bt[:, j] and s1[j] = scale a1 . bt[:, j] for j < n rounded up to 16: two
+ * rows share every load of bt (D, Tp), 16 columns a vector; eight accumulators (four d's apart)
+ * hide the FMA latency. D is a multiple of 8. */
+static inline void dots2(const float *a0, const float *a1, const float *bt, int D, int Tp, int n, float scale,
+                         float *s0, float *s1) {
+    __m512 sc = _mm512_set1_ps(scale);
+    for (int j = 0; j < n; j += 16) {
+        __m512 x[4], y[4];
+        for (int u = 0; u < 4; u++) x[u] = y[u] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 4)
+            for (int u = 0; u < 4; u++) {
+                __m512 b = _mm512_loadu_ps(bt + (size_t)(d + u) * Tp + j);
+                x[u] = _mm512_fmadd_ps(_mm512_set1_ps(a0[d + u]), b, x[u]);
+                y[u] = _mm512_fmadd_ps(_mm512_set1_ps(a1[d + u]), b, y[u]);
+            }
+        __m512 sx = _mm512_add_ps(_mm512_add_ps(x[0], x[1]), _mm512_add_ps(x[2], x[3]));
+        __m512 sy = _mm512_add_ps(_mm512_add_ps(y[0], y[1]), _mm512_add_ps(y[2], y[3]));
+        _mm512_storeu_ps(s0 + j, _mm512_mul_ps(sx, sc));
+        _mm512_storeu_ps(s1 + j, _mm512_mul_ps(sy, sc));
+    }
+}
+#else
 /* s0[j] = scale a0 . bt[:, j] and s1[j] = scale a1 . bt[:, j] for j < n rounded up to 16:
  * two rows share every load of bt (D, Tp); eight accumulators hide the FMA latency */
 static inline void dots2(const float *a0, const float *a1, const float *bt, int D, int Tp, int n, float scale,
@@ -93,6 +121,7 @@ static inline void dots2(const float *a0, const float *a1, const float *bt, int 
         _mm256_storeu_ps(s1 + j + 8, _mm256_mul_ps(_mm256_add_ps(x11, y11), sc));
     }
 }
+#endif
 
 /* o0 = sum over j in [lo, hi) of w0[j ws] b[j] and o1 likewise with w1 (b: rows of D = 8 DV floats,
  * ldb apart): two output rows share every load of b. DV is a constant where this is inlined. */
@@ -119,6 +148,32 @@ static inline __attribute__((always_inline)) void wsum2(const float *w0, const f
     }
 }
 
+#ifdef SG_AVX512
+/* wsum2 for D = 16 DV (DV in 1, 2, 4) floats: 16 a vector */
+static inline __attribute__((always_inline)) void wsum2_16(const float *w0, const float *w1, long ws, const float *b,
+                                                           long ldb, int lo, int hi, float *o0, float *o1,
+                                                           const int DV) {
+    __m512 a0[4], a1[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < DV; v++) a0[v] = a1[v] = _mm512_setzero_ps();
+    for (int j = lo; j < hi; j++) {
+        const float *r = b + (size_t)j * ldb;
+        __m512 p = _mm512_set1_ps(w0[(size_t)j * ws]), q = _mm512_set1_ps(w1[(size_t)j * ws]);
+#pragma GCC unroll 4
+        for (int v = 0; v < DV; v++) {
+            __m512 x = _mm512_loadu_ps(r + 16 * v);
+            a0[v] = _mm512_fmadd_ps(p, x, a0[v]);
+            a1[v] = _mm512_fmadd_ps(q, x, a1[v]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < DV; v++) {
+        _mm512_storeu_ps(o0 + 16 * v, a0[v]);
+        _mm512_storeu_ps(o1 + 16 * v, a1[v]);
+    }
+}
+#endif
+
 /* With w a causal (T, Tp) matrix (rows Tp apart, zero right of the diagonal up to the next
  * multiple of 16 past it), rows i of out (ldo apart) = sum over j of W[i, j] b[j], where lower = 1
  * takes W = w (j in [0, i + 1)) and lower = 0 its transpose (j in [i, T), w read down column i) */
@@ -133,34 +188,40 @@ static void wsum_rows(const float *w, int T, int Tp, const float *b, long ldb, f
         int lo = lower ? 0 : i, hi = lower ? (two ? i + 2 : i + 1) : T;
         switch (D) {
         case 8: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 1); break;
+#ifdef SG_AVX512
+        case 16: wsum2_16(w0, w1, ws, b, ldb, lo, hi, o0, o1, 1); break;
+        case 32: wsum2_16(w0, w1, ws, b, ldb, lo, hi, o0, o1, 2); break;
+        default: wsum2_16(w0, w1, ws, b, ldb, lo, hi, o0, o1, 4); break;
+#else
         case 16: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 2); break;
         case 32: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 4); break;
         default: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 8); break;
+#endif
         }
     }
 }
 
 /* softmax of p[0..n) in place (n >= 1), returning its log-sum-exp */
 float softmax_row(float *p, int n) {
-    int n8 = n & ~7, j;
-    __m256 mv = _mm256_set1_ps(-3.4e38f);
-    for (j = 0; j < n8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(p + j));
-    float mx = hmax(mv);
+    int nv = n - n % VF, j;
+    vf mv = vf_set1(-3.4e38f);
+    for (j = 0; j < nv; j += VF) mv = vf_max(mv, vf_load(p + j));
+    float mx = vf_hmax(mv);
     for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
-    __m256 sv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(mx);
-    for (j = 0; j < n8; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), m8));
-        _mm256_storeu_ps(p + j, e);
-        sv = _mm256_add_ps(sv, e);
+    vf sv = vf_zero(), mxv = vf_set1(mx);
+    for (j = 0; j < nv; j += VF) {
+        vf e = vf_exp(vf_sub(vf_load(p + j), mxv));
+        vf_store(p + j, e);
+        sv = vf_add(sv, e);
     }
-    float sum = hsum(sv);
+    float sum = vf_sum(sv);
     for (; j < n; j++) {
         p[j] = expf(p[j] - mx);
         sum += p[j];
     }
     float inv = 1.0f / sum;
-    __m256 iv = _mm256_set1_ps(inv);
-    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), iv));
+    vf iv = vf_set1(inv);
+    for (j = 0; j < nv; j += VF) vf_store(p + j, vf_mul(vf_load(p + j), iv));
     for (; j < n; j++) p[j] *= inv;
     return mx + logf(sum);
 }

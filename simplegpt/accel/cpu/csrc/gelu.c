@@ -7,10 +7,9 @@
 #define GELU_A 0.044715f
 
 /* 1 / (1 + e^(-2z)) with z = sqrt(2/pi) (h + 0.044715 h^3): GPT-2's tanh-GELU is h times this */
-static inline __m256 gelu_gate8(__m256 h) {
-    __m256 u = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(GELU_A), h), _mm256_mul_ps(h, h), h),
-                             _mm256_set1_ps(GELU_K));
-    return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(u)));
+static inline vf gelu_gate(vf h) {
+    vf u = vf_mul(vf_fmadd(vf_mul(vf_set1(GELU_A), h), vf_mul(h, h), h), vf_set1(GELU_K));
+    return vf_div(vf_set1(1.0f), vf_add(vf_set1(1.0f), vf_exp(u)));
 }
 
 static inline float gelu_gate1(float h) { return 1.0f / (1.0f + __builtin_expf(GELU_K * (h + GELU_A * h * h * h))); }
@@ -20,9 +19,9 @@ static inline float gelu_gate1(float h) { return 1.0f / (1.0f + __builtin_expf(G
 /* y = gelu(x) for n floats on the calling thread (y may be x) */
 void gelu_span(const float *x, float *y, long n) {
     long i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 h = _mm256_loadu_ps(x + i);
-        _mm256_storeu_ps(y + i, _mm256_mul_ps(h, gelu_gate8(h)));
+    for (; i + VF <= n; i += VF) {
+        vf h = vf_load(x + i);
+        vf_store(y + i, vf_mul(h, gelu_gate(h)));
     }
     for (; i < n; i++) y[i] = x[i] * gelu_gate1(x[i]);
 }
@@ -39,12 +38,12 @@ void sg_gelu_fwd(const float *x, float *y, long n) {
 
 /* gelu'(h). With s the gate above, gelu(h) = h s and
  * gelu'(h) = s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2). */
-static inline __m256 gelu_grad8(__m256 h) {
-    const __m256 c2 = _mm256_set1_ps(-GELU_K), c3 = _mm256_set1_ps(-GELU_K * 3.0f * GELU_A);
-    __m256 s = gelu_gate8(h);
-    __m256 dz = _mm256_fmadd_ps(c3, _mm256_mul_ps(h, h), c2); /* 2 dz/dh */
-    __m256 hs1s = _mm256_mul_ps(_mm256_mul_ps(h, s), _mm256_sub_ps(_mm256_set1_ps(1.0f), s));
-    return _mm256_fmadd_ps(hs1s, dz, s);
+static inline vf gelu_grad(vf h) {
+    const vf c2 = vf_set1(-GELU_K), c3 = vf_set1(-GELU_K * 3.0f * GELU_A);
+    vf s = gelu_gate(h);
+    vf dz = vf_fmadd(c3, vf_mul(h, h), c2); /* 2 dz/dh */
+    vf hs1s = vf_mul(vf_mul(h, s), vf_sub(vf_set1(1.0f), s));
+    return vf_fmadd(hs1s, dz, s);
 }
 
 static inline float gelu_grad1(float h) {
@@ -55,8 +54,7 @@ static inline float gelu_grad1(float h) {
 /* du = dy * gelu'(u) for n floats on the calling thread (du may be dy) */
 static void gelu_grad_span(const float *u, const float *dy, float *du, long n) {
     long i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(du + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), gelu_grad8(_mm256_loadu_ps(u + i))));
+    for (; i + VF <= n; i += VF) vf_store(du + i, vf_mul(vf_load(dy + i), gelu_grad(vf_load(u + i))));
     for (; i < n; i++) du[i] = dy[i] * gelu_grad1(u[i]);
 }
 
@@ -73,13 +71,13 @@ void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n) {
 /* The MLP's bias and GELU after its first matmul, for the fused block (block.c):
  * u += b per column (u is the (M, N) product, b may be NULL), then y = gelu(u). */
 void bias_gelu_fwd(float *u, const float *b, float *y, long M, int N) {
-    int N8 = N & ~7;
+    int NV = N - N % VF;
 #pragma omp parallel for schedule(static)
     for (long r = 0; r < M; r++) {
         float *ur = u + r * N;
         if (b) {
             int i = 0;
-            for (; i < N8; i += 8) _mm256_storeu_ps(ur + i, _mm256_add_ps(_mm256_loadu_ps(ur + i), _mm256_loadu_ps(b + i)));
+            for (; i < NV; i += VF) vf_store(ur + i, vf_add(vf_load(ur + i), vf_load(b + i)));
             for (; i < N; i++) ur[i] += b[i];
         }
         gelu_span(ur, y + r * N, N);
@@ -90,7 +88,7 @@ void bias_gelu_fwd(float *u, const float *b, float *y, long M, int N) {
  * bias gradient), the same bits on any thread count. Returns 0 if there was no memory. */
 int gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, int N) {
     long items = (M + COLSUM_ROWS - 1) / COLSUM_ROWS;
-    int N8 = N & ~7;
+    int NV = N - N % VF;
     float *partial = db ? calloc((size_t)items * N, sizeof(float)) : NULL;
     if (db && !partial) return 0;
 #pragma omp parallel for schedule(static)
@@ -102,7 +100,7 @@ int gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, i
             gelu_grad_span(u + r * N, dy + r * N, dr, N);
             if (!pd) continue;
             int i = 0;
-            for (; i < N8; i += 8) _mm256_storeu_ps(pd + i, _mm256_add_ps(_mm256_loadu_ps(pd + i), _mm256_loadu_ps(dr + i)));
+            for (; i < NV; i += VF) vf_store(pd + i, vf_add(vf_load(pd + i), vf_load(dr + i)));
             for (; i < N; i++) pd[i] += dr[i];
         }
     }

@@ -3,11 +3,104 @@
  * W is row-major (N, K): nn.Linear's own layout, so the weights are used as they are. The rows of
  * W are split between the pool's threads (pool.c). At batch 1 this is memory-bound: the point is
  * to stream W from every core at once, which PyTorch's BLAS matrix-vector path does not do at
- * these sizes (docs/benchmarks.md).
+ * these sizes (docs/benchmarks.md). The AVX-512 build has its own loops (SG_AVX512, simd.h): 16
+ * floats a step, and VNNI for int8; the others share the AVX2 code (the portable build through
+ * simd_portable.h, with a plain C int8 dot product).
  */
 #include "kernels.h"
 #include <math.h>
 
+#ifdef SG_AVX512
+/* The AVX-512 build's fp32 products: the AVX2 loops below at 16 floats a step, a masked load for the
+ * last K % 16 (no scalar tail). */
+
+/* the lanes of a 16-float step at k that lie below K */
+static inline __mmask16 lanes16(int k, int K) {
+    return K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+}
+
+/* Rows n0..n1 of y, four at a time sharing each load of x, the four a quarter of the range apart
+ * (see the AVX2 gemv_rows below) */
+static void gemv_rows(const float *W, const float *x, const float *b, float *y, int K, int n0, int n1) {
+    int q = (n1 - n0) / 4;
+    size_t step = (size_t)q * K;
+    for (int n = n0; n < n0 + q; n++) {
+        const float *w0 = W + (size_t)n * K, *w1 = w0 + step, *w2 = w1 + step, *w3 = w2 + step;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = 0; k < K; k += 16) {
+            __mmask16 m = lanes16(k, K);
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + k), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + k), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + k), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + k), xv, a3);
+        }
+        y[n] = _mm512_reduce_add_ps(a0) + (b ? b[n] : 0.0f);
+        y[n + q] = _mm512_reduce_add_ps(a1) + (b ? b[n + q] : 0.0f);
+        y[n + 2 * q] = _mm512_reduce_add_ps(a2) + (b ? b[n + 2 * q] : 0.0f);
+        y[n + 3 * q] = _mm512_reduce_add_ps(a3) + (b ? b[n + 3 * q] : 0.0f);
+    }
+    for (int n = n0 + 4 * q; n < n1; n++) {
+        const float *w = W + (size_t)n * K;
+        __m512 a = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            __mmask16 m = lanes16(k, K);
+            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a);
+        }
+        y[n] = _mm512_reduce_add_ps(a) + (b ? b[n] : 0.0f);
+    }
+}
+
+/* Rows n0..n1 of Y (M, N) = X (M, K) W^T + b for a few rows of X: as the AVX2 gemm_rows below, four
+ * weight rows a quarter of the range apart times two rows of X (eight accumulators) */
+static void gemm_rows(const float *W, const float *X, const float *b, float *Y, int M, int N, int K, int n0,
+                      int n1) {
+    int q = (n1 - n0) / 4;
+    size_t step = (size_t)q * K;
+    for (int n = n0; n < n0 + q; n++) {
+        const float *w0 = W + (size_t)n * K, *w1 = w0 + step, *w2 = w1 + step, *w3 = w2 + step;
+        for (int m = 0; m < M; m += 2) {
+            int pair = m + 1 < M;
+            const float *x0 = X + (size_t)m * K, *x1 = pair ? x0 + K : x0;
+            __m512 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+            for (int k = 0; k < K; k += 16) {
+                __mmask16 mk = lanes16(k, K);
+                __m512 v0 = _mm512_maskz_loadu_ps(mk, w0 + k), v1 = _mm512_maskz_loadu_ps(mk, w1 + k),
+                       v2 = _mm512_maskz_loadu_ps(mk, w2 + k), v3 = _mm512_maskz_loadu_ps(mk, w3 + k),
+                       u = _mm512_maskz_loadu_ps(mk, x0 + k);
+                a[0] = _mm512_fmadd_ps(v0, u, a[0]);
+                a[1] = _mm512_fmadd_ps(v1, u, a[1]);
+                a[2] = _mm512_fmadd_ps(v2, u, a[2]);
+                a[3] = _mm512_fmadd_ps(v3, u, a[3]);
+                u = _mm512_maskz_loadu_ps(mk, x1 + k);
+                a[4] = _mm512_fmadd_ps(v0, u, a[4]);
+                a[5] = _mm512_fmadd_ps(v1, u, a[5]);
+                a[6] = _mm512_fmadd_ps(v2, u, a[6]);
+                a[7] = _mm512_fmadd_ps(v3, u, a[7]);
+            }
+            for (int r = 0; r <= pair; r++)
+                for (int j = 0; j < 4; j++) {
+                    int col = n + j * q;
+                    Y[(size_t)(m + r) * N + col] = _mm512_reduce_add_ps(a[4 * r + j]) + (b ? b[col] : 0.0f);
+                }
+        }
+    }
+    for (int n = n0 + 4 * q; n < n1; n++) {
+        const float *w = W + (size_t)n * K;
+        for (int m = 0; m < M; m++) {
+            const float *x = X + (size_t)m * K;
+            __m512 a = _mm512_setzero_ps();
+            for (int k = 0; k < K; k += 16) {
+                __mmask16 mk = lanes16(k, K);
+                a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), a);
+            }
+            Y[(size_t)m * N + n] = _mm512_reduce_add_ps(a) + (b ? b[n] : 0.0f);
+        }
+    }
+}
+
+#else
 /* Rows n0..n1 of y, four at a time sharing each load of x. The four rows are a quarter of the
  * range apart, not neighbours: four distant sequential streams keep more memory requests in
  * flight than one, and a core streams ~10-25% more bytes a second that way (docs/benchmarks.md). */
@@ -97,6 +190,79 @@ static void gemm_rows(const float *W, const float *X, const float *b, float *Y, 
     }
 }
 
+#endif
+
+#if defined(SG_AVX512)
+/* The integer dot products of ROWS (1 or 4) rows of W (`step` bytes apart) with MB (1 to 4) rows of
+ * x (K apart) into sum[4 m + j], with VNNI. vpdpbusd multiplies unsigned bytes by signed ones, so x
+ * goes in as x + 128 (x ^ 0x80, in [1, 255]) and 128 times each weight row's sum (one more
+ * vpdpbusd, by ones) comes off at the end: exact, the same integers as the AVX2 and portable paths
+ * (|sums| < 255 * 127 * 65536 < 2^31). Each load of the weights serves the MB rows of x from
+ * registers (4 x 4 accumulators); a masked load takes the last K % 64. */
+static inline __attribute__((always_inline)) void tile_q8(const int8_t *w, size_t step, const int8_t *xq, int K,
+                                                          int *sum, const int ROWS, const int MB) {
+    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][4], ws[4], wv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < ROWS; j++) {
+        ws[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[i][j] = _mm512_setzero_si512();
+    }
+    for (int k = 0; k < K; k += 64) {
+        __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
+#pragma GCC unroll 4
+        for (int j = 0; j < ROWS; j++) {
+            wv[j] = _mm512_maskz_loadu_epi8(m, w + j * step + k);
+            ws[j] = _mm512_dpbusd_epi32(ws[j], ones, wv[j]);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, xq + (size_t)i * K + k), flip);
+#pragma GCC unroll 4
+            for (int j = 0; j < ROWS; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xu, wv[j]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < ROWS; j++) {
+        int off = 128 * _mm512_reduce_add_epi32(ws[j]);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) sum[4 * i + j] = _mm512_reduce_add_epi32(acc[i][j]) - off;
+    }
+}
+
+/* sum[4 m + j] = row j of `rows` (1 or 4) rows of W, `step` bytes apart, dot row m of the M rows of xq */
+static void dots_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int M, int K, int *sum) {
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        int mb = M - m0 < 4 ? M - m0 : 4;
+        const int8_t *x = xq + (size_t)m0 * K;
+        int *s = sum + 4 * m0;
+        switch (rows * 8 + mb) {
+        case 33: tile_q8(w, step, x, K, s, 4, 1); break;
+        case 34: tile_q8(w, step, x, K, s, 4, 2); break;
+        case 35: tile_q8(w, step, x, K, s, 4, 3); break;
+        case 36: tile_q8(w, step, x, K, s, 4, 4); break;
+        case 9: tile_q8(w, step, x, K, s, 1, 1); break;
+        case 10: tile_q8(w, step, x, K, s, 1, 2); break;
+        case 11: tile_q8(w, step, x, K, s, 1, 3); break;
+        default: tile_q8(w, step, x, K, s, 1, 4); break;
+        }
+    }
+}
+
+#elif defined(SG_PORTABLE)
+/* the integer dot products of x with `rows` (1 or 4) rows of W, `step` bytes apart, in plain C
+ * (the compiler vectorises the int8 products) */
+static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int K, int *sum) {
+    for (int j = 0; j < rows; j++) {
+        const int8_t *wj = w + j * step;
+        int s = 0;
+        for (int k = 0; k < K; k++) s += (int)wj[k] * (int)xq[k];
+        sum[j] = s;
+    }
+}
+
+#else
 /* int8 weights with one scale per row, times x quantized to int8 with one scale (xs): the integer
  * dot products of llama.cpp's q8_0 on AVX2. maddubs multiplies |x| (unsigned) by w carrying x's sign,
  * and with both in [-127, 127] its 16-bit sums of two products cannot saturate. */
@@ -130,24 +296,32 @@ static inline void dot_q8(const int8_t *w, size_t step, int rows, const int8_t *
     for (int j = 0; j < rows; j++)
         for (int k = K32; k < K; k++) sum[j] += (int)w[j * step + k] * (int)xq[k];
 }
+#endif
+
+#ifndef SG_AVX512
+/* sum[4 m + j] = row j of `rows` (1 or 4) rows of W, `step` bytes apart, dot row m of the M rows of
+ * xq: one row of x at a time, the weight rows read from the cache after the first */
+static void dots_q8(const int8_t *w, size_t step, int rows, const int8_t *xq, int M, int K, int *sum) {
+    for (int m = 0; m < M; m++) dot_q8(w, step, rows, xq + (size_t)m * K, K, sum + 4 * m);
+}
+#endif
 
 /* Rows n0..n1 of y (M, N) = (W q8(x)) scaled, + b, for M rows of x, each quantized with its own
  * scale (xq: M x K int8, xs: M scales): as gemv_rows, four weight rows a quarter of the range
  * apart, then the rest one by one; each group of weight rows serves every row of x from the cache. */
 static void gemv_rows_q8(const int8_t *W, const float *scale, const int8_t *xq, const float *xs, const float *b,
                          float *y, int M, int N, int K, int n0, int n1) {
-    int q = (n1 - n0) / 4, sum[4];
+    int q = (n1 - n0) / 4, sum[4 * MAX_ROWS];
     for (int n = n0; n < n1; n++) {
         if (n == n0 + q) n = n0 + 4 * q;  /* the quarters are done: the rest one by one */
         if (n >= n1) break;
         int rows = n < n0 + q ? 4 : 1;
-        for (int m = 0; m < M; m++) {
-            dot_q8(W + (size_t)n * K, (size_t)q * K, rows, xq + (size_t)m * K, K, sum);
+        dots_q8(W + (size_t)n * K, (size_t)q * K, rows, xq, M, K, sum);
+        for (int m = 0; m < M; m++)
             for (int j = 0; j < rows; j++) {
                 int col = n + j * q;
-                y[(size_t)m * N + col] = (float)sum[j] * scale[col] * xs[m] + (b ? b[col] : 0.0f);
+                y[(size_t)m * N + col] = (float)sum[4 * m + j] * scale[col] * xs[m] + (b ? b[col] : 0.0f);
             }
-        }
     }
 }
 

@@ -8,28 +8,27 @@
 /* one row: y = (x - mean) * rstd * w + b; mean and rstd are kept for the backward */
 void layernorm_row(const float *xr, const float *w, const float *b, float *yr, float *mean, float *rstd, int C,
                    float eps) {
-    int C8 = C & ~7, i;
-    __m256 s = _mm256_setzero_ps();
-    for (i = 0; i < C8; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xr + i));
-    float m = hsum(s);
+    int CV = C - C % VF, i;
+    vf s = vf_zero();
+    for (i = 0; i < CV; i += VF) s = vf_add(s, vf_load(xr + i));
+    float m = vf_sum(s);
     for (; i < C; i++) m += xr[i];
     m /= C;
-    __m256 mv = _mm256_set1_ps(m), v = _mm256_setzero_ps();
-    for (i = 0; i < C8; i += 8) {
-        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xr + i), mv);
-        v = _mm256_fmadd_ps(d, d, v);
+    vf mv = vf_set1(m), v = vf_zero();
+    for (i = 0; i < CV; i += VF) {
+        vf d = vf_sub(vf_load(xr + i), mv);
+        v = vf_fmadd(d, d, v);
     }
-    float var = hsum(v);
+    float var = vf_sum(v);
     for (; i < C; i++) var += (xr[i] - m) * (xr[i] - m);
     float rs = 1.0f / sqrtf(var / C + eps);
     *mean = m;
     *rstd = rs;
-    __m256 rv = _mm256_set1_ps(rs);
-    for (i = 0; i < C8; i += 8) {
-        __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
-        h = _mm256_mul_ps(h, _mm256_loadu_ps(w + i));
-        if (b) h = _mm256_add_ps(h, _mm256_loadu_ps(b + i));
-        _mm256_storeu_ps(yr + i, h);
+    vf rv = vf_set1(rs);
+    for (i = 0; i < CV; i += VF) {
+        vf h = vf_mul(vf_mul(vf_sub(vf_load(xr + i), mv), rv), vf_load(w + i));
+        if (b) h = vf_add(h, vf_load(b + i));
+        vf_store(yr + i, h);
     }
     for (; i < C; i++) yr[i] = (xr[i] - m) * rs * w[i] + (b ? b[i] : 0.0f);
 }
@@ -47,17 +46,17 @@ void sg_layernorm_fwd(const float *x, const float *w, const float *b, float *y, 
 void residual_layernorm_fwd(const float *x, const float *h, const float *hb, float *x2, const float *eb, float *xb,
                             const float *w, const float *b, float *y, float *mean, float *rstd, long R, int C,
                             float eps) {
-    int C8 = C & ~7;
+    int CV = C - C % VF;
 #pragma omp parallel for schedule(static)
     for (long r = 0; r < R; r++) {
         const float *xr = x + r * C, *hr = h + r * C;
         float *x2r = x2 + r * C;
         int i = 0;
-        for (; i < C8; i += 8) {
-            __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(hr + i));
-            if (hb) v = _mm256_add_ps(v, _mm256_loadu_ps(hb + i));
-            _mm256_storeu_ps(x2r + i, v);
-            if (xb) _mm256_storeu_ps(xb + r * C + i, eb ? _mm256_add_ps(v, _mm256_loadu_ps(eb + i)) : v);
+        for (; i < CV; i += VF) {
+            vf v = vf_add(vf_load(xr + i), vf_load(hr + i));
+            if (hb) v = vf_add(v, vf_load(hb + i));
+            vf_store(x2r + i, v);
+            if (xb) vf_store(xb + r * C + i, eb ? vf_add(v, vf_load(eb + i)) : v);
         }
         for (; i < C; i++) {
             float v = xr[i] + hr[i] + (hb ? hb[i] : 0.0f);
@@ -76,7 +75,7 @@ void residual_layernorm_fwd(const float *x, const float *h, const float *hb, flo
 int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const float *rstd, const float *dy,
                      const float *add, float *dx, float *dw, float *db, long R, int C) {
     long items = (R + LN_ROWS - 1) / LN_ROWS;
-    int C8 = C & ~7;
+    int CV = C - C % VF;
     float *partial = malloc((size_t)items * 2 * C * sizeof(float));
     if (!partial) return 0;
 #pragma omp parallel for schedule(static)
@@ -87,19 +86,19 @@ int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const fl
         for (long r = it * LN_ROWS; r < r1; r++) {
             const float *xr = x + r * C, *gr = dy + r * C;
             float *dxr = dx + r * C;
-            __m256 mv = _mm256_set1_ps(mean[r]), rv = _mm256_set1_ps(rstd[r]);
-            __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+            vf mv = vf_set1(mean[r]), rv = vf_set1(rstd[r]);
+            vf sa = vf_zero(), sb = vf_zero();
             int i;
-            for (i = 0; i < C8; i += 8) {
-                __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
-                __m256 g = _mm256_loadu_ps(gr + i);
-                __m256 gw = _mm256_mul_ps(g, _mm256_loadu_ps(w + i));
-                sa = _mm256_add_ps(sa, gw);
-                sb = _mm256_fmadd_ps(gw, xh, sb);
-                _mm256_storeu_ps(pw + i, _mm256_fmadd_ps(g, xh, _mm256_loadu_ps(pw + i)));
-                _mm256_storeu_ps(pb + i, _mm256_add_ps(g, _mm256_loadu_ps(pb + i)));
+            for (i = 0; i < CV; i += VF) {
+                vf xh = vf_mul(vf_sub(vf_load(xr + i), mv), rv);
+                vf g = vf_load(gr + i);
+                vf gw = vf_mul(g, vf_load(w + i));
+                sa = vf_add(sa, gw);
+                sb = vf_fmadd(gw, xh, sb);
+                vf_store(pw + i, vf_fmadd(g, xh, vf_load(pw + i)));
+                vf_store(pb + i, vf_add(g, vf_load(pb + i)));
             }
-            float a = hsum(sa), bb = hsum(sb);
+            float a = vf_sum(sa), bb = vf_sum(sb);
             for (; i < C; i++) {
                 float xh = (xr[i] - mean[r]) * rstd[r], gw = gr[i] * w[i];
                 a += gw;
@@ -109,13 +108,13 @@ int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const fl
             }
             a /= C;
             bb /= C;
-            __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(bb);
-            for (i = 0; i < C8; i += 8) {
-                __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + i), mv), rv);
-                __m256 gw = _mm256_mul_ps(_mm256_loadu_ps(gr + i), _mm256_loadu_ps(w + i));
-                __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(gw, av), _mm256_mul_ps(xh, bv)), rv);
-                if (add) d = _mm256_add_ps(d, _mm256_loadu_ps(add + r * C + i));
-                _mm256_storeu_ps(dxr + i, d);
+            vf av = vf_set1(a), bv = vf_set1(bb);
+            for (i = 0; i < CV; i += VF) {
+                vf xh = vf_mul(vf_sub(vf_load(xr + i), mv), rv);
+                vf gw = vf_mul(vf_load(gr + i), vf_load(w + i));
+                vf d = vf_mul(vf_sub(vf_sub(gw, av), vf_mul(xh, bv)), rv);
+                if (add) d = vf_add(d, vf_load(add + r * C + i));
+                vf_store(dxr + i, d);
             }
             for (; i < C; i++) {
                 float xh = (xr[i] - mean[r]) * rstd[r];

@@ -44,6 +44,10 @@
 #define BACKOFF_NS 20000000L /* how long the caller runs alone once a worker could not get a core */
 #define CHECK_EVERY 64       /* pauses between two looks at the clock (~1.5 us) */
 
+/* which code paths this build has: "avx512", "avx2" or "portable" (simd.h), checked by lib.py against the
+ * variant it built */
+const char *sg_variant(void) { return SG_VARIANT; }
+
 int sg_omp_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -109,7 +113,7 @@ static void wait_for_call(uint64_t seen) {
         int called = 0;
         for (int i = 0; i < CHECK_EVERY && !called; i++) {
             called = atomic_load_explicit(&pool.state, memory_order_acquire) != seen;
-            _mm_pause();
+            cpu_relax();
         }
         int64_t t = now_ns();
         if (t - last > PREEMPTED_NS) { /* put aside for another thread: it needs the core more */
@@ -211,7 +215,7 @@ void pool_run(pool_fn fn, void *arg, int parts) {
     do {
         for (int i = 0; i < CHECK_EVERY; i++) {
             if (atomic_load_explicit(&pool.finished, memory_order_acquire) == parts) return;
-            _mm_pause();
+            cpu_relax();
         }
     } while (now_ns() - start < WAIT_SPIN_NS);
     /* A worker has not finished its part yet. Unless it was just woken (it starts late) or its part
