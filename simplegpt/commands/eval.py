@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli import add_checkpoint_argument
 from ..errors import CheckpointError, OptionError, file_access_errors
 
 HELP = "loss, perplexity and bits per byte of a checkpoint on a text (sliding-window evaluation)"
@@ -32,8 +33,7 @@ _positive = _at_least(1)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: required options have no default worth printing in --help.
-    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
-                   help="simplegpt checkpoint directory, or a Hugging Face GPT-2 directory or hub name")
+    add_checkpoint_argument(p, "simplegpt checkpoint directory, or a Hugging Face GPT-2 directory or hub name")
     p.add_argument("--data", required=True, default=argparse.SUPPRESS,
                    help="what to score: a dataset directory made by 'simplegpt prepare' (its --split), or any "
                         "corpus prepare accepts: a UTF-8 .txt/.md/.jsonl file, a folder or glob of them, a URL, "

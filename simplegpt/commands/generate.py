@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+from ..cli import add_checkpoint_argument
 from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
 from ..errors import DataError, FileAccessError, OptionError, SimpleGPTError, UsageError, file_access_errors
 
@@ -24,7 +25,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory to load")
+    add_checkpoint_argument(p, "checkpoint directory to load")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT",
                      help="the prompt; '-' reads it from standard input (also the default when input is piped)")

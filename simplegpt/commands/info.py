@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli import add_checkpoint_argument
 from ..errors import file_access_errors
 
 HELP = "show a checkpoint's model config, parameter count, tokenizer and metadata"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory")
+    add_checkpoint_argument(p, "checkpoint directory")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 

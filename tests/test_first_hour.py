@@ -1,0 +1,97 @@
+"""Issue 27: a new user's second hour. Eval on text with new characters, short runs that reach their
+learning rate, commands that take their checkpoint alike, files anyone may read, corpora that hold
+no text, and what a terminal shows: each through the real `simplegpt` command."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_tiny_gpt
+from simplegpt import get_tokenizer, save_checkpoint
+
+TEXT = "to be or not to be, that is the question; whether tis nobler in the mind to suffer\n" * 40
+
+
+def simplegpt(*args: str, cwd: Path | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, stdin=subprocess.DEVNULL, env=env,
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+
+@pytest.fixture(scope="module")
+def char_checkpoint(tmp_path_factory) -> Path:
+    """A tiny model whose character vocabulary is TEXT's: lowercase, no capitals, no apostrophe."""
+    tok = get_tokenizer("char", TEXT)
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "char", make_tiny_gpt(vocab_size=tok.vocab_size), tok)
+
+
+def test_every_file_the_commands_write_is_readable_by_all_under_umask_022(tmp_path):
+    """Item 7: export-hf wrote model.safetensors 0600 (checkpoints had been fixed, the export not)."""
+    (tmp_path / "notes.txt").write_text(TEXT)
+    steps = [  # train prepares data/, writes out/ (checkpoints, metrics, loss.png, report.html)
+        ["train", "--data", "notes.txt", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
+         "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--sample_tokens", "4",
+         "--num_threads", "1", "--tensorboard", "false", "--out_dir", "out/notes", "--quiet"],
+        ["export-hf", "out/notes/best", "hf"],
+        ["inspect", "out/notes/best", "--text", "to be", "--out", "pictures", "--html"],
+    ]
+    for args in steps:
+        proc = simplegpt(*args, cwd=tmp_path, umask=0o022)
+        assert proc.returncode == 0, (args, proc.stderr)
+    private = [f"{p.relative_to(tmp_path)} {stat.filemode(p.stat().st_mode)}" for p in tmp_path.rglob("*")
+               if not p.is_symlink() and p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)]
+    assert not private
+
+
+def test_bare_simplegpt_prints_help_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    """Item 4: `simplegpt` alone started a 4-minute training run that wrote data/ and out/."""
+    import simplegpt.commands.train as train_command
+    from simplegpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_command, "run", lambda args: pytest.fail("bare simplegpt started training"))
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: simplegpt") and "simplegpt train" in out and "data/" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("typed, meant", [("trian", "train"), ("genrate", "generate"), ("infoo", "info")])
+def test_a_mistyped_command_suggests_the_closest(typed, meant, capsys):
+    from simplegpt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([typed, "--max_iters", "3"])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"unknown command '{typed}'; did you mean '{meant}'?" in line
+
+
+def test_every_command_takes_its_checkpoint_positionally_or_with_the_option(char_checkpoint, tmp_path, capsys):
+    """Item 5: info took CHECKPOINT only, generate/eval/serve/inspect --checkpoint only."""
+    from simplegpt.cli import build_parser
+
+    ck = str(char_checkpoint)
+    commands = {"info": [], "export-hf": ["OUT"], "consolidate": ["OUT"], "generate": ["--prompt", "x"],
+                "eval": ["--data", "x.txt"], "serve": [], "inspect": ["--text", "x"]}
+    for command, rest in commands.items():
+        positional = vars(build_parser().parse_args([command, ck, *rest]))
+        option = vars(build_parser().parse_args([command, "--checkpoint", ck, *rest]))
+        assert positional == option and positional["checkpoint"] == ck, command
+        assert "OUT" not in rest or option["out"] == "OUT", command
+        missing = [command, *rest] if command != "consolidate" else [command]  # consolidate OUT: OUT is its SRC
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(missing)
+        assert "required: CHECKPOINT (or --checkpoint CHECKPOINT)" in capsys.readouterr().err
+        for args in ([command, ck, "--checkpoint", "elsewhere", *rest],):
+            with pytest.raises(SystemExit) as e:
+                build_parser().parse_args(args)
+            assert e.value.code == 2
+            assert capsys.readouterr().err.startswith(f"simplegpt {command}: error: ")
+    proc = simplegpt("info", "--checkpoint", ck)
+    assert proc.returncode == 0 and "parameters" in proc.stdout, proc.stderr
