@@ -95,3 +95,35 @@ def test_every_command_takes_its_checkpoint_positionally_or_with_the_option(char
             assert capsys.readouterr().err.startswith(f"simplegpt {command}: error: ")
     proc = simplegpt("info", "--checkpoint", ck)
     assert proc.returncode == 0 and "parameters" in proc.stdout, proc.stderr
+
+
+def tiny_run(tmp_path: Path, **overrides) -> dict:
+    """A tiny model trained on TEXT through load_config, as `simplegpt train --data notes.txt ...` does."""
+    from simplegpt.config import load_config
+    from simplegpt.train import train
+
+    (tmp_path / "notes.txt").write_text(TEXT)
+    settings = dict(data=str(tmp_path / "notes.txt"), data_dir=str(tmp_path / "data"), n_layer=1, n_head=2,
+                    n_embd=16, block_size=16, batch_size=2, eval_iters=1, sample_tokens=0, log_interval=1,
+                    num_threads=1, plot=False, tensorboard=False, out_dir=str(tmp_path / "run"))
+    cfg = load_config(None, {**settings, **overrides})
+    train(cfg, progress=False)
+    return cfg
+
+
+def test_a_short_run_reaches_its_learning_rate_and_decays(tmp_path):
+    """Item 2: the config file's 50 warmup steps made `--max_iters 20 --lr 1e-4` all warmup (lr 2e-5 at
+    step 10, 4e-5 at step 20)."""
+    cfg = tiny_run(tmp_path, max_iters=20, lr=1e-4, eval_interval=20)
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "train"]
+    assert len(lrs) == 20 and cfg.warmup_iters == 2
+    assert max(lrs) == pytest.approx(1e-4) and lrs.index(max(lrs)) <= 2
+    assert lrs[-1] == pytest.approx(cfg.min_lr) and cfg.min_lr < 2e-5 and lrs == sorted(lrs[:2]) + sorted(lrs[2:], reverse=True)
+
+
+def test_an_explicit_warmup_longer_than_the_run_is_kept_with_a_warning(tmp_path, capsys):
+    cfg = tiny_run(tmp_path, max_iters=4, warmup_iters=50, eval_interval=4)
+    assert cfg.warmup_iters == 50
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "warning: the warmup" in line]
+    assert "warmup_iters = 50) is longer than the run's 4 steps: the learning rate never reaches" in line

@@ -38,7 +38,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..accel import cpu
 from ..console import survives_closed_output
-from ..config import TrainConfig
+from ..config import TrainConfig, long_warmup_warning
 from ..data import load_dataset_tokenizer
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
@@ -469,6 +469,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
         f"run folder: {out}")
     log(f"MFU (model FLOPs utilization) is against {peak_basis}{f' x {processes}' if d else ''}")
     if (warning := _repeat_warning(cfg, step, tokens_per_step, meta["tokens"]["train"])) is not None:
+        log(warning)
+    if (warning := long_warmup_warning(cfg)) is not None:
         log(warning)
     if sharded and cfg.sample_tokens:
         log("samples: not drawn under FSDP2 (a forward pass of the sharded model needs every rank); "
