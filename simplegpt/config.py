@@ -83,6 +83,9 @@ class TrainConfig:
     tokenizer: str = _f("char", "data", "tokenizer used to prepare the corpus", ("char", "byte", "gpt2"))
     val_fraction: float = _f(0.1, "data", "fraction of the token stream (its end) held out for validation")
     text_field: str = _f("text", "data", "field holding the text in .jsonl and Hugging Face datasets")
+    unknown_chars: str = _f("error", "data", "characters of the text that a fixed character vocabulary (of the "
+                            "--init-from model, or of a resumed run) has no token for: 'error' names them and stops, "
+                            "'drop' leaves them out, and a character of the vocabulary (such as ' ') takes their place")
     batch_mode: str = _f("packed", "data", "'packed': random windows of block_size tokens; 'padded': one text per "
                          "row, padded, with an attention mask", ("packed", "padded"))
     # model: the shape ([model] table), see MODEL_KEYS
@@ -201,6 +204,8 @@ class TrainConfig:
         for name in ("warmup_iters", "sample_tokens", "num_threads", "cpu_shards"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.unknown_chars not in ("error", "drop") and len(self.unknown_chars) != 1:
+            raise ConfigError(f"unknown_chars must be 'error', 'drop' or one character, got {self.unknown_chars!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):

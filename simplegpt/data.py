@@ -254,15 +254,16 @@ class _Encoder:
     The same object runs in this process (workers=1) and in each worker process, so the output does
     not depend on the number of workers. Pickled as the tokenizer's spec (for spawned workers)."""
 
-    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype):
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, unknown: str = "error"):
         self.tok = tokenizer
+        self.unknown = unknown  # a character-level vocabulary's unknown characters: error, drop, or a stand-in
         self.dtype = np.dtype(dtype)
         self.eos = np.array([tokenizer.eos_id], dtype=self.dtype)
         self.table = (np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)
                       if isinstance(tokenizer, CharTokenizer) else None)
 
     def __reduce__(self):
-        return _encoder_from_spec, (self.tok.spec(), self.dtype.str)
+        return _encoder_from_spec, (self.tok.spec(), self.dtype.str, self.unknown)
 
     def encode(self, doc: str) -> np.ndarray:
         """One document's tokens (no EOS), any integer dtype."""
@@ -273,10 +274,11 @@ class _Encoder:
             ids = np.searchsorted(self.table, cps)
             bad = (ids >= len(self.table)) | (self.table[np.minimum(ids, len(self.table) - 1)] != cps)
             if bad.any():
-                try:
-                    return np.asarray(tok.encode(doc))  # raises (or maps to unk) with a clear message
-                except ValueError as e:
-                    raise DataError(str(e)) from None
+                if self.unknown == "drop":
+                    return ids[~bad]
+                if self.unknown != "error":
+                    return np.where(bad, tok.stoi[self.unknown], ids)
+                return np.asarray(tok.encode(doc))  # UnknownCharacterError naming them (or maps them to unk)
             return ids
         if isinstance(tok, ByteTokenizer):
             return np.frombuffer(doc.encode("utf-8"), dtype=np.uint8)
@@ -302,8 +304,8 @@ class _Encoder:
         return tokens, n_docs, n_bytes
 
 
-def _encoder_from_spec(spec: dict, dtype: str) -> _Encoder:
-    return _Encoder(tokenizer_from_spec(spec), np.dtype(dtype))
+def _encoder_from_spec(spec: dict, dtype: str, unknown: str) -> _Encoder:
+    return _Encoder(tokenizer_from_spec(spec), np.dtype(dtype), unknown)
 
 
 def _batched(docs: Iterable[str], n: int = ENCODE_BATCH_DOCS, chars: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
@@ -554,6 +556,7 @@ def prepare_corpus(
     max_tokens: int | None = None,
     val_tokens: int | None = None,
     workers: int | None = None,
+    unknown_chars: str = "error",
 ) -> dict[str, Any]:
     """Tokenize a corpus into a dataset directory and return its meta.json contents.
 
@@ -566,6 +569,10 @@ def prepare_corpus(
     the stream (default: the last val_fraction of them, at least 2), is moved out of the train
     shards. Does nothing (and returns the existing meta) when out_dir already holds this corpus,
     tokenized the same way, unless force=True.
+
+    unknown_chars says what becomes of the characters a given character-level tokenizer has no token
+    for: "error" (UnknownCharacterError naming them), "drop" (left out), or a character of its vocabulary
+    that takes their place.
 
     Raises DataError for an unusable source, an empty corpus or bad settings.
     """
@@ -590,6 +597,7 @@ def prepare_corpus(
                "tokenizer_request": tokenizer if isinstance(tokenizer, str) else tokenizer.kind}
     # Only set when given, so that datasets prepared before these settings existed stay up to date.
     given = (("max_tokens", max_tokens), ("val_tokens", val_tokens),
+             ("unknown_chars", unknown_chars if unknown_chars != "error" else None),
              ("shard_tokens", shard_tokens if shard_tokens != DEFAULT_SHARD_TOKENS else None))
     request.update({k: v for k, v in given if v is not None})
     if not force and (out / META_FILE).is_file():
@@ -605,12 +613,15 @@ def prepare_corpus(
         tok = _char_vocabulary(corpus, max_tokens) if tokenizer == "char" else get_tokenizer(tokenizer)
     else:
         tok = tokenizer
+    if unknown_chars not in ("error", "drop") and isinstance(tok, CharTokenizer) and unknown_chars not in tok.stoi:
+        raise DataError(f"unknown_chars {unknown_chars!r} is not in the character vocabulary, so it cannot take "
+                        "the place of the characters that are not; choose one that is, or 'drop'")
     dtype = token_dtype(tok.vocab_size)
     budget = max_tokens if max_tokens is not None else float("inf")
 
     _check_out_dir(out)
     # The pool is started first, before the corpus's reader or the progress bar start any thread.
-    with _EncodingPool(_Encoder(tok, dtype), workers) as pool, atomic_dir(out) as tmp:
+    with _EncodingPool(_Encoder(tok, dtype, unknown_chars), workers) as pool, atomic_dir(out) as tmp:
         writer = _ShardWriter(tmp, "train", shard_tokens)
         n_docs = n_bytes = 0
         documents = iter(corpus.documents())

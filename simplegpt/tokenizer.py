@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .errors import MissingDependencyError
+from .errors import MissingDependencyError, UnknownCharacterError
 
 SPEC_FILE = "tokenizer.json"
 EOS_TEXT = "<|endoftext|>"
@@ -35,6 +35,11 @@ class Tokenizer:
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of ids; may end inside a multi-byte character (used for streaming)."""
         raise NotImplementedError
+
+    def known_text(self, text: str) -> tuple[str, int]:
+        """text without the characters encode() has no token for, and how many were left out (0 for
+        tokenizers that encode any text: byte, GPT-2 BPE)."""
+        return text, 0
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
@@ -114,8 +119,8 @@ class GPT2Tokenizer(Tokenizer):
 class CharTokenizer(Tokenizer):
     """One token per character of a vocabulary built from a corpus, plus an EOS token.
 
-    Unknown characters raise a ValueError naming the character, unless an `unk` character
-    from the vocabulary is given, which then stands in for them.
+    Unknown characters raise UnknownCharacterError (a ValueError) naming them, unless an `unk`
+    character from the vocabulary is given, which then stands in for them.
     """
 
     kind = "char"
@@ -147,11 +152,19 @@ class CharTokenizer(Tokenizer):
             if self.unk is not None:
                 u = stoi[self.unk]
                 return [stoi.get(c, u) for c in text]
-            bad = next(c for c in text if c not in stoi)
-            raise ValueError(
-                f"character {bad!r} (U+{ord(bad):04X}) is not in the character vocabulary; "
-                "rebuild the vocabulary from a corpus that contains it"
-            ) from None
+            bad = "".join(dict.fromkeys(c for c in text if c not in stoi))
+            named = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            many = len(bad) > 1
+            raise UnknownCharacterError(
+                f"character{'s' if many else ''} {named} {'are' if many else 'is'} not in the character "
+                f"vocabulary of {len(self.chars)} characters", chars=bad) from None
+
+    def known_text(self, text: str) -> tuple[str, int]:
+        if self.unk is not None:
+            return text, 0  # unk stands in for every unknown character
+        stoi = self.stoi
+        kept = "".join(c for c in text if c in stoi)
+        return kept, len(text) - len(kept)
 
     def decode(self, ids: Iterable[int]) -> str:
         chars = self.chars

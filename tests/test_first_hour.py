@@ -97,12 +97,13 @@ def test_every_command_takes_its_checkpoint_positionally_or_with_the_option(char
     assert proc.returncode == 0 and "parameters" in proc.stdout, proc.stderr
 
 
-def tiny_run(tmp_path: Path, **overrides) -> dict:
-    """A tiny model trained on TEXT through load_config, as `simplegpt train --data notes.txt ...` does."""
+def tiny_run(tmp_path: Path, text: str = TEXT, **overrides):
+    """A tiny model trained on text through load_config, as `simplegpt train --data notes.txt ...` does."""
     from simplegpt.config import load_config
     from simplegpt.train import train
 
-    (tmp_path / "notes.txt").write_text(TEXT)
+    (tmp_path / "notes.txt").write_text(text)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = dict(data=str(tmp_path / "notes.txt"), data_dir=str(tmp_path / "data"), n_layer=1, n_head=2,
                     n_embd=16, block_size=16, batch_size=2, eval_iters=1, sample_tokens=0, log_interval=1,
                     num_threads=1, plot=False, tensorboard=False, out_dir=str(tmp_path / "run"))
@@ -127,3 +128,55 @@ def test_an_explicit_warmup_longer_than_the_run_is_kept_with_a_warning(tmp_path,
     assert cfg.warmup_iters == 50
     [line] = [line for line in capsys.readouterr().out.splitlines() if "warning: the warmup" in line]
     assert "warmup_iters = 50) is longer than the run's 4 steps: the learning rate never reaches" in line
+
+
+NEW_TEXT = "Good morning, to be or not. Don't be.\n"  # capitals, an apostrophe and a full stop TEXT lacks
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "inspect", "train"])
+def test_a_character_the_model_never_saw_is_one_line_in_every_command(command, char_checkpoint, tmp_path):
+    """Item 1: eval's was a traceback and exit 70 (ValueError from the tokenizer); the other commands that
+    encode a user's text must answer it in one line too."""
+    (tmp_path / "notes.txt").write_text(NEW_TEXT * 20)
+    args = {"eval": ["--data", "notes.txt"], "generate": ["--prompt", NEW_TEXT], "inspect": ["--text", NEW_TEXT],
+            "train": ["--init-from", str(char_checkpoint), "--data", "notes.txt", "--block_size", "8"]}[command]
+    proc = simplegpt(command, *([str(char_checkpoint)] if command != "train" else []), *args, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    *_, line = proc.stderr.strip().splitlines()  # train says first what it loads
+    assert line.startswith(f"simplegpt {command}: error: ") and "'G' (U+0047)" in line and "'\\''" not in line
+    assert "rebuild the vocabulary" not in line
+    if command == "eval":
+        assert "--skip-unknown" in line
+    if command == "train":  # item 3: the fine-tune's vocabulary cannot be rebuilt; what does work
+        assert "--unknown_chars drop" in line and "without --init-from" in line
+        assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_eval_skip_unknown_scores_the_rest_of_the_text_and_says_how_much_was_left_out(char_checkpoint, tmp_path):
+    (tmp_path / "notes.txt").write_text(NEW_TEXT)
+    known = "".join(c for c in NEW_TEXT if c in TEXT)
+    (tmp_path / "known.txt").write_text(known)
+    skipped = simplegpt("eval", str(char_checkpoint), "--data", "notes.txt", "--skip-unknown", "--json", cwd=tmp_path)
+    assert skipped.returncode == 0, skipped.stderr
+    [line] = skipped.stderr.strip().splitlines()
+    n = len(NEW_TEXT) - len(known)
+    assert f"left out {n} characters the model's vocabulary lacks" in line and "'G' x1" in line
+    plain = simplegpt("eval", str(char_checkpoint), "--data", "known.txt", "--json", cwd=tmp_path)
+    result, reference = json.loads(skipped.stdout), json.loads(plain.stdout)
+    assert result.pop("dropped_characters") == n and reference.pop("dropped_characters") == 0
+    assert {**result, "data": ""} == {**reference, "data": ""}
+
+
+@pytest.mark.parametrize("policy", ["drop", " "])
+def test_fine_tuning_on_new_characters_drops_or_replaces_them_when_asked(policy, char_checkpoint, tmp_path):
+    """Item 3: a pretrained model's vocabulary is fixed: --unknown_chars drop or a stand-in character."""
+    from simplegpt.data import TokenShards
+    from simplegpt.tokenizer import load_tokenizer
+
+    cfg = tiny_run(tmp_path, init_from=str(char_checkpoint), data=None, unknown_chars=policy, block_size=8,
+                   max_iters=2, eval_interval=2, text=NEW_TEXT * 20)
+    data = Path(cfg.data_dir)
+    tok = load_tokenizer(data / "tokenizer")
+    stream = tok.decode(list(TokenShards(data, "train").arrays[0]) + list(TokenShards(data, "val").arrays[0]))
+    want = "".join(c if c in TEXT else policy.replace("drop", "") for c in NEW_TEXT * 20)
+    assert stream == want

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..config import TrainConfig, corpus_slug
 from ..data import PackedSampler, PaddedSampler, TokenShards, prepare_corpus, read_meta
-from ..errors import DataError
+from ..errors import DataError, UnknownCharacterError
 from ..tokenizer import Tokenizer
 
 
@@ -33,8 +33,16 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) 
     if _is_dataset_dir(cfg.data):
         meta = read_meta(out)
     else:
-        meta = prepare_corpus(cfg.data, out, tokenizer or cfg.tokenizer, val_fraction=cfg.val_fraction,
-                              text_field=cfg.text_field, progress=progress)
+        try:
+            meta = prepare_corpus(cfg.data, out, tokenizer or cfg.tokenizer, val_fraction=cfg.val_fraction,
+                                  text_field=cfg.text_field, progress=progress, unknown_chars=cfg.unknown_chars)
+        except UnknownCharacterError as e:
+            model = cfg.init_from or "the run being resumed"
+            raise UnknownCharacterError(
+                f"{cfg.data} does not fit the tokenizer of {model}: {e}. That vocabulary is part of the model and "
+                "cannot grow: --unknown_chars drop leaves those characters out of the training text, --unknown_chars "
+                "' ' puts a space (or another character of the vocabulary) in their place, or a new model trained "
+                "on this text (without --init-from) gets a vocabulary of its own", chars=e.chars) from None
     if tokenizer is not None and meta["tokenizer"] != tokenizer.spec():
         raise DataError(f"the dataset in {out} was prepared with a different tokenizer ({meta['tokenizer']['type']}, "
                         f"vocab {meta['vocab_size']}) than the model's ({tokenizer.kind}, vocab {tokenizer.vocab_size}); "
