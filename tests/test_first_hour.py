@@ -180,3 +180,32 @@ def test_fine_tuning_on_new_characters_drops_or_replaces_them_when_asked(policy,
     stream = tok.decode(list(TokenShards(data, "train").arrays[0]) + list(TokenShards(data, "val").arrays[0]))
     want = "".join(c if c in TEXT else policy.replace("drop", "") for c in NEW_TEXT * 20)
     assert stream == want
+
+
+def test_generate_interactive_on_a_terminal_shows_the_typed_prompt_once(char_checkpoint):
+    """Item 10: on a terminal, `generate -i` printed the prompt after the terminal had echoed it as typed."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "generate", str(char_checkpoint), "-i",
+                             "--max-new-tokens", "3", "--temperature", "0", "--quiet"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    seen, typed, deadline = b"", False, time.monotonic() + 120
+    try:
+        while seen.count(b">>> ") < 2 and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+            if b">>> " in seen and not typed:
+                os.write(master, b"whether tis nobler\n")  # the terminal echoes it, as it does what anyone types
+                typed = True
+        os.write(master, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    assert seen.count(b">>> ") == 2, seen
+    assert seen.count(b"whether tis nobler") == 1, seen
