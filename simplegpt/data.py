@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, no_folders_left_on_failure
 from .errors import DataError, SimpleGPTError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
@@ -557,6 +557,7 @@ def prepare_corpus(
     val_tokens: int | None = None,
     workers: int | None = None,
     unknown_chars: str = "error",
+    check_splits: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into a dataset directory and return its meta.json contents.
 
@@ -574,7 +575,10 @@ def prepare_corpus(
     for: "error" (UnknownCharacterError naming them), "drop" (left out), or a character of its vocabulary
     that takes their place.
 
-    Raises DataError for an unusable source, an empty corpus or bad settings.
+    check_splits(train_tokens, val_tokens), when given, is called before the dataset is written: what it
+    raises (a dataset too small for its use) leaves nothing behind, as every failure does.
+
+    Raises DataError for an unusable source, an empty or whitespace-only corpus or bad settings.
     """
     from tqdm.auto import tqdm
 
@@ -621,7 +625,8 @@ def prepare_corpus(
 
     _check_out_dir(out)
     # The pool is started first, before the corpus's reader or the progress bar start any thread.
-    with _EncodingPool(_Encoder(tok, dtype, unknown_chars), workers) as pool, atomic_dir(out) as tmp:
+    with (no_folders_left_on_failure(out), _EncodingPool(_Encoder(tok, dtype, unknown_chars), workers) as pool,
+          atomic_dir(out) as tmp):
         writer = _ShardWriter(tmp, "train", shard_tokens)
         n_docs = n_bytes = 0
         documents = iter(corpus.documents())
@@ -631,6 +636,7 @@ def prepare_corpus(
             documents = _char_budget(documents, max_tokens)
         first = next(documents, None)  # opens the source: a source that cannot be read fails before the bar
         documents = itertools.chain([first], documents) if first is not None else iter(())
+        documents, text_seen = _watch_for_text(documents)
         try:
             # Off a terminal (a log file, a pipe) the bar is redrawn every 10 s instead of 10 times a second.
             with tqdm(desc=f"tokenizing {corpus.name}", total=max_tokens, unit="tok", unit_scale=True,
@@ -651,11 +657,16 @@ def prepare_corpus(
         total = writer.tokens
         if n_docs == 0 or total < 2:
             raise DataError(f"corpus {corpus.name!r} is empty: it holds no text to train on")
+        if not text_seen:
+            raise DataError(f"corpus {corpus.name!r} holds only whitespace (spaces, tabs, line breaks): no text to "
+                            "train on")
         # The validation split: the last val_tokens (else val_fraction, at least 2) tokens of the stream.
         n_val = val_tokens if val_tokens is not None else max(2, int(total * val_fraction))
         if val_tokens is not None and n_val >= total:
             raise DataError(f"val_tokens ({n_val:,}) must be smaller than the corpus's {total:,} tokens")
         cut = total - n_val
+        if check_splits is not None:
+            check_splits(cut, n_val)
         train_shards, val_shards = _split_tail(tmp, writer.shards, cut, dtype)
         val_bytes = pool.shard_bytes([(tmp / s["file"], s["tokens"]) for s in val_shards])
         tok.save(tmp / TOKENIZER_DIR)
@@ -681,6 +692,29 @@ def prepare_corpus(
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     return meta
+
+
+class _TextSeen:
+    """Whether any of the documents _watch_for_text passed on held more than whitespace."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __bool__(self) -> bool:
+        return self.seen
+
+
+def _watch_for_text(documents: Iterator[str]) -> tuple[Iterator[str], _TextSeen]:
+    """documents as they are, and a flag that turns true once one of them has text besides whitespace."""
+    flag = _TextSeen()
+
+    def watched() -> Iterator[str]:
+        for doc in documents:
+            if not flag.seen and not doc.isspace() and doc:
+                flag.seen = True
+            yield doc
+
+    return watched(), flag
 
 
 def _check_out_dir(path: Path) -> None:

@@ -209,3 +209,27 @@ def test_generate_interactive_on_a_terminal_shows_the_typed_prompt_once(char_che
         os.close(master)
     assert seen.count(b">>> ") == 2, seen
     assert seen.count(b"whether tis nobler") == 1, seen
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "byte"])
+def test_a_whitespace_only_corpus_is_refused_in_one_line_and_leaves_nothing(tokenizer, tmp_path):
+    """Item 9: it was accepted (a character vocabulary of 3: space, newline, end-of-text)."""
+    (tmp_path / "blank.txt").write_text("   \n\n\t  \n" * 50)
+    proc = simplegpt("prepare", "blank.txt", "-t", tokenizer, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == "simplegpt prepare: error: corpus 'blank.txt' holds only whitespace (spaces, tabs, " \
+                          "line breaks): no text to train on\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]
+
+
+def test_a_run_on_a_file_too_small_to_train_on_leaves_no_data_or_out_folder(tmp_path, monkeypatch):
+    """Item 9: the run failed ("the corpus is too small") after writing data/<name> (and an empty out/)."""
+    from simplegpt.config import load_config
+    from simplegpt.errors import DataError
+    from simplegpt.train import train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text("hello there\n")
+    with pytest.raises(DataError, match="the corpus is too small: its train split has 11 tokens"):
+        train(load_config(None, {"data": "tiny.txt"}), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt"]

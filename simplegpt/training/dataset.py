@@ -35,7 +35,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) 
     else:
         try:
             meta = prepare_corpus(cfg.data, out, tokenizer or cfg.tokenizer, val_fraction=cfg.val_fraction,
-                                  text_field=cfg.text_field, progress=progress, unknown_chars=cfg.unknown_chars)
+                                  text_field=cfg.text_field, progress=progress, unknown_chars=cfg.unknown_chars,
+                                  check_splits=lambda train, val: check_split_sizes(cfg, train, val))
         except UnknownCharacterError as e:
             model = cfg.init_from or "the run being resumed"
             raise UnknownCharacterError(
@@ -50,6 +51,16 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) 
     return out, meta
 
 
+def check_split_sizes(cfg: TrainConfig, train_tokens: int, val_tokens: int) -> None:
+    """DataError when a split is too small for cfg's batches: packed windows need block_size + 1 tokens."""
+    if cfg.batch_mode != "packed":
+        return
+    for name, tokens in (("train", train_tokens), ("validation", val_tokens)):
+        if tokens <= cfg.block_size:
+            raise DataError(f"the corpus is too small: its {name} split has {tokens} tokens, fewer "
+                            f"than block_size + 1 = {cfg.block_size + 1}; use a smaller --block_size or more text")
+
+
 def make_samplers(cfg: TrainConfig, data_dir: Path, meta: dict) -> tuple[Any, Callable[[], Any]]:
     """The train sampler and a factory of the (always identical) validation sampler."""
     train_shards, val_shards = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
@@ -58,10 +69,7 @@ def make_samplers(cfg: TrainConfig, data_dir: Path, meta: dict) -> tuple[Any, Ca
         val = lambda: PaddedSampler.from_shards(val_shards, meta["eos_id"], cfg.block_size,  # noqa: E731
                                                 cfg.batch_size, cfg.seed + 1)
     else:
-        for name, shards in (("train", train_shards), ("validation", val_shards)):
-            if shards.num_tokens <= cfg.block_size:
-                raise DataError(f"the corpus is too small: its {name} split has {shards.num_tokens} tokens, fewer "
-                                f"than block_size + 1 = {cfg.block_size + 1}; use a smaller --block_size or more text")
+        check_split_sizes(cfg, train_shards.num_tokens, val_shards.num_tokens)
         train = PackedSampler(train_shards, cfg.block_size, cfg.batch_size, cfg.seed)
         val = lambda: PackedSampler(val_shards, cfg.block_size, cfg.batch_size, cfg.seed + 1)  # noqa: E731
     return train, val

@@ -334,9 +334,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                 finished = _finished_result(done)
         if finished is None and stop_at is not None and stop_at <= (state["step"] if state else 0):
             raise ConfigError(f"stop_at must be after the starting step {(state or {}).get('step', 0)}")
-        lock, created_out, data = _NoLock(), False, None
+        lock, created_out, data = _NoLock(), [], None
         if finished is None and main:
-            created_out = not out.exists()
+            created_out = run_dir.missing_folders(out)
             lock = run_dir.check_out_dir(out, run_cfg, overwrite, resuming=state is not None)  # held to the end
             taken.append((lock, created_out))
             try:
