@@ -17,11 +17,10 @@ from simplegpt import get_tokenizer, save_checkpoint
 TEXT = "to be or not to be, that is the question; whether tis nobler in the mind to suffer\n" * 40
 
 
-def simplegpt(*args: str, cwd: Path | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
+def simplegpt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
     return subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, stdin=subprocess.DEVNULL, env=env,
-                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+                          cwd=cwd, stdin=subprocess.DEVNULL, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,11 @@ def char_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ck") / "char", make_tiny_gpt(vocab_size=tok.vocab_size), tok)
 
 
-def test_every_file_the_commands_write_is_readable_by_all_under_umask_022(tmp_path):
+def test_every_file_the_commands_write_is_readable_by_all_under_umask_022(tmp_path, monkeypatch):
     """Item 7: export-hf wrote model.safetensors 0600 (checkpoints had been fixed, the export not)."""
+    from simplegpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text(TEXT)
     steps = [  # train prepares data/, writes out/ (checkpoints, metrics, loss.png, report.html)
         ["train", "--data", "notes.txt", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
@@ -41,9 +43,12 @@ def test_every_file_the_commands_write_is_readable_by_all_under_umask_022(tmp_pa
         ["export-hf", "out/notes/best", "hf"],
         ["inspect", "out/notes/best", "--text", "to be", "--out", "pictures", "--html"],
     ]
-    for args in steps:
-        proc = simplegpt(*args, cwd=tmp_path, umask=0o022)
-        assert proc.returncode == 0, (args, proc.stderr)
+    umask = os.umask(0o022)
+    try:
+        for args in steps:
+            assert main(args) == 0, args
+    finally:
+        os.umask(umask)
     private = [f"{p.relative_to(tmp_path)} {stat.filemode(p.stat().st_mode)}" for p in tmp_path.rglob("*")
                if not p.is_symlink() and p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)]
     assert not private
