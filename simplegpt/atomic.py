@@ -43,6 +43,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     _finish(path, tmp, marker)
 
 
+@contextlib.contextmanager
+def no_folders_left_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """Inside it, a block that fails removes again the folders it made for `path` (path and those of its
+    parents that did not exist when it began, deepest first) that are empty: a write that fails leaves
+    no empty data/ behind."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            with contextlib.suppress(OSError):  # not made, or not empty: left as it is
+                folder.rmdir()
+        raise
+
+
 def newest_complete(path: str | os.PathLike) -> Path | None:
     """The folder to read for `path`: a complete copy not yet renamed in by a writer that is gone
     (newer than `path`), else `path`, else a copy still being renamed in, else the previous copy

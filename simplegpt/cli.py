@@ -70,6 +70,8 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
+        if self._subparsers is not None:
+            self._check_command(args)
         if self._subparsers is None:  # a command's own parser: every option in args is one of its own
             end = args.index("--") if "--" in args else len(args)  # after "--" come only values
             args = [self._respell(a) for a in args[:end]] + args[end:]
@@ -78,7 +80,36 @@ class _Parser(argparse.ArgumentParser):
             self._unknown_option(extras[0].partition("=")[0])
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
+        if hasattr(namespace, _CHECKPOINT_SLOT):
+            self._one_checkpoint(namespace)
         return namespace, extras
+
+    def _one_checkpoint(self, namespace: argparse.Namespace) -> None:
+        """namespace.checkpoint from CHECKPOINT or --checkpoint (add_checkpoint_argument); exits 2 when
+        neither or two different ones are given."""
+        positional, then, unless = getattr(namespace, _CHECKPOINT_SLOT)
+        delattr(namespace, _CHECKPOINT_SLOT)
+        option = getattr(namespace, "checkpoint", None)
+        if positional is not None and option is not None and positional != option:
+            if then is not None and getattr(namespace, then, None) is None:
+                setattr(namespace, then, positional)  # `--checkpoint SRC DST`: the word is the next argument
+                positional = None
+            else:
+                self.error(f"two checkpoints: {positional} and --checkpoint {option}; give one")
+        if positional is None and option is None and not (unless and getattr(namespace, unless)):
+            alternative = f" or --{unless.replace('_', '-')}" if unless else ""
+            self.error(f"the following arguments are required: CHECKPOINT (or --checkpoint CHECKPOINT){alternative}")
+        namespace.checkpoint = option if option is not None else positional
+
+    def _check_command(self, args: list[str]) -> None:
+        """Exits 2 when the first word that is not an option names no command, saying the closest one."""
+        word = next((a for a in args if not a.startswith("-")), None)
+        commands = self._subparsers._group_actions[0].choices
+        if word is None or word in commands:
+            return
+        close = difflib.get_close_matches(word, commands, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        self.error(f"unknown command '{word}'; {hint}the commands are {', '.join(commands)}")
 
     def _respell(self, arg: str) -> str:
         """arg with its option named as this parser spells it (--max_new_tokens=5 -> --max-new-tokens=5).
@@ -104,6 +135,27 @@ class _Parser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {name}" + (f"; did you mean {names}?" if names else ""))
 
 
+# Where a command parser keeps the positional CHECKPOINT until it is reconciled with --checkpoint.
+_CHECKPOINT_SLOT = "_checkpoint_positional"
+
+
+class _PositionalCheckpoint(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, _CHECKPOINT_SLOT, (values, *getattr(namespace, _CHECKPOINT_SLOT)[1:]))
+
+
+def add_checkpoint_argument(p: argparse.ArgumentParser, help: str, then: str | None = None,
+                            unless: str | None = None) -> None:
+    """The checkpoint a command reads, as its first positional argument or --checkpoint, whichever the
+    user writes (args.checkpoint either way; one of them must be given, unless the flag whose dest is
+    `unless` is set, which leaves args.checkpoint None). then: the dest of the optional positional after
+    it, which `--checkpoint X Y` fills with Y."""
+    p.set_defaults(**{_CHECKPOINT_SLOT: (None, then, unless)})
+    p.add_argument("checkpoint_positional", metavar="CHECKPOINT", nargs="?", default=argparse.SUPPRESS,
+                   action=_PositionalCheckpoint, help=f"{help} (or give it as --checkpoint CHECKPOINT)")
+    p.add_argument("--checkpoint", metavar="CHECKPOINT", default=argparse.SUPPRESS, help="the same as CHECKPOINT")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown in --help, except for options that must be given (a required option has none)."""
 
@@ -117,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="simplegpt",
         description="Train, generate with, evaluate and serve small GPT models.",
-        epilog=f"Run 'simplegpt COMMAND --help' for the options of a command. {SPELLINGS}",
+        epilog="Start with 'simplegpt train': a character-level Shakespeare model in a few minutes on a CPU (it "
+               "writes the prepared text to data/ and the run to out/ under the current folder). "
+               f"Run 'simplegpt COMMAND --help' for the options of a command. {SPELLINGS}",
     )
     parser.add_argument("--version", action="version", version=f"simplegpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -140,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv:
-        argv = ["train"] if "train" in parser._subparsers._group_actions[0].choices else ["--help"]
+        # what the tool does and its commands; training (which writes data/ and out/) is asked for by name
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()

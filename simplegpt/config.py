@@ -32,6 +32,10 @@ from .errors import ConfigError
 from .model import GPTConfig
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
+# A warmup not set for the run's own length takes at most this fraction of its steps (50 warmup steps of
+# a 20-step run would never reach lr); one set explicitly is kept, with a warning past WARMUP_WARN_FRACTION.
+WARMUP_FRACTION = 0.1
+WARMUP_WARN_FRACTION = 0.25
 DEFAULT_CONFIG = "shakespeare_char"
 SECTIONS = ("data", "model", "optim", "eval", "run")
 
@@ -79,6 +83,9 @@ class TrainConfig:
     tokenizer: str = _f("char", "data", "tokenizer used to prepare the corpus", ("char", "byte", "gpt2"))
     val_fraction: float = _f(0.1, "data", "fraction of the token stream (its end) held out for validation")
     text_field: str = _f("text", "data", "field holding the text in .jsonl and Hugging Face datasets")
+    unknown_chars: str = _f("error", "data", "characters of the text that a fixed character vocabulary (of the "
+                            "--init-from model, or of a resumed run) has no token for: 'error' names them and stops, "
+                            "'drop' leaves them out, and a character of the vocabulary (such as ' ') takes their place")
     batch_mode: str = _f("packed", "data", "'packed': random windows of block_size tokens; 'padded': one text per "
                          "row, padded, with an attention mask", ("packed", "padded"))
     # model: the shape ([model] table), see MODEL_KEYS
@@ -96,7 +103,9 @@ class TrainConfig:
     schedule: str = _f("cosine", "optim", "learning-rate schedule after warmup: cosine decay to min_lr, "
                        "warmup-stable-decay (linear decay over the last decay_fraction), or constant",
                        ("cosine", "wsd", "constant"))
-    warmup_iters: int = _f(100, "optim", "steps of linear warmup from 0 to lr")
+    warmup_iters: int = _f(100, "optim", "steps of linear warmup from 0 to lr; unless set with max_iters (on the "
+                           "command line, or both in the config file) at most a tenth of max_iters, so a short "
+                           "run reaches lr and decays")
     decay_fraction: float = _f(0.2, "optim", "wsd only: fraction of max_iters spent decaying to min_lr")
     weight_decay: float = _f(0.1, "optim", "AdamW weight decay on matrices")
     decay_embeddings: bool = _f(False, "optim", "also apply weight decay to the embeddings (never to biases/norms)")
@@ -153,6 +162,8 @@ class TrainConfig:
         except ValueError as e:  # GPTConfig's own checks of the shape, said in the config's key names
             raise ConfigError(re.sub(r"\bn_positions\b", "block_size", str(e).replace("GPTConfig.", ""))) from None
         self.validate()
+        if "warmup_iters" not in values:  # the default warmup, fitted to the run
+            self.warmup_iters = fitted_warmup(self.warmup_iters, self.max_iters)
 
     @property
     def n_layer(self) -> int:
@@ -193,6 +204,8 @@ class TrainConfig:
         for name in ("warmup_iters", "sample_tokens", "num_threads", "cpu_shards"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.unknown_chars not in ("error", "drop") and len(self.unknown_chars) != 1:
+            raise ConfigError(f"unknown_chars must be 'error', 'drop' or one character, got {self.unknown_chars!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
@@ -336,12 +349,36 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     if "lr" in overrides and "min_lr" not in overrides:  # --lr alone: the schedule keeps the file's lr/min_lr
         lr, min_lr = values.get("lr", defaults["lr"]), values.get("min_lr", defaults["min_lr"])
         values["min_lr"] = min_lr * overrides["lr"] / lr if isinstance(overrides["lr"], (int, float)) and lr else min_lr
+    # A warmup chosen for another length of run (the file's, for its max_iters; the default) fits this one.
+    fit = "warmup_iters" not in overrides and ("warmup_iters" not in values or "max_iters" in overrides)
     values.update(overrides)
+    max_iters = values.get("max_iters", defaults["max_iters"])
+    warmup = values.get("warmup_iters", defaults["warmup_iters"])
+    if fit and isinstance(max_iters, int) and isinstance(warmup, int):  # other types: TrainConfig says what is wrong
+        values["warmup_iters"] = fitted_warmup(warmup, max_iters)
     if "out_dir" not in values:
         merged = {**defaults, **values}
         values["out_dir"] = default_out_dir(merged["data"], merged["tokenizer"], merged["init_from"])
     check_keys(values)
     return TrainConfig(**values)
+
+
+def fitted_warmup(warmup_iters: int, max_iters: int) -> int:
+    """A warmup of warmup_iters steps, shortened to WARMUP_FRACTION of a run of max_iters steps."""
+    return min(warmup_iters, int(max_iters * WARMUP_FRACTION))
+
+
+def long_warmup_warning(cfg: TrainConfig) -> str | None:
+    """A warning when the warmup takes more than WARMUP_WARN_FRACTION of the run (set so explicitly)."""
+    if cfg.warmup_iters <= WARMUP_WARN_FRACTION * cfg.max_iters:
+        return None
+    if cfg.warmup_iters >= cfg.max_iters:
+        what = f"longer than the run's {cfg.max_iters} steps: the learning rate never reaches lr = {cfg.lr:g}"
+    else:
+        what = (f"{cfg.warmup_iters / cfg.max_iters:.0%} of the run's {cfg.max_iters} steps: the learning rate "
+                f"reaches lr = {cfg.lr:g} late and has little of the run left to decay")
+    return (f"warning: the warmup (warmup_iters = {cfg.warmup_iters}) is {what}; leave warmup_iters unset (it is "
+            f"then at most {WARMUP_FRACTION:.0%} of max_iters) or set a smaller one")
 
 
 def corpus_slug(source: str) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, no_folders_left_on_failure
 from .corpus_files import Part, glob_files, text_pieces
 from .errors import DISK_FULL, DataError, FileAccessError, SimpleGPTError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
@@ -247,15 +247,16 @@ class _Encoder:
     The same object runs in this process (workers=1) and in each worker process, so the output does
     not depend on the number of workers. Pickled as the tokenizer's spec (for spawned workers)."""
 
-    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype):
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, unknown: str = "error"):
         self.tok = tokenizer
+        self.unknown = unknown  # a character-level vocabulary's unknown characters: error, drop, or a stand-in
         self.dtype = np.dtype(dtype)
         self.eos = np.array([tokenizer.eos_id], dtype=self.dtype)
         self.table = (np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)
                       if isinstance(tokenizer, CharTokenizer) else None)
 
     def __reduce__(self):
-        return _encoder_from_spec, (self.tok.spec(), self.dtype.str)
+        return _encoder_from_spec, (self.tok.spec(), self.dtype.str, self.unknown)
 
     def encode(self, doc: str) -> np.ndarray:
         """One document's tokens (no EOS), any integer dtype."""
@@ -266,10 +267,11 @@ class _Encoder:
             ids = np.searchsorted(self.table, cps)
             bad = (ids >= len(self.table)) | (self.table[np.minimum(ids, len(self.table) - 1)] != cps)
             if bad.any():
-                try:
-                    return np.asarray(tok.encode(doc))  # raises (or maps to unk) with a clear message
-                except ValueError as e:
-                    raise DataError(str(e)) from None
+                if self.unknown == "drop":
+                    return ids[~bad]
+                if self.unknown != "error":
+                    return np.where(bad, tok.stoi[self.unknown], ids)
+                return np.asarray(tok.encode(doc))  # UnknownCharacterError naming them (or maps them to unk)
             return ids
         if isinstance(tok, ByteTokenizer):
             return np.frombuffer(doc.encode("utf-8"), dtype=np.uint8)
@@ -297,8 +299,8 @@ class _Encoder:
         return tokens, n_docs, n_bytes
 
 
-def _encoder_from_spec(spec: dict, dtype: str) -> _Encoder:
-    return _Encoder(tokenizer_from_spec(spec), np.dtype(dtype))
+def _encoder_from_spec(spec: dict, dtype: str, unknown: str) -> _Encoder:
+    return _Encoder(tokenizer_from_spec(spec), np.dtype(dtype), unknown)
 
 
 def _batched(docs: Iterable[str], n: int = ENCODE_BATCH_DOCS, chars: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
@@ -551,6 +553,8 @@ def prepare_corpus(
     max_tokens: int | None = None,
     val_tokens: int | None = None,
     workers: int | None = None,
+    unknown_chars: str = "error",
+    check_splits: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into a dataset directory and return its meta.json contents.
 
@@ -564,8 +568,15 @@ def prepare_corpus(
     shards. Does nothing (and returns the existing meta) when out_dir already holds this corpus,
     tokenized the same way, unless force=True.
 
-    Raises DataError for an unusable source, an empty corpus or bad settings, FileAccessError when
-    out's disk is full (nothing is left half-written).
+    unknown_chars says what becomes of the characters a given character-level tokenizer has no token
+    for: "error" (UnknownCharacterError naming them), "drop" (left out), or a character of its vocabulary
+    that takes their place.
+
+    check_splits(train_tokens, val_tokens), when given, is called before the dataset is written: what it
+    raises (a dataset too small for its use) leaves nothing behind, as every failure does.
+
+    Raises DataError for an unusable source, an empty or whitespace-only corpus or bad settings,
+    FileAccessError when out's disk is full (nothing is left half-written).
     """
     from tqdm.auto import tqdm
 
@@ -588,6 +599,7 @@ def prepare_corpus(
                "tokenizer_request": tokenizer if isinstance(tokenizer, str) else tokenizer.kind}
     # Only set when given, so that datasets prepared before these settings existed stay up to date.
     given = (("max_tokens", max_tokens), ("val_tokens", val_tokens),
+             ("unknown_chars", unknown_chars if unknown_chars != "error" else None),
              ("shard_tokens", shard_tokens if shard_tokens != DEFAULT_SHARD_TOKENS else None))
     request.update({k: v for k, v in given if v is not None})
     if not force and (out / META_FILE).is_file():
@@ -603,12 +615,16 @@ def prepare_corpus(
         tok = _char_vocabulary(corpus, max_tokens) if tokenizer == "char" else get_tokenizer(tokenizer)
     else:
         tok = tokenizer
+    if unknown_chars not in ("error", "drop") and isinstance(tok, CharTokenizer) and unknown_chars not in tok.stoi:
+        raise DataError(f"unknown_chars {unknown_chars!r} is not in the character vocabulary, so it cannot take "
+                        "the place of the characters that are not; choose one that is, or 'drop'")
     dtype = token_dtype(tok.vocab_size)
     budget = max_tokens if max_tokens is not None else float("inf")
 
     _check_out_dir(out)
     # The pool is started first, before the corpus's reader or the progress bar start any thread.
-    with _disk_full_is_one_line(out), _EncodingPool(_Encoder(tok, dtype), workers) as pool, atomic_dir(out) as tmp:
+    with (no_folders_left_on_failure(out), _disk_full_is_one_line(out),
+          _EncodingPool(_Encoder(tok, dtype, unknown_chars), workers) as pool, atomic_dir(out) as tmp):
         writer = _ShardWriter(tmp, "train", shard_tokens)
         n_docs = n_bytes = 0
         documents = iter(corpus.documents())
@@ -618,6 +634,7 @@ def prepare_corpus(
             documents = _char_budget(documents, max_tokens)
         first = next(documents, None)  # opens the source: a source that cannot be read fails before the bar
         documents = itertools.chain([first], documents) if first is not None else iter(())
+        documents, text_seen = _watch_for_text(documents)
         try:
             # Off a terminal (a log file, a pipe) the bar is redrawn every 10 s instead of 10 times a second.
             with tqdm(desc=f"tokenizing {corpus.name}", total=max_tokens, unit="tok", unit_scale=True,
@@ -638,11 +655,16 @@ def prepare_corpus(
         total = writer.tokens
         if n_docs == 0 or total < 2:
             raise DataError(f"corpus {corpus.name!r} is empty: it holds no text to train on")
+        if not text_seen:
+            raise DataError(f"corpus {corpus.name!r} holds only whitespace (spaces, tabs, line breaks): no text to "
+                            "train on")
         # The validation split: the last val_tokens (else val_fraction, at least 2) tokens of the stream.
         n_val = val_tokens if val_tokens is not None else max(2, int(total * val_fraction))
         if val_tokens is not None and n_val >= total:
             raise DataError(f"val_tokens ({n_val:,}) must be smaller than the corpus's {total:,} tokens")
         cut = total - n_val
+        if check_splits is not None:
+            check_splits(cut, n_val)
         train_shards, val_shards = _split_tail(tmp, writer.shards, cut, dtype)
         val_bytes = pool.shard_bytes([(tmp / s["file"], s["tokens"]) for s in val_shards])
         tok.save(tmp / TOKENIZER_DIR)
@@ -682,6 +704,27 @@ def _disk_full_is_one_line(out: Path) -> Iterator[None]:
         where = f" ({e.filename})" if e.filename else ""
         raise FileAccessError(f"the disk of {out} is full{where}: {e.strerror}; nothing was written: free some "
                               "space and prepare again") from None
+class _TextSeen:
+    """Whether any of the documents _watch_for_text passed on held more than whitespace."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __bool__(self) -> bool:
+        return self.seen
+
+
+def _watch_for_text(documents: Iterator[str]) -> tuple[Iterator[str], _TextSeen]:
+    """documents as they are, and a flag that turns true once one of them has text besides whitespace."""
+    flag = _TextSeen()
+
+    def watched() -> Iterator[str]:
+        for doc in documents:
+            if not flag.seen and not doc.isspace() and doc:
+                flag.seen = True
+            yield doc
+
+    return watched(), flag
 
 
 def _check_out_dir(path: Path) -> None:

@@ -43,6 +43,15 @@ class DataError(SimpleGPTError, ValueError):
     """Input data (a corpus, a dataset, a prompt) is missing, empty or unusable."""
 
 
+class UnknownCharacterError(DataError):
+    """Text holds characters that a character-level vocabulary has no token for (`chars`: them, in order
+    of first appearance); the message names them."""
+
+    def __init__(self, message: str, chars: str = "") -> None:
+        super().__init__(message)
+        self.chars = chars
+
+
 class DeviceError(SimpleGPTError, ValueError):
     """A device name that is not a device, or a device this machine does not have."""
 

@@ -11,6 +11,7 @@ stride == context the token at each window start is therefore never scored).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,10 +149,15 @@ def _head(ids: list[int], max_tokens: int | None) -> list[int]:
 
 
 def load_eval_tokens(source: str, tokenizer: Tokenizer, split: str | None = None, text_field: str = "text",
-                     bos: bool = True, max_tokens: int | None = None) -> list[int]:
+                     bos: bool = True, max_tokens: int | None = None, skip_unknown: bool = False,
+                     dropped: Counter | None = None) -> list[int]:
     """Token ids to evaluate on, from a prepared dataset directory (its `split`, default "val"),
     or from any corpus `simplegpt prepare` accepts (file, folder, glob, URL, 'shakespeare',
-    'hf:NAME[:CONFIG]' with split default "test"), documents separated by end-of-text."""
+    'hf:NAME[:CONFIG]' with split default "test"), documents separated by end-of-text.
+
+    A character a character-level tokenizer has no token for raises UnknownCharacterError, unless
+    skip_unknown: the text is then scored without those characters, which are counted in `dropped`
+    (character -> times left out) when it is given."""
     from .data import META_FILE, TokenShards, read_meta, resolve_corpus
 
     if (Path(source) / META_FILE).is_file():
@@ -167,6 +173,12 @@ def load_eval_tokens(source: str, tokenizer: Tokenizer, split: str | None = None
     for doc in corpus.documents():
         if bos or ids:
             ids.append(tokenizer.eos_id)
+        if skip_unknown:
+            kept, n = tokenizer.known_text(doc)
+            if n and dropped is not None:
+                known = set(kept)  # every character the tokenizer knows is kept, no other
+                dropped.update(c for c in doc if c not in known)
+            doc = kept
         ids.extend(tokenizer.encode(doc))
         if max_tokens is not None and len(ids) >= max_tokens:
             break

@@ -383,6 +383,8 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
             write_gpt2_tokenizer_files(tmp, ck.config.n_positions)
         elif tok is not None:
             tok.save(tmp / SIMPLEGPT_TOKENIZER_DIR)
+        # safetensors writes through a private (0600) temp file; the others were created as config.json was
+        os.chmod(tmp / HF_SAFETENSORS, (tmp / HF_CONFIG).stat().st_mode & 0o777)
     return ExportResult(path=out, files=sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
                         tokenizer=tok.kind if tok is not None else None, tokenizer_exported=exported)
 

@@ -29,7 +29,7 @@ def _eos_id(tokenizer) -> int | None:
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
-    if hasattr(tokenizer, "eos_token_id"):  # Hugging Face tokenizer
+    if hasattr(tokenizer, "eos_token_id"):  # Hugging Face and simplegpt tokenizers take skip_special_tokens
         return tokenizer.decode(ids, skip_special_tokens=True)
     eos = _eos_id(tokenizer)
     return tokenizer.decode([i for i in ids if i != eos])

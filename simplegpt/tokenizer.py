@@ -13,18 +13,94 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .errors import MissingDependencyError
+from .errors import MissingDependencyError, UnknownCharacterError
 
 SPEC_FILE = "tokenizer.json"
 EOS_TEXT = "<|endoftext|>"
 
 
+class Encoding(dict):
+    """What calling a tokenizer returns: {"input_ids": ..., "attention_mask": ...}, also as attributes
+    (encoding.input_ids), as a Hugging Face BatchEncoding reads."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class Tokenizer:
-    """The interface all simplegpt tokenizers share."""
+    """The interface all simplegpt tokenizers share, with the Hugging Face tokenizer habits the
+    tutorial's readers have: eos_token / eos_token_id, a settable pad_token (`tokenizer.pad_token =
+    tokenizer.eos_token`) and pad_token_id, tokenizer(text, return_tensors=, padding=, truncation=,
+    max_length=), decode(ids, skip_special_tokens=)."""
 
     kind: str = ""
     vocab_size: int
     eos_id: int
+    eos_token: str = EOS_TEXT  # the end-of-text token's name (GPT-2's; it is no text a tokenizer encodes)
+    pad_token: str | None = None  # none until set, as in Hugging Face's GPT-2 tokenizer
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id of pad_token: the end-of-text id for eos_token, else the one token pad_token encodes to;
+        None while pad_token is unset. ValueError for a pad_token that is not one token."""
+        if self.pad_token is None:
+            return None
+        if self.pad_token == self.eos_token:
+            return self.eos_id
+        ids = self.encode(self.pad_token)
+        if len(ids) != 1:
+            raise ValueError(f"pad_token {self.pad_token!r} is {len(ids)} tokens, not one; "
+                             "set tokenizer.pad_token = tokenizer.eos_token")
+        return ids[0]
+
+    def __call__(self, text: str | list[str], return_tensors: str | None = None, padding: bool | str = False,
+                 truncation: bool = False, max_length: int | None = None) -> Encoding:
+        """input_ids and attention_mask (1 = token, 0 = padding) of a text or a list of texts, as Hugging
+        Face tokenizers return them: lists (one list for a text, a list of lists for a list), or with
+        return_tensors="pt" (B, T) torch.long tensors, "np" numpy arrays (B = 1 for a text).
+        padding: False / "do_not_pad", True / "longest" (to the longest), "max_length" (to max_length),
+        on the right with pad_token_id; truncation=True cuts each text to max_length tokens.
+        ValueError for padding without a pad_token, or unequal lengths asked as tensors."""
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t) for t in texts]
+        if truncation and max_length is not None:
+            ids = [row[:max_length] for row in ids]
+        if padding not in (False, "do_not_pad", True, "longest", "max_length"):
+            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+        masks = [[1] * len(row) for row in ids]
+        if padding not in (False, "do_not_pad"):
+            if self.pad_token_id is None:
+                raise ValueError("padding needs a pad token and this tokenizer has none: set "
+                                 "tokenizer.pad_token = tokenizer.eos_token first")
+            if padding == "max_length" and max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            width = max_length if padding == "max_length" else max(map(len, ids), default=0)
+            masks = [m + [0] * (width - len(m)) for m in masks]
+            ids = [row + [self.pad_token_id] * (width - len(row)) for row in ids]
+        if return_tensors is None:
+            return Encoding(input_ids=ids[0] if isinstance(text, str) else ids,
+                            attention_mask=masks[0] if isinstance(text, str) else masks)
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        if len(set(map(len, ids))) > 1:
+            raise ValueError("the texts have different lengths in tokens; pass padding=True to return them as "
+                             "one tensor")
+        import numpy as np
+
+        arrays = {"input_ids": np.array(ids, dtype=np.int64).reshape(len(ids), -1),
+                  "attention_mask": np.array(masks, dtype=np.int64).reshape(len(ids), -1)}
+        if return_tensors == "pt":
+            import torch
+
+            return Encoding({k: torch.from_numpy(v) for k, v in arrays.items()})
+        return Encoding(arrays)
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -36,7 +112,15 @@ class Tokenizer:
         """The raw bytes of ids; may end inside a multi-byte character (used for streaming)."""
         raise NotImplementedError
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def known_text(self, text: str) -> tuple[str, int]:
+        """text without the characters encode() has no token for, and how many were left out (0 for
+        tokenizers that encode any text: byte, GPT-2 BPE)."""
+        return text, 0
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of ids (a list, or a 1-D tensor); skip_special_tokens leaves out end-of-text."""
+        if skip_special_tokens:
+            ids = [i for i in self._check_ids(ids) if i != self.eos_id]
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def spec(self) -> dict:
@@ -100,9 +184,23 @@ class GPT2Tokenizer(Tokenizer):
         self.vocab_size = self._enc.n_vocab
         self.eos_id = self._enc.eot_token
 
-    def encode(self, text: str) -> list[int]:
+    @classmethod
+    def from_pretrained(cls, name: str = "gpt2", **kwargs) -> "GPT2Tokenizer":
+        """The tutorial's `GPT2Tokenizer.from_pretrained('gpt2')`: GPT-2's tokenizer, offline. ValueError
+        for another name (other tokenizers load with transformers.AutoTokenizer)."""
+        if str(name).rstrip("/") not in ("gpt2", "openai-community/gpt2"):
+            raise ValueError(f"simplegpt's GPT2Tokenizer is GPT-2's tokenizer ('gpt2'), not {name!r}; load other "
+                             "tokenizers with transformers.AutoTokenizer.from_pretrained")
+        return cls()
+
+    def encode(self, text: str, return_tensors: str | None = None):
+        """Token ids of text: a list, or with return_tensors="pt" a (1, T) torch.long tensor (the
+        tutorial's `tokenizer.encode(prompt, return_tensors='pt')`)."""
         # "<|endoftext|>" in user text is encoded as ordinary text, never as the special token.
-        return self._enc.encode_ordinary(text)
+        ids = self._enc.encode_ordinary(text)
+        if return_tensors is None:
+            return ids
+        return self(text, return_tensors=return_tensors)["input_ids"]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
@@ -114,8 +212,8 @@ class GPT2Tokenizer(Tokenizer):
 class CharTokenizer(Tokenizer):
     """One token per character of a vocabulary built from a corpus, plus an EOS token.
 
-    Unknown characters raise a ValueError naming the character, unless an `unk` character
-    from the vocabulary is given, which then stands in for them.
+    Unknown characters raise UnknownCharacterError (a ValueError) naming them, unless an `unk`
+    character from the vocabulary is given, which then stands in for them.
     """
 
     kind = "char"
@@ -147,14 +245,22 @@ class CharTokenizer(Tokenizer):
             if self.unk is not None:
                 u = stoi[self.unk]
                 return [stoi.get(c, u) for c in text]
-            bad = next(c for c in text if c not in stoi)
-            raise ValueError(
-                f"character {bad!r} (U+{ord(bad):04X}) is not in the character vocabulary; "
-                "rebuild the vocabulary from a corpus that contains it"
-            ) from None
+            bad = "".join(dict.fromkeys(c for c in text if c not in stoi))
+            named = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            many = len(bad) > 1
+            raise UnknownCharacterError(
+                f"character{'s' if many else ''} {named} {'are' if many else 'is'} not in the character "
+                f"vocabulary of {len(self.chars)} characters", chars=bad) from None
 
-    def decode(self, ids: Iterable[int]) -> str:
-        chars = self.chars
+    def known_text(self, text: str) -> tuple[str, int]:
+        if self.unk is not None:
+            return text, 0  # unk stands in for every unknown character
+        stoi = self.stoi
+        kept = "".join(c for c in text if c in stoi)
+        return kept, len(text) - len(kept)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        chars = self.chars  # end-of-text has no character: it is left out either way
         return "".join(chars[i] if i < len(chars) else "" for i in self._check_ids(ids))
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

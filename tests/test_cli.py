@@ -247,4 +247,4 @@ def test_help_shows_defaults_but_none_for_a_required_option():
                 assert "%(default)" not in text, (command, action.option_strings)
             elif action.help and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
                 assert "%(default)" in text or "default" in action.help, (command, action.option_strings)
-    assert required >= 3  # serve's, generate's and inspect's --checkpoint at least
+    assert required >= 2  # eval's --data and inspect's --text at least (CHECKPOINT may also be positional: issue 27)

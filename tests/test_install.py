@@ -72,3 +72,15 @@ def test_what_the_quick_start_writes_is_not_committed():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *made, *kept], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
     assert ignored == made
+
+
+def test_every_documented_jupyter_command_follows_the_install_of_an_extra_that_has_it():
+    """Issue 27: docs/learning.md said `jupyter lab examples/tutorial.ipynb`, and no extra installed JupyterLab."""
+    extras = PROJECT["optional-dependencies"]
+    with_lab = {name for name, reqs in extras.items() if any(Requirement(r).name == "jupyterlab" for r in reqs)}
+    pages = [f for f in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")] if "jupyter lab" in f.read_text("utf-8")]
+    assert pages
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        before = [m for m in HINT.finditer(text) if m.start() < text.index("jupyter lab")]
+        assert any(set(m["extras"].split(",")) & with_lab for m in before), page.name

@@ -170,5 +170,7 @@ def test_info_system_prints_the_kernels_in_use_and_why(capsys):
         assert f"CPU kernels: {lib.variant()} build" in out and f"{lib.variant()}: in use" in out
     else:
         assert f"CPU kernels: not in use ({lib.unavailable_reason()})" in out
-    assert main(["info"]) == 2
-    assert "give a checkpoint directory, or --system" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["info"])
+    assert e.value.code == 2
+    assert "required: CHECKPOINT (or --checkpoint CHECKPOINT) or --system" in capsys.readouterr().err

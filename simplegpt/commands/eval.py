@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 
-from ..errors import CheckpointError, OptionError, file_access_errors
+from ..cli import add_checkpoint_argument
+from ..console import say
+from ..errors import CheckpointError, OptionError, UnknownCharacterError, file_access_errors
 
 HELP = "loss, perplexity and bits per byte of a checkpoint on a text (sliding-window evaluation)"
 DESCRIPTION = (
@@ -32,8 +35,7 @@ _positive = _at_least(1)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: required options have no default worth printing in --help.
-    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
-                   help="simplegpt checkpoint directory, or a Hugging Face GPT-2 directory or hub name")
+    add_checkpoint_argument(p, "simplegpt checkpoint directory, or a Hugging Face GPT-2 directory or hub name")
     p.add_argument("--data", required=True, default=argparse.SUPPRESS,
                    help="what to score: a dataset directory made by 'simplegpt prepare' (its --split), or any "
                         "corpus prepare accepts: a UTF-8 .txt/.md/.jsonl file, a folder or glob of them, a URL, "
@@ -54,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=None,
                    help="windows per forward pass; unset means as many as keep the logits near 512 MiB")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="score the text without the characters a character-level model has no token for (and say "
+                        "how many were left out); without it such a character is an error naming it")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -72,13 +77,25 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"--context {context} exceeds the model's n_positions ({n_positions})")
     if args.stride is not None and args.stride > context:
         raise OptionError(f"--stride must be between 1 and the context ({context}), got {args.stride}")
-    with file_access_errors():
-        ids = load_eval_tokens(args.data, ck.tokenizer, split=args.split, text_field=args.text_field,
-                               bos=not args.no_bos, max_tokens=args.max_tokens)
+    dropped: Counter[str] = Counter()
+    try:
+        with file_access_errors():
+            ids = load_eval_tokens(args.data, ck.tokenizer, split=args.split, text_field=args.text_field,
+                                   bos=not args.no_bos, max_tokens=args.max_tokens, skip_unknown=args.skip_unknown,
+                                   dropped=dropped)
+    except UnknownCharacterError as e:
+        raise UnknownCharacterError(f"{args.data} does not fit the model's tokenizer: {e}; --skip-unknown scores "
+                                    "the text without them", chars=e.chars) from None
     result = evaluate_ids(ck.model, ids, ck.tokenizer, context=args.context, stride=args.stride,
                           batch_size=args.batch_size, device=device)
+    if dropped:
+        n = sum(dropped.values())
+        named = ", ".join(f"{c!r} x{k:,}" for c, k in dropped.most_common(5)) + (", ..." if len(dropped) > 5 else "")
+        say(f"simplegpt eval: left out {n:,} character{'s' if n != 1 else ''} the model's vocabulary lacks "
+            f"({len(dropped)} different: {named}); the scores are of the rest of the text")
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), **result.to_dict()}))
+        print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), **result.to_dict(),
+                          "dropped_characters": sum(dropped.values())}))
     else:
         print(f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "
               f"bits/byte {result.bits_per_byte:.4f} | {result.tokens:,} tokens, {result.bytes:,} bytes, "

@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+from ..cli import add_checkpoint_argument
 from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
 from ..errors import DataError, FileAccessError, OptionError, SimpleGPTError, UsageError, file_access_errors
 
@@ -24,7 +25,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory to load")
+    add_checkpoint_argument(p, "checkpoint directory to load")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT",
                      help="the prompt; '-' reads it from standard input (also the default when input is piped)")
@@ -52,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated as one batch")
     p.add_argument("--stream", action="store_true",
                    help="print text as it is generated (several samples are then generated one after another)")
-    p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    p.add_argument("--no-echo", action="store_true",
+                   help="print only the generated text, not the prompt (as -i does on a terminal, where the typed "
+                        "prompt is on the screen already)")
     add_engine_arguments(p, "-i")
     p.add_argument("--quiet", action="store_true", help="don't print the per-sample summary on stderr")
 
@@ -83,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     with file_access_errors():
         engine = load_engine(args, quiet=args.quiet)
     if not args.interactive:
-        _generate(engine, prompt, params, args)
+        _generate(engine, prompt, params, args, echo=not args.no_echo)
         return 0
     return _session(engine, params, args)
 
@@ -113,7 +116,8 @@ def _session(engine, params, args: argparse.Namespace) -> int:
         prompt = lines.finish() if end else lines.feed(line)  # EOF ends a block or continued line too
         if prompt is not None:
             try:
-                _generate(engine, _utf8(prompt, "the prompt"), params, args)
+                # on a terminal the prompt is on the screen already, as typed: only the text follows it
+                _generate(engine, _utf8(prompt, "the prompt"), params, args, echo=not (tty or args.no_echo))
             except SimpleGPTError as e:
                 print(f"simplegpt generate: error: {e}", file=sys.stderr)
                 failed = True
@@ -206,8 +210,9 @@ def _utf8(text: str, source: str) -> str:
     return text
 
 
-def _generate(engine, prompt: str, params, args: argparse.Namespace) -> None:
-    """Generates for prompt and prints it; DataError for a prompt the tokenizer cannot encode."""
+def _generate(engine, prompt: str, params, args: argparse.Namespace, echo: bool) -> None:
+    """Generates for prompt and prints it (after the prompt when echo); DataError for a prompt the tokenizer
+    cannot encode."""
     out = sys.stdout
     try:
         ids = engine.tokenizer.encode(prompt)
@@ -218,7 +223,7 @@ def _generate(engine, prompt: str, params, args: argparse.Namespace) -> None:
         if args.stream:
             if args.num_samples > 1:
                 print(f"--- sample {n + 1} ---", file=out)
-            if not args.no_echo:
+            if echo:
                 out.write(prompt)
             stream = engine.stream(ids, _for_sample(params, n))
             for piece in stream:
@@ -231,7 +236,7 @@ def _generate(engine, prompt: str, params, args: argparse.Namespace) -> None:
             for i, r in enumerate(results):
                 if args.num_samples > 1:
                     print(f"--- sample {i + 1} ---", file=out)
-                out.write(("" if args.no_echo else prompt) + r.text + "\n")
+                out.write((prompt if echo else "") + r.text + "\n")
         out.flush()
         if not args.quiet:
             dt = time.perf_counter() - t0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import UsageError, file_access_errors
+from ..cli import add_checkpoint_argument
+from ..errors import file_access_errors
 
 HELP = "show a checkpoint's model config, parameter count, tokenizer and metadata"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory")
+    add_checkpoint_argument(p, "checkpoint directory", unless="system")
     p.add_argument("--system", action="store_true",
                    help="print which CPU kernels this machine uses and why (no checkpoint needed)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -26,8 +27,6 @@ def run(args: argparse.Namespace) -> int:
         print(report())
         if args.checkpoint is None:
             return 0
-    elif args.checkpoint is None:
-        raise UsageError("give a checkpoint directory, or --system")
 
     with file_access_errors():
         ck = load_checkpoint(args.checkpoint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import add_checkpoint_argument
 from ..errors import CheckpointError, OptionError, file_access_errors
 
 HELP = "draw a checkpoint's attention maps, next-token predictions and position embeddings for a text"
@@ -17,7 +18,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (with its tokenizer)")
+    add_checkpoint_argument(p, "checkpoint directory (with its tokenizer)")
     p.add_argument("--text", required=True, help="the text to look at; at most the model's context in tokens")
     p.add_argument("--out", default="inspect", metavar="DIR", help="folder for the pictures (made if missing)")
     p.add_argument("--html", action="store_true", help="also write inspect.html, one self-contained page")

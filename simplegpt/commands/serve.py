@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..cli import add_checkpoint_argument
 from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
 from ..errors import MissingDependencyError, OptionError, file_access_errors
 
@@ -28,7 +29,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory to serve")
+    add_checkpoint_argument(p, "checkpoint directory to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
     p.add_argument("--model-name", default=argparse.SUPPRESS,

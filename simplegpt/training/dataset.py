@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..config import TrainConfig, corpus_slug
 from ..data import PackedSampler, PaddedSampler, TokenShards, prepare_corpus, read_meta
-from ..errors import DataError
+from ..errors import DataError, UnknownCharacterError
 from ..tokenizer import Tokenizer
 
 
@@ -33,13 +33,32 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) 
     if _is_dataset_dir(cfg.data):
         meta = read_meta(out)
     else:
-        meta = prepare_corpus(cfg.data, out, tokenizer or cfg.tokenizer, val_fraction=cfg.val_fraction,
-                              text_field=cfg.text_field, progress=progress)
+        try:
+            meta = prepare_corpus(cfg.data, out, tokenizer or cfg.tokenizer, val_fraction=cfg.val_fraction,
+                                  text_field=cfg.text_field, progress=progress, unknown_chars=cfg.unknown_chars,
+                                  check_splits=lambda train, val: check_split_sizes(cfg, train, val))
+        except UnknownCharacterError as e:
+            model = cfg.init_from or "the run being resumed"
+            raise UnknownCharacterError(
+                f"{cfg.data} does not fit the tokenizer of {model}: {e}. That vocabulary is part of the model and "
+                "cannot grow: --unknown_chars drop leaves those characters out of the training text, --unknown_chars "
+                "' ' puts a space (or another character of the vocabulary) in their place, or a new model trained "
+                "on this text (without --init-from) gets a vocabulary of its own", chars=e.chars) from None
     if tokenizer is not None and meta["tokenizer"] != tokenizer.spec():
         raise DataError(f"the dataset in {out} was prepared with a different tokenizer ({meta['tokenizer']['type']}, "
                         f"vocab {meta['vocab_size']}) than the model's ({tokenizer.kind}, vocab {tokenizer.vocab_size}); "
                         "use another data_dir or prepare it from the same tokenizer")
     return out, meta
+
+
+def check_split_sizes(cfg: TrainConfig, train_tokens: int, val_tokens: int) -> None:
+    """DataError when a split is too small for cfg's batches: packed windows need block_size + 1 tokens."""
+    if cfg.batch_mode != "packed":
+        return
+    for name, tokens in (("train", train_tokens), ("validation", val_tokens)):
+        if tokens <= cfg.block_size:
+            raise DataError(f"the corpus is too small: its {name} split has {tokens} tokens, fewer "
+                            f"than block_size + 1 = {cfg.block_size + 1}; use a smaller --block_size or more text")
 
 
 def make_samplers(cfg: TrainConfig, data_dir: Path, meta: dict) -> tuple[Any, Callable[[], Any]]:
@@ -50,10 +69,7 @@ def make_samplers(cfg: TrainConfig, data_dir: Path, meta: dict) -> tuple[Any, Ca
         val = lambda: PaddedSampler.from_shards(val_shards, meta["eos_id"], cfg.block_size,  # noqa: E731
                                                 cfg.batch_size, cfg.seed + 1)
     else:
-        for name, shards in (("train", train_shards), ("validation", val_shards)):
-            if shards.num_tokens <= cfg.block_size:
-                raise DataError(f"the corpus is too small: its {name} split has {shards.num_tokens} tokens, fewer "
-                                f"than block_size + 1 = {cfg.block_size + 1}; use a smaller --block_size or more text")
+        check_split_sizes(cfg, train_shards.num_tokens, val_shards.num_tokens)
         train = PackedSampler(train_shards, cfg.block_size, cfg.batch_size, cfg.seed)
         val = lambda: PackedSampler(val_shards, cfg.block_size, cfg.batch_size, cfg.seed + 1)  # noqa: E731
     return train, val

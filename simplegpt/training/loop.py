@@ -38,7 +38,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..accel import cpu
 from ..console import survives_closed_output
-from ..config import TrainConfig
+from ..config import TrainConfig, long_warmup_warning
 from ..data import load_dataset_tokenizer
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
@@ -334,9 +334,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                 finished = _finished_result(done)
         if finished is None and stop_at is not None and stop_at <= (state["step"] if state else 0):
             raise ConfigError(f"stop_at must be after the starting step {(state or {}).get('step', 0)}")
-        lock, created_out, data = _NoLock(), False, None
+        lock, created_out, data = _NoLock(), [], None
         if finished is None and main:
-            created_out = not out.exists()
+            created_out = run_dir.missing_folders(out)
             lock = run_dir.check_out_dir(out, run_cfg, overwrite, resuming=state is not None)  # held to the end
             taken.append((lock, created_out))
             try:
@@ -469,6 +469,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
         f"run folder: {out}")
     log(f"MFU (model FLOPs utilization) is against {peak_basis}{f' x {processes}' if d else ''}")
     if (warning := _repeat_warning(cfg, step, tokens_per_step, meta["tokens"]["train"])) is not None:
+        log(warning)
+    if (warning := long_warmup_warning(cfg)) is not None:
         log(warning)
     if sharded and cfg.sample_tokens:
         log("samples: not drawn under FSDP2 (a forward pass of the sharded model needs every rank); "

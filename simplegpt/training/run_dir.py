@@ -54,7 +54,7 @@ def check_out_dir(out: Path, cfg: TrainConfig, overwrite: bool, resuming: bool) 
         # checked before the lock file is made: it must not be left in a folder that is not a run's
         raise ConfigError(f"out_dir {out} is not empty and holds no simplegpt run; choose another out_dir "
                           "or pass --overwrite")
-    created = not out.exists()
+    created = missing_folders(out)
     try:
         lock = lock_run_folder(out)
     except OSError as e:
@@ -69,14 +69,19 @@ def check_out_dir(out: Path, cfg: TrainConfig, overwrite: bool, resuming: bool) 
     return lock
 
 
-def give_up(lock: RunLock, created: bool) -> None:
+def missing_folders(path: Path) -> list[Path]:
+    """path and those of its parents that do not exist yet, deepest first: what making path makes."""
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def give_up(lock: RunLock, created: list[Path]) -> None:
     """Let the lock go for a run that ends before it trained: a folder it left holding only the lock
-    file loses that file, and the folder itself if the run made it."""
+    file loses that file, and the folders the run made for it (missing_folders), when they are empty."""
     with contextlib.suppress(OSError):
         if not _other_files(lock.path.parent):
             lock.remove()
-            if created:
-                lock.path.parent.rmdir()
+            for folder in created:  # out/, when out/RUN was its first run, is made for nothing too
+                folder.rmdir()
     lock.release()
 
 
