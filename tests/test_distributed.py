@@ -21,7 +21,7 @@ from simplegpt.config import load_config
 from simplegpt.train import train
 from simplegpt.training.lock import lock_run_folder
 
-from conftest import ONE_STEP, SPLITS, assert_same_steps, first_step, uneven_texts
+from conftest import ONE_STEP, SPLITS, assert_same_steps, first_step, split, uneven_texts
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="finds torchrun's workers through /proc; gloo and signals as on Linux")
@@ -283,13 +283,13 @@ dist.destroy_process_group()
 
 def test_accumulation_weighs_padded_micro_batches_by_their_tokens_over_ranks(work):
     """The same 8 padded rows of 3 to 80 tokens as 4x2 and 1x8 on 2 DDP ranks and 2x4 on 2 FSDP2 ranks:
-    the first step's loss, gradient norm and (DDP) gradients equal one process's 8x1, within 1e-6 (each
+    the first step's loss, gradient norm, val loss and (DDP) gradients equal one process's 8x1, within 1e-6 (each
     micro-batch weighs by its share of the whole step's tokens, over both ranks)."""
     texts = uneven_texts(work / "uneven.jsonl")
     settings = dict(_settings(work, "uneven"), data=str(texts), data_dir=str(work / "uneven_data"), fused=False,
                     **ONE_STEP)
-    _reference(work, {**settings, "batch_size": 8, "grad_accum_steps": 1}, "uneven_8x1")
-    runs = {f"uneven_{b}x{a}_{parallel}": {**settings, "batch_size": b, "grad_accum_steps": a, "parallel": parallel}
+    _reference(work, {**settings, **split(*SPLITS[0])}, "uneven_8x1")
+    runs = {f"uneven_{b}x{a}_{parallel}": {**settings, **split(b, a), "parallel": parallel}
             for (b, a), parallel in zip(SPLITS[1:], ("ddp", "fsdp", "ddp"))}
     script = work / "train_each.py"
     script.write_text(TRAIN_EACH)
@@ -300,7 +300,9 @@ def test_accumulation_weighs_padded_micro_batches_by_their_tokens_over_ranks(wor
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     steps = [first_step(work / "uneven_8x1")] + [first_step(work / name) for name in runs if name.endswith("ddp")]
     assert_same_steps(steps)
-    # a sharded checkpoint keeps its optimizer state in dcp/, each rank's part: its loss and gradient norm
-    [fsdp] = [r for name in runs if name.endswith("fsdp") for r in _records(work / name) if r["kind"] == "train"]
-    loss, norm, _ = steps[0]
-    assert abs(fsdp["loss"] - loss) < 1e-6 and abs(fsdp["grad_norm"] - norm) < 1e-6
+    # a sharded checkpoint keeps its optimizer state in dcp/, each rank's part: its losses and gradient norm
+    [fsdp] = [name for name in runs if name.endswith("fsdp")]
+    [step] = [r for r in _records(work / fsdp) if r["kind"] == "train"]
+    loss, norm, val, _ = steps[0]
+    assert abs(step["loss"] - loss) < 1e-6 and abs(step["grad_norm"] - norm) < 1e-6
+    assert abs(_val(work / fsdp)[1] - val) < 1e-6
