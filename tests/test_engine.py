@@ -11,6 +11,7 @@ from simplegpt.accel import cpu
 from simplegpt.engine import (Engine, KVCache, SamplingParams, apply_repetition_penalty, generate_ids,
                               sample_next_token, sampling_probs, use_gemv_layout)
 from simplegpt.quantize import Int8Linear, quantize_int8
+from simplegpt.views import module_view
 
 from conftest import make_tiny_gpt
 
@@ -342,26 +343,20 @@ def test_int8_batch_decodes_each_prompt_as_alone(kernels):
 def test_int8_linear_rounds_each_row_with_its_own_scale():
     # rows 1e-3 to 1e3 in scale: each row's output equals the row's alone (bit for bit) and is as close to
     # the float product as 8 bits allow; in the native decode step's kernel too
-    from simplegpt.generation.native import NativeInt8Linear, _decode_step
+    from simplegpt.generation.native import NativeInt8Linear, decode_step
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     x = torch.randn(40, 64) * torch.logspace(-3, 3, 40)[:, None]  # (40, 64): more rows than the kernel's 16
     want = linear(x).detach()
     layers = [Int8Linear(linear)]
-    if cpu.enabled():
-        native_layer = Int8Linear(linear)
-        native_layer.__class__ = NativeInt8Linear
-        layers.append(native_layer)
+    if cpu.enabled():  # the native backend's view of the layer
+        layers.append(module_view(layers[0], lambda m: NativeInt8Linear))
     for layer in layers:
-        token = _decode_step.set(True)  # NativeInt8Linear's kernel runs in decode steps
-        try:
-            with torch.no_grad():
-                got = layer(x)
-                assert all(torch.equal(layer(x[i:i + 1]), got[i:i + 1]) for i in range(len(x)))
-                assert torch.equal(layer(x.view(2, 20, 64)).view(40, -1), got)
-        finally:
-            _decode_step.reset(token)
+        with torch.no_grad(), decode_step():  # NativeInt8Linear's kernel runs in decode steps
+            got = layer(x)
+            assert all(torch.equal(layer(x[i:i + 1]), got[i:i + 1]) for i in range(len(x)))
+            assert torch.equal(layer(x.view(2, 20, 64)).view(40, -1), got)
         error = (got - want).abs().amax(dim=1) / want.abs().amax(dim=1)  # each row's, against its own scale
         assert error.max() < 0.05, (type(layer).__name__, error.max())
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import torch
 import torch.nn as nn
@@ -37,8 +37,18 @@ class NativeLinear(nn.Linear):
         return super().forward(x)
 
 
-# Set while a NativeBatch runs a decode step (one new token per row).
 _decode_step: contextvars.ContextVar[bool] = contextvars.ContextVar("simplegpt_decode_step", default=False)
+
+
+@contextlib.contextmanager
+def decode_step() -> Iterator[None]:
+    """The block of a decode step (one new token per row; NativeBatch.decode_step opens it): inside it
+    NativeInt8Linear takes the native int8 kernel."""
+    token = _decode_step.set(True)
+    try:
+        yield
+    finally:
+        _decode_step.reset(token)
 
 
 class NativeInt8Linear(Int8Linear):
@@ -112,11 +122,8 @@ class NativeBatch(Batch):
                                               cfg.layer_norm_epsilon)
 
     def decode_step(self, last: list[int]) -> torch.Tensor:
-        token = _decode_step.set(True)
-        try:
+        with decode_step():
             return super().decode_step(last)
-        finally:
-            _decode_step.reset(token)
 
     def kernels(self, rows: int) -> ContextManager:
         # torch on one thread beside the kernel's spinning workers (see native.decoding)
