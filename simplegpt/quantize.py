@@ -23,7 +23,6 @@ from .accel import cpu
 from .model import GPT
 
 QUANT_MODES = ("none", "int8")
-_TINY = torch.finfo(torch.float32).tiny
 
 
 def _cpu_has_vnni() -> bool:
@@ -41,14 +40,13 @@ def _cpu_has_vnni() -> bool:
 # Full 8-bit activations are exact only with VNNI; the AVX2 kernel (vpmaddubsw) saturates int16
 # sums of two products, so without VNNI activations are quantized to 7 bits, as fbgemm advises.
 _REDUCE_RANGE = not _cpu_has_vnni()
-# fbgemm's dynamic linear rounds its whole input with one (asymmetric, uint8) scale, from the input's
-# min and max. Int8Linear divides each row by its max |x| (every row then lies in [-1, 1]) and adds
-# one row holding 1 and -L/(L-1) (L = 128 levels on each side, 64 with 7 bits): the input's min and
-# max are then always those, so fbgemm's scale is 1/(L-1) and its zero point L whatever the batch,
-# each row's grid is symmetric with L-1 steps each way (the native kernel's), and multiplying the
-# output row by the row's max |x| undoes the division.
+# fbgemm's int8 linear rounds its whole input to uint8 with one scale and zero point. Int8Linear
+# divides each row by its max |x| (every row then lies in [-1, 1]) and gives fbgemm a fixed scale
+# 1/(L-1) and zero point L: each row is rounded on the grid of its own scale max|x| / (L-1),
+# symmetric with L-1 steps each way (L = 128: the native kernel's 8 bits; 64, 7 bits, without VNNI),
+# and multiplying the output row by its max |x| undoes the division.
 _LEVELS = 64 if _REDUCE_RANGE else 128
-_RANGE = (1.0, -_LEVELS / (_LEVELS - 1))
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class Int8Linear(nn.Module):
@@ -58,8 +56,6 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.in_features < 2:
-            raise ValueError("int8 quantization needs linear layers of at least 2 inputs (the range row)")
         w = linear.weight.detach().float().cpu()  # (out, in)
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
         zero_points = torch.zeros(w.size(0), dtype=torch.long)
@@ -80,15 +76,13 @@ class Int8Linear(nn.Module):
         if cpu.enabled() and self.in_features <= cpu.MAX_INT8_IN:
             self.qweight = qweight.int_repr().contiguous()
             self.scale = scales.float()
-        self._range_row = torch.zeros(1, self.in_features)  # the row that fixes fbgemm's scale (see _RANGE)
-        self._range_row[0, :2] = torch.tensor(_RANGE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
         # each row's max |x|; a row of zeros stays zeros (0 / tiny), and its output is the bias
         amax = torch.linalg.vector_norm(rows, math.inf, dim=1, keepdim=True).clamp_(min=_TINY)  # (M, 1)
-        scaled = torch.cat([self._range_row, rows / amax])  # (M + 1, K), every row in [-1, 1]
-        y = torch.ops.quantized.linear_dynamic(scaled, self._packed, _REDUCE_RANGE)[1:]  # (M, N)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # (M, N); see _LEVELS
+            rows / amax, 1.0 / (_LEVELS - 1), _LEVELS, self._packed)
         y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
         return y.view(*x.shape[:-1], self.out_features)
 
