@@ -293,10 +293,10 @@ def test_accumulation_weighs_padded_micro_batches_by_their_tokens_over_ranks(wor
             for (b, a), parallel in zip(SPLITS[1:], ("ddp", "fsdp", "ddp"))}
     script = work / "train_each.py"
     script.write_text(TRAIN_EACH)
+    configs = [json.dumps({**kw, "out_dir": str(work / name)}) for name, kw in runs.items()]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), *(json.dumps({**kw, "out_dir": str(work / name)}) for name, kw in runs.items())],
-                          cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=180)
+                           str(script), *configs], cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     steps = [first_step(work / "uneven_8x1")] + [first_step(work / name) for name in runs if name.endswith("ddp")]
     assert_same_steps(steps)
