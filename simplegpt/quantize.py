@@ -1,16 +1,18 @@
 """int8 weights for inference: 4x smaller linear layers and faster memory-bound decoding.
 
 Every nn.Linear of the transformer blocks and the output head gets int8 weights with one
-fp32 scale per output channel (symmetric, scale = max|w| / 127). The matrix product runs in
-PyTorch's fbgemm/x86 int8 kernels, which also quantize each activation row to 8 bits on the
-fly (like llama.cpp's q8_0 dot products): on CPUs this is ~10x faster at batch 1 than
-torch's weight-only int8 kernel and needs no compilation. Embeddings stay fp32.
+fp32 scale per output channel (symmetric, scale = max|w| / 127). Each activation row is rounded
+to 8 bits with its own scale (max|x| of the row / 127, like llama.cpp's q8_0 dot products), so
+a row's output depends on that row alone, never on the other rows of a batch. The matrix product
+runs in PyTorch's fbgemm/x86 int8 GEMM: on CPUs this is ~10x faster at batch 1 than torch's
+weight-only int8 kernel and needs no compilation. Embeddings stay fp32.
 Quantized models are for inference only: the output head is no longer tied, and the model
 cannot be trained or saved as a checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -38,10 +40,19 @@ def _cpu_has_vnni() -> bool:
 # Full 8-bit activations are exact only with VNNI; the AVX2 kernel (vpmaddubsw) saturates int16
 # sums of two products, so without VNNI activations are quantized to 7 bits, as fbgemm advises.
 _REDUCE_RANGE = not _cpu_has_vnni()
+# fbgemm's int8 linear rounds its whole input to uint8 with one scale and zero point. Int8Linear
+# divides each row by its max |x| (every row then lies in [-1, 1]) and gives fbgemm a fixed scale
+# 1/(L-1) and zero point L: each row is rounded on the grid of its own scale max|x| / (L-1),
+# symmetric with L-1 steps each way (L = 128: the native kernel's 8 bits; 64, 7 bits, without VNNI),
+# and multiplying the output row by its max |x| undoes the division.
+_LEVELS = 64 if _REDUCE_RANGE else 128
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class Int8Linear(nn.Module):
-    """A Linear layer with per-output-channel int8 weights (packed for the int8 GEMM)."""
+    """A Linear layer with per-output-channel int8 weights (packed for the int8 GEMM) that rounds
+    each input row to int8 with its own scale (see the module docstring): forward(x (..., in_features)
+    fp32) -> (..., out_features) fp32."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -55,18 +66,25 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_bytes = w.numel() + scales.numel() * 4 + (0 if bias is None else bias.numel() * 4)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        # Where the CPU kernels are enabled, the same int8 weights (N, K), fp32 row scales (N,) and
-        # bias as plain tensors beside fbgemm's packed copy: the engine's native backend runs its
-        # calls of up to MAX_ROWS rows (decode steps, short prefills) on them.
-        self.qweight = self.scale = self.bias = None
+        # the bias is added after the rows are scaled back (see forward)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = bias
+        # Where the CPU kernels are enabled, the same int8 weights (N, K) and fp32 row scales (N,) as
+        # plain tensors beside fbgemm's packed copy: the engine's native backend runs its decode
+        # steps on them.
+        self.qweight = self.scale = None
         if cpu.enabled() and self.in_features <= cpu.MAX_INT8_IN:
             self.qweight = qweight.int_repr().contiguous()
             self.scale = scales.float()
-            self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        # each row's max |x|; a row of zeros stays zeros (0 / tiny), and its output is the bias
+        amax = torch.linalg.vector_norm(rows, math.inf, dim=1, keepdim=True).clamp_(min=_TINY)  # (M, 1)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # (M, N); see _LEVELS
+            rows / amax, 1.0 / (_LEVELS - 1), _LEVELS, self._packed)
+        y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"

@@ -1,4 +1,6 @@
+import json
 import os
+import random
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -6,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from simplegpt.checkpoint import load_train_state
 from simplegpt.corpus_shakespeare import shakespeare_documents
 from simplegpt.model import GPT, GPTConfig
 
@@ -69,3 +72,45 @@ def make_tiny_gpt(seed: int = 0, scale: float | None = None, jitter: float | Non
 def tiny_gpt():
     """make_tiny_gpt, for tests that take it as a fixture: tiny_gpt(n_layer=1, scale=8.0)."""
     return make_tiny_gpt
+
+
+def uneven_texts(path: Path) -> Path:
+    """A JSON-lines corpus of texts of 2 to 79 characters: with the char tokenizer, padded rows of 3 to 80
+    tokens, so micro-batches of the same rows hold very different numbers of loss tokens."""
+    rng = random.Random(0)
+    words = "to be or not that is the question whether tis nobler in mind suffer".split()
+    texts = [" ".join(rng.choice(words) for _ in range(40))[: rng.randint(2, 79)] for _ in range(60)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def first_step(run: Path) -> tuple[float, float, float, list[torch.Tensor]]:
+    """The first step's loss, gradient norm, val loss and gradients (AdamW's first exp_avg is (1 - beta1) x the
+    gradient)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    [train], [val] = ([r for r in records if r["kind"] == kind] for kind in ("train", "eval"))
+    opt = load_train_state(run / "last")["optimizer"]
+    beta1 = opt["param_groups"][0]["betas"][0]
+    grads = [opt["state"][i]["exp_avg"] / (1 - beta1) for i in sorted(opt["state"])]
+    return train["loss"], train["grad_norm"], val["val_loss"], grads
+
+
+# 8 rows a step (and 8 val rows: eval_iters x batch_size), split into micro-batches in every way; grad_clip
+# so large that it only measures the norm
+SPLITS = [(8, 1), (4, 2), (2, 4), (1, 8)]
+ONE_STEP = dict(batch_mode="padded", tokenizer="char", block_size=80, max_iters=1, eval_interval=1, sample_tokens=0,
+                dropout=0.0, grad_clip=1e9)
+
+
+def split(batch_size: int, accum: int) -> dict:
+    """The settings of one SPLITS entry."""
+    return dict(batch_size=batch_size, grad_accum_steps=accum, eval_iters=8 // batch_size)
+
+
+def assert_same_steps(steps: list[tuple[float, float, float, list[torch.Tensor]]]) -> None:
+    """Every first_step() of steps has the first one's loss, gradient norm, val loss and gradients, within 1e-6."""
+    loss, norm, val, grads = steps[0]
+    for other_loss, other_norm, other_val, other_grads in steps[1:]:
+        assert abs(other_loss - loss) < 1e-6 and abs(other_norm - norm) < 1e-6 and abs(other_val - val) < 1e-6
+        for g, h in zip(grads, other_grads, strict=True):
+            torch.testing.assert_close(h, g, atol=1e-6, rtol=0)

@@ -21,6 +21,8 @@ from simplegpt.config import load_config
 from simplegpt.train import train
 from simplegpt.training.lock import lock_run_folder
 
+from conftest import ONE_STEP, SPLITS, assert_same_steps, first_step, split, uneven_texts
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="finds torchrun's workers through /proc; gloo and signals as on Linux")
 
@@ -263,3 +265,44 @@ def test_fsdp_shards_train_like_one_process_and_resume_on_other_world_sizes(work
     _same(_val(run), {7: _val(work / "fsdp_ref")[7], 14: _val(work / "fsdp_ref")[14], 20: reference.val_loss},
           [7, 14, 20])
     assert [r["step"] for r in _records(run) if r["kind"] == "train"] == list(range(1, 21))
+
+
+# Trains each config (JSON) in turn under one torchrun launch, in the process group it makes once
+# (train() reuses a group its caller made): one launch's start-up instead of one per config.
+TRAIN_EACH = """
+import json, sys
+import torch.distributed as dist
+from simplegpt.config import load_config
+from simplegpt.train import train
+dist.init_process_group("gloo")
+for settings in sys.argv[1:]:
+    train(load_config(None, json.loads(settings)), progress=False)
+dist.destroy_process_group()
+"""
+
+
+def test_accumulation_weighs_padded_micro_batches_by_their_tokens_over_ranks(work):
+    """The same 8 padded rows of 3 to 80 tokens as 4x2 and 1x8 on 2 DDP ranks and 2x4 on 2 FSDP2 ranks:
+    the first step's loss, gradient norm, val loss and (DDP) gradients equal one process's 8x1, within 1e-6 (each
+    micro-batch weighs by its share of the whole step's tokens, over both ranks)."""
+    texts = uneven_texts(work / "uneven.jsonl")
+    settings = dict(_settings(work, "uneven"), data=str(texts), data_dir=str(work / "uneven_data"), fused=False,
+                    **ONE_STEP)
+    _reference(work, {**settings, **split(*SPLITS[0])}, "uneven_8x1")
+    runs = {f"uneven_{b}x{a}_{parallel}": {**settings, **split(b, a), "parallel": parallel}
+            for (b, a), parallel in zip(SPLITS[1:], ("ddp", "fsdp", "ddp"))}
+    script = work / "train_each.py"
+    script.write_text(TRAIN_EACH)
+    configs = [json.dumps({**kw, "out_dir": str(work / name)}) for name, kw in runs.items()]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *configs], cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    steps = [first_step(work / "uneven_8x1")] + [first_step(work / name) for name in runs if name.endswith("ddp")]
+    assert_same_steps(steps)
+    # a sharded checkpoint keeps its optimizer state in dcp/, each rank's part: its losses and gradient norm
+    [fsdp] = [name for name in runs if name.endswith("fsdp")]
+    [step] = [r for r in _records(work / fsdp) if r["kind"] == "train"]
+    loss, norm, val, _ = steps[0]
+    assert abs(step["loss"] - loss) < 1e-6 and abs(step["grad_norm"] - norm) < 1e-6
+    assert abs(_val(work / fsdp)[1] - val) < 1e-6

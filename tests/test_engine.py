@@ -1,5 +1,6 @@
 """The generation engine: KV cache == reference, batching, streaming, stops, sampling, bad input."""
 
+import contextlib
 import itertools
 import math
 
@@ -11,7 +12,8 @@ from simplegpt.accel import cpu
 from simplegpt.generation.sampling import MIN_TEMPERATURE
 from simplegpt.engine import (Engine, KVCache, SamplingParams, apply_repetition_penalty, generate_ids,
                               sample_next_token, sampling_probs, use_gemv_layout)
-from simplegpt.quantize import quantize_int8
+from simplegpt.quantize import Int8Linear, quantize_int8
+from simplegpt.views import module_view
 
 from conftest import make_tiny_gpt
 
@@ -351,6 +353,48 @@ def test_int8_quantization_is_close_to_fp32():
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
     [r] = Engine(model).generate([[1, 2, 3]], GREEDY)
     assert len(r.token_ids) == 40
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["native", "SIMPLEGPT_NATIVE=0"])
+def test_int8_batch_decodes_each_prompt_as_alone(kernels):
+    # each activation row is rounded to int8 with its own scale, so a row's output does not depend on the
+    # rows beside it (one scale for the whole batch's activations made a batch's tokens differ from alone's)
+    if kernels and not cpu.enabled():
+        pytest.skip(f"the CPU kernels are off: {cpu.unavailable_reason()}")
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [3], list(range(40, 55)), [200] * 9]
+    torch.set_num_threads(1)  # PyTorch's small int8 ops on 2 threads of a busy 2-core machine wait for each other
+    with contextlib.nullcontext() if kernels else cpu.disabled():
+        model = tiny(n_positions=64)  # room for every prompt and its tokens: no window slides
+        quantize_int8(model)
+        engine = Engine(model)
+        assert (engine.backend.name == "native") == kernels
+        for params in (SamplingParams(max_new_tokens=30, temperature=0.0, stop_at_eos=False),
+                       SamplingParams(max_new_tokens=30, temperature=1.0, top_k=50, seed=7, stop_at_eos=False)):
+            batched = engine.generate(prompts, params)
+            for i, p in enumerate(prompts):
+                alone = engine.generate([p], SamplingParams(**{**params.__dict__, "seed": 7 + i}))[0]
+                assert batched[i].token_ids == alone.token_ids, (params, i)
+
+
+def test_int8_linear_rounds_each_row_with_its_own_scale():
+    # rows 1e-3 to 1e3 in scale: each row's output equals the row's alone (bit for bit) and is as close to
+    # the float product as 8 bits allow; in the native decode step's kernel too
+    from simplegpt.generation.native import NativeInt8Linear, decode_step
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(40, 64) * torch.logspace(-3, 3, 40)[:, None]  # (40, 64): more rows than the kernel's 16
+    want = linear(x).detach()
+    layers = [Int8Linear(linear)]
+    if cpu.enabled():  # the native backend's view of the layer
+        layers.append(module_view(layers[0], lambda m: NativeInt8Linear))
+    for layer in layers:
+        with torch.no_grad(), decode_step():  # NativeInt8Linear's kernel runs in decode steps
+            got = layer(x)
+            assert all(torch.equal(layer(x[i:i + 1]), got[i:i + 1]) for i in range(len(x)))
+            assert torch.equal(layer(x.view(2, 20, 64)).view(40, -1), got)
+        error = (got - want).abs().amax(dim=1) / want.abs().amax(dim=1)  # each row's, against its own scale
+        assert error.max() < 0.05, (type(layer).__name__, error.max())
 
 
 def test_gemv_layout_changes_memory_layout_only(tmp_path):

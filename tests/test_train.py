@@ -16,6 +16,8 @@ from simplegpt.errors import CheckpointError, ConfigError, DataError
 from simplegpt.model import GPT, GPTConfig
 from simplegpt.train import TrainingError, lr_at, param_groups, train
 
+from conftest import ONE_STEP, SPLITS, assert_same_steps, first_step, split, uneven_texts
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -191,6 +193,21 @@ def test_padded_batch_mode_trains(tmp_path):
     result = train(tiny(tmp_path, texts, batch_mode="padded", block_size=32, max_iters=30, lr=3e-3), progress=False)
     losses = train_losses(tmp_path / "run")
     assert result.step == 30 and losses[-1] < losses[0] - 0.5
+
+
+@pytest.mark.parametrize("cpu_shards", [1, 2])
+def test_accumulation_weighs_padded_micro_batches_by_their_tokens(tmp_path, cpu_shards):
+    # the same 8 rows of uneven lengths as 8x1, 4x2, 2x4 and 1x8: each micro-batch's mean loss weighs by its
+    # tokens, so the step (loss, gradients) is the mean over all 8 rows' tokens whatever the split; the val
+    # loss over 8 rows too
+    texts = uneven_texts(tmp_path / "texts.jsonl")
+    steps = []
+    for batch_size, accum in SPLITS if cpu_shards == 1 else SPLITS[:3]:  # a core's share needs a row
+        out = tmp_path / f"run{batch_size}x{accum}"
+        train(tiny(tmp_path, texts, out_dir=str(out), cpu_shards=cpu_shards, num_threads=cpu_shards,
+                   **split(batch_size, accum), **ONE_STEP), progress=False)
+        steps.append(first_step(out))
+    assert_same_steps(steps)
 
 
 def _cli(*args, cwd, **kw):

@@ -1,9 +1,10 @@
 """The native backend: decoding with the CPU kernels (simplegpt.accel.cpu.decode), applied from outside.
 
 Its view of the model (backend.model_view) swaps, in the view only, every nn.Linear for a
-NativeLinear and every simplegpt.quantize Int8Linear for a NativeInt8Linear: the same weights,
-whose calls of up to MAX_ROWS rows without autograd (decode steps of up to 16 sequences, short
-prefills) take the gemv kernel. A decode step of a plain GPT-2 model (model.Block blocks, linears
+NativeLinear and every simplegpt.quantize Int8Linear for a NativeInt8Linear: the same weights.
+A NativeLinear's calls of up to MAX_ROWS rows without autograd (decode steps of up to 16
+sequences, short prefills) take the gemv kernel; a NativeInt8Linear's calls in decode steps take
+the int8 kernel (see there). A decode step of a plain GPT-2 model (model.Block blocks, linears
 all fp32 or all int8) runs all its blocks in one DecodeBlocks call; other models run the view's
 forward. The caller's model is never changed.
 """
@@ -11,7 +12,8 @@ forward. The caller's model is never changed.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+import contextvars
+from typing import ContextManager, Iterator
 
 import torch
 import torch.nn as nn
@@ -35,15 +37,35 @@ class NativeLinear(nn.Linear):
         return super().forward(x)
 
 
+_decode_step: contextvars.ContextVar[bool] = contextvars.ContextVar("simplegpt_decode_step", default=False)
+
+
+@contextlib.contextmanager
+def decode_step() -> Iterator[None]:
+    """The block of a decode step (one new token per row; NativeBatch.decode_step opens it): inside it
+    NativeInt8Linear takes the native int8 kernel."""
+    token = _decode_step.set(True)
+    try:
+        yield
+    finally:
+        _decode_step.reset(token)
+
+
 class NativeInt8Linear(Int8Linear):
-    """Int8Linear whose inference calls of up to MAX_ROWS rows take the native int8 kernel (each
-    input row rounded to int8 with its own scale); others keep fbgemm."""
+    """Int8Linear whose calls in a decode step take the native int8 kernel, MAX_ROWS rows a call;
+    elsewhere (prefills, where a GEMM is much faster) fbgemm's, as Int8Linear. Both round each input
+    row to int8 with its own scale, and which one a row takes depends on the step, not on the rows
+    beside it or on their number: a row's output is the same alone as in any batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.size(-1) == self.in_features and x.numel() <= MAX_ROWS * x.size(-1) and x.dtype == torch.float32
+        if not (_decode_step.get() and x.size(-1) == self.in_features and x.dtype == torch.float32
                 and not torch.is_grad_enabled()):
+            return super().forward(x)
+        if x.numel() <= MAX_ROWS * self.in_features:
             return native.linear_int8(x, self.qweight, self.scale, self.bias)
-        return super().forward(x)
+        rows = x.reshape(-1, self.in_features).split(MAX_ROWS)  # more sequences than the kernel's rows
+        y = torch.cat([native.linear_int8(part, self.qweight, self.scale, self.bias) for part in rows])
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def _native_class(module: nn.Module) -> type | None:
@@ -98,6 +120,10 @@ class NativeBatch(Batch):
             cfg = self.model.config
             self.blocks = native.DecodeBlocks(backend.blocks, self.cache.k, self.cache.v, cfg.n_head,
                                               cfg.layer_norm_epsilon)
+
+    def decode_step(self, last: list[int]) -> torch.Tensor:
+        with decode_step():
+            return super().decode_step(last)
 
     def kernels(self, rows: int) -> ContextManager:
         # torch on one thread beside the kernel's spinning workers (see native.decoding)

@@ -12,9 +12,10 @@ these variables and gets no process group: `setup` returns None and nothing chan
 The global-batch rule (docs/distributed.md): batch_size x grad_accum_steps sequences make one
 optimizer step whatever the world size. The micro-batches of a step are defined globally (every
 rank draws the same sampler with the same seed) and rank r computes micro-batches r, r + N, r + 2N, ...
-of them (N = WORLD_SIZE, which must divide grad_accum_steps). Each rank scales its micro-batch losses by
-N / grad_accum_steps, and DDP's all-reduce averages the ranks' gradients (divides by N), so the
-gradient is the mean over all grad_accum_steps micro-batches: the one a single process accumulates.
+of them (N = WORLD_SIZE, which must divide grad_accum_steps). Each rank scales a micro-batch's mean loss
+by N x its share of the step's loss tokens (every rank draws every micro-batch, so every rank knows the
+step's count), and DDP's all-reduce averages the ranks' gradients (divides by N), so the gradient is
+the mean over all the step's loss tokens: the one a single process accumulates.
 
 Rank 0 alone writes the run folder (lock, config, metrics, checkpoints, samples, plots) and prints;
 the others wait for it at `barrier`. Errors in the setup are exchanged (`agree`): when one rank

@@ -42,7 +42,7 @@ from ..config import TrainConfig, long_warmup_warning
 from ..data import load_dataset_tokenizer
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
-from ..model import GPT
+from ..model import GPT, IGNORE_INDEX
 from ..tokenizer import Tokenizer
 from . import TrainingError, distributed, fsdp, hardware, run_dir
 from .core_shards import CoreShards
@@ -115,31 +115,41 @@ def _forward(model: nn.Module, batch: tuple, device: torch.device, autocast: Any
     return loss
 
 
+def loss_tokens(batch: tuple) -> int:
+    """The number of targets of a batch (x, y[, attention_mask]) that take a loss: those of y (B, T) that are
+    not IGNORE_INDEX (padding, and later the masked parts of fine-tuning rows)."""
+    return int((batch[1] != IGNORE_INDEX).sum())
+
+
 def evaluate(model: nn.Module, make_sampler: Callable[[], Any], iters: int, device: torch.device,
              autocast: Any) -> float:
-    """Mean val loss over the same `iters` batches every time (model is left in train mode)."""
-    return _eval_sum(model, make_sampler, iters, device, autocast) / iters
+    """The val loss over the same `iters` batches every time: the mean over all their loss tokens (in
+    padded batches a long row weighs as its tokens, not as one row). The model is left in train mode."""
+    loss_sum, tokens = _eval_sum(model, make_sampler, iters, device, autocast)
+    return loss_sum / tokens
 
 
 @torch.no_grad()
 def _eval_sum(model: nn.Module, make_sampler: Callable[[], Any], iters: int, device: torch.device, autocast: Any,
-              rank: int = 0, world: int = 1, same_count: bool = False) -> float:
-    """The sum of the val losses of batches rank, rank + world, ... of the `iters` batches of the (always
-    identical) validation sequence; summed over the ranks it is the single process's sum. same_count:
-    every rank runs as many forward passes (a sharded model's forward is a collective), the ranks
-    short of one run their last batch again, uncounted."""
+              rank: int = 0, world: int = 1, same_count: bool = False) -> tuple[float, int]:
+    """The summed per-token val losses of batches rank, rank + world, ... of the `iters` batches of the
+    (always identical) validation sequence, and their number of loss tokens; summed over the ranks they
+    are the single process's. same_count: every rank runs as many forward passes (a sharded model's
+    forward is a collective), the ranks short of one run their last batch again, uncounted."""
     model.eval()
     sampler = make_sampler()
-    total, mine = 0.0, None
+    total, tokens, mine = 0.0, 0, None
     for i in range(iters):
         batch = sampler.next_batch()
         if i % world == rank:
             mine = batch
-            total += float(_forward(model, batch, device, autocast))
+            count = loss_tokens(batch)
+            total += float(_forward(model, batch, device, autocast)) * count  # a batch's loss is its tokens' mean
+            tokens += count
     if same_count and iters % world and rank >= iters % world:
         _forward(model, mine if mine is not None else batch, device, autocast)
     model.train()
-    return total
+    return total, tokens
 
 
 def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
@@ -510,13 +520,22 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
         return None if loss is None else loss / (math.log(2) * bytes_per_token)
 
     def micro_steps() -> float:
-        """Forward and backward of this rank's micro-batches of a step; the sum of their losses."""
+        """Forward and backward of this rank's micro-batches of a step; this rank's part of the step's loss.
+
+        The step's loss is the mean over all the loss tokens of its micro-batches (of all ranks): each
+        micro-batch's mean loss weighs by its share of those tokens, so a padded micro-batch of short
+        rows counts as its tokens, and batch_size x grad_accum_steps splits of the same rows give the same
+        loss and gradients. Every rank draws every micro-batch of the step, so each knows the step's
+        token count without a collective."""
+        batches = [train_sampler.next_batch() for _ in range(cfg.grad_accum_steps)]
+        counts = [loss_tokens(batch) for batch in batches]
+        step_tokens = sum(counts)
         loss_sum = 0.0
-        for i in range(cfg.grad_accum_steps):
-            batch = train_sampler.next_batch()  # every rank draws every micro-batch of the step
+        for i, batch in enumerate(batches):
+            weight = counts[i] / step_tokens
             if shards is not None:
                 torch.set_num_threads(1)  # one core per share of the batch
-                loss_sum += shards.forward_backward(batch, 1 / cfg.grad_accum_steps)
+                loss_sum += shards.forward_backward(batch, weight) * weight
                 continue
             if runner is not None:
                 if i % world != rank:
@@ -529,13 +548,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                     x, y, *mask = (t.to(device, non_blocking=True) for t in batch)
                     with autocast:
                         loss = runner(x, y, mask[0] if mask else None)
-                    loss_sum += float(loss.detach())
-                    # DDP averages over the ranks: N / grad_accum_steps makes it the mean over all.
-                    scaler.scale(loss * (world / cfg.grad_accum_steps)).backward()
+                    loss_sum += float(loss.detach()) * weight
+                    # DDP and FSDP2 average the gradients over the N ranks: N x weight makes it the weighted sum.
+                    scaler.scale(loss * (world * weight)).backward()
                 continue
             loss = _forward(step_model, batch, device, autocast)
-            loss_sum += float(loss.detach())
-            scaler.scale(loss / cfg.grad_accum_steps).backward()
+            loss_sum += float(loss.detach()) * weight
+            scaler.scale(loss * weight).backward()
         return loss_sum
 
     result = TrainResult(out_dir=out, step=step, tokens_seen=tokens_seen, elapsed_s=0.0,
@@ -560,7 +579,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                     loss_sum, sigint, sigterm = distributed.all_reduce_sum(
                         d, [loss_sum, received == "SIGINT", received == "SIGTERM"], device)
                     received = "SIGINT" if sigint else "SIGTERM" if sigterm else None
-                step_loss = loss_sum / cfg.grad_accum_steps
+                step_loss = loss_sum
                 if not math.isfinite(step_loss):
                     raise TrainingError(
                         f"the loss became {step_loss} at step {step + 1} (lr {lr:.3g}); the run stopped and "
@@ -608,11 +627,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
                     torch.set_num_threads(threads)
                     # Evaluation and sampling use their own RNG, so they never change the training stream.
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                        val_sum = _eval_sum(step_model, val_sampler, cfg.eval_iters, device, autocast, rank, world,
-                                            same_count=sharded)
+                        val_sum, val_tokens = _eval_sum(step_model, val_sampler, cfg.eval_iters, device, autocast,
+                                                        rank, world, same_count=sharded)
                     if d is not None:  # each rank evaluated its share of the same eval_iters batches
-                        [val_sum] = distributed.all_reduce_sum(d, [val_sum], device)
-                    val_loss = val_sum / cfg.eval_iters
+                        val_sum, val_tokens = distributed.all_reduce_sum(d, [val_sum, val_tokens], device)
+                    val_loss = val_sum / val_tokens
                     if not math.isfinite(val_loss):
                         raise TrainingError(
                             f"the validation loss became {val_loss} at step {step}; the run stopped and "
