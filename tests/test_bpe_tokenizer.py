@@ -26,7 +26,7 @@ TRICKY = ["", " ", "   ", "\n\n\n", "\r\n", "a\r\nb\r\n", "\x00", "a\x00b", "\t 
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "PYTHONPATH": str(ROOT)}  # the subprocess imports this copy of simplegpt
 
 
 @pytest.fixture(scope="module")
@@ -190,33 +190,34 @@ def test_prepare_trains_and_workers_agree(tmp_path, corpus_text):
         prepare_corpus(str(src), tmp_path / "d3", "bpe:100", progress=False)
 
 
-def test_prepare_cli_train_and_generate(tmp_path, corpus_text):
+def test_prepare_cli_train_and_generate(tmp_path, corpus_text, monkeypatch, capsys):
+    from simplegpt.cli import main
+
     (tmp_path / "t.txt").write_text(corpus_text, encoding="utf-8")
-    run = dict(cwd=tmp_path, env=_env(), capture_output=True, text=True)
-    p = subprocess.run([sys.executable, "-m", "simplegpt", "prepare", "t.txt", "--tokenizer", "bpe:320",
-                        "--tokenizer-sample", "40kB", "-j", "1"], **run)
-    assert p.returncode == 0, p.stderr
-    assert "trained a BPE tokenizer of 323 tokens on 40,000 bytes" in p.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "t.txt", "--tokenizer", "bpe:320", "--tokenizer-sample", "40kB", "-j", "1"]) == 0
+    assert "trained a BPE tokenizer of 323 tokens on 40,000 bytes" in capsys.readouterr().err
     meta = read_meta(tmp_path / "data" / "t_bpe320")
     assert meta["tokenizer_request"] == "bpe:320" and meta["vocab_size"] == 323
-    p = subprocess.run([sys.executable, "-m", "simplegpt", "train", "--data", "data/t_bpe320", "--max_iters", "2",
-                        "--eval_interval", "2", "--eval_iters", "1", "--n_layer", "1", "--n_head", "2",
-                        "--n_embd", "16", "--block_size", "16", "--out_dir", "run", "--device", "cpu"], **run)
-    assert p.returncode == 0, p.stderr
+    assert main(["train", "--data", "data/t_bpe320", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
+                 "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--out_dir", "run",
+                 "--device", "cpu"]) == 0
     ck = load_checkpoint(tmp_path / "run" / "best")
     assert isinstance(ck.tokenizer, HFTokenizer) and ck.tokenizer.spec() == meta["tokenizer"]
-    p = subprocess.run([sys.executable, "-m", "simplegpt", "generate", "--checkpoint", "run/best", "--prompt",
-                        "Grüße 🎭", "--max-new-tokens", "3", "--device", "cpu"], **run)
-    assert p.returncode == 0 and p.stdout.startswith("Grüße 🎭"), p.stderr
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", "run/best", "--prompt", "Grüße 🎭", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("Grüße 🎭")
     for args, message in [(["--tokenizer", "bpe:100"], "at least 256 tokens"),
                           (["--tokenizer", "bpe:abc"], "write bpe:N"),
                           (["--tokenizer", "bpe"], "write bpe:N"),
                           (["--tokenizer", "sentencepiece"], "unknown tokenizer"),
                           (["--tokenizer", "bpe:300", "--tokenizer-sample", "lots"], "is not a size"),
                           (["--tokenizer-sample", "1MB"], "--tokenizer bpe:N")]:
-        p = subprocess.run([sys.executable, "-m", "simplegpt", "prepare", "t.txt", "-o", "bad", *args], **run)
-        assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
-        assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+        assert main(["prepare", "t.txt", "-o", "bad", *args]) != 0
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_export_hf_writes_a_fast_tokenizer(bpe, tmp_path):
