@@ -60,7 +60,8 @@ def train_for(data_dir: Path, run_dir: Path, budget: float, args: argparse.Names
            "--overwrite", "--device", "cpu", "--max_iters", "1000000000", "--eval_interval", "1000000000",
            "--eval_iters", "1", "--n_layer", str(args.n_layer), "--n_head", str(args.n_head),
            "--n_embd", str(args.n_embd), "--block_size", str(args.block_size), "--batch_size", str(args.batch_size),
-           "--lr", str(args.lr), "--min_lr", str(args.lr / 10), "--warmup_iters", "20", "--seed", "0", "--log_interval", "1"]
+           "--lr", str(args.lr), "--min_lr", str(args.lr / 10), "--warmup_iters", "20", "--seed", "0",
+           "--log_interval", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -79,7 +80,8 @@ def train_for(data_dir: Path, run_dir: Path, budget: float, args: argparse.Names
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_TEXT, help="a UTF-8 text file")
     p.add_argument("--vocab", type=int, default=8192, help="the trained BPE's size (bpe:N)")
     p.add_argument("--tokenizer-sample", default=None, help="train the BPE on the corpus's first SIZE bytes only")
@@ -106,7 +108,8 @@ def main() -> None:
     gpt2 = GPT2Tokenizer()
     result = {"data": str(args.data), "corpus_bytes": len(corpus.encode()), "held_out_bytes": len(held.encode()),
               "bpe_vocab": bpe.vocab_size, "bpe_train_s": round(train_s, 2),
-              "bytes_per_token": {"bpe": round(bytes_per_token(bpe, held), 3), "gpt2": round(bytes_per_token(gpt2, held), 3)},
+              "bytes_per_token": {"bpe": round(bytes_per_token(bpe, held), 3),
+                                  "gpt2": round(bytes_per_token(gpt2, held), 3)},
               "budget_s": args.budget, "models": {}}
     print(f"{args.data.name}: corpus {result['corpus_bytes']:,} bytes, held out {result['held_out_bytes']:,} bytes")
     print(f"trained BPE: {bpe.vocab_size:,} tokens in {train_s:.2f} s")

@@ -12,11 +12,12 @@ import pytest
 
 from conftest import ROOT, make_tiny_gpt
 from simplegpt import GPT2Tokenizer, load_checkpoint, load_tokenizer, save_checkpoint
-from simplegpt.config import TrainConfig
-from simplegpt.data import parse_size, prepare_corpus, read_meta
+from simplegpt.config import TrainConfig, default_out_dir
+from simplegpt.data import _Encoder, parse_size, prepare_corpus, read_meta
 from simplegpt.errors import ConfigError, DataError
 from simplegpt.hf_tokenizer import HF_FILE, SPECIAL_TOKENS, HFTokenizer, parse_bpe_name, train_bpe
 from simplegpt.tokenizer import SPEC_FILE, get_tokenizer
+from simplegpt.train import dataset_dir
 
 MULTILINGUAL = ("Grüße aus Köln — naïve café. Ελληνικά κείμενα. Русский текст. 日本語のテキスト。"
                 "中文文本。한국어 텍스트. العربية. हिन्दी. 🎭🚀👩‍👩‍👧 ✓\r\n\tend")
@@ -115,6 +116,8 @@ def test_save_load_and_damage(bpe, tmp_path):
     assert again.encode(MULTILINGUAL) == bpe.encode(MULTILINGUAL)
     clone = pickle.loads(pickle.dumps(bpe))  # how worker processes get it
     assert clone.encode(MULTILINGUAL) == bpe.encode(MULTILINGUAL) and clone.kind == "bpe"
+    encoder = pickle.loads(pickle.dumps(_Encoder(bpe, np.dtype(np.uint16))))  # a spawned prepare worker's
+    assert encoder([MULTILINGUAL])[0].tolist() == bpe.encode(MULTILINGUAL) + [bpe.eos_id]
     text = (tmp_path / HF_FILE).read_text(encoding="utf-8")
     (tmp_path / HF_FILE).write_text(text[:len(text) // 2], encoding="utf-8")  # cut short
     with pytest.raises(ValueError, match="damaged"):
@@ -241,7 +244,9 @@ def test_names_and_sizes():
             parse_bpe_name(bad)
     with pytest.raises(ConfigError, match="at least 256"):
         TrainConfig(tokenizer="bpe:12")
-    assert TrainConfig(tokenizer="bpe:512").tokenizer == "bpe:512"
+    cfg = TrainConfig(data="notes.txt", tokenizer="bpe:512")  # train --data notes.txt --tokenizer bpe:512
+    assert str(dataset_dir(cfg)) == os.path.join("data", "notes_bpe512")
+    assert default_out_dir("notes.txt", "bpe:512") == os.path.join("out", "notes_bpe512")
     with pytest.raises(ValueError, match="needs a corpus"):
         get_tokenizer("bpe:300")
     assert get_tokenizer("bpe:300", text="abc abc abd").vocab_size <= 303
