@@ -95,8 +95,12 @@ class HFTokenizer(Tokenizer):
         """Every id's bytes: byte-level tokens through the byte alphabet, added tokens as their text,
         SentencePiece-style tokens with '▁' as a space and '<0xNN>' as byte NN."""
         doc = json.loads(self.json)
+        # A SentencePiece-style file puts a '▁' before the text and its decoder strips the space again.
+        strips = [d for d in _walk(doc.get("decoder")) if d.get("type") == "Strip" and d.get("content") == " "]
+        self._strip_start = max((int(d.get("start", 0)) for d in strips), default=0)
         byte_level = (doc.get("decoder") or {}).get("type") == "ByteLevel" or \
             "ByteLevel" in json.dumps(doc.get("pre_tokenizer"))
+        byte_fallback = bool((doc.get("model") or {}).get("byte_fallback"))
         added = {t["id"]: t["content"] for t in doc.get("added_tokens") or []}
         table = _byte_decoder()
         out = [b""] * self.vocab_size
@@ -104,12 +108,12 @@ class HFTokenizer(Tokenizer):
             token = self._plain.id_to_token(i)
             if token is None:
                 continue
-            if i in added:
+            if byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                out[i] = bytes([int(token[3:5], 16)])
+            elif i in added:
                 out[i] = added[i].encode("utf-8")
             elif byte_level and all(c in table for c in token):
                 out[i] = bytes(table[c] for c in token)
-            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
-                out[i] = bytes([int(token[3:5], 16)])
             else:
                 out[i] = token.replace("\u2581", " ").encode("utf-8")
         return out
@@ -152,6 +156,13 @@ class HFTokenizer(Tokenizer):
         enc = self._special if specials else self._plain
         return [e.ids for e in enc.encode_batch(list(texts), add_special_tokens=False)]
 
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ids; for a file whose decoder strips the leading space its encoding added
+        (SentencePiece style), without it, as `tokenizers` decodes. decode_bytes keeps it (streaming)."""
+        text = super().decode(ids)
+        n = self._strip_start
+        return text[len(text[:n]) - len(text[:n].lstrip(" ")):] if n else text
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         table = self._bytes
         return b"".join(table[i] for i in self._check_ids(ids))
@@ -183,6 +194,17 @@ class HFTokenizer(Tokenizer):
 
     def __reduce__(self):  # worker processes get the JSON text (the Rust object does not pickle)
         return HFTokenizer, (self.json, self.eos_id, self.kind)
+
+
+def _walk(node: object) -> Iterable[dict]:
+    """node and the tables inside it (a Sequence decoder's steps)."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
 
 
 def is_hf_tokenizer_json(doc: object) -> bool:

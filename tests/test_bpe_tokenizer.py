@@ -170,6 +170,30 @@ def test_imported_tokenizer_json_matches_transformers(tmp_path, corpus_text):
         HFTokenizer.from_file(folder / "x.json")
 
 
+def test_imported_sentencepiece_style_tokenizer_json(tmp_path, corpus_text):
+    """A Llama-2-style file: '▁' for spaces, byte fallback to <0xNN> tokens, a decoder that strips the
+    space the normalizer put before the text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([corpus_text], trainer=trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                                       show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = HFTokenizer.from_file(tmp_path / "tokenizer.json")
+    theirs = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert ours.eos_id == 2  # </s>
+    for text in [MULTILINGUAL, "  two spaces", "x", corpus_text[:2000]]:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+        assert ours.decode(ids) == theirs.decode(ids) == text
+        assert ours.decode_bytes(ids) == b" " + text.encode("utf-8")  # the streamed bytes keep the space
+
+
 def test_prepare_trains_and_workers_agree(tmp_path, corpus_text):
     src = tmp_path / "texts"
     src.mkdir()
