@@ -88,18 +88,18 @@ class HFTokenizer(Tokenizer):
         if not 0 <= eos_id < self.vocab_size:
             raise ValueError(f"eos id {eos_id} out of range for a vocabulary of {self.vocab_size}")
         self.eos_id = eos_id
-        self._bytes = self._token_bytes()
-        self.sha256 = hashlib.sha256(hf_json.encode("utf-8")).hexdigest()
-
-    def _token_bytes(self) -> list[bytes]:
-        """Every id's bytes: byte-level tokens through the byte alphabet, added tokens as their text,
-        SentencePiece-style tokens with '▁' as a space and '<0xNN>' as byte NN."""
-        doc = json.loads(self.json)
+        doc = json.loads(hf_json)
         # A SentencePiece-style file puts a '▁' before the text and its decoder strips the space again.
         strips = [d for d in _walk(doc.get("decoder")) if d.get("type") == "Strip" and d.get("content") == " "]
         self._strip_start = max((int(d.get("start", 0)) for d in strips), default=0)
-        byte_level = (doc.get("decoder") or {}).get("type") == "ByteLevel" or \
-            "ByteLevel" in json.dumps(doc.get("pre_tokenizer"))
+        self._bytes = self._token_bytes(doc)
+        self.sha256 = hashlib.sha256(hf_json.encode("utf-8")).hexdigest()
+
+    def _token_bytes(self, doc: dict) -> list[bytes]:
+        """Every id's bytes (doc: the parsed tokenizer.json): byte-level tokens through the byte
+        alphabet, added tokens as their text, SentencePiece-style tokens with '▁' as a space and
+        '<0xNN>' as byte NN."""
+        byte_level = any(d.get("type") == "ByteLevel" for d in _walk([doc.get("pre_tokenizer"), doc.get("decoder")]))
         byte_fallback = bool((doc.get("model") or {}).get("byte_fallback"))
         added = {t["id"]: t["content"] for t in doc.get("added_tokens") or []}
         table = _byte_decoder()
