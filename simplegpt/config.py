@@ -80,7 +80,8 @@ class TrainConfig:
                    ".jsonl file, folder, glob, URL, 'hf:NAME[:CONFIG]', or a folder made by 'simplegpt prepare'")
     data_dir: str = _f("", "data", "where the prepared dataset goes; empty = data/<corpus>_<tokenizer> under the "
                        "current directory (a config file's data_dir applies to its own data only)")
-    tokenizer: str = _f("char", "data", "tokenizer used to prepare the corpus", ("char", "byte", "gpt2"))
+    tokenizer: str = _f("char", "data", "tokenizer used to prepare the corpus: char, byte, gpt2 or bpe:N (a "
+                        "byte-level BPE of N >= 256 tokens trained on the corpus)")
     val_fraction: float = _f(0.1, "data", "fraction of the token stream (its end) held out for validation")
     text_field: str = _f("text", "data", "field holding the text in .jsonl and Hugging Face datasets")
     unknown_chars: str = _f("error", "data", "characters of the text that a fixed character vocabulary (of the "
@@ -263,6 +264,12 @@ def _coerce(key: Key, value: Any) -> Any:
             raise ConfigError(f"{key.name} must be a finite number, got {value!r}")
     if key.choices and value not in key.choices:
         raise ConfigError(f"{key.name} must be one of {list(key.choices)}, got {value!r}")
+    if key.name == "tokenizer":
+        from .tokenizer import check_tokenizer_name
+        try:
+            check_tokenizer_name(value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return value
 
 
@@ -388,13 +395,18 @@ def corpus_slug(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "corpus"
 
 
+def tokenizer_slug(name: str) -> str:
+    """A tokenizer name as a folder name's part: 'bpe:8192' -> 'bpe8192' (no colon in a path)."""
+    return name.replace(":", "")
+
+
 def default_out_dir(data: str, tokenizer: str, init_from: str = "") -> str:
     """The run folder a run gets when none is given: out/<corpus>_<tokenizer> (out/<folder> for a
     dataset prepared by 'simplegpt prepare', whose folder already names it), and for a fine-tune
     out/<corpus>_from_<weights> (a checkpoint's run folder for RUN/best or RUN/last). Two runs
     on other data or from other weights never share a folder."""
     prepared = bool(data) and (Path(data) / "meta.json").is_file()
-    corpus = corpus_slug(data) if prepared else f"{corpus_slug(data)}_{tokenizer}"
+    corpus = corpus_slug(data) if prepared else f"{corpus_slug(data)}_{tokenizer_slug(tokenizer)}"
     if init_from:
         src = Path(init_from.rstrip("/"))
         weights = src.parent.name if src.name in ("best", "last") and src.parent.name else src.name

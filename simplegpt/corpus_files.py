@@ -8,8 +8,8 @@ tree would otherwise never end), and a file reached by several paths is listed o
 Python's text mode reads them: \\r\\n and \\r as \\n) in pieces of about PIECE_CHARS characters, so
 that a file of any size, one line long or not, is never held whole. Every piece but the last is a
 `Part`. A file is cut just before a single space or line end that stands between two characters
-that are not white space: every tokenizer of simplegpt's (characters, bytes, GPT-2's BPE, whose
-pre-tokenizer never joins text across such a place) encodes the pieces into the same tokens as the
+that are not white space: every tokenizer of simplegpt's (characters, bytes, GPT-2's BPE and the
+trained byte-level BPE, whose pre-tokenizer, GPT-2's, never joins text across such a place) encodes the pieces into the same tokens as the
 whole text. A piece without such a place in its last CUT_SEARCH_CHARS characters (no white space
 there: not prose) is cut at a character boundary, which is exact for the character and byte
 tokenizers.

@@ -47,8 +47,8 @@ from .corpus_files import Part, glob_files, text_pieces
 from .errors import DISK_FULL, DataError, FileAccessError, SimpleGPTError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
-from .tokenizer import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, get_tokenizer, load_tokenizer,
-                        tokenizer_from_spec)
+from .tokenizer import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, check_tokenizer_name, get_tokenizer,
+                        load_tokenizer)
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -232,6 +232,19 @@ def parse_count(text: str | int) -> int:
     return int(value)
 
 
+def parse_size(text: str | int) -> int:
+    """A size in bytes written as '100MB', '1.5GB', '500kB', '100M' or 1000000 -> int (decimal
+    suffixes k, M, G, T as parse_count, then an optional B). ValueError for anything else."""
+    if isinstance(text, int):
+        return text
+    body = str(text).strip()
+    body = body[:-1] if body[-1:] in ("b", "B") else body  # 100B is 100 bytes, not parse_count's billion
+    try:
+        return parse_count(body)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size; write e.g. 100MB, 1.5GB, 500kB or 1000000") from None
+
+
 def _utf8(doc: str) -> tuple[str, bytes]:
     """doc and its UTF-8 bytes; lone surrogates (JSON can carry them) become U+FFFD first, as tiktoken does."""
     try:
@@ -245,7 +258,8 @@ class _Encoder:
     """Turns a batch of documents into one token array: each non-empty document's tokens, then EOS.
 
     The same object runs in this process (workers=1) and in each worker process, so the output does
-    not depend on the number of workers. Pickled as the tokenizer's spec (for spawned workers)."""
+    not depend on the number of workers. Pickled with its tokenizer (as the tokenizer's spec, or a
+    Hugging Face tokenizer's JSON text) for spawned workers."""
 
     def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, unknown: str = "error"):
         self.tok = tokenizer
@@ -256,7 +270,7 @@ class _Encoder:
                       if isinstance(tokenizer, CharTokenizer) else None)
 
     def __reduce__(self):
-        return _encoder_from_spec, (self.tok.spec(), self.dtype.str, self.unknown)
+        return _Encoder, (self.tok, self.dtype.str, self.unknown)
 
     def encode(self, doc: str) -> np.ndarray:
         """One document's tokens (no EOS), any integer dtype."""
@@ -297,10 +311,6 @@ class _Encoder:
             n_bytes += len(raw)
         tokens = np.concatenate(pieces).astype(self.dtype, copy=False) if pieces else np.zeros(0, self.dtype)
         return tokens, n_docs, n_bytes
-
-
-def _encoder_from_spec(spec: dict, dtype: str, unknown: str) -> _Encoder:
-    return _Encoder(tokenizer_from_spec(spec), np.dtype(dtype), unknown)
 
 
 def _batched(docs: Iterable[str], n: int = ENCODE_BATCH_DOCS, chars: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
@@ -446,6 +456,53 @@ def _char_budget(documents: Iterable[str], max_tokens: int | None) -> Iterator[s
         budget -= len(doc) + whole
 
 
+def _text_sample(documents: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+    """The documents up to max_bytes UTF-8 bytes in all (the last one cut at a character boundary):
+    all of them when max_bytes is None. What a BPE tokenizer is trained on."""
+    budget = max_bytes if max_bytes is not None else float("inf")
+    for doc in documents:
+        if budget <= 0:
+            return
+        doc, raw = _utf8(doc)
+        if len(raw) > budget:
+            doc = raw[:int(budget)].decode("utf-8", "ignore")
+        budget -= len(raw)
+        if doc:
+            yield doc
+
+
+def _train_bpe(corpus: Corpus, vocab_size: int, sample_bytes: int | None, progress: bool) -> Tokenizer:
+    """A byte-level BPE of vocab_size tokens trained on the corpus's first sample_bytes bytes (all of it
+    when None), with a progress bar of the bytes read and one line of the training's time."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .console import say
+    from .hf_tokenizer import train_bpe
+
+    start = time.perf_counter()
+    with tqdm(desc=f"training a BPE tokenizer ({vocab_size:,} tokens) on {corpus.name}", total=sample_bytes,
+              unit="B", unit_scale=True, disable=not progress,
+              mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
+        read = 0
+
+        def texts() -> Iterator[str]:
+            nonlocal read
+            for doc in _text_sample(corpus.documents(), sample_bytes):
+                size = len(doc.encode("utf-8"))
+                read += size
+                bar.update(size)
+                yield doc
+        tok = train_bpe(texts(), vocab_size)
+    if not read:
+        raise DataError(f"corpus {corpus.name!r} is empty: it holds no text")
+    if progress:
+        say(f"trained a BPE tokenizer of {tok.vocab_size:,} tokens on {read:,} bytes in "
+            f"{time.perf_counter() - start:.1f} s")
+    return tok
+
+
 def _char_vocabulary(corpus: Corpus, max_tokens: int | None = None) -> CharTokenizer:
     """The characters of the corpus, or of its first max_tokens tokens (one per character, one EOS
     per non-empty document): exactly what prepare will encode (it cuts the documents the same way)."""
@@ -555,6 +612,7 @@ def prepare_corpus(
     workers: int | None = None,
     unknown_chars: str = "error",
     check_splits: Callable[[int, int], None] | None = None,
+    tokenizer_sample: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into a dataset directory and return its meta.json contents.
 
@@ -566,7 +624,8 @@ def prepare_corpus(
     the last document may be cut). At the end the validation split, the last val_tokens tokens of
     the stream (default: the last val_fraction of them, at least 2), is moved out of the train
     shards. Does nothing (and returns the existing meta) when out_dir already holds this corpus,
-    tokenized the same way, unless force=True.
+    tokenized the same way, unless force=True. Tokenizer 'bpe:N' first trains a byte-level BPE of N
+    tokens on the corpus's first tokenizer_sample bytes (default: all of it).
 
     unknown_chars says what becomes of the characters a given character-level tokenizer has no token
     for: "error" (UnknownCharacterError naming them), "drop" (left out), or a character of its vocabulary
@@ -590,6 +649,15 @@ def prepare_corpus(
         raise DataError(f"val_tokens must be at least 2, got {val_tokens}")
     if max_tokens is not None and val_tokens is not None and val_tokens >= max_tokens:
         raise DataError(f"val_tokens ({val_tokens}) must be smaller than max_tokens ({max_tokens})")
+    if tokenizer_sample is not None and tokenizer_sample < 1:
+        raise DataError(f"tokenizer_sample must be at least 1 byte, got {tokenizer_sample}")
+    bpe_size = None
+    if isinstance(tokenizer, str):
+        from .hf_tokenizer import parse_bpe_name
+        try:
+            bpe_size = parse_bpe_name(check_tokenizer_name(tokenizer))
+        except ValueError as e:
+            raise DataError(str(e)) from None
     workers = usable_cores() if workers is None else workers
     if workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
@@ -600,7 +668,8 @@ def prepare_corpus(
     # Only set when given, so that datasets prepared before these settings existed stay up to date.
     given = (("max_tokens", max_tokens), ("val_tokens", val_tokens),
              ("unknown_chars", unknown_chars if unknown_chars != "error" else None),
-             ("shard_tokens", shard_tokens if shard_tokens != DEFAULT_SHARD_TOKENS else None))
+             ("shard_tokens", shard_tokens if shard_tokens != DEFAULT_SHARD_TOKENS else None),
+             ("tokenizer_sample", tokenizer_sample))
     request.update({k: v for k, v in given if v is not None})
     if not force and (out / META_FILE).is_file():
         try:
@@ -611,7 +680,9 @@ def prepare_corpus(
         if (same_tokenizer and all(meta.get(k) == v for k, v in request.items())
                 and not {k for k, _ in given} & (set(meta) - set(request))):
             return meta
-    if isinstance(tokenizer, str):
+    if bpe_size is not None:
+        tok = _train_bpe(corpus, bpe_size, tokenizer_sample, progress)
+    elif isinstance(tokenizer, str):
         tok = _char_vocabulary(corpus, max_tokens) if tokenizer == "char" else get_tokenizer(tokenizer)
     else:
         tok = tokenizer

@@ -28,6 +28,7 @@ from .checkpoint import Checkpoint, load_checkpoint, model_from_state, model_sta
 from .errors import CheckpointError, MissingDependencyError, OutputExistsError
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import GPT, GPTConfig
+from .hf_tokenizer import HFTokenizer
 from .tokenizer import EOS_TEXT, GPT2Tokenizer, Tokenizer, gpt2_vocab_files, load_tokenizer
 
 HF_CONFIG = "config.json"
@@ -360,7 +361,7 @@ class ExportResult:
     path: Path
     files: list[str]
     tokenizer: str | None  # the checkpoint's tokenizer kind ("gpt2", "char", "byte") or None
-    tokenizer_exported: bool  # True when AutoTokenizer can load OUT (GPT-2 tokenizer only)
+    tokenizer_exported: bool  # True when AutoTokenizer can load OUT (GPT-2's or a `tokenizers` one)
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> ExportResult:
@@ -378,10 +379,12 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
         save_file(state, str(tmp / HF_SAFETENSORS), metadata={"format": "pt"})
         _write_json(tmp / HF_CONFIG, config_to_hf(ck.config, eos_id))
         _write_json(tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
-        exported = isinstance(tok, GPT2Tokenizer)
-        if exported:
+        exported = isinstance(tok, (GPT2Tokenizer, HFTokenizer))
+        if isinstance(tok, GPT2Tokenizer):
             write_gpt2_tokenizer_files(tmp, ck.config.n_positions)
         elif tok is not None:
+            if isinstance(tok, HFTokenizer):
+                write_hf_tokenizer_files(tmp, tok, ck.config.n_positions)
             tok.save(tmp / SIMPLEGPT_TOKENIZER_DIR)
         # safetensors writes through a private (0600) temp file; the others were created as config.json was
         os.chmod(tmp / HF_SAFETENSORS, (tmp / HF_CONFIG).stat().st_mode & 0o777)
@@ -403,6 +406,19 @@ def write_gpt2_tokenizer_files(directory: Path, model_max_length: int) -> None:
         "add_prefix_space": False, "add_bos_token": False, "errors": "replace",
         # transformers up to 4.44 defaults it to True, which turns "y is ?" into "y is?" on decode
         "clean_up_tokenization_spaces": False, **special,
+    })
+    _write_json(directory / "special_tokens_map.json", special)
+
+
+def write_hf_tokenizer_files(directory: Path, tok: HFTokenizer, model_max_length: int) -> None:
+    """A `tokenizers` tokenizer as the tokenizer.json and tokenizer_config.json that AutoTokenizer loads
+    (PreTrainedTokenizerFast); its EOS also stands for BOS and UNK, as GPT-2's does."""
+    (directory / "tokenizer.json").write_text(tok.json, encoding="utf-8")
+    eos = tok.decode([tok.eos_id])
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
+    _write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+        "add_bos_token": False, "clean_up_tokenization_spaces": False, **special,
     })
     _write_json(directory / "special_tokens_map.json", special)
 

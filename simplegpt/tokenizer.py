@@ -1,4 +1,5 @@
-"""Tokenizers with one small interface: GPT-2 BPE (tiktoken, offline), characters, bytes.
+"""Tokenizers with one small interface: GPT-2 BPE (tiktoken, offline), characters, bytes, and
+(in hf_tokenizer.py) a byte-level BPE trained on the corpus or an imported Hugging Face tokenizer.json.
 
 Every tokenizer has encode/encode_batch/decode/decode_bytes, vocab_size, eos_id, and
 save(directory) / load_tokenizer(directory) through a `tokenizer.json` spec file.
@@ -142,6 +143,9 @@ class Tokenizer:
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} out of range for the {self.kind} tokenizer (0..{self.vocab_size - 1})")
         return ids
+
+    def __reduce__(self):  # pickled as its spec: worker processes rebuild it (tiktoken's object does not pickle)
+        return tokenizer_from_spec, (self.spec(),)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -287,10 +291,30 @@ class ByteTokenizer(Tokenizer):
 
 
 TOKENIZER_TYPES = {"gpt2": GPT2Tokenizer, "char": CharTokenizer, "byte": ByteTokenizer}
+# Saved with their Hugging Face file beside the spec (hf_tokenizer.HFTokenizer): trained, imported.
+HF_TYPES = ("bpe", "hf")
+TOKENIZER_NAMES = ("char", "byte", "gpt2", "bpe:N")
+
+
+def check_tokenizer_name(name: str) -> str:
+    """name if it is a tokenizer name prepare accepts ('char', 'byte', 'gpt2', 'bpe:N' with N >= 256);
+    ValueError, one line, otherwise."""
+    from .hf_tokenizer import parse_bpe_name
+
+    if name in TOKENIZER_TYPES or parse_bpe_name(name) is not None:
+        return name
+    raise ValueError(f"unknown tokenizer {name!r}; choose one of {list(TOKENIZER_NAMES)} (e.g. bpe:8192)")
 
 
 def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
-    """A tokenizer by name: 'gpt2', 'byte', or 'char' (built from `text`)."""
+    """A tokenizer by name: 'gpt2', 'byte', 'char' (built from `text`) or 'bpe:N' (trained on `text`)."""
+    from .hf_tokenizer import parse_bpe_name, train_bpe
+
+    size = parse_bpe_name(name)
+    if size is not None:
+        if text is None:
+            raise ValueError("a BPE tokenizer needs a corpus to be trained on")
+        return train_bpe([text], size)
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "byte":
@@ -299,7 +323,7 @@ def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
         if text is None:
             raise ValueError("the char tokenizer needs a corpus to build its vocabulary from")
         return CharTokenizer.from_text(text)
-    raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(TOKENIZER_TYPES)}")
+    raise ValueError(f"unknown tokenizer {name!r}; choose one of {list(TOKENIZER_NAMES)}")
 
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:
@@ -308,11 +332,16 @@ def tokenizer_from_spec(spec: dict) -> Tokenizer:
         return CharTokenizer(spec["chars"], unk=spec.get("unk"))
     if kind in ("gpt2", "byte"):
         return TOKENIZER_TYPES[kind]()
+    if kind in HF_TYPES:
+        raise ValueError(f"a {kind} tokenizer is rebuilt from its folder (load_tokenizer), not from its spec alone")
     raise ValueError(f"unknown tokenizer type {kind!r} in {SPEC_FILE}; expected one of {sorted(TOKENIZER_TYPES)}")
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer saved with Tokenizer.save(directory)."""
+    """Load a tokenizer saved with Tokenizer.save(directory), or a folder whose tokenizer.json is a
+    Hugging Face one (an imported model's). FileNotFoundError without one; ValueError when damaged."""
+    from .hf_tokenizer import HFTokenizer, is_hf_tokenizer_json
+
     path = Path(directory) / SPEC_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {SPEC_FILE} in {directory}: not a saved simplegpt tokenizer")
@@ -320,4 +349,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the tokenizer file is corrupted") from None
+    if is_hf_tokenizer_json(spec):
+        return HFTokenizer.from_file(path)
+    if isinstance(spec, dict) and spec.get("type") in HF_TYPES:
+        return HFTokenizer.load(directory, spec)
     return tokenizer_from_spec(spec)

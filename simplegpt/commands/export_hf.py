@@ -13,8 +13,9 @@ DESCRIPTION = (
     "Write a simplegpt checkpoint as a Hugging Face GPT-2 directory: config.json, model.safetensors "
     "and, for GPT-2-tokenizer models, vocab.json, merges.txt, tokenizer_config.json and "
     "special_tokens_map.json, so GPT2LMHeadModel.from_pretrained(OUT) and "
-    "AutoTokenizer.from_pretrained(OUT) load it. Character and byte tokenizers have no Hugging Face "
-    "equivalent: their weights and config are exported, and simplegpt's tokenizer is kept in "
+    "AutoTokenizer.from_pretrained(OUT) load it; a trained BPE (prepare --tokenizer bpe:N) is written "
+    "as tokenizer.json and tokenizer_config.json (PreTrainedTokenizerFast). Character and byte "
+    "tokenizers have no Hugging Face equivalent: their weights and config are exported, and simplegpt's tokenizer is kept in "
     "OUT/simplegpt_tokenizer/ so import-hf can bring the model back. Does not need transformers."
 )
 

@@ -26,8 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--max-tokens 10M; needs the datasets extra)")
     p.add_argument("-o", "--out", default=None,
                    help="dataset folder to write; default data/<source>_<tokenizer> in the current directory")
-    p.add_argument("-t", "--tokenizer", default="char", choices=["char", "byte", "gpt2"],
-                   help="char: one token per character of the corpus; byte: 256 bytes; gpt2: GPT-2 BPE")
+    p.add_argument("-t", "--tokenizer", default="char", metavar="{char,byte,gpt2,bpe:N}",
+                   help="char: one token per character of the corpus; byte: 256 bytes; gpt2: GPT-2 BPE; bpe:N: "
+                        "a byte-level BPE of N tokens (N >= 256, e.g. bpe:8192) trained on this corpus with "
+                        "Hugging Face tokenizers, with <|endoftext|>, <|im_start|> and <|im_end|> added on top; "
+                        "saved with the dataset and used by every command on its checkpoints")
+    p.add_argument("--tokenizer-sample", default=None, metavar="SIZE",
+                   help="bpe:N only: train the tokenizer on the corpus's first SIZE bytes of text (e.g. 100MB, "
+                        "1.5GB, 500kB) to bound its training time; none: the whole corpus")
     p.add_argument("--max-tokens", default=None, metavar="N",
                    help="stop reading once the token stream holds N tokens (EOS included; the last document "
                         "may be cut), e.g. 10M; none: the whole corpus")
@@ -69,12 +75,27 @@ MIN_SHARD_TOKENS = 1_000
 
 def run(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
-    from ..data import prepare_corpus
+    from ..data import parse_size, prepare_corpus
+    from ..tokenizer import check_tokenizer_name
     from ..train import dataset_dir
 
     max_tokens = _count(args, "max_tokens", 2)
     val_tokens = _count(args, "val_tokens", 2)
     shard_tokens = _count(args, "shard_tokens", MIN_SHARD_TOKENS)
+    try:
+        check_tokenizer_name(args.tokenizer)
+    except ValueError as e:
+        raise OptionError(f"--tokenizer: {e}") from None
+    sample = None
+    if args.tokenizer_sample is not None:
+        if not args.tokenizer.startswith("bpe:"):
+            raise OptionError("--tokenizer-sample applies to a trained tokenizer only (--tokenizer bpe:N)")
+        try:
+            sample = parse_size(args.tokenizer_sample)
+        except ValueError as e:
+            raise OptionError(f"--tokenizer-sample: {e}") from None
+        if sample < 1:
+            raise OptionError(f"--tokenizer-sample must be at least 1 byte, got {args.tokenizer_sample}")
     if max_tokens is not None and val_tokens is not None and val_tokens >= max_tokens:
         raise OptionError(f"--val-tokens ({val_tokens:,}) must be smaller than --max-tokens ({max_tokens:,})")
     if args.workers < 1:
@@ -92,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         meta = prepare_corpus(args.source, out, args.tokenizer, val_fraction=args.val_fraction,
                               text_field=args.text_field, hf_split=args.hf_split, shard_tokens=shard_tokens,
                               force=args.force, progress=not args.quiet, max_tokens=max_tokens,
-                              val_tokens=val_tokens, workers=args.workers)
+                              val_tokens=val_tokens, workers=args.workers, tokenizer_sample=sample)
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False))
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import TrainConfig, corpus_slug
+from ..config import TrainConfig, corpus_slug, tokenizer_slug
 from ..data import PackedSampler, PaddedSampler, TokenShards, prepare_corpus, read_meta
 from ..errors import DataError, UnknownCharacterError
 from ..tokenizer import Tokenizer
@@ -21,7 +21,7 @@ def dataset_dir(cfg: TrainConfig) -> Path:
         return Path(cfg.data)
     if cfg.data_dir:
         return Path(cfg.data_dir)
-    return Path("data") / f"{corpus_slug(cfg.data)}_{cfg.tokenizer}"
+    return Path("data") / f"{corpus_slug(cfg.data)}_{tokenizer_slug(cfg.tokenizer)}"
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) -> tuple[Path, dict]:
