@@ -1,6 +1,8 @@
-"""Where simplegpt keeps files of its own, and how it fingerprints a file.
+"""Where simplegpt keeps files of its own, the names of a run folder's files, and how it
+fingerprints a file.
 
-It imports nothing of simplegpt, so every layer may use it (accel/ below, data and training above).
+It imports nothing of simplegpt, so every layer may use it: accel/ below data and training, and
+the run report (simplegpt.report) as well as the trainer that writes the run folder.
 """
 
 from __future__ import annotations
@@ -8,6 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+
+# A run folder's files (simplegpt.training.run_dir writes them, simplegpt.report reads them).
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.txt"
+PLOT_FILE = "loss.png"
+LAST, BEST = "last", "best"  # the latest checkpoint's folder, and the one with the lowest val loss
 
 
 def cache_dir() -> Path:
