@@ -20,7 +20,6 @@ torch.load(weights_only=True), so a checkpoint cannot run code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -36,6 +35,7 @@ import torch
 from . import atomic
 from .devices import resolve_device
 from .errors import CheckpointError
+from .files import sha256_file
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -107,7 +107,7 @@ def save_checkpoint(
                 _write_train_state(_to_file(train_state), tmp / TRAIN_STATE_FILE)
             cfg = getattr(model, "_orig_mod", model).config
             doc = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), **(metadata or {}),
-                   CHECKSUMS: {name: _sha256(tmp / name) for name in _files(tmp)}}
+                   CHECKSUMS: {name: sha256_file(tmp / name) for name in _files(tmp)}}
             (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
             # safetensors writes through a private (0600) temp file; the rest was created as config.json was
             mode = (tmp / CONFIG_FILE).stat().st_mode & 0o777
@@ -203,7 +203,7 @@ def verify_files(path: Path, doc: dict[str, Any], names: list[str]) -> None:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path} is incomplete: {name} is missing")
-        if _sha256(file) != sums[name]:
+        if sha256_file(file) != sums[name]:
             raise CheckpointError(f"{file} is truncated or corrupted: its sha256 differs from the one recorded in "
                                   f"{CONFIG_FILE} when it was saved; use another checkpoint")
 
@@ -212,11 +212,6 @@ def _files(root: Path) -> list[str]:
     """Every file under root but config.json, as sorted relative POSIX paths."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                   if p.is_file() and p.relative_to(root).as_posix() != CONFIG_FILE)
-
-
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:

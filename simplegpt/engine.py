@@ -8,9 +8,8 @@
 from .generation import (FINISH_LENGTH, FINISH_STOP, MAX_LOGPROBS, Engine, KVCache, Result, SamplingParams, Stream,
                          TextStream, TokenLogprobs, apply_repetition_penalty, generate_ids, sample_next_token,
                          sampling_probs, token_logprobs)
-from .generation.compiled import static_decode_step
 from .generation.layout import use_gemv_layout
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "MAX_LOGPROBS", "Engine", "KVCache", "Result", "SamplingParams", "Stream",
            "TextStream", "TokenLogprobs", "apply_repetition_penalty", "generate_ids", "sample_next_token",
-           "sampling_probs", "token_logprobs", "static_decode_step", "use_gemv_layout"]
+           "sampling_probs", "token_logprobs", "use_gemv_layout"]

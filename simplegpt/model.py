@@ -179,6 +179,10 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT expects a GPTConfig, got {type(config).__name__}")
         self.config = config
+        # forward checks its input's values (ids in the vocabulary, positions in the window), which
+        # reads them on the host: a sync per call. Callers whose input is checked where it enters
+        # (the engine, the trainer) turn this off, so the forward reads no tensor value.
+        self.check_inputs = True
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
@@ -231,19 +235,19 @@ class GPT(nn.Module):
         wpe.weight = nn.Parameter(wpe.weight[:n_positions].clone())
         wpe.num_embeddings = n_positions
 
-    def _check_input(self, idx: torch.Tensor, position_ids: torch.Tensor) -> None:
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
-        if idx.size(1) == 0:
-            raise ValueError("idx is empty: give at least one token")
+    def check_input(self, idx: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """ValueError unless idx (B, T) holds integer ids in 0..vocab_size-1 and every position id
+        (B, T) is below n_positions. It reads the tensors' values on the host; forward calls it
+        while check_inputs is True."""
         if position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
             raise ValueError(
                 f"sequence of length {int(position_ids.max()) + 1} exceeds n_positions="
                 f"{self.config.n_positions}; crop the input to the last {self.config.n_positions} tokens"
             )
-        self._check_ids(idx)
+        self.check_ids(idx)
 
-    def _check_ids(self, idx: torch.Tensor) -> None:
+    def check_ids(self, idx: torch.Tensor) -> None:
+        """ValueError unless idx holds integer token ids in 0..vocab_size-1 (reads them on the host)."""
         if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         lo, hi = int(idx.min()), int(idx.max())
@@ -265,7 +269,10 @@ class GPT(nn.Module):
         Without kv_cache this is the reference path: attention_mask is (B, T). With kv_cache
         (simplegpt.engine.KVCache) idx holds the T tokens that follow the kv_cache.length cached
         ones, their keys and values are written into the cache, and attention_mask, if given,
-        covers all S = kv_cache.length + T keys: (B, S).
+        covers all S = kv_cache.length + T keys: (B, S). attention_mask may instead be a boolean
+        (B, 1, T, S) "may attend" mask, used as it is (the compiled engine's static cache).
+        ValueError for a bad shape and, while check_inputs is True, for ids or positions out of
+        range (check_input).
         """
         x = self.hidden_states(idx, attention_mask, position_ids, kv_cache)
         logits = self.lm_head(x)  # (B, T, V)
@@ -291,16 +298,23 @@ class GPT(nn.Module):
         kv_cache: "KVCacheLike | None" = None,
     ) -> torch.Tensor:
         """The final-layer-norm output (B, T, C), before the output head; arguments as in forward."""
-        B, T = idx.shape if idx.dim() == 2 else (0, 0)
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("idx is empty: give at least one token")
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=idx.device)[None]
-        self._check_input(idx, position_ids)
+        if self.check_inputs:
+            self.check_input(idx, position_ids)
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask  # built by the caller, e.g. over a static cache's slots
+        elif attention_mask is not None:
             if attention_mask.shape != (B, past + T):
                 want = (f"idx shape {tuple(idx.shape)}" if kv_cache is None
                         else f"(batch, cached + new tokens) {(B, past + T)}")

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, ConfigError, DataError
+from .files import BEST, CONFIG_FILE, LAST, METRICS_FILE, SAMPLES_FILE
 
 REPORT_FILE = "report.html"
-# The run folder's files (simplegpt.training.run_dir names them; the report reads them by these names).
-METRICS_FILE, SAMPLES_FILE, CONFIG_FILE, LAST, BEST = "metrics.jsonl", "samples.txt", "config.toml", "last", "best"
 _SAMPLE_HEADER = re.compile(r"^=== step (\d+), val loss (\S+) ===\n", re.MULTILINE)
 
 

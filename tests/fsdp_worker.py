@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from simplegpt import checkpoint as ckpt
+from simplegpt.files import sha256_file
 from simplegpt.model import GPT, GPTConfig
 from simplegpt.tokenizer import CharTokenizer
 from simplegpt.training.optimizer import param_groups
@@ -106,7 +107,7 @@ def write_other_files(directory: Path, model_state: dict, step: int) -> None:
     # config.json records the digest of every other file of the directory, dcp/'s included
     doc = json.loads((scratch / ckpt.CONFIG_FILE).read_text())
     del doc[ckpt.CHECKSUMS][ckpt.WEIGHTS_FILE]
-    doc[ckpt.CHECKSUMS].update({p.relative_to(directory).as_posix(): ckpt._sha256(p)
+    doc[ckpt.CHECKSUMS].update({p.relative_to(directory).as_posix(): sha256_file(p)
                                 for p in sorted((directory / "dcp").iterdir())})
     (directory / ckpt.CONFIG_FILE).write_text(json.dumps(doc, indent=2))
     shutil.rmtree(scratch)

@@ -4,6 +4,7 @@ Each check about a defect of the tutorial's code is a function that is run on si
 model (must pass) and on the tutorial's original model (must fail), so the test can fail.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -209,3 +210,47 @@ def test_bad_forward_input_raises_value_error():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask shape"):
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5))
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every way a tensor's value becomes a Python object raises inside the block."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the forward read a tensor's value on the host")
+
+    names = ("item", "tolist", "__int__", "__index__", "__bool__", "__float__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_the_forward_reads_no_tensor_value_with_checks_off():
+    """Training with targets, eager inference and a KV-cached decode step, as the trainer and the
+    engine run them: no host sync. With checks on (the default) the same forward does read."""
+    from simplegpt.engine import Engine, KVCache
+
+    model = ours()
+    idx, targets = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    targets[0, :3] = IGNORE_INDEX
+    with no_host_reads(), pytest.raises(AssertionError, match="on the host"):
+        model(idx, targets)
+    model.check_inputs = False
+    with no_host_reads():
+        _, loss = model(idx, targets)  # training forward
+        loss.backward()
+        with torch.no_grad():
+            logits, _ = model(idx, attention_mask=torch.ones(2, 8, dtype=torch.long))  # eager inference
+    assert torch.isfinite(loss) and logits.shape == (2, 8, 50)
+    view = Engine(ours()).backend.model  # what the engine runs: its view turns the checks off
+    assert not view.check_inputs
+    cache = KVCache(view.config, 2, 16)
+    with torch.no_grad():
+        view(idx, kv_cache=cache)  # prefill
+        with no_host_reads():
+            step, _ = view(idx[:, -1:], kv_cache=cache)  # one decode step
+    assert step.shape == (2, 1, 50) and cache.length == 9

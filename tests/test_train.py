@@ -295,3 +295,15 @@ def test_resume_is_bit_identical_with_a_measured_peak_flops(tmp_path, corpus):
     first = train(cfg, stop_at=3, progress=False)
     resumed = train(cfg, resume=tmp_path / "part", progress=False)
     assert first.losses + resumed.losses == full.losses
+
+
+def test_training_steps_evaluations_and_samples_skip_the_forwards_input_check(tmp_path, corpus, monkeypatch):
+    """The trainer's batches are checked where they enter (the dataset's tokenizer, block_size), so no
+    forward of a step, an evaluation or a sample reads its input's values on the host (GPT.check_input)."""
+    def refuse(self, *args):
+        raise AssertionError("a training forward checked its input on the host")
+
+    monkeypatch.setattr(GPT, "check_input", refuse)
+    monkeypatch.setattr(GPT, "check_ids", refuse)
+    result = train(tiny(tmp_path, corpus, max_iters=4, eval_interval=2, sample_prompt="ROMEO:\n"), progress=False)
+    assert result.step == 4 and math.isfinite(result.val_loss)

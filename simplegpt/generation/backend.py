@@ -27,8 +27,12 @@ from .text import Row
 
 def model_view(model: nn.Module, swap: Callable[[nn.Module], type | None] | None = None) -> nn.Module:
     """A backend's view of model (simplegpt.views.module_view) in eval mode: generation never runs
-    dropout, whatever mode the caller's model is in."""
-    return module_view(model, swap, training=False)
+    dropout, whatever mode the caller's model is in. Its forward does not check its input's values
+    (GPT.check_inputs), which would sync with the host every step: the Engine checks prompts where
+    they enter and keeps positions inside the window."""
+    view = module_view(model, swap, training=False)
+    view.check_inputs = False
+    return view
 
 
 class Batch:

@@ -1,5 +1,5 @@
-"""The compiled backend (Engine(compile=True)): each decode step is one torch.compile'd function,
-static_decode_step, over a static cache (CUDA graphs on CUDA). Prefill and window re-encodes run
+"""The compiled backend (Engine(compile=True)): each decode step is the model's forward, compiled
+whole by torch.compile (static_step), over a static cache (CUDA graphs on CUDA). Prefill and window re-encodes run
 eagerly, as in the eager backend."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from .text import Row
 
 
 class _SlotKV:
-    """One layer's whole (B, H, max_len, D) cache buffers for static_decode_step: `update` writes
+    """One layer's whole (B, H, max_len, D) cache buffers for the compiled step: `update` writes
     the step's keys/values at slot (a 1-element tensor) and returns all max_len slots."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
@@ -25,26 +25,36 @@ class _SlotKV:
         return self.k, self.v
 
 
-def static_decode_step(model: GPT, idx: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, real: torch.Tensor,
-                       ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
-    """One decode step whose shapes do not depend on the position, for torch.compile: logits (B, V).
+class _SlotCache:
+    """The KVCacheLike GPT.forward sees in a compiled step. Where the step writes (the slot) and
+    what it reads (the mask) are tensors, so the cache's Python length stays 0 and advance does
+    nothing: the one compiled graph serves every position (StaticBatch advances the real cache)."""
+
+    length = 0
+
+    def __init__(self, layers: list[_SlotKV]):
+        self.layers = layers
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+def static_step(model: GPT, idx: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, real: torch.Tensor,
+                ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+    """GPT.forward for one decode step whose shapes do not depend on the position, for
+    torch.compile: logits (B, V). model's check_inputs must be off (it reads values on the host).
 
     idx, pos (B, 1): the rows' last tokens and their positions; slot (1,): the cache slot they are
     written to; real (B, max_len) bool: slots holding real tokens (False for left padding);
     ks, vs: each layer's (B, H, max_len, D) cache buffers, separate tensors, so that the compiled
     step writes one slot in place rather than copying a stacked cache. Every query attends over
     all max_len slots, masked to the real ones up to slot, and always to its own.
-    (GPT.hidden_states cannot be traced whole here: it checks its inputs' values in Python.)
     """
-    M = real.size(1)
-    slots = torch.arange(M, device=real.device)
+    slots = torch.arange(real.size(1), device=real.device)
     keep = ((slots <= slot) & real) | (slots == slot)  # (B, M)
-    mask = keep[:, None, None, :]  # (B, 1, 1, M): broadcast over heads and the one query
-    tr = model.transformer
-    x = tr.wte(idx) + tr.wpe(pos)  # (B, 1, C); dropout is off in eval mode
-    for block, k, v in zip(tr.h, ks, vs):
-        x = block(x, mask, _SlotKV(k, v, slot))
-    return model.lm_head(tr.ln_f(x[:, -1]))
+    cache = _SlotCache([_SlotKV(k, v, slot) for k, v in zip(ks, vs)])
+    logits, _ = model(idx, attention_mask=keep[:, None, None, :], position_ids=pos, kv_cache=cache)
+    return logits[:, -1]  # (B, 1, V) -> (B, V)
 
 
 def check_compilable(model: GPT, use_cache: bool) -> None:
@@ -57,7 +67,7 @@ def check_compilable(model: GPT, use_cache: bool) -> None:
 
 
 class StaticBatch(Batch):
-    """A Batch whose decode steps run the backend's compiled static_decode_step.
+    """A Batch whose decode steps run the backend's compiled static_step.
 
     Its tensors keep their shapes and addresses (torch._dynamo.mark_static_address, for CUDA
     graphs) and the backend reuses the object for later calls of the same batch size, so one
@@ -122,7 +132,7 @@ class StaticBatch(Batch):
 
 
 class CompiledBackend(Backend):
-    """Decode steps as one compiled static_decode_step (see the module docstring). Dynamo compiles
+    """Decode steps as one compiled static_step (see the module docstring). Dynamo compiles
     the step once per batch size (and model shape), on its first decode step."""
 
     name = "compiled"
@@ -131,7 +141,7 @@ class CompiledBackend(Backend):
         check_compilable(model, use_cache=True)
         super().__init__(model, device, window, window_shift, use_cache=True)
         mode = "reduce-overhead" if device.type == "cuda" else "default"
-        self.step = torch.compile(static_decode_step, fullgraph=True, dynamic=False, mode=mode)
+        self.step = torch.compile(static_step, fullgraph=True, dynamic=False, mode=mode)
         self.free: dict[int, list[StaticBatch]] = {}  # batch size -> StaticBatch objects no call is using
 
     def new_batch(self, batch_size: int) -> StaticBatch:

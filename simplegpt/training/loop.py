@@ -434,6 +434,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
     else:
         metrics = _NoMetrics()
 
+    # The batches hold ids of the model's own tokenizer (prepare_data checked) in windows of block_size <=
+    # n_positions (the config checked): no step needs the forward's input check and its host sync.
+    model.check_inputs = False
     # The module the steps run: compiled, or with the CPU training kernels on modules sharing the parameters.
     step_model = torch.compile(model) if cfg.compile else model if sharded else cpu.for_training(model)
     step_model.train()  # before CoreShards copies it

@@ -24,14 +24,9 @@ from typing import Any
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, read_toml, to_toml
 from ..errors import DISK_FULL, CheckpointError, ConfigError
+from ..files import BEST, CONFIG_FILE, LAST, METRICS_FILE, PLOT_FILE, SAMPLES_FILE
 from . import TrainingError
 from .lock import LOCK_FILE, RunLock, lock_run_folder
-
-CONFIG_FILE = "config.toml"
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.txt"
-PLOT_FILE = "loss.png"
-LAST, BEST = "last", "best"
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:

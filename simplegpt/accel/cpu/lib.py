@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 
 from ...errors import OptionError
+from ...files import cache_dir
 from .slots import BLOCK_SLOTS
 
 HERE = Path(__file__).parent / "csrc"
@@ -108,11 +109,6 @@ _why: list[str] = []  # how the variant was chosen: report()'s lines
 _loaded = False
 _load_lock = threading.Lock()
 _disabled = 0  # depth of disabled() blocks
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SIMPLEGPT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "simplegpt") / "native"
 
 
 def unavailable_reason() -> str | None:
@@ -238,7 +234,7 @@ def build(name: str) -> ctypes.CDLL:
 def _build(cc: str, variant: Variant) -> ctypes.CDLL:
     code = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS])
     key = hashlib.sha256(code + " ".join([cc, variant.name, *FLAGS, *variant.flags, *OPENMP]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"kernels-{variant.name}-{key}.so"
+    target = cache_dir() / "native" / f"kernels-{variant.name}-{key}.so"
     if not target.is_file():
         _compile(cc, variant, target)
     lib = ctypes.CDLL(str(target))

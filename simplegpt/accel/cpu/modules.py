@@ -68,7 +68,8 @@ class FusedGPT(GPT):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None and training.model_usable(self, idx, targets):
-            self._check_ids(idx)  # model_usable checked the shapes and the length
+            if self.check_inputs:
+                self.check_ids(idx)  # model_usable checked the shapes and the length
             return training.model_loss(self, idx, targets)
         return super().loss(idx, targets, attention_mask)
 
