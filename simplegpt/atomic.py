@@ -18,6 +18,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -115,7 +116,9 @@ def _sibling(leftover: Path, kind: str) -> Path:
 
 
 def _writing(leftover: Path) -> bool:
-    """Whether another live process may still be writing this leftover (named after its pid)."""
+    """Whether another live process may still be writing this leftover (named after its pid). A
+    process that started after the leftover was last changed is not its writer but a later one
+    given the same pid (a dead writer's pid is reused), so the leftover is a crash's."""
     pid = leftover.name.rsplit(".pid", 1)[-1] if ".pid" in leftover.name else ""
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
@@ -124,8 +127,25 @@ def _writing(leftover: Path) -> bool:
     except ProcessLookupError:
         return False
     except OSError:
-        return True  # it exists but belongs to someone else
-    return True
+        pass  # it exists but belongs to someone else
+    age = _process_age(int(pid))
+    return age is None or age + _AGE_SLACK_S >= time.time() - _mtime(leftover) / 1e9
+
+
+_AGE_SLACK_S = 1.0  # /proc counts a process's start in clock ticks; file times may be coarse
+
+
+def _process_age(pid: int) -> float | None:
+    """How many seconds ago process `pid` started, from Linux's /proc (its start and the uptime,
+    both on the clock since boot, which the wall clock's adjustments do not move); None where that
+    cannot be read (another system, a process that just ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _newest(folders: list[Path]) -> Path | None:
