@@ -271,7 +271,11 @@ def _tokenizer_for(directory: Path | None, config: GPTConfig) -> Tokenizer | Non
     """simplegpt's own tokenizer if the directory carries one (a simplegpt export), GPT-2's if the
     vocabulary is GPT-2's, else None: another BPE cannot be represented by simplegpt."""
     if directory is not None and (directory / SIMPLEGPT_TOKENIZER_DIR).is_dir():
-        tok = load_tokenizer(directory / SIMPLEGPT_TOKENIZER_DIR)
+        try:
+            tok = load_tokenizer(directory / SIMPLEGPT_TOKENIZER_DIR)
+        except (OSError, ValueError, KeyError) as e:  # a damaged or foreign tokenizer.json
+            raise CheckpointError(f"{directory / SIMPLEGPT_TOKENIZER_DIR} is damaged ({e}); export the model "
+                                  "again") from None
     elif config.vocab_size == 50257 and (directory is None or _has_gpt2_vocab(directory)):
         tok = GPT2Tokenizer()
     else:
