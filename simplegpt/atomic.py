@@ -52,7 +52,8 @@ def newest_complete(path: str | os.PathLike) -> Path | None:
     done, aside = _interrupted(path)
     gone = [tmp for tmp in done if not _writing(tmp)]
     if gone:
-        return _newest(gone)
+        # `path` too: a later save may have put it in place while this copy's writer seemed alive
+        return _newest(gone + ([path] if path.exists() else []))
     if path.exists():
         return path
     return _newest(done) or _newest(aside)
@@ -68,14 +69,17 @@ def recover(path: str | os.PathLike) -> Path | None:
             shutil.rmtree(stale, ignore_errors=True)  # killed while writing: never complete
     for marker in sorted(path.parent.glob(f".{path.name}.old-*"), key=_mtime):
         if not _writing(marker):
-            _finish(path, _sibling(marker, ".tmp-"), marker)
+            _finish(path, _sibling(marker, ".tmp-"), marker, interrupted=True)
     return path if path.exists() else None
 
 
-def _finish(path: Path, tmp: Path, marker: Path) -> None:
-    """Steps 3-5 from wherever a write stopped after step 2; every step can be run again."""
+def _finish(path: Path, tmp: Path, marker: Path, interrupted: bool = False) -> None:
+    """Steps 3-5 from wherever a write stopped after step 2; every step can be run again.
+    interrupted: finishing another writer's save (recover), whose copy may be older than `path`."""
     aside = marker / "old"
-    if tmp.is_dir():
+    if interrupted and tmp.is_dir() and path.exists() and not aside.exists() and _mtime(path) > _mtime(tmp):
+        pass  # a later save put `path` in place while this writer seemed alive: its copy is the older one
+    elif tmp.is_dir():
         if path.exists() and not aside.exists():
             os.replace(path, aside)
         if not path.exists():

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import pickle
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from simplegpt import checkpoint as ckpt
+from simplegpt.cli import main
 from simplegpt.errors import CheckpointError
 from simplegpt.hf import export_hf, load_hf_model
 from simplegpt.model import GPT, GPTConfig
@@ -143,7 +143,7 @@ def test_a_pickle_planted_in_any_file_of_any_checkpoint_runs_nothing(tmp_path, k
     assert planted >= 4
 
 
-def test_refusals_name_the_file_and_say_what_to_do(tmp_path):
+def test_refusals_name_the_file_and_say_what_to_do(tmp_path, capsys):
     _save_sharded(tmp_path / "sh", _model(0))
     (tmp_path / "sh" / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(tmp_path / "pwned")))
     _sign(tmp_path / "sh", "dcp/.metadata", "re-signed")
@@ -156,11 +156,10 @@ def test_refusals_name_the_file_and_say_what_to_do(tmp_path):
     export_hf(tmp_path / "src", hf)
     (hf / "model.safetensors").unlink()
     torch.save({"transformer.wte.weight": Payload(tmp_path / "pwned")}, hf / "pytorch_model.bin")
-    done = subprocess.run([sys.executable, "-m", "simplegpt", "import-hf", str(hf), str(tmp_path / "imported")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "pytorch_model.bin holds objects other than tensors" in done.stderr and "model.safetensors" in done.stderr
-    assert "weights_only" not in done.stderr and not (tmp_path / "pwned").exists()
+    assert main(["import-hf", str(hf), str(tmp_path / "imported")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "pytorch_model.bin holds objects other than tensors" in line and "model.safetensors" in line
+    assert "weights_only" not in line and not (tmp_path / "pwned").exists()
 
 
 def _hostile(folder: Path, **model) -> None:
@@ -169,26 +168,31 @@ def _hostile(folder: Path, **model) -> None:
     (folder / "config.json").write_text(json.dumps(doc))  # config.json holds the digests: none covers it
 
 
-@pytest.mark.parametrize("command", ["info", "generate", "consolidate"])
-def test_a_hostile_config_is_refused_before_anything_is_built(tmp_path, command):
-    folder = tmp_path / "ck"
-    if command == "consolidate":
-        _save_sharded(folder, _model(0))
-    else:
-        ckpt.save_checkpoint(folder, _model(0), ByteTokenizer(), metadata={"step": 1})
-    _hostile(folder, n_layer=1_000_000, n_embd=1_000_000, n_head=1)
-    args = {"info": ["info", str(folder)], "consolidate": ["consolidate", str(folder)],
-            "generate": ["generate", "--checkpoint", str(folder), "--prompt", "a", "--max-new-tokens", "2"]}[command]
-    limit = 3 << 30  # the model this config names would need terabytes; a refusal needs well under this
-    done = subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True, timeout=120,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
-    assert done.returncode == 1, done.stderr[-2000:]
-    [line] = done.stderr.strip().splitlines()
-    assert "does not match" in line and "n_layer 1000000" in line and "1 blocks" in line, line
-    # the same shapes, each tensor checked against the config (here the width)
-    _hostile(folder, n_layer=1)
+def test_a_hostile_config_is_refused_before_anything_is_built(tmp_path):
+    _save_sharded(tmp_path / "sharded", _model(0))
+    ckpt.save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer(), metadata={"step": 1})
+    for folder in (tmp_path / "sharded", tmp_path / "ck"):
+        _hostile(folder, n_layer=1_000_000, n_embd=1_000_000, n_head=1)
+    # One process for the three commands, its address space limited: the model this config names
+    # would need terabytes (and a million blocks of Python objects); a refusal needs well under this.
+    script = f"""if True:
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        from simplegpt.cli import main
+        for args in (["info", {str(tmp_path / "ck")!r}], ["consolidate", {str(tmp_path / "sharded")!r}],
+                     ["generate", "--checkpoint", {str(tmp_path / "ck")!r}, "--prompt", "a", "--max-new-tokens", "2"]):
+            print(main(args), file=sys.stderr)
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 6 and lines[1::2] == ["1", "1", "1"], done.stderr[-2000:]
+    for line in lines[0::2]:
+        assert "does not match" in line and "n_layer 1000000" in line and "1 blocks" in line, line
+    # the same number of blocks: each tensor is checked against the config (here the width)
+    _hostile(tmp_path / "ck", n_layer=1)
     with pytest.raises(CheckpointError, match=r"c_attn.bias is \[24\] in the weights, \[3000000\] for the config"):
-        ckpt.describe_checkpoint(folder)
+        ckpt.describe_checkpoint(tmp_path / "ck")
 
 
 def test_info_reads_the_shapes_and_builds_no_model(tmp_path, monkeypatch):
@@ -219,7 +223,7 @@ def test_a_hostile_hugging_face_config_is_refused_before_anything_is_built(tmp_p
 
 
 @pytest.mark.parametrize("chars", [12345, [], "", None, ["a", "b"]])
-def test_a_damaged_tokenizer_json_is_one_line_everywhere(tmp_path, chars):
+def test_a_damaged_tokenizer_json_is_one_line_everywhere(tmp_path, capsys, chars):
     folder = tmp_path / "ck"
     ckpt.save_checkpoint(folder, _model(0), CharTokenizer("abc"), metadata={"step": 1}, train_state=train_state(1))
     spec = folder / "tokenizer" / "tokenizer.json"
@@ -230,8 +234,8 @@ def test_a_damaged_tokenizer_json_is_one_line_everywhere(tmp_path, chars):
             load(folder)
     for args in (["info", str(folder)], ["export-hf", str(folder), str(tmp_path / "hf")],
                  ["generate", "--checkpoint", str(folder), "--prompt", "a", "--max-new-tokens", "2"]):
-        done = subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr[-2000:])
+        assert main(args) == 1
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1, args
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
