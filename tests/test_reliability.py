@@ -280,3 +280,22 @@ def test_a_copy_left_by_a_writer_that_seemed_alive_never_replaces_a_newer_save(t
     assert read_checkpoint_config(last)["step"] == 2
     assert recover(last) == last and read_checkpoint_config(last)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+@pytest.mark.parametrize("part", ["optimizer", "sampler"])
+def test_a_resigned_train_state_whose_parts_do_not_fit_is_one_line(tmp_path, shakespeare_path, part):
+    from simplegpt.errors import CheckpointError
+
+    cfg, _ = _tiny_run(tmp_path, shakespeare_path)
+    train(cfg, stop_at=3, progress=False)
+    last = tmp_path / "run" / "last"
+    state = load_train_state(last)
+    if part == "optimizer":  # a parameter group of another model: one parameter too many
+        state["optimizer"]["param_groups"][0]["params"].append(10**6)
+    else:  # numpy's bit generator state of another kind
+        state["sampler"]["rng"] = {"bit_generator": "NoSuchGenerator", "state": {}}
+    ck = load_checkpoint(last)
+    save_checkpoint(last, ck.model, ck.tokenizer, metadata=ck.metadata, train_state=state)  # digests re-signed
+    with pytest.raises(CheckpointError, match=f"train_state.pt is damaged: its {part} state cannot be restored"):
+        train(cfg, resume=last, progress=False)
+    assert read_checkpoint_config(last)["step"] == 3  # nothing saved was lost
