@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -246,5 +247,14 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
 
 
 def test_a_hostile_n_embd_is_refused_at_once():
-    with pytest.raises(ValueError, match="must be divisible by n_head"):
-        GPTConfig(n_embd=10**15 + 37, n_head=7)  # the hint lists divisors: it must not count to 10**15
+    def too_long(*_):
+        raise TimeoutError("GPTConfig took more than 20 s to refuse")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match="must be divisible by n_head"):
+            GPTConfig(n_embd=10**15 + 37, n_head=7)  # the hint lists divisors: it must not count to 10**15
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -205,6 +205,7 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool 
     exists and overwrite is False, OSError from the file system. progress, when given, is called
     once the checks passed, with a line saying what is being read. Returns dst."""
     from ..tokenizer import load_tokenizer
+    from .dcp_safe import read_metadata
 
     src, dst = Path(src), Path(dst)
     folder = _sharded_folder(src)
@@ -212,31 +213,35 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool 
         raise OutputExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
     if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(folder.resolve()):
         raise OutputExistsError(f"{dst} is {src} or inside it; choose a destination beside it")
-    doc = ckpt.read_checkpoint_config(folder)
-    try:
-        config = GPTConfig.from_dict(doc["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / ckpt.CONFIG_FILE} holds an invalid model config: {e}") from None
-    _verify_shards(folder, doc)
-    from .dcp_safe import read_metadata
 
-    saved = read_metadata(folder / DCP_DIR).state_dict_metadata  # the shapes, checked before a model is built
-    ckpt.check_config_fits(config, {k.removeprefix(f"{MODEL}."): tuple(v.size) for k, v in saved.items()
-                                    if k.startswith(f"{MODEL}.") and hasattr(v, "size")},
-                           str(folder / ckpt.CONFIG_FILE))
-    if progress is not None:
-        shards = sorted((folder / DCP_DIR).glob("*.distcp"))
-        progress(f"consolidating {src}: {config.n_layer} layers, {config.n_embd} wide, from {len(shards)} shard "
-                 f"file{'s' if len(shards) != 1 else ''} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)")
-    with torch.device("meta"):
-        shapes = GPT(config).state_dict()
-    weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != ckpt.TIED_KEY}
-    _dcp_load({MODEL: weights}, folder, no_dist=True)
-    model = ckpt.model_from_state(config, weights)
-    try:
-        tokenizer = load_tokenizer(folder / ckpt.TOKENIZER_DIR) if (folder / ckpt.TOKENIZER_DIR).is_dir() else None
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / ckpt.TOKENIZER_DIR} is damaged ({e}); use another checkpoint") from None
+    def read(folder: Path) -> tuple[GPT, Any, dict[str, Any]]:
+        doc = ckpt.read_checkpoint_config(folder)
+        try:
+            config = GPTConfig.from_dict(doc["model"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / ckpt.CONFIG_FILE} holds an invalid model config: {e}") from None
+        _verify_shards(folder, doc)
+        saved = read_metadata(folder / DCP_DIR).state_dict_metadata  # the shapes, checked before a model is built
+        ckpt.check_config_fits(config, {k.removeprefix(f"{MODEL}."): tuple(v.size) for k, v in saved.items()
+                                        if k.startswith(f"{MODEL}.") and hasattr(v, "size")},
+                               str(folder / ckpt.CONFIG_FILE))
+        if progress is not None:
+            shards = sorted((folder / DCP_DIR).glob("*.distcp"))
+            progress(f"consolidating {src}: {config.n_layer} layers, {config.n_embd} wide, from {len(shards)} shard "
+                     f"file{'s' if len(shards) != 1 else ''} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)")
+        with torch.device("meta"):
+            shapes = GPT(config).state_dict()
+        weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != ckpt.TIED_KEY}
+        _dcp_load({MODEL: weights}, folder, no_dist=True)
+        model = ckpt.model_from_state(config, weights)
+        try:
+            tokenizer = load_tokenizer(folder / ckpt.TOKENIZER_DIR) if (folder / ckpt.TOKENIZER_DIR).is_dir() else None
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{folder / ckpt.TOKENIZER_DIR} is damaged ({e}); use another checkpoint") from None
+        return model, tokenizer, doc
+
+    # all from one copy of src, should a run save it meanwhile (simplegpt.checkpoint.read_whole)
+    model, tokenizer, doc = ckpt.read_whole(src, read)
     metadata = {k: v for k, v in doc.items() if k not in ckpt.NOT_METADATA}
     return ckpt.save_checkpoint(dst, model, tokenizer, metadata=metadata)
 
