@@ -18,6 +18,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -67,7 +68,8 @@ def newest_complete(path: str | os.PathLike) -> Path | None:
     done, aside = _interrupted(path)
     gone = [tmp for tmp in done if not _writing(tmp)]
     if gone:
-        return _newest(gone)
+        # `path` too: a later save may have put it in place while this copy's writer seemed alive
+        return _newest(gone + ([path] if path.exists() else []))
     if path.exists():
         return path
     return _newest(done) or _newest(aside)
@@ -83,14 +85,17 @@ def recover(path: str | os.PathLike) -> Path | None:
             shutil.rmtree(stale, ignore_errors=True)  # killed while writing: never complete
     for marker in sorted(path.parent.glob(f".{path.name}.old-*"), key=_mtime):
         if not _writing(marker):
-            _finish(path, _sibling(marker, ".tmp-"), marker)
+            _finish(path, _sibling(marker, ".tmp-"), marker, interrupted=True)
     return path if path.exists() else None
 
 
-def _finish(path: Path, tmp: Path, marker: Path) -> None:
-    """Steps 3-5 from wherever a write stopped after step 2; every step can be run again."""
+def _finish(path: Path, tmp: Path, marker: Path, interrupted: bool = False) -> None:
+    """Steps 3-5 from wherever a write stopped after step 2; every step can be run again.
+    interrupted: finishing another writer's save (recover), whose copy may be older than `path`."""
     aside = marker / "old"
-    if tmp.is_dir():
+    if interrupted and tmp.is_dir() and path.exists() and not aside.exists() and _mtime(path) > _mtime(tmp):
+        pass  # a later save put `path` in place while this writer seemed alive: its copy is the older one
+    elif tmp.is_dir():
         if path.exists() and not aside.exists():
             os.replace(path, aside)
         if not path.exists():
@@ -131,7 +136,9 @@ def _sibling(leftover: Path, kind: str) -> Path:
 
 
 def _writing(leftover: Path) -> bool:
-    """Whether another live process may still be writing this leftover (named after its pid)."""
+    """Whether another live process may still be writing this leftover (named after its pid). A
+    process that started after the leftover was last changed is not its writer but a later one
+    given the same pid (a dead writer's pid is reused), so the leftover is a crash's."""
     pid = leftover.name.rsplit(".pid", 1)[-1] if ".pid" in leftover.name else ""
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
@@ -140,8 +147,25 @@ def _writing(leftover: Path) -> bool:
     except ProcessLookupError:
         return False
     except OSError:
-        return True  # it exists but belongs to someone else
-    return True
+        pass  # it exists but belongs to someone else
+    age = _process_age(int(pid))
+    return age is None or age + _AGE_SLACK_S >= time.time() - _mtime(leftover) / 1e9
+
+
+_AGE_SLACK_S = 1.0  # /proc counts a process's start in clock ticks; file times may be coarse
+
+
+def _process_age(pid: int) -> float | None:
+    """How many seconds ago process `pid` started, from Linux's /proc (its start and the uptime,
+    both on the clock since boot, which the wall clock's adjustments do not move); None where that
+    cannot be read (another system, a process that just ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _newest(folders: list[Path]) -> Path | None:

@@ -21,13 +21,14 @@ torch.load(weights_only=True), so a checkpoint cannot run code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ NOT_METADATA = ("format", "version", "model", CHECKSUMS)
 # What load_train_state checks before the trainer uses a state (a nested dict is a nested check).
 TRAIN_STATE_FIELDS: dict[str, Any] = {
     "step": int, "tokens_seen": int, "best_val_loss": (int, float), "elapsed_s": (int, float),
-    "optimizer": {"state": dict, "param_groups": list}, "scaler": dict, "sampler": dict,
+    "optimizer": {"state": dict, "param_groups": list}, "scaler": dict, "sampler": {"rng": dict},
     "rng": {"torch": torch.Tensor, "numpy": tuple, "python": tuple},
 }
 # A numpy array (or scalar) in a train state is stored as {NUMPY: tensor, "scalar": bool}.
@@ -158,15 +159,52 @@ def recover(path: str | os.PathLike) -> Path | None:
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     """config.json of a checkpoint (of its newest complete copy, see recover), validated;
     raises CheckpointError with what is wrong."""
-    return _read_config(_locate(Path(path)))
+    return read_whole(path, _read_config)
 
 
-def _locate(path: Path) -> Path:
-    """The directory holding the newest complete copy of the checkpoint `path`."""
-    found = atomic.newest_complete(path)
-    if found is None:
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    return found
+# How many times a reader starts again because a save swapped another copy in while it read.
+READ_ATTEMPTS = 50
+T = TypeVar("T")
+
+
+def read_whole(path: str | os.PathLike, read: Callable[[Path], T]) -> T:
+    """read(folder) of the newest complete copy of the checkpoint `path` (see recover), all of it
+    from one copy: when a save of `path` swapped another copy in while read ran (the copy to read
+    is then another, or its config.json another file), read runs again on the new one, so a reader
+    beside a trainer that saves sees the old copy or the new one, whole, never a mix. Raises what
+    read raises (CheckpointError for a damaged copy); a file missing from a copy that did not change
+    is a CheckpointError naming it."""
+    path = Path(path)
+    for _ in range(READ_ATTEMPTS):
+        before = _copy_id(path)
+        if before is None:
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        try:
+            result = read(before[0])
+        except (CheckpointError, OSError) as e:
+            if _copy_id(path) != before:
+                continue  # a save moved the copy away while it was read: read the new one
+            if isinstance(e, FileNotFoundError):
+                raise CheckpointError(f"{path} is incomplete: {e.filename or e} is missing; use another "
+                                      "checkpoint") from None
+            raise
+        if _copy_id(path) == before:
+            return result
+    raise CheckpointError(f"{path} was replaced {READ_ATTEMPTS} times while it was read (a run saving it very "
+                          "often); try again, or read a copy of it")
+
+
+def _copy_id(path: Path) -> tuple[Path, int, int] | None:
+    """Which copy of checkpoint `path` a reader would read now: its folder and its config.json's
+    inode and mtime (every save writes a new config.json); None when there is no copy."""
+    folder = atomic.newest_complete(path)
+    if folder is None:
+        return None
+    try:
+        st = os.stat(folder / CONFIG_FILE)
+    except OSError:
+        return folder, -1, -1
+    return folder, st.st_ino, st.st_mtime_ns
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -217,7 +255,10 @@ def _files(root: Path) -> list[str]:
 def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
     """The model built around the weights: made on the meta device, so no random init is computed
     and thrown away (about 2 s at 124M on a CPU). Weights become float32, simplegpt's dtype.
-    Raises RuntimeError (from load_state_dict) when names or shapes do not match the config."""
+    Raises RuntimeError (from load_state_dict) when names or shapes do not match the config; the
+    number of blocks is compared first, so a config.json with a huge n_layer builds nothing."""
+    if (why := _blocks_mismatch(config, state)) is not None:
+        raise RuntimeError(why)
     with torch.device("meta"):
         model = GPT(config)
     state = {k: v.to(torch.float32) for k, v in state.items() if k != TIED_KEY}
@@ -228,20 +269,123 @@ def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
     return model
 
 
+def _blocks_mismatch(config: GPTConfig, names: Any) -> str | None:
+    """Why the weights named `names` (transformer.h.<i>.* per block) cannot be config's model
+    because their number of blocks differs from n_layer; None when it is the same."""
+    blocks = {int(m[1]) for name in names if (m := re.match(r"transformer\.h\.(\d+)\.", name))}
+    if blocks == set(range(config.n_layer)):
+        return None
+    return f"the config has n_layer {config.n_layer}, the weights hold {len(blocks)} blocks"
+
+
+def check_config_fits(config: GPTConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Check the model config against the shapes of its weights (name -> shape, the tied head left
+    out) without building the model: the number of blocks, then each tensor's shape against a model
+    of one block built on the meta device (which allocates nothing, whatever the sizes). Raises
+    CheckpointError naming `where` (the config file) and the first difference."""
+    why = _blocks_mismatch(config, shapes)
+    if why is None:
+        with torch.device("meta"):
+            one = GPT(GPTConfig(**{**config.to_dict(), "n_layer": 1})).state_dict()
+        want = {k: tuple(v.shape) for k, v in one.items() if k != TIED_KEY}
+        have = {re.sub(r"^transformer\.h\.\d+\.", "transformer.h.0.", k): tuple(v) for k, v in shapes.items()}
+        if missing := sorted(want.keys() - have.keys()):
+            why = f"the weights have no {missing[0]}"
+        elif extra := sorted(have.keys() - want.keys()):
+            why = f"the weights hold {extra[0]}, which the config's model has not"
+        elif wrong := [k for k in sorted(want) if want[k] != have[k]]:
+            why = f"{wrong[0]} is {list(have[wrong[0]])} in the weights, {list(want[wrong[0]])} for the config"
+    if why is not None:
+        raise CheckpointError(f"{where} does not match the weights beside it: {why}; use another checkpoint")
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint holds, read without building its model (describe_checkpoint)."""
+    config: GPTConfig
+    parameters: int  # the tied head counted once, as GPT.num_parameters
+    tokenizer: str | None  # its kind ("char", "byte", "gpt2"), or None
+    metadata: dict[str, Any]
+    path: Path
+
+
+def describe_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """config.json, the weights' shapes (safetensors' header, or a sharded checkpoint's DCP
+    metadata) and the tokenizer of checkpoint `path`, checked against one another and the recorded
+    digests; the weights are not loaded and no model is built. Raises CheckpointError as
+    load_checkpoint."""
+    return read_whole(path, lambda folder: _describe(folder, Path(path)))
+
+
+def _describe(folder: Path, path: Path) -> CheckpointInfo:
+    from safetensors import SafetensorError, safe_open
+
+    doc = _read_config(folder)
+    config = _model_config(doc, folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file() and (folder / SHARDED_METADATA).is_file():
+        from .training.dcp_safe import read_metadata
+
+        verify_files(folder, doc, [SHARDED_METADATA])  # the shards are checked by what loads them
+        saved = read_metadata(folder / Path(SHARDED_METADATA).parent).state_dict_metadata
+        shapes = {k.removeprefix("model."): tuple(v.size) for k, v in saved.items()
+                  if k.startswith("model.") and hasattr(v, "size")}
+    elif weights.is_file():
+        verify_files(folder, doc, [WEIGHTS_FILE])
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{weights} is truncated or corrupted ({e}); use another checkpoint") from None
+    else:
+        raise CheckpointError(f"{folder} is incomplete: {WEIGHTS_FILE} is missing")
+    shapes.pop(TIED_KEY, None)
+    check_config_fits(config, shapes, str(folder / CONFIG_FILE))
+    tokenizer = _load_tokenizer(folder, doc, config)
+    return CheckpointInfo(config=config, parameters=sum(math.prod(s) for s in shapes.values()),
+                          tokenizer=tokenizer.kind if tokenizer else None,
+                          metadata={k: v for k, v in doc.items() if k not in NOT_METADATA}, path=path)
+
+
+def _model_config(doc: dict[str, Any], folder: Path) -> GPTConfig:
+    try:
+        return GPTConfig.from_dict(doc["model"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE} holds an invalid model config: {e}") from None
+
+
+def _load_tokenizer(folder: Path, doc: dict[str, Any], config: GPTConfig) -> Tokenizer | None:
+    """The checkpoint's tokenizer/ (its files checked against their digests), or None; CheckpointError
+    when it is damaged or has more tokens than the model."""
+    if not (folder / TOKENIZER_DIR).is_dir():
+        return None
+    verify_files(folder, doc, [n for n in doc.get(CHECKSUMS, {}) if n.startswith(f"{TOKENIZER_DIR}/")])
+    try:
+        tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
+    except (OSError, ValueError, KeyError) as e:  # a missing, corrupted or foreign tokenizer.json
+        if isinstance(e, FileNotFoundError) and not (folder / TOKENIZER_DIR).is_dir():
+            raise  # the copy was moved away: read_whole reads the new one
+        detail = f"its spec has no {e} field" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{folder / TOKENIZER_DIR} is damaged ({detail}); use another checkpoint") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{folder / TOKENIZER_DIR} is damaged: its {tokenizer.vocab_size} tokens do not fit the "
+                              f"model's vocabulary of {config.vocab_size}; use another checkpoint")
+    return tokenizer
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint directory written by save_checkpoint (its newest complete copy, see recover).
     Raises CheckpointError naming the file that is missing, corrupted or does not match config.json."""
+    device = resolve_device(device)
+    return read_whole(path, lambda folder: _load(folder, Path(path), device))
+
+
+def _load(folder: Path, path: Path, device: torch.device) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    device = resolve_device(device)
-    path = Path(path)
-    folder = _locate(path)
     doc = _read_config(folder)
-    try:
-        config = GPTConfig.from_dict(doc["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE} holds an invalid model config: {e}") from None
+    config = _model_config(doc, folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file() and (folder / SHARDED_METADATA).is_file():
         raise CheckpointError(f"{path} is a sharded (FSDP2) checkpoint; consolidate it first: "
@@ -259,11 +403,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{weights} does not match its config.json: {first[-1] if first else e}") from None
     model.to(device).eval()
-    try:
-        tokenizer = load_tokenizer(folder / TOKENIZER_DIR) if (folder / TOKENIZER_DIR).is_dir() else None
-    except (OSError, ValueError, KeyError) as e:  # a missing, corrupted or foreign tokenizer.json
-        detail = f"its spec has no {e} field" if isinstance(e, KeyError) else str(e)
-        raise CheckpointError(f"{folder / TOKENIZER_DIR} is damaged ({detail}); use another checkpoint") from None
+    tokenizer = _load_tokenizer(folder, doc, config)
     metadata = {k: v for k, v in doc.items() if k not in NOT_METADATA}
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, metadata=metadata, path=path)
 
@@ -273,7 +413,10 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     gave it to save_checkpoint, numpy arrays included. Unpickled with weights_only=True: a file that
     holds anything but tensors and plain values is refused, never run. Raises CheckpointError naming
     the file when it is missing, corrupted, unsafe, or lacks a field of TRAIN_STATE_FIELDS."""
-    folder = _locate(Path(path))
+    return read_whole(path, lambda folder: _load_train_state(folder, Path(path)))
+
+
+def _load_train_state(folder: Path, path: Path) -> dict[str, Any]:
     f = folder / TRAIN_STATE_FILE
     if not f.is_file():
         raise CheckpointError(f"{path} has no {TRAIN_STATE_FILE}: it cannot be resumed exactly")
@@ -290,7 +433,24 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{f} is truncated or corrupted ({type(e).__name__}); use another checkpoint") from None
     state = _from_file(state)
     _check_fields(state, TRAIN_STATE_FIELDS, f, "")
+    _check_values(state, f)
     return state
+
+
+def _check_values(state: dict[str, Any], f: Path) -> None:
+    """What TRAIN_STATE_FIELDS cannot say: counts are not negative, and the optimizer's state is
+    torch's shape of it (a dict per parameter, parameter groups that list their parameters)."""
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"{f} is damaged: {what}; use another checkpoint")
+
+    for key in ("step", "tokens_seen"):
+        if state[key] < 0:
+            raise damaged(f"{key!r} is {state[key]}, a count that cannot be negative")
+    if not all(isinstance(v, dict) for v in state["optimizer"]["state"].values()):
+        raise damaged("'optimizer.state' holds a value that is not a dict of a parameter's state")
+    for i, group in enumerate(state["optimizer"]["param_groups"]):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise damaged(f"'optimizer.param_groups' item {i} is not a parameter group (a dict with a 'params' list)")
 
 
 def _check_fields(value: Any, fields: dict[str, Any], f: Path, where: str) -> None:

@@ -115,6 +115,10 @@ def hf_to_simplegpt_state(hf_state: dict[str, torch.Tensor], config: GPTConfig, 
                 f"{where} holds weight {key!r}, which GPT-2 does not have; it is not a plain GPT-2 language model"
             ) from None
         state[name] = tensor.t().contiguous() if rule.transpose else tensor
+    blocks = {name.split(".")[2] for name in state if name.startswith("transformer.h.")}
+    if len(blocks) < config.n_layer:  # before building the model: a config.json may name any n_layer
+        raise CheckpointError(f"{where}: its config.json has n_layer={config.n_layer} but the weights hold "
+                              f"{len(blocks)} blocks; config and weights do not match")
     with torch.device("meta"):
         expected = {k: v for k, v in GPT(config).state_dict().items() if k != _HF_HEAD}
     missing = sorted(set(expected) - set(state))
@@ -233,21 +237,46 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             state.update(load_safetensors(directory / shard))
         return state
     if (directory / HF_PYTORCH_BIN).is_file():
-        try:
-            # weights_only: a .bin is a pickle, and only tensors may come out of it.
-            return torch.load(directory / HF_PYTORCH_BIN, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a damaged or unsafe pickle
-            raise CheckpointError(f"{directory / HF_PYTORCH_BIN} cannot be read ({type(e).__name__}: {e})") from None
+        return _read_bin(directory / HF_PYTORCH_BIN)
     raise CheckpointError(
         f"{directory} has no weights: expected {HF_SAFETENSORS} or {HF_PYTORCH_BIN} beside {HF_CONFIG}"
     )
+
+
+def _read_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin, unpickled with weights_only=True: only tensors and plain values may come
+    out of it, nothing in it runs. CheckpointError (one line) for a file that holds anything else, or
+    is damaged, or is not a map of names to tensors."""
+    import pickle
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"{file} is truncated or corrupted ({str(e).splitlines()[0]}); save or download "
+                                  "the model again") from None
+        raise CheckpointError(f"{file} holds objects other than tensors, and unpickling them could run code, so it "
+                              f"was not loaded: save the model as {HF_SAFETENSORS} where you trust it "
+                              "(save_pretrained(..., safe_serialization=True)) and import that") from None
+    except Exception as e:  # torch raises many types for a damaged pickle or zip
+        raise CheckpointError(f"{file} is truncated or corrupted ({type(e).__name__}); save or download the "
+                              "model again") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{file} is not a state dict (a map of names to tensors); save or download the model "
+                              "again")
+    return state
 
 
 def _tokenizer_for(directory: Path | None, config: GPTConfig) -> Tokenizer | None:
     """simplegpt's own tokenizer if the directory carries one (a simplegpt export), GPT-2's if the
     vocabulary is GPT-2's, else None: another BPE cannot be represented by simplegpt."""
     if directory is not None and (directory / SIMPLEGPT_TOKENIZER_DIR).is_dir():
-        tok = load_tokenizer(directory / SIMPLEGPT_TOKENIZER_DIR)
+        try:
+            tok = load_tokenizer(directory / SIMPLEGPT_TOKENIZER_DIR)
+        except (OSError, ValueError, KeyError) as e:  # a damaged or foreign tokenizer.json
+            raise CheckpointError(f"{directory / SIMPLEGPT_TOKENIZER_DIR} is damaged ({e}); export the model "
+                                  "again") from None
     elif config.vocab_size == 50257 and (directory is None or _has_gpt2_vocab(directory)):
         tok = GPT2Tokenizer()
     else:
@@ -263,7 +292,7 @@ def _has_gpt2_vocab(directory: Path) -> bool:
     if not vocab.is_file():
         return True
     encoder, _ = gpt2_vocab_files()
-    return json.loads(vocab.read_text(encoding="utf-8")) == json.loads(encoder.read_text(encoding="utf-8"))
+    return _read_json(vocab) == json.loads(encoder.read_text(encoding="utf-8"))
 
 
 def _is_local(source: str) -> bool:

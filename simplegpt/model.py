@@ -39,7 +39,7 @@ class GPTConfig:
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"allowed n_head values: {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}..."
+                f"allowed n_head values: {[h for h in range(1, min(self.n_embd, 4096) + 1) if self.n_embd % h == 0][:12]}..."
             )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")

@@ -84,14 +84,16 @@ def read_run(path: str | Path) -> RunRecords:
 
 
 def parameter_count(model: dict[str, Any]) -> int:
-    """The parameter count of a model config (a GPTConfig dict), from a model built on the meta device:
-    no memory is used for weights."""
+    """The parameter count of a model config (a GPTConfig dict), from a model of one block built on
+    the meta device: no memory is used for weights, and a config naming a million blocks builds one."""
     import torch
 
     from .model import GPT, GPTConfig
 
+    config = GPTConfig.from_dict(model)
     with torch.device("meta"):
-        return GPT(GPTConfig.from_dict(model)).num_parameters()
+        one = GPT(GPTConfig.from_dict({**model, "n_layer": 1}))
+    return one.num_parameters() + (config.n_layer - 1) * sum(p.numel() for p in one.transformer.h[0].parameters())
 
 
 def summary(rec: RunRecords) -> dict[str, str]:

@@ -327,14 +327,25 @@ def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
 
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:
+    """The tokenizer a tokenizer.json spec describes. Raises ValueError naming the field that is
+    missing or of the wrong kind (a damaged or hand-edited file), KeyError for a missing "chars"."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{SPEC_FILE} holds a {type(spec).__name__}, not a tokenizer spec (a JSON object)")
     kind = spec.get("type")
     if kind == "char":
-        return CharTokenizer(spec["chars"], unk=spec.get("unk"))
+        chars, unk = spec["chars"], spec.get("unk")
+        if not isinstance(chars, str) or not chars:
+            raise ValueError(f'"chars" in {SPEC_FILE} is {json.dumps(chars)[:40]}, not the vocabulary\'s characters '
+                             "as a non-empty string")
+        if unk is not None and not isinstance(unk, str):
+            raise ValueError(f'"unk" in {SPEC_FILE} is {json.dumps(unk)[:40]}, not a character or null')
+        return CharTokenizer(chars, unk=unk)
     if kind in ("gpt2", "byte"):
         return TOKENIZER_TYPES[kind]()
     if kind in HF_TYPES:
         raise ValueError(f"a {kind} tokenizer is rebuilt from its folder (load_tokenizer), not from its spec alone")
-    raise ValueError(f"unknown tokenizer type {kind!r} in {SPEC_FILE}; expected one of {sorted(TOKENIZER_TYPES)}")
+    raise ValueError(f"unknown tokenizer type {str(kind)[:40]!r} in {SPEC_FILE}; expected one of "
+                     f"{sorted(TOKENIZER_TYPES)}")
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

@@ -166,13 +166,22 @@ def test_a_malicious_train_state_is_refused_and_runs_nothing(tmp_path):
     ("empty", "it has no 'step'"), ("not_a_dict", "it is a list, expected dict"),
     ("step_type", "'step' is a str, expected int"), ("rng_missing", "it has no 'rng.numpy'"),
     ("optimizer_type", "'optimizer.param_groups' is a dict, expected list"), ("bool_step", "'step' is a bool"),
+    ("negative_step", "'step' is -3, a count that cannot be negative"),
+    ("negative_tokens", "'tokens_seen' is -1, a count that cannot be negative"),
+    ("sampler_rng", "'sampler.rng' is a int, expected dict"), ("sampler_missing", "it has no 'sampler.rng'"),
+    ("param_group", "'optimizer.param_groups' item 0 is not a parameter group"),
+    ("param_state", "'optimizer.state' holds a value that is not a dict"),
 ])
 def test_a_train_state_without_its_fields_or_of_other_types_names_the_file(tmp_path, case, message):
     state = train_state(2)
     bad = {"empty": {}, "not_a_dict": [1, 2], "step_type": {**state, "step": "5"},
            "rng_missing": {**state, "rng": {"torch": state["rng"]["torch"], "python": state["rng"]["python"]}},
            "optimizer_type": {**state, "optimizer": {"state": {}, "param_groups": {}}},
-           "bool_step": {**state, "step": True}}[case]
+           "bool_step": {**state, "step": True}, "negative_step": {**state, "step": -3},
+           "negative_tokens": {**state, "tokens_seen": -1}, "sampler_rng": {**state, "sampler": {"rng": 5}},
+           "sampler_missing": {**state, "sampler": {}},
+           "param_group": {**state, "optimizer": {**state["optimizer"], "param_groups": [7]}},
+           "param_state": {**state, "optimizer": {**state["optimizer"], "state": {0: 1.5}}}}[case]
     save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer(), train_state=bad)
     with pytest.raises(CheckpointError, match=message) as info:
         load_train_state(tmp_path / "ck")

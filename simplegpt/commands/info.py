@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import describe_checkpoint
 
     if args.system:
         from ..accel.cpu.lib import report
@@ -29,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
     with file_access_errors():
-        ck = load_checkpoint(args.checkpoint)
+        ck = describe_checkpoint(args.checkpoint)  # config, shapes and tokenizer: no model is built
     info = {
         "path": str(ck.path),
         "model": ck.config.to_dict(),
-        "parameters": ck.model.num_parameters(),
-        "tokenizer": ck.tokenizer.spec()["type"] if ck.tokenizer else None,
+        "parameters": ck.parameters,
+        "tokenizer": ck.tokenizer,
         **{k: v for k, v in ck.metadata.items() if k in ("step", "metrics", "tokens_seen")},
     }
     if args.json:

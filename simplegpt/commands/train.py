@@ -153,10 +153,8 @@ def _auto_resume(config: str | None, overrides: dict) -> str | None:
     holds one; None (start the run) otherwise."""
     from ..config import load_config
     from ..train import LAST
-    from ..training.run_dir import checkpoint_dir, checkpoint_step
+    from ..training.run_dir import checkpoint_step
 
     out = Path(load_config(config, overrides).out_dir)
-    path = checkpoint_dir(out)
-    if path == out / LAST and checkpoint_step(path) is not None:
-        return str(path)
-    return None
+    # as the loaders find last/: at any point of an interrupted save, as --resume RUN/last does
+    return str(out / LAST) if checkpoint_step(out / LAST) is not None else None

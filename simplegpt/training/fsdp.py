@@ -178,7 +178,9 @@ def load_sharded(directory: str | os.PathLike, model: nn.Module, optimizer: torc
     if optimizer is None:
         state = {MODEL: get_model_state_dict(model)}
     else:
-        saved = dcp.FileSystemReader(folder / DCP_DIR).read_metadata().state_dict_metadata
+        from .dcp_safe import read_metadata
+
+        saved = read_metadata(folder / DCP_DIR).state_dict_metadata
         if not any(key.startswith(f"{OPTIMIZER}.") for key in saved):
             raise CheckpointError(f"{directory} holds weights only, no optimizer state: it cannot be resumed exactly")
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -203,6 +205,7 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool 
     exists and overwrite is False, OSError from the file system. progress, when given, is called
     once the checks passed, with a line saying what is being read. Returns dst."""
     from ..tokenizer import load_tokenizer
+    from .dcp_safe import read_metadata
 
     src, dst = Path(src), Path(dst)
     folder = _sharded_folder(src)
@@ -210,25 +213,35 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool 
         raise OutputExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
     if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(folder.resolve()):
         raise OutputExistsError(f"{dst} is {src} or inside it; choose a destination beside it")
-    doc = ckpt.read_checkpoint_config(folder)
-    try:
-        config = GPTConfig.from_dict(doc["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / ckpt.CONFIG_FILE} holds an invalid model config: {e}") from None
-    _verify_shards(folder, doc)
-    if progress is not None:
-        shards = sorted((folder / DCP_DIR).glob("*.distcp"))
-        progress(f"consolidating {src}: {config.n_layer} layers, {config.n_embd} wide, from {len(shards)} shard "
-                 f"file{'s' if len(shards) != 1 else ''} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)")
-    with torch.device("meta"):
-        shapes = GPT(config).state_dict()
-    weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != ckpt.TIED_KEY}
-    _dcp_load({MODEL: weights}, folder, no_dist=True)
-    model = ckpt.model_from_state(config, weights)
-    try:
-        tokenizer = load_tokenizer(folder / ckpt.TOKENIZER_DIR) if (folder / ckpt.TOKENIZER_DIR).is_dir() else None
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / ckpt.TOKENIZER_DIR} is damaged ({e}); use another checkpoint") from None
+
+    def read(folder: Path) -> tuple[GPT, Any, dict[str, Any]]:
+        doc = ckpt.read_checkpoint_config(folder)
+        try:
+            config = GPTConfig.from_dict(doc["model"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / ckpt.CONFIG_FILE} holds an invalid model config: {e}") from None
+        _verify_shards(folder, doc)
+        saved = read_metadata(folder / DCP_DIR).state_dict_metadata  # the shapes, checked before a model is built
+        ckpt.check_config_fits(config, {k.removeprefix(f"{MODEL}."): tuple(v.size) for k, v in saved.items()
+                                        if k.startswith(f"{MODEL}.") and hasattr(v, "size")},
+                               str(folder / ckpt.CONFIG_FILE))
+        if progress is not None:
+            shards = sorted((folder / DCP_DIR).glob("*.distcp"))
+            progress(f"consolidating {src}: {config.n_layer} layers, {config.n_embd} wide, from {len(shards)} shard "
+                     f"file{'s' if len(shards) != 1 else ''} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)")
+        with torch.device("meta"):
+            shapes = GPT(config).state_dict()
+        weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != ckpt.TIED_KEY}
+        _dcp_load({MODEL: weights}, folder, no_dist=True)
+        model = ckpt.model_from_state(config, weights)
+        try:
+            tokenizer = load_tokenizer(folder / ckpt.TOKENIZER_DIR) if (folder / ckpt.TOKENIZER_DIR).is_dir() else None
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{folder / ckpt.TOKENIZER_DIR} is damaged ({e}); use another checkpoint") from None
+        return model, tokenizer, doc
+
+    # all from one copy of src, should a run save it meanwhile (simplegpt.checkpoint.read_whole)
+    model, tokenizer, doc = ckpt.read_whole(src, read)
     metadata = {k: v for k, v in doc.items() if k not in ckpt.NOT_METADATA}
     return ckpt.save_checkpoint(dst, model, tokenizer, metadata=metadata)
 
@@ -267,19 +280,31 @@ def _dcp_load(state: dict[str, Any], folder: Path, no_dist: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from .dcp_safe import SafeLoadPlanner, SafeReader, read_metadata
+
+    read_metadata(folder / DCP_DIR)  # a refused or damaged .metadata is named before DCP starts
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
         try:
-            dcp.load(state, checkpoint_id=folder / DCP_DIR, no_dist=no_dist)
+            # DCP's own reader and planner would unpickle .metadata and the non-tensor values unrestricted
+            dcp.load(state, storage_reader=SafeReader(folder / DCP_DIR), planner=SafeLoadPlanner(), no_dist=no_dist)
         except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
+            if isinstance(cause := _first_exception(e), CheckpointError):
+                raise cause from None
             raise CheckpointError(f"{folder / DCP_DIR} cannot be loaded into this model: {_first_failure(e)}") from None
+
+
+def _first_exception(e: BaseException) -> BaseException:
+    """The first rank's exception of DCP's CheckpointException, or e itself."""
+    failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, its stack)}
+    if failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return e
 
 
 def _first_failure(e: BaseException) -> str:
     """The first line that says what went wrong, from DCP's per-rank failures or a plain error."""
-    failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, its stack)}
-    if failures:
-        first = next(iter(failures.values()))
-        e = first[0] if isinstance(first, tuple) else first
+    e = _first_exception(e)
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__

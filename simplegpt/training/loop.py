@@ -413,10 +413,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist | None, device: torch.device, r
         except Exception as e:
             raise distributed.lost_peer(d, e) from None
     if state is not None:
-        if not sharded:
-            optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        train_sampler.load_state_dict(state["sampler"])  # the global sampler: the same on every rank
+        _restore(optimizer if not sharded else None, scaler, train_sampler, state, resume_path)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val, elapsed_before = state["best_val_loss"], state["elapsed_s"]
         ranks = state.get("rng_ranks") or [state["rng"]]
@@ -708,17 +705,32 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + step) % 2**63
 
 
+def _restore(optimizer: Any, scaler: Any, sampler: Any, state: dict[str, Any], path: Path) -> None:
+    """Load the optimizer's (None: loaded with the sharded weights), the loss scaler's and the
+    sampler's state from a checkpoint's train state; CheckpointError naming the file for one that
+    does not fit them (load_train_state checked its fields, not everything they hold)."""
+    parts = [("optimizer", optimizer), ("scaler", scaler), ("sampler", sampler)]  # the global sampler: same on every rank
+    for key, target in parts:
+        if target is None:
+            continue
+        try:
+            target.load_state_dict(state[key])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path / ckpt.TRAIN_STATE_FILE} is damaged: its {key} state cannot be restored "
+                                  f"({detail}); use another checkpoint") from None
+
+
 def _load_sharded_resume(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """For a sharded (FSDP2) checkpoint: a model of its config (its weights come with fsdp.load_sharded
     once it is sharded), its tokenizer and train state. ConfigError / CheckpointError as load_resume."""
-    from ..model import GPTConfig
     from ..tokenizer import load_tokenizer
 
-    doc = ckpt.read_checkpoint_config(path)
-    check_resume_compatible(doc.get("train_config", {}), cfg, path)
+    info = ckpt.describe_checkpoint(path)  # its config checked against the shapes in dcp/.metadata
+    check_resume_compatible(info.metadata.get("train_config", {}), cfg, path)
     try:
         tokenizer = load_tokenizer(path / ckpt.TOKENIZER_DIR)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path} has no readable tokenizer ({e}); it cannot be resumed") from None
-    return GPT(GPTConfig.from_dict(doc["model"])).to(device), tokenizer, ckpt.load_train_state(path)
+    return GPT(info.config).to(device), tokenizer, ckpt.load_train_state(path)
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, read_toml, to_toml
 from ..errors import DISK_FULL, CheckpointError, ConfigError
@@ -30,13 +31,22 @@ from .lock import LOCK_FILE, RunLock, lock_run_folder
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
-    """The checkpoint a --resume path names: the path itself, or RUN/last for a run folder RUN."""
+    """The checkpoint a --resume path names: the path itself, or RUN/last for a run folder RUN
+    (found as the loaders find it, at any point of an interrupted save). Raises CheckpointError for
+    a run folder that has no last/ (a run stopped before its first save of it was complete)."""
     path = Path(path)
     if (path / ckpt.CONFIG_FILE).is_file():
         return path
     with contextlib.suppress(OSError):  # a read-only folder: the loaders still find the newest complete copy
         ckpt.recover(path / LAST)  # a save of last/ that a crash interrupted is finished first
-    return path / LAST if (path / LAST).is_dir() else path
+    if atomic.newest_complete(path / LAST) is not None:
+        return path / LAST
+    best = atomic.newest_complete(path / BEST) is not None
+    if (path / CONFIG_FILE).is_file() or best:  # a run folder (config.toml), not a checkpoint mid-swap
+        also = f", or fine-tune its best weights in a new run with --init-from {path / BEST}" if best else ""
+        raise CheckpointError(f"{path} is a run folder with no {LAST}/ checkpoint to resume: the run stopped before "
+                              f"its first save of {LAST}/ was complete; start the run again without --resume{also}")
+    return path
 
 
 def check_out_dir(out: Path, cfg: TrainConfig, overwrite: bool, resuming: bool) -> RunLock:

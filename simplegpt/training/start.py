@@ -66,7 +66,7 @@ def init_model(cfg: TrainConfig, device: torch.device) -> tuple[GPT | None, Toke
     if not cfg.init_from:
         return None, None, ""
     src = Path(cfg.init_from)
-    if (src / ckpt.CONFIG_FILE).is_file() and _is_simplegpt_checkpoint(src):
+    if _is_simplegpt_checkpoint(src):  # its newest complete copy, as --resume finds it, mid-swap too
         loaded = ckpt.load_checkpoint(src, device="cpu")
     else:
         try:
