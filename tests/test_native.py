@@ -40,6 +40,24 @@ def test_kernel_equals_f_linear(N, K, threads, rows, monkeypatch):
         assert not native.usable(torch.randn(native.MAX_ROWS + 1, K), w)
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("N,K", [(7, 13), (96, 32), (771, 776), (131, 3072)])
+def test_rows_of_a_batch_equal_each_row_alone(N, K, threads, monkeypatch):
+    """The multi-row products (a 4 x 4 register tile on AVX-512, 4 x 2 on AVX2; a last group of
+    fewer rows) give each row exactly what the one-row product gives it, at every row count, so a
+    batched decode step decodes each row as alone; and they stay float64-close."""
+    torch.manual_seed(N + K)
+    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(native.MAX_ROWS, K)
+    monkeypatch.setattr(native, "_threads", threads)
+    with torch.no_grad():
+        alone = torch.cat([native.linear(x[m:m + 1], w, b) for m in range(len(x))])
+        ref = F.linear(x.double(), w.double(), b.double()).float()
+        assert torch.allclose(alone, ref, atol=1e-4 * K ** 0.5, rtol=1e-5)
+        for M in [2, 3, 4, 5, 7, 8, 13, 16]:
+            assert torch.equal(native.linear(x[:M], w, b), alone[:M]), M
+
+
 def medium(seed=0) -> GPT:
     """Big enough that the kernel splits its rows over threads (N x K >= 32768)."""
     torch.manual_seed(seed)
