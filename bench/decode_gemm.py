@@ -66,12 +66,12 @@ def main() -> None:
                 fn()
                 results[(m, s, name)].append(_time(fn, args.calls))
     print(f"# variant {lib.variant()}, {torch.get_num_threads()} threads, {args.repeats} rounds x {args.calls} calls")
-    print("rows  N x K        kernel cpu us  torch cpu us  cpu ratio  kernel wall us  torch wall us  wall ratio")
     if args.only:
         for m, s, name in cases:
             c, w = (statistics.median(v[i] for v in results[(m, s, name)]) for i in (0, 1))
             print(f"{m:4d}  {s[0]:4d}x{s[1]:<4d}  {name} cpu {c * 1e6:.1f} us, wall {w * 1e6:.1f} us")
         return
+    print("rows  N x K        kernel cpu us  torch cpu us  cpu ratio  kernel wall us  torch wall us  wall ratio")
     for m in args.rows:
         for s in SHAPES:
             k = results[(m, s, "kernel")]
