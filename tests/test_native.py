@@ -210,6 +210,26 @@ def test_without_the_kernel_the_engine_uses_pytorch(tmp_path, env, reason):
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_of_very_different_lengths_decode_as_alone(threads, monkeypatch):
+    """The decode step's attention splits its (row, head) pairs between threads by their keys, and
+    starts each row at its first real slot: a batch of a 100-token, a 2-token and a 30-token
+    prompt (most of the short rows' slots padding) decodes each row exactly as alone."""
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(vocab_size=400, n_positions=160, n_embd=64, n_layer=2, n_head=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5.0)
+    engine = Engine(model)
+    assert engine.backend.blocks is not None
+    monkeypatch.setattr(native, "_threads", threads)
+    prompts = [list(range(3, 103)), [5, 6], list(range(200, 230))]
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, stop_at_eos=False)
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert [r.token_ids for r in engine.generate(prompts, params)] == alone
+
+
+@needs_kernel
 @pytest.mark.parametrize("bias", [True, False])
 def test_block_kernel_on_odd_shapes_equals_the_model(bias, monkeypatch):
     """Widths that are no multiple of the kernel's 8 lanes or 4 rows (C = 33, D = 11, 4C = 132),
