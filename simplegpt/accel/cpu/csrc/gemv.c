@@ -238,16 +238,19 @@ static inline __attribute__((always_inline)) void tile_q8(const int8_t *w, size_
 #pragma GCC unroll 4
         for (int i = 0; i < MB; i++) acc[i][j] = _mm512_setzero_si512();
     }
+    /* unmasked loads but for the last K % 64 (masked ones in the main loop slow it down) */
     for (int k = 0; k < K; k += 64) {
-        __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
+        int full = K - k >= 64;
+        __mmask64 m = full ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
 #pragma GCC unroll 4
         for (int j = 0; j < ROWS; j++) {
-            wv[j] = _mm512_maskz_loadu_epi8(m, w + j * step + k);
+            wv[j] = full ? _mm512_loadu_si512(w + j * step + k) : _mm512_maskz_loadu_epi8(m, w + j * step + k);
             ws[j] = _mm512_dpbusd_epi32(ws[j], ones, wv[j]);
         }
 #pragma GCC unroll 4
         for (int i = 0; i < MB; i++) {
-            __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, xq + (size_t)i * K + k), flip);
+            const int8_t *xi = xq + (size_t)i * K + k;
+            __m512i xu = _mm512_xor_si512(full ? _mm512_loadu_si512(xi) : _mm512_maskz_loadu_epi8(m, xi), flip);
 #pragma GCC unroll 4
             for (int j = 0; j < ROWS; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xu, wv[j]);
         }
