@@ -40,6 +40,24 @@ def test_kernel_equals_f_linear(N, K, threads, rows, monkeypatch):
         assert not native.usable(torch.randn(native.MAX_ROWS + 1, K), w)
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("N,K", [(7, 13), (96, 32), (771, 776), (131, 3072)])
+def test_rows_of_a_batch_equal_each_row_alone(N, K, threads, monkeypatch):
+    """The multi-row products (a 4 x 4 register tile on AVX-512, 4 x 2 on AVX2; a last group of
+    fewer rows) give each row exactly what the one-row product gives it, at every row count, so a
+    batched decode step decodes each row as alone; and they stay float64-close."""
+    torch.manual_seed(N + K)
+    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(native.MAX_ROWS, K)
+    monkeypatch.setattr(native, "_threads", threads)
+    with torch.no_grad():
+        alone = torch.cat([native.linear(x[m:m + 1], w, b) for m in range(len(x))])
+        ref = F.linear(x.double(), w.double(), b.double()).float()
+        assert torch.allclose(alone, ref, atol=1e-4 * K ** 0.5, rtol=1e-5)
+        for M in [2, 3, 4, 5, 7, 8, 13, 16]:
+            assert torch.equal(native.linear(x[:M], w, b), alone[:M]), M
+
+
 def medium(seed=0) -> GPT:
     """Big enough that the kernel splits its rows over threads (N x K >= 32768)."""
     torch.manual_seed(seed)
@@ -189,6 +207,26 @@ def test_without_the_kernel_the_engine_uses_pytorch(tmp_path, env, reason):
     assert uses == "False" and n == "5" and reason in why
     assert not list((tmp_path / "native").glob("*.tmp")) if (tmp_path / "native").exists() else True
 
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_of_very_different_lengths_decode_as_alone(threads, monkeypatch):
+    """The decode step's attention splits its (row, head) pairs between threads by their keys, and
+    starts each row at its first real slot: a batch of a 100-token, a 2-token and a 30-token
+    prompt (most of the short rows' slots padding) decodes each row exactly as alone."""
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(vocab_size=400, n_positions=160, n_embd=64, n_layer=2, n_head=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5.0)
+    engine = Engine(model)
+    assert engine.backend.blocks is not None
+    monkeypatch.setattr(native, "_threads", threads)
+    prompts = [list(range(3, 103)), [5, 6], list(range(200, 230))]
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, stop_at_eos=False)
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert [r.token_ids for r in engine.generate(prompts, params)] == alone
 
 
 @needs_kernel

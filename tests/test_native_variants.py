@@ -52,6 +52,8 @@ def test_decoding_products_equal_float64(variant):
         for rows in [(1, 1), (4, 4)]:
             for threads in [1, 3]:
                 each(decoding.test_kernel_equals_f_linear, N, K, threads, rows)
+    for (N, K) in [(7, 13), (771, 776)]:
+        each(decoding.test_rows_of_a_batch_equal_each_row_alone, N, K, 3)
     for (N, K) in [(5, 40), (1001, 77), (131, 3072)]:
         for M in [1, 3, 16]:
             each(decoding.test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs, N, K, 3, M)

@@ -82,6 +82,32 @@ def test_concurrent_requests_equal_each_alone(engine):
                                                                               abs=1e-5)
 
 
+def test_an_admitted_row_streams_its_first_token_before_the_next_prompts_prefill(engine, monkeypatch):
+    """Three requests queued at once are admitted in one iteration: each one's first piece comes
+    right after its own prefill, not after all three, and they still equal each alone."""
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, stop_at_eos=False)
+    prompts = ["one", "two two", "three"]
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    batcher = ContinuousBatcher(engine, max_batch=4)
+    events = []
+    real = batcher.solo.prefill
+    monkeypatch.setattr(batcher.solo, "prefill", lambda rows: events.append("prefill") or real(rows))
+    try:
+        got = [Collector(1) for _ in prompts]
+        with batcher.cond:  # the batcher's thread sees all three at once
+            for p, c in zip(prompts, got):
+                def piece(row, text, tokens, c=c, name=p):
+                    events.append(name) if tokens == 1 else None
+                    c.piece(row, text, tokens)
+                batcher.submit([p], params, piece, c.finish)
+        for c in got:
+            assert c.done.wait(60)
+    finally:
+        batcher.stop(10)
+    assert events[:6] == ["prefill", "one", "prefill", "two two", "prefill", "three"]
+    assert [c.outcome[0].token_ids for c in got] == alone
+
+
 def test_a_cancelled_request_leaves_and_its_slot_is_reused(engine):
     batcher = ContinuousBatcher(engine, max_batch=1)  # one row: the next request waits for its slot
     try:

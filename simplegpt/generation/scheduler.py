@@ -20,7 +20,9 @@ when the timeline reaches the window every row is moved to the right of a shorte
 (`_repack`: a copy, the numbers unchanged). A row whose own context fills the window slides as
 it would alone: its oldest `window_shift` tokens dropped and the rest re-encoded alone.
 At most `prefill_tokens` prompt tokens are prefilled between two decode steps (one prompt at
-least), so a burst of long prompts delays the running decodes by about one prefill each step.
+least), so a burst of long prompts delays the running decodes by about one prefill each step; each
+admitted row samples (and streams) its first token right after its own prefill, before the next
+prompt's, so the first request of a burst does not wait for the burst's other prefills.
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ class ContinuousBatcher:
     def _admit(self) -> None:
         """Prefills queued rows into free cache rows, within the prefill budget, and samples their
         first tokens. A request whose prefill fails ends with that error alone."""
-        budget, new, failed = self.prefill_tokens, [], {}
+        budget, failed = self.prefill_tokens, {}
         while len(self.slots) < self.max_batch and budget > 0:
             with self.cond:
                 if not self.queue:
@@ -298,14 +300,14 @@ class ContinuousBatcher:
                     seen = torch.zeros(self.engine.config.vocab_size, dtype=torch.bool, device=self.engine.device)
                     seen[row.tokens] = True
                     ticket.seen[i] = seen
-                new.append((ticket, i, self._prefill_into(len(self.slots) - 1, row)))
+                logits = self._prefill_into(len(self.slots) - 1, row)
             except Exception as e:  # noqa: BLE001 - this request's failure, told to it alone
                 failed[ticket] = e
+                continue
+            # its first token now, not after the other prompts' prefills: a burst of prompts gets its
+            # first tokens one prefill apart instead of all after the last prefill
+            self._sample([len(self.slots) - 1], logits)
         self._fail(failed)
-        new = [(t, i, lg) for t, i, lg in new if t not in failed]
-        if new:
-            where = {(id(t), i): j for j, (t, i) in enumerate(self.slots)}
-            self._sample([where[id(t), i] for t, i, _ in new], torch.cat([lg for _, _, lg in new]))
 
     def _fail(self, failed: dict[Ticket, BaseException]) -> None:
         """Ends each failed request with its error: its rows leave the batch and the queue; the others

@@ -338,14 +338,23 @@ int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const flo
  * batch rows row_stride floats apart (a KV cache slice). mask: NULL (every slot real), else B rows
  * of int64, mask_stride apart, 0 = padding. scores holds S floats per part. */
 
-static void attend_head(const struct attend_args *a, int b, int h, float *scores) {
+/* Rows of different lengths: each row's padding is skipped, not computed (its scores and weighted
+ * values are never formed), and scanned only once per row: a row's heads start at its first real
+ * slot (`first`, found once per step), so a short row beside a long one costs its own keys. */
+struct attend_job {
+    const struct attend_args *a;
+    int first[MAX_ROWS];  /* each row's first real slot (S: none) */
+    long cost[MAX_ROWS + 1]; /* cost[b]: the work of rows before b, a row's keys + 1 (its fixed part) */
+};
+
+static void attend_head(const struct attend_args *a, int b, int h, int first, float *scores) {
     int D = a->D, S = a->S, n = 0;
     const float *qh = a->q + (size_t)b * a->q_stride + (size_t)h * D;
     const float *kh = a->k + (size_t)b * a->row_stride + (size_t)h * a->head_stride;
     const float *vh = a->v + (size_t)b * a->row_stride + (size_t)h * a->head_stride;
     const int64_t *real = a->mask ? a->mask + (size_t)b * a->mask_stride : NULL;
     float *oh = a->out + ((size_t)b * a->H + h) * D;
-    for (int s = 0; s < S; s++) { /* the real slots' scores, side by side */
+    for (int s = first; s < S; s++) { /* the real slots' scores, side by side */
         if (real && !real[s]) continue;
         const float *ks = kh + (size_t)s * D;
         float d = 0.0f;
@@ -362,7 +371,7 @@ static void attend_head(const struct attend_args *a, int b, int h, float *scores
     if (!n) return;
     softmax_row(scores, n);
     n = 0;
-    for (int s = 0; s < S; s++) {
+    for (int s = first; s < S; s++) {
         if (real && !real[s]) continue;
         float p = scores[n++];
         if (p == 0.0f) continue;
@@ -371,18 +380,42 @@ static void attend_head(const struct attend_args *a, int b, int h, float *scores
     }
 }
 
+/* The (row, head) pairs split between the parts by their work, not their count: a part takes the
+ * pairs whose work starts in its share (rows of 1000 keys beside rows of 10 would otherwise leave
+ * one thread with most of it). Which part runs a pair does not change its numbers. */
 static void attend_part(void *arg, int part, int parts) {
-    const struct attend_args *a = arg;
-    int pairs = a->B * a->H, per = (pairs + parts - 1) / parts;
-    for (int i = part * per; i < pairs && i < (part + 1) * per; i++)
-        attend_head(a, i / a->H, i % a->H, a->scores + (size_t)part * a->S);
+    const struct attend_job *j = arg;
+    const struct attend_args *a = j->a;
+    long total = j->cost[a->B] * a->H;
+    for (int b = 0; b < a->B; b++) {
+        long row = j->cost[b + 1] - j->cost[b];
+        for (int h = 0; h < a->H; h++) {
+            long start = j->cost[b] * a->H + h * row;
+            if ((int)(start * parts / total) == part)
+                attend_head(a, b, h, j->first[b], a->scores + (size_t)part * a->S);
+        }
+    }
 }
 
 /* the (row, head) pairs split between the pool's threads (the caller holds the pool); one thread
- * below min_keys keys in all, where waking the workers costs more than the work */
+ * below min_keys real keys in all, where waking the workers costs more than the work. B is at most
+ * MAX_ROWS. */
 void attend_cached(const struct attend_args *a, int threads) {
+    struct attend_job j = {.a = a};
+    j.cost[0] = 0;
+    for (int b = 0; b < a->B; b++) {
+        const int64_t *real = a->mask ? a->mask + (size_t)b * a->mask_stride : NULL;
+        int first = 0, keys = a->S;
+        if (real) {
+            while (first < a->S && !real[first]) first++;
+            keys = 0;
+            for (int s = first; s < a->S; s++) keys += real[s] != 0;
+        }
+        j.first[b] = first;
+        j.cost[b + 1] = j.cost[b] + keys + 1;
+    }
     int parts = pool_parts(threads), min_keys = 64;
     if (parts > a->B * a->H) parts = a->B * a->H;
-    if (parts < 1 || a->B * a->S < min_keys) parts = 1;
-    pool_run(attend_part, (void *)a, parts);
+    if (parts < 1 || j.cost[a->B] - a->B < min_keys) parts = 1;
+    pool_run(attend_part, &j, parts);
 }

@@ -27,7 +27,15 @@ static void gemv_rows(const float *W, const float *x, const float *b, float *y, 
     for (int n = n0; n < n0 + q; n++) {
         const float *w0 = W + (size_t)n * K, *w1 = w0 + step, *w2 = w1 + step, *w3 = w2 + step;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int k = 0; k < K; k += 16) {
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {  /* unmasked: masked loads in the main loop cost ~2x at 4-16 rows */
+            __m512 xv = _mm512_loadu_ps(x + k);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
+        }
+        if (k < K) {
             __mmask16 m = lanes16(k, K);
             __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
             a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + k), xv, a0);
@@ -51,35 +59,56 @@ static void gemv_rows(const float *W, const float *x, const float *b, float *y, 
     }
 }
 
-/* Rows n0..n1 of Y (M, N) = X (M, K) W^T + b for a few rows of X: as the AVX2 gemm_rows below, four
- * weight rows a quarter of the range apart times two rows of X (eight accumulators) */
+/* Four dot products of each of four weight rows (w[0..3]) with each of four rows of X (x[0..3]),
+ * the register tile of gemm_rows: 16 accumulators, and per 16 floats of K 8 loads for 16 FMAs (the
+ * AVX2 build's 4 x 2 tile needs 5 for 8). Each accumulator sums its lanes in the order gemv_rows does
+ * and is reduced the same way, so a row's outputs do not depend on how many rows share the step. */
+static inline void tile4x4(const float *const w[4], const float *const x[4], int K, __m512 a[16]) {
+    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 v0 = _mm512_loadu_ps(w[0] + k), v1 = _mm512_loadu_ps(w[1] + k), v2 = _mm512_loadu_ps(w[2] + k),
+               v3 = _mm512_loadu_ps(w[3] + k);
+        for (int r = 0; r < 4; r++) {
+            __m512 u = _mm512_loadu_ps(x[r] + k);
+            a[4 * r + 0] = _mm512_fmadd_ps(v0, u, a[4 * r + 0]);
+            a[4 * r + 1] = _mm512_fmadd_ps(v1, u, a[4 * r + 1]);
+            a[4 * r + 2] = _mm512_fmadd_ps(v2, u, a[4 * r + 2]);
+            a[4 * r + 3] = _mm512_fmadd_ps(v3, u, a[4 * r + 3]);
+        }
+    }
+    if (k < K) {  /* the last K % 16: masked, as gemv_rows's last step */
+        __mmask16 mk = lanes16(k, K);
+        __m512 v0 = _mm512_maskz_loadu_ps(mk, w[0] + k), v1 = _mm512_maskz_loadu_ps(mk, w[1] + k),
+               v2 = _mm512_maskz_loadu_ps(mk, w[2] + k), v3 = _mm512_maskz_loadu_ps(mk, w[3] + k);
+        for (int r = 0; r < 4; r++) {
+            __m512 u = _mm512_maskz_loadu_ps(mk, x[r] + k);
+            a[4 * r + 0] = _mm512_fmadd_ps(v0, u, a[4 * r + 0]);
+            a[4 * r + 1] = _mm512_fmadd_ps(v1, u, a[4 * r + 1]);
+            a[4 * r + 2] = _mm512_fmadd_ps(v2, u, a[4 * r + 2]);
+            a[4 * r + 3] = _mm512_fmadd_ps(v3, u, a[4 * r + 3]);
+        }
+    }
+}
+
+/* Rows n0..n1 of Y (M, N) = X (M, K) W^T + b for a few rows of X (a batch of decode steps, a short
+ * prefill): four weight rows a quarter of the range apart (as gemv_rows) times the rows of X four
+ * at a time (tile4x4; a last group of fewer repeats its last row and stores only its own). A group
+ * of weight rows is read from memory once and from the cache for every other group of X rows. */
 static void gemm_rows(const float *W, const float *X, const float *b, float *Y, int M, int N, int K, int n0,
                       int n1) {
     int q = (n1 - n0) / 4;
     size_t step = (size_t)q * K;
+    __m512 a[16];
     for (int n = n0; n < n0 + q; n++) {
-        const float *w0 = W + (size_t)n * K, *w1 = w0 + step, *w2 = w1 + step, *w3 = w2 + step;
-        for (int m = 0; m < M; m += 2) {
-            int pair = m + 1 < M;
-            const float *x0 = X + (size_t)m * K, *x1 = pair ? x0 + K : x0;
-            __m512 a[8];
-            for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
-            for (int k = 0; k < K; k += 16) {
-                __mmask16 mk = lanes16(k, K);
-                __m512 v0 = _mm512_maskz_loadu_ps(mk, w0 + k), v1 = _mm512_maskz_loadu_ps(mk, w1 + k),
-                       v2 = _mm512_maskz_loadu_ps(mk, w2 + k), v3 = _mm512_maskz_loadu_ps(mk, w3 + k),
-                       u = _mm512_maskz_loadu_ps(mk, x0 + k);
-                a[0] = _mm512_fmadd_ps(v0, u, a[0]);
-                a[1] = _mm512_fmadd_ps(v1, u, a[1]);
-                a[2] = _mm512_fmadd_ps(v2, u, a[2]);
-                a[3] = _mm512_fmadd_ps(v3, u, a[3]);
-                u = _mm512_maskz_loadu_ps(mk, x1 + k);
-                a[4] = _mm512_fmadd_ps(v0, u, a[4]);
-                a[5] = _mm512_fmadd_ps(v1, u, a[5]);
-                a[6] = _mm512_fmadd_ps(v2, u, a[6]);
-                a[7] = _mm512_fmadd_ps(v3, u, a[7]);
-            }
-            for (int r = 0; r <= pair; r++)
+        const float *w[4] = {W + (size_t)n * K, W + (size_t)n * K + step, W + (size_t)n * K + 2 * step,
+                             W + (size_t)n * K + 3 * step};
+        for (int m = 0; m < M; m += 4) {
+            int rows = M - m < 4 ? M - m : 4;
+            const float *x[4];
+            for (int r = 0; r < 4; r++) x[r] = X + (size_t)(m + (r < rows ? r : rows - 1)) * K;
+            tile4x4(w, x, K, a);
+            for (int r = 0; r < rows; r++)
                 for (int j = 0; j < 4; j++) {
                     int col = n + j * q;
                     Y[(size_t)(m + r) * N + col] = _mm512_reduce_add_ps(a[4 * r + j]) + (b ? b[col] : 0.0f);
@@ -90,12 +119,12 @@ static void gemm_rows(const float *W, const float *X, const float *b, float *Y, 
         const float *w = W + (size_t)n * K;
         for (int m = 0; m < M; m++) {
             const float *x = X + (size_t)m * K;
-            __m512 a = _mm512_setzero_ps();
+            __m512 s = _mm512_setzero_ps();
             for (int k = 0; k < K; k += 16) {
                 __mmask16 mk = lanes16(k, K);
-                a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), a);
+                s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), s);
             }
-            Y[(size_t)m * N + n] = _mm512_reduce_add_ps(a) + (b ? b[n] : 0.0f);
+            Y[(size_t)m * N + n] = _mm512_reduce_add_ps(s) + (b ? b[n] : 0.0f);
         }
     }
 }
@@ -209,16 +238,19 @@ static inline __attribute__((always_inline)) void tile_q8(const int8_t *w, size_
 #pragma GCC unroll 4
         for (int i = 0; i < MB; i++) acc[i][j] = _mm512_setzero_si512();
     }
+    /* unmasked loads but for the last K % 64 (masked ones in the main loop slow it down) */
     for (int k = 0; k < K; k += 64) {
-        __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
+        int full = K - k >= 64;
+        __mmask64 m = full ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
 #pragma GCC unroll 4
         for (int j = 0; j < ROWS; j++) {
-            wv[j] = _mm512_maskz_loadu_epi8(m, w + j * step + k);
+            wv[j] = full ? _mm512_loadu_si512(w + j * step + k) : _mm512_maskz_loadu_epi8(m, w + j * step + k);
             ws[j] = _mm512_dpbusd_epi32(ws[j], ones, wv[j]);
         }
 #pragma GCC unroll 4
         for (int i = 0; i < MB; i++) {
-            __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, xq + (size_t)i * K + k), flip);
+            const int8_t *xi = xq + (size_t)i * K + k;
+            __m512i xu = _mm512_xor_si512(full ? _mm512_loadu_si512(xi) : _mm512_maskz_loadu_epi8(m, xi), flip);
 #pragma GCC unroll 4
             for (int j = 0; j < ROWS; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xu, wv[j]);
         }
