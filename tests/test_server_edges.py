@@ -223,6 +223,10 @@ def test_stream_options_without_stream_is_refused(process):
     r = httpx.post(f"{process}/v1/completions", json={"model": "org/tiny-gpt", "prompt": "A", "max_tokens": 2,
                                                       "stream_options": None})
     assert r.status_code == 200
+    for options in ({"include_usage": "false"}, {"include_usage": 1}, {"usage": True}):  # no coercion, no unknown key
+        r = httpx.post(f"{process}/v1/completions", json={"model": "org/tiny-gpt", "prompt": "A", "max_tokens": 2,
+                                                          "stream": True, "stream_options": options})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("stream_options"), options
 
 
 def chat_entries(url: str, model: str, seed: int, stop: list[str], stream: bool) -> tuple[str, list[dict], str]:

@@ -48,6 +48,16 @@ class TextRequest(BaseModel):
         return data
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options (only with stream: true). include_obfuscation is accepted and has no
+    effect: simplegpt pads no event."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
 class SamplingRequest(TextRequest):
     """The sampling fields completions and chat share. A field sent as null takes its default, as
     some clients send every option they know of."""
@@ -62,14 +72,14 @@ class SamplingRequest(TextRequest):
     @property
     def wants_usage(self) -> bool:
         """A streamed response ends with a usage chunk (stream_options.include_usage)."""
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
     model: str
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
