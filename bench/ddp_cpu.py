@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simplegpt.data import prepare_corpus  # noqa: E402
+from simplegpt.data.prepare import prepare_corpus  # noqa: E402
 
 
 def train_args(args: argparse.Namespace, data: Path, out: Path, threads: int) -> list[str]:

@@ -46,7 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simplegpt.config import TrainConfig  # noqa: E402
-from simplegpt.data import PackedSampler, TokenShards, prepare_corpus, read_meta  # noqa: E402
+from simplegpt.data.prepare import prepare_corpus  # noqa: E402
+from simplegpt.data.samplers import PackedSampler  # noqa: E402
+from simplegpt.data.shards import TokenShards, read_meta  # noqa: E402
 from simplegpt.devices import resolve_device  # noqa: E402
 from simplegpt.model import GPT, PRESETS, preset_config  # noqa: E402
 from simplegpt.train import train  # noqa: E402

@@ -39,7 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simplegpt.data import parse_count, prepare_corpus, usable_cores  # noqa: E402
+from simplegpt.data.encoding import usable_cores  # noqa: E402
+from simplegpt.data.prepare import parse_count, prepare_corpus  # noqa: E402
 from simplegpt.tokenizer import _gpt2_encoding  # noqa: E402
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

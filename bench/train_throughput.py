@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simplegpt.config import TrainConfig  # noqa: E402
-from simplegpt.data import PackedSampler, TokenShards, prepare_corpus  # noqa: E402
+from simplegpt.data.prepare import prepare_corpus  # noqa: E402
+from simplegpt.data.samplers import PackedSampler  # noqa: E402
+from simplegpt.data.shards import TokenShards  # noqa: E402
 from simplegpt.train import core_shards, peak_flops, train  # noqa: E402
 
 

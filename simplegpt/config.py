@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.layout import is_dataset_dir
 from .errors import ConfigError
 from .model import GPTConfig
 
@@ -405,7 +406,7 @@ def default_out_dir(data: str, tokenizer: str, init_from: str = "") -> str:
     dataset prepared by 'simplegpt prepare', whose folder already names it), and for a fine-tune
     out/<corpus>_from_<weights> (a checkpoint's run folder for RUN/best or RUN/last). Two runs
     on other data or from other weights never share a folder."""
-    prepared = bool(data) and (Path(data) / "meta.json").is_file()
+    prepared = is_dataset_dir(data)
     corpus = corpus_slug(data) if prepared else f"{corpus_slug(data)}_{tokenizer_slug(tokenizer)}"
     if init_from:
         src = Path(init_from.rstrip("/"))

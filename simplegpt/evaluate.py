@@ -158,7 +158,9 @@ def load_eval_tokens(source: str, tokenizer: Tokenizer, split: str | None = None
     A character a character-level tokenizer has no token for raises UnknownCharacterError, unless
     skip_unknown: the text is then scored without those characters, which are counted in `dropped`
     (character -> times left out) when it is given."""
-    from .data import META_FILE, TokenShards, read_meta, resolve_corpus
+    from .data.layout import META_FILE
+    from .data.shards import TokenShards, read_meta
+    from .data.sources import resolve_corpus
 
     if (Path(source) / META_FILE).is_file():
         meta = read_meta(source)

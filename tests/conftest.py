@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from simplegpt.checkpoint import load_train_state
-from simplegpt.corpus_shakespeare import shakespeare_documents
+from simplegpt.data.shakespeare import shakespeare_documents
 from simplegpt.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,9 @@ import pytest
 from conftest import ROOT, make_tiny_gpt
 from simplegpt import GPT2Tokenizer, load_checkpoint, load_tokenizer, save_checkpoint
 from simplegpt.config import TrainConfig, default_out_dir
-from simplegpt.data import _Encoder, parse_size, prepare_corpus, read_meta
+from simplegpt.data.encoding import Encoder
+from simplegpt.data.prepare import parse_size, prepare_corpus
+from simplegpt.data.shards import read_meta
 from simplegpt.errors import ConfigError, DataError
 from simplegpt.hf_tokenizer import HF_FILE, SPECIAL_TOKENS, HFTokenizer, parse_bpe_name, train_bpe
 from simplegpt.tokenizer import SPEC_FILE, get_tokenizer
@@ -113,7 +115,7 @@ def test_save_load_and_damage(bpe, tmp_path):
     assert again.encode(MULTILINGUAL) == bpe.encode(MULTILINGUAL)
     clone = pickle.loads(pickle.dumps(bpe))  # how worker processes get it
     assert clone.encode(MULTILINGUAL) == bpe.encode(MULTILINGUAL) and clone.kind == "bpe"
-    encoder = pickle.loads(pickle.dumps(_Encoder(bpe, np.dtype(np.uint16))))  # a spawned prepare worker's
+    encoder = pickle.loads(pickle.dumps(Encoder(bpe, np.dtype(np.uint16))))  # a spawned prepare worker's
     assert encoder([MULTILINGUAL])[0].tolist() == bpe.encode(MULTILINGUAL) + [bpe.eos_id]
     text = (tmp_path / HF_FILE).read_text(encoding="utf-8")
     (tmp_path / HF_FILE).write_text(text[:len(text) // 2], encoding="utf-8")  # cut short

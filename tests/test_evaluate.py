@@ -135,7 +135,8 @@ def test_documents_are_separated_by_end_of_text(tmp_path):
 
 
 def test_prepared_dataset_val_split(tmp_path, shakespeare_path):
-    from simplegpt.data import TokenShards, prepare_corpus
+    from simplegpt.data.prepare import prepare_corpus
+    from simplegpt.data.shards import TokenShards
 
     tok = ByteTokenizer()
     text = shakespeare_path.read_text(encoding="utf-8")[:20000]

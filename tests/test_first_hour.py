@@ -175,7 +175,7 @@ def test_eval_skip_unknown_scores_the_rest_of_the_text_and_says_how_much_was_lef
 @pytest.mark.parametrize("policy", ["drop", " "])
 def test_fine_tuning_on_new_characters_drops_or_replaces_them_when_asked(policy, char_checkpoint, tmp_path):
     """Item 3: a pretrained model's vocabulary is fixed: --unknown_chars drop or a stand-in character."""
-    from simplegpt.data import TokenShards
+    from simplegpt.data.shards import TokenShards
     from simplegpt.tokenizer import load_tokenizer
 
     cfg = tiny_run(tmp_path, init_from=str(char_checkpoint), data=None, unknown_chars=policy, block_size=8,

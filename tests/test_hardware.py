@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from conftest import make_tiny_gpt
 from simplegpt.accel import cpu
 from simplegpt.config import TrainConfig
-from simplegpt.data import PackedSampler, PaddedSampler, TokenShards, prepare_corpus
+from simplegpt.data.prepare import prepare_corpus
+from simplegpt.data.samplers import PackedSampler, PaddedSampler
+from simplegpt.data.shards import TokenShards
 from simplegpt.model import GPTConfig
 from simplegpt.training import hardware
 from simplegpt.training.hardware import (GPU_PEAKS, configure_backends, device_peak_flops, format_mfu,

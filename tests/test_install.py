@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from conftest import ROOT
-from simplegpt.corpus_shakespeare import PLAYS_ARCHIVE
+from simplegpt.data.shakespeare import PLAYS_ARCHIVE
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 PROJECT = PYPROJECT["project"]
@@ -68,7 +68,7 @@ def test_the_embedded_plays_are_package_data():
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
 def test_what_the_quick_start_writes_is_not_committed():
     made = ["data/shakespeare_char/meta.json", "out/shakespeare_char/last/model.safetensors"]
-    kept = ["simplegpt/data.py", "simplegpt/corpora/shakespeare_plays.tar.xz"]
+    kept = ["simplegpt/data/__init__.py", "simplegpt/corpora/shakespeare_plays.tar.xz"]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *made, *kept], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
     assert ignored == made

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from simplegpt.cli import main as cli_main
-from simplegpt.data import Corpus, TokenShards, load_dataset_tokenizer, parse_count, prepare_corpus, read_meta
+from simplegpt.data.prepare import parse_count, prepare_corpus
+from simplegpt.data.shards import TokenShards, load_dataset_tokenizer, read_meta
+from simplegpt.data.sources import Corpus
 from simplegpt.errors import DataError
 from simplegpt.tokenizer import GPT2Tokenizer, Tokenizer
 
@@ -107,7 +109,7 @@ def test_a_worker_that_dies_ends_the_run_with_one_line_not_a_hang(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     script = textwrap.dedent(f"""
         import os, signal
-        from simplegpt.data import prepare_corpus
+        from simplegpt.data.prepare import prepare_corpus
         from simplegpt.errors import SimpleGPTError
         from simplegpt.tokenizer import Tokenizer
 
@@ -206,7 +208,7 @@ def _rss_probe(tmp_path, source, out, workers, tokenizer="byte", shard_tokens="2
     before, minus VmRSS then) and the dataset's meta."""
     script = textwrap.dedent(f"""
         import json, re
-        from simplegpt.data import prepare_corpus, parse_count
+        from simplegpt.data.prepare import prepare_corpus, parse_count
 
         def status(key):
             return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -377,9 +379,9 @@ def test_a_new_shard_size_prepares_again_and_the_same_one_does_not(tmp_path):
 
 
 def test_large_text_files_read_in_pieces_give_the_same_dataset_byte_for_byte(tmp_path, monkeypatch):
-    """A .txt file is read in pieces (simplegpt.corpus_files.text_pieces): cut between words, or anywhere in
+    """A .txt file is read in pieces (simplegpt.data.text_files.text_pieces): cut between words, or anywhere in
     a stretch with no white space; the shards, vocabulary and counts are those of the file read whole."""
-    from simplegpt import corpus_files
+    from simplegpt.data import text_files as corpus_files
 
     rng = np.random.default_rng(3)
     words = WORDS + ["\r\n", "\t", "x\ry"]

@@ -1,4 +1,4 @@
-"""simplegpt prepare: tokenize a corpus into token shards + meta.json."""
+"""simplegpt prepare: tokenize a corpus into token shards + meta.json (simplegpt.data.prepare)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ DESCRIPTION = (HELP + ". The corpus is streamed: batches of documents are tokeni
                "is the validation split. Also writes meta.json and the tokenizer. Re-running on unchanged input "
                "does nothing. Counts take suffixes: 10M, 1.5B, 500k.")
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..data import usable_cores
+    from ..data.encoding import usable_cores
 
     p.add_argument("source", nargs="?", default="shakespeare",
                    help="corpus: 'shakespeare' (embedded plays), 'tinyshakespeare' (downloaded once), a .txt/.md/"
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _count(args: argparse.Namespace, name: str, minimum: int) -> int | None:
-    from ..data import parse_count
+    from ..data.prepare import parse_count
 
     value = getattr(args, name)
     if value is None:
@@ -75,9 +75,9 @@ MIN_SHARD_TOKENS = 1_000
 
 def run(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
-    from ..data import parse_size, prepare_corpus
+    from ..data.prepare import parse_size, prepare_corpus
     from ..tokenizer import check_tokenizer_name
-    from ..train import dataset_dir
+    from ..training.dataset import dataset_dir
 
     max_tokens = _count(args, "max_tokens", 2)
     val_tokens = _count(args, "val_tokens", 2)

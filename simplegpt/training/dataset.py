@@ -6,18 +6,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import TrainConfig, corpus_slug, tokenizer_slug
-from ..data import PackedSampler, PaddedSampler, TokenShards, prepare_corpus, read_meta
+from ..data.layout import TRAIN, VAL, is_dataset_dir
+from ..data.prepare import prepare_corpus
+from ..data.samplers import PackedSampler, PaddedSampler
+from ..data.shards import TokenShards, read_meta
 from ..errors import DataError, UnknownCharacterError
 from ..tokenizer import Tokenizer
 
 
-def _is_dataset_dir(path: str) -> bool:
-    return bool(path) and (Path(path) / "meta.json").is_file()
-
-
 def dataset_dir(cfg: TrainConfig) -> Path:
     """Where cfg's prepared dataset lives: data itself when it is one, else data_dir or a default."""
-    if _is_dataset_dir(cfg.data):
+    if is_dataset_dir(cfg.data):
         return Path(cfg.data)
     if cfg.data_dir:
         return Path(cfg.data_dir)
@@ -30,7 +29,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer | None, progress: bool) 
     if not cfg.data or not cfg.data.strip():
         raise DataError("no corpus given: set data (--data) to a file, folder, glob, URL or 'shakespeare'")
     out = dataset_dir(cfg)
-    if _is_dataset_dir(cfg.data):
+    if is_dataset_dir(cfg.data):
         meta = read_meta(out)
     else:
         try:
@@ -63,7 +62,7 @@ def check_split_sizes(cfg: TrainConfig, train_tokens: int, val_tokens: int) -> N
 
 def make_samplers(cfg: TrainConfig, data_dir: Path, meta: dict) -> tuple[Any, Callable[[], Any]]:
     """The train sampler and a factory of the (always identical) validation sampler."""
-    train_shards, val_shards = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+    train_shards, val_shards = TokenShards(data_dir, TRAIN), TokenShards(data_dir, VAL)
     if cfg.batch_mode == "padded":
         train = PaddedSampler.from_shards(train_shards, meta["eos_id"], cfg.block_size, cfg.batch_size, cfg.seed)
         val = lambda: PaddedSampler.from_shards(val_shards, meta["eos_id"], cfg.block_size,  # noqa: E731

@@ -39,7 +39,7 @@ from .. import checkpoint as ckpt
 from ..accel import cpu
 from ..console import survives_closed_output
 from ..config import TrainConfig, long_warmup_warning
-from ..data import load_dataset_tokenizer
+from ..data.shards import load_dataset_tokenizer
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, IGNORE_INDEX

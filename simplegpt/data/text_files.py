@@ -1,4 +1,5 @@
-"""A local corpus's files: finding them with a glob, and reading a large text file in pieces.
+"""A local corpus's files (for data.sources): finding them with a glob, and reading a large text
+file in pieces.
 
 `glob_files(pattern)` is glob.glob's answer, files only, except that a recursive `**` follows
 symbolic links to folders without ever entering a folder it is already inside (a link back up the
@@ -25,7 +26,7 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DataError
+from ..errors import DataError
 
 PIECE_CHARS = 1 << 20
 CUT_SEARCH_CHARS = 1 << 16
