@@ -138,7 +138,8 @@ def test_swiglu_and_relu2_forward_and_backward_equal_float64(variant):
 
 
 @pytest.mark.parametrize("B,H,Hkv,T,D", [(2, 4, 4, 13, 32), (1, 4, 2, 37, 64), (2, 8, 2, 65, 32), (3, 2, 1, 2, 8),
-                                         (1, 4, 1, 24, 64), (1, 2, 1, 19, 128), (2, 3, 3, 9, 16)])
+                                         (1, 4, 1, 24, 64), (1, 2, 1, 19, 128), (2, 3, 3, 9, 16),
+                                         (1, 2, 2, 11, 96)])
 def test_gqa_attention_forward_and_backward_equal_float64(variant, B, H, Hkv, T, D):
     torch.manual_seed(B * T + D + H)
     # q, k, v as the heads of one fused projection (B, T, (H + 2 Hkv) D): strided views, no copies
@@ -163,7 +164,7 @@ def test_attention_usable_refuses_what_the_kernel_does_not_take():
 
     assert llama_ops.attention_usable(*qkv())
     assert not llama_ops.attention_usable(*qkv(Hkv=3))  # 4 query heads do not split over 3
-    assert not llama_ops.attention_usable(*qkv(D=24))
+    assert not llama_ops.attention_usable(*qkv(D=24)) and not llama_ops.attention_usable(*qkv(D=48))
     assert not llama_ops.attention_usable(*qkv(T=1))
     assert not llama_ops.attention_usable(*qkv(T=llama_ops.MAX_ATTENTION_T + 1))
     assert not llama_ops.attention_usable(*qkv(dtype=torch.float64))

@@ -31,8 +31,8 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def head_size_ok(D: int) -> bool:
-    """Whether the attention kernel takes heads of D floats: 8, 16, 32 or a multiple of 64."""
-    return D in (8, 16, 32) or (D > 0 and D % 64 == 0)
+    """Whether the attention kernel takes heads of D floats: 8, 16 or a multiple of 32."""
+    return D in (8, 16) or (D > 0 and D % 32 == 0)
 
 
 def _strides(t: torch.Tensor) -> list[int]:

@@ -10,8 +10,7 @@
  * output, a transposed (B, T, H, D) buffer) need no copies. Every (batch row, key/value head) pair
  * is one OpenMP work item, so results do not depend on the thread count. Sequences are short (the
  * model sends up to 256 positions here): each item keeps its (T, T) probabilities in scratch memory
- * and runs small register-tiled products, two query rows at a time. D is 8, 16, 32 or a multiple
- * of 64. */
+ * and runs small register-tiled products, two query rows at a time. D is 8, 16 or a multiple of 32. */
 #include "kernels.h"
 #include <math.h>
 #include <stdlib.h>
@@ -160,7 +159,7 @@ DEFINE_WSUM2(wsum2_16, __m512, 16, 4, _mm512_setzero_ps, _mm512_set1_ps, _mm512_
 /* With w a causal (T, Tp) matrix (rows Tp apart, zero right of the diagonal up to the next
  * multiple of 16 past it), rows i of out (ldo apart) = sum over j of W[i, j] b[j] (added to out's
  * rows when acc is set), where lower = 1 takes W = w (j in [0, i + 1)) and lower = 0 its transpose
- * (j in [i, T), w read down column i). D is 8, 16, 32 or a multiple of 64, done 64 columns at a time. */
+ * (j in [i, T), w read down column i). D is 8, 16 or a multiple of 32, done 64 columns at a time. */
 static void wsum_rows(const float *w, int T, int Tp, const float *b, long ldb, float *out, long ldo, int D, int lower,
                       int acc) {
     float spare[64] = {0};
@@ -279,7 +278,7 @@ static void attn_fwd_item(const attn_args *a, scratch *s, int b, int g) {
 /* out = softmax(q k^T * scale, causal) v per query head, with the key and value head it shares
  * (attn_args: q (B, H, T, D), k and v (B, H / G, T, D), out (B, H, T, D), each through its strides
  * in st[0..11]: q, k, v, out); lse (B, H, T) keeps each row's log-sum-exp for the backward pass.
- * D is 8, 16, 32 or a multiple of 64. Returns 0 if scratch memory could not be allocated. */
+ * D is 8, 16 or a multiple of 32. Returns 0 if scratch memory could not be allocated. */
 int sg_attn_gqa_fwd(const float *q, const float *k, const float *v, float *out, float *lse, const long *strides,
                     int B, int T, int H, int G, int D, float scale) {
     attn_args a = {.q = q, .k = k, .v = v, .y = out, .l = lse, .st = strides, .T = T, .H = H, .G = G, .D = D,
