@@ -31,9 +31,6 @@ void residual_layernorm_fwd(const float *x, const float *h, const float *hb, flo
                             const float *w, const float *b, float *y, float *mean, float *rstd, long R, int C,
                             float eps);
 
-/* rmsnorm.c: one row of RMSNorm, the op's only forward (w may be NULL: no gain) */
-void rmsnorm_row(const float *xr, const float *w, float *yr, float *rstd, int C, float eps);
-
 /* gelu.c: GPT-2's tanh-GELU of n floats on the calling thread, the op's only forward loop */
 void gelu_span(const float *x, float *y, long n);
 void bias_gelu_fwd(float *u, const float *b, float *y, long M, int N);

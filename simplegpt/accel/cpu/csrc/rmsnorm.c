@@ -1,13 +1,12 @@
 /* RMSNorm over rows of C floats (Llama's, and QK-norm's over each head's D floats), forward and
- * backward, with or without a gain: y = x / sqrt(mean(x^2) + eps) * w. For training on OpenMP's
- * threads; rmsnorm_row is the one forward, for a decode step as well. */
+ * backward, with or without a gain: y = x / sqrt(mean(x^2) + eps) * w, on OpenMP's threads. */
 #include "kernels.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* one row: y = x * rstd * w (w NULL: no gain); rstd is kept for the backward */
-void rmsnorm_row(const float *xr, const float *w, float *yr, float *rstd, int C, float eps) {
+static void rmsnorm_row(const float *xr, const float *w, float *yr, float *rstd, int C, float eps) {
     int CV = C - C % VF, i;
     vf s = vf_zero();
     for (i = 0; i < CV; i += VF) {
