@@ -1,4 +1,5 @@
-"""Decoding kernels: matrix-vector products over all cores (csrc/gemv.c), and a whole decode step
+"""Decoding kernels: matrix-vector products over all cores (csrc/gemv.c), one step's attention over
+a KV cache with grouped-query heads (csrc/attention_decode.c), and a whole GPT-2 decode step
 (csrc/block.c).
 
 At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
@@ -60,6 +61,36 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     lib._lib.sg_gemv_q8(qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
                     y.data_ptr(), M, N, K, _call_threads())
     return y
+
+
+def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step's attention over a KV cache (csrc/attention_decode.c) on the threads of the
+    innermost decoding() block: q (B, H, D) fp32, one new query per row and head (any strides, D
+    floats contiguous); k and v (B, Hkv, S_max, D) fp32 cache tensors (slots D floats apart, one
+    layout for both), H a multiple of Hkv (grouped-query attention: query head h reads key/value
+    head h // (H // Hkv)). Each query attends to its row's slots 0..length-1 that mask (B, >= length)
+    int64 marks real (1; 0 = padding; all of them without a mask), with scale 1 / sqrt(D); a row
+    with no real slot gets zeros. Returns (B, H, D). ValueError for shapes or layouts it does not take;
+    MemoryError without memory for the scores."""
+    B, H, D = q.shape
+    if q.stride(-1) != 1 or q.stride(1) != D:
+        q = q.contiguous()
+    if not (k.dim() == 4 and k.shape == v.shape and k.stride() == v.stride() and k.size(0) >= B and k.size(3) == D
+            and k.stride(3) == 1 and k.stride(2) == D and H % k.size(1) == 0 and 0 < length <= k.size(2)
+            and q.dtype == k.dtype == v.dtype == torch.float32):
+        raise ValueError(f"attention_step: q {tuple(q.shape)} and a cache k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         f"of (B, Hkv, S_max, D) fp32 slots, {length} of them used")
+    if mask is not None and not (mask.dtype == torch.int64 and mask.size(0) >= B and mask.size(1) >= length
+                                 and mask.stride(1) == 1):
+        raise ValueError(f"attention_step: mask must be int64 (>= {B}, >= {length}) with contiguous rows")
+    out = torch.empty(B, H, D)
+    if not lib._lib.sg_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                   None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                                   B, H, H // k.size(1), length, D, q.stride(0), k.stride(1), k.stride(0),
+                                   1.0 / D ** 0.5, _call_threads()):
+        raise MemoryError("attention_step: no memory for the scores")
+    return out
 
 
 def _call_threads() -> int:

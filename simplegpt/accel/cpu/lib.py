@@ -37,8 +37,8 @@ from .slots import BLOCK_SLOTS
 HERE = Path(__file__).parent / "csrc"
 # one family of ops a file (each op written once, used by decoding and training alike), then the
 # block and the whole model composed of them
-SOURCES = [HERE / f"{name}.c" for name in ("pool", "gemv", "layernorm", "gelu", "attention", "matmul", "adamw",
-                                           "block", "model")]
+SOURCES = [HERE / f"{name}.c" for name in ("pool", "gemv", "layernorm", "rmsnorm", "rope", "gelu", "activation",
+                                           "attention", "attention_decode", "matmul", "adamw", "block", "model")]
 HEADERS = [HERE / f"{name}.h" for name in ("api", "kernels", "simd", "simd_portable", "slots")]
 # only api.h's functions are exported (SG_API); the rest can be inlined across the files' own calls
 FLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden"]
@@ -81,10 +81,20 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "sg_gemv_q8": (None, [_P] * 5 + [_I] * 4),
     "sg_layernorm_fwd": (None, [_P] * 6 + [_L, _I, _F]),
     "sg_layernorm_bwd": (_I, [_P] * 9 + [_L, _I]),
+    "sg_rmsnorm_fwd": (None, [_P] * 4 + [_L, _I, _F]),
+    "sg_rmsnorm_bwd": (_I, [_P] * 6 + [_L, _I]),
+    "sg_rope_fwd": (None, [_P] * 4 + [_L, _P] + [_I] * 5),
     "sg_gelu_fwd": (None, [_P] * 2 + [_L]),
     "sg_gelu_bwd": (None, [_P] * 3 + [_L]),
     "sg_attn_fwd": (_I, [_P] * 3 + [_I] * 4 + [_F]),
     "sg_attn_bwd": (_I, [_P] * 5 + [_I] * 4 + [_F]),
+    "sg_swiglu_fwd": (None, [_P] * 3 + [_L, _I, _L, _L]),
+    "sg_swiglu_bwd": (None, [_P] * 5 + [_L, _I, _L, _L]),
+    "sg_relu2_fwd": (None, [_P] * 2 + [_L]),
+    "sg_relu2_bwd": (None, [_P] * 3 + [_L]),
+    "sg_attn_gqa_fwd": (_I, [_P] * 6 + [_I] * 5 + [_F]),
+    "sg_attn_gqa_bwd": (_I, [_P] * 10 + [_I] * 5 + [_F]),
+    "sg_attn_decode": (_I, [_P] * 5 + [_L] + [_I] * 5 + [_L] * 3 + [_F, _I]),
     "sg_set_sgemm": (None, [_P]),
     "sg_block_slot": (ctypes.c_char_p, [_I]),
     "sg_block1_scratch": (_L, [_I] * 4),

@@ -25,14 +25,40 @@ SG_API void sg_layernorm_fwd(const float *x, const float *w, const float *b, flo
 SG_API int sg_layernorm_bwd(const float *x, const float *w, const float *mean, const float *rstd, const float *dy,
                             const float *add, float *dx, float *dw, float *db, long R, int C);
 
+/* rmsnorm.c */
+SG_API void sg_rmsnorm_fwd(const float *x, const float *w, float *y, float *rstd, long R, int C, float eps);
+SG_API int sg_rmsnorm_bwd(const float *x, const float *w, const float *rstd, const float *dy, float *dx, float *dw,
+                          long R, int C);
+
+/* rope.c */
+SG_API void sg_rope_fwd(const float *x, const long *xs, const float *cos, const float *sin, long cs_b, float *y, int B,
+                        int H, int T, int D, int inverse);
+
 /* gelu.c */
 SG_API void sg_gelu_fwd(const float *x, float *y, long n);
 SG_API void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n);
+
+/* activation.c */
+SG_API void sg_swiglu_fwd(const float *gate, const float *up, float *y, long R, int F, long ldg, long ldu);
+SG_API void sg_swiglu_bwd(const float *gate, const float *up, const float *dy, float *dgate, float *dup, long R, int F,
+                          long ldg, long ldu);
+SG_API void sg_relu2_fwd(const float *x, float *y, long n);
+SG_API void sg_relu2_bwd(const float *x, const float *dy, float *dx, long n);
 
 /* attention.c */
 SG_API int sg_attn_fwd(const float *qkv, float *out, float *lse, int B, int T, int C, int H, float scale);
 SG_API int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv, int B,
                        int T, int C, int H, float scale);
+SG_API int sg_attn_gqa_fwd(const float *q, const float *k, const float *v, float *out, float *lse, const long *strides,
+                           int B, int T, int H, int G, int D, float scale);
+SG_API int sg_attn_gqa_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
+                           const float *lse, float *dq, float *dk, float *dv, const long *strides, int B, int T, int H,
+                           int G, int D, float scale);
+
+/* attention_decode.c */
+SG_API int sg_attn_decode(const float *q, const float *k, const float *v, float *out, const int64_t *mask,
+                          long mask_stride, int B, int H, int G, int S, int D, long q_stride, long head_stride,
+                          long row_stride, float scale, int threads);
 
 /* matmul.c */
 SG_API void sg_set_sgemm(void *fn);

@@ -1,16 +1,16 @@
-/* Causal self-attention: for training, forward and backward over all positions of a fused q|k|v
- * buffer (sg_attn_fwd/bwd, on OpenMP's threads); for decoding, one new query per row and head
- * against a KV cache (attend_cached, on the pool). Both take their probabilities from one softmax,
- * softmax_row (as does model.c's loss). The products around it differ because the layouts do: the
- * training kernel transposes each head's keys into tiles once and reuses them for T queries; a
- * decode step has one query, and reads each cached key and value once, in place.
+/* Causal self-attention for training: forward and backward over all positions (sg_attn_gqa_fwd/bwd,
+ * on OpenMP's threads), for multi-head and grouped-query attention, with GPT-2's fused q|k|v
+ * layout as one case of it (sg_attn_fwd/bwd). attention_decode.c holds the decode step; both take
+ * their probabilities from one softmax, softmax_row (as does model.c's loss). The products around
+ * it differ because the layouts do: the training kernel transposes each head's keys into tiles once
+ * and reuses them for T queries (and for the G query heads that share them); a decode step has one
+ * query, and reads each cached key and value once, in place.
  *
- * Training: head h of row b reads q, k, v at columns h D, C + h D, 2C + h D of each token (the
- * layout of c_attn's output), so no transposes or copies of the inputs are needed, and writes its
- * output at columns h D of a (B, T, C) buffer (the layout c_proj reads). Every (b, h) pair is one
- * OpenMP work item, so results do not depend on the thread count. Sequences are short (the model
- * sends up to 256 positions here): each item keeps its (T, T) probabilities in scratch memory and
- * runs small register-tiled products, two query rows at a time. D = 8 DV with DV in 1, 2, 4, 8. */
+ * Every tensor is read and written through its own strides, so the model's views (heads of c_attn's
+ * output, a transposed (B, T, H, D) buffer) need no copies. Every (batch row, key/value head) pair
+ * is one OpenMP work item, so results do not depend on the thread count. Sequences are short (the
+ * model sends up to 256 positions here): each item keeps its (T, T) probabilities in scratch memory
+ * and runs small register-tiled products, two query rows at a time. D is 8, 16 or a multiple of 32. */
 #include "kernels.h"
 #include <math.h>
 #include <stdlib.h>
@@ -123,80 +123,67 @@ static inline void dots2(const float *a0, const float *a1, const float *bt, int 
 }
 #endif
 
-/* o0 = sum over j in [lo, hi) of w0[j ws] b[j] and o1 likewise with w1 (b: rows of D = 8 DV floats,
- * ldb apart): two output rows share every load of b. DV is a constant where this is inlined. */
-static inline __attribute__((always_inline)) void wsum2(const float *w0, const float *w1, long ws, const float *b,
-                                                        long ldb, int lo, int hi, float *o0, float *o1,
-                                                        const int DV) {
-    __m256 a0[8], a1[8];
-#pragma GCC unroll 8
-    for (int v = 0; v < DV; v++) a0[v] = a1[v] = _mm256_setzero_ps();
-    for (int j = lo; j < hi; j++) {
-        const float *r = b + (size_t)j * ldb;
-        __m256 p = _mm256_set1_ps(w0[(size_t)j * ws]), q = _mm256_set1_ps(w1[(size_t)j * ws]);
-#pragma GCC unroll 8
-        for (int v = 0; v < DV; v++) {
-            __m256 x = _mm256_loadu_ps(r + 8 * v);
-            a0[v] = _mm256_fmadd_ps(p, x, a0[v]);
-            a1[v] = _mm256_fmadd_ps(q, x, a1[v]);
-        }
+/* o0 = sum over j in [lo, hi) of w0[j ws] b[j] and o1 likewise with w1 (b: rows of DV vectors of
+ * W floats, ldb apart), added to what o0 and o1 hold when acc is set: two output rows share every
+ * load of b. DV is a constant where this is inlined; one definition per vector width. */
+#define DEFINE_WSUM2(name, V, W, MAXV, zero, set1, load, store, fmadd)                                            \
+    static inline __attribute__((always_inline)) void name(const float *w0, const float *w1, long ws,             \
+                                                           const float *b, long ldb, int lo, int hi, float *o0,   \
+                                                           float *o1, int acc, const int DV) {                    \
+        V a0[MAXV], a1[MAXV];                                                                                     \
+        _Pragma("GCC unroll 8") for (int v = 0; v < DV; v++) {                                                    \
+            a0[v] = acc ? load(o0 + W * v) : zero();                                                              \
+            a1[v] = acc ? load(o1 + W * v) : zero();                                                              \
+        }                                                                                                         \
+        for (int j = lo; j < hi; j++) {                                                                           \
+            const float *r = b + (size_t)j * ldb;                                                                 \
+            V p = set1(w0[(size_t)j * ws]), q = set1(w1[(size_t)j * ws]);                                         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < DV; v++) {                                                \
+                V x = load(r + W * v);                                                                            \
+                a0[v] = fmadd(p, x, a0[v]);                                                                       \
+                a1[v] = fmadd(q, x, a1[v]);                                                                       \
+            }                                                                                                     \
+        }                                                                                                         \
+        _Pragma("GCC unroll 8") for (int v = 0; v < DV; v++) {                                                    \
+            store(o0 + W * v, a0[v]);                                                                             \
+            store(o1 + W * v, a1[v]);                                                                             \
+        }                                                                                                         \
     }
-#pragma GCC unroll 8
-    for (int v = 0; v < DV; v++) {
-        _mm256_storeu_ps(o0 + 8 * v, a0[v]);
-        _mm256_storeu_ps(o1 + 8 * v, a1[v]);
-    }
-}
-
+DEFINE_WSUM2(wsum2, __m256, 8, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+             _mm256_fmadd_ps)
 #ifdef SG_AVX512
-/* wsum2 for D = 16 DV (DV in 1, 2, 4) floats: 16 a vector */
-static inline __attribute__((always_inline)) void wsum2_16(const float *w0, const float *w1, long ws, const float *b,
-                                                           long ldb, int lo, int hi, float *o0, float *o1,
-                                                           const int DV) {
-    __m512 a0[4], a1[4];
-#pragma GCC unroll 4
-    for (int v = 0; v < DV; v++) a0[v] = a1[v] = _mm512_setzero_ps();
-    for (int j = lo; j < hi; j++) {
-        const float *r = b + (size_t)j * ldb;
-        __m512 p = _mm512_set1_ps(w0[(size_t)j * ws]), q = _mm512_set1_ps(w1[(size_t)j * ws]);
-#pragma GCC unroll 4
-        for (int v = 0; v < DV; v++) {
-            __m512 x = _mm512_loadu_ps(r + 16 * v);
-            a0[v] = _mm512_fmadd_ps(p, x, a0[v]);
-            a1[v] = _mm512_fmadd_ps(q, x, a1[v]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int v = 0; v < DV; v++) {
-        _mm512_storeu_ps(o0 + 16 * v, a0[v]);
-        _mm512_storeu_ps(o1 + 16 * v, a1[v]);
-    }
-}
+DEFINE_WSUM2(wsum2_16, __m512, 16, 4, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+             _mm512_fmadd_ps)
 #endif
 
 /* With w a causal (T, Tp) matrix (rows Tp apart, zero right of the diagonal up to the next
- * multiple of 16 past it), rows i of out (ldo apart) = sum over j of W[i, j] b[j], where lower = 1
- * takes W = w (j in [0, i + 1)) and lower = 0 its transpose (j in [i, T), w read down column i) */
-static void wsum_rows(const float *w, int T, int Tp, const float *b, long ldb, float *out, long ldo, int D, int lower) {
-    float spare[64];
+ * multiple of 16 past it), rows i of out (ldo apart) = sum over j of W[i, j] b[j] (added to out's
+ * rows when acc is set), where lower = 1 takes W = w (j in [0, i + 1)) and lower = 0 its transpose
+ * (j in [i, T), w read down column i). D is 8, 16 or a multiple of 32, done 64 columns at a time. */
+static void wsum_rows(const float *w, int T, int Tp, const float *b, long ldb, float *out, long ldo, int D, int lower,
+                      int acc) {
+    float spare[64] = {0};
     long ws = lower ? 1 : Tp;
     for (int i = 0; i < T; i += 2) {
         int two = i + 1 < T;
         const float *w0 = lower ? w + (size_t)i * Tp : w + i, *w1 = two ? w0 + (lower ? Tp : 1) : w0;
-        float *o0 = out + (size_t)i * ldo, *o1 = two ? o0 + ldo : spare;
         /* the union of both rows' ranges: entries outside a row's own range are zeros */
         int lo = lower ? 0 : i, hi = lower ? (two ? i + 2 : i + 1) : T;
-        switch (D) {
-        case 8: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 1); break;
+        for (int c = 0; c < D; c += 64) {
+            const float *bc = b + c;
+            float *o0 = out + (size_t)i * ldo + c, *o1 = two ? o0 + ldo : spare;
+            switch (D - c < 64 ? D - c : 64) {
+            case 8: wsum2(w0, w1, ws, bc, ldb, lo, hi, o0, o1, acc, 1); break;
 #ifdef SG_AVX512
-        case 16: wsum2_16(w0, w1, ws, b, ldb, lo, hi, o0, o1, 1); break;
-        case 32: wsum2_16(w0, w1, ws, b, ldb, lo, hi, o0, o1, 2); break;
-        default: wsum2_16(w0, w1, ws, b, ldb, lo, hi, o0, o1, 4); break;
+            case 16: wsum2_16(w0, w1, ws, bc, ldb, lo, hi, o0, o1, acc, 1); break;
+            case 32: wsum2_16(w0, w1, ws, bc, ldb, lo, hi, o0, o1, acc, 2); break;
+            default: wsum2_16(w0, w1, ws, bc, ldb, lo, hi, o0, o1, acc, 4); break;
 #else
-        case 16: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 2); break;
-        case 32: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 4); break;
-        default: wsum2(w0, w1, ws, b, ldb, lo, hi, o0, o1, 8); break;
+            case 16: wsum2(w0, w1, ws, bc, ldb, lo, hi, o0, o1, acc, 2); break;
+            case 32: wsum2(w0, w1, ws, bc, ldb, lo, hi, o0, o1, acc, 4); break;
+            default: wsum2(w0, w1, ws, bc, ldb, lo, hi, o0, o1, acc, 8); break;
 #endif
+            }
         }
     }
 }
@@ -227,195 +214,154 @@ float softmax_row(float *p, int n) {
 }
 
 
+/* A causal attention's tensors, each indexed by (batch row, head, position) through its own three
+ * strides in floats, its last dimension (D floats) contiguous: q, dq (B, H, T, D); k, v, dk, dv
+ * (B, Hkv, T, D), each key and value head shared by G = H / Hkv query heads (grouped-query
+ * attention; G = 1 is multi-head attention); out, dout (B, H, T, D); lse (B, H, T) contiguous. */
+enum { Q, K, V, O, GO, DQ, DK, DV, NT };
 typedef struct {
-    const float *qkv, *out, *dout, *lse; /* inputs; out and lse are written by the forward */
-    float *y, *l, *dqkv;                 /* the forward's out and lse; the backward's dqkv */
-    int T, C, H, D, Tp;
+    const float *q, *k, *v, *out, *dout, *lse; /* inputs; out and lse are written by the forward */
+    float *y, *l, *dq, *dk, *dv;               /* the forward's out and lse; the backward's gradients */
+    const long *st;                            /* strides: st[3 t + 0, 1, 2] for tensor t of the enum */
+    int T, H, G, D, Tp;
     float scale;
 } attn_args;
 
-/* item(a, scratch, b, h) for every (b, h) pair, one OpenMP work item each, with per-thread scratch;
- * returns 0 if a thread had no memory for its scratch (its items are then skipped) */
+/* tensor t's (b, h) plane: its T rows are st[3 t + 2] floats apart */
+#define AT(a, t, ptr, b, h) ((ptr) + (size_t)(b) * (a)->st[3 * (t)] + (size_t)(h) * (a)->st[3 * (t) + 1])
+
+/* item(a, scratch, b, g) for every (batch row, key/value head) pair, one OpenMP work item each,
+ * with per-thread scratch; returns 0 if a thread had no memory for its scratch (its items are then
+ * skipped). The G query heads of a key/value head are one item: they share its transposed keys
+ * and values, and their key and value gradients are summed in head order, whatever the threads. */
 static int for_each_head(int B, const attn_args *a, void (*item)(const attn_args *, scratch *, int, int)) {
-    int failed = 0;
+    int failed = 0, Hkv = a->H / a->G;
 #pragma omp parallel reduction(| : failed)
     {
         scratch s = {0};
         float *mem = scratch_alloc(&s, a->T, a->D);
         /* every thread must reach the work-sharing loop, so one that has no memory skips its items */
 #pragma omp for schedule(static)
-        for (int bh = 0; bh < B * a->H; bh++) {
+        for (int bg = 0; bg < B * Hkv; bg++) {
             if (!mem) {
                 failed = 1;
                 continue;
             }
-            item(a, &s, bh / a->H, bh % a->H);
+            item(a, &s, bg / Hkv, bg % Hkv);
         }
         free(mem);
     }
     return !failed;
 }
 
-static void attn_fwd_item(const attn_args *a, scratch *s, int b, int h) {
-    int T = a->T, C = a->C, D = a->D, Tp = a->Tp;
-    long ld = 3L * C;
-    const float *base = a->qkv + (size_t)b * T * ld + (size_t)h * D;
-    float *l = a->l + ((size_t)b * a->H + h) * T;
-    transpose_in(base + C, ld, s->kt, T, D, Tp);
-    for (int i = 0; i < T; i += 2) {
-        int two = i + 1 < T;
-        const float *q0 = base + (size_t)i * ld;
-        float *p0 = s->p + (size_t)i * Tp, *p1 = p0 + Tp;
-        dots2(q0, two ? q0 + ld : q0, s->kt, D, Tp, i + 1 + two, a->scale, p0, p1);
-        l[i] = softmax_row(p0, i + 1);
-        p0[i + 1] = 0.0f; /* row i's range ends where row i + 1's does not */
-        if (two) l[i + 1] = softmax_row(p1, i + 2);
+static void attn_fwd_item(const attn_args *a, scratch *s, int b, int g) {
+    int T = a->T, D = a->D, Tp = a->Tp;
+    long ld = a->st[3 * Q + 2];
+    transpose_in(AT(a, K, a->k, b, g), a->st[3 * K + 2], s->kt, T, D, Tp);
+    for (int h = g * a->G; h < (g + 1) * a->G; h++) {
+        const float *base = AT(a, Q, a->q, b, h);
+        float *l = a->l + ((size_t)b * a->H + h) * T;
+        for (int i = 0; i < T; i += 2) {
+            int two = i + 1 < T;
+            const float *q0 = base + (size_t)i * ld;
+            float *p0 = s->p + (size_t)i * Tp, *p1 = p0 + Tp;
+            dots2(q0, two ? q0 + ld : q0, s->kt, D, Tp, i + 1 + two, a->scale, p0, p1);
+            l[i] = softmax_row(p0, i + 1);
+            p0[i + 1] = 0.0f; /* row i's range ends where row i + 1's does not */
+            if (two) l[i + 1] = softmax_row(p1, i + 2);
+        }
+        wsum_rows(s->p, T, Tp, AT(a, V, a->v, b, g), a->st[3 * V + 2], AT(a, O, a->y, b, h), a->st[3 * O + 2], D,
+                  1, 0);
     }
-    wsum_rows(s->p, T, Tp, base + 2 * C, ld, a->y + (size_t)b * T * C + (size_t)h * D, C, D, 1);
 }
 
-/* out (B, T, C) = softmax(q k^T * scale, causal) v per head; lse (B, H, T) keeps each row's
- * log-sum-exp for the backward pass. Returns 0 if scratch memory could not be allocated. */
-int sg_attn_fwd(const float *qkv, float *out, float *lse, int B, int T, int C, int H, float scale) {
-    attn_args a = {.qkv = qkv, .y = out, .l = lse, .T = T, .C = C, .H = H, .D = C / H, .Tp = (T + 15) & ~15,
-                   .scale = scale};
+/* out = softmax(q k^T * scale, causal) v per query head, with the key and value head it shares
+ * (attn_args: q (B, H, T, D), k and v (B, H / G, T, D), out (B, H, T, D), each through its strides
+ * in st[0..11]: q, k, v, out); lse (B, H, T) keeps each row's log-sum-exp for the backward pass.
+ * D is 8, 16 or a multiple of 32. Returns 0 if scratch memory could not be allocated. */
+int sg_attn_gqa_fwd(const float *q, const float *k, const float *v, float *out, float *lse, const long *strides,
+                    int B, int T, int H, int G, int D, float scale) {
+    attn_args a = {.q = q, .k = k, .v = v, .y = out, .l = lse, .st = strides, .T = T, .H = H, .G = G, .D = D,
+                   .Tp = (T + 15) & ~15, .scale = scale};
     return for_each_head(B, &a, attn_fwd_item);
 }
 
-static void attn_bwd_item(const attn_args *a, scratch *s, int b, int h) {
-    int T = a->T, C = a->C, D = a->D, Tp = a->Tp;
-    long ld = 3L * C;
+static void attn_bwd_item(const attn_args *a, scratch *s, int b, int g) {
+    int T = a->T, D = a->D, Tp = a->Tp;
+    long ld = a->st[3 * Q + 2], lo = a->st[3 * O + 2], lg = a->st[3 * GO + 2];
     float scale = a->scale;
-    const float *base = a->qkv + (size_t)b * T * ld + (size_t)h * D;
-    const float *o = a->out + (size_t)b * T * C + (size_t)h * D, *g = a->dout + (size_t)b * T * C + (size_t)h * D;
-    const float *l = a->lse + ((size_t)b * a->H + h) * T;
-    float *dbase = a->dqkv + (size_t)b * T * ld + (size_t)h * D;
-    transpose_in(base + C, ld, s->kt, T, D, Tp);
-    transpose_in(base + 2 * C, ld, s->vt, T, D, Tp);
-    for (int i = 0; i < T; i += 2) {
-        int two = i + 1 < T, n = i + 1 + two, n16 = (n + 15) & ~15;
-        const float *q0 = base + (size_t)i * ld, *g0 = g + (size_t)i * C;
-        float *p0 = s->p + (size_t)i * Tp, *d0 = s->ds + (size_t)i * Tp;
-        dots2(q0, two ? q0 + ld : q0, s->kt, D, Tp, n, scale, p0, p0 + Tp); /* scores */
-        dots2(g0, two ? g0 + C : g0, s->vt, D, Tp, n, 1.0f, d0, d0 + Tp);    /* dP = dO_i . V_j */
-        for (int r = 0; r <= two; r++) {
-            const float *gi = g0 + (size_t)r * C, *oi = o + (size_t)(i + r) * C;
-            float *pr = p0 + (size_t)r * Tp, *dr = d0 + (size_t)r * Tp, delta = 0.0f;
-            for (int d = 0; d < D; d++) delta += gi[d] * oi[d]; /* dO_i . O_i = sum_j P_ij dP_ij */
-            __m256 lv = _mm256_set1_ps(l[i + r]), dv8 = _mm256_set1_ps(delta), sc = _mm256_set1_ps(scale);
-            int m = i + r + 1, j = 0;
-            for (; j + 8 <= m; j += 8) {
-                __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lv));
-                _mm256_storeu_ps(pr + j, p);
-                /* dS = P (dP - delta), times scale for the q.k products */
-                _mm256_storeu_ps(dr + j, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dr + j), dv8)), sc));
+    const float *kb = AT(a, K, a->k, b, g), *vb = AT(a, V, a->v, b, g);
+    float *dk = AT(a, DK, a->dk, b, g), *dv = AT(a, DV, a->dv, b, g);
+    transpose_in(kb, a->st[3 * K + 2], s->kt, T, D, Tp);
+    transpose_in(vb, a->st[3 * V + 2], s->vt, T, D, Tp);
+    for (int h = g * a->G; h < (g + 1) * a->G; h++) {
+        const float *base = AT(a, Q, a->q, b, h), *o = AT(a, O, a->out, b, h), *g0h = AT(a, GO, a->dout, b, h);
+        const float *l = a->lse + ((size_t)b * a->H + h) * T;
+        for (int i = 0; i < T; i += 2) {
+            int two = i + 1 < T, n = i + 1 + two, n16 = (n + 15) & ~15;
+            const float *q0 = base + (size_t)i * ld, *g0 = g0h + (size_t)i * lg;
+            float *p0 = s->p + (size_t)i * Tp, *d0 = s->ds + (size_t)i * Tp;
+            dots2(q0, two ? q0 + ld : q0, s->kt, D, Tp, n, scale, p0, p0 + Tp); /* scores */
+            dots2(g0, two ? g0 + lg : g0, s->vt, D, Tp, n, 1.0f, d0, d0 + Tp);  /* dP = dO_i . V_j */
+            for (int r = 0; r <= two; r++) {
+                const float *gi = g0 + (size_t)r * lg, *oi = o + (size_t)(i + r) * lo;
+                float *pr = p0 + (size_t)r * Tp, *dr = d0 + (size_t)r * Tp, delta = 0.0f;
+                for (int d = 0; d < D; d++) delta += gi[d] * oi[d]; /* dO_i . O_i = sum_j P_ij dP_ij */
+                __m256 lv = _mm256_set1_ps(l[i + r]), dv8 = _mm256_set1_ps(delta), sc = _mm256_set1_ps(scale);
+                int m = i + r + 1, j = 0;
+                for (; j + 8 <= m; j += 8) {
+                    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lv));
+                    _mm256_storeu_ps(pr + j, p);
+                    /* dS = P (dP - delta), times scale for the q.k products */
+                    _mm256_storeu_ps(dr + j,
+                                     _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dr + j), dv8)), sc));
+                }
+                for (; j < m; j++) {
+                    pr[j] = expf(pr[j] - l[i + r]);
+                    dr[j] = pr[j] * (dr[j] - delta) * scale;
+                }
+                for (; j < n16 && j < Tp; j++) pr[j] = dr[j] = 0.0f; /* right of the diagonal */
             }
-            for (; j < m; j++) {
-                pr[j] = expf(pr[j] - l[i + r]);
-                dr[j] = pr[j] * (dr[j] - delta) * scale;
-            }
-            for (; j < n16 && j < Tp; j++) pr[j] = dr[j] = 0.0f; /* right of the diagonal */
         }
+        int acc = h > g * a->G; /* the group's later heads add to the key and value gradients */
+        wsum_rows(s->ds, T, Tp, kb, a->st[3 * K + 2], AT(a, DQ, a->dq, b, h), a->st[3 * DQ + 2], D, 1, 0);
+        wsum_rows(s->ds, T, Tp, base, ld, dk, a->st[3 * DK + 2], D, 0, acc); /* dK_j += sum_i dS_ij Q_i */
+        wsum_rows(s->p, T, Tp, g0h, lg, dv, a->st[3 * DV + 2], D, 0, acc);   /* dV_j += sum_i P_ij dO_i */
     }
-    wsum_rows(s->ds, T, Tp, base + C, ld, dbase, ld, D, 1); /* dQ_i = sum_j dS_ij K_j */
-    wsum_rows(s->ds, T, Tp, base, ld, dbase + C, ld, D, 0); /* dK_j = sum_i dS_ij Q_i */
-    wsum_rows(s->p, T, Tp, g, C, dbase + 2 * C, ld, D, 0);  /* dV_j = sum_i P_ij dO_i */
 }
 
-/* The gradients of sg_attn_fwd: dqkv (B, T, 3C) from dout (B, T, C), recomputing the
- * probabilities from q, k and lse. */
-int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv, int B, int T,
-                int C, int H, float scale) {
-    attn_args a = {.qkv = qkv, .out = out, .dout = dout, .lse = lse, .dqkv = dqkv, .T = T, .C = C, .H = H,
-                   .D = C / H, .Tp = (T + 15) & ~15, .scale = scale};
+/* The gradients of sg_attn_gqa_fwd: dq, dk, dv from dout, recomputing the probabilities from q, k
+ * and lse; strides[0..23] are those of q, k, v, out, dout, dq, dk, dv (see attn_args). dk and dv
+ * sum over the G query heads that share a key/value head. */
+int sg_attn_gqa_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
+                    const float *lse, float *dq, float *dk, float *dv, const long *strides, int B, int T, int H, int G,
+                    int D, float scale) {
+    attn_args a = {.q = q, .k = k, .v = v, .out = out, .dout = dout, .lse = lse, .dq = dq, .dk = dk, .dv = dv,
+                   .st = strides, .T = T, .H = H, .G = G, .D = D, .Tp = (T + 15) & ~15, .scale = scale};
     return for_each_head(B, &a, attn_bwd_item);
 }
 
-/* ---- one decode step: a query per row and head against the KV cache ---------------------------
- * out[b, h] = softmax(q[b, h] . k[b, h, s] * scale over the slots s < S that mask[b] marks real)
- * @ v[b, h] (struct attend_args in kernels.h): q rows are q_stride floats apart, out is (B, H, D)
- * contiguous; k and v hold each row's (H, S, D) with rows D floats apart, heads head_stride and
- * batch rows row_stride floats apart (a KV cache slice). mask: NULL (every slot real), else B rows
- * of int64, mask_stride apart, 0 = padding. scores holds S floats per part. */
-
-/* Rows of different lengths: each row's padding is skipped, not computed (its scores and weighted
- * values are never formed), and scanned only once per row: a row's heads start at its first real
- * slot (`first`, found once per step), so a short row beside a long one costs its own keys. */
-struct attend_job {
-    const struct attend_args *a;
-    int first[MAX_ROWS];  /* each row's first real slot (S: none) */
-    long cost[MAX_ROWS + 1]; /* cost[b]: the work of rows before b, a row's keys + 1 (its fixed part) */
-};
-
-static void attend_head(const struct attend_args *a, int b, int h, int first, float *scores) {
-    int D = a->D, S = a->S, n = 0;
-    const float *qh = a->q + (size_t)b * a->q_stride + (size_t)h * D;
-    const float *kh = a->k + (size_t)b * a->row_stride + (size_t)h * a->head_stride;
-    const float *vh = a->v + (size_t)b * a->row_stride + (size_t)h * a->head_stride;
-    const int64_t *real = a->mask ? a->mask + (size_t)b * a->mask_stride : NULL;
-    float *oh = a->out + ((size_t)b * a->H + h) * D;
-    for (int s = first; s < S; s++) { /* the real slots' scores, side by side */
-        if (real && !real[s]) continue;
-        const float *ks = kh + (size_t)s * D;
-        float d = 0.0f;
-        int i = 0;
-        if (D >= 8) {
-            __m256 acc = _mm256_setzero_ps();
-            for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(ks + i), acc);
-            d = hsum(acc);
-        }
-        for (; i < D; i++) d += qh[i] * ks[i];
-        scores[n++] = d * a->scale;
-    }
-    for (int i = 0; i < D; i++) oh[i] = 0.0f;
-    if (!n) return;
-    softmax_row(scores, n);
-    n = 0;
-    for (int s = first; s < S; s++) {
-        if (real && !real[s]) continue;
-        float p = scores[n++];
-        if (p == 0.0f) continue;
-        const float *vs = vh + (size_t)s * D;
-        for (int i = 0; i < D; i++) oh[i] += p * vs[i];
-    }
+/* GPT-2's layout, heads side by side: q, k, v at columns h D, C + h D, 2C + h D of each token's 3C
+ * floats (c_attn's output), out at columns h D of (B, T, C) (c_proj's input); dqkv as qkv */
+static void fused_strides(long *st, int T, int C, int D) {
+    long qkv[3] = {3L * T * C, D, 3L * C}, o[3] = {(long)T * C, D, C};
+    for (int t = 0; t < NT; t++)
+        for (int i = 0; i < 3; i++) st[3 * t + i] = t == O || t == GO ? o[i] : qkv[i];
 }
 
-/* The (row, head) pairs split between the parts by their work, not their count: a part takes the
- * pairs whose work starts in its share (rows of 1000 keys beside rows of 10 would otherwise leave
- * one thread with most of it). Which part runs a pair does not change its numbers. */
-static void attend_part(void *arg, int part, int parts) {
-    const struct attend_job *j = arg;
-    const struct attend_args *a = j->a;
-    long total = j->cost[a->B] * a->H;
-    for (int b = 0; b < a->B; b++) {
-        long row = j->cost[b + 1] - j->cost[b];
-        for (int h = 0; h < a->H; h++) {
-            long start = j->cost[b] * a->H + h * row;
-            if ((int)(start * parts / total) == part)
-                attend_head(a, b, h, j->first[b], a->scores + (size_t)part * a->S);
-        }
-    }
+/* out (B, T, C) = softmax(q k^T * scale, causal) v per head of the fused (B, T, 3C) qkv; lse
+ * (B, H, T). Returns 0 if scratch memory could not be allocated. */
+int sg_attn_fwd(const float *qkv, float *out, float *lse, int B, int T, int C, int H, float scale) {
+    long st[3 * NT];
+    fused_strides(st, T, C, C / H);
+    return sg_attn_gqa_fwd(qkv, qkv + C, qkv + 2 * C, out, lse, st, B, T, H, 1, C / H, scale);
 }
 
-/* the (row, head) pairs split between the pool's threads (the caller holds the pool); one thread
- * below min_keys real keys in all, where waking the workers costs more than the work. B is at most
- * MAX_ROWS. */
-void attend_cached(const struct attend_args *a, int threads) {
-    struct attend_job j = {.a = a};
-    j.cost[0] = 0;
-    for (int b = 0; b < a->B; b++) {
-        const int64_t *real = a->mask ? a->mask + (size_t)b * a->mask_stride : NULL;
-        int first = 0, keys = a->S;
-        if (real) {
-            while (first < a->S && !real[first]) first++;
-            keys = 0;
-            for (int s = first; s < a->S; s++) keys += real[s] != 0;
-        }
-        j.first[b] = first;
-        j.cost[b + 1] = j.cost[b] + keys + 1;
-    }
-    int parts = pool_parts(threads), min_keys = 64;
-    if (parts > a->B * a->H) parts = a->B * a->H;
-    if (parts < 1 || j.cost[a->B] - a->B < min_keys) parts = 1;
-    pool_run(attend_part, &j, parts);
+/* The gradients of sg_attn_fwd: dqkv (B, T, 3C) from dout (B, T, C). */
+int sg_attn_bwd(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv, int B, int T,
+                int C, int H, float scale) {
+    long st[3 * NT];
+    fused_strides(st, T, C, C / H);
+    return sg_attn_gqa_bwd(qkv, qkv + C, qkv + 2 * C, out, dout, lse, dqkv, dqkv + C, dqkv + 2 * C, st, B, T, H, 1,
+                           C / H, scale);
 }

@@ -42,8 +42,10 @@ static void block1(float *x, const float **p, const float **scales, float *kc, f
                 vc[at + i] = qkv[(size_t)b * 3 * C + 2 * C + hd * D + i];
             }
         }
-    struct attend_args a = {qkv, kc, vc, att, scores, mask, B, H, pos + 1, D, 3L * C, head_stride, row_stride,
-                            mask_stride, 1.0f / __builtin_sqrtf((float)D)};
+    struct attend_args a = {.q = qkv, .k = kc, .v = vc, .out = att, .scores = scores, .mask = mask, .B = B, .H = H,
+                            .G = 1, .S = pos + 1, .D = D, .q_stride = 3L * C, .head_stride = head_stride,
+                            .row_stride = row_stride, .mask_stride = mask_stride,
+                            .scale = 1.0f / __builtin_sqrtf((float)D)};
     attend_cached(&a, threads);
     gemv_pooled(p[PROJ_W], s[PROJ_S], att, p[PROJ_B], tmp, B, C, C, threads);
     for (size_t i = 0; i < BC; i++) x[i] += tmp[i];

@@ -14,8 +14,6 @@ static inline vf gelu_gate(vf h) {
 
 static inline float gelu_gate1(float h) { return 1.0f / (1.0f + __builtin_expf(GELU_K * (h + GELU_A * h * h * h))); }
 
-#define CHUNK 4096 /* elements per OpenMP work item in the elementwise loops */
-
 /* y = gelu(x) for n floats on the calling thread (y may be x) */
 void gelu_span(const float *x, float *y, long n) {
     long i = 0;

@@ -9,6 +9,7 @@
 
 #define MAX_THREADS 64 /* the decoding pool's threads; part numbers fit in 8 bits */
 #define MAX_ROWS 16    /* rows of a decoding product: simplegpt.accel.cpu.MAX_ROWS (lib.py checks) */
+#define CHUNK 4096     /* floats per OpenMP work item in the elementwise loops */
 
 /* pool.c: the decoding kernels' spinning pool. A call runs fn(arg, part, parts) for part = 0..parts-1,
  * part 0 on the calling thread, while holding the pool (pool_lock: one call at a time). */
@@ -35,13 +36,14 @@ void gelu_span(const float *x, float *y, long n);
 void bias_gelu_fwd(float *u, const float *b, float *y, long M, int N);
 int gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, int N);
 
-/* attention.c */
+/* attention.c: the softmax of training, decoding and the loss */
 float softmax_row(float *p, int n);
+/* attention_decode.c: one decode step (G query heads per key/value head) */
 struct attend_args {
     const float *q, *k, *v;
     float *out, *scores;
     const int64_t *mask;
-    int B, H, S, D;
+    int B, H, G, S, D;
     long q_stride, head_stride, row_stride, mask_stride;
     float scale;
 };

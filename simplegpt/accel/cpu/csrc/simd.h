@@ -21,6 +21,25 @@
 #define SG_VARIANT "portable"
 #endif
 
+/* e^x for a vector type V, written once for every width: x = n ln2 + r, |r| <= ln2 / 2, e^r by a
+ * degree-6 polynomial (relative error ~2e-7), x clamped to [-87, 88]. round(v): v rounded to the
+ * nearest integers (as floats); pow2(n): 2^n for those integers. */
+#define SG_DEFINE_EXP(name, V, set1, min, max, fmadd, fnmadd, mul, add, round, pow2)                           \
+    static inline V name(V x) {                                                                                 \
+        x = min(max(x, set1(-87.0f)), set1(88.0f));                                                             \
+        V n = round(mul(x, set1(1.44269504089f)));                                                              \
+        V r = fnmadd(n, set1(0.693359375f), x);                                                                 \
+        r = fnmadd(n, set1(-2.12194440e-4f), r);                                                                \
+        V p = set1(1.9875691500e-4f);                                                                           \
+        p = fmadd(p, r, set1(1.3981999507e-3f));                                                                \
+        p = fmadd(p, r, set1(8.3334519073e-3f));                                                                \
+        p = fmadd(p, r, set1(4.1665795894e-2f));                                                                \
+        p = fmadd(p, r, set1(1.6666665459e-1f));                                                                \
+        p = fmadd(p, r, set1(5.0000001201e-1f));                                                                \
+        p = fmadd(p, mul(r, r), add(r, set1(1.0f)));                                                            \
+        return mul(p, pow2(n));                                                                                 \
+    }
+
 #ifdef SG_PORTABLE
 #include "simd_portable.h"
 #else
@@ -40,22 +59,12 @@ static inline float hmax(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* e^x for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error ~2e-7) */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+static inline __m256 round8(__m256 x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline __m256 pow2_8(__m256 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
+SG_DEFINE_EXP(exp8, __m256, _mm256_set1_ps, _mm256_min_ps, _mm256_max_ps, _mm256_fmadd_ps, _mm256_fnmadd_ps,
+              _mm256_mul_ps, _mm256_add_ps, round8, pow2_8)
 #endif
 
 /* vf: the widest float vector of the build, VF floats, for the elementwise and row kernels (gelu.c,
@@ -77,23 +86,14 @@ static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
 static inline float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
 
-/* e^x for 16 floats: exp8's reduction and polynomial */
-static inline vf vf_exp(vf x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+static inline __m512 round16(__m512 x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
+static inline __m512 pow2_16(__m512 n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+SG_DEFINE_EXP(vf_exp, __m512, _mm512_set1_ps, _mm512_min_ps, _mm512_max_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps,
+              _mm512_mul_ps, _mm512_add_ps, round16, pow2_16)
 #else
 typedef __m256 vf;
 #define VF 8

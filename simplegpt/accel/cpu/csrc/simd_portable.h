@@ -3,7 +3,7 @@
  * turns into the target's own vector instructions (two NEON registers on aarch64). Only the float
  * operations are here; the few integer and shuffle paths (gemv.c's int8 dot, attention.c's 8x8
  * transpose) have their own plain C under SG_PORTABLE. Results match the AVX2 build's up to
- * rounding: the sums may be taken in another order. */
+ * rounding: the sums may be taken in another order. simd.h includes it after defining SG_DEFINE_EXP. */
 #ifndef SIMPLEGPT_SIMD_PORTABLE_H
 #define SIMPLEGPT_SIMD_PORTABLE_H
 #include <math.h>
@@ -49,27 +49,19 @@ static inline float hmax(__m256 v) {
     return m;
 }
 
-/* e^x for 8 floats, as simd.h's AVX2 exp8: the same reduction and polynomial */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n;
+static inline __m256 round8(__m256 x) {
+    for (int i = 0; i < 8; i++) x[i] = rintf(x[i]);
+    return x;
+}
+static inline __m256 pow2_8(__m256 n) {
     sg_v8i e;
-    for (int i = 0; i < 8; i++) {
-        n[i] = rintf(x[i] * 1.44269504089f);
-        e[i] = ((int)n[i] + 127) << 23;
-    }
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    for (int i = 0; i < 8; i++) e[i] = ((int)n[i] + 127) << 23;
     __m256 scale;
     memcpy(&scale, &e, sizeof scale);
-    return p * scale;
+    return scale;
 }
+/* e^x for 8 floats: simd.h's one definition */
+SG_DEFINE_EXP(exp8, __m256, _mm256_set1_ps, _mm256_min_ps, _mm256_max_ps, _mm256_fmadd_ps, _mm256_fnmadd_ps,
+              _mm256_mul_ps, _mm256_add_ps, round8, pow2_8)
 
 #endif

@@ -1,0 +1,248 @@
+"""Autograd functions over the CPU kernels of Llama-style blocks: RMSNorm (csrc/rmsnorm.c), rotary
+positions (csrc/rope.c), SwiGLU and ReLU^2 (csrc/activation.c) and causal grouped-query attention
+(csrc/attention.c), forward and backward, for fp32 tensors on the CPU.
+
+Each function computes what its docstring's PyTorch expression computes, for inputs that `usable()`
+accepts (attention: `attention_usable()`); callers check first and keep PyTorch's ops otherwise.
+They run with or without autograd (a decode step's RMSNorm, RoPE and activations too); the decode
+step's attention over a KV cache is `decode.attention_step`. Backward passes that produce
+accumulated sums (RMSNorm's gain, attention's shared keys and values) sum in a fixed order, so
+results are the same bits on any thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .lib import load
+
+MAX_ATTENTION_T = 256  # as training.MAX_ATTENTION_T: the kernel keeps each head's (T, T) probabilities
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may take these tensors: fp32 on the CPU, the library loaded, not under
+    autocast, and not inside torch.compile (which fuses these ops its own way)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu") and load() is not None)
+
+
+def head_size_ok(D: int) -> bool:
+    """Whether the attention kernel takes heads of D floats: 8, 16 or a multiple of 32."""
+    return D in (8, 16) or (D > 0 and D % 32 == 0)
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    return [t.stride(0), t.stride(1), t.stride(2)]
+
+
+def _last_dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dimension is contiguous (the kernels take the other strides), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        C = x.size(-1)
+        R = x.numel() // C
+        y, rstd = torch.empty_like(x), torch.empty(R)
+        load().sg_rmsnorm_fwd(x.data_ptr(), None if weight is None else weight.data_ptr(), y.data_ptr(),
+                              rstd.data_ptr(), R, C, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        dy = dy.contiguous()
+        C = x.size(-1)
+        dx = torch.empty_like(x)
+        dw = torch.empty_like(weight) if weight is not None and ctx.needs_input_grad[1] else None
+        if not load().sg_rmsnorm_bwd(x.data_ptr(), None if weight is None else weight.data_ptr(), rstd.data_ptr(),
+                                     dy.data_ptr(), dx.data_ptr(), None if dw is None else dw.data_ptr(),
+                                     x.numel() // C, C):
+            raise MemoryError("RMSNorm backward: no memory for the kernel's partial sums")
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (C,), weight, eps): x (..., C) / sqrt(mean(x^2) + eps) * weight (C,), or without
+    a gain when weight is None. Also QK-norm: x (B, H, T, D) normalized over each head's D floats.
+    Returns a contiguous tensor of x's shape."""
+    return _RMSNorm.apply(x, None if weight is None else weight.contiguous(), eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cosines and sines of rotary position embedding at integer `positions` (any shape, e.g. (T,)
+    or (B, T) position ids): angle_i = position / theta^(2 i / head_dim) for i < head_dim / 2, as
+    Hugging Face's Llama computes them in fp32. Returns (cos, sin), each positions.shape + (head_dim / 2,)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = _last_dense(x)
+        B, H, T, D = x.shape
+        y = torch.empty(B, H, T, D)
+        cs_b = 0 if cos.dim() == 2 else T * (D // 2)
+        load().sg_rope_fwd(x.data_ptr(), (ctypes.c_long * 3)(*_strides(x)), cos.data_ptr(), sin.data_ptr(), cs_b,
+                           y.data_ptr(), B, H, T, D, 0)
+        ctx.save_for_backward(cos, sin)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        dy = _last_dense(dy)
+        B, H, T, D = dy.shape
+        dx = torch.empty(B, H, T, D)
+        load().sg_rope_fwd(dy.data_ptr(), (ctypes.c_long * 3)(*_strides(dy)), cos.data_ptr(), sin.data_ptr(),
+                           0 if cos.dim() == 2 else T * (D // 2), dx.data_ptr(), B, H, T, D, 1)
+        return dx, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, rotate-half convention (Hugging Face Llama's apply_rotary_pos_emb):
+    x * cos + rotate_half(x) * sin, with x (B, H, T, D) (any strides; a view of a projection needs no
+    copy) and cos, sin (T, D / 2) or (1, T, D / 2) shared by every row or (B, T, D / 2) per row
+    (rope_cos_sin), or
+    Hugging Face's (T, D) or (B, T, D) tables, whose two halves are equal (the first is used).
+    Returns a contiguous (B, H, T, D) tensor; no gradient flows to cos and sin."""
+    B, H, T, D = x.shape
+    if D % 2 or cos.shape != sin.shape or cos.dim() not in (2, 3) or cos.shape[-2] != T \
+            or cos.size(-1) not in (D // 2, D) or (cos.dim() == 3 and cos.size(0) not in (1, B)):
+        raise ValueError(f"rope: x {tuple(x.shape)} takes cos and sin of (T, D/2) or (B, T, D/2) (D/2 or D last), "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.dim() == 3 and cos.size(0) == 1:
+        cos, sin = cos[0], sin[0]  # one table for every row
+    cos, sin = (t[..., :D // 2].float().contiguous() for t in (cos, sin))
+    return _Rope.apply(x, cos, sin)
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t (..., F) with its last dimension contiguous and its other dimensions one row stride apart
+    (a contiguous tensor, or a half of a fused (..., 2F) one): t and that stride; else a copy."""
+    t = _last_dense(t)
+    R = t.numel() // t.size(-1)
+    try:
+        view = t.view(R, t.size(-1)) if t.dim() != 2 else t
+    except RuntimeError:
+        t = t.contiguous()
+        return t, t.size(-1)
+    return t, view.stride(0) if R > 1 else t.size(-1)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        (g, ldg), (u, ldu) = _rows(gate), _rows(up)
+        F = g.size(-1)
+        y = torch.empty(gate.shape)
+        load().sg_swiglu_fwd(g.data_ptr(), u.data_ptr(), y.data_ptr(), y.numel() // F, F, ldg, ldu)
+        ctx.save_for_backward(g, u)
+        ctx.ld = ldg, ldu
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, u = ctx.saved_tensors
+        dy = dy.contiguous()
+        F = g.size(-1)
+        dg, du = torch.empty(g.shape), torch.empty(g.shape)
+        load().sg_swiglu_bwd(g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(), du.data_ptr(),
+                             dy.numel() // F, F, *ctx.ld)
+        return dg, du
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for gate and up (..., F) of one shape (the halves of a fused (..., 2F)
+    product are taken without copies). Returns a contiguous (..., F) tensor."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+    return _SwiGLU.apply(gate, up)
+
+
+class _ReLU2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        load().sg_relu2_fwd(x.data_ptr(), y.data_ptr(), x.numel())
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        load().sg_relu2_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel())
+        return dx
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """F.relu(x).square(), any shape (nanochat's MLP activation). Returns a contiguous tensor."""
+    return _ReLU2.apply(x)
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = _last_dense(q), _last_dense(k), _last_dense(v)
+        B, H, T, D = q.shape
+        G = H // k.size(1)
+        scale = 1.0 / math.sqrt(D)
+        out = torch.empty(B, T, H, D).transpose(1, 2)  # (B, H, T, D) over (B, T, H, D) memory
+        lse = torch.empty(B, H, T)
+        strides = (ctypes.c_long * 12)(*_strides(q), *_strides(k), *_strides(v), *_strides(out))
+        if not load().sg_attn_gqa_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                      strides, B, T, H, G, D, scale):
+            raise MemoryError("causal attention: no memory for the kernel's scratch buffers")
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.G, ctx.scale = G, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = _last_dense(dout)
+        B, H, T, D = q.shape
+        dq, dk, dv = (torch.empty(t.shape) for t in (q, k, v))
+        strides = (ctypes.c_long * 24)(*(s for t in (q, k, v, out, dout, dq, dk, dv) for s in _strides(t)))
+        if not load().sg_attn_gqa_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(),
+                                      lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), strides, B, T, H,
+                                      ctx.G, D, ctx.scale):
+            raise MemoryError("causal attention backward: no memory for the kernel's scratch buffers")
+        return dq, dk, dv
+
+
+def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether causal_attention may take q (B, H, T, D), k and v (B, Hkv, T, D): usable(), 2..MAX_ATTENTION_T
+    positions, a head size head_size_ok() takes, and H a multiple of Hkv."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        return False
+    B, H, T, D = q.shape
+    return (k.size(0) == B and k.size(2) == T and k.size(3) == D and H % k.size(1) == 0 and 1 < T <= MAX_ATTENTION_T
+            and head_size_ok(D) and usable(q, k, v))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) for attention_usable()
+    inputs: q (B, H, T, D), k and v (B, Hkv, T, D), query head h attending with key/value head
+    h // (H // Hkv); scale 1 / sqrt(D), no dropout, any strides with the D floats contiguous.
+    Returns (B, H, T, D) laid out as (B, T, H, D) in memory, so .transpose(1, 2).reshape(B, T, H * D)
+    (the output projection's input) is a view."""
+    return _CausalAttention.apply(q, k, v)
