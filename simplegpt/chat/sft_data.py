@@ -110,7 +110,7 @@ def load_conversations(source: str | os.PathLike | Iterable[dict], tokenizer: To
                 import datasets
             except ImportError:
                 raise MissingDependencyError(f"reading {path} needs Hugging Face datasets: "
-                                             "pip install 'simplegpt-toolkit[datasets]'") from None
+                                             'pip install "simplegpt-toolkit[datasets]"') from None
             data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
             conversations = dataset_conversations(data, path.name)
         else:
