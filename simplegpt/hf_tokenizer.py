@@ -129,7 +129,8 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike, eos_token: str | None = None) -> "HFTokenizer":
         """An imported Hugging Face tokenizer.json. eos_token defaults to tokenizer_config.json's
-        beside it, else the first of the usual end tokens the vocabulary holds. ValueError when the
+        beside it, else the first of the usual end tokens the vocabulary holds. The chat template is
+        tokenizer_config.json's chat_template, else chat_template.jinja beside it, if any. ValueError when the
         file is not a tokenizer.json or no end-of-sequence token is found; OSError when unreadable."""
         path = Path(path)
         text = path.read_text(encoding="utf-8")
@@ -158,7 +159,11 @@ class HFTokenizer(Tokenizer):
         eos_id = next((i for i in ids if i is not None), None)
         if eos_id is None:
             raise ValueError(f"{path}: no end-of-sequence token ({', '.join(n for n in names if n)}) in its vocabulary")
-        return cls(text, eos_id, kind="hf", chat_template=_template_setting(settings.get("chat_template")))
+        template = _template_setting(settings.get("chat_template"))
+        jinja = path.with_name("chat_template.jinja")  # where newer transformers save it
+        if template is None and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        return cls(text, eos_id, kind="hf", chat_template=template)
 
     def token_id(self, text: str) -> int | None:
         """The id of the one token whose text is `text` (a special token's included), or None."""

@@ -150,3 +150,22 @@ def test_an_untied_head_grows_too_and_padding_rows_are_reset():
 def test_a_char_vocabulary_cannot_take_the_markers():
     with pytest.raises(DataError, match="char tokenizer cannot hold the chat markers"):
         chat_tokenizer(get_tokenizer("char", "abc"))
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_an_imported_tokenizer_keeps_its_chat_template(bpe, tmp_path, where):
+    import pickle
+
+    from simplegpt.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(bpe.json, encoding="utf-8")
+    if where == "chat_template.jinja":
+        (tmp_path / where).write_text(CHATML_TEMPLATE, encoding="utf-8")
+    else:
+        (tmp_path / where).write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_template == CHATML_TEMPLATE
+    tok.save(tmp_path / "saved")  # as import-hf keeps it in a checkpoint
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.chat_template == CHATML_TEMPLATE and again.eos_id == tok.eos_id
+    assert pickle.loads(pickle.dumps(again)).chat_template == CHATML_TEMPLATE
