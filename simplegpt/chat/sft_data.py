@@ -257,7 +257,8 @@ class SFTSampler:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x, y, attention_mask: each (batch_size, block_size) int64."""
         picks = self.rng.integers(0, len(self.rows), size=self.batch_size)
-        return tuple(torch.stack([self.rows[i][k] for i in picks]) for k in range(3))  # type: ignore[return-value]
+        x, y, attention = (torch.stack(column) for column in zip(*(self.rows[i] for i in picks)))
+        return x, y, attention
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state}
