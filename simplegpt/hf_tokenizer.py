@@ -222,7 +222,8 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{path} does not match the checksum in {SPEC_FILE}: the tokenizer is damaged")
         template = spec.get("chat_template")
         if template is not None and not isinstance(template, str):
-            raise ValueError(f'"chat_template" in {SPEC_FILE} is a {type(template).__name__}, not a Jinja template string')
+            raise ValueError(f'"chat_template" in {SPEC_FILE} is a {type(template).__name__}, not a Jinja template '
+                             "string")
         tok = cls(text, int(spec["eos_id"]), kind=spec["type"], chat_template=template)
         if tok.vocab_size != spec.get("vocab_size"):
             raise ValueError(f"{path} has {tok.vocab_size} tokens, its {SPEC_FILE} says {spec.get('vocab_size')}")

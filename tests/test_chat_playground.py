@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from test_chat_cli import chat_checkpoint
-from test_playground import browser  # noqa: F401
+from test_playground import browser  # noqa: F401 (the fixture)
 from test_server import start
 
 pytest.importorskip("fastapi")

@@ -144,7 +144,8 @@ def test_an_untied_head_grows_too_and_padding_rows_are_reset():
     keep = [i for i in range(260) if i not in (257, 258)]
     for i in (257, 258, 261):
         assert torch.allclose(model.lm_head.weight[i], head[keep].mean(0))
-    assert torch.equal(model.lm_head.weight[259], head[259]) and model.lm_head.weight is not model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight[259], head[259])
+    assert model.lm_head.weight is not model.transformer.wte.weight
 
 
 def test_a_char_vocabulary_cannot_take_the_markers():

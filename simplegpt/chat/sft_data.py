@@ -42,7 +42,8 @@ def parse_conversation(record: Any, where: str) -> Conversation:
     A content given as OpenAI's list of text parts is joined into one string."""
     column = next((c for c in COLUMNS if isinstance(record, dict) and c in record), None)
     if column is None or not isinstance(record[column], list):
-        found = f"an object with keys {sorted(record)[:5]}" if isinstance(record, dict) else f"a {type(record).__name__}"
+        found = (f"an object with keys {sorted(record)[:5]}" if isinstance(record, dict)
+                 else f"a {type(record).__name__}")
         raise DataError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}, found {found}')
     messages = []
     for n, m in enumerate(record[column], 1):
@@ -97,7 +98,8 @@ def dataset_conversations(dataset: Iterable[dict], name: str = "dataset") -> lis
     return out
 
 
-def load_conversations(source: str | os.PathLike | Iterable[dict], tokenizer: Tokenizer | None = None) -> list[Conversation]:
+def load_conversations(source: str | os.PathLike | Iterable[dict],
+                       tokenizer: Tokenizer | None = None) -> list[Conversation]:
     """Conversations from a JSONL file, a folder written by `datasets`' save_to_disk, a .parquet file,
     or a `datasets` Dataset (any iterable of records). With a tokenizer, every conversation's text is
     checked to encode with it: a character vocabulary that lacks a character is a DataError naming the
