@@ -80,7 +80,8 @@ def test_rows_count_loss_only_on_answers_and_pad_with_ignore_index(template):
         sampler = SFTSampler(chats, block_size=128, batch_size=8, pad_id=0, seed=1, pack=pack)
         assert len(sampler.rows) == (1 if pack else 2)
         x, y, attention = sampler.next_batch()
-        assert x.shape == y.shape == attention.shape == (8, 128)
+        longest = sum(len(c.ids) for c in chats) - 1 if pack else max(len(c.ids) for c in chats) - 1
+        assert x.shape == y.shape == attention.shape == (8, longest)  # the longest row of the batch
         for row_x, row_y, row_a in zip(x, y, attention):
             n = int(row_a.sum())
             learned = template.tokenizer.decode(row_y[row_y != IGNORE_INDEX].tolist())
@@ -88,7 +89,7 @@ def test_rows_count_loss_only_on_answers_and_pad_with_ignore_index(template):
             assert (row_y[n:] == IGNORE_INDEX).all() and (row_a[n:] == 0).all()
             assert torch.equal(row_x[1:n], torch.where(row_y[:n - 1] == IGNORE_INDEX, row_x[1:n], row_y[:n - 1]))
     # the loss counts exactly those targets: F.cross_entropy's ignore_index skips the rest
-    logits = torch.randn(8, 128, template.tokenizer.vocab_size)
+    logits = torch.randn(8, longest, template.tokenizer.vocab_size)
     full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
     keep = y.flatten() != IGNORE_INDEX
     assert full == pytest.approx(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep],

@@ -211,17 +211,19 @@ def encode_conversations(conversations: Sequence[Conversation], template: ChatTe
 
 
 class SFTSampler:
-    """Seeded random batches of rows of block_size targets built from whole conversations:
+    """Seeded random batches of rows of up to block_size targets built from whole conversations:
     x (B, T) ids, y (B, T) the next ids with IGNORE_INDEX where the loss counts nothing (system and
-    user tokens, template text, padding), attention_mask (B, T) 1 = token, 0 = padding; T = block_size.
+    user tokens, template text, padding), attention_mask (B, T) 1 = token, 0 = padding; T is the
+    longest row of the batch (at most block_size), as in the pretraining PaddedSampler.
 
-    pack=True fills each row with as many whole conversations as fit (in a seeded order), so that a
-    row's later conversations attend to its earlier ones, as in packed pretraining; pack=False puts one
-    conversation in each row. Rows are padded on the right with pad_id. The generator state is the
-    sampler's state (state_dict), so a resumed run draws the same batches."""
+    pack=False (the default) puts one conversation in each row, which then sees what it sees when
+    chatting (its own turns, from position 0). pack=True fills each row with as many whole
+    conversations as fit (in a seeded order): fewer rows, but a row's later conversations attend to
+    its earlier ones, as in packed pretraining. Rows are padded on the right with pad_id. The
+    generator state is the sampler's state (state_dict), so a resumed run draws the same batches."""
 
     def __init__(self, chats: Sequence[EncodedChat], block_size: int, batch_size: int, pad_id: int, seed: int,
-                 pack: bool = True):
+                 pack: bool = False):
         if not chats:
             raise DataError("no conversations to fine-tune on")
         self.block_size = block_size
@@ -257,10 +259,11 @@ class SFTSampler:
         return x, y, attention
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x, y, attention_mask: each (batch_size, block_size) int64."""
+        """x, y, attention_mask: each (batch_size, T) int64, T the longest row in the batch."""
         picks = self.rng.integers(0, len(self.rows), size=self.batch_size)
         x, y, attention = (torch.stack(column) for column in zip(*(self.rows[i] for i in picks)))
-        return x, y, attention
+        T = int(attention.sum(dim=1).max())
+        return x[:, :T], y[:, :T], attention[:, :T]
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state}
