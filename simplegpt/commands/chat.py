@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -42,14 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import SamplingParams
 
     check_engine_arguments(args)
+    try:  # checked before the model loads
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
     with file_access_errors():
         engine = load_engine(args)
     fmt = chat_format(engine.tokenizer)
-    try:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop=fmt.stop)
-    except ValueError as e:
-        raise OptionError(str(e)) from None
+    params = dataclasses.replace(params, stop=fmt.stop)
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 spoil their line, not the session
         sys.stdin.reconfigure(errors="surrogateescape")
     tty = sys.stdin.isatty()
