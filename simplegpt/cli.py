@@ -32,6 +32,7 @@ COMMANDS = {
     "prepare": "prepare",
     "train": "train",
     "generate": "generate",
+    "chat": "chat",
     "eval": "eval",
     "serve": "serve",
     "import-hf": "import_hf",

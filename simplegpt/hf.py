@@ -448,6 +448,7 @@ def write_hf_tokenizer_files(directory: Path, tok: HFTokenizer, model_max_length
     _write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
         "add_bos_token": False, "clean_up_tokenization_spaces": False, **special,
+        **({"chat_template": tok.chat_template} if tok.chat_template else {}),  # apply_chat_template reads it
     })
     _write_json(directory / "special_tokens_map.json", special)
 

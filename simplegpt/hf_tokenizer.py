@@ -10,6 +10,11 @@ recognised by its keys. Both files are JSON data: reading them runs no code.
 `train_bpe(texts, 8192)` trains a byte-level BPE: GPT-2's pre-tokenizer split (its regex, on
 bytes mapped to printable characters), 256 byte tokens + 7936 merges, and SPECIAL_TOKENS on top,
 so vocab_size is 8192 + 3. Any string encodes, and every id sequence decodes to its exact bytes.
+
+A tokenizer may carry a chat template (`chat_template`, a Jinja string in Hugging Face's convention,
+see simplegpt.chat): kept in the spec, read from an imported folder's tokenizer_config.json.
+`as_hf_tokenizer` rebuilds GPT-2's and the byte tokenizer as HFTokenizers with the same ids, so that
+chat markers can be added to them (`with_special_tokens`).
 """
 
 from __future__ import annotations
@@ -76,10 +81,11 @@ class HFTokenizer(Tokenizer):
     kind is "bpe" for a tokenizer trained by simplegpt, "hf" for an imported one.
     """
 
-    def __init__(self, hf_json: str, eos_id: int, kind: str = "hf") -> None:
+    def __init__(self, hf_json: str, eos_id: int, kind: str = "hf", chat_template: str | None = None) -> None:
         from tokenizers import Tokenizer as HFT
 
         self.kind = kind
+        self.chat_template = chat_template
         self.json = hf_json
         self._plain = HFT.from_str(hf_json)
         self._plain.encode_special_tokens = True  # special-token text in user input stays text
@@ -93,6 +99,8 @@ class HFTokenizer(Tokenizer):
         strips = [d for d in _walk(doc.get("decoder")) if d.get("type") == "Strip" and d.get("content") == " "]
         self._strip_start = max((int(d.get("start", 0)) for d in strips), default=0)
         self._bytes = self._token_bytes(doc)
+        # the special tokens' text -> id: what encode(specials=True) turns into one token
+        self.special_tokens = {t["content"]: t["id"] for t in doc.get("added_tokens") or [] if t.get("special")}
         self.sha256 = hashlib.sha256(hf_json.encode("utf-8")).hexdigest()
 
     def _token_bytes(self, doc: dict) -> list[bytes]:
@@ -121,7 +129,8 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike, eos_token: str | None = None) -> "HFTokenizer":
         """An imported Hugging Face tokenizer.json. eos_token defaults to tokenizer_config.json's
-        beside it, else the first of the usual end tokens the vocabulary holds. ValueError when the
+        beside it, else the first of the usual end tokens the vocabulary holds. The chat template is
+        tokenizer_config.json's chat_template, else chat_template.jinja beside it, if any. ValueError when the
         file is not a tokenizer.json or no end-of-sequence token is found; OSError when unreadable."""
         path = Path(path)
         text = path.read_text(encoding="utf-8")
@@ -131,11 +140,15 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{path} is not valid JSON ({e})") from None
         if not is_hf_tokenizer_json(doc):
             raise ValueError(f"{path} is not a Hugging Face tokenizer.json (no 'model' table)")
+        config = path.with_name("tokenizer_config.json")
+        try:
+            settings = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config} is not valid JSON ({e})") from None
+        settings = settings if isinstance(settings, dict) else {}
         if eos_token is None:
-            config = path.with_name("tokenizer_config.json")
-            if config.is_file():
-                eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
-                eos_token = eos.get("content") if isinstance(eos, dict) else eos
+            eos = settings.get("eos_token")
+            eos_token = eos.get("content") if isinstance(eos, dict) else eos
         try:
             from tokenizers import Tokenizer as HFT
             probe = HFT.from_str(text)
@@ -146,7 +159,26 @@ class HFTokenizer(Tokenizer):
         eos_id = next((i for i in ids if i is not None), None)
         if eos_id is None:
             raise ValueError(f"{path}: no end-of-sequence token ({', '.join(n for n in names if n)}) in its vocabulary")
-        return cls(text, eos_id, kind="hf")
+        template = _template_setting(settings.get("chat_template"))
+        jinja = path.with_name("chat_template.jinja")  # where newer transformers save it
+        if template is None and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        return cls(text, eos_id, kind="hf", chat_template=template)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the one token whose text is `text` (a special token's included), or None."""
+        return self._plain.token_to_id(text)
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> "HFTokenizer":
+        """A copy that also holds `tokens` as special tokens (new ids from vocab_size up, in order;
+        ones it holds already keep theirs), its chat template kept."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFT
+
+        tok = HFT.from_str(self.json)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens
+                                if self.token_id(t) is None])
+        return HFTokenizer(tok.to_str(), self.eos_id, kind=self.kind, chat_template=self.chat_template)
 
     def encode(self, text: str, specials: bool = False) -> list[int]:
         enc = self._special if specials else self._plain
@@ -168,7 +200,8 @@ class HFTokenizer(Tokenizer):
         return b"".join(table[i] for i in self._check_ids(ids))
 
     def spec(self) -> dict:
-        return {**super().spec(), "file": HF_FILE, "sha256": self.sha256}
+        spec = {**super().spec(), "file": HF_FILE, "sha256": self.sha256}
+        return {**spec, "chat_template": self.chat_template} if self.chat_template is not None else spec
 
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
@@ -187,13 +220,25 @@ class HFTokenizer(Tokenizer):
         text = path.read_text(encoding="utf-8")
         if hashlib.sha256(text.encode("utf-8")).hexdigest() != spec.get("sha256"):
             raise ValueError(f"{path} does not match the checksum in {SPEC_FILE}: the tokenizer is damaged")
-        tok = cls(text, int(spec["eos_id"]), kind=spec["type"])
+        template = spec.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f'"chat_template" in {SPEC_FILE} is a {type(template).__name__}, not a Jinja template '
+                             "string")
+        tok = cls(text, int(spec["eos_id"]), kind=spec["type"], chat_template=template)
         if tok.vocab_size != spec.get("vocab_size"):
             raise ValueError(f"{path} has {tok.vocab_size} tokens, its {SPEC_FILE} says {spec.get('vocab_size')}")
         return tok
 
     def __reduce__(self):  # worker processes get the JSON text (the Rust object does not pickle)
-        return HFTokenizer, (self.json, self.eos_id, self.kind)
+        return HFTokenizer, (self.json, self.eos_id, self.kind, self.chat_template)
+
+
+def _template_setting(value: object) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or Hugging Face's list of named templates
+    (the one named "default" is the chat template)."""
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
 
 
 def _walk(node: object) -> Iterable[dict]:
@@ -228,3 +273,35 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
     tok.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tok.to_str(), eos_id=tok.token_to_id(EOS_TEXT), kind="bpe")
+
+
+def as_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
+    """The tokenizer as an HFTokenizer giving the same ids for every text: itself when it is one;
+    GPT-2's BPE (from the vocabulary files tiktoken's encoding is built from) and the byte tokenizer
+    (its 256 bytes as byte-level tokens, end-of-text at 256) rebuilt with `tokenizers`.
+    ValueError for a character tokenizer, which has no byte-level equivalent."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFT
+    from tokenizers import decoders, models, pre_tokenizers
+
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer
+    if tokenizer.kind == "gpt2":
+        from .tokenizer import gpt2_vocab_files
+
+        encoder, bpe = gpt2_vocab_files()
+        merges = [tuple(line.split(" ")) for line in bpe.read_text(encoding="utf-8").splitlines()[1:] if line]
+        model = models.BPE(json.loads(encoder.read_text(encoding="utf-8")), merges)
+    elif tokenizer.kind == "byte":
+        table = _byte_decoder()
+        model = models.BPE({c: b for c, b in table.items()}, [])
+    else:
+        raise ValueError(f"a {tokenizer.kind} tokenizer cannot be rebuilt as a byte-level one; prepare the data "
+                         "with --tokenizer byte, gpt2 or bpe:N")
+    tok = HFT(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=tokenizer.kind == "gpt2")
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOS_TEXT, special=True, normalized=False)])
+    if tok.token_to_id(EOS_TEXT) != tokenizer.eos_id:
+        raise AssertionError(f"rebuilt {tokenizer.kind} tokenizer puts {EOS_TEXT} at {tok.token_to_id(EOS_TEXT)}")
+    return HFTokenizer(tok.to_str(), tokenizer.eos_id, kind="hf")

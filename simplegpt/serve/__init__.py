@@ -4,7 +4,7 @@ Endpoints (the shapes of OpenAI's API, so its official clients work against it):
 
 - GET  /v1/models            the one model served
 - POST /v1/completions       text completion: prompt (a string or a list of them), n, stream (SSE)
-- POST /v1/chat/completions  chat over the base model through a plain-text template (chat_prompt)
+- POST /v1/chat/completions  chat through the checkpoint's chat template, or for a base model a plain-text one (chat_prompt)
 - GET  /tokenizer_info, POST /tokenize, POST /detokenize
                              the tokenizer in vLLM's shapes (lm-evaluation-harness's API client uses them)
 - GET  /health               {"status": "ok"}, always open

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from ..engine import FINISH_LENGTH, Engine, Result, TokenLogprobs
 from ..tokenizer import EOS_TEXT
-from .chat import CHAT_STOP, DEFAULT_CHAT_MAX_TOKENS, chat_prompt
+from .chat import DEFAULT_CHAT_MAX_TOKENS, chat_input
 from .errors import APIError, add_error_handlers, error_body
 from .guard import Guard
 from .metrics import Metrics
@@ -318,9 +318,10 @@ def create_app(engine: Engine, model_name: str, max_tokens: int = 4096, max_rows
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
         k = logprobs_count(req.top_logprobs or 0, 20, "top_logprobs") if req.logprobs else None
+        prompt, stop = chat_input(tokenizer, req.messages)  # the checkpoint's chat template, or the plain one
         params = sampling_params(req, limit if limit is not None else min(DEFAULT_CHAT_MAX_TOKENS, limits.max_tokens),
-                                 [CHAT_STOP], limits.max_tokens, k)
-        rows = check_rows([chat_prompt(req.messages)] * req.n)
+                                 stop, limits.max_tokens, k)
+        rows = check_rows([prompt] * req.n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         sub = scheduler.submit(token_rows(rows, req.truncate_prompt_tokens, "messages"), params, req.stream)

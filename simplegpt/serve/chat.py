@@ -1,25 +1,44 @@
-"""Chat over a base model: the messages as a plain-text prompt the model continues."""
+"""Chat requests as prompts: through the checkpoint's chat template when its tokenizer has one,
+else the messages as a plain-text prompt a base model continues."""
 
 from __future__ import annotations
 
+from ..chat import ChatTemplateError, PlainChat, chat_format, plain_prompt
+from ..chat.template import PLAIN_STOP
 from .errors import APIError
 from .schemas import ChatMessage
 
-CHAT_STOP = "\nUser:"  # a reply ends where the model starts the user's next line
+CHAT_STOP = PLAIN_STOP  # a base model's reply ends where the model starts the user's next line
 DEFAULT_CHAT_MAX_TOKENS = 256
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as {"role", "content"} text; APIError for content parts that are not text."""
+    out = []
+    for m in messages:
+        if any(p.type != "text" for p in m.content or []):
+            raise APIError("only text content parts are supported", param="messages")
+        out.append({"role": m.role, "content": "".join(p.text for p in m.content or [])})
+    return out
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
     """The plain-text prompt a base model continues: system text, then 'User: ...' / 'Assistant: ...'
     lines, then 'Assistant:' (generation stops at the next 'User:' line). Raises APIError for
     content parts that are not text."""
-    parts: list[str] = []
-    for m in messages:
-        if any(p.type != "text" for p in m.content or []):
-            raise APIError("only text content parts are supported", param="messages")
-        text = "".join(p.text for p in m.content or [])
-        if m.role in ("system", "developer"):
-            parts.append(f"{text}\n\n")
-        else:
-            parts.append(f"{'User' if m.role == 'user' else 'Assistant'}: {text}\n")
-    return "".join(parts) + "Assistant:"
+    return plain_prompt(_messages(messages))
+
+
+def chat_input(tokenizer, messages: list[ChatMessage]) -> tuple[str | list[int], list[str]]:
+    """The prompt of a chat request and the stop strings that end its reply: the token ids of the
+    tokenizer's chat template (with the opening of the assistant's turn) and its end-of-turn markers,
+    or, for a tokenizer without a template, chat_prompt and CHAT_STOP. A 'developer' message is the
+    template's 'system' one. APIError for non-text parts or a template that fails on the messages."""
+    fmt = chat_format(tokenizer)
+    if isinstance(fmt, PlainChat):
+        return chat_prompt(messages), [CHAT_STOP]
+    turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in _messages(messages)]
+    try:
+        return fmt.prompt_ids(turns), list(fmt.stop)
+    except ChatTemplateError as e:
+        raise APIError(str(e), param="messages") from None
