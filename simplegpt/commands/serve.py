@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                                                     timeout_graceful_shutdown=seconds + SHUTDOWN_BACKSTOP))
 
     def stop_requests() -> None:
-        stopped = app.state.scheduler.stop_all(f"the server is shutting down and its --shutdown-timeout "
+        stopped = app.state.server.scheduler.stop_all(f"the server is shutting down and its --shutdown-timeout "
                                                f"({seconds:g} s) ran out before this request finished; retry")
         if stopped:
             print(f"simplegpt serve: --shutdown-timeout ({seconds:g} s) ran out: {stopped} running request(s) "
