@@ -114,4 +114,5 @@ def stream(state: ServerState, req: CompletionRequest, sub: Submission, head: di
     return streamed(
         state, sub, req.n, req.wants_usage, head, echo_events(),
         lambda i, piece, upto: sse({**head, "choices": [choice(i, piece, None, new_logprobs(i, upto, piece))]}),
-        lambda i, r: sse({**head, "choices": [choice(i, "", r.finish_reason, new_logprobs(i, len(r.token_ids), "", r))]}))
+        lambda i, r: sse({**head, "choices": [choice(i, "", r.finish_reason,
+                                                     new_logprobs(i, len(r.token_ids), "", r))]}))
