@@ -5,7 +5,7 @@ pieces streamed as server-sent events; the scheduler's timeout and shutdown beco
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from fastapi import Request
@@ -39,21 +39,21 @@ def timing_first_token(state: ServerState, sub: Submission) -> Submission:
 
 async def finished(state: ServerState, sub: Submission, request: Request) -> list[Result] | Response:
     """A request that is not streamed: its results, or an empty answer when its client left."""
-    try:
-        results = await sub.results(request.is_disconnected)
-    except RequestTimeout:
-        raise timed_out(state) from None
-    except ServerStopping as e:
-        raise stopped(e) from None
-    return Response(status_code=CLIENT_GONE) if results is None else results
+    return await answer(state, sub.results(request.is_disconnected))
 
 
 async def scored(state: ServerState, ids: list[list[int]], top: int, request: Request,
                  deadline: float | None) -> list[tuple[list[int], list[TokenLogprobs]]] | Response:
     """The prompts scored (Scheduler.score: the queue's limit, the deadline), or an empty answer when
     the client left."""
+    return await answer(state, state.scheduler.score(ids, top, request.is_disconnected, deadline))
+
+
+async def answer(state: ServerState, outcome: Awaitable[Any]) -> Any:
+    """What outcome gives, an empty answer for None (the client left), or the APIError for a request
+    past its time (504) or stopped by the server's shutdown (503)."""
     try:
-        out = await state.scheduler.score(ids, top, request.is_disconnected, deadline)
+        out = await outcome
     except RequestTimeout:
         raise timed_out(state) from None
     except ServerStopping as e:
