@@ -4,11 +4,14 @@ batch give what Engine.generate gives each of them alone."""
 import threading
 
 import pytest
+import torch
 
 from conftest import make_tiny_gpt
 from simplegpt import get_tokenizer
 from simplegpt.accel import cpu
 from simplegpt.engine import Engine, SamplingParams
+from simplegpt.generation.backend import Backend, Batch
+from simplegpt.generation.sampling import seeded_generator
 from simplegpt.generation.scheduler import ContinuousBatcher
 
 
@@ -222,3 +225,53 @@ def test_a_failing_request_ends_alone_and_the_batch_goes_on(engine):
         assert batcher.active_rows == 0 and batcher.queued_rows == 0
     finally:
         batcher.stop(10)
+
+
+class PinnedBatch(Batch):
+    """A batch whose rows must stay in place (as a compiled backend's static batches)."""
+
+
+class PinnedBackend(Backend):
+    """The eager backend under another name, whose batches keep their rows in place."""
+
+    name = "pinned"
+    movable_rows = False
+
+    def new_batch(self, batch_size: int) -> PinnedBatch:
+        return PinnedBatch(self, batch_size)
+
+
+def test_a_backend_whose_batches_keep_their_rows_in_place_runs_through_the_plain_batch():
+    """The batcher asks the backend (movable_rows), not its name: rows come and go here, so such a
+    backend's steps run through the plain Batch, and each request still gives what it gives alone."""
+    tok = get_tokenizer("byte")
+    model = make_tiny_gpt(seed=1, scale=4.0, vocab_size=tok.vocab_size, n_positions=24)
+    with cpu.disabled():
+        engine = Engine(model, tok)
+    b = engine.backend
+    engine.backend = PinnedBackend(b.model, b.device, b.window, b.window_shift, b.use_cache)
+    compiled = Engine(model, tok, compile=True)  # never compiles here: the batcher runs it eagerly
+    for e in (engine, compiled):
+        assert not e.backend.movable_rows
+        batcher = ContinuousBatcher(e, max_batch=4)
+        try:
+            assert type(batcher.batch) is Batch and type(batcher.solo) is Batch
+            params = SamplingParams(max_new_tokens=30, seed=3, temperature=0.9)
+            got = Collector(2)
+            batcher.submit(["ROMEO:", "JULIET:"], params, got.piece, got.finish)
+            assert got.done.wait(60)
+        finally:
+            batcher.stop(10)
+        alone = engine.generate(["ROMEO:", "JULIET:"], params)
+        assert [r.token_ids for r in got.outcome] == [r.token_ids for r in alone]
+
+
+@pytest.mark.filterwarnings("ignore:prompt of")
+def test_a_streams_rows_are_the_prompts_checked_cut_and_seeded(engine):
+    """Stream.rows, which the batcher takes its rows from: one per prompt, cut to the window, row i
+    drawing from seed + i."""
+    stream = engine.stream_batch(["x" * 30, [65, 66]], SamplingParams(seed=7))
+    rows = stream.rows
+    stream.close()
+    assert [r.tokens for r in rows] == [list(b"x" * 24), [65, 66]] and [r.prompt_len for r in rows] == [24, 2]
+    assert all(torch.equal(r.generator.get_state(), seeded_generator(7 + i).get_state()) for i, r in enumerate(rows))

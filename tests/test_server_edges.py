@@ -3,16 +3,18 @@ model ids with '/', stream_options, chat logprobs. Real servers on 127.0.0.1 (a 
 process, or uvicorn in a thread where the test must reach into the process) and OpenAI's client."""
 
 import contextlib
+import fnmatch
 import json
 import socket
 import threading
 import time
+import tomllib
 
 import httpx
 import pytest
 import torch
 
-from conftest import make_tiny_gpt
+from conftest import ROOT, make_tiny_gpt
 from simplegpt import get_tokenizer, save_checkpoint
 from simplegpt.engine import Engine, SamplingParams
 
@@ -21,7 +23,8 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from simplegpt.generation import scheduler as batcher_module  # noqa: E402
-from simplegpt.serve import ChatMessage, chat_prompt, create_app  # noqa: E402
+from simplegpt.serve import ChatMessage, Limits, chat_prompt, create_app  # noqa: E402
+from simplegpt.serve.routes import playground  # noqa: E402
 from test_server import start  # noqa: E402
 
 
@@ -31,11 +34,11 @@ def tiny_engine(tokenizer) -> Engine:
 
 
 @contextlib.contextmanager
-def serving(engine: Engine, model_name: str = "tiny"):
+def serving(engine: Engine, model_name: str = "tiny", limits: Limits = Limits()):
     """create_app(engine) served by uvicorn on 127.0.0.1 in a thread of this process; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name, limits), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -296,3 +299,32 @@ def test_chat_logprobs_with_gpt2_tokens_that_span_the_edges():
             assert chat_entries(url, "tiny", seed, stops, stream=True) == (content, entries, finish)
             spanned += bytes(b for e in entries for b in e["bytes"]).decode("utf-8", "replace") != content
         assert spanned >= 3  # the edge cases were met
+
+
+def test_two_apps_in_one_process_each_keep_their_own_name_and_limits(byte_engine):
+    """Each app's routes read its own state (create_app's Limits: the one way to set them), not
+    another app's: two apps over one engine, in one process, at once."""
+    small = Limits(max_tokens=8, max_rows=2, max_batch=3)
+    with serving(byte_engine, "small", small) as a, serving(byte_engine, "large") as b:
+        assert [m["id"] for m in httpx.get(f"{a}/v1/models").json()["data"]] == ["small"]
+        assert [m["id"] for m in httpx.get(f"{b}/v1/models").json()["data"]] == ["large"]
+        assert httpx.get(f"{a}/load").json()["max_batch"] == 3 and httpx.get(f"{b}/load").json()["max_batch"] == 16
+        assert "simplegpt_batch_capacity 3.0" in httpx.get(f"{a}/metrics").text
+        body = {"prompt": "ROMEO:", "max_tokens": 9}
+        r = httpx.post(f"{a}/v1/completions", json={"model": "small", **body}, timeout=60)
+        assert r.status_code == 400 and "between 1 and 8" in r.json()["error"]["message"]
+        r = httpx.post(f"{a}/v1/completions", json={"model": "small", "prompt": ["A", "B"], "n": 2, "max_tokens": 4},
+                       timeout=60)
+        assert r.status_code == 400 and "at most 2" in r.json()["error"]["message"]
+        r = httpx.post(f"{a}/v1/completions", json={"model": "large", **body}, timeout=60)
+        assert r.status_code == 404
+        r = httpx.post(f"{b}/v1/completions", json={"model": "large", **body, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 9
+
+
+def test_the_playground_page_ships_where_the_server_reads_it():
+    """The page GET / answers with is package data (pyproject names it), so an installed server has it."""
+    page = playground.STATIC / "index.html"
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["simplegpt"]
+    assert page.is_file()
+    assert any(fnmatch.fnmatch(page.relative_to(ROOT / "simplegpt").as_posix(), p) for p in patterns)

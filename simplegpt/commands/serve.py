@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_tokens=args.max_tokens, max_rows=args.max_sequences, max_batch=args.max_batch,
                     max_queue=args.max_queue, timeout=args.request_timeout or None, max_body=args.max_body_bytes,
                     body_timeout=args.body_timeout)
-    app = create_app(engine, name, cors_origins=args.cors_origin, limits=limits, api_keys=keys,
+    app = create_app(engine, name, limits, cors_origins=args.cors_origin, api_keys=keys,
                      allowed_hosts=allowed_hosts(host, args.allowed_host))
     shown = f"[{host}]" if ":" in host else host
     print(f"simplegpt serve: '{name}' on http://{shown}:{port} (playground: /, API: /v1, Ctrl-C stops)",
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                                                     timeout_graceful_shutdown=seconds + SHUTDOWN_BACKSTOP))
 
     def stop_requests() -> None:
-        stopped = app.state.scheduler.stop_all(f"the server is shutting down and its --shutdown-timeout "
+        stopped = app.state.server.scheduler.stop_all(f"the server is shutting down and its --shutdown-timeout "
                                                f"({seconds:g} s) ran out before this request finished; retry")
         if stopped:
             print(f"simplegpt serve: --shutdown-timeout ({seconds:g} s) ran out: {stopped} running request(s) "

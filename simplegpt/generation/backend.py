@@ -116,13 +116,19 @@ class Batch:
 
 class Backend:
     """The eager backend, and the interface every backend keeps: `model` (the backend's view of
-    the model, in eval mode), `new_batch(batch_size)` (a Batch for one call) and `sampling()` (the
-    context the engine samples in between steps).
+    the model, in eval mode), `new_batch(batch_size)` (a Batch for one call), `sampling()` (the
+    context the engine samples in between steps) and `movable_rows` (whether its batches' rows may
+    move between steps).
 
     use_cache=False re-encodes the whole context for every token: the slow reference path.
     """
 
     name = "eager"
+    # Whether new_batch's batches let their caller move rows between steps, as continuous batching
+    # does (cache rows swapped, dropped and re-aligned, rows joining mid-way); a backend whose batches
+    # keep their rows in place (fixed shapes and addresses) says False, and such a caller runs its
+    # steps through the plain Batch instead.
+    movable_rows = True
 
     def __init__(self, model: GPT, device: torch.device, window: int, window_shift: int, use_cache: bool):
         self.model, self.device = model, device

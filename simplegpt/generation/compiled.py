@@ -136,6 +136,7 @@ class CompiledBackend(Backend):
     the step once per batch size (and model shape), on its first decode step."""
 
     name = "compiled"
+    movable_rows = False  # its static batches keep their rows in place
 
     def __init__(self, model: GPT, device: torch.device, window: int, window_shift: int):
         check_compilable(model, use_cache=True)

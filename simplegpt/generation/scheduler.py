@@ -82,9 +82,9 @@ class ContinuousBatcher:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine, self.max_batch, self.prefill_tokens = engine, max_batch, max(1, prefill_tokens)
         backend = engine.backend
-        # A compiled backend's static batches keep their rows in place; here rows come and go, so
-        # its steps run eagerly through the plain Batch.
-        make = (lambda n: Batch(backend, n)) if backend.name == "compiled" else backend.new_batch
+        # Here rows come and go: a backend whose batches keep their rows in place (the compiled
+        # backend's static batches) runs its steps eagerly through the plain Batch.
+        make = backend.new_batch if backend.movable_rows else (lambda n: Batch(backend, n))
         self.batch, self.solo = make(max_batch), make(1)
         cache = self.batch.cache
         cache.k.zero_()  # padding slots are skipped or weighted 0, and 0 * NaN would be NaN
@@ -110,7 +110,7 @@ class ContinuousBatcher:
         """Queues a request. Its prompts are checked and seeded here, as Engine.stream_batch does it
         (ValueError/TypeError for a prompt the engine cannot take), before anything waits."""
         stream = self.engine.stream_batch(prompts, params)
-        rows = stream._rows  # the engine's own rows: its checks, truncation and per-row seeds
+        rows = stream.rows  # the engine's own rows: its checks, truncation and per-row seeds
         stream.close()
         ticket = Ticket(rows, params, on_piece, on_done, collections.deque(range(len(rows))))
         with self.cond:

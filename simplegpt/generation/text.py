@@ -176,6 +176,12 @@ class Stream:
         self._events, self._rows = events, rows
         self.results: list[Result] | None = None
 
+    @property
+    def rows(self) -> list[Row]:
+        """The rows decoded, one per prompt, in order: each prompt checked, cut to the window and
+        given its own generator (seed + i), as they stand now."""
+        return self._rows
+
     def __iter__(self) -> "Stream":
         return self
 

@@ -23,17 +23,21 @@ decoding failed; the others go on), 504 (timeout).
 Requests are batched continuously (simplegpt.generation.scheduler.ContinuousBatcher).
 
 The modules, each with one job:
-- app: create_app and the routes, thin steps from a request body to the engine and back;
+- app: create_app, a few lines that put the parts below together;
+- state: Limits and ServerState, the one object the routes share (a FastAPI dependency);
+- routes/: one APIRouter per concern (completions, chat, tokenizer, status, playground);
+- running: a submitted request awaited, scored or streamed as server-sent events;
 - schemas: the request bodies (pydantic); params: their fields checked and made SamplingParams;
 - chat: the chat template; responses: usage, server-sent events, logprobs, the model card;
 - scheduler: submits requests to the batcher and hands their pieces and results to the event loop;
 - guard: the Host check, API keys, body limits and the access log; metrics: Prometheus metrics;
 - errors: APIError and OpenAI's error format.
-The playground is simplegpt/static/index.html.
+The playground is simplegpt/serve/static/index.html.
 """
 
-from .app import Limits, create_app
+from .app import create_app
 from .chat import CHAT_STOP, chat_prompt
 from .schemas import ChatMessage, ChatRequest, CompletionRequest
+from .state import Limits
 
 __all__ = ["create_app", "Limits", "CHAT_STOP", "chat_prompt", "ChatMessage", "ChatRequest", "CompletionRequest"]

@@ -3,8 +3,7 @@ Every check that fails is an APIError (400) naming the field."""
 
 from __future__ import annotations
 
-from ..engine import SamplingParams
-from ..generation.sampling import check_seed
+from ..generation.sampling import SamplingParams, check_seed
 from .errors import APIError
 from .schemas import SamplingRequest
 

@@ -6,7 +6,9 @@ import codecs
 import json
 from typing import Any
 
-from ..engine import Engine, Result, TokenLogprobs
+from ..generation.engine import Engine
+from ..generation.sampling import TokenLogprobs
+from ..generation.text import Result
 from ..tokenizer import Tokenizer
 
 

@@ -17,8 +17,10 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ..engine import Engine, Result, SamplingParams, TokenLogprobs
+from ..generation.engine import Engine
+from ..generation.sampling import SamplingParams, TokenLogprobs
 from ..generation.scheduler import ContinuousBatcher, Ticket
+from ..generation.text import Result
 from .errors import APIError
 from .params import Prompt
 
