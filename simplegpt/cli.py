@@ -1,9 +1,13 @@
 """The `simplegpt` command: a thin layer that parses arguments and calls the library.
 
 Each subcommand lives in simplegpt/commands/<name>.py and defines HELP, add_arguments(parser)
-and run(args) -> exit code. The project's own errors (simplegpt.errors) become one line on stderr
-and their exit code (1, or 2 for usage); any other exception is a bug: its traceback, a request to
-report it, and exit 70 (EX_SOFTWARE, sysexits.h's "internal software error").
+and run(args) -> exit code. Options that several commands share are defined here, once:
+add_checkpoint_argument (CHECKPOINT or --checkpoint) and add_engine_arguments with load_engine
+(--quantize, --compile, --device, --threads and the Engine they load, for generate and serve).
+
+The project's own errors (simplegpt.errors) become one line on stderr and their exit code (1, or 2
+for usage); any other exception is a bug: its traceback, a request to report it, and exit 70
+(EX_SOFTWARE, sysexits.h's "internal software error").
 """
 
 from __future__ import annotations
@@ -15,11 +19,16 @@ import importlib
 import os
 import sys
 import traceback
-from typing import NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .console import output_cannot_fail, say
-from .errors import SimpleGPTError
+from .errors import CheckpointError, OptionError, SimpleGPTError
+from .files import BEST, LAST
+
+if TYPE_CHECKING:
+    from .generation.engine import Engine
 
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE: apart from 1 and 2, so scripts can tell a bug from bad input
 # Commands whose output is only a log of work saved on disk: a reader that leaves (`| tee` killed by
@@ -154,6 +163,66 @@ def add_checkpoint_argument(p: argparse.ArgumentParser, help: str, then: str | N
     p.add_argument("checkpoint_positional", metavar="CHECKPOINT", nargs="?", default=argparse.SUPPRESS,
                    action=_PositionalCheckpoint, help=f"{help} (or give it as --checkpoint CHECKPOINT)")
     p.add_argument("--checkpoint", metavar="CHECKPOINT", default=argparse.SUPPRESS, help="the same as CHECKPOINT")
+
+
+def model_name(checkpoint: str) -> str:
+    """The name a checkpoint is shown and served under: out/run/best -> run-best (which run, and which
+    of its checkpoints); any other folder: its name."""
+    folder = Path(checkpoint).resolve()
+    return f"{folder.parent.name}-{folder.name}" if folder.name in (BEST, LAST) else folder.name
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, long_running: str) -> None:
+    """Adds --quantize, --compile, --device and --threads to p; long_running: where compiling pays off,
+    for --help."""
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: int8 weights for the linear layers (CPU; ~4x less memory read per token)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one torch.compile'd function over a static KV cache (CUDA graphs "
+                        "on a GPU), in place of the native CPU kernels; helps on GPUs and in long-running "
+                        f"processes ({long_running}), since the first tokens of each batch size wait for the "
+                        "compilation (seconds to a minute); needs a C++ compiler on the CPU; not with --quantize int8")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads for decoding; 0 (the default): OMP_NUM_THREADS where set, else the cores other "
+                        "processes leave idle, measured for 0.2 s at start (threads beyond the idle cores wait for "
+                        "the busy ones and slow decoding down many times)")
+
+
+def check_engine_arguments(args: argparse.Namespace) -> None:
+    """Raises OptionError for engine options that cannot go together; cheap, so call it before loading."""
+    if args.threads < 0:
+        raise OptionError(f"--threads must be 0 (the idle cores) or a number of threads, got {args.threads}")
+    if args.compile and args.quantize == "int8":
+        raise OptionError("--compile does not work with --quantize int8 (its int8 kernels do not compile): "
+                          "choose one")
+
+
+def load_engine(args: argparse.Namespace, quiet: bool = True) -> Engine:
+    """The Engine that loads and owns args.checkpoint (Engine.from_checkpoint) with add_engine_arguments'
+    options, the int8 sizes on stderr unless quiet; on the CPU it sets torch's threads (--threads, else
+    decode_threads()'s choice). Raises CheckpointError for a checkpoint that
+    cannot be loaded or has no tokenizer, DeviceError for a device this machine does not have,
+    OptionError for int8 off the CPU."""
+    import torch
+
+    from .accel.cpu.threads import decode_threads
+    from .devices import resolve_device
+    from .generation.engine import Engine
+
+    device = resolve_device("cpu" if args.device == "auto" and args.quantize == "int8" else args.device)
+    if args.quantize == "int8" and device.type != "cpu":
+        raise OptionError(f"--quantize int8 runs on the CPU only: use --device cpu (or drop --quantize on {device})")
+    if device.type == "cpu":
+        torch.set_num_threads(decode_threads(args.threads))
+    engine = Engine.from_checkpoint(args.checkpoint, device=device, quantize=args.quantize, compile=args.compile)
+    if engine.tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
+    if engine.quant_report is not None and not quiet:
+        report = engine.quant_report
+        print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
+              file=sys.stderr)
+    return engine
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

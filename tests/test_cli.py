@@ -151,7 +151,7 @@ def test_a_prompt_that_is_not_utf8_is_one_line(checkpoint, source):
 
 
 def test_commands_never_import_each_other():
-    """Options two commands share live in the library (engine_options.py), not in one of them."""
+    """Options two commands share live in the library (cli.py), not in one of them."""
     commands = sorted((ROOT / "simplegpt" / "commands").glob("*.py"))
     names = {p.stem for p in commands} - {"__init__"}
     assert {"generate", "serve"} <= names

@@ -11,7 +11,7 @@ import pytest
 from simplegpt.checkpoint import load_checkpoint
 from simplegpt.config import TrainConfig
 from simplegpt.report import read_run, write_report
-from simplegpt.train import train
+from simplegpt.trainer import train
 from test_inspect import open_in_browser
 
 

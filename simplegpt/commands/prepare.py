@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
     from ..data import parse_size, prepare_corpus
     from ..tokenizer import check_tokenizer_name
-    from ..train import dataset_dir
+    from ..training.dataset import dataset_dir
 
     max_tokens = _count(args, "max_tokens", 2)
     val_tokens = _count(args, "val_tokens", 2)
