@@ -17,19 +17,23 @@ import contextlib
 import difflib
 import importlib
 import os
+import re
 import sys
 import traceback
+from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .console import output_cannot_fail, say
-from .errors import CheckpointError, OptionError, SimpleGPTError
+from .errors import CheckpointError, MissingDependencyError, OptionError, SimpleGPTError
 from .files import BEST, LAST
 
 if TYPE_CHECKING:
     from .generation.engine import Engine
 
+DISTRIBUTION = "simplegpt-toolkit"  # what pip installs (pyproject.toml's project name); imports stay simplegpt
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE: apart from 1 and 2, so scripts can tell a bug from bad input
 # Commands whose output is only a log of work saved on disk: a reader that leaves (`| tee` killed by
 # the same Ctrl-C) must not stop that work or change its exit code. Others stop when their output,
@@ -234,6 +238,41 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _command_module(name: str, module_name: str) -> ModuleType:
+    """The module of command `name`. Raises MissingDependencyError naming the package and how to install
+    it when a package the module imports is missing or broken; any other failure to import it (a file
+    of simplegpt itself missing, a bug) propagates with its traceback and a note naming the command.
+    Every command is listed, so none may be skipped: a missing command would look like a typo."""
+    try:
+        return importlib.import_module(f"simplegpt.commands.{module_name}")
+    except ImportError as e:
+        package = (e.name or "").partition(".")[0]
+        if package and package != __package__:
+            raise MissingDependencyError(f"the '{name}' command needs the package '{package}', which cannot be "
+                                         f"imported ({e}): {install_hint(package)}") from e
+        e.add_note(f"simplegpt: the '{name}' command (simplegpt/commands/{module_name}.py) cannot be loaded; "
+                   "if simplegpt was installed as released, reinstall it first")
+        raise
+
+
+def install_hint(package: str) -> str:
+    """How to install the import package `package`: the extra of this distribution that lists it
+    (pip install 'simplegpt-toolkit[serve]' for fastapi), read from the installed metadata, else
+    the package alone."""
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "_", name).lower()
+
+    try:
+        requires = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        requires = []
+    for requirement in requires:
+        m = re.match(r"\s*([\w.-]+).*;.*\bextra\s*==\s*[\"']([\w-]+)[\"']", requirement)
+        if m and canonical(m[1]) == canonical(package) and m[2] != "dev":
+            return f"pip install '{DISTRIBUTION}[{m[2]}]'"
+    return f"pip install {package}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="simplegpt",
@@ -245,12 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"simplegpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"simplegpt.commands.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"simplegpt.commands.{module_name}":
-                continue  # command not built yet
-            raise
+        module = _command_module(name, module_name)
         description = getattr(module, "DESCRIPTION", module.HELP)  # a sentence: HELP is a list item
         p = sub.add_parser(name, help=module.HELP, description=description[:1].upper() + description[1:],
                            epilog=SPELLINGS, formatter_class=_HelpFormatter)
@@ -261,7 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except MissingDependencyError as e:
+        say(f"simplegpt: error: {e}")
+        return e.exit_code
+    except Exception:
+        return _bug("simplegpt")
     if not argv:
         # what the tool does and its commands; training (which writes data/ and out/) is asked for by name
         parser.print_help()
@@ -285,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception:
-        with contextlib.suppress(OSError, ValueError):
-            traceback.print_exc()
-        say(f"simplegpt {args.command}: this is a bug in simplegpt, not in what you asked for. Please report it "
-            "on the project's issue tracker, with the command you ran and the traceback above.")
-        return EXIT_BUG
+        return _bug(f"simplegpt {args.command}")
+
+
+def _bug(who: str) -> int:
+    """The traceback of the exception being handled and a request to report it; returns EXIT_BUG."""
+    with contextlib.suppress(OSError, ValueError):
+        traceback.print_exc()
+    say(f"{who}: this is a bug in simplegpt, not in what you asked for. Please report it on the project's issue "
+        "tracker, with the command you ran and the traceback above.")
+    return EXIT_BUG
 
 
 if __name__ == "__main__":
