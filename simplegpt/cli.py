@@ -2,7 +2,8 @@
 
 Each subcommand lives in simplegpt/commands/<name>.py and defines HELP, add_arguments(parser)
 and run(args) -> exit code. Options that several commands share are defined here, once:
-add_checkpoint_argument (CHECKPOINT or --checkpoint) and add_engine_arguments with load_engine
+add_checkpoint_argument (CHECKPOINT or --checkpoint), add_output_arguments (OUT and --overwrite)
+and add_engine_arguments with load_engine
 (--quantize, --compile, --device, --threads and the Engine they load, for generate and serve).
 
 The project's own errors (simplegpt.errors) become one line on stderr and their exit code (1, or 2
@@ -167,6 +168,14 @@ def add_checkpoint_argument(p: argparse.ArgumentParser, help: str, then: str | N
     p.add_argument("checkpoint_positional", metavar="CHECKPOINT", nargs="?", default=argparse.SUPPRESS,
                    action=_PositionalCheckpoint, help=f"{help} (or give it as --checkpoint CHECKPOINT)")
     p.add_argument("--checkpoint", metavar="CHECKPOINT", default=argparse.SUPPRESS, help="the same as CHECKPOINT")
+
+
+def add_output_arguments(p: argparse.ArgumentParser, help: str, metavar: str = "OUT", optional: bool = False) -> None:
+    """The folder a command writes (args.out; with optional=True it may be left out, and args then has
+    no `out`) and --overwrite (args.overwrite), which lets the command replace one that is not empty."""
+    left_out = {"nargs": "?", "default": argparse.SUPPRESS} if optional else {}
+    p.add_argument("out", metavar=metavar, help=help, **left_out)
+    p.add_argument("--overwrite", action="store_true", help=f"replace what {metavar} already holds (otherwise refuse)")
 
 
 def model_name(checkpoint: str) -> str:
