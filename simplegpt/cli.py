@@ -2,9 +2,9 @@
 
 Each subcommand lives in simplegpt/commands/<name>.py and defines HELP, add_arguments(parser)
 and run(args) -> exit code. Options that several commands share are defined here, once:
-add_checkpoint_argument (CHECKPOINT or --checkpoint), add_output_arguments (OUT and --overwrite)
-and add_engine_arguments with load_engine
-(--quantize, --compile, --device, --threads and the Engine they load, for generate and serve).
+add_checkpoint_argument (CHECKPOINT or --checkpoint), add_output_arguments (OUT and --overwrite),
+and add_engine_arguments with load_engine (--quantize, --compile, --device, --threads and the
+Engine they load, for generate and serve).
 
 The project's own errors (simplegpt.errors) become one line on stderr and their exit code (1, or 2
 for usage); any other exception is a bug: its traceback, a request to report it, and exit 70
