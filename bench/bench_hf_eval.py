@@ -2,7 +2,7 @@
 
     python bench/bench_hf_eval.py [--preset gpt2] [--tokens 4096] [--stride 512]
 
-1. Sliding-window evaluation: simplegpt.evaluate.evaluate_ids vs the Hugging Face perplexity
+1. Sliding-window evaluation: simplegpt.evaluation.perplexity.evaluate_ids vs the Hugging Face perplexity
    recipe (GPT2LMHeadModel with labels, one window per forward) on the same tokens and windows;
    prints both losses (they must agree) and the speed ratio.
 2. Conversion of a random GPT-2 of the preset's size: import-hf + export-hf vs transformers'
@@ -60,7 +60,7 @@ def main() -> None:
     import transformers
     from simplegpt import GPT, GPT2Tokenizer, preset_config
     from simplegpt.checkpoint import save_checkpoint
-    from simplegpt.evaluate import evaluate_ids
+    from simplegpt.evaluation.perplexity import evaluate_ids
     from simplegpt.hf import export_hf, import_hf
 
     transformers.logging.set_verbosity_error()

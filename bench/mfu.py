@@ -8,7 +8,7 @@ Both sides train the same GPT-2 shape (--model: a simplegpt preset, gpt2 = 124M)
 on the same batches (--batch x --block tokens from the prepared --data, by default the embedded
 Shakespeare plays in GPT-2's tokenizer), one optimizer step per batch, for --steps steps each.
 
-- simplegpt: its own trainer, `simplegpt.train.train`, as `simplegpt train` runs it: the device's
+- simplegpt: its own trainer, `simplegpt.trainer.train`, as `simplegpt train` runs it: the device's
   backends set up (simplegpt.training.hardware.configure_backends: TF32, SDPA's flash kernel),
   --dtype autocast (auto: bf16 on GPUs that have it), PyTorch's fused AdamW (on a CPU the native
   step and kernels), gradient clipping, the LR schedule, and torch.compile with --compile. Its
@@ -51,7 +51,7 @@ from simplegpt.data.samplers import PackedSampler  # noqa: E402
 from simplegpt.data.shards import TokenShards, read_meta  # noqa: E402
 from simplegpt.devices import resolve_device  # noqa: E402
 from simplegpt.model import GPT, PRESETS, preset_config  # noqa: E402
-from simplegpt.train import train  # noqa: E402
+from simplegpt.trainer import train  # noqa: E402
 from simplegpt.training.hardware import (configure_backends, device_peak_flops, format_mfu, mfu,  # noqa: E402
                                          resolve_dtype)
 

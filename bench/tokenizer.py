@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from simplegpt.checkpoint import load_checkpoint  # noqa: E402
 from simplegpt.data.prepare import parse_size, prepare_corpus  # noqa: E402
-from simplegpt.evaluate import evaluate_text  # noqa: E402
+from simplegpt.evaluation.perplexity import evaluate_text  # noqa: E402
 from simplegpt.hf_tokenizer import train_bpe  # noqa: E402
 from simplegpt.tokenizer import GPT2Tokenizer  # noqa: E402
 

@@ -3,7 +3,7 @@
 Both train the same GPT-2-shaped model (default: 4 layers, 4 heads, 128 wide, block 64, batch 12,
 character vocabulary of tinyshakespeare) on the same batches, in the same process, alternating in
 rounds so that load from other processes hits both alike. simplegpt's figure is the tokens/s its
-own `simplegpt.train.train` logs (the real loop: sampler, schedule, clipping, fused AdamW, its
+own `simplegpt.trainer.train` logs (the real loop: sampler, schedule, clipping, fused AdamW, its
 native CPU kernels and its split of each batch over the cores, as a user gets them); the reference
 is the loop a transformers user writes. Prints tokens/s for both, the ratio and MFU.
 
@@ -29,7 +29,7 @@ from simplegpt.config import TrainConfig  # noqa: E402
 from simplegpt.data.prepare import prepare_corpus  # noqa: E402
 from simplegpt.data.samplers import PackedSampler  # noqa: E402
 from simplegpt.data.shards import TokenShards  # noqa: E402
-from simplegpt.train import core_shards, peak_flops, train  # noqa: E402
+from simplegpt.trainer import core_shards, peak_flops, train  # noqa: E402
 
 
 def simplegpt_round(cfg: TrainConfig, steps: int, log_every: int) -> float:

@@ -1,9 +1,14 @@
 """The `simplegpt` command: a thin layer that parses arguments and calls the library.
 
 Each subcommand lives in simplegpt/commands/<name>.py and defines HELP, add_arguments(parser)
-and run(args) -> exit code. The project's own errors (simplegpt.errors) become one line on stderr
-and their exit code (1, or 2 for usage); any other exception is a bug: its traceback, a request to
-report it, and exit 70 (EX_SOFTWARE, sysexits.h's "internal software error").
+and run(args) -> exit code. Options that several commands share are defined here, once:
+add_checkpoint_argument (CHECKPOINT or --checkpoint), add_output_arguments (OUT and --overwrite),
+and add_engine_arguments with load_engine (--quantize, --compile, --device, --threads and the
+Engine they load, for generate and serve).
+
+The project's own errors (simplegpt.errors) become one line on stderr and their exit code (1, or 2
+for usage); any other exception is a bug: its traceback, a request to report it, and exit 70
+(EX_SOFTWARE, sysexits.h's "internal software error").
 """
 
 from __future__ import annotations
@@ -13,14 +18,23 @@ import contextlib
 import difflib
 import importlib
 import os
+import re
 import sys
 import traceback
-from typing import NoReturn
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .console import output_cannot_fail, say
-from .errors import SimpleGPTError
+from .errors import CheckpointError, MissingDependencyError, OptionError, SimpleGPTError
+from .files import BEST, LAST
 
+if TYPE_CHECKING:
+    from .generation.engine import Engine
+
+DISTRIBUTION = "simplegpt-toolkit"  # what pip installs (pyproject.toml's project name); imports stay simplegpt
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE: apart from 1 and 2, so scripts can tell a bug from bad input
 # Commands whose output is only a log of work saved on disk: a reader that leaves (`| tee` killed by
 # the same Ctrl-C) must not stop that work or change its exit code. Others stop when their output,
@@ -157,6 +171,74 @@ def add_checkpoint_argument(p: argparse.ArgumentParser, help: str, then: str | N
     p.add_argument("--checkpoint", metavar="CHECKPOINT", default=argparse.SUPPRESS, help="the same as CHECKPOINT")
 
 
+def add_output_arguments(p: argparse.ArgumentParser, help: str, metavar: str = "OUT", optional: bool = False) -> None:
+    """The folder a command writes (args.out; with optional=True it may be left out, and args then has
+    no `out`) and --overwrite (args.overwrite), which lets the command replace one that is not empty."""
+    left_out = {"nargs": "?", "default": argparse.SUPPRESS} if optional else {}
+    p.add_argument("out", metavar=metavar, help=help, **left_out)
+    p.add_argument("--overwrite", action="store_true", help=f"replace what {metavar} already holds (otherwise refuse)")
+
+
+def model_name(checkpoint: str) -> str:
+    """The name a checkpoint is shown and served under: out/run/best -> run-best (which run, and which
+    of its checkpoints); any other folder: its name."""
+    folder = Path(checkpoint).resolve()
+    return f"{folder.parent.name}-{folder.name}" if folder.name in (BEST, LAST) else folder.name
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, long_running: str) -> None:
+    """Adds --quantize, --compile, --device and --threads to p; long_running: where compiling pays off,
+    for --help."""
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: int8 weights for the linear layers (CPU; ~4x less memory read per token)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one torch.compile'd function over a static KV cache (CUDA graphs "
+                        "on a GPU), in place of the native CPU kernels; helps on GPUs and in long-running "
+                        f"processes ({long_running}), since the first tokens of each batch size wait for the "
+                        "compilation (seconds to a minute); needs a C++ compiler on the CPU; not with --quantize int8")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads for decoding; 0 (the default): OMP_NUM_THREADS where set, else the cores other "
+                        "processes leave idle, measured for 0.2 s at start (threads beyond the idle cores wait for "
+                        "the busy ones and slow decoding down many times)")
+
+
+def check_engine_arguments(args: argparse.Namespace) -> None:
+    """Raises OptionError for engine options that cannot go together; cheap, so call it before loading."""
+    if args.threads < 0:
+        raise OptionError(f"--threads must be 0 (the idle cores) or a number of threads, got {args.threads}")
+    if args.compile and args.quantize == "int8":
+        raise OptionError("--compile does not work with --quantize int8 (its int8 kernels do not compile): "
+                          "choose one")
+
+
+def load_engine(args: argparse.Namespace, quiet: bool = True) -> Engine:
+    """The Engine that loads and owns args.checkpoint (Engine.from_checkpoint) with add_engine_arguments'
+    options, the int8 sizes on stderr unless quiet; on the CPU it sets torch's threads (--threads, else
+    decode_threads()'s choice). Raises CheckpointError for a checkpoint that
+    cannot be loaded or has no tokenizer, DeviceError for a device this machine does not have,
+    OptionError for int8 off the CPU."""
+    import torch
+
+    from .accel.cpu.threads import decode_threads
+    from .devices import resolve_device
+    from .generation.engine import Engine
+
+    device = resolve_device("cpu" if args.device == "auto" and args.quantize == "int8" else args.device)
+    if args.quantize == "int8" and device.type != "cpu":
+        raise OptionError(f"--quantize int8 runs on the CPU only: use --device cpu (or drop --quantize on {device})")
+    if device.type == "cpu":
+        torch.set_num_threads(decode_threads(args.threads))
+    engine = Engine.from_checkpoint(args.checkpoint, device=device, quantize=args.quantize, compile=args.compile)
+    if engine.tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint} has no tokenizer/ directory: cannot turn text into tokens")
+    if engine.quant_report is not None and not quiet:
+        report = engine.quant_report
+        print(f"[int8: linear weights {report.fp32_bytes / 2**20:.0f} MiB -> {report.int8_bytes / 2**20:.0f} MiB]",
+              file=sys.stderr)
+    return engine
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown in --help, except for options that must be given (a required option has none)."""
 
@@ -164,6 +246,41 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required:
             return action.help
         return super()._get_help_string(action)
+
+
+def _command_module(name: str, module_name: str) -> ModuleType:
+    """The module of command `name`. Raises MissingDependencyError naming the package and how to install
+    it when a package the module imports is missing or broken; any other failure to import it (a file
+    of simplegpt itself missing, a bug) propagates with its traceback and a note naming the command.
+    Every command is listed, so none may be skipped: a missing command would look like a typo."""
+    try:
+        return importlib.import_module(f"simplegpt.commands.{module_name}")
+    except ImportError as e:
+        package = (e.name or "").partition(".")[0]
+        if package and package != __package__:
+            raise MissingDependencyError(f"the '{name}' command needs the package '{package}', which cannot be "
+                                         f"imported ({e}): {install_hint(package)}") from e
+        e.add_note(f"simplegpt: the '{name}' command (simplegpt/commands/{module_name}.py) cannot be loaded; "
+                   "if simplegpt was installed as released, reinstall it first")
+        raise
+
+
+def install_hint(package: str) -> str:
+    """How to install the import package `package`: the extra of this distribution that lists it
+    (pip install 'simplegpt-toolkit[serve]' for fastapi), read from the installed metadata, else
+    the package alone."""
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "_", name).lower()
+
+    try:
+        requires = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        requires = []
+    for requirement in requires:
+        m = re.match(r"\s*([\w.-]+).*;.*\bextra\s*==\s*[\"']([\w-]+)[\"']", requirement)
+        if m and canonical(m[1]) == canonical(package) and m[2] != "dev":
+            return f"pip install '{DISTRIBUTION}[{m[2]}]'"
+    return f"pip install {package}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,12 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"simplegpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"simplegpt.commands.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"simplegpt.commands.{module_name}":
-                continue  # command not built yet
-            raise
+        module = _command_module(name, module_name)
         description = getattr(module, "DESCRIPTION", module.HELP)  # a sentence: HELP is a list item
         p = sub.add_parser(name, help=module.HELP, description=description[:1].upper() + description[1:],
                            epilog=SPELLINGS, formatter_class=_HelpFormatter)
@@ -193,7 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except MissingDependencyError as e:
+        say(f"simplegpt: error: {e}")
+        return e.exit_code
+    except Exception:
+        return _bug("simplegpt")
     if not argv:
         # what the tool does and its commands; training (which writes data/ and out/) is asked for by name
         parser.print_help()
@@ -217,11 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception:
-        with contextlib.suppress(OSError, ValueError):
-            traceback.print_exc()
-        say(f"simplegpt {args.command}: this is a bug in simplegpt, not in what you asked for. Please report it "
-            "on the project's issue tracker, with the command you ran and the traceback above.")
-        return EXIT_BUG
+        return _bug(f"simplegpt {args.command}")
+
+
+def _bug(who: str) -> int:
+    """The traceback of the exception being handled and a request to report it; returns EXIT_BUG."""
+    with contextlib.suppress(OSError, ValueError):
+        traceback.print_exc()
+    say(f"{who}: this is a bug in simplegpt, not in what you asked for. Please report it on the project's issue "
+        "tracker, with the command you ran and the traceback above.")
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ run too: it reads only what the run has written so far).
 from __future__ import annotations
 
 import html
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from .errors import CheckpointError, ConfigError, DataError
 from .files import BEST, CONFIG_FILE, LAST, METRICS_FILE, SAMPLES_FILE
+from .training.run_dir import MetricRecords, curve_axes, loss_figure, read_metrics
 
 REPORT_FILE = "report.html"
 _SAMPLE_HEADER = re.compile(r"^=== step (\d+), val loss (\S+) ===\n", re.MULTILINE)
@@ -24,8 +24,8 @@ _SAMPLE_HEADER = re.compile(r"^=== step (\d+), val loss (\S+) ===\n", re.MULTILI
 
 @dataclass
 class RunRecords:
-    """What a run folder holds, read leniently: a run that is still writing, or was killed while
-    writing, has a partial last line, which is skipped and counted."""
+    """What a run folder holds, read leniently (metrics.jsonl as run_dir.read_metrics reads it: a
+    partial last line of a run still writing, or killed while writing, is skipped and counted)."""
 
     folder: Path
     train: list[dict[str, Any]] = field(default_factory=list)  # kind "train" records of metrics.jsonl
@@ -55,16 +55,9 @@ def read_run(path: str | Path) -> RunRecords:
     from .checkpoint import read_checkpoint_config
     from .config import read_toml
 
-    rec = RunRecords(folder=run_folder(path))
-    for line in (rec.folder / METRICS_FILE).read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            rec.skipped_lines += 1
-            continue
-        {"train": rec.train, "eval": rec.evals}.get(r.get("kind"), []).append(r)
+    folder = run_folder(path)
+    metrics = read_metrics(folder)
+    rec = RunRecords(folder=folder, train=metrics.train, evals=metrics.evals, skipped_lines=metrics.skipped)
     samples = rec.folder / SAMPLES_FILE
     if samples.is_file():
         parts = _SAMPLE_HEADER.split(samples.read_text(encoding="utf-8", errors="replace"))
@@ -127,29 +120,11 @@ def summary(rec: RunRecords) -> dict[str, str]:
 
 def _curves(rec: RunRecords) -> list[tuple[str, Any]]:
     """(caption, Figure) for loss, learning rate and throughput."""
-    from matplotlib.figure import Figure
-
-    def axes(ylabel: str, xlabel: str = "step"):
-        fig = Figure(figsize=(7.5, 3.6), layout="constrained")
-        ax = fig.subplots()
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        return fig, ax
-
-    figs = []
-    fig, ax = axes("loss (nats/token)")
-    if rec.train:
-        ax.plot([r["step"] for r in rec.train], [r["loss"] for r in rec.train], lw=1, label="train")
-    if rec.evals:
-        ax.plot([r["step"] for r in rec.evals], [r["val_loss"] for r in rec.evals], "o-", label="val")
-    if rec.train or rec.evals:
-        ax.legend()
-    figs.append(("Loss", fig))
-    fig, ax = axes("learning rate")
+    figs = [("Loss", loss_figure(MetricRecords(rec.train, rec.evals)))]
+    fig, ax = curve_axes("learning rate")
     ax.plot([r["step"] for r in rec.train], [r["lr"] for r in rec.train], color="tab:green")
     figs.append(("Learning rate", fig))
-    fig, ax = axes("tokens per second", "time since the start (s)")
+    fig, ax = curve_axes("tokens per second", "time since the start (s)")
     ax.plot([r["time_s"] for r in rec.train], [r["tok_per_s"] for r in rec.train], color="tab:purple", lw=1)
     figs.append(("Throughput", fig))
     return figs

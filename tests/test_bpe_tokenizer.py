@@ -19,7 +19,7 @@ from simplegpt.data.shards import read_meta
 from simplegpt.errors import ConfigError, DataError
 from simplegpt.hf_tokenizer import HF_FILE, SPECIAL_TOKENS, HFTokenizer, parse_bpe_name, train_bpe
 from simplegpt.tokenizer import SPEC_FILE, get_tokenizer
-from simplegpt.train import dataset_dir
+from simplegpt.trainer import dataset_dir
 
 MULTILINGUAL = ("Grüße aus Köln — naïve café. Ελληνικά κείμενα. Русский текст. 日本語のテキスト。"
                 "中文文本。한국어 텍스트. العربية. हिन्दी. 🎭🚀👩‍👩‍👧 ✓\r\n\tend")

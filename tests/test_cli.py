@@ -7,6 +7,7 @@ import ast
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,8 +151,51 @@ def test_a_prompt_that_is_not_utf8_is_one_line(checkpoint, source):
     assert proc.returncode == 1 and proc.stderr.decode() == f"simplegpt generate: error: {where} is not UTF-8 text\n"
 
 
+def copy_of_the_package(root: Path) -> Path:
+    """simplegpt as an install of it would hold it, in root/simplegpt, to break on purpose."""
+    shutil.copytree(ROOT / "simplegpt", root / "simplegpt", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def simplegpt_from(path: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m simplegpt ARGS` with the package and what it imports found first on `path` (and run from
+    the first folder of it, since -m looks in the current folder before PYTHONPATH)."""
+    return subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, cwd=path.split(os.pathsep)[0],
+                          env={**os.environ, "PYTHONPATH": path, "PYTHONIOENCODING": "utf-8"})
+
+
+def test_help_fails_loudly_when_a_commands_module_is_missing(tmp_path):
+    """An install that lost commands/report.py listed the other commands and exited 0, as if there were no
+    'report' command: now --help fails with the import's traceback, naming the module and the command."""
+    root = copy_of_the_package(tmp_path)
+    (root / "simplegpt" / "commands" / "report.py").unlink()
+    proc = simplegpt_from(str(root), "--help")
+    assert proc.returncode == EXIT_BUG, proc.stdout
+    assert "Traceback" in proc.stderr and "No module named 'simplegpt.commands.report'" in proc.stderr
+    assert "the 'report' command (simplegpt/commands/report.py) cannot be loaded" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_help_names_the_package_a_command_cannot_import(tmp_path):
+    """A command whose module imports a package that is broken (an install that lost one of its files) is one
+    line naming the package and the extra that installs it, not a traceback and not a missing command."""
+    root = copy_of_the_package(tmp_path / "tree")
+    serve = root / "simplegpt" / "commands" / "serve.py"
+    serve.write_text(serve.read_text(encoding="utf-8").replace(
+        "from __future__ import annotations\n", "from __future__ import annotations\n\nimport fastapi  # noqa: F401\n", 1),
+        encoding="utf-8")
+    broken = tmp_path / "site" / "fastapi"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("from ._speedups import encoders  # noqa: F401\n", encoding="utf-8")
+    proc = simplegpt_from(os.pathsep.join([str(tmp_path / "site"), str(root)]), "--help")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == ("simplegpt: error: the 'serve' command needs the package 'fastapi', which cannot be "
+                           "imported (No module named 'fastapi._speedups'): pip install 'simplegpt-toolkit[serve]'\n")
+
+
 def test_commands_never_import_each_other():
-    """Options two commands share live in the library (engine_options.py), not in one of them."""
+    """Options two commands share live in the library (cli.py), not in one of them."""
     commands = sorted((ROOT / "simplegpt" / "commands").glob("*.py"))
     names = {p.stem for p in commands} - {"__init__"}
     assert {"generate", "serve"} <= names

@@ -11,7 +11,7 @@ from simplegpt.checkpoint import load_checkpoint
 from simplegpt.config import TrainConfig, load_config, read_toml, to_toml
 from simplegpt.errors import ConfigError
 from simplegpt.model import GPTConfig
-from simplegpt.train import train
+from simplegpt.trainer import train
 
 # A config.toml as runs saved it before [model] became the shape: init_from under [model].
 OLD_CONFIG_TOML = """[data]

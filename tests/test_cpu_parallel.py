@@ -12,7 +12,7 @@ from simplegpt.config import TrainConfig
 from simplegpt.training.core_shards import CoreShards
 from simplegpt.errors import ConfigError
 from simplegpt.model import IGNORE_INDEX
-from simplegpt.train import core_shards, train
+from simplegpt.trainer import core_shards, train
 
 
 def model(seed=0) -> GPT:

@@ -11,7 +11,7 @@ from simplegpt import GPT
 from simplegpt.checkpoint import save_checkpoint
 from simplegpt.cli import main
 from simplegpt.errors import DataError
-from simplegpt.evaluate import evaluate_ids, evaluate_text, load_eval_tokens, sliding_windows
+from simplegpt.evaluation.perplexity import evaluate_ids, evaluate_text, load_eval_tokens, sliding_windows
 from simplegpt.tokenizer import ByteTokenizer, GPT2Tokenizer
 
 TEXT = (

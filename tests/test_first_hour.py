@@ -105,7 +105,7 @@ def test_every_command_takes_its_checkpoint_positionally_or_with_the_option(char
 def tiny_run(tmp_path: Path, text: str = TEXT, **overrides):
     """A tiny model trained on text through load_config, as `simplegpt train --data notes.txt ...` does."""
     from simplegpt.config import load_config
-    from simplegpt.train import train
+    from simplegpt.trainer import train
 
     (tmp_path / "notes.txt").write_text(text)
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -231,7 +231,7 @@ def test_a_run_on_a_file_too_small_to_train_on_leaves_no_data_or_out_folder(tmp_
     """Item 9: the run failed ("the corpus is too small") after writing data/<name> (and an empty out/)."""
     from simplegpt.config import load_config
     from simplegpt.errors import DataError
-    from simplegpt.train import train
+    from simplegpt.trainer import train
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.txt").write_text("hello there\n")

@@ -283,7 +283,7 @@ def test_offline_hub_name_is_one_clear_line(tmp_path, env_update):
 
 
 def test_fine_tune_from_hf_directory(hf_dir, tmp_path, capsys, shakespeare_path):
-    from simplegpt.evaluate import evaluate_text
+    from simplegpt.evaluation.perplexity import evaluate_text
     from simplegpt.hf import load_hf_model
 
     text = shakespeare_path.read_text(encoding="utf-8")[:3000]

@@ -21,7 +21,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from simplegpt import GPT, GPTConfig  # noqa: E402
 from simplegpt.checkpoint import save_checkpoint  # noqa: E402
 from simplegpt.hf import export_hf  # noqa: E402
-from simplegpt.lm_eval_adapter import SimpleGPTLM  # noqa: E402
+from simplegpt.evaluation.lm_eval_harness import SimpleGPTLM  # noqa: E402
 from simplegpt.tokenizer import GPT2Tokenizer  # noqa: E402
 
 CONTEXT = 24
@@ -182,7 +182,7 @@ def test_repeated_sampled_requests_each_get_their_own_seed(setup):
 
 def test_documented_command_line(setup, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "simplegpt.lm_eval_adapter", "run", "--model", "simplegpt",
+        [sys.executable, "-m", "simplegpt.evaluation.lm_eval_harness", "run", "--model", "simplegpt",
          "--model_args", f"checkpoint={setup / 'ck'}", "--tasks", "tiny_mc", "--include_path",
          str(setup / "tasks"), "--output_path", str(tmp_path / "out"), "--batch_size", "2"],
         capture_output=True, text=True, timeout=300)

@@ -1,6 +1,6 @@
 """lm-evaluation-harness's own API client (`lm_eval --model local-completions`) against a real
 `simplegpt serve` process on 127.0.0.1 gives the same log-likelihoods as simplegpt's in-process
-adapter (simplegpt/lm_eval_adapter.py), on a tiny character-level model, offline: the client
+adapter (simplegpt/evaluation/lm_eval_harness.py), on a tiny character-level model, offline: the client
 tokenizes through the server's /tokenize (its "remote" tokenizer backend) and scores through
 /v1/completions with echo and logprobs."""
 
@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import simplegpt.lm_eval_adapter  # noqa: E402  (registers the model "simplegpt")
+import simplegpt.evaluation.lm_eval_harness  # noqa: E402  (registers the model "simplegpt")
 from conftest import make_tiny_gpt  # noqa: E402
 from simplegpt.checkpoint import save_checkpoint  # noqa: E402
 from simplegpt.tokenizer import EOS_TEXT, CharTokenizer  # noqa: E402
@@ -87,7 +87,8 @@ def normal(resp) -> tuple[float, bool | None]:
 
 def in_process(root: Path) -> dict:
     out = lm_eval.simple_evaluate(
-        model=simplegpt.lm_eval_adapter.MODEL_NAME, model_args=f"checkpoint={root / 'ck'}", tasks=list(TASKS),
+        model=simplegpt.evaluation.lm_eval_harness.MODEL_NAME, model_args=f"checkpoint={root / 'ck'}",
+        tasks=list(TASKS),
         device="cpu", batch_size=2, task_manager=TaskManager(include_path=str(root / "tasks"), include_defaults=False),
         log_samples=True, bootstrap_iters=0)
     return scores(out["samples"])

@@ -146,7 +146,7 @@ def test_parameters_without_gradients_are_skipped_as_torch_skips_them():
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_trainer_steps_with_it_unless_fused_is_off(tmp_path, shakespeare_path, monkeypatch, fused):
     from simplegpt.config import TrainConfig
-    from simplegpt.train import train
+    from simplegpt.trainer import train
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare_path.read_text()[:20_000])

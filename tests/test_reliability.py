@@ -20,7 +20,7 @@ from simplegpt.checkpoint import load_checkpoint, load_train_state, read_checkpo
 from simplegpt.config import TrainConfig
 from simplegpt.errors import ConfigError
 from simplegpt.tokenizer import ByteTokenizer
-from simplegpt.train import train
+from simplegpt.trainer import train
 from test_checkpoint import _model, train_state
 
 

@@ -11,7 +11,7 @@ import pytest
 from simplegpt.checkpoint import load_checkpoint
 from simplegpt.config import TrainConfig
 from simplegpt.report import read_run, write_report
-from simplegpt.train import train
+from simplegpt.trainer import train
 from test_inspect import open_in_browser
 
 
@@ -93,6 +93,25 @@ def test_a_partial_last_record_is_skipped_and_counted(run, tmp_path):
     assert rec.skipped_lines == 1 and rec.train[-1]["step"] == 12 and rec.checkpoint is None
     page = write_report(copy).read_text()
     assert "1 line(s) of metrics.jsonl skipped" in page and "no checkpoint saved yet" in page
+
+
+def test_the_loss_curve_and_the_report_read_metrics_alike(run, tmp_path):
+    """One reader of metrics.jsonl (run_dir.read_metrics): loss.png used to parse it strictly, so a line
+    the report skips (cut off mid-write, or JSON that is not a record) made the curve fail."""
+    from simplegpt.training import run_dir
+
+    folder, _ = run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    lines = (folder / "metrics.jsonl").read_text()
+    (copy / "metrics.jsonl").write_text(lines + "[1, 2]\n" + '{"kind": "eval", "step": 13, "val_lo')
+    metrics = run_dir.read_metrics(copy)
+    rec = read_run(copy)
+    assert metrics.skipped == rec.skipped_lines == 2
+    assert (metrics.train, metrics.evals) == (rec.train, rec.evals) and metrics.evals[-1]["step"] == 12
+    png = run_dir.plot_losses(copy)
+    assert png == copy / "loss.png" and png.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in copy.iterdir()) == ["loss.png", "metrics.jsonl"]  # no temporary file left
 
 
 def test_a_report_that_cannot_be_written_never_loses_the_run(corpus, tmp_path):

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import add_checkpoint_argument
+from ..cli import add_checkpoint_argument, add_output_arguments
 from ..errors import file_access_errors
 
 HELP = "turn a sharded (FSDP2) checkpoint into the usual checkpoint that generate, serve, eval and export-hf read"
@@ -23,9 +23,8 @@ SUFFIX = "-consolidated"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p, "SRC: the sharded checkpoint directory (a run folder's last/ or best/)", then="out")
-    p.add_argument("out", metavar="DST", nargs="?", default=argparse.SUPPRESS,
-                   help=f"checkpoint directory to write (default: SRC{SUFFIX}, beside SRC)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it already exists (otherwise refuse)")
+    add_output_arguments(p, f"checkpoint directory to write (default: SRC{SUFFIX}, beside SRC)", metavar="DST",
+                         optional=True)
 
 
 def run(args: argparse.Namespace) -> int:

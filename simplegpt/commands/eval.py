@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..evaluate import evaluate_ids, load_eval_tokens
+    from ..evaluation.perplexity import evaluate_ids, load_eval_tokens
     from ..hf import load_any
 
     device = resolve_device(args.device)

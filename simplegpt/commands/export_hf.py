@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_checkpoint_argument
+from ..cli import add_checkpoint_argument, add_output_arguments
 from ..errors import file_access_errors
 
 HELP = "write a checkpoint as a Hugging Face GPT-2 directory (GPT2LMHeadModel / AutoTokenizer)"
@@ -22,9 +22,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p, "simplegpt checkpoint directory")
-    p.add_argument("out", help="Hugging Face model directory to write")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it already exists and is not empty (otherwise refuse)")
+    add_output_arguments(p, "Hugging Face model directory to write")
 
 
 def run(args: argparse.Namespace) -> int:

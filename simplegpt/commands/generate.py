@@ -8,8 +8,7 @@ import time
 import warnings
 from collections.abc import Callable
 
-from ..cli import add_checkpoint_argument
-from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
+from ..cli import add_checkpoint_argument, add_engine_arguments, check_engine_arguments, load_engine, model_name
 from ..errors import DataError, FileAccessError, OptionError, SimpleGPTError, UsageError, file_access_errors
 
 HELP = "generate text from a checkpoint"
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..engine import SamplingParams
+    from ..generation.sampling import SamplingParams
 
     check_engine_arguments(args)
     if args.num_samples <= 0:

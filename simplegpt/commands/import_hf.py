@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import add_output_arguments
 from ..errors import file_access_errors
 
 HELP = "convert a Hugging Face GPT-2 (local directory or hub name) into a simplegpt checkpoint"
@@ -18,9 +19,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Hugging Face model directory (config.json + weights) or hub name, e.g. gpt2")
-    p.add_argument("out", help="simplegpt checkpoint directory to write")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it already exists and is not empty (otherwise refuse)")
+    add_output_arguments(p, "simplegpt checkpoint directory to write")
 
 
 def run(args: argparse.Namespace) -> int:

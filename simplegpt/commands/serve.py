@@ -11,8 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cli import add_checkpoint_argument
-from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
+from ..cli import add_checkpoint_argument, add_engine_arguments, check_engine_arguments, load_engine, model_name
 from ..errors import MissingDependencyError, OptionError, file_access_errors
 
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API, with a web playground"

@@ -1,4 +1,4 @@
-"""The trainer, one job per module (simplegpt.train gathers the public names):
+"""The trainer, one job per module (simplegpt.trainer gathers the public names for users):
 
     loop         train(): the run from config to checkpoints; the step, evaluation and samples
     optimizer    AdamW's parameter groups and clipped step, the learning-rate schedule

@@ -18,8 +18,9 @@ import contextlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import atomic
 from .. import checkpoint as ckpt
@@ -28,6 +29,10 @@ from ..errors import DISK_FULL, CheckpointError, ConfigError
 from ..files import BEST, CONFIG_FILE, LAST, METRICS_FILE, PLOT_FILE, SAMPLES_FILE
 from . import TrainingError
 from .lock import LOCK_FILE, RunLock, lock_run_folder
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -262,36 +267,77 @@ def _records_until(path: Path, step: int) -> int:
     return end
 
 
-def plot_losses(out: Path) -> Path | None:
-    """loss.png from metrics.jsonl; None when matplotlib is missing. Raises OSError when it cannot
-    be written (and leaves no partial file)."""
-    try:
-        import matplotlib
+@dataclass
+class MetricRecords:
+    """metrics.jsonl's records by kind, in file order."""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    train: list[dict[str, Any]] = field(default_factory=list)  # kind "train": step, loss, lr, tokens, time_s ...
+    evals: list[dict[str, Any]] = field(default_factory=list)  # kind "eval": step, val_loss, val_bpb ...
+    skipped: int = 0  # lines that are not a whole record
+
+
+def read_metrics(out: Path) -> MetricRecords:
+    """The records of out's metrics.jsonl, the one reader of it (the trainer's loss curve, the run report).
+
+    Lenient by design: a run that is still writing, or was killed while writing, can leave a partial
+    last line (Metrics.write cuts a failed write back off, a crash cannot), and a report of such a run
+    must still show what was written; so a line that is not a JSON object is skipped and counted in
+    `skipped`, and records of other kinds are left out. Raises OSError (FileNotFoundError when out
+    has no metrics.jsonl)."""
+    records = MetricRecords()
+    for line in (out / METRICS_FILE).read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            records.skipped += 1
+            continue
+        {"train": records.train, "eval": records.evals}.get(record.get("kind"), []).append(record)
+    return records
+
+
+def curve_axes(ylabel: str, xlabel: str = "step") -> tuple[Figure, Axes]:
+    """A Figure (made without pyplot: no global state, no display) with one grid of axes, for a run's
+    curves; the run report draws its learning-rate and throughput curves on these too."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def loss_figure(records: MetricRecords) -> Figure:
+    """The loss curve: train loss per logged step and val loss per evaluation (nats/token)."""
+    fig, ax = curve_axes("loss (nats/token)")
+    if records.train:
+        ax.plot([r["step"] for r in records.train], [r["loss"] for r in records.train], lw=1, label="train")
+    if records.evals:
+        ax.plot([r["step"] for r in records.evals], [r["val_loss"] for r in records.evals], "o-", label="val")
+    if records.train or records.evals:
+        ax.legend()
+    return fig
+
+
+def plot_losses(out: Path) -> Path | None:
+    """loss.png (loss_figure) from metrics.jsonl; None when matplotlib is missing. Raises OSError when
+    it cannot be written (and leaves no partial file)."""
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:
         return None
-    records = [json.loads(ln) for ln in (out / METRICS_FILE).read_text().splitlines() if ln.strip()]
-    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig = loss_figure(read_metrics(out))
     path = out / PLOT_FILE
-    tmp = out / ".loss.tmp.png"
+    tmp = out / f".{PLOT_FILE}.tmp-{os.getpid()}"
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, dpi=100, format="png")
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full disk: no half-drawn picture left behind
         raise
-    finally:
-        plt.close(fig)
     return path

@@ -1,6 +1,6 @@
 """How many CPU threads to compute on: the cores this process may use that other processes leave idle.
 
-Training (simplegpt.training.hardware) and the engine's commands (simplegpt.engine_options) both
+Training (simplegpt.training.hardware) and the engine's commands (simplegpt.cli) both
 ask `auto_threads()`. Threads that outnumber the free cores wait for each other: on a 2-core
 machine with one other busy process, 2 OpenMP threads trained ~7x slower than 1 (docs/training.md),
 and 2 decoding threads ran at 50-73 tokens/s where 1 ran at 2,632-2,714 (docs/benchmarks.md).

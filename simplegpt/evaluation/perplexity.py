@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
-from .model import GPT, IGNORE_INDEX
-from .tokenizer import Tokenizer
+from ..errors import DataError
+from ..model import GPT, IGNORE_INDEX
+from ..tokenizer import Tokenizer
 
 # Logits of one batch are (windows, context, vocab) floats; keep them near this many bytes.
 _LOGITS_BUDGET_BYTES = 512 * 2**20
@@ -158,9 +158,9 @@ def load_eval_tokens(source: str, tokenizer: Tokenizer, split: str | None = None
     A character a character-level tokenizer has no token for raises UnknownCharacterError, unless
     skip_unknown: the text is then scored without those characters, which are counted in `dropped`
     (character -> times left out) when it is given."""
-    from .data.layout import META_FILE
-    from .data.shards import TokenShards, read_meta
-    from .data.sources import resolve_corpus
+    from ..data.layout import META_FILE
+    from ..data.shards import TokenShards, read_meta
+    from ..data.sources import resolve_corpus
 
     if (Path(source) / META_FILE).is_file():
         meta = read_meta(source)

@@ -148,7 +148,7 @@ def generate_text(model, tokenizer, prompt: str, max_length: int = 50, device=No
     The context is cropped to the model's last n_positions tokens, so long outputs never crash.
     Returns the prompt followed by the generated text, like the tutorial.
     """
-    from .engine import generate_ids
+    from .generation.engine import generate_ids
 
     device = device or default_device()
     model.to(device)

@@ -1,10 +1,10 @@
 """EleutherAI lm-evaluation-harness support: a simplegpt checkpoint as the lm_eval model "simplegpt".
 
 Python:
-    import simplegpt.lm_eval_adapter, lm_eval   # the import registers the model
+    import simplegpt.evaluation.lm_eval_harness, lm_eval   # the import registers the model
     lm_eval.simple_evaluate(model="simplegpt", model_args="checkpoint=ckpt/", tasks=[...])
 Command line (lm_eval's own CLI, with the model registered first):
-    python -m simplegpt.lm_eval_adapter run --model simplegpt --model_args checkpoint=ckpt/ --tasks hellaswag
+    python -m simplegpt.evaluation.lm_eval_harness run --model simplegpt --model_args checkpoint=ckpt/ --tasks hellaswag
 
 Scoring follows lm_eval's HFLM: context and continuation are encoded together and split, an
 empty context is replaced by the end-of-text token, and inputs longer than the model's context
@@ -34,8 +34,9 @@ except ImportError:  # pragma: no cover - exercised only without the extra
         'the lm_eval adapter needs EleutherAI\'s lm-evaluation-harness: pip install "simplegpt-toolkit[lmeval]"'
     ) from None
 
-from .engine import Engine, SamplingParams
-from .hf import load_any
+from ..generation.engine import Engine
+from ..generation.sampling import SamplingParams
+from ..hf import load_any
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "simplegpt"
@@ -48,7 +49,7 @@ class SimpleGPTLM(TemplateLM):
     def __init__(self, checkpoint: str, device: str | None = None, batch_size: int | str = 8,
                  max_gen_toks: int = 256, seed: int = 1234, **kwargs: Any) -> None:
         super().__init__()
-        from .devices import default_device
+        from ..devices import default_device
 
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm_eval's CLI asks for cuda:0 unless told otherwise; run where we can instead of failing.
