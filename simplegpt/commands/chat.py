@@ -9,8 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import add_checkpoint_argument
-from ..engine_options import add_engine_arguments, check_engine_arguments, load_engine, model_name
+from ..cli import add_checkpoint_argument, add_engine_arguments, check_engine_arguments, load_engine, model_name
 from ..errors import DataError, OptionError, file_access_errors
 
 HELP = "chat with a checkpoint in the terminal"
@@ -40,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..chat import PlainChat, chat_format
-    from ..engine import SamplingParams
+    from ..generation.sampling import SamplingParams
 
     check_engine_arguments(args)
     try:  # checked before the model loads
