@@ -36,6 +36,7 @@ COMMANDS = {
     "serve": "serve",
     "import-hf": "import_hf",
     "export-hf": "export_hf",
+    "export-gguf": "export_gguf",
     "consolidate": "consolidate",
     "info": "info",
     "inspect": "inspect",
