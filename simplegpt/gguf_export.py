@@ -124,6 +124,11 @@ PRE_TOKENIZERS = {
         "qwen2",
 }
 GPT2_PRE = "gpt-2"
+# A vocabulary of single characters has no merges, but llama.cpp refuses a BPE vocabulary without the
+# merges key and the gguf package writes no empty array: the one merge written joins two end-of-text
+# tokens, which never occur as BPE symbols (llama.cpp's merges start from single characters, and
+# control tokens are matched apart from BPE), so it never applies.
+INERT_MERGES = [f"{EOS_TEXT} {EOS_TEXT}"]
 
 
 def _byte_chars() -> list[str]:
@@ -151,9 +156,9 @@ def vocab_for(tok: Tokenizer | None, vocab_size: int) -> Vocab:
         merges = [line for line in bpe.read_text(encoding="utf-8").splitlines()[1:] if line]  # after "#version"
         vocab = Vocab(tokens, [control if t == EOS_TEXT else normal for t in tokens], merges, GPT2_PRE, tok.eos_id)
     elif isinstance(tok, ByteTokenizer):
-        # 256 one-byte tokens and no merges: llama.cpp's BPE maps each byte of the text to its
-        # character, and with no merges each character is its own token, the byte's id
-        vocab = Vocab([*_byte_chars(), EOS_TEXT], [normal] * 256 + [control], [], GPT2_PRE, tok.eos_id)
+        # 256 one-byte tokens and no merges that apply: llama.cpp's BPE maps each byte of the text to
+        # its character, and with no merges each character is its own token, the byte's id
+        vocab = Vocab([*_byte_chars(), EOS_TEXT], [normal] * 256 + [control], INERT_MERGES, GPT2_PRE, tok.eos_id)
     elif isinstance(tok, CharTokenizer):
         vocab = _char_vocab(tok, normal, control)
     elif tok.kind in ("bpe", "hf"):
@@ -182,7 +187,7 @@ def _char_vocab(tok: CharTokenizer, normal: int, control: int) -> Vocab:
             "byte or bpe:N, for a GGUF export")
     byte_chars = _byte_chars()
     return Vocab([byte_chars[ord(c)] for c in tok.chars] + [EOS_TEXT], [normal] * len(tok.chars) + [control],
-                 [], GPT2_PRE, tok.eos_id)
+                 INERT_MERGES, GPT2_PRE, tok.eos_id)
 
 
 def _hf_vocab(tok: Tokenizer, normal: int, control: int, user_defined: int) -> Vocab:
@@ -356,8 +361,7 @@ def _add_metadata(gguf: ModuleType, writer: Any, arch: Architecture, config: GPT
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
-    if vocab.merges:
-        writer.add_token_merges(vocab.merges)
+    writer.add_token_merges(vocab.merges)
     # simplegpt's end-of-text token also opens a text, as GPT-2's does; nothing is added to prompts
     writer.add_bos_token_id(vocab.eos_id)
     writer.add_eos_token_id(vocab.eos_id)
