@@ -5,8 +5,9 @@
 
 For each tokenizer (GPT-2 BPE, a trained BPE, bytes, ASCII characters) it checks:
 - greedy tokens: 64 new tokens from each of 3 prompts, llama-server's /completion at temperature 0
-  against simplegpt's greedy decoding, for the f32 file (must be equal) and for the q8_0 file
-  against simplegpt's int8 model (how many tokens agree before the first difference);
+  against simplegpt's greedy decoding, for the f32 file (equal, or differing first at a near tie,
+  see NEAR_TIE) and for the q8_0 file against simplegpt's int8 model (how many tokens agree before
+  the first difference);
 - tokenization: llama-server's /tokenize of 20 strings (emoji, whitespace runs, code, other
   scripts) against simplegpt's tokenizer.
 It prints one table. tests/test_gguf_llamacpp.py runs the same checks with asserts; both skip when
@@ -69,6 +70,9 @@ STRINGS = (
     "mixed 中文 English ελληνικά 123",
     "",
 )
+# llama.cpp's CPU GELU reads its input and result through an f16 table (ggml's GGML_GELU_FP16), so its f32
+# logits differ from PyTorch's in the third decimal: two tokens closer than this are a tie either may win.
+NEAR_TIE = 0.02
 # The small ASCII character set of the char-tokenizer model: the prompts' characters and more.
 ASCII_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n\t"
 
@@ -194,6 +198,9 @@ class Greedy:
     prompt: str
     ours: list[int]
     llama: list[int]
+    # at the first difference: simplegpt's logit of its token minus its logit of llama.cpp's (a near tie
+    # when small); None when the tokens are equal
+    margin: float | None = None
 
     @property
     def agree(self) -> int:
@@ -215,7 +222,13 @@ def greedy_parity(checkpoint: Path, server: LlamaServer, int8: bool = False, n: 
     for prompt in PROMPTS:
         ids = ck.tokenizer.encode(prompt)
         ours = strip_eos(generate_ids(model, ids, n, ck.tokenizer.eos_id), ck.tokenizer.eos_id)
-        out.append(Greedy(prompt, ours, strip_eos(server.complete(ids, n), ck.tokenizer.eos_id)))
+        run = Greedy(prompt, ours, strip_eos(server.complete(ids, n), ck.tokenizer.eos_id))
+        i = run.agree
+        if not run.equal and i < min(len(run.ours), len(run.llama)):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids + ours[:i]]))[0][0, -1]  # (V,)
+            run.margin = float(logits[ours[i]] - logits[run.llama[i]])
+        out.append(run)
     return out
 
 
@@ -238,7 +251,7 @@ def main() -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True,
                 text=True).stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
     print(f"llama.cpp: {bin_dir}\nCPU: {cpu}\n")
-    print(f"{'tokenizer':<14}{'type':<7}{'greedy tokens (3 prompts x up to 64)':<44}tokenization (20 strings)")
+    print(f"{'tokenizer':<14}{'type':<7}{'greedy tokens (3 prompts x 64)':<48}tokenization (20 strings)")
     work = Path(tempfile.mkdtemp(prefix="gguf_parity_"))
     failed = False
     try:
@@ -258,9 +271,10 @@ def main() -> int:
                     continue
                 total = sum(len(r.ours) for r in runs)
                 same = sum(r.agree for r in runs)
-                greedy = f"{same}/{total} agree" + (" (all equal)" if all(r.equal for r in runs) else
+                greedy = f"{same}/{total} agree" + ("" if all(r.equal for r in runs) else
                                                     f" (first differences at {[r.agree for r in runs]})")
-                failed |= qtype == "f32" and not all(r.equal for r in runs)
+                margins = [f"{r.margin:.4f}" for r in runs if r.margin is not None]
+                failed |= qtype == "f32" and any(not r.equal and (r.margin or 1.0) > NEAR_TIE for r in runs)
                 tokens = "-"
                 if rows:
                     equal = sum(ours == theirs for _, ours, theirs in rows)
@@ -269,7 +283,9 @@ def main() -> int:
                     for text, ours, theirs in rows:
                         if ours != theirs:
                             print(f"    differs: {text!r}: simplegpt {ours} llama.cpp {theirs}")
-                print(f"{label:<14}{qtype:<7}{greedy:<44}{tokens}")
+                print(f"{label:<14}{qtype:<7}{greedy:<48}{tokens}")
+                if margins:
+                    print(f"    simplegpt's logit margin at each first difference: {', '.join(margins)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0

@@ -19,6 +19,7 @@ full disk, Ctrl-C) leaves OUT as it was and no partial file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import dataclasses
 import json
 import os
@@ -387,30 +388,40 @@ def _atomic_file(out: Path) -> Iterator[Path]:
     """A hidden temporary path beside out; when the block ends normally it is synced and renamed onto
     out, otherwise removed. OSError becomes a FileAccessError naming out (a full disk said as such)."""
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+    full = False
     try:
         with no_folders_left_on_failure(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
             try:
                 yield tmp
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
                 os.replace(tmp, out)
-            except BaseException:
+            except BaseException as e:
+                # numpy's tofile reports a short write ("N requested and M written") without its errno
+                full = isinstance(e, OSError) and (e.errno in DISK_FULL or (e.errno is None and _no_room(tmp)))
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                 raise
     except OSError as e:
-        if e.errno in DISK_FULL:
-            raise FileAccessError(f"the disk of {out} is full ({e.strerror}); nothing was written: free some space "
-                                  "and export again") from e
+        if full:
+            raise FileAccessError(f"the disk of {out} is full ({os.strerror(errno.ENOSPC)}); nothing was written: "
+                                  "free some space and export again") from e
         raise FileAccessError(f"{out}: cannot be written ({e.strerror or e})") from e
-    if os.name != "nt":
+    if os.name != "nt":  # the rename reaches the disk (Windows cannot open a folder to sync it)
         fd = os.open(out.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
+
+def _no_room(file: Path) -> bool:
+    """Whether one more byte written to file fails for want of space."""
+    try:
+        with open(file, "ab", buffering=0) as f:
+            f.write(b"\0")
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno in DISK_FULL
+    return False
