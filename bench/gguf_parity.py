@@ -143,7 +143,7 @@ class LlamaServer:
             what = f"signal {signal.Signals(sig).name}" if sig else f"exit {code}"
             raise LlamaCrashed(f"llama-server died ({what}) on {self.gguf.name}:\n{self._log_tail()}", sig)
 
-    def _post(self, route: str, body: dict) -> dict:
+    def post(self, route: str, body: dict) -> dict:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{route}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
@@ -155,11 +155,11 @@ class LlamaServer:
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's token ids of text, special-token text kept as text (as simplegpt encodes it)."""
-        return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": False})["tokens"]
+        return self.post("/tokenize", {"content": text, "add_special": False, "parse_special": False})["tokens"]
 
     def complete(self, prompt_ids: list[int], n: int) -> list[int]:
         """Greedy (temperature 0) new token ids after prompt_ids; stops early at end of text."""
-        reply = self._post("/completion", {"prompt": prompt_ids, "n_predict": n, "temperature": 0.0,
+        reply = self.post("/completion", {"prompt": prompt_ids, "n_predict": n, "temperature": 0.0,
                                            "return_tokens": True, "cache_prompt": False})
         return reply["tokens"]
 
