@@ -144,6 +144,7 @@ class LlamaServer:
             raise LlamaCrashed(f"llama-server died ({what}) on {self.gguf.name}:\n{self._log_tail()}", sig)
 
     def post(self, route: str, body: dict) -> dict:
+        """The JSON reply of a POST of body (JSON) to route; LlamaCrashed when the server died."""
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{route}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
@@ -266,7 +267,8 @@ def main() -> int:
                         runs = greedy_parity(ck, server, int8=qtype == "q8_0")
                         rows = tokenize_parity(tok, server) if qtype == "f32" else []
                 except LlamaCrashed as e:
-                    print(f"{label:<14}{qtype:<7}llama-server crashed: {str(e).splitlines()[0]}")
+                    why = f"signal {signal.Signals(e.sig).name}" if e.sig else "an error"
+                    print(f"{label:<14}{qtype:<7}llama-server died of {why} running this file")
                     failed |= qtype == "f32"
                     continue
                 total = sum(len(r.ours) for r in runs)
