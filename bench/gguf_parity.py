@@ -3,7 +3,8 @@
 
     SIMPLEGPT_LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin PYTHONPATH=. python bench/gguf_parity.py
 
-For each tokenizer (GPT-2 BPE, a trained BPE, bytes, ASCII characters) it checks:
+For each tokenizer (GPT-2 BPE, a trained BPE, byte-level BPEs split as Llama 3's and Qwen2's
+imported tokenizer.json files are, bytes, ASCII characters) it checks:
 - greedy tokens: 64 new tokens from each of 3 prompts, llama-server's /completion at temperature 0
   against simplegpt's greedy decoding, for the f32 file (equal, or differing first at a near tie,
   see NEAR_TIE) and for the q8_0 file against simplegpt's int8 model (how many tokens agree before
@@ -39,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from simplegpt.generation.engine import generate_ids  # noqa: E402
-from simplegpt.gguf_export import export_gguf  # noqa: E402
-from simplegpt.hf_tokenizer import train_bpe  # noqa: E402
+from simplegpt.gguf_export import PRE_TOKENIZERS, export_gguf  # noqa: E402
+from simplegpt.hf_tokenizer import HFTokenizer, train_bpe  # noqa: E402
 from simplegpt.model import GPT, GPTConfig  # noqa: E402
 from simplegpt.quantize import quantize_int8  # noqa: E402
-from simplegpt.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer  # noqa: E402
+from simplegpt.tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer  # noqa: E402
 
 BIN_ENV = "SIMPLEGPT_LLAMA_CPP_BIN"  # the folder of llama.cpp's built binaries (llama-server)
 NEW_TOKENS = 64
@@ -178,11 +179,30 @@ def random_checkpoint(path: Path, tokenizer: Tokenizer, seed: int = 0, n_embd: i
     return save_checkpoint(path, model, tokenizer)
 
 
+def split_bpe(corpus: str, pattern: str, size: int = 512) -> HFTokenizer:
+    """A byte-level BPE that splits text by `pattern` before merging, as Llama 3's and Qwen's
+    tokenizer.json files do (a Split, then ByteLevel without its own regex): an imported tokenizer."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HFT
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFT(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[EOS_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus], trainer=trainer)
+    return HFTokenizer(tok.to_str(), eos_id=tok.token_to_id(EOS_TEXT), kind="hf")
+
+
 def tokenizers() -> dict[str, Tokenizer]:
     """The tokenizers the parity runs cover, by label."""
     corpus = "\n".join(STRINGS + PROMPTS) * 20 + " ".join(f"word{i} {i * 7}" for i in range(2000))
-    return {"gpt2": GPT2Tokenizer(), "bpe:512": train_bpe([corpus], 512), "byte": ByteTokenizer(),
-            "char (ASCII)": CharTokenizer(ASCII_CHARS)}
+    split = {name: pattern for pattern, name in PRE_TOKENIZERS.items()}
+    return {"gpt2": GPT2Tokenizer(), "bpe:512": train_bpe([corpus], 512),
+            "hf-llama-bpe": split_bpe(corpus, split["llama-bpe"]), "hf-qwen2": split_bpe(corpus, split["qwen2"]),
+            "byte": ByteTokenizer(), "char (ASCII)": CharTokenizer(ASCII_CHARS)}
 
 
 def strip_eos(ids: list[int], eos: int) -> list[int]:

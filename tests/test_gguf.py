@@ -4,6 +4,7 @@ transformers loading it, and the one-line refusals that leave nothing at OUT.
 llama.cpp itself runs the files in tests/test_gguf_llamacpp.py (when its binaries are found)."""
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_gpt
+from conftest import ROOT, make_tiny_gpt
 from simplegpt.cli import main
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint
 from simplegpt.errors import CheckpointError, OptionError
@@ -44,6 +45,15 @@ def _fields(path: Path) -> dict:
     """Every metadata key of a GGUF file and its value (arrays as lists), without the reader's header fields."""
     reader = gguf.GGUFReader(path)
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _bench_parity():
+    """bench/gguf_parity.py as a module (its imported-tokenizer maker)."""
+    spec = importlib.util.spec_from_file_location("gguf_parity", ROOT / "bench" / "gguf_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gguf_parity"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 class Ran:
@@ -133,6 +143,22 @@ def test_an_ascii_char_vocabulary_is_one_byte_tokens_with_no_merge_that_applies(
     assert fields["tokenizer.ggml.tokens"] == [alphabet[ord(c)] for c in tok.chars] + ["<|endoftext|>"]
     assert fields["tokenizer.ggml.token_type"] == [1] * len(tok.chars) + [3]
     assert fields["tokenizer.ggml.merges"] == ["<|endoftext|> <|endoftext|>"]
+
+
+def test_an_imported_tokenizer_json_gets_llama_cpps_name_for_its_split_or_is_refused(tmp_path):
+    parity = _bench_parity()
+    corpus = "Hello there, general Kenobi. 12345 numbers and  spaces\n" * 30
+    for name, pattern in [("llama-bpe", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}"
+                                        r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                          ("qwen2", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                                    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")]:
+        tok = parity.split_bpe(corpus, pattern, size=300)
+        fields = _fields(export_gguf(_checkpoint(tmp_path / name, tok), tmp_path / f"{name}.gguf").path)
+        assert fields["tokenizer.ggml.pre"] == name
+    tok = parity.split_bpe(corpus, r"\p{N}+|[^\p{N}]+", size=300)  # a split llama.cpp has no name for
+    with pytest.raises(CheckpointError, match="splits text with a pre-tokenizer llama.cpp has no name for here"):
+        export_gguf(_checkpoint(tmp_path / "other", tok), tmp_path / "other.gguf")
+    assert not (tmp_path / "other.gguf").exists()
 
 
 @pytest.mark.parametrize("n_positions", [1024, 64])

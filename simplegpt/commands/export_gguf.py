@@ -19,8 +19,8 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..gguf_export import TYPES
 
-    add_checkpoint_argument(p, "simplegpt checkpoint directory", then="out")
-    p.add_argument("out", metavar="OUT.gguf", nargs="?", help="GGUF file to write")
+    add_checkpoint_argument(p, "simplegpt checkpoint directory")
+    p.add_argument("out", metavar="OUT.gguf", help="GGUF file to write")
     p.add_argument("--type", default="f32", choices=TYPES,
                    help="how weights are stored: f32, f16, or q8_0 (8-bit blocks of 32 with an f16 scale); "
                         "vectors and learned positions stay f32")
@@ -30,11 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UsageError
     from ..gguf_export import export_gguf
 
-    if args.out is None:
-        raise UsageError("the following arguments are required: OUT.gguf")
     with file_access_errors():
         result = export_gguf(args.checkpoint, args.out, type=args.type, overwrite=args.overwrite,
                              progress=args.progress)
