@@ -205,8 +205,10 @@ def tokenizers() -> dict[str, Tokenizer]:
             "byte": ByteTokenizer(), "char (ASCII)": CharTokenizer(ASCII_CHARS)}
 
 
-def strip_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos)] if eos in ids else ids
+def ended(ids: list[int], eos: int, n: int) -> list[int]:
+    """ids up to end of text, which closes a row shorter than n whether or not the generator returned it."""
+    ids = ids[: ids.index(eos)] if eos in ids else ids
+    return ids + [eos] if len(ids) < n else ids
 
 
 def agree(a: list[int], b: list[int]) -> int:
@@ -233,7 +235,7 @@ class Greedy:
 
 
 def greedy_parity(checkpoint: Path, server: LlamaServer, int8: bool = False, n: int = NEW_TOKENS) -> list[Greedy]:
-    """simplegpt's and llama.cpp's greedy tokens (end of text left out) for each of PROMPTS; int8: simplegpt's
+    """simplegpt's and llama.cpp's greedy tokens (a row ends with end of text, see ended) for each of PROMPTS; int8: simplegpt's
     model quantized with quantize_int8 (the reference for a q8_0 file)."""
     ck = load_checkpoint(checkpoint)
     model = copy.deepcopy(ck.model)
@@ -242,8 +244,9 @@ def greedy_parity(checkpoint: Path, server: LlamaServer, int8: bool = False, n: 
     out = []
     for prompt in PROMPTS:
         ids = ck.tokenizer.encode(prompt)
-        ours = strip_eos(generate_ids(model, ids, n, ck.tokenizer.eos_id), ck.tokenizer.eos_id)
-        run = Greedy(prompt, ours, strip_eos(server.complete(ids, n), ck.tokenizer.eos_id))
+        eos = ck.tokenizer.eos_id
+        ours = ended(generate_ids(model, ids, n, eos), eos, n)
+        run = Greedy(prompt, ours, ended(server.complete(ids, n), eos, n))
         i = run.agree
         if not run.equal and i < min(len(run.ours), len(run.llama)):
             with torch.no_grad():
@@ -272,7 +275,7 @@ def main() -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True,
                 text=True).stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
     print(f"llama.cpp: {bin_dir}\nCPU: {cpu}\n")
-    print(f"{'tokenizer':<14}{'type':<7}{'greedy tokens (3 prompts x 64)':<48}tokenization (20 strings)")
+    print(f"{'tokenizer':<14}{'type':<7}{'greedy tokens (3 prompts x 64)':<52}tokenization (20 strings)")
     work = Path(tempfile.mkdtemp(prefix="gguf_parity_"))
     failed = False
     try:
@@ -305,7 +308,7 @@ def main() -> int:
                     for text, ours, theirs in rows:
                         if ours != theirs:
                             print(f"    differs: {text!r}: simplegpt {ours} llama.cpp {theirs}")
-                print(f"{label:<14}{qtype:<7}{greedy:<48}{tokens}")
+                print(f"{label:<14}{qtype:<7}{greedy:<52}{tokens}")
                 if margins:
                     print(f"    simplegpt's logit margin at each first difference: {', '.join(margins)}")
     finally:

@@ -43,7 +43,7 @@ INSTALL_HINT = 'install the GGUF extra: pip install "simplegpt-toolkit[gguf]"'
 TYPES = ("f32", "f16", "q8_0")
 # The checkpoint metadata key (config.json) holding a Jinja chat template in Hugging Face's convention.
 CHAT_TEMPLATE_KEY = "chat_template"
-# Q8_0 stores blocks of 32 values (one f16 scale + 32 int8) along each row.
+# Q8_0 stores blocks of 32 values (one f16 scale + 32 int8) along each row: rows must be whole blocks.
 Q8_0_BLOCK = 32
 # A model at least this big (bytes of f32 weights) shows progress bars while it is converted and written.
 PROGRESS_BYTES = 256 << 20
@@ -263,11 +263,23 @@ def gguf_tensors(model: GPT, arch: Architecture) -> Iterator[tuple[str, torch.Te
         yield gguf_name, tensor.detach().to("cpu", torch.float32).contiguous()
 
 
+def _keeps_f32(arch: Architecture, name: str, tensor: torch.Tensor) -> bool:
+    """Whether a tensor stays f32 whatever the type: vectors, and the architecture's f32_tensors."""
+    return tensor.dim() < 2 or re.sub(r"^blk\.\d+\.", "", name).rsplit(".", 1)[0] in arch.f32_tensors
+
+
+def _check_q8_0_rows(arch: Architecture, named: list[tuple[str, torch.Tensor]]) -> None:
+    """OptionError unless every tensor to quantize has rows of whole Q8_0 blocks."""
+    for name, tensor in named:
+        if not _keeps_f32(arch, name, tensor) and tensor.shape[-1] % Q8_0_BLOCK:
+            raise OptionError(f"--type q8_0 stores rows in blocks of {Q8_0_BLOCK} values and this model's {name} has "
+                              f"rows of {tensor.shape[-1]}, not a multiple of {Q8_0_BLOCK}; use --type f16 or f32")
+
+
 def _encode(gguf: ModuleType, arch: Architecture, name: str, tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
     """A tensor's data as written (numpy array) and its GGML type (None: the array's own dtype)."""
     data = tensor.numpy()
-    stem = re.sub(r"^blk\.\d+\.", "", name).rsplit(".", 1)[0]
-    if qtype == "f32" or data.ndim < 2 or stem in arch.f32_tensors:
+    if qtype == "f32" or _keeps_f32(arch, name, tensor):
         return data, None
     if qtype == "f16":
         return data.astype(np.float16), None
@@ -320,9 +332,6 @@ def write_gguf(model: GPT, tokenizer: Tokenizer | None, out: str | os.PathLike, 
     config = model.config
     arch = architecture_for(config)
     vocab = vocab_for(tokenizer, config.vocab_size)
-    if type == "q8_0" and (config.n_embd % Q8_0_BLOCK):
-        raise OptionError(f"--type q8_0 stores rows in blocks of {Q8_0_BLOCK} values and this model's rows are "
-                          f"n_embd={config.n_embd} wide, not a multiple of {Q8_0_BLOCK}; use --type f16 or f32")
     if progress is None:
         progress = sum(p.numel() for p in model.parameters()) * 4 >= PROGRESS_BYTES
     from tqdm import tqdm
@@ -330,6 +339,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer | None, out: str | os.PathLike, 
     tensors = []
     with torch.no_grad():
         named = list(gguf_tensors(model, arch))
+        if type == "q8_0":
+            _check_q8_0_rows(arch, named)
         for gguf_name, tensor in tqdm(named, desc="converting", unit="tensor", disable=not progress):
             tensors.append((gguf_name, *_encode(gguf, arch, gguf_name, tensor, type)))
     with _atomic_file(out) as tmp:

@@ -225,7 +225,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
     narrow = _checkpoint(tmp_path / "narrow", ByteTokenizer(), n_embd=48, n_head=2)
     line = _one_line(Ran(capsys, "export-gguf", narrow, out / "m.gguf", "--type", "q8_0"))
     assert line == ("simplegpt export-gguf: error: --type q8_0 stores rows in blocks of 32 values and this model's "
-                    "rows are n_embd=48 wide, not a multiple of 32; use --type f16 or f32")
+                    "token_embd.weight has rows of 48, not a multiple of 32; use --type f16 or f32")
     assert "invalid choice: 'q4_0'" in _one_line(Ran(capsys, "export-gguf", narrow, out / "m.gguf", "--type", "q4_0"), 2)
     wide = _checkpoint(tmp_path / "wide", CharTokenizer("abcé\n "))
     line = _one_line(Ran(capsys, "export-gguf", wide, out / "m.gguf"))

