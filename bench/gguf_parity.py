@@ -235,8 +235,8 @@ class Greedy:
 
 
 def greedy_parity(checkpoint: Path, server: LlamaServer, int8: bool = False, n: int = NEW_TOKENS) -> list[Greedy]:
-    """simplegpt's and llama.cpp's greedy tokens (a row ends with end of text, see ended) for each of PROMPTS; int8: simplegpt's
-    model quantized with quantize_int8 (the reference for a q8_0 file)."""
+    """simplegpt's and llama.cpp's greedy tokens (a row ends with end of text, see ended) for each of
+    PROMPTS; int8: simplegpt's model quantized with quantize_int8 (the reference for a q8_0 file)."""
     ck = load_checkpoint(checkpoint)
     model = copy.deepcopy(ck.model)
     if int8:
@@ -256,11 +256,12 @@ def greedy_parity(checkpoint: Path, server: LlamaServer, int8: bool = False, n: 
     return out
 
 
-def tokenize_parity(tokenizer: Tokenizer, server: LlamaServer, strings=STRINGS) -> list[tuple[str, list[int], list[int]]]:
+def tokenize_parity(tokenizer: Tokenizer, server: LlamaServer,
+                    strings=STRINGS) -> list[tuple[str, list[int], list[int]]]:
     """(string, simplegpt's ids, llama.cpp's ids) for each string that simplegpt can encode."""
     rows = []
     for text in strings:
-        kept, dropped = tokenizer.known_text(text)
+        _, dropped = tokenizer.known_text(text)
         if dropped:
             continue  # a character vocabulary has no token for it: simplegpt refuses it
         rows.append((text, tokenizer.encode(text), server.tokenize(text)))

@@ -54,7 +54,8 @@ def require_gguf() -> ModuleType:
     try:
         import gguf
     except ImportError:
-        raise MissingDependencyError(f"export-gguf needs the gguf package, which is not installed; {INSTALL_HINT}") from None
+        raise MissingDependencyError(f"export-gguf needs the gguf package, which is not installed; "
+                                     f"{INSTALL_HINT}") from None
     return gguf
 
 
@@ -276,7 +277,8 @@ def _check_q8_0_rows(arch: Architecture, named: list[tuple[str, torch.Tensor]]) 
                               f"rows of {tensor.shape[-1]}, not a multiple of {Q8_0_BLOCK}; use --type f16 or f32")
 
 
-def _encode(gguf: ModuleType, arch: Architecture, name: str, tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
+def _encode(gguf: ModuleType, arch: Architecture, name: str, tensor: torch.Tensor,
+            qtype: str) -> tuple[np.ndarray, Any]:
     """A tensor's data as written (numpy array) and its GGML type (None: the array's own dtype)."""
     data = tensor.numpy()
     if qtype == "f32" or _keeps_f32(arch, name, tensor):

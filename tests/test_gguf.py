@@ -226,7 +226,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
     line = _one_line(Ran(capsys, "export-gguf", narrow, out / "m.gguf", "--type", "q8_0"))
     assert line == ("simplegpt export-gguf: error: --type q8_0 stores rows in blocks of 32 values and this model's "
                     "token_embd.weight has rows of 48, not a multiple of 32; use --type f16 or f32")
-    assert "invalid choice: 'q4_0'" in _one_line(Ran(capsys, "export-gguf", narrow, out / "m.gguf", "--type", "q4_0"), 2)
+    bad_type = Ran(capsys, "export-gguf", narrow, out / "m.gguf", "--type", "q4_0")
+    assert "invalid choice: 'q4_0'" in _one_line(bad_type, 2)
     wide = _checkpoint(tmp_path / "wide", CharTokenizer("abcé\n "))
     line = _one_line(Ran(capsys, "export-gguf", wide, out / "m.gguf"))
     assert "non-ASCII character(s) ('é' (U+00E9))" in line and "--tokenizer byte or bpe:N" in line
@@ -235,7 +236,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
     _nothing_but(out)
     (out / "m.gguf").write_bytes(b"keep me")
     line = _one_line(Ran(capsys, "export-gguf", narrow, out / "m.gguf"))
-    assert line == f"simplegpt export-gguf: error: {out / 'm.gguf'} already exists; choose a new file or pass --overwrite"
+    assert line == (f"simplegpt export-gguf: error: {out / 'm.gguf'} already exists; choose a new file or pass "
+                    "--overwrite")
     assert (out / "m.gguf").read_bytes() == b"keep me"
     (tmp_path / "a-file").write_text("x")
     line = _one_line(Ran(capsys, "export-gguf", narrow, tmp_path / "a-file" / "m.gguf"))

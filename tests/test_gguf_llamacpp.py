@@ -72,8 +72,8 @@ def test_llama_cpp_tokenizes_20_strings_as_simplegpt_does(exported, label):
 @pytest.mark.parametrize("label", ["gpt2", "bpe:512"])
 def test_q8_0_greedy_tokens_against_simplegpts_int8(exported, label, capsys):
     """Both round weights to 8 bits, differently (Q8_0: blocks of 32 with an f16 scale; simplegpt: one scale
-    per output row), so the tokens agree for a while: how long is printed, not asserted. A llama.cpp that dies with SIGILL
-    (its q8_0 kernels use an instruction this CPU lacks: seen with llama-bench on this project's hosts)
+    per output row), so the tokens agree for a while: how long is printed, not asserted. A llama.cpp that
+    dies with SIGILL (its q8_0 kernels use an instruction this CPU lacks: seen on this project's hosts)
     skips, saying so."""
     ck, gguf = exported(label, "q8_0")
     try:
