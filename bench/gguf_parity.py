@@ -8,7 +8,7 @@ imported tokenizer.json files are, bytes, ASCII characters) it checks:
 - greedy tokens: 64 new tokens from each of 3 prompts, llama-server's /completion at temperature 0
   against simplegpt's greedy decoding, for the f32 file (equal, or differing first at a near tie,
   see NEAR_TIE) and for the q8_0 file against simplegpt's int8 model (how many tokens agree before
-  the first difference);
+  the first difference; with --no-repack where llama.cpp's repacked q8_0 kernels die of SIGILL);
 - tokenization: llama-server's /tokenize of 20 strings (emoji, whitespace runs, code, other
   scripts) against simplegpt's tokenizer.
 It prints one table. tests/test_gguf_llamacpp.py runs the same checks with asserts; both skip when
@@ -97,8 +97,8 @@ class LlamaCrashed(RuntimeError):
 class LlamaServer:
     """llama-server on 127.0.0.1 over one GGUF file, for `with` blocks: tokenize() and complete()."""
 
-    def __init__(self, gguf: Path, bin_dir: Path, n_ctx: int, threads: int = 1) -> None:
-        self.gguf, self.bin_dir, self.n_ctx, self.threads = gguf, bin_dir, n_ctx, threads
+    def __init__(self, gguf: Path, bin_dir: Path, n_ctx: int, threads: int = 1, extra: tuple[str, ...] = ()) -> None:
+        self.gguf, self.bin_dir, self.n_ctx, self.threads, self.extra = gguf, bin_dir, n_ctx, threads, extra
         self.proc: subprocess.Popen | None = None
         self.log = tempfile.TemporaryFile()
 
@@ -109,7 +109,7 @@ class LlamaServer:
         env = {**os.environ, "LD_LIBRARY_PATH": f"{self.bin_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
         self.proc = subprocess.Popen(
             [str(self.bin_dir / "llama-server"), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
-             "-c", str(self.n_ctx), "-t", str(self.threads), "-np", "1", "--no-webui"],
+             "-c", str(self.n_ctx), "-t", str(self.threads), "-np", "1", "--no-webui", *self.extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -164,6 +164,25 @@ class LlamaServer:
         reply = self.post("/completion", {"prompt": prompt_ids, "n_predict": n, "temperature": 0.0,
                                            "return_tokens": True, "cache_prompt": False})
         return reply["tokens"]
+
+
+# On this project's hosts llama.cpp's repacked q8_0 kernels (the CPU_REPACK buffers a native build
+# uses on a CPU with AVX-512/AMX) die of SIGILL; with repacking off the plain q8_0 kernels run.
+NO_REPACK = ("--no-repack",)
+
+
+def q8_0_greedy(checkpoint: Path, gguf: Path, bin_dir: Path) -> tuple[list["Greedy"], list["Greedy"], str]:
+    """greedy_parity of a q8_0 file against simplegpt's int8 model and against its f32 model, and how
+    llama-server ran: by default, or with NO_REPACK after the default died of SIGILL."""
+    try:
+        with LlamaServer(gguf, bin_dir, n_ctx=256) as server:
+            return greedy_parity(checkpoint, server, int8=True), greedy_parity(checkpoint, server), "default"
+    except LlamaCrashed as e:
+        if e.sig != signal.SIGILL:
+            raise
+    with LlamaServer(gguf, bin_dir, n_ctx=256, extra=NO_REPACK) as server:
+        return (greedy_parity(checkpoint, server, int8=True), greedy_parity(checkpoint, server),
+                "--no-repack (the default died of SIGILL)")
 
 
 def random_checkpoint(path: Path, tokenizer: Tokenizer, seed: int = 0, n_embd: int = 64, n_layer: int = 2,
@@ -286,10 +305,15 @@ def main() -> int:
             for qtype in ("f32", "q8_0"):
                 gguf = work / f"{name}-{qtype}.gguf"
                 export_gguf(ck, gguf, type=qtype, progress=False)
+                how, vs_f32 = "", []
                 try:
-                    with LlamaServer(gguf, bin_dir, n_ctx=256) as server:
-                        runs = greedy_parity(ck, server, int8=qtype == "q8_0")
-                        rows = tokenize_parity(tok, server) if qtype == "f32" else []
+                    if qtype == "q8_0":
+                        runs, vs_f32, how = q8_0_greedy(ck, gguf, bin_dir)
+                        rows = []
+                    else:
+                        with LlamaServer(gguf, bin_dir, n_ctx=256) as server:
+                            runs = greedy_parity(ck, server)
+                            rows = tokenize_parity(tok, server)
                 except LlamaCrashed as e:
                     why = f"signal {signal.Signals(e.sig).name}" if e.sig else "an error"
                     print(f"{label:<14}{qtype:<7}llama-server died of {why} running this file")
@@ -312,6 +336,11 @@ def main() -> int:
                 print(f"{label:<14}{qtype:<7}{greedy:<52}{tokens}")
                 if margins:
                     print(f"    simplegpt's logit margin at each first difference: {', '.join(margins)}")
+                if vs_f32:
+                    print(f"    against simplegpt's f32 model instead of int8: {sum(r.agree for r in vs_f32)}/"
+                          f"{sum(len(r.ours) for r in vs_f32)} agree ({[r.agree for r in vs_f32]})")
+                if how and how != "default":
+                    print(f"    llama-server ran with {how}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
