@@ -66,17 +66,20 @@ def _config(fields: dict[str, Any], path: Path) -> GPTConfig:
     key = f"{GPT2.name}."
     try:
         n_embd = int(fields[key + "embedding_length"])
-        if int(fields.get(key + "feed_forward_length", 4 * n_embd)) != 4 * n_embd:
-            raise CheckpointError(f"{path} has feed_forward_length {fields[key + 'feed_forward_length']}; simplegpt's "
-                                  f"GPT-2 uses 4 * embedding_length ({4 * n_embd})")
-        return GPTConfig(vocab_size=len(fields["tokenizer.ggml.tokens"]),
-                         n_positions=int(fields[key + "context_length"]), n_embd=n_embd, n_layer=int(fields[key + "block_count"]),
+        n_ff = int(fields.get(key + "feed_forward_length", 4 * n_embd))
+        config = GPTConfig(vocab_size=len(fields["tokenizer.ggml.tokens"]),
+                         n_positions=int(fields[key + "context_length"]), n_embd=n_embd,
+                         n_layer=int(fields[key + "block_count"]),
                          n_head=int(fields[key + "attention.head_count"]), dropout=0.0, bias=True,
                          layer_norm_epsilon=float(fields[key + "attention.layer_norm_epsilon"]))
     except KeyError as e:
         raise CheckpointError(f"{path} has no {e.args[0]}; it is not a complete GGUF gpt2 model") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has an invalid gpt2 configuration: {e}") from None
+    if n_ff != 4 * n_embd:
+        raise CheckpointError(f"{path} has feed_forward_length {n_ff}; simplegpt's GPT-2 uses 4 * embedding_length "
+                              f"({4 * n_embd})")
+    return config
 
 
 def _state(gguf: Any, reader: Any, config: GPTConfig, path: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ from simplegpt.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-TEXTS = ["Hello, how are you?", "  two  spaces\n\ttab", "emoji 🙂 and 日本語", "<|endoftext|> as text", "x = [1, 2]"]
+TEXTS = ["Hello, how are you?", "  two  spaces\n\ttab", "emoji 🙂 and 日本語", "<|endoftext|> as text",
+         "x = [1, 2]"]
 
 
 def _exported(tmp_path, tokenizer, qtype="f32", metadata=None, **overrides):

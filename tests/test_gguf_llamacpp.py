@@ -70,10 +70,10 @@ def test_llama_cpp_tokenizes_20_strings_as_simplegpt_does(exported, label):
 
 @pytest.mark.parametrize("label", ["gpt2", "bpe:512"])
 def test_q8_0_greedy_tokens_against_simplegpts_int8(exported, label, capsys):
-    """Both round to 8 bits, differently (Q8_0: blocks of 32 with an f16 scale, activations too; simplegpt:
-    one scale per weight row and per activation row), and these random models amplify rounding, so how
-    long the tokens agree is printed, not asserted. Where llama.cpp's repacked q8_0 kernels die of SIGILL
-    (seen on this project's hosts), llama-server runs with --no-repack."""
+    """Both round to 8 bits, differently (Q8_0: blocks of 32 with an f16 scale, activations too;
+    simplegpt: one scale per weight row and per activation row), and these random models amplify
+    rounding, so how long the tokens agree is printed, not asserted. Where llama.cpp's repacked q8_0
+    kernels die of SIGILL (seen on this project's hosts), llama-server runs with --no-repack."""
     ck, gguf = exported(label, "q8_0")
     runs, vs_f32, how = parity.q8_0_greedy(ck, gguf, BIN)
     with capsys.disabled():
