@@ -19,8 +19,8 @@ full disk, Ctrl-C) leaves OUT as it was and no partial file.
 from __future__ import annotations
 
 import contextlib
-import errno
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -366,8 +366,10 @@ def _add_metadata(gguf: ModuleType, writer: Any, arch: Architecture, config: GPT
                   "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_name(name)
     for key, value in arch.hparams(config).items():
-        full = f"{arch.name}.{key}"
-        writer.add_float32(full, value) if isinstance(value, float) else writer.add_uint32(full, value)
+        if isinstance(value, float):
+            writer.add_float32(f"{arch.name}.{key}", value)
+        else:
+            writer.add_uint32(f"{arch.name}.{key}", value)
     writer.add_file_type(file_types[type])
     if type == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
