@@ -51,6 +51,8 @@ COMMANDS = {
     "serve": "serve",
     "import-hf": "import_hf",
     "export-hf": "export_hf",
+    "export-gguf": "export_gguf",
+    "import-gguf": "import_gguf",
     "consolidate": "consolidate",
     "info": "info",
     "inspect": "inspect",

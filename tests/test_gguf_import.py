@@ -1,0 +1,69 @@
+"""import-gguf, the way back: export-gguf then import-gguf gives the same model, tokenizer and chat template."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_gpt
+from simplegpt.checkpoint import load_checkpoint, save_checkpoint
+from simplegpt.cli import main
+from simplegpt.gguf_export import export_gguf
+from simplegpt.gguf_import import import_gguf
+from simplegpt.hf_tokenizer import train_bpe
+from simplegpt.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+TEXTS = ["Hello, how are you?", "  two  spaces\n\ttab", "emoji 🙂 and 日本語", "<|endoftext|> as text",
+         "x = [1, 2]"]
+
+
+def _exported(tmp_path, tokenizer, qtype="f32", metadata=None, **overrides):
+    model = make_tiny_gpt(vocab_size=tokenizer.vocab_size, jitter=0.05, scale=4.0, **overrides)
+    ck = save_checkpoint(tmp_path / "ck", model, tokenizer, metadata=metadata)
+    return ck, export_gguf(ck, tmp_path / "m.gguf", type=qtype).path
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bpe", "byte", "char"])
+def test_a_round_trip_keeps_every_weight_and_the_tokenizer(tmp_path, name):
+    tokenizer = {"gpt2": GPT2Tokenizer, "byte": ByteTokenizer,
+                 "bpe": lambda: train_bpe([" ".join(TEXTS) * 30], 300),
+                 "char": lambda: CharTokenizer(" !,.?Hadehlorwuyx=[]12\n\t")}[name]()
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    ck, file = _exported(tmp_path, tokenizer, metadata={"chat_template": template}, bias=name != "byte")
+    back = import_gguf(file, tmp_path / "back")
+    ours = load_checkpoint(ck)
+    assert back.metadata["chat_template"] == template
+    state, got = ours.model.state_dict(), back.model.state_dict()
+    for key, value in got.items():  # a model without biases comes back with zero ones
+        assert torch.equal(value, state[key] if key in state else torch.zeros_like(value)), key
+    assert back.tokenizer.vocab_size == tokenizer.vocab_size and back.tokenizer.eos_id == tokenizer.eos_id
+    for text in TEXTS:
+        kept, _ = tokenizer.known_text(text)
+        assert back.tokenizer.encode(kept) == tokenizer.encode(kept), text
+    expected_kind = {"bpe": "hf"}.get(name, name)
+    assert load_checkpoint(tmp_path / "back").tokenizer.kind == expected_kind
+
+
+def test_q8_0_comes_back_dequantized_with_its_rounding(tmp_path):
+    ck, file = _exported(tmp_path, ByteTokenizer(), qtype="q8_0")
+    back = import_gguf(file, tmp_path / "back").model.state_dict()
+    for key, value in load_checkpoint(ck).model.state_dict().items():
+        if value.dim() == 2 and "wpe" not in key:  # quantized: within half a step of each block's scale
+            assert (back[key] - value).abs().max() <= value.abs().max() / 127, key
+        else:
+            assert torch.equal(back[key], value), key
+
+
+def test_bad_files_are_one_line(tmp_path, capsys):
+    (tmp_path / "not.gguf").write_bytes(b"hello, not a gguf file at all" * 10)
+    writer = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for file, words in [("not.gguf", "is not a readable GGUF file"), ("llama.gguf", "holds a 'llama' model"),
+                        ("missing.gguf", "is not a file")]:
+        assert main(["import-gguf", str(tmp_path / file), str(tmp_path / "out")]) == 1
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("simplegpt import-gguf: error: ") and words in line, line
+    assert not (tmp_path / "out").exists()
