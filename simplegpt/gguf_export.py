@@ -10,7 +10,7 @@ What goes in, and where it comes from:
 - the tokenizer as GGUF's byte-level BPE vocabulary (`tokenizer.ggml.model` "gpt2"): its tokens in
   the byte-to-character alphabet, token types, merges and the pre-tokenizer's name
   (`tokenizer.ggml.pre`), which tells llama.cpp how to split text before the merges;
-- the chat template, as `tokenizer.chat_template`, when the checkpoint stores one.
+- the chat template, as `tokenizer.chat_template`, when the checkpoint's tokenizer carries one.
 
 The file is written beside OUT under a hidden name, synced, then renamed onto OUT: a failure (a
 full disk, Ctrl-C) leaves OUT as it was and no partial file.
@@ -42,7 +42,6 @@ from .tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, To
 INSTALL_HINT = 'install the GGUF extra: pip install "simplegpt-toolkit[gguf]"'
 TYPES = ("f32", "f16", "q8_0")
 # The checkpoint metadata key (config.json) holding a Jinja chat template in Hugging Face's convention.
-CHAT_TEMPLATE_KEY = "chat_template"
 # Q8_0 stores blocks of 32 values (one f16 scale + 32 int8) along each row: rows must be whole blocks.
 Q8_0_BLOCK = 32
 # A model at least this big (bytes of f32 weights) shows progress bars while it is converted and written.
@@ -203,7 +202,9 @@ def _hf_vocab(tok: Tokenizer, normal: int, control: int, user_defined: int) -> V
             f"the {tok.kind} tokenizer is a {model.get('type', 'non-BPE')} model without GPT-2's byte-level "
             "pre-tokenizer, and only byte-level BPE vocabularies are exported to GGUF so far; use export-hf and "
             "llama.cpp's converter, or train with --tokenizer bpe:N")
-    pre = _pre_name(doc.get("pre_tokenizer"))
+    # A vocabulary of bytes with no merges (a byte tokenizer given chat markers) gives the same ids however
+    # the text is split, so llama.cpp's GPT-2 split serves.
+    pre = GPT2_PRE if not model.get("merges") else _pre_name(doc.get("pre_tokenizer"))
     if pre is None:
         raise CheckpointError(
             f"the {tok.kind} tokenizer splits text with a pre-tokenizer llama.cpp has no name for here (known: "
@@ -218,7 +219,7 @@ def _hf_vocab(tok: Tokenizer, normal: int, control: int, user_defined: int) -> V
     types = [(control if added[i].get("special") else user_defined) if i in added else normal
              for i in range(len(tokens))]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    return Vocab(tokens, types, merges, pre, tok.eos_id)
+    return Vocab(tokens, types, merges or INERT_MERGES, pre, tok.eos_id)
 
 
 def _is_byte_level(pre: Any) -> bool:
@@ -315,10 +316,7 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, type: str
     out = Path(out)
     _check_out(out, overwrite)
     ck = load_checkpoint(checkpoint)
-    template = ck.metadata.get(CHAT_TEMPLATE_KEY)
-    if template is not None and not isinstance(template, str):
-        raise CheckpointError(f"the checkpoint's {CHAT_TEMPLATE_KEY} is a {template.__class__.__name__}, not a "
-                              "Jinja template string")
+    template = getattr(ck.tokenizer, "chat_template", None)  # stored with the tokenizer (simplegpt.chat)
     return write_gguf(ck.model, ck.tokenizer, out, type=type, chat_template=template,
                       name=Path(checkpoint).resolve().name, overwrite=overwrite, progress=progress)
 

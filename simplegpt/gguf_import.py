@@ -4,7 +4,7 @@ The tensors are read with the `gguf` package's reader and dequantized with its o
 (f16 and Q8_0 files come back as float32, with their rounding); the names go through the same name
 map as the export. The tokenizer comes back as what it was where the vocabulary says so (GPT-2's,
 bytes, characters), else as a byte-level BPE built with `tokenizers` from the tokens, merges and
-pre-tokenizer name; the chat template becomes the checkpoint's `chat_template`.
+pre-tokenizer name; the chat template goes with the tokenizer (its `chat_template`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 from .checkpoint import Checkpoint, model_from_state, save_checkpoint
 from .errors import CheckpointError, OutputExistsError
-from .gguf_export import (CHAT_TEMPLATE_KEY, GPT2, GPT2_PRE, INERT_MERGES, PRE_TOKENIZERS, _byte_chars,
+from .hf_tokenizer import HFTokenizer, as_hf_tokenizer
+from .gguf_export import (GPT2, GPT2_PRE, INERT_MERGES, PRE_TOKENIZERS, _byte_chars,
                           require_gguf)
 from .model import GPT, GPTConfig
 from .tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_vocab_files
@@ -44,8 +45,13 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
     state = _state(gguf, reader, config, path)
     tokenizer = _tokenizer(fields, config.vocab_size, path)
     metadata: dict[str, Any] = {"imported_from": str(path)}
-    if isinstance(fields.get("tokenizer.chat_template"), str):
-        metadata[CHAT_TEMPLATE_KEY] = fields["tokenizer.chat_template"]
+    template = fields.get("tokenizer.chat_template")
+    if isinstance(template, str):  # the template lives on the tokenizer, as simplegpt.chat keeps it
+        try:
+            tokenizer = as_hf_tokenizer(tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"{path} has a chat template but a vocabulary that cannot hold one: {e}") from None
+        tokenizer = HFTokenizer(tokenizer.json, tokenizer.eos_id, kind=tokenizer.kind, chat_template=template)
     return Checkpoint(model=model_from_state(config, state).eval(), tokenizer=tokenizer, config=config,
                       metadata=metadata, path=None)
 

@@ -114,3 +114,12 @@ def assert_same_steps(steps: list[tuple[float, float, float, list[torch.Tensor]]
         assert abs(other_loss - loss) < 1e-6 and abs(other_norm - norm) < 1e-6 and abs(other_val - val) < 1e-6
         for g, h in zip(grads, other_grads, strict=True):
             torch.testing.assert_close(h, g, atol=1e-6, rtol=0)
+
+
+def with_template(tokenizer, template: str):
+    """The tokenizer carrying a chat template (rebuilt with `tokenizers` where it is not an HFTokenizer:
+    the same ids for every text), as simplegpt.chat stores a checkpoint's template."""
+    from simplegpt.hf_tokenizer import HFTokenizer, as_hf_tokenizer
+
+    hf = as_hf_tokenizer(tokenizer)
+    return HFTokenizer(hf.json, hf.eos_id, kind=hf.kind, chat_template=template)

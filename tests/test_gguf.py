@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_gpt
+from conftest import ROOT, make_tiny_gpt, with_template
 from simplegpt.cli import main
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint
 from simplegpt.errors import CheckpointError, OptionError
@@ -70,7 +70,7 @@ class Ran:
 
 @pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0"])
 def test_the_reader_gets_back_every_tensor_and_key_as_written(tmp_path, qtype):
-    ck = _checkpoint(tmp_path / "ck", ByteTokenizer(), metadata={"chat_template": TEMPLATE})
+    ck = _checkpoint(tmp_path / "ck", with_template(ByteTokenizer(), TEMPLATE))
     out = export_gguf(ck, tmp_path / "m.gguf", type=qtype).path
     alphabet = {b: c for c, b in _byte_decoder().items()}
     assert _fields(out) == {

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny_gpt
+from conftest import make_tiny_gpt, with_template
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint
 from simplegpt.cli import main
 from simplegpt.gguf_export import export_gguf
@@ -29,10 +29,12 @@ def test_a_round_trip_keeps_every_weight_and_the_tokenizer(tmp_path, name):
                  "bpe": lambda: train_bpe([" ".join(TEXTS) * 30], 300),
                  "char": lambda: CharTokenizer(" !,.?Hadehlorwuyx=[]12\n\t")}[name]()
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    ck, file = _exported(tmp_path, tokenizer, metadata={"chat_template": template}, bias=name != "byte")
+    if name == "bpe":  # the trained BPE carries a chat template; the others come back as their own kind
+        tokenizer = with_template(tokenizer, template)
+    ck, file = _exported(tmp_path, tokenizer, bias=name != "byte")
     back = import_gguf(file, tmp_path / "back")
     ours = load_checkpoint(ck)
-    assert back.metadata["chat_template"] == template
+    assert getattr(back.tokenizer, "chat_template", None) == (template if name == "bpe" else None)
     state, got = ours.model.state_dict(), back.model.state_dict()
     for key, value in got.items():  # a model without biases comes back with zero ones
         assert torch.equal(value, state[key] if key in state else torch.zeros_like(value)), key

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, with_template
 
 pytest.importorskip("gguf")
 _spec = importlib.util.spec_from_file_location("gguf_parity", ROOT / "bench" / "gguf_parity.py")
@@ -94,7 +94,7 @@ def test_llama_server_chats_with_the_template_stored_in_the_checkpoint(tmp_path)
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     tok = TOKENIZERS["bpe:512"]
     ck = parity.random_checkpoint(tmp_path / "chat", tok)
-    save_checkpoint(ck, load_checkpoint(ck).model, tok, metadata={"chat_template": template})
+    save_checkpoint(ck, load_checkpoint(ck).model, with_template(tok, template))
     gguf = parity.export_gguf(ck, tmp_path / "chat.gguf").path
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 3 and 4"}]
     with parity.LlamaServer(gguf, BIN, n_ctx=256) as server:
