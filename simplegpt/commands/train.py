@@ -71,9 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import SimpleGPTError
-    from ..train import BEST, train
     from ..training.distributed import LostPeer, PeerError, launched
     from ..training.fsdp import is_sharded_checkpoint
+    from ..training.loop import train
+    from ..training.run_dir import BEST
 
     try:
         cfg = _train_config(args)
@@ -129,7 +130,7 @@ def _train_config(args: argparse.Namespace):
     command line's overrides. Raises ConfigError or CheckpointError."""
     from ..checkpoint import read_checkpoint_config
     from ..config import KEYS, TrainConfig, load_config
-    from ..train import checkpoint_dir
+    from ..training.run_dir import checkpoint_dir
 
     overrides = {k: v for k, v in vars(args).items() if k in KEYS}
     if args.init_from_cli is not None:
@@ -152,8 +153,7 @@ def _auto_resume(config: str | None, overrides: dict) -> str | None:
     """--resume auto: the last checkpoint of the run folder the config and overrides name, when it
     holds one; None (start the run) otherwise."""
     from ..config import load_config
-    from ..train import LAST
-    from ..training.run_dir import checkpoint_step
+    from ..training.run_dir import LAST, checkpoint_step
 
     out = Path(load_config(config, overrides).out_dir)
     # as the loaders find last/: at any point of an interrupted save, as --resume RUN/last does

@@ -91,14 +91,9 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                         flops_peak, training.elapsed_before, t_start)
     loss_fn = training.compute.loss
     result = TrainResult(out_dir=out, step=training.step, tokens_seen=training.tokens_seen, elapsed_s=0.0)
-    bpb = lambda loss: None if loss is None else loss / (math.log(2) * data.bytes_per_token)  # noqa: E731
 
     def save(name: str, val_loss: float | None, with_state: bool) -> None:
-        metadata = {"train_config": cfg.to_dict(), "step": training.step, "tokens_seen": training.tokens_seen,
-                    "metrics": {"val_loss": val_loss, "val_bpb": bpb(val_loss), "best_val_loss": training.best_val},
-                    "dataset": data.info()}
-        state = training.train_state(data.train, progress.elapsed()) if with_state else None
-        way.save(out / name, model, data.tokenizer, metadata, state, optimizer)
+        _save(way, start, data, training, name, val_loss, progress.elapsed() if with_state else None)
 
     try:
         with StopSignals(keep=way.launched) as signals, keep_freed_memory(way.device.type == "cpu"):
@@ -107,7 +102,7 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                 lr = lr_at(training.step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                # Every rank draws every micro-batch of the step: each knows the step's loss tokens without a collective.
+                # Every rank draws every micro-batch of the step: each knows the step's loss tokens, no collective.
                 batches = [loss_fn.prepare(data.train.next_batch()) for _ in range(cfg.grad_accum_steps)]
                 step_weights = weights([loss_fn.tokens(batch) for batch in batches])
                 loss = way.forward_backward(batches, step_weights)
@@ -133,10 +128,10 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                     if not math.isfinite(val_loss):
                         raise TrainingError(f"the validation loss became {val_loss} at step {step}; the run "
                                             f"stopped and {_last_good(out)}; lower --lr or set --grad_clip")
-                    result.val_loss, result.val_bpb = val_loss, bpb(val_loss)
-                    metrics.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": bpb(val_loss),
+                    result.val_loss, result.val_bpb = val_loss, data.bpb(val_loss)
+                    metrics.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": data.bpb(val_loss),
                                    "tokens": training.tokens_seen})
-                    log(f"step {step}: val loss {val_loss:.4f}, {bpb(val_loss):.3f} bits/byte")
+                    log(f"step {step}: val loss {val_loss:.4f}, {data.bpb(val_loss):.3f} bits/byte")
                     # The checkpoints first: nothing optional (the sample) can lose the steps done.
                     if val_loss < training.best_val:
                         training.best_val = val_loss
@@ -174,6 +169,17 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
     if way.is_main:
         _draw(cfg, out, result, log)
     return result
+
+
+def _save(way: ways.WayOfRunning, start: Start, data: Data, training: Training, name: str, val_loss: float | None,
+          elapsed_s: float | None) -> None:
+    """Checkpoint out/name through the way of running: the weights and what the run was at; with
+    elapsed_s (a last/), the train state for an exact resume too."""
+    metadata = {"train_config": start.cfg.to_dict(), "step": training.step, "tokens_seen": training.tokens_seen,
+                "metrics": {"val_loss": val_loss, "val_bpb": data.bpb(val_loss), "best_val_loss": training.best_val},
+                "dataset": data.info()}
+    state = training.train_state(data.train, elapsed_s) if elapsed_s is not None else None
+    way.save(start.out / name, training.model, data.tokenizer, metadata, state, training.optimizer)
 
 
 def _announce(start: Start, data: Data, training: Training, way: ways.WayOfRunning,

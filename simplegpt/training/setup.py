@@ -30,7 +30,6 @@ from .dataset import make_samplers, prepare_data
 from .hardware import resolve_dtype
 from .loss import make_loss
 from .result import TrainResult, finished_result, finished_run
-from .run_dir import LAST
 from .start import init_model, rng_state, seed_everything, set_rng_state
 from .ways.base import Compute, WayOfRunning, restore_part
 
@@ -130,9 +129,9 @@ class Data:
     tokenizer: Tokenizer
     model: GPT
 
-    @property
-    def bytes_per_token(self) -> float:
-        return self.meta["val_bytes_per_token"]
+    def bpb(self, loss: float | None) -> float | None:
+        """A loss (nats per token) in bits per byte of the validation text."""
+        return None if loss is None else loss / (math.log(2) * self.meta["val_bytes_per_token"])
 
     def info(self) -> dict[str, Any]:
         """What a checkpoint's metadata records of the dataset."""

@@ -26,7 +26,6 @@ from ...tokenizer import Tokenizer
 from .. import distributed
 from ..evaluation import eval_sum
 from ..start import rng_state
-from .base import Compute
 from .single import Single
 
 T = TypeVar("T")
