@@ -26,7 +26,7 @@ from .ranks import LossOf, Ranks
 
 class FSDP2Way(Ranks):
     name, label = "fsdp", "FSDP2"
-    samples = False
+    samples, collective_forward = False, True  # a forward pass of the sharded model gathers every rank's shards
 
     def __init__(self, d: distributed.Dist, threads: int, seed: int) -> None:
         super().__init__(d, threads)

@@ -51,6 +51,7 @@ class Ranks(Single):
 
     launched, samples = True, True
     label = ""  # what the start line calls the way: "DDP", "FSDP2"
+    collective_forward = False  # whether a forward pass is a collective (every rank must run as many)
 
     def __init__(self, d: distributed.Dist, threads: int) -> None:
         super().__init__(threads, d.device)
@@ -106,7 +107,7 @@ class Ranks(Single):
     def evaluate(self, make_sampler: Callable[[], Any], iters: int) -> float:
         # each rank evaluates its share of the same eval_iters batches
         total, tokens = eval_sum(self.module, make_sampler, iters, self.compute, self.rank, self.world,
-                                 same_count=not self.samples)
+                                 same_count=self.collective_forward)
         total, tokens = distributed.all_reduce_sum(self.d, [total, tokens], self.compute.device)
         return total / tokens
 
