@@ -129,7 +129,7 @@ def test_fsdp2_refuses_muon_in_one_line(launched):
     assert "\n" not in refused and "parallel = 'ddp'" in refused
 
 
-def test_the_ways_follow_the_settings(monkeypatch):
+def test_the_ways_follow_the_settings():
     cpu = torch.device("cpu")
     assert type(ways.select(TrainConfig(cpu_shards=1, num_threads=2), cpu)) is ways.Single
     chosen = ways.select(TrainConfig(cpu_shards=2, num_threads=2, dropout=0.0), cpu)
