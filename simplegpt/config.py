@@ -109,6 +109,9 @@ class TrainConfig:
                            "command line, or both in the config file) at most a tenth of max_iters, so a short "
                            "run reaches lr and decays")
     decay_fraction: float = _f(0.2, "optim", "wsd only: fraction of max_iters spent decaying to min_lr")
+    optimizer: str = _f("adamw", "optim", "'adamw', or 'muon': Muon for the blocks' weight matrices and AdamW for "
+                        "embeddings, LayerNorm gains and biases (Keller Jordan's recipe; one process or DDP)",
+                        ("adamw", "muon"))
     weight_decay: float = _f(0.1, "optim", "AdamW weight decay on matrices")
     decay_embeddings: bool = _f(False, "optim", "also apply weight decay to the embeddings (never to biases/norms)")
     beta1: float = _f(0.9, "optim", "AdamW beta1")

@@ -12,7 +12,8 @@ from simplegpt.config import TrainConfig
 from simplegpt.training.core_shards import CoreShards
 from simplegpt.errors import ConfigError
 from simplegpt.model import IGNORE_INDEX
-from simplegpt.trainer import core_shards, train
+from simplegpt.training.hardware import core_shards
+from simplegpt.training.loop import train
 
 
 def model(seed=0) -> GPT:

@@ -18,8 +18,8 @@ import pytest
 
 from simplegpt.checkpoint import read_checkpoint_config
 from simplegpt.config import load_config
-from simplegpt.trainer import train
 from simplegpt.training.lock import lock_run_folder
+from simplegpt.training.loop import train
 
 from conftest import ONE_STEP, SPLITS, assert_same_steps, first_step, split, uneven_texts
 
@@ -273,7 +273,7 @@ TRAIN_EACH = """
 import json, sys
 import torch.distributed as dist
 from simplegpt.config import load_config
-from simplegpt.trainer import train
+from simplegpt.training.loop import train
 dist.init_process_group("gloo")
 for settings in sys.argv[1:]:
     train(load_config(None, json.loads(settings)), progress=False)

@@ -302,7 +302,7 @@ def test_whole_model_loss_refuses_a_target_outside_the_vocabulary():
 def test_the_trainer_takes_the_whole_model_step(tmp_path, shakespeare_path, monkeypatch, threads):
     """Alone and in each share of a split step (2 threads)."""
     from simplegpt.config import TrainConfig
-    from simplegpt.trainer import train
+    from simplegpt.training.loop import train
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare_path.read_text()[:20_000])

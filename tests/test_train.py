@@ -14,7 +14,9 @@ from simplegpt.checkpoint import load_checkpoint, load_train_state
 from simplegpt.config import TrainConfig, load_config, parse_value, read_toml, to_toml
 from simplegpt.errors import CheckpointError, ConfigError, DataError
 from simplegpt.model import GPT, GPTConfig
-from simplegpt.trainer import TrainingError, lr_at, param_groups, train
+from simplegpt.training import TrainingError
+from simplegpt.training.loop import train
+from simplegpt.training.optimizer import lr_at, param_groups
 
 from conftest import ONE_STEP, SPLITS, assert_same_steps, first_step, split, uneven_texts
 

@@ -16,7 +16,8 @@ import torch
 from simplegpt.checkpoint import load_checkpoint
 from simplegpt.config import load_config
 from simplegpt.errors import ConfigError
-from simplegpt.trainer import TrainingError, train
+from simplegpt.training import TrainingError
+from simplegpt.training.loop import train
 from simplegpt.training import loop
 from simplegpt.training.hardware import cpu_vector_peak, device_peak_flops
 

@@ -72,9 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import SimpleGPTError
     from ..files import BEST
-    from ..training.loop import train
     from ..training.distributed import LostPeer, PeerError, launched
     from ..training.fsdp import is_sharded_checkpoint
+    from ..training.loop import train
 
     try:
         cfg = _train_config(args)

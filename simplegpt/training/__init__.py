@@ -1,7 +1,16 @@
 """The trainer, one job per module (simplegpt.trainer gathers the public names for users):
 
-    loop         train(): the run from config to checkpoints; the step, evaluation and samples
-    optimizer    AdamW's parameter groups and clipped step, the learning-rate schedule
+    loop         train() and the run loop: step, evaluate, save, sample, stop
+    setup        the named setup steps (begin, load_data, prepare) and what they return
+    ways/        the ways of running, one object each behind one interface: one process, core shards,
+                 DDP, FSDP2 (docs/training-internals.md)
+    loss         the loss object: cross-entropy over the loss tokens (a loss mask), token-weighted
+    optimizer    the optimizer registry (AdamW, Muon), AdamW's parameter groups and clipped step, the
+                 learning-rate schedule
+    muon         Muon for the blocks' matrices with AdamW for the rest
+    evaluation   the val loss and the samples
+    progress     the progress bar or lines, the estimate, the train records, the stop signals
+    result       TrainResult, and the result of a run that had already finished
     run_dir      the run folder: config.toml, metrics.jsonl, samples.txt, loss.png, last/ and best/
     lock         one trainer per run folder: the flock held for the whole run
     start        where the weights start (random, init_from, a resumed run) and the RNG state

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -26,10 +27,12 @@ class CoreShards:
     """Forward + backward of a batch split over `shards` threads, one torch thread each (the caller
     sets torch.set_num_threads(1) for the steps it runs through this)."""
 
-    def __init__(self, model: nn.Module, shards: int):
+    def __init__(self, model: nn.Module, shards: int, loss: Callable[..., torch.Tensor] | None = None):
+        """loss(module, x, y, attention_mask) -> the mean loss of a share (default: the module's own loss())."""
         if shards < 2:
             raise ValueError(f"CoreShards needs at least 2 shards, got {shards}")
         self.model = model
+        self.loss = loss or (lambda module, x, y, mask: module.loss(x, y, attention_mask=mask))
         self.replicas = [model] + [copy.deepcopy(model) for _ in range(shards - 1)]
         # The parameter lists, once: walking the module tree costs ~1 ms per step at these sizes
         self.params = list(model.parameters())
@@ -44,20 +47,21 @@ class CoreShards:
 
     def forward_backward(self, batch: tuple[torch.Tensor, ...], scale: float = 1.0) -> float:
         """Mean loss of the batch (x, y[, attention_mask]); gradients of scale * loss are added to
-        the model's .grad, as `(scale * loss).backward()` on the whole batch would."""
+        the model's .grad, as `(scale * loss).backward()` on the whole batch would. A batch with no
+        target tokens adds nothing and its loss is 0."""
         self._share_weights()  # again each step: code that gave a weight new storage is followed
         parts = [torch.tensor_split(t, len(self.replicas)) for t in batch]
         shares = [tuple(p[i] for p in parts) for i in range(len(self.replicas))]
         counts = [int((s[1] != IGNORE_INDEX).sum()) for s in shares]
         total = sum(counts)
         if total == 0:
-            raise ValueError("the batch has no target tokens")
+            return 0.0  # a mean over no tokens would be NaN
 
         def run(i: int) -> torch.Tensor:
             if i:
                 torch.set_num_threads(1)  # a worker thread's own OpenMP setting
             x, y, *mask = shares[i]
-            loss = self.replicas[i].loss(x, y, attention_mask=mask[0] if mask else None)
+            loss = self.loss(self.replicas[i], x, y, mask[0] if mask else None)
             weight = counts[i] / total
             (loss * (weight * scale)).backward()
             return loss.detach() * weight

@@ -1,17 +1,21 @@
-"""The optimizer: AdamW over decayed and undecayed parameter groups, its clipped step, and the
-learning-rate schedule.
+"""The optimizer: a registry of factories (cfg.optimizer picks one), AdamW over decayed and
+undecayed parameter groups, its clipped step, and the learning-rate schedule.
 
-Every optimizer make_optimizer returns is a torch.optim.AdamW (state_dict included) with one more
-method, clip_and_step(max_norm) -> the gradient norm, which the training loop calls each step (a
-non-finite norm leaves the weights as they were, see each class):
-on a CPU the native one (simplegpt.accel.cpu.optim.AdamW: clipping and update in two passes of the
-kernels, PyTorch's ops where they do not apply), elsewhere PyTorch's through the run's GradScaler.
+What the training loop asks of an optimizer: param_groups (it sets each group's "lr" every step),
+zero_grad(set_to_none=True), state_dict()/load_state_dict() in torch's shape (exact resume), and
+clip_and_step(max_norm) -> the gradient norm (a non-finite norm leaves the weights as they were).
+AdamW's is a torch.optim.AdamW with that method: on a CPU the native one
+(simplegpt.accel.cpu.optim.AdamW: clipping and update in two passes of the kernels, PyTorch's ops
+where they do not apply), elsewhere PyTorch's through the run's GradScaler. Muon's is
+simplegpt.training.muon.MuonAdamW. A new optimizer is a factory with make_adamw's signature and a
+line in OPTIMIZERS (and its name among the choices of the `optimizer` key).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -58,8 +62,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
 FUSED_DEVICES = ("cuda", "cpu")
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
-                   scaler: torch.amp.GradScaler) -> NativeAdamW | ScaledAdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, scaler: torch.amp.GradScaler) -> Any:
+    """The optimizer cfg.optimizer names, over model's parameters (see the module docstring)."""
+    return OPTIMIZERS[cfg.optimizer](model, cfg, device, scaler)
+
+
+def make_adamw(model: nn.Module, cfg: TrainConfig, device: torch.device,
+               scaler: torch.amp.GradScaler) -> NativeAdamW | ScaledAdamW:
     """The run's AdamW over model's parameters. With cfg.fused: on CUDA, PyTorch's fused kernel
     (fused=True: the whole update in multi-tensor kernels, with bf16 autocast's float32 weights
     or an fp16 run's GradScaler, whose scale and inf check the kernel applies itself); on a CPU the
@@ -75,6 +84,19 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     if cfg.fused and device.type in FUSED_DEVICES:
         kwargs["fused"] = True
     return make(groups, **kwargs)
+
+
+def make_muon(model: nn.Module, cfg: TrainConfig, device: torch.device, scaler: torch.amp.GradScaler) -> Any:
+    """Muon for the blocks' weight matrices, AdamW for the rest (simplegpt.training.muon)."""
+    from .muon import MuonAdamW
+
+    return MuonAdamW(model, cfg, device, scaler)
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig, torch.device, torch.amp.GradScaler], Any]] = {
+    "adamw": make_adamw,
+    "muon": make_muon,
+}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
