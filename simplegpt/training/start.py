@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
-from ..config import TrainConfig
+from ..config import ARCHITECTURE_KEYS, TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, GPTConfig
 from ..tokenizer import Tokenizer
 
 # The keys a resumed run cannot change: its weights have this shape and its data this tokenizer.
-RESUME_FIXED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tokenizer")
+RESUME_FIXED = (*ARCHITECTURE_KEYS, "tokenizer")
 
 
 def seed_everything(seed: int) -> None:

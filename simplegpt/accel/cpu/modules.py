@@ -81,9 +81,11 @@ _SWAPS: dict[type, type] = {GPT: FusedGPT, Block: FusedBlock, CausalSelfAttentio
 def for_training(model: nn.Module) -> nn.Module:
     """The module a training step runs: a twin of model (see the module docstring) whose forward
     passes take the CPU training kernels, or model itself where none can apply (the kernels are
-    switched off or cannot load, a parameter is not on the CPU, or model is not exactly a model.GPT).
+    switched off or cannot load, a parameter is not on the CPU, or model is not exactly a model.GPT of the
+    GPT-2 architecture: GPTConfig.is_gpt2).
 
     Call train()/eval() and loss()/forward() on what this returns; optimize and save model."""
-    if type(model) is not GPT or load() is None or any(p.device.type != "cpu" for p in model.parameters()):
+    if (type(model) is not GPT or not model.config.is_gpt2 or load() is None
+            or any(p.device.type != "cpu" for p in model.parameters())):
         return model
     return module_view(model, lambda m: _SWAPS.get(type(m)))
