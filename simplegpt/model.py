@@ -479,14 +479,12 @@ class GPT(nn.Module):
         else:
             rope = rotary_angles(self.config, position_ids)
         x = self.transformer.drop(x)
-        # A GPT-2 block is called as it always was, so that subclasses made for GPT-2 (the CPU kernels') keep working.
-        extra = () if rope is None else (rope,)
         if kv_cache is None:
             for block in self.transformer.h:
-                x = block(x, mask, None, *extra)
+                x = block(x, mask, None, rope)
         else:
             for block, kv in zip(self.transformer.h, kv_cache.layers):
-                x = block(x, mask, kv, *extra)
+                x = block(x, mask, kv, rope)
             kv_cache.advance(T)
         return self.transformer.ln_f(x)
 

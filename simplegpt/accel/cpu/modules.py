@@ -50,18 +50,18 @@ class GELU(nn.GELU):
 
 
 class Attention(CausalSelfAttention):
-    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv) -> torch.Tensor:
-        if (kv is None and mask is None and not (self.training and self.dropout)
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv, rope=None) -> torch.Tensor:
+        if (kv is None and mask is None and rope is None and not (self.training and self.dropout)
                 and training.attention_usable(qkv, self.n_head)):
             return training.causal_attention(qkv, self.n_head)
-        return super().attend(qkv, mask, kv)
+        return super().attend(qkv, mask, kv, rope)
 
 
 class FusedBlock(Block):
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv=None) -> torch.Tensor:
-        if mask is None and kv is None and training.block_usable(x, self):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv=None, rope=None) -> torch.Tensor:
+        if mask is None and kv is None and rope is None and training.block_usable(x, self):
             return training.block(x, self)
-        return super().forward(x, mask, kv)
+        return super().forward(x, mask, kv, rope)
 
 
 class FusedGPT(GPT):
