@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
 
 IGNORE_INDEX = -100  # a label that takes no loss (F.cross_entropy's default ignore_index)
 POSITIONS = ("learned", "rotary")
@@ -34,7 +33,8 @@ MLPS = ("gelu", "swiglu", "relu2")
 @dataclass
 class GPTConfig:
     """Model shape and regularisation, with GPT-2's field names for GPT-2's fields and Hugging Face
-    Llama's for the others. The defaults are GPT-2. ConfigError (a ValueError) for a bad value.
+    Llama's for the others. The defaults are GPT-2. ValueError for a bad value (TrainConfig makes it
+    a ConfigError).
 
     n_kv_head: key/value heads (grouped-query attention; Hugging Face's num_key_value_heads);
     None = n_head. head_size: each head's width (Hugging Face's head_dim, which is this class's
@@ -72,30 +72,30 @@ class GPTConfig:
             if value is None and name in ("n_kv_head", "head_size", "intermediate_size"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.head_size is None and self.n_embd % self.n_head != 0:
-            raise ConfigError(
+            raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"allowed n_head values: {[h for h in range(1, min(self.n_embd, 4096) + 1) if self.n_embd % h == 0][:12]}..."
             )
         if self.n_head % self.kv_heads != 0:
-            raise ConfigError(f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads}): "
+            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads}): "
                               f"each key/value head serves the same number of query heads; allowed n_kv_head values: "
                               f"{[k for k in range(1, self.n_head + 1) if self.n_head % k == 0]}")
         for name, choices in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
             if getattr(self, name) not in choices:
-                raise ConfigError(f"GPTConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+                raise ValueError(f"GPTConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if self.positions == "rotary" and self.head_dim % 2:
-            raise ConfigError(f"GPTConfig: rotary positions need an even head size, got {self.head_dim}")
+            raise ValueError(f"GPTConfig: rotary positions need an even head size, got {self.head_dim}")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("layer_norm_epsilon", "rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ConfigError(f"GPTConfig.{name} must be a number > 0, got {value!r}")
+                raise ValueError(f"GPTConfig.{name} must be a number > 0, got {value!r}")
         for name in ("bias", "norm_gain", "qk_norm", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -133,7 +133,7 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; allowed: {sorted(known)}")
+            raise ValueError(f"unknown GPTConfig field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**data)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint
-from simplegpt.config import TrainConfig, to_toml, read_toml
+from simplegpt.config import TrainConfig, load_config, read_toml, to_toml
 from simplegpt.engine import Engine, KVCache, SamplingParams
 from simplegpt.errors import ConfigError
 from simplegpt.learn import inspect_text
@@ -156,6 +156,9 @@ def test_a_config_file_and_the_command_line_take_the_options(tmp_path):
     (tmp_path / "c.toml").write_text(to_toml(cfg))
     assert TrainConfig(**read_toml(tmp_path / "c.toml")).model == cfg.model
     assert TrainConfig(n_kv_head=0).model.n_kv_head is None  # 0: as many as n_head
+    builtin = load_config("llama_shakespeare_char").model
+    assert (builtin.positions, builtin.norm, builtin.mlp, builtin.kv_heads, builtin.bias) == (
+        "rotary", "rmsnorm", "swiglu", 2, False)
 
 
 @pytest.mark.parametrize("values, match", [
