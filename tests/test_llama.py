@@ -232,3 +232,39 @@ def test_resume_with_another_architecture_is_one_line(tmp_path, corpus):
         with pytest.raises(ConfigError, match=f"cannot resume .* with {key}") as e:
             train(cfg.replace(max_iters=6, **change), resume=tmp_path / "run" / "last", progress=False)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "nanochat"])
+def test_the_forward_of_the_options_reads_no_tensor_value_with_checks_off(name):
+    # rotary angles come from the position ids on their device: training, a padded forward and a decode
+    # step stay free of host syncs, as GPT-2's
+    from test_model import no_host_reads
+
+    model = tiny(COMBOS[name])
+    model.check_inputs = False
+    idx = torch.randint(0, 257, (2, 8))
+    with no_host_reads():
+        _, loss = model.train()(idx, idx)
+        loss.backward()
+        with torch.no_grad():
+            model.eval()(idx, attention_mask=torch.ones(2, 8, dtype=torch.long))
+    cache = KVCache(model.config, 2, WINDOW)
+    with torch.no_grad():
+        model(idx, kv_cache=cache)
+        with no_host_reads():
+            step, _ = model(idx[:, -1:], position_ids=torch.full((2, 1), 8), kv_cache=cache)
+    assert step.shape == (2, 1, 257)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_checkpoints_keep_the_options_and_an_untied_head(tmp_path, name):
+    from simplegpt.checkpoint import describe_checkpoint
+
+    model = tiny(COMBOS[name])
+    save_checkpoint(tmp_path / "ck", model)
+    info = describe_checkpoint(tmp_path / "ck")
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert info.config == loaded.config == model.config
+    assert info.parameters == loaded.model.num_parameters() == model.num_parameters()
+    assert (loaded.model.lm_head.weight is loaded.model.transformer.wte.weight) == model.config.tie_word_embeddings
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()))
