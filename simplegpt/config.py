@@ -79,6 +79,10 @@ MODEL_KEYS: dict[str, tuple[str, Key]] = {key.name: (attr, key) for attr, key in
 OPTIONAL_MODEL_KEYS = ("n_kv_head", "head_dim", "intermediate_size")
 # The [model] keys that fix the weights' shapes and what they compute: a resumed run keeps them.
 ARCHITECTURE_KEYS = tuple(key.name for _, key in MODEL_KEYS.values() if key.name != "dropout")
+# What a config saved before the Llama-style keys existed had for them: GPT-2's values.
+GPT2_MODEL_VALUES = {key.name: 0 if getattr(GPTConfig(), attr) is None else getattr(GPTConfig(), attr)
+                     for attr, key in MODEL_KEYS.values()
+                     if key.name not in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")}
 DEFAULT_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0, bias=True)
 
 

@@ -268,3 +268,20 @@ def test_checkpoints_keep_the_options_and_an_untied_head(tmp_path, name):
     assert info.parameters == loaded.model.num_parameters() == model.num_parameters()
     assert (loaded.model.lm_head.weight is loaded.model.transformer.wte.weight) == model.config.tie_word_embeddings
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()))
+
+
+def test_resume_of_a_run_saved_before_the_options_refuses_them(tmp_path, corpus):
+    # a train_config written before the Llama-style keys existed is GPT-2's: --mlp swiglu cannot resume it
+    import json
+
+    cfg = run_config(tmp_path, corpus, {}, out_dir=str(tmp_path / "run"), max_iters=3, dropout=0.0)
+    train(cfg, progress=False)
+    doc_file = tmp_path / "run" / "last" / "config.json"
+    doc = json.loads(doc_file.read_text())
+    doc["train_config"] = {k: v for k, v in doc["train_config"].items() if k not in (
+        "n_kv_head", "head_dim", "positions", "rope_theta", "norm", "norm_gain", "rms_norm_eps", "mlp",
+        "intermediate_size", "qk_norm", "tie_word_embeddings")}
+    doc_file.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="cannot resume .* with mlp='swiglu': the checkpoint has mlp='gelu'"):
+        train(cfg.replace(max_iters=6, mlp="swiglu"), resume=tmp_path / "run" / "last", progress=False)
+    assert train(cfg.replace(max_iters=6), resume=tmp_path / "run" / "last", progress=False).step == 6
