@@ -276,8 +276,8 @@ def _blocks_mismatch(config: GPTConfig, names: Any) -> str | None:
     """Why the weights named `names` (transformer.h.<i>.* per block) cannot be config's model
     because their number of blocks differs from n_layer; None when it is the same."""
     blocks = {int(m[1]) for name in names if (m := re.match(r"transformer\.h\.(\d+)\.", name))}
-    if blocks == set(range(config.n_layer)):
-        return None
+    if len(blocks) == config.n_layer and blocks == set(range(len(blocks))):  # never a set of n_layer items:
+        return None  # a damaged config.json may name any number
     return f"the config has n_layer {config.n_layer}, the weights hold {len(blocks)} blocks"
 
 

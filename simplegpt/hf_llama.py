@@ -81,6 +81,10 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], config: GPTConfig, where: s
     """LlamaForCausalLM / Qwen3ForCausalLM weights -> simplegpt weights, checking names and shapes
     against config. A tied model's file may hold lm_head.weight too; it must then equal the embedding."""
     hf_state = {k: v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}  # old files' buffers
+    layers = {int(m[1]) for key in hf_state if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    if len(layers) != config.n_layer or layers != set(range(len(layers))):  # before building anything: a config.json may name any number
+        raise CheckpointError(f"{where}: its config.json has num_hidden_layers={config.n_layer} but the weights hold "
+                              f"{len(layers)} layers; config and weights do not match")
     expected = _expected(config)
     used: set[str] = set()
     state: dict[str, torch.Tensor] = {}
@@ -107,6 +111,15 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], config: GPTConfig, where: s
         raise CheckpointError(f"{where} holds weight(s) {extra[:3]} that its config.json's model has not; config "
                               "and weights do not match")
     return state
+
+
+# What transformers' LlamaConfig and Qwen3Config take for a key a config.json leaves out.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6),
+}
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, str]:
@@ -140,18 +153,18 @@ def config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
     if unsupported:
         raise CheckpointError(f"{where} is a {ARCHITECTURES[kind]} variant simplegpt cannot run exactly: "
                               f"{'; '.join(unsupported)}")
-    n_embd, n_head = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+    hf = {**_DEFAULTS[kind], **hf}
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     try:
         return GPTConfig(
-            vocab_size=hf.get("vocab_size", 32000), n_positions=hf.get("max_position_embeddings", 2048),
-            n_embd=n_embd, n_layer=hf.get("num_hidden_layers", 32), n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            vocab_size=hf["vocab_size"], n_positions=hf["max_position_embeddings"], n_embd=n_embd,
+            n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
             head_size=None if head_dim in (None, n_embd // n_head) and n_embd % n_head == 0 else head_dim,
             dropout=float(hf.get("attention_dropout", 0.0)), bias=attention_bias, positions="rotary",
-            rope_theta=float(theta), norm="rmsnorm", rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu",
-            intermediate_size=hf.get("intermediate_size", 11008), qk_norm=kind == "qwen3",
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", kind == "qwen3")),
+            rope_theta=float(theta), norm="rmsnorm", rms_norm_eps=float(hf["rms_norm_eps"]), mlp="swiglu",
+            intermediate_size=hf["intermediate_size"], qk_norm=kind == "qwen3",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where} has an invalid {ARCHITECTURES[kind]} config: {e}") from None

@@ -199,3 +199,17 @@ def test_import_of_a_variant_simplegpt_cannot_run_is_one_line(change, words, tmp
     (src / "config.json").write_text(json.dumps(cfg))
     code, _, err = cli(capsys, "import-hf", str(src), str(tmp_path / "out"))
     assert_one_line(code, err, "LlamaForCausalLM variant", *words)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(num_hidden_layers=10**9), ["num_hidden_layers=1000000000", "2 layers"]),
+    (dict(intermediate_size=40), ["mlp.gate_proj.weight", "shape"]),
+    (dict(num_key_value_heads=4), ["k_proj", "shape"]),
+])
+def test_a_config_json_that_does_not_match_its_weights_is_one_line(change, words, tmp_path, capsys):
+    src = save_hf(make_hf("llama-gqa-tied"), tmp_path / "hf")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(change)
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, _, err = cli(capsys, "import-hf", str(src), str(tmp_path / "out"))
+    assert_one_line(code, err, *words)
