@@ -285,3 +285,20 @@ def test_resume_of_a_run_saved_before_the_options_refuses_them(tmp_path, corpus)
     with pytest.raises(ConfigError, match="cannot resume .* with mlp='swiglu': the checkpoint has mlp='gelu'"):
         train(cfg.replace(max_iters=6, mlp="swiglu"), resume=tmp_path / "run" / "last", progress=False)
     assert train(cfg.replace(max_iters=6), resume=tmp_path / "run" / "last", progress=False).step == 6
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_engine_never_draws_ids_past_the_tokenizer(temperature):
+    # an imported model's embedding is often padded past its tokenizer (Qwen3: 151936 rows, 151669 tokens):
+    # ids with no token are never drawn, even where the model favours them
+    tok = get_tokenizer("byte")
+    model = make_tiny_gpt(vocab_size=tok.vocab_size + 43, n_positions=WINDOW, tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)  # every position's final state is all ones
+        model.lm_head.weight.fill_(-1.0)
+        model.lm_head.weight[tok.vocab_size:] = 1.0  # the padded ids are the most likely
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, seed=1, stop_at_eos=False,
+                            repetition_penalty=1.3)
+    [r] = Engine(model, tok).generate(["hi"], params)
+    assert len(r.token_ids) == 8 and max(r.token_ids) < tok.vocab_size
