@@ -121,13 +121,35 @@ def bpe_tokenizer_json() -> str:
     return tok.to_str()
 
 
-@pytest.fixture
-def llama_with_tokenizer(tmp_path) -> Path:
+def sentencepiece_tokenizer_json() -> str:
+    """A Llama-2-style tokenizer: '▁' for spaces, a BPE with byte fallback (<0xNN> tokens for what it
+    has no merge for, emoji included), and a decoder that strips the space the encoding put first."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=V, special_tokens=specials, show_progress=False, limit_alphabet=30)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20, "Grüße Köln naïve café"],
+                            trainer=trainer)
+    return tok.to_str()
+
+
+TOKENIZERS = {
+    "byte-level": (bpe_tokenizer_json, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                                        "pad_token": "<pad>"}),
+    "sentencepiece": (sentencepiece_tokenizer_json, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+}
+
+
+@pytest.fixture(params=list(TOKENIZERS))
+def llama_with_tokenizer(request, tmp_path) -> Path:
+    make, special = TOKENIZERS[request.param]
     src = save_hf(make_hf("llama-gqa-tied"), tmp_path / "hf-tok")
-    (src / "tokenizer.json").write_text(bpe_tokenizer_json(), encoding="utf-8")
-    (src / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|end_of_text|>", "pad_token": "<pad>"}))
+    (src / "tokenizer.json").write_text(make(), encoding="utf-8")
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}))
     return src
 
 
@@ -137,7 +159,7 @@ def test_imported_tokenizer_json_gives_transformers_ids_and_travels_with_the_mod
     reference = AutoTokenizer.from_pretrained(src)
     assert main(["import-hf", str(src), str(tmp_path / "ck")]) == 0
     ck = load_checkpoint(tmp_path / "ck")
-    assert isinstance(ck.tokenizer, HFTokenizer) and ck.tokenizer.eos_id == reference.eos_token_id == 1
+    assert isinstance(ck.tokenizer, HFTokenizer) and ck.tokenizer.eos_id == reference.eos_token_id
     want = reference(TEXT, add_special_tokens=False)["input_ids"]
     assert ck.tokenizer.encode(TEXT) == want
     assert ck.tokenizer.decode(want) == reference.decode(want) == TEXT
