@@ -171,13 +171,22 @@ def config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
 
 
 def hf_class_for(config: GPTConfig) -> str:
-    """"llama" or "qwen3": the model_type a non-GPT-2 config exports as. CheckpointError naming each
-    option that no Hugging Face class has."""
+    """"llama" or "qwen3": the model_type a config that is not GPT-2's exports as. CheckpointError
+    naming each option that no Hugging Face class has."""
+    if config.positions == "learned":  # only GPT2LMHeadModel has learned positions: say what is not GPT-2's
+        differ = [f"norm={config.norm!r}" if config.norm != "layernorm" else "",
+                  "norm_gain=false" if not config.norm_gain else "",
+                  f"mlp={config.mlp!r}" if config.mlp != "gelu" else "",
+                  f"n_kv_head={config.kv_heads}" if config.kv_heads != config.n_head else "",
+                  f"head_dim={config.head_dim}" if config.head_dim * config.n_head != config.n_embd else "",
+                  f"intermediate_size={config.ffn_size}" if config.ffn_size != 4 * config.n_embd else "",
+                  "qk_norm=true" if config.qk_norm else "",
+                  "tie_word_embeddings=false" if not config.tie_word_embeddings else ""]
+        raise CheckpointError("this model has no Hugging Face class to export to: learned positions are GPT-2's, "
+                              f"and GPT2LMHeadModel has no {', '.join(d for d in differ if d)}")
     why = []
-    if config.positions != "rotary":
-        why.append(f"learned positions with {config.norm}/{config.mlp} (GPT-2 has them only with layernorm and gelu)")
     if config.norm != "rmsnorm":
-        why.append(f"norm={config.norm!r} with {config.positions} positions (Llama and Qwen3 use rmsnorm)")
+        why.append(f"norm={config.norm!r} (Llama and Qwen3 use rmsnorm)")
     if not config.norm_gain:
         why.append("norm_gain=false (Llama and Qwen3 norms have a gain)")
     if config.mlp != "swiglu":

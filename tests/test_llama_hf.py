@@ -187,7 +187,8 @@ def assert_one_line(code: int, err: str, *words: str) -> None:
 
 @pytest.mark.parametrize("options, words", [
     (dict(positions="rotary", norm="rmsnorm", mlp="relu2"), ["mlp='relu2'", "no Hugging Face class"]),
-    (dict(norm="rmsnorm"), ["learned positions", "no Hugging Face class"]),
+    (dict(norm="rmsnorm"), ["learned positions are GPT-2's", "GPT2LMHeadModel has no norm='rmsnorm'"]),
+    (dict(tie_word_embeddings=False, n_kv_head=1), ["GPT2LMHeadModel has no n_kv_head=1, tie_word_embeddings=false"]),
     (dict(positions="rotary", norm="rmsnorm", mlp="swiglu", norm_gain=False), ["norm_gain=false"]),
     (dict(positions="rotary", mlp="swiglu"), ["norm='layernorm'"]),
 ])
