@@ -82,7 +82,8 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], config: GPTConfig, where: s
     against config. A tied model's file may hold lm_head.weight too; it must then equal the embedding."""
     hf_state = {k: v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}  # old files' buffers
     layers = {int(m[1]) for key in hf_state if (m := re.match(r"model\.layers\.(\d+)\.", key))}
-    if len(layers) != config.n_layer or layers != set(range(len(layers))):  # before building anything: a config.json may name any number
+    # before anything is built (and without a set of n_layer numbers): a config.json may name any number
+    if len(layers) != config.n_layer or layers != set(range(len(layers))):
         raise CheckpointError(f"{where}: its config.json has num_hidden_layers={config.n_layer} but the weights hold "
                               f"{len(layers)} layers; config and weights do not match")
     expected = _expected(config)

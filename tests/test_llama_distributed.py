@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from test_distributed import TOLERANCE, _finish, _losses, _reference, _same, _settings, _torchrun, work  # noqa: F401
+from test_distributed import _finish, _losses, _reference, _same, _settings, _torchrun
+from test_distributed import work  # noqa: F401 (the fixture: a corpus and its prepared data)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun on gloo, as test_distributed")
 
