@@ -302,3 +302,13 @@ def test_the_engine_never_draws_ids_past_the_tokenizer(temperature):
                             repetition_penalty=1.3)
     [r] = Engine(model, tok).generate(["hi"], params)
     assert len(r.token_ids) == 8 and max(r.token_ids) < tok.vocab_size
+
+
+def test_cli_n_kv_head_not_dividing_n_head_is_one_line(tmp_path, capsys):
+    from simplegpt.cli import main
+
+    code = main(["train", "--n_head", "4", "--n_kv_head", "3", "--out_dir", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "n_head (4) must be divisible by n_kv_head (3)" in err and "GPTConfig" not in err
+    assert not (tmp_path / "run").exists()
