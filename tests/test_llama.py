@@ -17,7 +17,7 @@ from simplegpt.learn.attention import attention_weights
 from simplegpt.model import GPT, GPTConfig, preset_config
 from simplegpt.quantize import quantize_int8
 from simplegpt.tokenizer import get_tokenizer
-from simplegpt.train import train
+from simplegpt.training.loop import train
 
 from conftest import make_tiny_gpt
 from test_engine import GREEDY, PROMPTS, reference_greedy
