@@ -62,34 +62,99 @@ def require_gguf() -> ModuleType:
 class Architecture:
     """One GGUF architecture simplegpt models can be written as.
 
-    name: GGUF's `general.architecture`. expresses: the GPTConfig fields it carries (any other field
-    must keep GPTConfig's default, else the model is not this architecture). hparams(config): its
-    `{name}.*` keys, without the prefix, and their values. f32_tensors: GGUF tensor-name stems
-    (after `blk.N.`) kept in f32 whatever the type, besides every vector."""
+    name: GGUF's `general.architecture`. requires: GPTConfig fields and the one value each must have
+    (e.g. rotary positions). expresses: the other fields it carries (any field in neither must keep
+    GPTConfig's default, else the model is not this architecture). hparams(config): its `{name}.*`
+    keys, without the prefix, and their values. weights(model): the model's tensors under the Hugging
+    Face names that the `gguf` package's name map knows for this architecture, fp32, in GGUF's layout.
+    f32_tensors: GGUF tensor-name stems (after `blk.N.`) kept in f32 whatever the type, besides every
+    vector."""
 
     name: str
     expresses: frozenset[str]
     hparams: Callable[[GPTConfig], dict[str, Any]]
+    weights: Callable[[GPT], dict[str, torch.Tensor]]
+    requires: tuple[tuple[str, Any], ...] = ()
     f32_tensors: frozenset[str] = frozenset()
 
     def cannot_express(self, config: GPTConfig) -> list[str]:
         """'field=value' for each config field this architecture has no way to write."""
         defaults = {f.name: f.default for f in dataclasses.fields(type(config))}
+        required = dict(self.requires)
         return [f"{k}={v!r}" for k, v in config.to_dict().items()
-                if k not in self.expresses and v != defaults.get(k, dataclasses.MISSING)]
+                if (k in required and v != required[k])
+                or (k not in required and k not in self.expresses and v != defaults.get(k, dataclasses.MISSING))]
 
 
+def _gpt2_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """GPT-2's tensors (simplegpt's names are GPT2LMHeadModel's); a model without biases gets zero
+    biases (GGUF's gpt2 requires them; a zero bias computes what no bias does)."""
+    with torch.device("meta"):
+        full = GPT(dataclasses.replace(model.config, bias=True)).state_dict()
+    state = model.state_dict()
+    return {name: state[name] if name in state else torch.zeros(meta.shape) for name, meta in full.items()}
+
+
+def _llama_weights(model: GPT, rope_pairs: bool) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM / Qwen3ForCausalLM tensors (simplegpt.hf_llama's key map). Norms without a gain
+    get a gain of ones (the same norm). rope_pairs: reorder each head's query and key rows so that
+    the two halves Hugging Face rotates together (i, i + D/2) become adjacent rows (2i, 2i + 1), the
+    pairs GGUF's `llama` rotates, as llama.cpp's converter does; `qwen3` rotates halves as we do."""
+    from .hf_llama import to_hf_state
+
+    config = dataclasses.replace(model.config, norm_gain=True)
+    with torch.device("meta"):
+        full = GPT(config).state_dict()
+    state = model.state_dict()
+    state = {name: state[name] if name in state else torch.ones(meta.shape) for name, meta in full.items()}
+    hf = to_hf_state(state, config)
+    if rope_pairs:
+        D = config.head_dim
+        for name, heads in (("q_proj", config.n_head), ("k_proj", config.kv_heads)):
+            for key in [k for k in hf if f".self_attn.{name}." in k]:
+                w = hf[key]  # (heads * D, ...) rows: per head, D/2 first-half rows then D/2 second-half rows
+                hf[key] = w.reshape(heads, 2, D // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return hf
+
+
+def _gpt2_hparams(c: GPTConfig) -> dict[str, Any]:
+    return {"context_length": c.n_positions, "embedding_length": c.n_embd, "feed_forward_length": 4 * c.n_embd,
+            "block_count": c.n_layer, "attention.head_count": c.n_head,
+            "attention.layer_norm_epsilon": c.layer_norm_epsilon}
+
+
+def _llama_hparams(c: GPTConfig) -> dict[str, Any]:
+    keys = {"vocab_size": c.vocab_size, "context_length": c.n_positions, "embedding_length": c.n_embd,
+            "feed_forward_length": c.ffn_size, "block_count": c.n_layer, "attention.head_count": c.n_head,
+            "attention.head_count_kv": c.kv_heads, "rope.dimension_count": c.head_dim,
+            "rope.freq_base": float(c.rope_theta), "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
+    if c.head_dim * c.n_head != c.n_embd:  # llama.cpp's default head width is embedding_length / head_count
+        keys.update({"attention.key_length": c.head_dim, "attention.value_length": c.head_dim})
+    return keys
+
+
+# Fields that change nothing for the architecture's block (an epsilon of a norm it does not use, the
+# theta of rotary positions it does not have), so any value is expressed.
+_UNUSED_BY_GPT2 = {"rope_theta", "rms_norm_eps"}
+_LLAMA_FIELDS = frozenset({"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "dropout", "n_kv_head",
+                           "head_size", "rope_theta", "norm_gain", "rms_norm_eps", "intermediate_size",
+                           "tie_word_embeddings", "layer_norm_epsilon"})
+_LLAMA_BLOCK = (("positions", "rotary"), ("norm", "rmsnorm"), ("mlp", "swiglu"))
 GPT2 = Architecture(
     name="gpt2",
     # dropout does nothing at inference; bias=False is written as zero biases, which compute the same
     expresses=frozenset({"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "dropout", "bias",
-                         "layer_norm_epsilon"}),
-    hparams=lambda c: {"context_length": c.n_positions, "embedding_length": c.n_embd,
-                       "feed_forward_length": 4 * c.n_embd, "block_count": c.n_layer,
-                       "attention.head_count": c.n_head, "attention.layer_norm_epsilon": c.layer_norm_epsilon},
+                         "layer_norm_epsilon", *_UNUSED_BY_GPT2}),
+    hparams=_gpt2_hparams,
+    weights=_gpt2_weights,
     f32_tensors=frozenset({"position_embd"}),
 )
-ARCHITECTURES: tuple[Architecture, ...] = (GPT2,)
+# llama.cpp's llama reads optional biases on every linear layer; its qwen3 has none
+LLAMA = Architecture(name="llama", expresses=_LLAMA_FIELDS | {"bias"}, requires=(*_LLAMA_BLOCK, ("qk_norm", False)),
+                     hparams=_llama_hparams, weights=lambda m: _llama_weights(m, rope_pairs=True))
+QWEN3 = Architecture(name="qwen3", expresses=_LLAMA_FIELDS, requires=(*_LLAMA_BLOCK, ("qk_norm", True), ("bias", False)),
+                     hparams=_llama_hparams, weights=lambda m: _llama_weights(m, rope_pairs=False))
+ARCHITECTURES: tuple[Architecture, ...] = (GPT2, LLAMA, QWEN3)
 
 
 def architecture_for(config: GPTConfig) -> Architecture:
@@ -166,6 +231,12 @@ def vocab_for(tok: Tokenizer | None, vocab_size: int) -> Vocab:
         vocab = _hf_vocab(tok, normal, control, int(gguf.TokenType.USER_DEFINED))
     else:
         raise CheckpointError(f"GGUF has no vocabulary for simplegpt's {tok.kind!r} tokenizer")
+    if len(vocab.tokens) < vocab_size:
+        # an embedding padded past its tokenizer (Qwen3's 151936 rows for 151669 tokens): the rows with
+        # no token are written as unused tokens, as llama.cpp's converter pads them
+        pad = vocab_size - len(vocab.tokens)
+        vocab.tokens += [f"[PAD{i}]" for i in range(len(vocab.tokens), vocab_size)]
+        vocab.types += [int(gguf.TokenType.UNUSED)] * pad
     if len(vocab.tokens) != vocab_size:
         raise CheckpointError(f"the tokenizer has {len(vocab.tokens)} tokens but the model {vocab_size}; the "
                               "checkpoint is inconsistent")
@@ -241,27 +312,18 @@ def _pre_name(pre: Any) -> str | None:
 
 
 def gguf_tensors(model: GPT, arch: Architecture) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, fp32 CPU tensor) of every weight the architecture reads, in the model's order.
-
-    A model without biases gets zero biases (GGUF's gpt2 requires them; a zero bias computes what no
-    bias does). The tied output head is written once, as token_embd: llama.cpp reuses it without
+    """(GGUF name, fp32 CPU tensor) of every weight the architecture reads (arch.weights), in the
+    model's order. A tied output head is written once, as token_embd: llama.cpp reuses it without
     `output.weight`."""
     gguf = require_gguf()
-    config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], config.n_layer)
-    state = model.state_dict()
-    with torch.device("meta"):
-        full = GPT(dataclasses.replace(config, bias=True)).state_dict()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], model.config.n_layer)
     tied = model.lm_head.weight is model.transformer.wte.weight
-    for name, meta in full.items():
+    for name, tensor in arch.weights(model).items():
         if name == "lm_head.weight" and tied:
             continue
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise CheckpointError(f"GGUF's {arch.name} has no tensor for the weight {name!r}")
-        tensor = state.get(name)
-        if tensor is None:
-            tensor = torch.zeros(meta.shape)
         yield gguf_name, tensor.detach().to("cpu", torch.float32).contiguous()
 
 
