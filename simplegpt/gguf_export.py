@@ -1,12 +1,17 @@
 """A simplegpt checkpoint as one GGUF file, the format llama.cpp, Ollama and LM Studio read.
 
 What goes in, and where it comes from:
-- the architecture: the first entry of ARCHITECTURES that can express the model's config (today
-  GGUF's `gpt2`; an entry names its GGUF hyperparameters and which config fields it expresses, so
-  a Llama-style entry is one more row). A config option no entry expresses is refused, named;
-- the tensors, renamed with the `gguf` package's own name map for that architecture (simplegpt's
-  state-dict names are Hugging Face GPT-2's), as f32, f16 or Q8_0 in the format's block layout
-  (gguf.quants); vectors, norms and learned positions stay f32, as llama.cpp's converter keeps them;
+- the architecture: the first entry of ARCHITECTURES that can express the model's config: GGUF's
+  `gpt2` for GPT-2, `llama` for a Llama-style block (rotary positions, RMSNorm, SwiGLU; GQA, biases,
+  an untied head, a head width of its own), `qwen3` for that block with QK-norm and no biases. An
+  entry names the config values it requires, the fields it carries and its GGUF hyperparameters; a
+  config option no entry expresses (ReLU^2, LayerNorm with rotary positions, ...) is refused, named;
+- the tensors, under Hugging Face's names for the architecture (GPT-2's are simplegpt's own,
+  Llama's and Qwen3's come from simplegpt.hf_llama's key map), renamed with the `gguf` package's own
+  name map, as f32, f16 or Q8_0 in the format's block layout (gguf.quants); vectors, norms and
+  learned positions stay f32, as llama.cpp's converter keeps them. GGUF's `llama` rotates adjacent
+  pairs of a head's channels where simplegpt rotates its two halves, so its query and key rows are
+  reordered (the permutation llama.cpp's converter applies to Hugging Face Llama weights);
 - the tokenizer as GGUF's byte-level BPE vocabulary (`tokenizer.ggml.model` "gpt2"): its tokens in
   the byte-to-character alphabet, token types, merges and the pre-tokenizer's name
   (`tokenizer.ggml.pre`), which tells llama.cpp how to split text before the merges;
