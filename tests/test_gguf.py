@@ -392,7 +392,8 @@ def test_a_llama_style_option_gguf_cannot_express_is_one_line_naming_it(tmp_path
 
 def test_an_embedding_padded_past_its_tokenizer_gets_unused_tokens(tmp_path):
     tok = train_bpe(["hello world, the words of the world " * 50], 300)
-    ck = _checkpoint(tmp_path / "ck", tok, vocab_size=tok.vocab_size + 20, **STYLES["qwen3"])
+    model = make_tiny_gpt(vocab_size=tok.vocab_size + 20, **STYLES["qwen3"])
+    ck = save_checkpoint(tmp_path / "ck", model, tok)
     fields = _fields(export_gguf(ck, tmp_path / "m.gguf").path)
     assert fields["tokenizer.ggml.tokens"][tok.vocab_size:] == [f"[PAD{i}]" for i in range(tok.vocab_size,
                                                                                           tok.vocab_size + 20)]
