@@ -190,7 +190,7 @@ class Engine:
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(len(rows), self.vocab, dtype=torch.bool, device=self.device)
             for i, r in enumerate(rows):
-                seen[i, r.tokens] = True
+                seen[i, [t for t in r.tokens if t < self.vocab]] = True  # a prompt may hold ids past the tokens
         batch = self.backend.new_batch(len(rows))
         try:
             active = list(range(len(rows)))
