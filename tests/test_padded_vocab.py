@@ -49,3 +49,12 @@ def test_the_server_draws_only_ids_the_tokenizer_has(checkpoint):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_prompt_of_ids_past_the_tokens_takes_a_repetition_penalty(checkpoint):
+    """Prompt ids are checked against the embedding, so a prompt may hold a padded id; the penalty's
+    record of seen tokens covers only ids that can be drawn."""
+    ck = load_checkpoint(checkpoint)
+    params = SamplingParams(max_new_tokens=5, temperature=0, repetition_penalty=1.3)
+    [result] = Engine(ck.model, ck.tokenizer).generate([[82, 79, 300]], params)
+    assert len(result.token_ids) == 5 and max(result.token_ids) < ck.tokenizer.vocab_size
