@@ -11,6 +11,10 @@ imported tokenizer.json files are, bytes, ASCII characters) it checks:
   the first difference; with --no-repack where llama.cpp's repacked q8_0 kernels die of SIGILL);
 - tokenization: llama-server's /tokenize of 20 strings (emoji, whitespace runs, code, other
   scripts) against simplegpt's tokenizer.
+The trained BPE also runs on a Llama-style model (GGUF's llama: GQA, untied head) and a Qwen3-style
+one (GGUF's qwen3: QK-norm, heads of their own width), and a Llama-style chat checkpoint (a ChatML
+template on its tokenizer) answers 3 conversations through llama-server's /v1/chat/completions and
+`simplegpt serve`'s, both at temperature 0.
 It prints one table. tests/test_gguf_llamacpp.py runs the same checks with asserts; both skip when
 the environment variable does not name a folder holding llama-server. Models are random (seeded),
 so the bench needs no download.
@@ -467,6 +471,17 @@ def main() -> int:
                           f"{sum(len(r.ours) for r in vs_f32)} agree ({[r.agree for r in vs_f32]})")
                 if how and how != "default":
                     print(f"    llama-server ran with {how}")
+        ck = chat_checkpoint(work / "chat", toks["bpe:512"])
+        gguf = work / "chat-f32.gguf"
+        export_gguf(ck, gguf, progress=False)
+        chats = chat_parity(ck, gguf, bin_dir)
+        failed |= any(not c.equal and (c.margin or 1.0) > NEAR_TIE for c in chats)
+        print(f"\nchat (bpe:512, llama, ChatML template): llama-server's /v1/chat/completions equals simplegpt serve's "
+              f"for {sum(c.equal for c in chats)}/{len(chats)} conversations at temperature 0 ({CHAT_TOKENS} tokens)")
+        for c in chats:
+            if not c.equal:
+                print(f"    differs after {c.messages[-1]['content']!r}: simplegpt's logit margin at the first "
+                      f"differing token {c.margin:.4f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
