@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from simplegpt.generation.engine import generate_ids  # noqa: E402
-from simplegpt.gguf_export import PRE_TOKENIZERS, export_gguf  # noqa: E402
+from simplegpt.gguf_export import export_gguf  # noqa: E402
+from simplegpt.gguf_vocab import PRE_TOKENIZERS  # noqa: E402
 from simplegpt.hf_tokenizer import HFTokenizer, train_bpe  # noqa: E402
 from simplegpt.model import GPT, LLAMA, GPTConfig  # noqa: E402
 from simplegpt.quantize import quantize_int8  # noqa: E402

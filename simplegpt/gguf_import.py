@@ -22,8 +22,8 @@ import torch
 from .checkpoint import Checkpoint, model_from_state, save_checkpoint
 from .errors import CheckpointError, OutputExistsError
 from .hf_tokenizer import HFTokenizer, as_hf_tokenizer
-from .gguf_export import (GPT2, GPT2_PRE, INERT_MERGES, LLAMA, PRE_TOKENIZERS, QWEN3, _byte_chars,
-                          require_gguf)
+from .gguf_export import GPT2, LLAMA, QWEN3, require_gguf
+from .gguf_vocab import GPT2_PRE, INERT_MERGES, PRE_TOKENIZERS, _byte_chars
 from .model import GPT, GPTConfig
 from .tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_vocab_files
 
