@@ -46,7 +46,6 @@ from .tokenizer import Tokenizer
 
 INSTALL_HINT = 'install the GGUF extra: pip install "simplegpt-toolkit[gguf]"'
 TYPES = ("f32", "f16", "q8_0")
-# The checkpoint metadata key (config.json) holding a Jinja chat template in Hugging Face's convention.
 # Q8_0 stores blocks of 32 values (one f16 scale + 32 int8) along each row: rows must be whole blocks.
 Q8_0_BLOCK = 32
 # A model at least this big (bytes of f32 weights) shows progress bars while it is converted and written.
@@ -141,9 +140,11 @@ def _llama_hparams(c: GPTConfig) -> dict[str, Any]:
 # Fields that change nothing for the architecture's block (an epsilon of a norm it does not use, the
 # theta of rotary positions it does not have), so any value is expressed.
 _UNUSED_BY_GPT2 = {"rope_theta", "rms_norm_eps"}
+_UNUSED_BY_LLAMA = {"layer_norm_epsilon"}
+# norm_gain=False is written as gains of ones, which compute the same
 _LLAMA_FIELDS = frozenset({"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "dropout", "n_kv_head",
                            "head_size", "rope_theta", "norm_gain", "rms_norm_eps", "intermediate_size",
-                           "tie_word_embeddings", "layer_norm_epsilon"})
+                           "tie_word_embeddings", *_UNUSED_BY_LLAMA})
 _LLAMA_BLOCK = (("positions", "rotary"), ("norm", "rmsnorm"), ("mlp", "swiglu"))
 GPT2 = Architecture(
     name="gpt2",
@@ -155,9 +156,11 @@ GPT2 = Architecture(
     f32_tensors=frozenset({"position_embd"}),
 )
 # llama.cpp's llama reads optional biases on every linear layer; its qwen3 has none
-LLAMA = Architecture(name="llama", expresses=_LLAMA_FIELDS | {"bias"}, requires=(*_LLAMA_BLOCK, ("qk_norm", False)),
+LLAMA = Architecture(name="llama", expresses=_LLAMA_FIELDS | {"bias"},
+                     requires=(*_LLAMA_BLOCK, ("qk_norm", False)),
                      hparams=_llama_hparams, weights=lambda m: _llama_weights(m, rope_pairs=True))
-QWEN3 = Architecture(name="qwen3", expresses=_LLAMA_FIELDS, requires=(*_LLAMA_BLOCK, ("qk_norm", True), ("bias", False)),
+QWEN3 = Architecture(name="qwen3", expresses=_LLAMA_FIELDS,
+                     requires=(*_LLAMA_BLOCK, ("qk_norm", True), ("bias", False)),
                      hparams=_llama_hparams, weights=lambda m: _llama_weights(m, rope_pairs=False))
 ARCHITECTURES: tuple[Architecture, ...] = (GPT2, LLAMA, QWEN3)
 
@@ -171,8 +174,7 @@ def architecture_for(config: GPTConfig) -> Architecture:
         if not missing:
             return arch
         reasons.append(f"{arch.name} has no {', '.join(missing)}")
-    raise CheckpointError(f"GGUF cannot express this model: {'; '.join(reasons)}; export-hf writes it for "
-                          "transformers instead")
+    raise CheckpointError(f"GGUF cannot express this model: {'; '.join(reasons)}")
 
 
 def gguf_tensors(model: GPT, arch: Architecture) -> Iterator[tuple[str, torch.Tensor]]:

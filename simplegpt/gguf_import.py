@@ -4,7 +4,8 @@ back of export-gguf.
 The tensors are read with the `gguf` package's reader and dequantized with its own `gguf.quants`
 (f16 and Q8_0 files come back as float32, with their rounding); the names go through the same name
 map as the export (for `llama` and `qwen3`, to Hugging Face's names and then through
-simplegpt.hf_llama's key map; `llama`'s query and key rows go back from rotation pairs to halves). The tokenizer comes back as what it was where the vocabulary says so (GPT-2's,
+simplegpt.hf_llama's key map; `llama`'s query and key rows go back from rotation pairs to halves).
+The tokenizer comes back as what it was where the vocabulary says so (GPT-2's,
 bytes, characters), else as a byte-level BPE built with `tokenizers` from the tokens, merges and
 pre-tokenizer name; the chat template goes with the tokenizer (its `chat_template`).
 """

@@ -335,7 +335,8 @@ def test_llama_style_files_hold_their_hyperparameters_and_tensors_in_ggufs_layou
     for i in range(2):
         q, k, v = state[f"transformer.h.{i}.attn.c_attn.weight"].split([H * D, K * D, K * D])
         if style == "llama":  # each head's rows i and i + D/2 (rotated together) become rows 2i and 2i+1
-            order = torch.tensor([h * D + r + half * D // 2 for h in range(H) for r in range(D // 2) for half in (0, 1)])
+            order = torch.tensor([h * D + r + half * D // 2
+                                  for h in range(H) for r in range(D // 2) for half in (0, 1)])
             assert np.array_equal(tensors[f"blk.{i}.attn_q.weight"], q[order].numpy())
             assert np.array_equal(tensors[f"blk.{i}.attn_k.weight"], k[order[: K * D]].numpy())
             q_bias = state[f"transformer.h.{i}.attn.c_attn.bias"][: H * D]
@@ -344,7 +345,8 @@ def test_llama_style_files_hold_their_hyperparameters_and_tensors_in_ggufs_layou
         else:  # qwen3 rotates halves, as simplegpt does: nothing moves
             assert np.array_equal(tensors[f"blk.{i}.attn_q.weight"], q.numpy())
             assert np.array_equal(tensors[f"blk.{i}.attn_k.weight"], k.numpy())
-            assert np.array_equal(tensors[f"blk.{i}.attn_q_norm.weight"], state[f"transformer.h.{i}.attn.q_norm.weight"])
+            q_norm = state[f"transformer.h.{i}.attn.q_norm.weight"]
+            assert np.array_equal(tensors[f"blk.{i}.attn_q_norm.weight"], q_norm)
         assert np.array_equal(tensors[f"blk.{i}.attn_v.weight"], v.numpy())
         gate, up = state[f"transformer.h.{i}.mlp.c_fc.weight"].split([F, F])
         assert np.array_equal(tensors[f"blk.{i}.ffn_gate.weight"], gate.numpy())
@@ -386,7 +388,8 @@ def test_a_llama_style_option_gguf_cannot_express_is_one_line_naming_it(tmp_path
     ck = _checkpoint(tmp_path / "ck", ByteTokenizer(), **options)
     (tmp_path / "out").mkdir()
     line = _one_line(Ran(capsys, "export-gguf", ck, tmp_path / "out" / "m.gguf"))
-    assert line.startswith("simplegpt export-gguf: error: GGUF cannot express this model: gpt2 has no ") and named in line
+    assert line.startswith("simplegpt export-gguf: error: GGUF cannot express this model: gpt2 has no ")
+    assert named in line
     _nothing_but(tmp_path / "out")
 
 

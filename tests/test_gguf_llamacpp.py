@@ -91,7 +91,8 @@ def test_q8_0_greedy_tokens_against_simplegpts_int8(exported, label, style, caps
     ck, gguf = exported(label, "q8_0", style)
     runs, vs_f32, how = parity.q8_0_greedy(ck, gguf, BIN)
     with capsys.disabled():
-        print(f"\n{label} ({style}) q8_0 ({how}): {sum(r.agree for r in runs)}/{sum(len(r.ours) for r in runs)} greedy tokens "
+        print(f"\n{label} ({style}) q8_0 ({how}): {sum(r.agree for r in runs)}/{sum(len(r.ours) for r in runs)} "
+              "greedy tokens "
               f"agree with int8 before the first difference ({[r.agree for r in runs]}); with f32 "
               f"{[r.agree for r in vs_f32]}")
     vocab = TOKENIZERS[label].vocab_size
