@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -147,12 +148,17 @@ def _save(messages: list[dict], name: str) -> bool:
         say("error: /save needs a file name: /save chat.json")
         return False
     path = Path(name).expanduser()
-    tmp = path.with_name(path.name + ".tmp")
+    if path.is_dir():
+        say(f"error: {path} is a folder; /save needs a file name: /save {path / 'chat.json'}")
+        return False
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden and unique: no file of the user's is hit
     try:
         tmp.write_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-    except OSError as e:
-        say(f"error: {e.filename or path}: {e.strerror or e}")
+    except OSError as e:  # named as the user wrote it, with nothing left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        say(f"error: {path}: cannot be written ({e.strerror or e})")
         return False
     say(f"saved {len(messages)} messages to {path}")
     return True
