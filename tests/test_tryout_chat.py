@@ -1,10 +1,14 @@
 """`simplegpt chat` on odd input, in a real subprocess: /save to a folder or a missing folder is one
-line naming the path and leaves no file behind."""
+line naming the path and leaves no file behind; a base model whose characters cannot spell the plain
+prompt is refused at the start in one line."""
 
 from pathlib import Path
 
 import pytest
 
+from conftest import make_tiny_gpt
+from simplegpt import save_checkpoint
+from simplegpt.tokenizer import CharTokenizer
 from test_chat_cli import chat, chat_checkpoint
 
 
@@ -24,3 +28,13 @@ def test_save_to_a_folder_or_a_missing_folder_names_the_path_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "ok.json"]  # no temporary file left
     assert list((tmp_path / "folder").iterdir()) == []
 
+
+def test_a_base_model_that_cannot_spell_the_plain_prompt_is_refused_at_the_start(tmp_path):
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz \n")  # no 'U', 'A' or ':'
+    path = save_checkpoint(tmp_path / "lower", make_tiny_gpt(vocab_size=tok.vocab_size), tok)
+    out = chat(path, ["hello", "there"], cwd=tmp_path)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"simplegpt chat: error: {path} has no chat template, and its vocabulary lacks characters of the plain "
+        "'User: ... / Assistant:' prompt ('U', ':', 'A'); chat with a model trained with --tokenizer byte, gpt2 "
+        "or bpe:N, or one fine-tuned for chat"]

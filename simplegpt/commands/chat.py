@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_checkpoint_argument, add_engine_arguments, check_engine_arguments, load_engine, model_name
-from ..errors import DataError, OptionError, file_access_errors
+from ..errors import DataError, OptionError, UnknownCharacterError, file_access_errors
 
 HELP = "chat with a checkpoint in the terminal"
 DESCRIPTION = (
@@ -51,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
     with file_access_errors():
         engine = load_engine(args)
     fmt = chat_format(engine.tokenizer)
+    if isinstance(fmt, PlainChat):  # else every message would be refused for characters the user never typed
+        try:
+            fmt.prompt_ids([{"role": "user", "content": ""}])
+        except UnknownCharacterError as e:
+            raise DataError(f"{args.checkpoint} has no chat template, and its vocabulary lacks characters of the "
+                            f"plain 'User: ... / Assistant:' prompt ({', '.join(map(repr, e.chars))}); chat with a "
+                            "model trained with --tokenizer byte, gpt2 or bpe:N, or one fine-tuned for chat") from None
     params = dataclasses.replace(params, stop=fmt.stop)
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 spoil their line, not the session
         sys.stdin.reconfigure(errors="surrogateescape")
