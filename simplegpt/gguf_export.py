@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .atomic import no_folders_left_on_failure
+from .atomic import make_parent, no_folders_left_on_failure
 from .errors import (DISK_FULL, CheckpointError, FileAccessError, MissingDependencyError, OptionError,
                      OutputExistsError)
 from .model import GPT, GPTConfig
@@ -404,7 +404,7 @@ def _atomic_file(out: Path) -> Iterator[Path]:
     full = False
     try:
         with no_folders_left_on_failure(out.parent):
-            out.parent.mkdir(parents=True, exist_ok=True)
+            make_parent(out)
             try:
                 yield tmp
                 with open(tmp, "rb") as f:
