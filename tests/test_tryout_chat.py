@@ -38,3 +38,19 @@ def test_a_base_model_that_cannot_spell_the_plain_prompt_is_refused_at_the_start
         f"simplegpt chat: error: {path} has no chat template, and its vocabulary lacks characters of the plain "
         "'User: ... / Assistant:' prompt ('U', ':', 'A'); chat with a model trained with --tokenizer byte, gpt2 "
         "or bpe:N, or one fine-tuned for chat"]
+
+
+def test_the_server_says_a_base_model_cannot_spell_the_plain_chat_prompt(tmp_path):
+    pytest.importorskip("fastapi")
+    from simplegpt.serve.chat import chat_input
+    from simplegpt.serve.errors import APIError
+    from simplegpt.serve.schemas import ChatMessage
+
+    messages = [ChatMessage(role="user", content="hello")]
+    with pytest.raises(APIError) as e:
+        chat_input(CharTokenizer("abcdefghijklmnopqrstuvwxyz \n"), messages)
+    assert (e.value.status, e.value.param, e.value.message) == (
+        400, "messages", "this model has no chat template, and its vocabulary lacks characters of the plain "
+        "'User: ... / Assistant:' chat prompt ('U', ':', 'A'); send plain text to /v1/completions")
+    spelled = CharTokenizer("abcdefghijklmnopqrstuvwxyz \nUA:")
+    assert chat_input(spelled, messages) == ("User: hello\nAssistant:", ["\nUser:"])
