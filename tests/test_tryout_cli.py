@@ -16,3 +16,9 @@ def test_no_option_says_its_default_twice():
         assert not re.search(r"\(default:[^()]*(\([^()]*\)[^()]*)*\) \(default:", text), name
     export = re.sub(r"\s+", " ", commands.choices["export-gguf"].format_help())
     assert "(default: for models of 256 MB of f32 weights or more)" in export and "(default: None)" not in export
+
+
+def test_import_gguf_names_its_output_as_its_help_speaks_of_it():
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    text = commands.choices["import-gguf"].format_help()
+    assert "FILE.gguf OUT" in text and "replace OUT" in text
