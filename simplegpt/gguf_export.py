@@ -392,6 +392,8 @@ def _check_type(type: str) -> None:
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise OutputExistsError(f"{out} is a directory; give the path of the .gguf file to write")
+    if out.exists() and not out.is_file():  # a device or a pipe: --overwrite would put a file in its place
+        raise OutputExistsError(f"{out} is not a regular file; give the path of the .gguf file to write")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose a new file or pass --overwrite")
 

@@ -1,6 +1,8 @@
 """A write where no folder can be made is one line naming the user's path: the file that stands where a
 folder must be, or the output itself, never the hidden temporary folder beside it."""
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +46,15 @@ def test_import_and_export_gguf_under_a_file_say_so_in_one_line(tmp_path):
     assert (out.returncode, out.stderr) == (
         1, f"simplegpt export-gguf: error: {tmp_path / 'a-file' / 'm.gguf'}: cannot be written (Not a directory)\n")
     assert (tmp_path / "a-file").read_text() == "keep"
+
+
+def test_export_gguf_never_puts_a_file_in_place_of_a_pipe_or_device(tmp_path):
+    pytest.importorskip("gguf")
+    from simplegpt.errors import OutputExistsError
+    from simplegpt.gguf_export import write_gguf
+
+    pipe = tmp_path / "pipe.gguf"
+    os.mkfifo(pipe)
+    with pytest.raises(OutputExistsError, match="pipe.gguf is not a regular file"):
+        write_gguf(make_tiny_gpt(vocab_size=257), ByteTokenizer(), pipe, overwrite=True)
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.gguf"]
