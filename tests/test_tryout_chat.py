@@ -1,7 +1,9 @@
-"""`simplegpt chat` on odd input, in a real subprocess: /save to a folder or a missing folder is one
-line naming the path and leaves no file behind; a base model whose characters cannot spell the plain
+"""`simplegpt chat` on odd input, in a real subprocess: /save to a folder, a missing folder or a pipe is
+one line naming the path and leaves no file behind; a base model whose characters cannot spell the plain
 prompt is refused at the start in one line."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -17,15 +19,18 @@ def checkpoint(tmp_path_factory) -> Path:
     return chat_checkpoint(tmp_path_factory.mktemp("chat") / "tiny")
 
 
-def test_save_to_a_folder_or_a_missing_folder_names_the_path_and_leaves_nothing(checkpoint, tmp_path):
+def test_save_to_a_folder_a_missing_folder_or_a_pipe_names_the_path_and_leaves_nothing(checkpoint, tmp_path):
     (tmp_path / "folder").mkdir()
-    out = chat(checkpoint, ["/save folder", "/save missing/chat.json", "/save ok.json"], cwd=tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    out = chat(checkpoint, ["/save folder", "/save missing/chat.json", "/save pipe", "/save ok.json"], cwd=tmp_path)
     assert out.returncode == 1
     errors = [line for line in out.stderr.splitlines() if "error" in line]
     assert errors == ["simplegpt chat: error: folder is a folder; /save needs a file name: /save folder/chat.json",
-                      "simplegpt chat: error: missing/chat.json: cannot be written (No such file or directory)"]
+                      "simplegpt chat: error: missing/chat.json: cannot be written (No such file or directory)",
+                      "simplegpt chat: error: pipe is not a regular file; /save writes a new file or replaces one"]
     assert "Traceback" not in out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "ok.json"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "ok.json", "pipe"]  # no temporary file left
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
     assert list((tmp_path / "folder").iterdir()) == []
 
 

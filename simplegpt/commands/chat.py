@@ -158,6 +158,9 @@ def _save(messages: list[dict], name: str) -> bool:
     if path.is_dir():
         say(f"error: {path} is a folder; /save needs a file name: /save {path / 'chat.json'}")
         return False
+    if path.exists() and not path.is_file():  # /dev/null, a pipe: the rename would put a file in its place
+        say(f"error: {path} is not a regular file; /save writes a new file or replaces one")
+        return False
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden and unique: no file of the user's is hit
     try:
         tmp.write_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
