@@ -242,10 +242,11 @@ def load_engine(args: argparse.Namespace, quiet: bool = True) -> Engine:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown in --help, except for options that must be given (a required option has none)."""
+    """Defaults shown in --help, except for options that must be given (a required option has none) and
+    options whose help says its default in words."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required:
+        if action.required or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

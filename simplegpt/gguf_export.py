@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .atomic import no_folders_left_on_failure
+from .atomic import make_parent, no_folders_left_on_failure
 from .errors import (DISK_FULL, CheckpointError, FileAccessError, MissingDependencyError, OptionError,
                      OutputExistsError)
 from .model import GPT, GPTConfig
@@ -320,6 +320,8 @@ def _check_type(type: str) -> None:
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise OutputExistsError(f"{out} is a directory; give the path of the .gguf file to write")
+    if out.exists() and not out.is_file():  # a device or a pipe: --overwrite would put a file in its place
+        raise OutputExistsError(f"{out} is not a regular file; give the path of the .gguf file to write")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose a new file or pass --overwrite")
 
@@ -332,7 +334,7 @@ def _atomic_file(out: Path) -> Iterator[Path]:
     full = False
     try:
         with no_folders_left_on_failure(out.parent):
-            out.parent.mkdir(parents=True, exist_ok=True)
+            make_parent(out)
             try:
                 yield tmp
                 with open(tmp, "rb") as f:

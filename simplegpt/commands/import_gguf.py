@@ -17,7 +17,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="FILE.gguf", help="GGUF file to read")
-    p.add_argument("out", help="simplegpt checkpoint directory to write")
+    p.add_argument("out", metavar="OUT", help="simplegpt checkpoint directory to write")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it already exists and is not empty (otherwise refuse)")
 
