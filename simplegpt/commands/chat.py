@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import add_checkpoint_argument, add_engine_arguments, check_engine_arguments, load_engine, model_name
+from ..cli import (add_checkpoint_argument, add_engine_arguments, add_sampling_arguments, check_engine_arguments,
+                   load_engine, model_name)
 from ..errors import DataError, OptionError, UnknownCharacterError, file_access_errors
 
 HELP = "chat with a checkpoint in the terminal"
@@ -28,12 +29,7 @@ COMMANDS = ("/reset", "/save FILE", "/quit")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p, "checkpoint directory to load")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt: the conversation's first message")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply")
-    p.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature; 0 (or below 1e-5) = greedy decoding")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: the smallest set of tokens with total probability >= p; 1 = off")
+    add_sampling_arguments(p, max_new_tokens=256, temperature=0.7, per="per reply")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible replies")
     add_engine_arguments(p, "a chat")
 
