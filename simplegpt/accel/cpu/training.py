@@ -36,23 +36,33 @@ def usable(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu") and load() is not None)
 
 
-class _Gelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        load().sg_gelu_fwd(x.data_ptr(), y.data_ptr(), x.numel())
-        ctx.save_for_backward(x)
-        return y
+def elementwise_function(op: str) -> type[torch.autograd.Function]:
+    """The autograd Function of an elementwise op of any shape over its C kernels
+    sg_{op}_fwd(x, y, n) and sg_{op}_bwd(x, dy, dx, n) (n floats; the backward reads the saved input)."""
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch.empty_like(x)
-        load().sg_gelu_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel())
-        return dx
+    class Elementwise(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous()
+            y = torch.empty_like(x)
+            getattr(load(), f"sg_{op}_fwd")(x.data_ptr(), y.data_ptr(), x.numel())
+            ctx.save_for_backward(x)
+            return y
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            dy = dy.contiguous()
+            dx = torch.empty_like(x)
+            getattr(load(), f"sg_{op}_bwd")(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel())
+            return dx
+
+    Elementwise.__name__ = Elementwise.__qualname__ = f"_{op.capitalize()}"
+    return Elementwise
+
+
+_Gelu = elementwise_function("gelu")
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
