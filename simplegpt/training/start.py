@@ -18,7 +18,7 @@ from ..model import GPT, GPTConfig
 from ..tokenizer import Tokenizer
 
 # The keys a resumed run cannot change: its weights have this shape and its data this tokenizer.
-RESUME_FIXED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tokenizer")
+RESUME_FIXED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tokenizer", "lora", "lora_alpha", "lora_targets")
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +95,9 @@ def load_resume(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[GPT
     check_resume_compatible(loaded.metadata.get("train_config", {}), cfg, path)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{path} has no tokenizer; it cannot be resumed")
+    if cfg.lora:  # its weights are merged with the adapters: the frozen base comes back exactly
+        from .lora import restore_base
+        restore_base(loaded.model, path)
     return loaded.model.to(device), loaded.tokenizer, state
 
 

@@ -21,7 +21,9 @@ The caller's model is never changed. The twin has its own train()/eval() flag an
 Parameter object given to the model later (crop_block_size, load_state_dict(assign=True)) is not
 seen by a twin made before. Every kernel computes the same function as PyTorch's ops, in fewer
 passes (docs/training.md); inputs a kernel does not take (GPUs, bf16, masks, KV caches, dropout,
-head sizes it lacks) fall through to the parent class.
+head sizes it lacks) fall through to the parent class. A block whose linear layers carry adapters
+(LoRA) keeps model.Block's forward, and then the model keeps GPT's loss(): the attention, LayerNorm
+and GELU kernels still apply inside it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ...model import GPT, Block, CausalSelfAttention
 from ...views import module_view
 from . import training
 from .lib import load
+from .slots import BLOCK_SLOTS
 
 
 class LayerNorm(nn.LayerNorm):
@@ -78,6 +81,21 @@ _SWAPS: dict[type, type] = {GPT: FusedGPT, Block: FusedBlock, CausalSelfAttentio
                             nn.LayerNorm: LayerNorm, nn.GELU: GELU}
 
 
+def _plain_block(block: nn.Module) -> bool:
+    """Whether each of the block's BLOCK_SLOTS is its module's own parameter: a layer wrapped by an
+    adapter (peft's LoRA, simplegpt.training.lora) computes more than its weight, which the fused
+    kernels would read alone, so such a block runs PyTorch's forward."""
+    return all(name in block.get_submodule(path)._parameters for path, name in BLOCK_SLOTS)
+
+
+def _swap(module: nn.Module) -> type | None:
+    if type(module) is Block and not _plain_block(module):
+        return None
+    if type(module) is GPT and not all(_plain_block(block) for block in module.transformer.h):
+        return None
+    return _SWAPS.get(type(module))
+
+
 def for_training(model: nn.Module) -> nn.Module:
     """The module a training step runs: a twin of model (see the module docstring) whose forward
     passes take the CPU training kernels, or model itself where none can apply (the kernels are
@@ -86,4 +104,4 @@ def for_training(model: nn.Module) -> nn.Module:
     Call train()/eval() and loss()/forward() on what this returns; optimize and save model."""
     if type(model) is not GPT or load() is None or any(p.device.type != "cpu" for p in model.parameters()):
         return model
-    return module_view(model, lambda m: _SWAPS.get(type(m)))
+    return module_view(model, _swap)
