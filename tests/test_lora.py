@@ -1,0 +1,234 @@
+"""LoRA fine-tuning (train --lora, simplegpt.training.lora): only the adapters train, the loss falls,
+resume is exact, checkpoints hold merged weights that equal the model with its adapters, and the
+adapters export as a folder that peft loads onto the exported base."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_tiny_gpt
+from safetensors.torch import load_file
+
+from simplegpt.accel import cpu
+from simplegpt.checkpoint import load_checkpoint, load_train_state
+from simplegpt.config import TrainConfig
+from simplegpt.errors import ConfigError
+from simplegpt.generation.engine import Engine
+from simplegpt.generation.sampling import SamplingParams
+from simplegpt.training import lora
+from simplegpt.training.loop import train
+
+peft = pytest.importorskip("peft")
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare_path) -> Path:
+    path = tmp_path_factory.mktemp("lora_corpus") / "corpus.txt"
+    path.write_text(shakespeare_path.read_text()[:40_000])
+    return path
+
+
+def tiny(root: Path, corpus: Path, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), data_dir=str(root / "data"), n_layer=2, n_head=2, n_embd=32, block_size=16,
+                batch_size=8, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1, warmup_iters=0,
+                sample_tokens=0, out_dir=str(root / "run"), num_threads=1, plot=False, tensorboard=False,
+                peak_flops=1e12)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, corpus) -> Path:
+    """A briefly pretrained char model: the weights LoRA starts from."""
+    root = tmp_path_factory.mktemp("lora_base")
+    train(tiny(root, corpus, max_iters=30, eval_interval=30, lr=1e-2, out_dir=str(root / "base")), progress=False)
+    return root / "base" / "last"
+
+
+def lora_run(root: Path, corpus: Path, base: Path, **kw) -> TrainConfig:
+    return tiny(root, corpus, init_from=str(base), lora=RANK, lr=1e-2, min_lr=1e-2, **kw)
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def rebuilt_base(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The base weights a LoRA checkpoint holds: model.safetensors with the wrapped layers' weights
+    of lora/base.safetensors."""
+    return {**load_file(str(checkpoint / "model.safetensors")),
+            **load_file(str(checkpoint / lora.LORA_DIR / lora.BASE_WEIGHTS))}
+
+
+REPEATED = "the cat sat on the mat. "
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, corpus, base) -> Path:
+    """A LoRA fine-tune of base on a text of its own (one sentence, repeated)."""
+    root = tmp_path_factory.mktemp("lora_ft")
+    (root / "cat.txt").write_text(REPEATED * 400)
+    train(lora_run(root, root / "cat.txt", base, max_iters=40, eval_interval=40), progress=False)
+    return root / "run"
+
+
+def text_loss(checkpoint: Path) -> float:
+    """The model's loss on the fine-tuning text, one window of 16 characters."""
+    ck = load_checkpoint(checkpoint)
+    ids = torch.tensor(ck.tokenizer.encode(REPEATED * 2)[:17])
+    with torch.no_grad():
+        return float(ck.model.loss(ids[None, :-1], ids[None, 1:]))
+
+
+def test_only_the_adapters_train_and_the_loss_falls(finetuned, base):
+    ckpt = finetuned / "last"
+    before = load_file(str(base / "model.safetensors"))
+    after = rebuilt_base(ckpt)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the frozen base, bit for bit
+    merged = load_file(str(ckpt / "model.safetensors"))
+    wrapped = load_file(str(ckpt / lora.LORA_DIR / lora.BASE_WEIGHTS)).keys()
+    assert len(wrapped) == 2 * 4  # 2 blocks x c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert all(torch.equal(merged[k], before[k]) for k in before.keys() - wrapped)  # embeddings, norms, biases
+    assert all(not torch.equal(merged[k], before[k]) for k in wrapped)  # the adapters changed the model
+    # the optimizer holds the adapters alone: rank x (in + out) per layer
+    state = load_train_state(ckpt)["optimizer"]
+    params = [i for group in state["param_groups"] for i in group["params"]]
+    adapters = load_file(str(ckpt / lora.LORA_DIR / lora.ADAPTER_WEIGHTS))
+    assert len(params) == len(adapters) == 2 * len(wrapped)
+    C = 32
+    assert sum(t.numel() for t in adapters.values()) == 2 * RANK * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))
+    assert text_loss(ckpt) < text_loss(base) - 0.05  # it learned the new text (2.73 -> 2.65)
+
+
+@pytest.mark.parametrize("cpu_shards", [1, 2])
+def test_resume_is_exact(tmp_path, corpus, base, cpu_shards):
+    whole = lora_run(tmp_path / "a", corpus, base, cpu_shards=cpu_shards, num_threads=cpu_shards,
+                     lora_targets="c_attn,mlp")
+    train(whole, progress=False)
+    parted = whole.replace(out_dir=str(tmp_path / "b" / "run"))
+    train(parted, stop_at=3, progress=False)
+    resumed = train(parted, resume=tmp_path / "b" / "run" / "last", progress=False)
+    assert resumed.step == 8
+    assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
+    a, b = (load_file(str(tmp_path / r / "run" / "last" / lora.LORA_DIR / lora.ADAPTER_WEIGHTS)) for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merged_checkpoint_equals_the_base_with_its_adapters_in_peft(finetuned, base):
+    ckpt = finetuned / "last"
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    merged = load_checkpoint(ckpt).model
+    model = load_checkpoint(base).model
+    folder = ckpt / lora.LORA_DIR
+    peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(folder)), model)
+    saved = {k.removeprefix(lora.PEFT_PREFIX): v for k, v in load_file(str(folder / lora.ADAPTER_WEIGHTS)).items()}
+    assert not peft.set_peft_model_state_dict(model, saved).unexpected_keys
+    with torch.no_grad():
+        want, _ = model.eval()(ids)
+        got, _ = merged(ids)
+        plain, _ = load_checkpoint(base).model(ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (plain - want).abs().max() > 1e-2  # the adapters matter
+
+
+def adapted_model(targets: str) -> torch.nn.Module:
+    """make_tiny_gpt with LoRA adapters on targets whose B factors are far from 0 (they matter)."""
+    model = make_tiny_gpt(scale=8.0)
+    lora.add_adapters(model, TrainConfig(lora=RANK, lora_targets=targets, init_from="x"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.skipif(cpu.load() is None, reason="the CPU kernels are not available")
+def test_the_training_kernels_run_the_adapters():
+    model = adapted_model("attn,mlp")
+    ids = torch.randint(0, 50, (2, 16))
+    targets = torch.randint(0, 50, (2, 16))
+    want = model.loss(ids, targets)
+    (want_grad,) = torch.autograd.grad(want, [model.transformer.h[0].attn.c_attn.lora_B["default"].weight])
+    got = cpu.for_training(model).loss(ids, targets)
+    (got_grad,) = torch.autograd.grad(got, [model.transformer.h[0].attn.c_attn.lora_B["default"].weight])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(cpu.load() is None, reason="the CPU kernels are not available")
+def test_the_engine_runs_the_adapters_of_a_partly_adapted_model():
+    # adapters on attention only: the MLP's plain linears alone must not make the decode step fused
+    model = adapted_model("attn").eval()
+    ids = [1, 2, 3]
+    [result] = Engine(model).generate([ids], SamplingParams(max_new_tokens=8, temperature=0.0))
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+    assert result.token_ids == seq[3:]
+
+
+def simplegpt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+def test_export_hf_adapters_only_loads_in_peft_onto_the_exported_base(finetuned, base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ckpt = finetuned / "last"
+    for args in ([str(base), str(tmp_path / "base_hf")], [str(ckpt), str(tmp_path / "merged_hf")],
+                 [str(ckpt), str(tmp_path / "adapters"), "--adapters-only"]):
+        proc = simplegpt("export-hf", *args)
+        assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    with torch.no_grad():
+        want, _ = load_checkpoint(ckpt).model(ids)
+        hf_base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base_hf", torch_dtype=torch.float32)
+        adapted = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / "adapters")).eval()
+        got = adapted(ids).logits
+        merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged_hf").eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=0)
+    # a LoRA checkpoint is an ordinary one to the readers: generate runs it
+    proc = simplegpt("generate", "--checkpoint", str(ckpt), "--prompt", "KING", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    proc = simplegpt("export-hf", str(base), str(tmp_path / "none"), "--adapters-only")
+    assert proc.returncode != 0 and "holds no LoRA adapters" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora", "0"], "a LoRA rank is 1 or more"),
+    (["--lora", "4", "--lora_targets", "attn,q_proj"], "unknown LoRA target 'q_proj'"),
+    (["--lora", "4", "--init_from", ""], "give --init-from CHECKPOINT"),
+    (["--lora_alpha", "8"], "applies to LoRA runs only"),
+    (["--lora", "-2"], "lora must be >= 0"),
+])
+def test_bad_lora_settings_are_one_line(tmp_path, base, corpus, args, message):
+    init = [] if "--init_from" in args else ["--init-from", str(base)]
+    proc = simplegpt("train", "--data", str(corpus), "--block_size", "16", "--max_iters", "2", "--quiet",
+                     *init, *args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before a run folder was made
+
+
+def test_a_resume_cannot_change_the_adapters_and_fsdp_or_muon_are_refused(finetuned, corpus, base, tmp_path):
+    cfg = TrainConfig(**{**load_checkpoint(finetuned / "last").metadata["train_config"], "lora": 8,
+                         "max_iters": 50})
+    with pytest.raises(ConfigError, match="cannot resume .* with lora=8"):
+        train(cfg, resume=finetuned / "last", progress=False)
+    cfg = lora_run(tmp_path, corpus, base)
+    with pytest.raises(ConfigError, match="parallel = 'fsdp'"):
+        lora.check(cfg, SimpleNamespace(name="fsdp"))
+    with pytest.raises(ConfigError, match="optimizer = 'muon'"):
+        lora.check(cfg.replace(optimizer="muon"), SimpleNamespace(name="single"))
