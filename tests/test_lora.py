@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from simplegpt.accel import cpu
 from simplegpt.checkpoint import load_checkpoint, load_train_state
+from simplegpt.cli import main
 from simplegpt.config import TrainConfig
 from simplegpt.errors import ConfigError
 from simplegpt.generation.engine import Engine
@@ -213,12 +214,13 @@ def test_export_hf_adapters_only_loads_in_peft_onto_the_exported_base(finetuned,
     (["--lora_alpha", "8"], "applies to LoRA runs only"),
     (["--lora", "-2"], "lora must be >= 0"),
 ])
-def test_bad_lora_settings_are_one_line(tmp_path, base, corpus, args, message):
+def test_bad_lora_settings_are_one_line(tmp_path, base, corpus, args, message, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     init = [] if "--init_from" in args else ["--init-from", str(base)]
-    proc = simplegpt("train", "--data", str(corpus), "--block_size", "16", "--max_iters", "2", "--quiet",
-                     *init, *args, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    code = main(["train", "--data", str(corpus), "--block_size", "16", "--max_iters", "2", "--quiet", *init, *args])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()  # refused before a run folder was made
 
 
