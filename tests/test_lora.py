@@ -3,6 +3,7 @@ resume is exact, checkpoints hold merged weights that equal the model with its a
 adapters export as a folder that peft loads onto the exported base."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,21 @@ def test_export_hf_adapters_only_loads_in_peft_onto_the_exported_base(finetuned,
     proc = simplegpt("export-hf", str(base), str(tmp_path / "none"), "--adapters-only")
     assert proc.returncode != 0 and "holds no LoRA adapters" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ddp_over_two_processes_gives_the_losses_of_one(tmp_path, corpus, base):
+    one = lora_run(tmp_path / "one", corpus, base, grad_accum_steps=2, max_iters=4, cpu_shards=1)
+    train(one, progress=False)
+    settings = {**one.to_dict(), "out_dir": str(tmp_path / "ddp"), "num_threads": 1}
+    args = [a for k, v in settings.items() if k not in ("init_from", "data_dir")
+            for a in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "simplegpt", "train", "--quiet", "--init-from", str(base), "--data_dir",
+                           one.data_dir, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert losses(tmp_path / "ddp") == losses(tmp_path / "one" / "run")
+    assert lora.has_saved_adapters(tmp_path / "ddp" / "last")
 
 
 @pytest.mark.parametrize("args, message", [
