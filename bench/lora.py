@@ -7,9 +7,9 @@ weight (full), and rank-16 adapters on all the blocks' linear layers (--lora). E
 its peak RSS, the RSS it had before train() (imports, nothing trained), and the median tokens/s of
 the trainer's log windows (the first, with warm-up, left out). On a CPU, full fine-tuning of a GPT-2
 model runs the fused training kernels (the whole loss without materializing the logits), which
-LoRA's wrapped layers leave to PyTorch; --kernels off compares both on PyTorch's ops. The full and LoRA processes alternate
-for --rounds rounds, so load from other processes hits both alike. Prints each figure and the LoRA /
-full ratios.
+LoRA's wrapped layers leave to PyTorch; --kernels off compares both on PyTorch's ops. The full and
+LoRA processes alternate for --rounds rounds, so load from other processes hits both alike. Prints
+each figure and the LoRA / full ratios.
 
     python bench/lora.py [--steps 40] [--rounds 2] [--rank 16] [--n_layer 4] [--n_embd 256]
 """

@@ -252,16 +252,14 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike, overw
     PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), out). Atomic (temp dir + rename).
     CheckpointError for a checkpoint without adapters; OutputExistsError for an out that holds files."""
     from ..atomic import atomic_dir
-    from ..checkpoint import read_checkpoint_config, read_whole
+    from ..checkpoint import _write_weights, read_checkpoint_config, read_whole, verify_files
     from ..errors import OutputExistsError
-    from ..model import GPTConfig
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out} already exists and is not empty; choose a new directory or pass --overwrite")
-    doc = read_checkpoint_config(checkpoint)
 
     def read(folder: Path) -> tuple[dict, dict]:
         from safetensors.torch import load_file
@@ -269,15 +267,14 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike, overw
         if not has_saved_adapters(folder):
             raise CheckpointError(f"{checkpoint} holds no LoRA adapters (it was not trained with --lora); "
                                   "export-hf without --adapters-only writes its weights")
+        verify_files(folder, read_checkpoint_config(folder), [f"{LORA_DIR}/{ADAPTER_CONFIG}",
+                                                              f"{LORA_DIR}/{ADAPTER_WEIGHTS}"])
         config = json.loads((folder / LORA_DIR / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         return config, load_file(str(folder / LORA_DIR / ADAPTER_WEIGHTS))
 
-    config, weights = read_whole(checkpoint, read)
-    GPTConfig.from_dict(doc["model"])  # a GPT-2 shape: export-hf writes it as GPT2LMHeadModel
+    config, weights = read_whole(checkpoint, read)  # CheckpointError for a missing or damaged checkpoint
     config["fan_in_fan_out"] = True  # GPT-2's Conv1D stores (in, out), simplegpt's nn.Linear (out, in)
     config["task_type"] = "CAUSAL_LM"
-    from ..checkpoint import _write_weights
-
     with atomic_dir(out) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         _write_weights(weights, tmp / ADAPTER_WEIGHTS)
