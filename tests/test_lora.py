@@ -22,6 +22,7 @@ from simplegpt.errors import ConfigError
 from simplegpt.generation.engine import Engine
 from simplegpt.generation.sampling import SamplingParams
 from simplegpt.training import lora
+from simplegpt.training.hardware import core_shards
 from simplegpt.training.loop import train
 
 peft = pytest.importorskip("peft")
@@ -238,6 +239,13 @@ def test_bad_lora_settings_are_one_line(tmp_path, base, corpus, args, message, c
     assert code != 0
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()  # refused before a run folder was made
+
+
+def test_adapter_dropout_keeps_the_batches_whole():
+    # dropout draws from one random stream, which the core shards' threads would share out of order
+    cfg = TrainConfig(lora=RANK, init_from="x", batch_size=4)
+    assert core_shards(cfg, torch.device("cpu"), torch.float32, 2) == 2
+    assert core_shards(cfg.replace(lora_dropout=0.1), torch.device("cpu"), torch.float32, 2) == 1
 
 
 def test_a_resume_cannot_change_the_adapters_and_fsdp_or_muon_are_refused(finetuned, corpus, base, tmp_path):
