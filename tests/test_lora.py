@@ -178,18 +178,12 @@ def test_the_engine_runs_the_adapters_of_a_partly_adapted_model():
     assert result.token_ids == seq[3:]
 
 
-def simplegpt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, stdin=subprocess.DEVNULL)
-
-
-def test_export_hf_adapters_only_loads_in_peft_onto_the_exported_base(finetuned, base, tmp_path):
+def test_export_hf_adapters_only_loads_in_peft_onto_the_exported_base(finetuned, base, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     ckpt = finetuned / "last"
     for args in ([str(base), str(tmp_path / "base_hf")], [str(ckpt), str(tmp_path / "merged_hf")],
                  [str(ckpt), str(tmp_path / "adapters"), "--adapters-only"]):
-        proc = simplegpt("export-hf", *args)
-        assert proc.returncode == 0, proc.stderr
+        assert main(["export-hf", *args]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["adapter_config.json",
                                                                         "adapter_model.safetensors"]
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
@@ -202,11 +196,12 @@ def test_export_hf_adapters_only_loads_in_peft_onto_the_exported_base(finetuned,
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged, want, atol=1e-5, rtol=0)
     # a LoRA checkpoint is an ordinary one to the readers: generate runs it
-    proc = simplegpt("generate", "--checkpoint", str(ckpt), "--prompt", "KING", "--max-new-tokens", "5")
-    assert proc.returncode == 0, proc.stderr
-    proc = simplegpt("export-hf", str(base), str(tmp_path / "none"), "--adapters-only")
-    assert proc.returncode != 0 and "holds no LoRA adapters" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "KING", "--max-new-tokens", "5"]) == 0
+    capsys.readouterr()
+    assert main(["export-hf", str(base), str(tmp_path / "none"), "--adapters-only"]) != 0
+    err = capsys.readouterr().err
+    assert "holds no LoRA adapters" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_ddp_over_two_processes_gives_the_losses_of_one(tmp_path, corpus, base):
