@@ -7,6 +7,7 @@
     python bench/generate.py --compile            # + Engine(compile=True), against the eager engine
     python bench/generate.py --device cuda --compile --skip-llama   # GPU: compiled (CUDA graphs) vs HF eager
     python bench/generate.py --contention --preset mini --repeats 7  # decode beside a busy process
+    python bench/generate.py --preset smollm2-135m --batch 0  # a Llama-style model against LlamaForCausalLM
 
 With --llama-bench (built by ../shared/bench/llamacpp_anchor.sh, which also writes the random GPT-2
 GGUF files it reads), llama.cpp's f32 and q8_0 decode speeds are measured at the start of each
@@ -14,6 +15,8 @@ round and after the last (2 repetitions each), with the same threads, prompt and
 counts, and the ratios are printed against its best repetition, as simplegpt's best round counts
 (its figure excludes the prompt, simplegpt's includes the prefill).
 
+A Llama-style preset (llama-*, smollm2-135m, qwen3-0.6b) is measured against Hugging Face's
+LlamaForCausalLM or Qwen3ForCausalLM of the same shape (random weights as well).
 Every engine decodes greedily from the same 16-token prompt; tokens/s count generated tokens
 over the whole call (prefill included), best of --repeats rounds that interleave the engines.
 "batch 8" (--batch) decodes 8 prompts of 16, 15, ..., 9 tokens (left-padded) in one call, and
@@ -160,9 +163,19 @@ def hf_runner(model: GPT, prompts: list[list[int]], n: int):
     import transformers
 
     cfg = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, attn_implementation="sdpa")).eval().to(model.transformer.wte.weight.device)
+    if cfg.is_gpt2:
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, attn_implementation="sdpa"))
+    else:  # a Llama-style preset: the LlamaForCausalLM / Qwen3ForCausalLM of the same shape
+        from simplegpt import hf_llama
+
+        kind = hf_llama.hf_class_for(cfg)
+        doc = hf_llama.config_to_hf(cfg, kind, eos_id=0, bos_id=0)
+        doc.pop("model_type")
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **doc),
+                                                           attn_implementation="sdpa")
+    hf = hf.eval().to(model.transformer.wte.weight.device)
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=hf.device)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=hf.device)

@@ -11,6 +11,10 @@ imported tokenizer.json files are, bytes, ASCII characters) it checks:
   the first difference; with --no-repack where llama.cpp's repacked q8_0 kernels die of SIGILL);
 - tokenization: llama-server's /tokenize of 20 strings (emoji, whitespace runs, code, other
   scripts) against simplegpt's tokenizer.
+The trained BPE also runs on a Llama-style model (GGUF's llama: GQA, untied head) and a Qwen3-style
+one (GGUF's qwen3: QK-norm, heads of their own width), and a Llama-style chat checkpoint (a ChatML
+template on its tokenizer) answers 3 conversations through llama-server's /v1/chat/completions and
+`simplegpt serve`'s, both at temperature 0.
 It prints one table. tests/test_gguf_llamacpp.py runs the same checks with asserts; both skip when
 the environment variable does not name a folder holding llama-server. Models are random (seeded),
 so the bench needs no download.
@@ -21,12 +25,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,9 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from simplegpt.generation.engine import generate_ids  # noqa: E402
-from simplegpt.gguf_export import PRE_TOKENIZERS, export_gguf  # noqa: E402
+from simplegpt.gguf_export import export_gguf  # noqa: E402
+from simplegpt.gguf_vocab import PRE_TOKENIZERS  # noqa: E402
 from simplegpt.hf_tokenizer import HFTokenizer, train_bpe  # noqa: E402
-from simplegpt.model import GPT, GPTConfig  # noqa: E402
+from simplegpt.model import GPT, LLAMA, GPTConfig  # noqa: E402
 from simplegpt.quantize import quantize_int8  # noqa: E402
 from simplegpt.tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer  # noqa: E402
 
@@ -74,6 +81,17 @@ STRINGS = (
 # llama.cpp's CPU GELU reads its input and result through an f16 table (ggml's GGML_GELU_FP16), so its f32
 # logits differ from PyTorch's in the third decimal: two tokens closer than this are a tie either may win.
 NEAR_TIE = 0.02
+# The model architectures the parity runs cover: GPT-2 (GGUF's gpt2), a Llama-style block with GQA
+# and an untied head (GGUF's llama), and Qwen3's block with QK-norm and heads wider than
+# n_embd / n_head (GGUF's qwen3, with attention.key_length).
+STYLES = {
+    "gpt2": {},
+    "llama": dict(LLAMA, n_kv_head=1, tie_word_embeddings=False, rope_theta=50000.0),
+    "qwen3": dict(LLAMA, qk_norm=True, n_kv_head=1, head_size=48, rope_theta=1e6, rms_norm_eps=1e-6),
+}
+# (tokenizer label, style) of each bench row: every tokenizer on GPT-2, the trained BPE on the others
+RUNS = (("gpt2", "gpt2"), ("bpe:512", "gpt2"), ("hf-llama-bpe", "gpt2"), ("hf-qwen2", "gpt2"), ("byte", "gpt2"),
+        ("char (ASCII)", "gpt2"), ("bpe:512", "llama"), ("bpe:512", "qwen3"))
 # The small ASCII character set of the char-tokenizer model: the prompts' characters and more.
 ASCII_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n\t"
 
@@ -186,12 +204,13 @@ def q8_0_greedy(checkpoint: Path, gguf: Path, bin_dir: Path) -> tuple[list["Gree
 
 
 def random_checkpoint(path: Path, tokenizer: Tokenizer, seed: int = 0, n_embd: int = 64, n_layer: int = 2,
-                      n_head: int = 2, n_positions: int = 256) -> Path:
-    """A random GPT saved with `tokenizer`: GPT-2's init scaled by 4 plus noise, so the greedy tokens depend
-    on the whole context (an untrained tied model at GPT-2's init mostly repeats its last token)."""
+                      n_head: int = 2, n_positions: int = 256, style: str = "gpt2") -> Path:
+    """A random GPT of STYLES[style] saved with `tokenizer`: GPT-2's init scaled by 4 plus noise, so the
+    greedy tokens depend on the whole context (an untrained tied model at GPT-2's init mostly repeats
+    its last token)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=n_embd,
-                          n_layer=n_layer, n_head=n_head, dropout=0.0))
+                          n_layer=n_layer, n_head=n_head, dropout=0.0, **STYLES[style]))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0).add_(torch.randn_like(p) * 0.05)
@@ -287,6 +306,115 @@ def tokenize_parity(tokenizer: Tokenizer, server: LlamaServer,
     return rows
 
 
+# A ChatML template (Hugging Face's Jinja convention) for the chat checkpoint, and the conversations
+# both servers answer
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATS = (
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 3 and 4"}],
+    [{"role": "user", "content": "Once upon a time, in a land far away,"}],
+    [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "The king said"},
+     {"role": "user", "content": "def main():"}],
+)
+CHAT_TOKENS = 32
+
+
+def chat_checkpoint(path: Path, tokenizer: Tokenizer, style: str = "llama") -> Path:
+    """random_checkpoint of `style` whose tokenizer carries CHAT_TEMPLATE (simplegpt.chat's convention)."""
+    from simplegpt.hf_tokenizer import as_hf_tokenizer
+
+    hf = as_hf_tokenizer(tokenizer)
+    return random_checkpoint(path, HFTokenizer(hf.json, hf.eos_id, kind=hf.kind, chat_template=CHAT_TEMPLATE),
+                             style=style)
+
+
+class SimplegptServer:
+    """`simplegpt serve` of a checkpoint on 127.0.0.1 (a real process), for `with` blocks: post()."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+
+    def __enter__(self) -> "SimplegptServer":
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "serve", "--checkpoint", str(self.checkpoint),
+                                      "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stderr.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not found:
+            self.proc.kill()
+            raise RuntimeError(f"simplegpt serve printed no address: {line!r}")
+        self.port = int(found.group(1))
+        # its access log goes on being read, so that the pipe never fills
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError("simplegpt serve did not answer /health in 60 s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def post(self, route: str, body: dict) -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{route}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as r:
+            return json.loads(r.read())
+
+
+def chat_reply(server: "LlamaServer | SimplegptServer", messages: list[dict]) -> str:
+    """The assistant's reply to messages from the server's /v1/chat/completions at temperature 0."""
+    body = {"model": "chat", "messages": messages, "temperature": 0.0, "max_tokens": CHAT_TOKENS}
+    return server.post("/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
+
+@dataclass
+class Chat:
+    messages: list[dict]
+    ours: str  # simplegpt serve's reply
+    llama: str  # llama-server's reply
+    # where the replies differ: simplegpt's logit margin at the first token llama.cpp's greedy decoding
+    # of the same prompt picks differently (a near tie when small); None when they are equal
+    margin: float | None = None
+
+    @property
+    def equal(self) -> bool:
+        return self.ours == self.llama
+
+
+def chat_parity(checkpoint: Path, gguf: Path, bin_dir: Path) -> list[Chat]:
+    """simplegpt serve's and llama-server's replies to each of CHATS, both at temperature 0."""
+    with SimplegptServer(checkpoint) as ours:
+        mine = [chat_reply(ours, m) for m in CHATS]
+    chats = []
+    with LlamaServer(gguf, bin_dir, n_ctx=256) as server:
+        for messages, reply in zip(CHATS, mine):
+            chat = Chat(messages, reply, chat_reply(server, messages))
+            if not chat.equal:  # the same prompt's greedy tokens, to tell a near tie from a difference
+                prompt = server.post("/apply-template", {"messages": messages})["prompt"]
+                ck = load_checkpoint(checkpoint)
+                ids = ck.tokenizer.encode(prompt, specials=True)
+                run = Greedy(prompt, generate_ids(ck.model, ids, CHAT_TOKENS, ck.tokenizer.eos_id),
+                             server.complete(ids, CHAT_TOKENS))
+                i = run.agree
+                if i < min(len(run.ours), len(run.llama)):
+                    with torch.no_grad():
+                        logits = ck.model(torch.tensor([ids + run.ours[:i]]))[0][0, -1]
+                    chat.margin = float(logits[run.ours[i]] - logits[run.llama[i]])
+            chats.append(chat)
+    return chats
+
+
 def main() -> int:
     bin_dir = llama_bin()
     if bin_dir is None:
@@ -295,13 +423,16 @@ def main() -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True,
                 text=True).stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
     print(f"llama.cpp: {bin_dir}\nCPU: {cpu}\n")
-    print(f"{'tokenizer':<14}{'type':<7}{'greedy tokens (3 prompts x 64)':<52}tokenization (20 strings)")
+    print(f"{'tokenizer (model)':<24}{'type':<7}{'greedy tokens (3 prompts x 64)':<52}tokenization (20 strings)")
     work = Path(tempfile.mkdtemp(prefix="gguf_parity_"))
     failed = False
     try:
-        for label, tok in tokenizers().items():
-            name = label.split()[0].replace(":", "")
-            ck = random_checkpoint(work / name, tok)
+        toks = tokenizers()
+        for label, style in RUNS:
+            tok = toks[label]
+            name = f"{label.split()[0].replace(':', '')}-{style}"
+            ck = random_checkpoint(work / name, tok, style=style)
+            label = f"{label} ({style})"
             for qtype in ("f32", "q8_0"):
                 gguf = work / f"{name}-{qtype}.gguf"
                 export_gguf(ck, gguf, type=qtype, progress=False)
@@ -316,7 +447,7 @@ def main() -> int:
                             rows = tokenize_parity(tok, server)
                 except LlamaCrashed as e:
                     why = f"signal {signal.Signals(e.sig).name}" if e.sig else "an error"
-                    print(f"{label:<14}{qtype:<7}llama-server died of {why} running this file")
+                    print(f"{label:<24}{qtype:<7}llama-server died of {why} running this file")
                     failed |= qtype == "f32"
                     continue
                 total = sum(len(r.ours) for r in runs)
@@ -333,7 +464,7 @@ def main() -> int:
                     for text, ours, theirs in rows:
                         if ours != theirs:
                             print(f"    differs: {text!r}: simplegpt {ours} llama.cpp {theirs}")
-                print(f"{label:<14}{qtype:<7}{greedy:<52}{tokens}")
+                print(f"{label:<24}{qtype:<7}{greedy:<52}{tokens}")
                 if margins:
                     print(f"    simplegpt's logit margin at each first difference: {', '.join(margins)}")
                 if vs_f32:
@@ -341,6 +472,17 @@ def main() -> int:
                           f"{sum(len(r.ours) for r in vs_f32)} agree ({[r.agree for r in vs_f32]})")
                 if how and how != "default":
                     print(f"    llama-server ran with {how}")
+        ck = chat_checkpoint(work / "chat", toks["bpe:512"])
+        gguf = work / "chat-f32.gguf"
+        export_gguf(ck, gguf, progress=False)
+        chats = chat_parity(ck, gguf, bin_dir)
+        failed |= any(not c.equal and (c.margin or 1.0) > NEAR_TIE for c in chats)
+        print(f"\nchat (bpe:512, llama, ChatML template): llama-server's /v1/chat/completions equals simplegpt serve's "
+              f"for {sum(c.equal for c in chats)}/{len(chats)} conversations at temperature 0 ({CHAT_TOKENS} tokens)")
+        for c in chats:
+            if not c.equal:
+                print(f"    differs after {c.messages[-1]['content']!r}: simplegpt's logit margin at the first "
+                      f"differing token {c.margin:.4f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0

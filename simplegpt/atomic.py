@@ -15,6 +15,7 @@ file, because nothing is renamed before its data is on disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -29,9 +30,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     `path` (see the module docstring for the steps), otherwise it is removed and `path` is left as it was.
     Folders get the permissions the umask gives (as os.mkdir does). Raises OSError from the file system."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     recover(path)
-    tmp = _make_unique(path, ".tmp-")
+    try:
+        tmp = _make_unique(path, ".tmp-")
+    except OSError as e:  # said of the path the caller named: the hidden folder is nothing to its user
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         yield tmp
         _sync_tree(tmp)
@@ -42,6 +46,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     marker.mkdir()
     _fsync_dir(path.parent)  # the marker reaches the disk before NAME is moved into it
     _finish(path, tmp, marker)
+
+
+def make_parent(path: str | os.PathLike) -> None:
+    """Make path's folder and the missing ones above it. OSError from the file system; NotADirectoryError
+    naming the file that stands where one of those folders must be (mkdir names the folder it wanted)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        file = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path.parent)
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(file)) from None
 
 
 @contextlib.contextmanager

@@ -188,6 +188,17 @@ def model_name(checkpoint: str) -> str:
     return f"{folder.parent.name}-{folder.name}" if folder.name in (BEST, LAST) else folder.name
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float, per: str) -> None:
+    """Adds --max-new-tokens (most tokens `per` reply or sample, for --help), --temperature, --top-k and
+    --top-p, the sampling options generate and chat share (SamplingParams' fields)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate {per}")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help="sampling temperature; 0 (or below 1e-5) = greedy decoding")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens with total probability >= p; 1 = off")
+
+
 def add_engine_arguments(p: argparse.ArgumentParser, long_running: str) -> None:
     """Adds --quantize, --compile, --device and --threads to p; long_running: where compiling pays off,
     for --help."""
@@ -242,10 +253,11 @@ def load_engine(args: argparse.Namespace, quiet: bool = True) -> Engine:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown in --help, except for options that must be given (a required option has none)."""
+    """Defaults shown in --help, except for options that must be given (a required option has none) and
+    options whose help says its default in words."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required:
+        if action.required or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

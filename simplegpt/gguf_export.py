@@ -1,13 +1,18 @@
 """A simplegpt checkpoint as one GGUF file, the format llama.cpp, Ollama and LM Studio read.
 
 What goes in, and where it comes from:
-- the architecture: the first entry of ARCHITECTURES that can express the model's config (today
-  GGUF's `gpt2`; an entry names its GGUF hyperparameters and which config fields it expresses, so
-  a Llama-style entry is one more row). A config option no entry expresses is refused, named;
-- the tensors, renamed with the `gguf` package's own name map for that architecture (simplegpt's
-  state-dict names are Hugging Face GPT-2's), as f32, f16 or Q8_0 in the format's block layout
-  (gguf.quants); vectors, norms and learned positions stay f32, as llama.cpp's converter keeps them;
-- the tokenizer as GGUF's byte-level BPE vocabulary (`tokenizer.ggml.model` "gpt2"): its tokens in
+- the architecture: the first entry of ARCHITECTURES that can express the model's config: GGUF's
+  `gpt2` for GPT-2, `llama` for a Llama-style block (rotary positions, RMSNorm, SwiGLU; GQA, biases,
+  an untied head, a head width of its own), `qwen3` for that block with QK-norm and no biases. An
+  entry names the config values it requires, the fields it carries and its GGUF hyperparameters; a
+  config option no entry expresses (ReLU^2, LayerNorm with rotary positions, ...) is refused, named;
+- the tensors, under Hugging Face's names for the architecture (GPT-2's are simplegpt's own,
+  Llama's and Qwen3's come from simplegpt.hf_llama's key map), renamed with the `gguf` package's own
+  name map, as f32, f16 or Q8_0 in the format's block layout (gguf.quants); vectors, norms and
+  learned positions stay f32, as llama.cpp's converter keeps them. GGUF's `llama` rotates adjacent
+  pairs of a head's channels where simplegpt rotates its two halves, so its query and key rows are
+  reordered (the permutation llama.cpp's converter applies to Hugging Face Llama weights);
+- the tokenizer as GGUF's byte-level BPE vocabulary (simplegpt.gguf_vocab): its tokens in
   the byte-to-character alphabet, token types, merges and the pre-tokenizer's name
   (`tokenizer.ggml.pre`), which tells llama.cpp how to split text before the merges;
 - the chat template, as `tokenizer.chat_template`, when the checkpoint's tokenizer carries one.
@@ -21,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import re
 import secrets
@@ -33,15 +37,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .atomic import no_folders_left_on_failure
+from .atomic import make_parent, no_folders_left_on_failure
 from .errors import (DISK_FULL, CheckpointError, FileAccessError, MissingDependencyError, OptionError,
                      OutputExistsError)
 from .model import GPT, GPTConfig
-from .tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_vocab_files
+from .gguf_vocab import Vocab, vocab_for
+from .tokenizer import Tokenizer
 
 INSTALL_HINT = 'install the GGUF extra: pip install "simplegpt-toolkit[gguf]"'
 TYPES = ("f32", "f16", "q8_0")
-# The checkpoint metadata key (config.json) holding a Jinja chat template in Hugging Face's convention.
 # Q8_0 stores blocks of 32 values (one f16 scale + 32 int8) along each row: rows must be whole blocks.
 Q8_0_BLOCK = 32
 # A model at least this big (bytes of f32 weights) shows progress bars while it is converted and written.
@@ -62,34 +66,103 @@ def require_gguf() -> ModuleType:
 class Architecture:
     """One GGUF architecture simplegpt models can be written as.
 
-    name: GGUF's `general.architecture`. expresses: the GPTConfig fields it carries (any other field
-    must keep GPTConfig's default, else the model is not this architecture). hparams(config): its
-    `{name}.*` keys, without the prefix, and their values. f32_tensors: GGUF tensor-name stems
-    (after `blk.N.`) kept in f32 whatever the type, besides every vector."""
+    name: GGUF's `general.architecture`. requires: GPTConfig fields and the one value each must have
+    (e.g. rotary positions). expresses: the other fields it carries (any field in neither must keep
+    GPTConfig's default, else the model is not this architecture). hparams(config): its `{name}.*`
+    keys, without the prefix, and their values. weights(model): the model's tensors under the Hugging
+    Face names that the `gguf` package's name map knows for this architecture, fp32, in GGUF's layout.
+    f32_tensors: GGUF tensor-name stems (after `blk.N.`) kept in f32 whatever the type, besides every
+    vector."""
 
     name: str
     expresses: frozenset[str]
     hparams: Callable[[GPTConfig], dict[str, Any]]
+    weights: Callable[[GPT], dict[str, torch.Tensor]]
+    requires: tuple[tuple[str, Any], ...] = ()
     f32_tensors: frozenset[str] = frozenset()
 
     def cannot_express(self, config: GPTConfig) -> list[str]:
         """'field=value' for each config field this architecture has no way to write."""
         defaults = {f.name: f.default for f in dataclasses.fields(type(config))}
+        required = dict(self.requires)
         return [f"{k}={v!r}" for k, v in config.to_dict().items()
-                if k not in self.expresses and v != defaults.get(k, dataclasses.MISSING)]
+                if (k in required and v != required[k])
+                or (k not in required and k not in self.expresses and v != defaults.get(k, dataclasses.MISSING))]
 
 
+def _gpt2_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """GPT-2's tensors (simplegpt's names are GPT2LMHeadModel's); a model without biases gets zero
+    biases (GGUF's gpt2 requires them; a zero bias computes what no bias does)."""
+    with torch.device("meta"):
+        full = GPT(dataclasses.replace(model.config, bias=True)).state_dict()
+    state = model.state_dict()
+    return {name: state[name] if name in state else torch.zeros(meta.shape) for name, meta in full.items()}
+
+
+def _llama_weights(model: GPT, rope_pairs: bool) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM / Qwen3ForCausalLM tensors (simplegpt.hf_llama's key map). Norms without a gain
+    get a gain of ones (the same norm). rope_pairs: reorder each head's query and key rows so that
+    the two halves Hugging Face rotates together (i, i + D/2) become adjacent rows (2i, 2i + 1), the
+    pairs GGUF's `llama` rotates, as llama.cpp's converter does; `qwen3` rotates halves as we do."""
+    from .hf_llama import to_hf_state
+
+    config = dataclasses.replace(model.config, norm_gain=True)
+    with torch.device("meta"):
+        full = GPT(config).state_dict()
+    state = model.state_dict()
+    state = {name: state[name] if name in state else torch.ones(meta.shape) for name, meta in full.items()}
+    hf = to_hf_state(state, config)
+    if rope_pairs:
+        D = config.head_dim
+        for name, heads in (("q_proj", config.n_head), ("k_proj", config.kv_heads)):
+            for key in [k for k in hf if f".self_attn.{name}." in k]:
+                w = hf[key]  # (heads * D, ...) rows: per head, D/2 first-half rows then D/2 second-half rows
+                hf[key] = w.reshape(heads, 2, D // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return hf
+
+
+def _gpt2_hparams(c: GPTConfig) -> dict[str, Any]:
+    return {"context_length": c.n_positions, "embedding_length": c.n_embd, "feed_forward_length": 4 * c.n_embd,
+            "block_count": c.n_layer, "attention.head_count": c.n_head,
+            "attention.layer_norm_epsilon": c.layer_norm_epsilon}
+
+
+def _llama_hparams(c: GPTConfig) -> dict[str, Any]:
+    keys = {"vocab_size": c.vocab_size, "context_length": c.n_positions, "embedding_length": c.n_embd,
+            "feed_forward_length": c.ffn_size, "block_count": c.n_layer, "attention.head_count": c.n_head,
+            "attention.head_count_kv": c.kv_heads, "rope.dimension_count": c.head_dim,
+            "rope.freq_base": float(c.rope_theta), "attention.layer_norm_rms_epsilon": c.rms_norm_eps}
+    if c.head_dim * c.n_head != c.n_embd:  # llama.cpp's default head width is embedding_length / head_count
+        keys.update({"attention.key_length": c.head_dim, "attention.value_length": c.head_dim})
+    return keys
+
+
+# Fields that change nothing for the architecture's block (an epsilon of a norm it does not use, the
+# theta of rotary positions it does not have), so any value is expressed.
+_UNUSED_BY_GPT2 = {"rope_theta", "rms_norm_eps"}
+_UNUSED_BY_LLAMA = {"layer_norm_epsilon"}
+# norm_gain=False is written as gains of ones, which compute the same
+_LLAMA_FIELDS = frozenset({"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "dropout", "n_kv_head",
+                           "head_size", "rope_theta", "norm_gain", "rms_norm_eps", "intermediate_size",
+                           "tie_word_embeddings", *_UNUSED_BY_LLAMA})
+_LLAMA_BLOCK = (("positions", "rotary"), ("norm", "rmsnorm"), ("mlp", "swiglu"))
 GPT2 = Architecture(
     name="gpt2",
     # dropout does nothing at inference; bias=False is written as zero biases, which compute the same
     expresses=frozenset({"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "dropout", "bias",
-                         "layer_norm_epsilon"}),
-    hparams=lambda c: {"context_length": c.n_positions, "embedding_length": c.n_embd,
-                       "feed_forward_length": 4 * c.n_embd, "block_count": c.n_layer,
-                       "attention.head_count": c.n_head, "attention.layer_norm_epsilon": c.layer_norm_epsilon},
+                         "layer_norm_epsilon", *_UNUSED_BY_GPT2}),
+    hparams=_gpt2_hparams,
+    weights=_gpt2_weights,
     f32_tensors=frozenset({"position_embd"}),
 )
-ARCHITECTURES: tuple[Architecture, ...] = (GPT2,)
+# llama.cpp's llama reads optional biases on every linear layer; its qwen3 has none
+LLAMA = Architecture(name="llama", expresses=_LLAMA_FIELDS | {"bias"},
+                     requires=(*_LLAMA_BLOCK, ("qk_norm", False)),
+                     hparams=_llama_hparams, weights=lambda m: _llama_weights(m, rope_pairs=True))
+QWEN3 = Architecture(name="qwen3", expresses=_LLAMA_FIELDS,
+                     requires=(*_LLAMA_BLOCK, ("qk_norm", True), ("bias", False)),
+                     hparams=_llama_hparams, weights=lambda m: _llama_weights(m, rope_pairs=False))
+ARCHITECTURES: tuple[Architecture, ...] = (GPT2, LLAMA, QWEN3)
 
 
 def architecture_for(config: GPTConfig) -> Architecture:
@@ -101,167 +174,22 @@ def architecture_for(config: GPTConfig) -> Architecture:
         if not missing:
             return arch
         reasons.append(f"{arch.name} has no {', '.join(missing)}")
-    raise CheckpointError(f"GGUF cannot express this model: {'; '.join(reasons)}; export-hf writes it for "
-                          "transformers instead")
-
-
-@dataclass
-class Vocab:
-    """A tokenizer as GGUF's BPE vocabulary: tokens[i] is id i in the byte-level alphabet."""
-
-    tokens: list[str]
-    types: list[int]  # gguf.TokenType per token
-    merges: list[str]  # "left right", in rank order
-    pre: str  # tokenizer.ggml.pre: how llama.cpp splits text before merging
-    eos_id: int
-
-
-# Pre-tokenizer regexes of byte-level BPE tokenizer.json files -> llama.cpp's name for that split.
-PRE_TOKENIZERS = {
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": "gpt-2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-}
-GPT2_PRE = "gpt-2"
-# A vocabulary of single characters has no merges, but llama.cpp refuses a BPE vocabulary without the
-# merges key and the gguf package writes no empty array: the one merge written joins two end-of-text
-# tokens, which never occur as BPE symbols (llama.cpp's merges start from single characters, and
-# control tokens are matched apart from BPE), so it never applies.
-INERT_MERGES = [f"{EOS_TEXT} {EOS_TEXT}"]
-
-
-def _byte_chars() -> list[str]:
-    """The byte-level alphabet: byte b -> the printable character that stands for it in BPE vocabularies."""
-    from .hf_tokenizer import _byte_decoder
-
-    chars = [""] * 256
-    for char, b in _byte_decoder().items():
-        chars[b] = char
-    return chars
-
-
-def vocab_for(tok: Tokenizer | None, vocab_size: int) -> Vocab:
-    """The GGUF vocabulary of a simplegpt tokenizer. CheckpointError, one line saying why and what to
-    use instead, for a tokenizer llama.cpp would not split exactly as simplegpt does."""
-    gguf = require_gguf()
-    normal, control = int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)
-    if tok is None:
-        raise CheckpointError("the checkpoint has no tokenizer, and a GGUF file must carry one; save the "
-                              "checkpoint with its tokenizer (prepare/train do)")
-    if isinstance(tok, GPT2Tokenizer):
-        encoder, bpe = gpt2_vocab_files()
-        ids = json.loads(encoder.read_text(encoding="utf-8"))
-        tokens = sorted(ids, key=ids.__getitem__)
-        merges = [line for line in bpe.read_text(encoding="utf-8").splitlines()[1:] if line]  # after "#version"
-        vocab = Vocab(tokens, [control if t == EOS_TEXT else normal for t in tokens], merges, GPT2_PRE, tok.eos_id)
-    elif isinstance(tok, ByteTokenizer):
-        # 256 one-byte tokens and no merges that apply: llama.cpp's BPE maps each byte of the text to
-        # its character, and with no merges each character is its own token, the byte's id
-        vocab = Vocab([*_byte_chars(), EOS_TEXT], [normal] * 256 + [control], INERT_MERGES, GPT2_PRE, tok.eos_id)
-    elif isinstance(tok, CharTokenizer):
-        vocab = _char_vocab(tok, normal, control)
-    elif tok.kind in ("bpe", "hf"):
-        vocab = _hf_vocab(tok, normal, control, int(gguf.TokenType.USER_DEFINED))
-    else:
-        raise CheckpointError(f"GGUF has no vocabulary for simplegpt's {tok.kind!r} tokenizer")
-    if len(vocab.tokens) != vocab_size:
-        raise CheckpointError(f"the tokenizer has {len(vocab.tokens)} tokens but the model {vocab_size}; the "
-                              "checkpoint is inconsistent")
-    return vocab
-
-
-def _char_vocab(tok: CharTokenizer, normal: int, control: int) -> Vocab:
-    """A character vocabulary as one-byte BPE tokens with no merges: exact for ASCII characters only."""
-    wide = [c for c in tok.chars if ord(c) > 127]
-    if wide:
-        named = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in wide[:3]) + (", ..." if len(wide) > 3 else "")
-        raise CheckpointError(
-            f"the character vocabulary holds {len(wide)} non-ASCII character(s) ({named}): llama.cpp's BPE splits "
-            "them into their UTF-8 bytes, which have no tokens here, so it would tokenize differently; train with "
-            "--tokenizer byte or bpe:N for a GGUF export")
-    if tok.unk is not None:
-        raise CheckpointError(
-            f"the character vocabulary maps unknown characters to {tok.unk!r}, and llama.cpp drops them instead, "
-            "so it would tokenize differently; train without an unknown-character token, or with --tokenizer "
-            "byte or bpe:N, for a GGUF export")
-    byte_chars = _byte_chars()
-    return Vocab([byte_chars[ord(c)] for c in tok.chars] + [EOS_TEXT], [normal] * len(tok.chars) + [control],
-                 INERT_MERGES, GPT2_PRE, tok.eos_id)
-
-
-def _hf_vocab(tok: Tokenizer, normal: int, control: int, user_defined: int) -> Vocab:
-    """A `tokenizers` byte-level BPE (trained or imported tokenizer.json) with its merges and split."""
-    from tokenizers import Tokenizer as HFT
-
-    doc = json.loads(tok.json)
-    model = doc.get("model") or {}
-    if model.get("type") != "BPE" or not _is_byte_level(doc.get("pre_tokenizer")):
-        raise CheckpointError(
-            f"the {tok.kind} tokenizer is a {model.get('type', 'non-BPE')} model without GPT-2's byte-level "
-            "pre-tokenizer, and only byte-level BPE vocabularies are exported to GGUF so far; use export-hf and "
-            "llama.cpp's converter, or train with --tokenizer bpe:N")
-    # A vocabulary of bytes with no merges (a byte tokenizer given chat markers) gives the same ids however
-    # the text is split, so llama.cpp's GPT-2 split serves.
-    pre = GPT2_PRE if not model.get("merges") else _pre_name(doc.get("pre_tokenizer"))
-    if pre is None:
-        raise CheckpointError(
-            f"the {tok.kind} tokenizer splits text with a pre-tokenizer llama.cpp has no name for here (known: "
-            f"{', '.join(sorted(set(PRE_TOKENIZERS.values())))}), so llama.cpp could tokenize differently; "
-            "use export-hf, or train with --tokenizer bpe:N")
-    hf = HFT.from_str(tok.json)
-    tokens = [hf.id_to_token(i) for i in range(tok.vocab_size)]
-    if None in tokens:
-        raise CheckpointError(f"the {tok.kind} tokenizer has no token for id {tokens.index(None)}; GGUF vocabularies "
-                              "number their tokens without gaps")
-    added = {t["id"]: t for t in doc.get("added_tokens") or []}
-    types = [(control if added[i].get("special") else user_defined) if i in added else normal
-             for i in range(len(tokens))]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    return Vocab(tokens, types, merges or INERT_MERGES, pre, tok.eos_id)
-
-
-def _is_byte_level(pre: Any) -> bool:
-    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    return any(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps)
-
-
-def _pre_name(pre: Any) -> str | None:
-    """llama.cpp's name for a tokenizer.json pre-tokenizer (a ByteLevel split with GPT-2's regex, or a
-    Split by a known regex then ByteLevel without one), None when it is none of the known splits."""
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
-        return None if steps[0].get("add_prefix_space") else GPT2_PRE
-    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated"
-            and not steps[0].get("invert") and steps[1].get("type") == "ByteLevel"
-            and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
-        return PRE_TOKENIZERS.get((steps[0].get("pattern") or {}).get("Regex"))
-    return None
+    raise CheckpointError(f"GGUF cannot express this model: {'; '.join(reasons)}")
 
 
 def gguf_tensors(model: GPT, arch: Architecture) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, fp32 CPU tensor) of every weight the architecture reads, in the model's order.
-
-    A model without biases gets zero biases (GGUF's gpt2 requires them; a zero bias computes what no
-    bias does). The tied output head is written once, as token_embd: llama.cpp reuses it without
+    """(GGUF name, fp32 CPU tensor) of every weight the architecture reads (arch.weights), in the
+    model's order. A tied output head is written once, as token_embd: llama.cpp reuses it without
     `output.weight`."""
     gguf = require_gguf()
-    config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], config.n_layer)
-    state = model.state_dict()
-    with torch.device("meta"):
-        full = GPT(dataclasses.replace(config, bias=True)).state_dict()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], model.config.n_layer)
     tied = model.lm_head.weight is model.transformer.wte.weight
-    for name, meta in full.items():
+    for name, tensor in arch.weights(model).items():
         if name == "lm_head.weight" and tied:
             continue
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise CheckpointError(f"GGUF's {arch.name} has no tensor for the weight {name!r}")
-        tensor = state.get(name)
-        if tensor is None:
-            tensor = torch.zeros(meta.shape)
         yield gguf_name, tensor.detach().to("cpu", torch.float32).contiguous()
 
 
@@ -392,6 +320,8 @@ def _check_type(type: str) -> None:
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise OutputExistsError(f"{out} is a directory; give the path of the .gguf file to write")
+    if out.exists() and not out.is_file():  # a device or a pipe: --overwrite would put a file in its place
+        raise OutputExistsError(f"{out} is not a regular file; give the path of the .gguf file to write")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose a new file or pass --overwrite")
 
@@ -404,7 +334,7 @@ def _atomic_file(out: Path) -> Iterator[Path]:
     full = False
     try:
         with no_folders_left_on_failure(out.parent):
-            out.parent.mkdir(parents=True, exist_ok=True)
+            make_parent(out)
             try:
                 yield tmp
                 with open(tmp, "rb") as f:

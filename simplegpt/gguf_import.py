@@ -1,8 +1,11 @@
-"""A GGUF file of GGUF's `gpt2` architecture as a simplegpt checkpoint: the way back of export-gguf.
+"""A GGUF file of GGUF's `gpt2`, `llama` or `qwen3` architecture as a simplegpt checkpoint: the way
+back of export-gguf.
 
 The tensors are read with the `gguf` package's reader and dequantized with its own `gguf.quants`
 (f16 and Q8_0 files come back as float32, with their rounding); the names go through the same name
-map as the export. The tokenizer comes back as what it was where the vocabulary says so (GPT-2's,
+map as the export (for `llama` and `qwen3`, to Hugging Face's names and then through
+simplegpt.hf_llama's key map; `llama`'s query and key rows go back from rotation pairs to halves).
+The tokenizer comes back as what it was where the vocabulary says so (GPT-2's,
 bytes, characters), else as a byte-level BPE built with `tokenizers` from the tokens, merges and
 pre-tokenizer name; the chat template goes with the tokenizer (its `chat_template`).
 """
@@ -14,21 +17,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, model_from_state, save_checkpoint
 from .errors import CheckpointError, OutputExistsError
 from .hf_tokenizer import HFTokenizer, as_hf_tokenizer
-from .gguf_export import (GPT2, GPT2_PRE, INERT_MERGES, PRE_TOKENIZERS, _byte_chars,
-                          require_gguf)
+from .gguf_export import GPT2, LLAMA, QWEN3, require_gguf
+from .gguf_vocab import GPT2_PRE, INERT_MERGES, PRE_TOKENIZERS, _byte_chars
 from .model import GPT, GPTConfig
 from .tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_vocab_files
 
 
 def read_gguf(path: str | os.PathLike) -> Checkpoint:
     """The model, tokenizer and chat template of a GGUF file (Checkpoint with path=None).
-    CheckpointError, one line, for a file that is not GGUF, another architecture than gpt2, or a
-    model or vocabulary simplegpt cannot run exactly."""
+    CheckpointError, one line, for a file that is not GGUF, another architecture than gpt2, llama
+    or qwen3, or a model or vocabulary simplegpt cannot run exactly."""
     gguf = require_gguf()
     path = Path(path)
     if not path.is_file():
@@ -39,10 +43,16 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path} is not a readable GGUF file ({e})") from None
     fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = fields.get("general.architecture")
-    if arch != GPT2.name:
-        raise CheckpointError(f"{path} holds a {arch!r} model; import-gguf reads GGUF's {GPT2.name!r} architecture")
-    config = _config(fields, path)
-    state = _state(gguf, reader, config, path)
+    if arch == GPT2.name:
+        config = _config(fields, path)
+        state = _state(gguf, reader, config, path)
+    elif arch in (LLAMA.name, QWEN3.name):
+        tensors = {t.name: t for t in reader.tensors}
+        config = _llama_config(fields, arch, tensors, path)
+        state = _llama_state(gguf, tensors, config, arch, path)
+    else:
+        known = ", ".join(repr(a.name) for a in (GPT2, LLAMA, QWEN3))
+        raise CheckpointError(f"{path} holds a {arch!r} model; import-gguf reads GGUF's {known} architectures")
     tokenizer = _tokenizer(fields, config.vocab_size, path)
     metadata: dict[str, Any] = {"imported_from": str(path)}
     template = fields.get("tokenizer.chat_template")
@@ -88,6 +98,74 @@ def _config(fields: dict[str, Any], path: Path) -> GPTConfig:
     return config
 
 
+def _llama_config(fields: dict[str, Any], arch: str, tensors: dict[str, Any], path: Path) -> GPTConfig:
+    """The GPTConfig of a llama or qwen3 file's hyperparameters; CheckpointError for what simplegpt's
+    Llama-style block has not (rope scaling, partial rotation, keys and values of different widths)."""
+    key = f"{arch}."
+    try:
+        n_embd, n_head = int(fields[key + "embedding_length"]), int(fields[key + "attention.head_count"])
+        head_dim = int(fields.get(key + "attention.key_length", n_embd // n_head))
+        unsupported = []
+        if int(fields.get(key + "attention.value_length", head_dim)) != head_dim:
+            unsupported.append("values and keys of different widths")
+        if int(fields.get(key + "rope.dimension_count", head_dim)) != head_dim:
+            unsupported.append("rotary positions on part of each head")
+        if fields.get(key + "rope.scaling.type") not in (None, "none"):
+            unsupported.append(f"rope scaling {fields[key + 'rope.scaling.type']!r}")
+        if unsupported:
+            raise CheckpointError(f"{path} is a {arch} model simplegpt cannot run exactly: {'; '.join(unsupported)}")
+        embedding = tensors.get("token_embd.weight")
+        vocab = int(embedding.shape[1]) if embedding is not None else len(fields["tokenizer.ggml.tokens"])
+        return GPTConfig(
+            vocab_size=vocab, n_positions=int(fields[key + "context_length"]), n_embd=n_embd,
+            n_layer=int(fields[key + "block_count"]), n_head=n_head,
+            n_kv_head=int(fields.get(key + "attention.head_count_kv", n_head)),
+            head_size=None if head_dim * n_head == n_embd else head_dim, dropout=0.0,
+            bias="blk.0.attn_q.bias" in tensors, positions="rotary",
+            rope_theta=_float(fields.get(key + "rope.freq_base", 10000.0)), norm="rmsnorm",
+            rms_norm_eps=_float(fields[key + "attention.layer_norm_rms_epsilon"]), mlp="swiglu",
+            intermediate_size=int(fields[key + "feed_forward_length"]), qk_norm=arch == QWEN3.name,
+            tie_word_embeddings="output.weight" not in tensors)
+    except KeyError as e:
+        raise CheckpointError(f"{path} has no {e.args[0]}; it is not a complete GGUF {arch} model") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid {arch} configuration: {e}") from None
+
+
+def _float(value: Any) -> float:
+    """A float32 hyperparameter as the shortest decimal that is that float32 (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _llama_state(gguf: Any, tensors: dict[str, Any], config: GPTConfig, arch: str,
+                 path: Path) -> dict[str, torch.Tensor]:
+    """simplegpt weights from a llama or qwen3 file's tensors (dequantized to float32), checked by
+    simplegpt.hf_llama.from_hf_state against config."""
+    from .hf_llama import _expected, from_hf_state, hf_names
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.n_layer)
+    hf_state: dict[str, torch.Tensor] = {}
+    for name in _expected(config):
+        for hf_name in hf_names(name):
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name in tensors:
+                hf_state[hf_name] = _float32(gguf, tensors.pop(gguf_name))
+    if config.tie_word_embeddings and "output.weight" in tensors:
+        hf_state["lm_head.weight"] = _float32(gguf, tensors.pop("output.weight"))
+    if tensors:
+        raise CheckpointError(f"{path} holds tensors simplegpt's {arch} has not: {sorted(tensors)[:3]}")
+    if arch == LLAMA.name:  # rotation pairs (2i, 2i + 1) back to halves (i, i + D/2), see gguf_export
+        D = config.head_dim
+        for proj, heads in (("q_proj", config.n_head), ("k_proj", config.kv_heads)):
+            for key in [k for k in hf_state if f".self_attn.{proj}." in k]:
+                w = hf_state[key]
+                if w.shape[0] != heads * D:
+                    raise CheckpointError(f"{path}: {key} has {w.shape[0]} rows but its hyperparameters imply "
+                                          f"{heads * D}")
+                hf_state[key] = w.reshape(heads, D // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return from_hf_state(hf_state, config, str(path))
+
+
 def _state(gguf: Any, reader: Any, config: GPTConfig, path: Path) -> dict[str, torch.Tensor]:
     """simplegpt weights from the file's tensors (dequantized to float32), checked against config."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, config.n_layer)
@@ -126,6 +204,9 @@ def _tokenizer(fields: dict[str, Any], vocab_size: int, path: Path) -> Tokenizer
                               "byte-level BPE ('gpt2') vocabularies")
     tokens, merges = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.merges") or []
     types = fields.get("tokenizer.ggml.token_type") or [1] * vocab_size
+    unused = int(require_gguf().TokenType.UNUSED)
+    while len(tokens) > 1 and types[len(tokens) - 1] == unused:  # the padding of an embedding past its tokenizer
+        tokens, types = tokens[:-1], types[:-1]
     eos_id = int(fields.get("tokenizer.ggml.eos_token_id", vocab_size - 1))
     encoder, bpe = gpt2_vocab_files()
     ids = json.loads(encoder.read_text(encoding="utf-8"))

@@ -299,3 +299,105 @@ def test_write_gguf_refuses_a_bad_type_before_anything(tmp_path):
     with pytest.raises(OptionError, match="choose one of f32, f16, q8_0"):
         write_gguf(make_tiny_gpt(vocab_size=257), ByteTokenizer(), tmp_path / "m.gguf", type="q4_k")
     _nothing_but(tmp_path)
+
+
+# --- Llama-style checkpoints: GGUF's llama and qwen3 -------------------------------------------------------------
+
+LLAMA_STYLE = dict(positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False, rms_norm_eps=1e-5)
+STYLES = {
+    # GQA, an untied head, biases, a head width of its own (key_length), no norm gains (written as ones)
+    "llama": dict(LLAMA_STYLE, n_kv_head=1, tie_word_embeddings=False, bias=True, head_size=24, norm_gain=False,
+                  intermediate_size=96, rope_theta=50000.0),
+    "qwen3": dict(LLAMA_STYLE, qk_norm=True, n_kv_head=1, rope_theta=1e6, rms_norm_eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("style", ["llama", "qwen3"])
+def test_llama_style_files_hold_their_hyperparameters_and_tensors_in_ggufs_layout(tmp_path, style):
+    tok = with_template(train_bpe(["hello world, the words of the world " * 50], 300), TEMPLATE)
+    ck = _checkpoint(tmp_path / "ck", tok, **STYLES[style])
+    out = export_gguf(ck, tmp_path / "m.gguf").path
+    model = load_checkpoint(ck).model
+    c = model.config
+    fields = _fields(out)
+    hparams = {k.split(".", 1)[1]: v for k, v in fields.items() if k.startswith(f"{style}.")}
+    assert fields["general.architecture"] == style and fields["tokenizer.chat_template"] == TEMPLATE
+    assert hparams == {
+        "vocab_size": tok.vocab_size, "context_length": 32, "embedding_length": 32, "block_count": 2,
+        "feed_forward_length": c.ffn_size, "attention.head_count": 2, "attention.head_count_kv": 1,
+        "rope.dimension_count": c.head_dim, "rope.freq_base": c.rope_theta,
+        "attention.layer_norm_rms_epsilon": pytest.approx(c.rms_norm_eps),
+        **({"attention.key_length": 24, "attention.value_length": 24} if style == "llama" else {}),
+    }
+    tensors = {t.name: t.data for t in gguf.GGUFReader(out).tensors}
+    state = model.state_dict()
+    H, K, D, F = 2, 1, c.head_dim, c.ffn_size
+    for i in range(2):
+        q, k, v = state[f"transformer.h.{i}.attn.c_attn.weight"].split([H * D, K * D, K * D])
+        if style == "llama":  # each head's rows i and i + D/2 (rotated together) become rows 2i and 2i+1
+            order = torch.tensor([h * D + r + half * D // 2
+                                  for h in range(H) for r in range(D // 2) for half in (0, 1)])
+            assert np.array_equal(tensors[f"blk.{i}.attn_q.weight"], q[order].numpy())
+            assert np.array_equal(tensors[f"blk.{i}.attn_k.weight"], k[order[: K * D]].numpy())
+            q_bias = state[f"transformer.h.{i}.attn.c_attn.bias"][: H * D]
+            assert np.array_equal(tensors[f"blk.{i}.attn_q.bias"], q_bias[order].numpy())
+            assert np.array_equal(tensors[f"blk.{i}.attn_norm.weight"], np.ones(32, np.float32))  # no gain
+        else:  # qwen3 rotates halves, as simplegpt does: nothing moves
+            assert np.array_equal(tensors[f"blk.{i}.attn_q.weight"], q.numpy())
+            assert np.array_equal(tensors[f"blk.{i}.attn_k.weight"], k.numpy())
+            q_norm = state[f"transformer.h.{i}.attn.q_norm.weight"]
+            assert np.array_equal(tensors[f"blk.{i}.attn_q_norm.weight"], q_norm)
+        assert np.array_equal(tensors[f"blk.{i}.attn_v.weight"], v.numpy())
+        gate, up = state[f"transformer.h.{i}.mlp.c_fc.weight"].split([F, F])
+        assert np.array_equal(tensors[f"blk.{i}.ffn_gate.weight"], gate.numpy())
+        assert np.array_equal(tensors[f"blk.{i}.ffn_up.weight"], up.numpy())
+    # the untied head is written as output.weight; a tied one is token_embd alone
+    assert ("output.weight" in tensors) == (style == "llama")
+    if style == "llama":
+        assert np.array_equal(tensors["output.weight"], state["lm_head.weight"].numpy())
+
+
+@pytest.mark.parametrize("style", ["llama", "qwen3"])
+def test_transformers_loads_llama_style_files_with_logits_within_1e_4(tmp_path, style):
+    """Two gaps in transformers' (5.x) GGUF reader, which docs/export.md names: it reads no
+    attention.key_length for qwen3 (its key map for qwen3 lacks it; qwen3_moe's has it) and
+    Qwen3Config's head_dim defaults to 128, so a qwen3 file whose heads are not 128 wide loads only
+    with head_dim= given (else 'ignore_mismatched_sizes'); and GGUF has no key saying a llama has
+    biases, so transformers drops them unless attention_bias=True, mlp_bias=True are given."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    tok = train_bpe(["Hello, how are you? The king said: emoji 🙂 and 日本語, tabs\tand  spaces. " * 40], 400)
+    options = dict(STYLES[style], head_size=None, norm_gain=True) if style == "llama" else STYLES[style]
+    ck = _checkpoint(tmp_path / "ck", tok, n_positions=64, scale=4.0, **options)
+    export_gguf(ck, tmp_path / "m.gguf")
+    model = load_checkpoint(ck).model
+    extra = {"head_dim": model.config.head_dim} if style == "qwen3" else {"attention_bias": True, "mlp_bias": True}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32, **extra)
+    ids = torch.tensor([tok.encode("Hello, how are you? The king said")])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(LLAMA_STYLE, mlp="relu2"), "llama has no mlp='relu2'"),
+    (dict(norm="rmsnorm"), "llama has no positions='learned'"),
+    (dict(positions="rotary"), "llama has no norm='layernorm'"),
+    (dict(LLAMA_STYLE, qk_norm=True, bias=True), "qwen3 has no bias=True"),
+])
+def test_a_llama_style_option_gguf_cannot_express_is_one_line_naming_it(tmp_path, capsys, options, named):
+    ck = _checkpoint(tmp_path / "ck", ByteTokenizer(), **options)
+    (tmp_path / "out").mkdir()
+    line = _one_line(Ran(capsys, "export-gguf", ck, tmp_path / "out" / "m.gguf"))
+    assert line.startswith("simplegpt export-gguf: error: GGUF cannot express this model: gpt2 has no ")
+    assert named in line
+    _nothing_but(tmp_path / "out")
+
+
+def test_an_embedding_padded_past_its_tokenizer_gets_unused_tokens(tmp_path):
+    tok = train_bpe(["hello world, the words of the world " * 50], 300)
+    model = make_tiny_gpt(vocab_size=tok.vocab_size + 20, **STYLES["qwen3"])
+    ck = save_checkpoint(tmp_path / "ck", model, tok)
+    fields = _fields(export_gguf(ck, tmp_path / "m.gguf").path)
+    assert fields["tokenizer.ggml.tokens"][tok.vocab_size:] == [f"[PAD{i}]" for i in range(tok.vocab_size,
+                                                                                          tok.vocab_size + 20)]
+    assert fields["tokenizer.ggml.token_type"][tok.vocab_size:] == [int(gguf.TokenType.UNUSED)] * 20

@@ -58,14 +58,50 @@ def test_q8_0_comes_back_dequantized_with_its_rounding(tmp_path):
 
 def test_bad_files_are_one_line(tmp_path, capsys):
     (tmp_path / "not.gguf").write_bytes(b"hello, not a gguf file at all" * 10)
-    writer = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    for file, words in [("not.gguf", "is not a readable GGUF file"), ("llama.gguf", "holds a 'llama' model"),
+    for arch in ("falcon", "llama"):
+        writer = gguf.GGUFWriter(tmp_path / f"{arch}.gguf", arch)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    for file, words in [("not.gguf", "is not a readable GGUF file"), ("falcon.gguf", "holds a 'falcon' model"),
+                        ("llama.gguf", "has no llama.embedding_length; it is not a complete GGUF llama model"),
                         ("missing.gguf", "is not a file")]:
         assert main(["import-gguf", str(tmp_path / file), str(tmp_path / "out")]) == 1
         [line] = capsys.readouterr().err.splitlines()
         assert line.startswith("simplegpt import-gguf: error: ") and words in line, line
     assert not (tmp_path / "out").exists()
+
+
+LLAMA_STYLE = dict(positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False, rms_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("style", [
+    dict(LLAMA_STYLE, n_kv_head=1, tie_word_embeddings=False, bias=True, head_size=24, rope_theta=50000.0),
+    dict(LLAMA_STYLE, n_kv_head=1),
+    dict(LLAMA_STYLE, qk_norm=True, n_kv_head=1, rope_theta=1e6, rms_norm_eps=1e-6, intermediate_size=64),
+], ids=["llama-untied-bias", "llama-tied", "qwen3"])
+def test_llama_and_qwen3_files_come_back_as_they_were(tmp_path, style):
+    tokenizer = train_bpe([" ".join(TEXTS) * 30], 300)
+    ck, file = _exported(tmp_path, tokenizer, **style)
+    back = import_gguf(file, tmp_path / "back")
+    ours = load_checkpoint(ck)
+    want, got = ours.config.to_dict(), back.config.to_dict()
+    assert back.config.ffn_size == ours.config.ffn_size
+    assert want.pop("intermediate_size") in (None, ours.config.ffn_size)
+    got.pop("intermediate_size")
+    assert got == want
+    state = ours.model.state_dict()
+    assert back.model.state_dict().keys() == state.keys()
+    for key, value in back.model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for text in TEXTS:
+        assert back.tokenizer.encode(text) == tokenizer.encode(text), text
+
+
+def test_an_embedding_padded_past_its_tokenizer_comes_back_without_the_padding_tokens(tmp_path):
+    tokenizer = train_bpe([" ".join(TEXTS) * 30], 300)
+    model = make_tiny_gpt(vocab_size=tokenizer.vocab_size + 20, **dict(LLAMA_STYLE, qk_norm=True))
+    ck = save_checkpoint(tmp_path / "ck", model, tokenizer)
+    back = import_gguf(export_gguf(ck, tmp_path / "m.gguf").path, tmp_path / "back")
+    assert back.config.vocab_size == tokenizer.vocab_size + 20 and back.tokenizer.vocab_size == tokenizer.vocab_size

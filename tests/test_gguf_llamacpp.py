@@ -24,17 +24,19 @@ TOKENIZERS = parity.tokenizers() if BIN is not None else {}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """export(label, qtype) -> (checkpoint, GGUF file), made once per module."""
+    """export(label, qtype, style="gpt2") -> (checkpoint, GGUF file): a random model of parity.STYLES[style]
+    with tokenizer `label`, made once per module."""
     made = {}
     folder = tmp_path_factory.mktemp("gguf_parity")
 
-    def export(label: str, qtype: str):
-        if label not in made:
-            made[label] = parity.random_checkpoint(folder / label.replace(":", ""), TOKENIZERS[label])
-        gguf = folder / f"{label.replace(':', '')}-{qtype}.gguf"
+    def export(label: str, qtype: str, style: str = "gpt2"):
+        name = f"{label.replace(':', '')}-{style}"
+        if name not in made:
+            made[name] = parity.random_checkpoint(folder / name, TOKENIZERS[label], style=style)
+        gguf = folder / f"{name}-{qtype}.gguf"
         if not gguf.exists():
-            parity.export_gguf(made[label], gguf, type=qtype)
-        return made[label], gguf
+            parity.export_gguf(made[name], gguf, type=qtype)
+        return made[name], gguf
 
     return export
 
@@ -46,6 +48,17 @@ def test_f32_greedy_tokens_equal_llama_cpp_for_64_tokens_from_3_prompts(exported
         runs = parity.greedy_parity(ck, server)
     for run in runs:
         assert run.llama == run.ours, run  # 64 tokens, or fewer ending with end of text in both
+
+
+@pytest.mark.parametrize("style", ["llama", "qwen3"])
+def test_f32_greedy_tokens_of_llama_style_checkpoints_equal_llama_cpp(exported, style):
+    """A trained-BPE model of GGUF's llama (GQA, untied head: its query/key rows reordered into rotation
+    pairs) and of its qwen3 (QK-norm, 48-wide heads of a 64-wide model: attention.key_length)."""
+    ck, gguf = exported("bpe:512", "f32", style)
+    with parity.LlamaServer(gguf, BIN, n_ctx=256) as server:
+        runs = parity.greedy_parity(ck, server)
+    for run in runs:
+        assert run.llama == run.ours, run
 
 
 @pytest.mark.parametrize("label", ["hf-llama-bpe", "hf-qwen2", "byte", "char (ASCII)"])
@@ -68,16 +81,18 @@ def test_llama_cpp_tokenizes_20_strings_as_simplegpt_does(exported, label):
     assert [(text, theirs) for text, _, theirs in rows] == [(text, ours) for text, ours, _ in rows]
 
 
-@pytest.mark.parametrize("label", ["gpt2", "bpe:512"])
-def test_q8_0_greedy_tokens_against_simplegpts_int8(exported, label, capsys):
+@pytest.mark.parametrize("label, style", [("gpt2", "gpt2"), ("bpe:512", "gpt2"), ("bpe:512", "llama"),
+                                          ("bpe:512", "qwen3")])
+def test_q8_0_greedy_tokens_against_simplegpts_int8(exported, label, style, capsys):
     """Both round to 8 bits, differently (Q8_0: blocks of 32 with an f16 scale, activations too;
     simplegpt: one scale per weight row and per activation row), and these random models amplify
     rounding, so how long the tokens agree is printed, not asserted. Where llama.cpp's repacked q8_0
     kernels die of SIGILL (seen on this project's hosts), llama-server runs with --no-repack."""
-    ck, gguf = exported(label, "q8_0")
+    ck, gguf = exported(label, "q8_0", style)
     runs, vs_f32, how = parity.q8_0_greedy(ck, gguf, BIN)
     with capsys.disabled():
-        print(f"\n{label} q8_0 ({how}): {sum(r.agree for r in runs)}/{sum(len(r.ours) for r in runs)} greedy tokens "
+        print(f"\n{label} ({style}) q8_0 ({how}): {sum(r.agree for r in runs)}/{sum(len(r.ours) for r in runs)} "
+              "greedy tokens "
               f"agree with int8 before the first difference ({[r.agree for r in runs]}); with f32 "
               f"{[r.agree for r in vs_f32]}")
     vocab = TOKENIZERS[label].vocab_size
@@ -103,3 +118,16 @@ def test_llama_server_chats_with_the_template_stored_in_the_checkpoint(tmp_path)
     assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nadd 3 and 4<|im_end|>\n"
                       "<|im_start|>assistant\n")
     assert ids == tok.encode(prompt, specials=True) and ids.count(tok.encode("<|im_start|>", specials=True)[0]) == 3
+
+
+def test_llama_server_chat_replies_as_simplegpt_serve_does(tmp_path):
+    """A chat checkpoint (a Llama-style model whose tokenizer carries a ChatML template): the replies of
+    llama-server's /v1/chat/completions and of `simplegpt serve`'s, both real servers at temperature 0,
+    to 3 conversations. They are equal, or differ first where simplegpt's greedy token wins by less than
+    NEAR_TIE (random tiny models have such ties; bench/gguf_parity.py prints the margins)."""
+    ck = parity.chat_checkpoint(tmp_path / "chat", TOKENIZERS["bpe:512"])
+    gguf = parity.export_gguf(ck, tmp_path / "chat.gguf").path
+    chats = parity.chat_parity(ck, gguf, BIN)
+    assert sum(c.equal for c in chats) >= 2, chats
+    for chat in chats:
+        assert chat.equal or (chat.margin is not None and chat.margin < parity.NEAR_TIE), chat

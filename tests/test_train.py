@@ -134,6 +134,9 @@ def test_resume_refuses_other_shape_and_damaged_checkpoints(tmp_path, corpus):
         train(cfg.replace(n_embd=32, max_iters=6), resume=last, progress=False)
     with pytest.raises(ConfigError, match="tokenizer"):
         train(cfg.replace(tokenizer="byte", max_iters=6), resume=last, progress=False)
+    # another optimizer cannot take the saved one's state: said as such, not as a damaged file
+    with pytest.raises(ConfigError, match="optimizer='muon': the checkpoint has optimizer='adamw'"):
+        train(cfg.replace(optimizer="muon", max_iters=6), resume=last, progress=False)
     state = (last / "train_state.pt").read_bytes()
     (last / "train_state.pt").write_bytes(state[: len(state) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupted"):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-from ..cli import add_checkpoint_argument, add_engine_arguments, check_engine_arguments, load_engine, model_name
-from ..errors import DataError, OptionError, file_access_errors
+from ..cli import (add_checkpoint_argument, add_engine_arguments, add_sampling_arguments, check_engine_arguments,
+                   load_engine, model_name)
+from ..errors import DataError, OptionError, UnknownCharacterError, file_access_errors
 
 HELP = "chat with a checkpoint in the terminal"
 DESCRIPTION = (
@@ -27,12 +29,7 @@ COMMANDS = ("/reset", "/save FILE", "/quit")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p, "checkpoint directory to load")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt: the conversation's first message")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply")
-    p.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature; 0 (or below 1e-5) = greedy decoding")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: the smallest set of tokens with total probability >= p; 1 = off")
+    add_sampling_arguments(p, max_new_tokens=256, temperature=0.7, per="per reply")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible replies")
     add_engine_arguments(p, "a chat")
 
@@ -50,6 +47,13 @@ def run(args: argparse.Namespace) -> int:
     with file_access_errors():
         engine = load_engine(args)
     fmt = chat_format(engine.tokenizer)
+    if isinstance(fmt, PlainChat):  # else every message would be refused for characters the user never typed
+        try:
+            fmt.prompt_ids([{"role": "user", "content": ""}])
+        except UnknownCharacterError as e:
+            raise DataError(f"{args.checkpoint} has no chat template, and its vocabulary lacks characters of the "
+                            f"plain 'User: ... / Assistant:' prompt ({', '.join(map(repr, e.chars))}); chat with a "
+                            "model trained with --tokenizer byte, gpt2 or bpe:N, or one fine-tuned for chat") from None
     params = dataclasses.replace(params, stop=fmt.stop)
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 spoil their line, not the session
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -147,12 +151,20 @@ def _save(messages: list[dict], name: str) -> bool:
         say("error: /save needs a file name: /save chat.json")
         return False
     path = Path(name).expanduser()
-    tmp = path.with_name(path.name + ".tmp")
+    if path.is_dir():
+        say(f"error: {path} is a folder; /save needs a file name: /save {path / 'chat.json'}")
+        return False
+    if path.exists() and not path.is_file():  # /dev/null, a pipe: the rename would put a file in its place
+        say(f"error: {path} is not a regular file; /save writes a new file or replaces one")
+        return False
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden and unique: no file of the user's is hit
     try:
         tmp.write_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-    except OSError as e:
-        say(f"error: {e.filename or path}: {e.strerror or e}")
+    except OSError as e:  # named as the user wrote it, with nothing left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        say(f"error: {path}: cannot be written ({e.strerror or e})")
         return False
     say(f"saved {len(messages)} messages to {path}")
     return True

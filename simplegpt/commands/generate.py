@@ -8,7 +8,8 @@ import time
 import warnings
 from collections.abc import Callable
 
-from ..cli import add_checkpoint_argument, add_engine_arguments, check_engine_arguments, load_engine, model_name
+from ..cli import (add_checkpoint_argument, add_engine_arguments, add_sampling_arguments, check_engine_arguments,
+                   load_engine, model_name)
 from ..errors import DataError, FileAccessError, OptionError, SimpleGPTError, UsageError, file_access_errors
 
 HELP = "generate text from a checkpoint"
@@ -34,12 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "are skipped), a line ending in \\ goes on to the next, a block between two \"\"\" lines "
                           "is one prompt; a bad prompt is one error line and the session goes on (exit status 1 "
                           "at the end); EOF (Ctrl-D) or /quit ends")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="sampling temperature; 0 (or below 1e-5) = greedy decoding")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: the smallest set of tokens with total probability >= p; 1 = off")
+    add_sampling_arguments(p, max_new_tokens=200, temperature=0.8, per="per sample")
     p.add_argument("--min-p", type=float, default=0.0,
                    help="drop tokens less likely than min-p times the most likely one; 0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0,

@@ -1,4 +1,4 @@
-"""simplegpt import-gguf: a GGUF file (GGUF's gpt2 architecture) as a simplegpt checkpoint."""
+"""simplegpt import-gguf: a GGUF file (GGUF's gpt2, llama or qwen3 architecture) as a simplegpt checkpoint."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 
 from ..errors import file_access_errors
 
-HELP = "convert a GGUF file (gpt2 architecture) into a simplegpt checkpoint"
+HELP = "convert a GGUF file (gpt2, llama or qwen3 architecture) into a simplegpt checkpoint"
 DESCRIPTION = (
-    "Convert a GGUF file of GGUF's gpt2 architecture (as export-gguf or llama.cpp's converter write "
+    "Convert a GGUF file of GGUF's gpt2, llama or qwen3 architecture (as export-gguf or llama.cpp's converter write "
     "it) into a simplegpt checkpoint directory: f16 and q8_0 weights come back as float32, the "
     "tokenizer as GPT-2's, bytes, characters or a byte-level BPE, the chat template as the "
     'checkpoint\'s. Needs the gguf extra (pip install "simplegpt-toolkit[gguf]").'
@@ -17,7 +17,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="FILE.gguf", help="GGUF file to read")
-    p.add_argument("out", help="simplegpt checkpoint directory to write")
+    p.add_argument("out", metavar="OUT", help="simplegpt checkpoint directory to write")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it already exists and is not empty (otherwise refuse)")
 

@@ -5,8 +5,11 @@ NativeLinear and every simplegpt.quantize Int8Linear for a NativeInt8Linear: the
 A NativeLinear's calls of up to MAX_ROWS rows without autograd (decode steps of up to 16
 sequences, short prefills) take the gemv kernel; a NativeInt8Linear's calls in decode steps take
 the int8 kernel (see there). A decode step of a plain GPT-2 model (model.Block blocks, linears
-all fp32 or all int8) runs all its blocks in one DecodeBlocks call; other models run the view's
-forward. The caller's model is never changed.
+all fp32 or all int8) runs all its blocks in one DecodeBlocks call. Other models (Llama-style
+blocks) run the view's forward, whose RMSNorms, MLPs and attention also call kernels
+(accel.cpu.modules' RMSNorm and LlamaMLP, and NativeAttention: rotary positions and, in decode
+steps, grouped-query attention over the KV cache with native.attention_step). The caller's model
+is never changed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn as nn
 
 from ..accel.cpu import BLOCK_SLOTS, MAX_ROWS
 from ..accel.cpu import decode as native
+from ..accel.cpu import llama_ops, modules
 from ..model import GPT, MLP, Block, CausalSelfAttention
 from ..quantize import Int8Linear
 from .backend import Backend, Batch, model_view
@@ -68,17 +72,40 @@ class NativeInt8Linear(Int8Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def _native_class(module: nn.Module) -> type | None:
-    if type(module) is nn.Linear:
-        return NativeLinear
-    if type(module) is Int8Linear and module.qweight is not None:
-        return NativeInt8Linear
-    return None
+class NativeAttention(modules.LlamaAttention):
+    """Attention whose decode steps (one new token per row, over a KV cache) run native.attention_step
+    on the cache's keys and values, and whose rotary positions and training-free causal attention
+    take llama_ops' kernels (modules.LlamaAttention)."""
+
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv, rope=None) -> torch.Tensor:
+        B, T, _ = qkv.shape
+        if kv is None or T != 1 or torch.is_grad_enabled() or not llama_ops.usable(qkv) \
+                or (mask is not None and not (mask.dim() == 4 and mask.dtype == torch.bool and mask.size(2) == 1)):
+            return super().attend(qkv, mask, kv, rope)
+        q, k, v = self.heads(qkv, rope)  # (B, H, 1, D), (B, K, 1, D) x 2
+        k, v = kv.update(k, v)  # (B, K, S, D) views of the cache's slots
+        # a decode step's (B, 1, 1, S) mask is its rows' padding: the new token is real in every row
+        pad = None if mask is None else mask[:, 0, 0].long()
+        y = native.attention_step(q[:, :, 0], k, v, k.size(2), pad)  # (B, H, D)
+        return y.view(B, 1, self.n_head * self.head_dim)
+
+
+_NATIVE: dict[type, type] = {nn.Linear: NativeLinear}
+# Llama-style blocks' ops (a GPT-2 model's decode steps run DecodeBlocks instead)
+_NATIVE_OTHER: dict[type, type] = {**_NATIVE, nn.RMSNorm: modules.RMSNorm, MLP: modules.LlamaMLP,
+                                   CausalSelfAttention: NativeAttention}
 
 
 def native_view(model: GPT) -> GPT | None:
     """The model's view with native linears (see the module docstring); None where it has no layer
     the kernels take (then the eager backend runs it)."""
+    classes = _NATIVE if model.config.is_gpt2 else _NATIVE_OTHER
+
+    def _native_class(module: nn.Module) -> type | None:
+        if type(module) is Int8Linear and module.qweight is not None:
+            return NativeInt8Linear
+        return classes.get(type(module))
+
     view = model_view(model, _native_class)
     if not any(isinstance(m, (NativeLinear, NativeInt8Linear)) for m in view.modules()):
         return None
@@ -88,7 +115,9 @@ def native_view(model: GPT) -> GPT | None:
 def decode_blocks(view: GPT) -> list[BlockTensors] | None:
     """Each block's tensors in BLOCK_SLOTS order (and the int8 row scales of its linears) for
     native.DecodeBlocks, or None where the view's blocks are not plain GPT-2 blocks on the CPU with
-    fp32 or int8 native linears, all of one kind."""
+    fp32 or int8 native linears, all of one kind (other options' blocks run the view's forward)."""
+    if not view.config.is_gpt2:  # the kernels' block is GPT-2's
+        return None
     blocks = []
     for block in view.transformer.h:
         if type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP:

@@ -297,8 +297,9 @@ class ContinuousBatcher:
             budget -= len(row.tokens) - row.start
             try:
                 if ticket.params.repetition_penalty != 1.0:
-                    seen = torch.zeros(self.engine.config.vocab_size, dtype=torch.bool, device=self.engine.device)
-                    seen[row.tokens] = True
+                    vocab = self.engine.vocab
+                    seen = torch.zeros(vocab, dtype=torch.bool, device=self.engine.device)
+                    seen[[t for t in row.tokens if t < vocab]] = True
                     ticket.seen[i] = seen
                 logits = self._prefill_into(len(self.slots) - 1, row)
             except Exception as e:  # noqa: BLE001 - this request's failure, told to it alone
@@ -338,6 +339,10 @@ class ContinuousBatcher:
             groups.setdefault(self.slots[j][0], []).append(k)
         engine = self.engine
         stop_eos_id = engine.eos_id
+        if engine.vocab < logits.size(-1):
+            # only ids with a token are drawn, as the engine's own loop does (Engine.vocab): an
+            # embedding padded past its tokenizer has rows with no text
+            logits = logits[:, :engine.vocab]  # (N, V) -> (N, tokens)
         finished, failed = [], {}
         with torch.inference_mode(), engine.backend.sampling():
             drawn = {}

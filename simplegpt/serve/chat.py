@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..chat import ChatTemplateError, PlainChat, chat_format, plain_prompt
 from ..chat.template import PLAIN_STOP
+from ..errors import UnknownCharacterError
 from .errors import APIError
 from .schemas import ChatMessage
 
@@ -33,9 +34,16 @@ def chat_input(tokenizer, messages: list[ChatMessage]) -> tuple[str | list[int],
     """The prompt of a chat request and the stop strings that end its reply: the token ids of the
     tokenizer's chat template (with the opening of the assistant's turn) and its end-of-turn markers,
     or, for a tokenizer without a template, chat_prompt and CHAT_STOP. A 'developer' message is the
-    template's 'system' one. APIError for non-text parts or a template that fails on the messages."""
+    template's 'system' one. APIError for non-text parts, a template that fails on the messages, or a
+    base model whose vocabulary cannot spell the plain prompt."""
     fmt = chat_format(tokenizer)
     if isinstance(fmt, PlainChat):
+        try:  # else the error would name characters of the prompt's frame, which the client never sent
+            fmt.prompt_ids([{"role": "user", "content": ""}])
+        except UnknownCharacterError as e:
+            raise APIError("this model has no chat template, and its vocabulary lacks characters of the plain "
+                           f"'User: ... / Assistant:' chat prompt ({', '.join(map(repr, e.chars))}); send plain "
+                           "text to /v1/completions", param="messages") from None
         return chat_prompt(messages), [CHAT_STOP]
     turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in _messages(messages)]
     try:

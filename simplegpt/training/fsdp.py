@@ -16,8 +16,9 @@ the optimizer state in `dcp/` instead of model.safetensors:
     dcp/.metadata             DCP's index of every tensor's global shape and where its pieces lie
     dcp/__<rank>_0.distcp     one file per rank of the saving run: its shards (save_sharded)
     config.json, tokenizer/   written by rank 0, as for any checkpoint
-Inside dcp/ the state is {"model": model state dict without lm_head.weight (tied to
-transformer.wte.weight, stored once as in model.safetensors), "optimizer": the optimizer state keyed
+Inside dcp/ the state is {"model": model state dict (without lm_head.weight when the head is tied
+to transformer.wte.weight: stored once, as in model.safetensors; an untied head is its own tensor),
+"optimizer": the optimizer state keyed
 by parameter names}, as torch.distributed.checkpoint.state_dict.get_state_dict gives them, so DCP
 reshards it on load: a checkpoint saved by N processes loads into M processes, or into a plain GPT
 in one process without a process group. All ranks must write dcp/ on one file system that every
@@ -95,7 +96,7 @@ def fsdp_unavailable(device: torch.device | str) -> str | None:
 
 def shard_model(model: GPT, mp_policy: Any = None) -> GPT:
     """Apply FSDP2 to `model` in place and return it: fully_shard on each transformer block, then on
-    the root (which holds the embeddings, the final LayerNorm and the tied head), over a 1-D mesh of
+    the root (which holds the embeddings, the final norm and the head, tied or not), over a 1-D mesh of
     all ranks on the device the model's parameters are on (move the model there first; on CUDA, after
     torch.cuda.set_device(local_rank)). Parameters become DTensors sharded on dim 0; the model's class
     becomes FSDP2's subclass of it, so forward, loss and state_dict keys are the plain model's.
@@ -107,7 +108,7 @@ def shard_model(model: GPT, mp_policy: Any = None) -> GPT:
     torch.distributed.fsdp.MixedPrecisionPolicy. The sharded parameters, and so the optimizer and
     checkpoints, stay in the model's dtype.
 
-    Raises RuntimeError when fully_shard cannot run here (see fsdp_unavailable) or the tied
+    Raises RuntimeError when fully_shard cannot run here (see fsdp_unavailable) or a tied
     lm_head/wte weight came out as two tensors (a bug)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -124,9 +125,14 @@ def shard_model(model: GPT, mp_policy: Any = None) -> GPT:
     for block in model.transformer.h:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    if model.lm_head.weight is not model.transformer.wte.weight:
+    if _tied(model) and model.lm_head.weight is not model.transformer.wte.weight:
         raise RuntimeError("fully_shard untied lm_head.weight from transformer.wte.weight")
     return model
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether the model's output head is its token embedding (GPTConfig.tie_word_embeddings)."""
+    return getattr(model, "_orig_mod", model).config.tie_word_embeddings
 
 
 def is_sharded_checkpoint(directory: str | os.PathLike) -> bool:
@@ -153,7 +159,8 @@ def save_sharded(directory: str | os.PathLike, model: nn.Module, optimizer: torc
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {MODEL: model_state, OPTIMIZER: optim_state}
-    state[MODEL].pop(ckpt.TIED_KEY, None)  # it is transformer.wte.weight: stored once
+    if _tied(model):
+        state[MODEL].pop(ckpt.TIED_KEY, None)  # it is transformer.wte.weight: stored once
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)  # no_dist says so already
         dcp.save(state, storage_writer=dcp.FileSystemWriter(target, sync_files=True), no_dist=not dist.is_initialized())
@@ -185,9 +192,12 @@ def load_sharded(directory: str | os.PathLike, model: nn.Module, optimizer: torc
             raise CheckpointError(f"{directory} holds weights only, no optimizer state: it cannot be resumed exactly")
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {MODEL: model_state, OPTIMIZER: optim_state}
-    state[MODEL].pop(ckpt.TIED_KEY, None)
+    tied = _tied(model)
+    if tied:
+        state[MODEL].pop(ckpt.TIED_KEY, None)
     _dcp_load(state, folder, no_dist=not dist.is_initialized())
-    state[MODEL][ckpt.TIED_KEY] = state[MODEL][WTE_KEY]
+    if tied:
+        state[MODEL][ckpt.TIED_KEY] = state[MODEL][WTE_KEY]
     if optimizer is None:
         set_model_state_dict(model, state[MODEL])
     else:
@@ -231,7 +241,8 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool 
                      f"file{'s' if len(shards) != 1 else ''} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)")
         with torch.device("meta"):
             shapes = GPT(config).state_dict()
-        weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != ckpt.TIED_KEY}
+        weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()
+                   if not (config.tie_word_embeddings and k == ckpt.TIED_KEY)}
         _dcp_load({MODEL: weights}, folder, no_dist=True)
         model = ckpt.model_from_state(config, weights)
         try:

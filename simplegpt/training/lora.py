@@ -167,7 +167,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """model's weights under model.GPT's names (the tied head left out), each wrapped layer's weight
+    """model's weights under model.GPT's names (a tied head left out), each wrapped layer's weight
     merged with its adapter: W + delta (peft's get_delta_weight, B A alpha / rank). The model is not
     changed. Contiguous CPU tensors, as checkpoint.model_state_dict gives."""
     from ..checkpoint import TIED_KEY
@@ -178,8 +178,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if ".lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
-        if key == TIED_KEY:
-            continue
+        if key == TIED_KEY and model.config.tie_word_embeddings:
+            continue  # it is wte, as checkpoint.model_state_dict leaves it out
         value = value.detach()
         if key in deltas:
             value = value + deltas[key].to(value.dtype)
@@ -254,6 +254,7 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike, overw
     from ..atomic import atomic_dir
     from ..checkpoint import _write_weights, read_checkpoint_config, read_whole, verify_files
     from ..errors import OutputExistsError
+    from ..model import GPTConfig
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -273,6 +274,10 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike, overw
         return config, load_file(str(folder / LORA_DIR / ADAPTER_WEIGHTS))
 
     config, weights = read_whole(checkpoint, read)  # CheckpointError for a missing or damaged checkpoint
+    if not GPTConfig.from_dict(read_checkpoint_config(checkpoint)["model"]).is_gpt2:
+        raise CheckpointError(f"{checkpoint} is a Llama-style model, which export-hf writes with other layers than "
+                              "the adapters were trained on; --adapters-only is for GPT-2 models: export-hf without "
+                              "it writes the merged weights")
     config["fan_in_fan_out"] = True  # GPT-2's Conv1D stores (in, out), simplegpt's nn.Linear (out, in)
     config["task_type"] = "CAUSAL_LM"
     with atomic_dir(out) as tmp:

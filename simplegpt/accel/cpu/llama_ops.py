@@ -19,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .lib import load
+from .training import elementwise_function
 
 MAX_ATTENTION_T = 256  # as training.MAX_ATTENTION_T: the kernel keeps each head's (T, T) probabilities
 
@@ -173,23 +174,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
-class _ReLU2(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        load().sg_relu2_fwd(x.data_ptr(), y.data_ptr(), x.numel())
-        ctx.save_for_backward(x)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch.empty_like(x)
-        load().sg_relu2_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel())
-        return dx
+_ReLU2 = elementwise_function("relu2")
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:

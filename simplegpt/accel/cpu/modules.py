@@ -7,15 +7,23 @@
 
 `for_training` builds a twin of the model's module tree (simplegpt.views.module_view): new module
 objects that hold the model's own Parameter and buffer objects (no copies of the weights, so
-gradients and optimizer updates are shared, and the state_dict keys are the model's), with five
+gradients and optimizer updates are shared, and the state_dict keys are the model's), with
 classes swapped in the twin only, each a subclass that runs a kernel where it applies and its
-parent's forward otherwise:
+parent's forward otherwise. A GPT-2 model (GPTConfig.is_gpt2) takes the fused GPT-2 kernels:
 
     model.GPT                   -> loss(): the whole model and its loss in one call each way (model_loss)
     model.Block                 -> the whole block as one autograd node (training.block)
     model.CausalSelfAttention   -> attend(): causal attention from q|k|v (training.causal_attention)
     nn.LayerNorm                -> training.layer_norm
     nn.GELU(approximate="tanh") -> training.gelu
+
+and a model with other options (Llama-style blocks) the single ops of llama_ops:
+
+    model.CausalSelfAttention   -> heads(): rotary positions (llama_ops.rope); attend(): causal
+                                   grouped-query attention (llama_ops.causal_attention)
+    model.MLP                   -> SwiGLU or ReLU^2 (llama_ops.swiglu, llama_ops.relu2)
+    nn.RMSNorm                  -> llama_ops.rms_norm (the block's norms, ln_f and QK-norm)
+    nn.LayerNorm, nn.GELU       -> as above
 
 The caller's model is never changed. The twin has its own train()/eval() flag and hooks; a new
 Parameter object given to the model later (crop_block_size, load_state_dict(assign=True)) is not
@@ -31,9 +39,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...model import GPT, Block, CausalSelfAttention
+from ...model import GPT, MLP, Block, CausalSelfAttention
 from ...views import module_view
-from . import training
+from . import llama_ops, training
 from .lib import load
 from .slots import BLOCK_SLOTS
 
@@ -53,18 +61,51 @@ class GELU(nn.GELU):
 
 
 class Attention(CausalSelfAttention):
-    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv) -> torch.Tensor:
-        if (kv is None and mask is None and not (self.training and self.dropout)
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv, rope=None) -> torch.Tensor:
+        if (kv is None and mask is None and rope is None and not (self.training and self.dropout)
                 and training.attention_usable(qkv, self.n_head)):
             return training.causal_attention(qkv, self.n_head)
-        return super().attend(qkv, mask, kv)
+        return super().attend(qkv, mask, kv, rope)
+
+
+class RMSNorm(nn.RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) == 1 and self.eps is not None and llama_ops.usable(x):
+            return llama_ops.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class LlamaMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gelu" or not llama_ops.usable(x):
+            return super().forward(x)
+        h = self.c_fc(x)  # (B, T, 2F) gate | up for SwiGLU, else (B, T, F)
+        h = llama_ops.swiglu(*h.chunk(2, dim=-1)) if self.kind == "swiglu" else llama_ops.relu2(h)
+        return self.dropout(self.c_proj(h))
+
+
+class LlamaAttention(CausalSelfAttention):
+    def heads(self, qkv: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if rope is None or not llama_ops.usable(qkv, *rope):
+            return super().heads(qkv, rope)
+        q, k, v = super().heads(qkv, None)  # QK-normed, not yet rotated
+        cos, sin = (t[:, 0] for t in rope)  # (B or 1, 1, T, D) -> (B or 1, T, D): both halves equal
+        return llama_ops.rope(q, cos, sin), llama_ops.rope(k, cos, sin), v
+
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv, rope=None) -> torch.Tensor:
+        B, T, _ = qkv.shape
+        if (kv is None and mask is None and not (self.training and self.dropout) and 1 < T <= llama_ops.MAX_ATTENTION_T
+                and llama_ops.head_size_ok(self.head_dim) and llama_ops.usable(qkv)):
+            y = llama_ops.causal_attention(*self.heads(qkv, rope))  # (B, H, T, D) over (B, T, H, D) memory
+            return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return super().attend(qkv, mask, kv, rope)
 
 
 class FusedBlock(Block):
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv=None) -> torch.Tensor:
-        if mask is None and kv is None and training.block_usable(x, self):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv=None, rope=None) -> torch.Tensor:
+        if mask is None and kv is None and rope is None and training.block_usable(x, self):
             return training.block(x, self)
-        return super().forward(x, mask, kv)
+        return super().forward(x, mask, kv, rope)
 
 
 class FusedGPT(GPT):
@@ -77,8 +118,11 @@ class FusedGPT(GPT):
         return super().loss(idx, targets, attention_mask)
 
 
-_SWAPS: dict[type, type] = {GPT: FusedGPT, Block: FusedBlock, CausalSelfAttention: Attention,
-                            nn.LayerNorm: LayerNorm, nn.GELU: GELU}
+_GPT2_SWAPS: dict[type, type] = {GPT: FusedGPT, Block: FusedBlock, CausalSelfAttention: Attention,
+                                 nn.LayerNorm: LayerNorm, nn.GELU: GELU}
+# The fused GPT-2 model and block would misread other blocks: those take the single ops.
+_OTHER_SWAPS: dict[type, type] = {CausalSelfAttention: LlamaAttention, MLP: LlamaMLP, nn.RMSNorm: RMSNorm,
+                                  nn.LayerNorm: LayerNorm, nn.GELU: GELU}
 
 
 def _plain_block(block: nn.Module) -> bool:
@@ -88,12 +132,13 @@ def _plain_block(block: nn.Module) -> bool:
     return all(name in block.get_submodule(path)._parameters for path, name in BLOCK_SLOTS)
 
 
-def _swap(module: nn.Module) -> type | None:
-    if type(module) is Block and not _plain_block(module):
+def _swap(module: nn.Module, swaps: dict[type, type]) -> type | None:
+    cls = swaps.get(type(module))
+    if cls is FusedBlock and not _plain_block(module):
         return None
-    if type(module) is GPT and not all(_plain_block(block) for block in module.transformer.h):
+    if cls is FusedGPT and not all(_plain_block(block) for block in module.transformer.h):
         return None
-    return _SWAPS.get(type(module))
+    return cls
 
 
 def for_training(model: nn.Module) -> nn.Module:
@@ -104,4 +149,5 @@ def for_training(model: nn.Module) -> nn.Module:
     Call train()/eval() and loss()/forward() on what this returns; optimize and save model."""
     if type(model) is not GPT or load() is None or any(p.device.type != "cpu" for p in model.parameters()):
         return model
-    return module_view(model, _swap)
+    swaps = _GPT2_SWAPS if model.config.is_gpt2 else _OTHER_SWAPS
+    return module_view(model, lambda m: _swap(m, swaps))

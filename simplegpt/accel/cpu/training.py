@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +36,33 @@ def usable(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu") and load() is not None)
 
 
-class _Gelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        load().sg_gelu_fwd(x.data_ptr(), y.data_ptr(), x.numel())
-        ctx.save_for_backward(x)
-        return y
+def elementwise_function(op: str) -> type[torch.autograd.Function]:
+    """The autograd Function of an elementwise op of any shape over its C kernels
+    sg_{op}_fwd(x, y, n) and sg_{op}_bwd(x, dy, dx, n) (n floats; the backward reads the saved input)."""
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch.empty_like(x)
-        load().sg_gelu_bwd(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel())
-        return dx
+    class Elementwise(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous()
+            y = torch.empty_like(x)
+            getattr(load(), f"sg_{op}_fwd")(x.data_ptr(), y.data_ptr(), x.numel())
+            ctx.save_for_backward(x)
+            return y
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            dy = dy.contiguous()
+            dx = torch.empty_like(x)
+            getattr(load(), f"sg_{op}_bwd")(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), x.numel())
+            return dx
+
+    Elementwise.__name__ = Elementwise.__qualname__ = f"_{op.capitalize()}"
+    return Elementwise
+
+
+_Gelu = elementwise_function("gelu")
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -175,18 +186,25 @@ class _Block(torch.autograd.Function):
 _sgemm: int | None = None  # the address of torch's sgemm_, 0 where it has none; None before the first look
 
 
+_sgemm_lock = threading.Lock()
+
+
 def _blas_ready() -> bool:
     """Whether the kernels have torch's sgemm (MKL's Fortran entry point in libtorch_cpu, as the Linux
-    x86-64 wheels have it); found once."""
+    x86-64 wheels have it); found once. The C side is given the address before `_sgemm` says it is
+    there: core shards' threads call this at once, and one must not run a kernel before that."""
     global _sgemm
     if _sgemm is None:
-        try:
-            fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_
-        except (OSError, AttributeError):
-            _sgemm = 0
-        else:
-            _sgemm = ctypes.cast(fn, ctypes.c_void_p).value
-            load().sg_set_sgemm(_sgemm)
+        with _sgemm_lock:
+            if _sgemm is None:
+                try:
+                    fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_
+                except (OSError, AttributeError):
+                    address = 0
+                else:
+                    address = ctypes.cast(fn, ctypes.c_void_p).value or 0
+                    load().sg_set_sgemm(address)
+                _sgemm = address
     return bool(_sgemm)
 
 

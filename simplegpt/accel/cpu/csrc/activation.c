@@ -61,10 +61,7 @@ void sg_swiglu_bwd(const float *gate, const float *up, const float *dy, float *d
 
 /* y = relu(x)^2, n floats */
 void sg_relu2_fwd(const float *x, float *y, long n) {
-    long chunks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static)
-    for (long c = 0; c < chunks; c++) {
-        long i = c * CHUNK, end = i + CHUNK < n ? i + CHUNK : n;
+    SG_FOR_EACH_CHUNK(n, i, end) {
         for (; i + VF <= end; i += VF) {
             vf r = vf_max(vf_load(x + i), vf_zero());
             vf_store(y + i, vf_mul(r, r));
@@ -75,10 +72,7 @@ void sg_relu2_fwd(const float *x, float *y, long n) {
 
 /* dx = 2 relu(x) dy, n floats */
 void sg_relu2_bwd(const float *x, const float *dy, float *dx, long n) {
-    long chunks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static)
-    for (long c = 0; c < chunks; c++) {
-        long i = c * CHUNK, end = i + CHUNK < n ? i + CHUNK : n;
+    SG_FOR_EACH_CHUNK(n, i, end) {
         for (; i + VF <= end; i += VF) {
             vf r = vf_max(vf_load(x + i), vf_zero());
             vf_store(dx + i, vf_mul(vf_add(r, r), vf_load(dy + i)));

@@ -10,6 +10,12 @@
 #define MAX_THREADS 64 /* the decoding pool's threads; part numbers fit in 8 bits */
 #define MAX_ROWS 16    /* rows of a decoding product: simplegpt.accel.cpu.MAX_ROWS (lib.py checks) */
 #define CHUNK 4096     /* floats per OpenMP work item in the elementwise loops */
+/* The elementwise loops: the body runs once per chunk of CHUNK of the n floats, in parallel, with
+ * i (advanced by the body) from the chunk's start to its end. */
+#define SG_FOR_EACH_CHUNK(n, i, end)                                                               \
+    _Pragma("omp parallel for schedule(static)")                                                  \
+    for (long sg_chunk = 0; sg_chunk < ((n) + CHUNK - 1) / CHUNK; sg_chunk++)                     \
+        for (long i = sg_chunk * CHUNK, end = i + CHUNK < (n) ? i + CHUNK : (n), sg_once = 1; sg_once; sg_once = 0)
 
 /* pool.c: the decoding kernels' spinning pool. A call runs fn(arg, part, parts) for part = 0..parts-1,
  * part 0 on the calling thread, while holding the pool (pool_lock: one call at a time). */

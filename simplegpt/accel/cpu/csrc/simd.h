@@ -67,22 +67,26 @@ SG_DEFINE_EXP(exp8, __m256, _mm256_set1_ps, _mm256_min_ps, _mm256_max_ps, _mm256
               _mm256_mul_ps, _mm256_add_ps, round8, pow2_8)
 #endif
 
+/* The vf operations of the build's vector width W (256 or 512): the same intrinsics, named _mmW_*. */
+#define SG_DEFINE_VF_OPS(W)                                                                          \
+    static inline vf vf_load(const float *p) { return _mm##W##_loadu_ps(p); }                        \
+    static inline void vf_store(float *p, vf v) { _mm##W##_storeu_ps(p, v); }                        \
+    static inline vf vf_set1(float a) { return _mm##W##_set1_ps(a); }                                \
+    static inline vf vf_add(vf a, vf b) { return _mm##W##_add_ps(a, b); }                            \
+    static inline vf vf_sub(vf a, vf b) { return _mm##W##_sub_ps(a, b); }                            \
+    static inline vf vf_mul(vf a, vf b) { return _mm##W##_mul_ps(a, b); }                            \
+    static inline vf vf_div(vf a, vf b) { return _mm##W##_div_ps(a, b); }                            \
+    static inline vf vf_max(vf a, vf b) { return _mm##W##_max_ps(a, b); }                            \
+    static inline vf vf_sqrt(vf a) { return _mm##W##_sqrt_ps(a); }                                   \
+    static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm##W##_fmadd_ps(a, b, c); }
+
 /* vf: the widest float vector of the build, VF floats, for the elementwise and row kernels (gelu.c,
  * layernorm.c, adamw.c, softmax_row): 16 in the avx512 build, 8 otherwise. The products with their
  * own tiling (gemv.c, attention.c) use their vectors directly. */
 #ifdef SG_AVX512
 typedef __m512 vf;
 #define VF 16
-static inline vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
-static inline void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
-static inline vf vf_set1(float a) { return _mm512_set1_ps(a); }
-static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
-static inline vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-static inline vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
-static inline vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
-static inline vf vf_sqrt(vf a) { return _mm512_sqrt_ps(a); }
-static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+SG_DEFINE_VF_OPS(512)
 static inline float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
 static inline float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
 
@@ -97,16 +101,7 @@ SG_DEFINE_EXP(vf_exp, __m512, _mm512_set1_ps, _mm512_min_ps, _mm512_max_ps, _mm5
 #else
 typedef __m256 vf;
 #define VF 8
-static inline vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
-static inline vf vf_set1(float a) { return _mm256_set1_ps(a); }
-static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
-static inline vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-static inline vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-static inline vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
-static inline vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
-static inline vf vf_sqrt(vf a) { return _mm256_sqrt_ps(a); }
-static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+SG_DEFINE_VF_OPS(256)
 static inline float vf_sum(vf v) { return hsum(v); }
 static inline float vf_hmax(vf v) { return hmax(v); }
 static inline vf vf_exp(vf x) { return exp8(x); }

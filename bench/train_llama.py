@@ -1,0 +1,126 @@
+"""Training throughput of a Llama-style model: simplegpt's trainer on a Llama-style block against the
+same trainer on a GPT-2 block of the same parameter count, and against a Hugging Face
+LlamaForCausalLM + AdamW loop of the Llama shape, in one run.
+
+The shapes (default: 4 layers, 4 heads, 128 wide, block 64, batch 12, character vocabulary of
+tinyshakespeare): GPT-2 as in bench/train_throughput.py; Llama-style with rotary positions, RMSNorm,
+a SwiGLU MLP of Llama's default width (8/3 x 128 rounded up to 384), 2 key/value heads and no
+biases, which gives the same parameters as the GPT-2 block to within its biases and position table
+(both counts are printed). The three run in rounds that alternate them, so that load from other
+processes hits them alike; each figure is the median over rounds of a round's median log window
+(the trainer's logged tokens/s; the reference loop's own windows), the first window left out.
+
+    .venv/bin/python bench/train_llama.py [--steps 60] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from simplegpt.config import TrainConfig  # noqa: E402
+from simplegpt.data.prepare import prepare_corpus  # noqa: E402
+from simplegpt.data.samplers import PackedSampler  # noqa: E402
+from simplegpt.data.shards import TokenShards  # noqa: E402
+from simplegpt.model import GPT  # noqa: E402
+from simplegpt.trainer import peak_flops  # noqa: E402
+from train_throughput import simplegpt_round  # noqa: E402
+
+LLAMA = dict(positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False, rms_norm_eps=1e-5)
+
+
+def hf_llama_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, steps: int, log_every: int) -> float:
+    """The Llama shape in transformers' LlamaForCausalLM, trained the way its users write the loop."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=m.n_embd, intermediate_size=m.ffn_size, num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head, num_key_value_heads=m.kv_heads, max_position_embeddings=m.n_positions,
+        rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=True, attn_implementation="sdpa"))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
+    rates, t0 = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        x, y = sampler.next_batch()
+        ids = torch.cat([x, y[:, -1:]], dim=1)  # the block_size + 1 window; HF shifts the labels itself
+        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss.detach())
+        if step % log_every == 0:
+            now = time.perf_counter()
+            rates.append(log_every * cfg.batch_size * cfg.block_size / (now - t0))
+            t0 = now
+    return statistics.median(rates[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60, help="training steps per round and per model")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (GPT-2, Llama-style, HF Llama)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    ap.add_argument("--n_layer", type=int, default=4)
+    ap.add_argument("--n_head", type=int, default=4)
+    ap.add_argument("--n_kv_head", type=int, default=2)
+    ap.add_argument("--n_embd", type=int, default=128)
+    ap.add_argument("--block_size", type=int, default=64)
+    ap.add_argument("--batch_size", type=int, default=12)
+    ap.add_argument("--skip-hf", action="store_true", help="don't measure transformers' LlamaForCausalLM")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="simplegpt-bench-"))
+    meta = prepare_corpus(args.corpus, work / "data", "char", progress=False)
+    gpt2 = TrainConfig(data=str(work / "data"), n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                       block_size=args.block_size, batch_size=args.batch_size, lr=1e-3, warmup_iters=10,
+                       eval_interval=10**9, sample_tokens=0, out_dir=str(work / "gpt2"), num_threads=args.threads,
+                       plot=False, tensorboard=False, device="cpu")
+    gpt2 = gpt2.replace(peak_flops=peak_flops(gpt2, torch.device("cpu")))
+    llama = gpt2.replace(model=dataclasses.replace(gpt2.model, **LLAMA, n_kv_head=args.n_kv_head),
+                         out_dir=str(work / "llama"))
+    sampler = PackedSampler(TokenShards(work / "data", "train"), args.block_size, args.batch_size, seed=0)
+    log_every = max(5, args.steps // 10)
+    rates: dict[str, list[float]] = {"simplegpt GPT-2": [], "simplegpt Llama-style": [], "transformers Llama": []}
+    for r in range(args.rounds):
+        rates["simplegpt GPT-2"].append(simplegpt_round(gpt2, args.steps, log_every))
+        rates["simplegpt Llama-style"].append(simplegpt_round(llama, args.steps, log_every))
+        if not args.skip_hf:
+            rates["transformers Llama"].append(hf_llama_round(llama, sampler, meta["vocab_size"], args.steps,
+                                                              log_every))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items() if v) + " tok/s",
+              flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items() if v}
+    n_gpt2, n_llama = (GPT(dataclasses.replace(c.model, vocab_size=meta["vocab_size"])).num_parameters()
+                       for c in (gpt2, llama))
+    print(f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}, batch "
+          f"{args.batch_size}, vocab {meta['vocab_size']}; {args.threads} threads, {args.steps} steps x "
+          f"{args.rounds} rounds")
+    print(f"parameters: GPT-2 {n_gpt2:,}, Llama-style {n_llama:,} ({args.n_kv_head} kv heads, MLP "
+          f"{llama.model.ffn_size})")
+    for k, v in med.items():
+        print(f"{k:24s} {v:10,.0f} tok/s")
+    a = med["simplegpt Llama-style"]
+    print(f"ratio Llama-style / GPT-2 (simplegpt):  {a / med['simplegpt GPT-2']:.2f}x  (goal >= 1.0x)")
+    if "transformers Llama" in med:
+        print(f"ratio Llama-style / transformers Llama: {a / med['transformers Llama']:.2f}x  (goal >= 1.6x)")
+
+
+if __name__ == "__main__":
+    main()
