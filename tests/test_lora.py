@@ -18,7 +18,7 @@ from simplegpt.accel import cpu
 from simplegpt.checkpoint import load_checkpoint, load_train_state
 from simplegpt.cli import main
 from simplegpt.config import TrainConfig
-from simplegpt.errors import ConfigError
+from simplegpt.errors import CheckpointError, ConfigError
 from simplegpt.generation.engine import Engine
 from simplegpt.generation.sampling import SamplingParams
 from simplegpt.training import lora
@@ -122,6 +122,20 @@ def test_resume_is_exact(tmp_path, corpus, base, cpu_shards):
     assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
     a, b = (load_file(str(tmp_path / r / "run" / "last" / lora.LORA_DIR / lora.ADAPTER_WEIGHTS)) for r in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_llama_style_model_resumes_exactly_and_refuses_adapters_only_export(tmp_path, corpus):
+    llama = dict(n_kv_head=1, positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False)
+    train(tiny(tmp_path / "base", corpus, max_iters=4, eval_interval=4, **llama), progress=False)
+    base = tmp_path / "base" / "run" / "last"
+    whole = lora_run(tmp_path / "a", corpus, base, max_iters=6, eval_interval=3, **llama)
+    train(whole, progress=False)
+    parted = whole.replace(out_dir=str(tmp_path / "b" / "run"))
+    train(parted, stop_at=2, progress=False)
+    train(parted, resume=tmp_path / "b" / "run" / "last", progress=False)
+    assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
+    with pytest.raises(CheckpointError, match="--adapters-only is for GPT-2 models"):
+        lora.export_adapters(tmp_path / "a" / "run" / "last", tmp_path / "adapters")
 
 
 def test_merged_checkpoint_equals_the_base_with_its_adapters_in_peft(finetuned, base):
