@@ -4,7 +4,8 @@ A config has one flat vocabulary of keys: each key is a TOML key in its table ([
 [optim], [eval], [run]), a command-line option (`--n_layer 6`, `--max-iters 500`) and a keyword of
 TrainConfig. The [model] keys are the model's shape, held as one GPTConfig (`cfg.model`): n_layer,
 n_head, n_embd, block_size (GPTConfig's n_positions), dropout and bias; vocab_size comes from the
-data when training starts. GPTConfig checks the shape, TrainConfig the rest: unknown keys and bad
+data when training starts. The [lora] keys (lora, lora_alpha, lora_dropout, lora_targets) make a
+fine-tune train low-rank adapters only (docs/lora.md). GPTConfig checks the shape, TrainConfig the rest: unknown keys and bad
 values raise ConfigError naming the key and what it accepts.
 
 Files and checkpoints written before the shape became a GPTConfig load as they are: the keys are the
@@ -38,7 +39,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
 WARMUP_FRACTION = 0.1
 WARMUP_WARN_FRACTION = 0.25
 DEFAULT_CONFIG = "shakespeare_char"
-SECTIONS = ("data", "model", "optim", "eval", "run")
+SECTIONS = ("data", "model", "lora", "optim", "eval", "run")
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,14 @@ class TrainConfig:
                          "row, padded, with an attention mask", ("packed", "padded"))
     # model: the shape ([model] table), see MODEL_KEYS
     model: GPTConfig = field(default_factory=lambda: DEFAULT_MODEL)
+    # lora: low-rank adapters on an --init-from model (simplegpt.training.lora, docs/lora.md)
+    lora: int = _f(0, "lora", "LoRA rank: train low-rank adapters on the --init-from model's linear layers, its "
+                   "weights frozen (16 is common); 0 = off, every weight trains")
+    lora_alpha: float = _f(0.0, "lora", "LoRA scale numerator: the adapters' output is scaled by lora_alpha / lora; "
+                           "0 = twice the rank")
+    lora_dropout: float = _f(0.0, "lora", "dropout on the adapters' input")
+    lora_targets: str = _f("attn,mlp", "lora", "layers that get adapters, comma-separated: attn (c_attn, attn.c_proj), "
+                           "mlp (c_fc, mlp.c_proj), or module names c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj")
     # optim
     batch_size: int = _f(32, "optim", "sequences per micro-batch")
     grad_accum_steps: int = _f(1, "optim", "micro-batches per optimizer step, over all processes: "
@@ -240,11 +249,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_iters", "sample_tokens", "num_threads", "cpu_shards"):
+        for name in ("warmup_iters", "sample_tokens", "num_threads", "cpu_shards", "lora", "lora_alpha"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.unknown_chars not in ("error", "drop") and len(self.unknown_chars) != 1:
             raise ConfigError(f"unknown_chars must be 'error', 'drop' or one character, got {self.unknown_chars!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):

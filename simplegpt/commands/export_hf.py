@@ -18,18 +18,30 @@ DESCRIPTION = (
     "AutoTokenizer.from_pretrained(OUT) load it; a trained BPE (prepare --tokenizer bpe:N) is written "
     "as tokenizer.json and tokenizer_config.json (PreTrainedTokenizerFast). Character and byte "
     "tokenizers have no Hugging Face equivalent: their weights and config are exported, and simplegpt's tokenizer is kept in "
-    "OUT/simplegpt_tokenizer/ so import-hf can bring the model back. Does not need transformers."
+    "OUT/simplegpt_tokenizer/ so import-hf can bring the model back. Does not need transformers. "
+    "A LoRA checkpoint (train --lora) is written merged; --adapters-only writes its peft adapter folder instead."
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p, "simplegpt checkpoint directory")
     add_output_arguments(p, "Hugging Face model directory to write")
+    p.add_argument("--adapters-only", action="store_true",
+                   help="for a checkpoint trained with --lora: write only its adapters, as a peft adapter folder "
+                        "(adapter_config.json, adapter_model.safetensors) that peft.PeftModel.from_pretrained loads "
+                        "onto the export-hf of its base; without it, the merged weights are written (docs/lora.md)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..hf import SIMPLEGPT_TOKENIZER_DIR, export_hf
 
+    if args.adapters_only:
+        from ..training.lora import export_adapters
+
+        with file_access_errors():
+            out = export_adapters(args.checkpoint, args.out, overwrite=args.overwrite)
+        print(f"exported the LoRA adapters of {args.checkpoint} -> {out} (peft; load onto the export-hf of its base)")
+        return 0
     with file_access_errors():
         result = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {result.path}: {', '.join(result.files)}")

@@ -146,6 +146,9 @@ def _train_config(args: argparse.Namespace):
             raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
         # the flat keys every version of the trainer saved; keys it no longer has are left out
         return TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
+    from ..training.lora import check_overrides
+
+    check_overrides(overrides)  # --lora 0, or LoRA options without --lora
     return load_config(args.config, overrides)
 
 

@@ -123,7 +123,8 @@ def decode_blocks(view: GPT) -> list[BlockTensors] | None:
         if type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP:
             return None
         slots = [(block.get_submodule(path), name) for path, name in BLOCK_SLOTS]
-        linears = [m for m, name in slots if name == "weight" and isinstance(m, (nn.Linear, Int8Linear))]
+        # every projection: one wrapped by an adapter (LoRA) is of neither kind, and runs the view's forward
+        linears = [m for m, name in slots if name == "weight" and not isinstance(m, nn.LayerNorm)]
         kinds = {type(m) for m in linears}
         if kinds not in ({NativeLinear}, {NativeInt8Linear}):
             return None

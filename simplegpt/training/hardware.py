@@ -188,7 +188,8 @@ def core_shards(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, thre
     """How many ways CoreShards splits each batch (1 = not at all); ConfigError for a cpu_shards that
     cannot apply. Auto (0) shards fp32 CPU runs without dropout or torch.compile: one share per
     thread, at most one per sequence of the batch."""
-    fits = device.type == "cpu" and dtype == torch.float32 and not cfg.compile and cfg.dropout == 0.0
+    dropout = cfg.dropout or (cfg.lora and cfg.lora_dropout)
+    fits = device.type == "cpu" and dtype == torch.float32 and not cfg.compile and not dropout
     if cfg.cpu_shards == 0:
         return min(threads, cfg.batch_size) if fits else 1
     if cfg.cpu_shards > 1 and not fits:

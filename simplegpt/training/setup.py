@@ -25,7 +25,7 @@ from ..data.shards import load_dataset_tokenizer
 from ..errors import ConfigError
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from . import run_dir
+from . import lora, run_dir
 from .dataset import make_samplers, prepare_data
 from .hardware import resolve_dtype
 from .loss import make_loss
@@ -76,6 +76,7 @@ def begin(cfg: TrainConfig, way: WayOfRunning, resume: Path | str | None, overwr
     def start() -> Start:
         dtype = resolve_dtype(cfg.dtype, way.device)
         way.check(cfg)
+        lora.check(cfg, way)
         seed_everything(cfg.seed)
         run_cfg, state, finished, path, model, tokenizer = cfg, None, None, None, None, None
         if resume is not None:
@@ -210,6 +211,8 @@ def prepare(start: Start, data: Data, way: WayOfRunning,
     # The batches hold ids of the model's own tokenizer (prepare_data checked) in windows of block_size <=
     # n_positions (the config checked): no step needs the forward's input check and its host sync.
     model.check_inputs = False
+    if note := lora.add_adapters(model, cfg, start.resume_path):  # a --lora run: only the adapters train
+        start.note = f"{start.note}; {note}" if start.note else note
     way.wrap(model, cfg, compute)
     training = Training(model, make_optimizer(model, way.optimizer_config(cfg), device, compute.scaler), compute)
     state = start.state

@@ -19,7 +19,7 @@ from ..tokenizer import Tokenizer
 
 # The keys a resumed run cannot change: its weights have this shape, its data this tokenizer and its
 # saved optimizer state this optimizer's layout.
-RESUME_FIXED = (*ARCHITECTURE_KEYS, "tokenizer", "optimizer")
+RESUME_FIXED = (*ARCHITECTURE_KEYS, "tokenizer", "optimizer", "lora", "lora_alpha", "lora_targets")
 
 
 def seed_everything(seed: int) -> None:
@@ -96,6 +96,9 @@ def load_resume(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[GPT
     check_resume_compatible(loaded.metadata.get("train_config", {}), cfg, path)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{path} has no tokenizer; it cannot be resumed")
+    if cfg.lora:  # its weights are merged with the adapters: the frozen base comes back exactly
+        from .lora import restore_base
+        restore_base(loaded.model, path)
     return loaded.model.to(device), loaded.tokenizer, state
 
 

@@ -29,7 +29,9 @@ The caller's model is never changed. The twin has its own train()/eval() flag an
 Parameter object given to the model later (crop_block_size, load_state_dict(assign=True)) is not
 seen by a twin made before. Every kernel computes the same function as PyTorch's ops, in fewer
 passes (docs/training.md); inputs a kernel does not take (GPUs, bf16, masks, KV caches, dropout,
-head sizes it lacks) fall through to the parent class.
+head sizes it lacks) fall through to the parent class. A block whose linear layers carry adapters
+(LoRA) keeps model.Block's forward, and then the model keeps GPT's loss(): the attention, LayerNorm
+and GELU kernels still apply inside it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ...model import GPT, MLP, Block, CausalSelfAttention
 from ...views import module_view
 from . import llama_ops, training
 from .lib import load
+from .slots import BLOCK_SLOTS
 
 
 class LayerNorm(nn.LayerNorm):
@@ -122,6 +125,22 @@ _OTHER_SWAPS: dict[type, type] = {CausalSelfAttention: LlamaAttention, MLP: Llam
                                   nn.LayerNorm: LayerNorm, nn.GELU: GELU}
 
 
+def _plain_block(block: nn.Module) -> bool:
+    """Whether each of the block's BLOCK_SLOTS is its module's own parameter: a layer wrapped by an
+    adapter (peft's LoRA, simplegpt.training.lora) computes more than its weight, which the fused
+    kernels would read alone, so such a block runs PyTorch's forward."""
+    return all(name in block.get_submodule(path)._parameters for path, name in BLOCK_SLOTS)
+
+
+def _swap(module: nn.Module, swaps: dict[type, type]) -> type | None:
+    cls = swaps.get(type(module))
+    if cls is FusedBlock and not _plain_block(module):
+        return None
+    if cls is FusedGPT and not all(_plain_block(block) for block in module.transformer.h):
+        return None
+    return cls
+
+
 def for_training(model: nn.Module) -> nn.Module:
     """The module a training step runs: a twin of model (see the module docstring) whose forward
     passes take the CPU training kernels, or model itself where none can apply (the kernels are
@@ -131,4 +150,4 @@ def for_training(model: nn.Module) -> nn.Module:
     if type(model) is not GPT or load() is None or any(p.device.type != "cpu" for p in model.parameters()):
         return model
     swaps = _GPT2_SWAPS if model.config.is_gpt2 else _OTHER_SWAPS
-    return module_view(model, lambda m: swaps.get(type(m)))
+    return module_view(model, lambda m: _swap(m, swaps))

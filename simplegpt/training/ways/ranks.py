@@ -25,6 +25,7 @@ from ...model import GPT
 from ...tokenizer import Tokenizer
 from .. import distributed
 from ..evaluation import eval_sum
+from ..lora import checkpoint_writer
 from ..start import rng_state
 from .single import Single
 
@@ -126,7 +127,8 @@ class Ranks(Single):
         train_state = self._train_state(train_state, optimizer)
         if not self.is_main:
             return None  # rank 0 alone writes the run folder
-        return ckpt.save_checkpoint(path, model, tokenizer, metadata=metadata, train_state=train_state)
+        return ckpt.save_checkpoint(path, model, tokenizer, metadata=metadata, train_state=train_state,
+                                    write_weights=checkpoint_writer(model))  # a LoRA model's: merged, and lora/
 
     def barrier(self) -> None:
         distributed.barrier(self.d)

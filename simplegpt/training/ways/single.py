@@ -15,6 +15,7 @@ from ...errors import ConfigError
 from ...model import GPT, GPTConfig
 from ...tokenizer import Tokenizer
 from ..evaluation import eval_sum
+from ..lora import checkpoint_writer
 from .base import Compute, micro_loss, restore_part
 
 T = TypeVar("T")
@@ -92,7 +93,8 @@ class Single:
              train_state: dict[str, Any] | None, optimizer: Any) -> Path | None:
         if train_state is not None:
             train_state = {**train_state, "optimizer": optimizer.state_dict()}
-        return ckpt.save_checkpoint(path, model, tokenizer, metadata=metadata, train_state=train_state)
+        return ckpt.save_checkpoint(path, model, tokenizer, metadata=metadata, train_state=train_state,
+                                    write_weights=checkpoint_writer(model))  # a LoRA model's: merged, and lora/
 
     def barrier(self) -> None:
         pass
