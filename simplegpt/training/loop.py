@@ -135,6 +135,7 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                 progress.step(step, t_step, loss, lr, grad_norm, training.tokens_seen, stopping=bool(stop), last=last)
 
                 if step % cfg.eval_interval == 0 or last:
+                    progress.before_eval()
                     # Evaluation and sampling use their own RNG, so they never change the training stream.
                     with _own_rng(way.device):
                         val_loss = way.evaluate(data.val, cfg.eval_iters)
@@ -143,7 +144,7 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                                             f"stopped and {_last_good(out)}; lower --lr or set --grad_clip")
                     result.val_loss, result.val_bpb = val_loss, data.bpb(val_loss)
                     metrics.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": data.bpb(val_loss),
-                                   "tokens": training.tokens_seen})
+                                   "tokens": training.tokens_seen, "train_s": progress.train_s()})
                     log(f"step {step}: val loss {val_loss:.4f}, {data.bpb(val_loss):.3f} bits/byte")
                     # The checkpoints first: nothing optional (the sample) can lose the steps done.
                     if val_loss < training.best_val:
@@ -158,7 +159,7 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                             log(f"--- sample at step {step} ---\n{sample}\n---")
                             run_dir.append_sample(out, step, val_loss, sample)
                     way.barrier()  # the other ranks wait here while rank 0 saves and samples
-                    progress.after_eval()  # eval time is not training speed
+                    progress.after_eval()  # eval time is not training speed, nor training time
                     if budget is not None:
                         budget.resume_clock()  # nor is it the budget's
 

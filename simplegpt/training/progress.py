@@ -114,10 +114,17 @@ class Progress:
         self.t_last, self.window_tokens = time.perf_counter(), 0
         self.t_line = self.t_last - LINE_EVERY_S
         self.timed, self.timed_s = -1, 0.0  # steps timed for the estimate (the first warms up), and their seconds
+        self.paused_s, self.t_pause = 0.0, 0.0  # this process's seconds of evaluations (with saves, samples)
 
     def elapsed(self, now: float | None = None) -> float:
         """Seconds of training so far, over every run of it (resumes included)."""
         return self.elapsed_before + (now or time.perf_counter()) - self.t_start
+
+    def train_s(self) -> float:
+        """Seconds of this process's training so far: from the start of train() (setup included) with the
+        evaluations left out (what bench/speedrun.py's clock reads; a resumed run starts it at 0)."""
+        now = time.perf_counter()
+        return now - self.t_start - self.paused_s - (now - self.t_pause if self.t_pause else 0.0)
 
     def step(self, step: int, t_step: float, loss: float, lr: float, grad_norm: float, tokens_seen: int,
              stopping: bool, last: bool = False) -> None:
@@ -157,8 +164,12 @@ class Progress:
             print(f"{where}  loss {loss:.4f}  {tok_s:,.0f} tok/s  "
                   f"MFU {format_mfu(step_mfu)}  {duration(self.elapsed(now))} elapsed", file=sys.stderr, flush=True)
 
+    def before_eval(self) -> None:
+        self.t_pause = time.perf_counter()
+
     def after_eval(self) -> None:
         self.t_last, self.window_tokens = time.perf_counter(), 0
+        self.paused_s, self.t_pause = self.paused_s + self.t_last - self.t_pause, 0.0
 
     def close(self) -> None:
         self.bar.close()
