@@ -382,7 +382,8 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     A corpus key of the file (CORPUS_KEYS) is dropped when the overrides change what it belongs to
     (e.g. --data): data_dir then defaults to data/<corpus>_<tokenizer>, out_dir to default_out_dir's
     folder and sample_prompt to empty (the start of a document). An lr given without a min_lr
-    scales the file's min_lr with it (2e-3 -> 2e-4 in the file, --lr 1e-4 -> 1e-5)."""
+    scales the file's min_lr with it (2e-3 -> 2e-4 in the file, --lr 1e-4 -> 1e-5). A max_iters given
+    without a max_time trains that many steps: the file's time budget, if it has one, is dropped."""
     values = read_toml(resolve_config_path(name_or_path or DEFAULT_CONFIG))
     overrides = overrides or {}
     check_keys(overrides, "option")
@@ -394,6 +395,8 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     if "lr" in overrides and "min_lr" not in overrides:  # --lr alone: the schedule keeps the file's lr/min_lr
         lr, min_lr = values.get("lr", defaults["lr"]), values.get("min_lr", defaults["min_lr"])
         values["min_lr"] = min_lr * overrides["lr"] / lr if isinstance(overrides["lr"], (int, float)) and lr else min_lr
+    if "max_iters" in overrides and "max_time" not in overrides:  # a count of steps asked for replaces the
+        values.pop("max_time", None)                                 # file's time budget
     # A warmup chosen for another length of run (the file's, for its max_iters; the default) fits this one.
     fit = "warmup_iters" not in overrides and ("warmup_iters" not in values or "max_iters" in overrides)
     values.update(overrides)

@@ -146,3 +146,11 @@ def test_the_time_option_on_the_command_line(tmp_path):
 
     args = build_parser().parse_args(["train", "--time", "90s"])
     assert args.max_time == 90.0
+
+
+def test_max_iters_on_the_command_line_replaces_a_files_time_budget():
+    speedrun = load_config("speedrun_cpu")
+    assert speedrun.max_time == 300.0 and speedrun.schedule == "wsd"
+    steps = load_config("speedrun_cpu", {"max_iters": 50})
+    assert steps.max_time == 0.0 and steps.max_iters == 50
+    assert load_config("speedrun_cpu", {"max_iters": 50, "max_time": 60.0}).max_time == 60.0
