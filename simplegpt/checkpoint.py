@@ -1,7 +1,7 @@
 """The checkpoint format, written and read here only.
 
 A checkpoint is a directory:
-    model.safetensors   weights (the tied head stored once, as transformer.wte.weight)
+    model.safetensors   weights (a tied head stored once, as transformer.wte.weight; an untied one as lm_head.weight)
     config.json         {"format": "simplegpt", "version": 1, "model": GPTConfig fields, ...metadata,
                          "sha256": {file name: hex digest} of every other file}
     tokenizer/          the tokenizer (tokenizer.json)
@@ -74,9 +74,10 @@ class Checkpoint:
 
 
 def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Weights to save: contiguous CPU tensors, the tied output head left out (it is wte)."""
+    """Weights to save: contiguous CPU tensors, a tied output head left out (it is wte)."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
+    tied = model.config.tie_word_embeddings
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not (tied and k == TIED_KEY)}
 
 
 def save_checkpoint(
@@ -261,11 +262,13 @@ def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
         raise RuntimeError(why)
     with torch.device("meta"):
         model = GPT(config)
-    state = {k: v.to(torch.float32) for k, v in state.items() if k != TIED_KEY}
-    state[TIED_KEY] = state.get("transformer.wte.weight")
+    tied = config.tie_word_embeddings
+    state = {k: v.to(torch.float32) for k, v in state.items() if not (tied and k == TIED_KEY)}
+    if tied:
+        state[TIED_KEY] = state.get("transformer.wte.weight")
     model.load_state_dict(state, strict=True, assign=True)
-    # assign=True gives each name its own Parameter; tie the head to the embedding again.
-    model.lm_head.weight = model.transformer.wte.weight
+    if tied:  # assign=True gives each name its own Parameter; tie the head to the embedding again.
+        model.lm_head.weight = model.transformer.wte.weight
     return model
 
 
@@ -273,13 +276,13 @@ def _blocks_mismatch(config: GPTConfig, names: Any) -> str | None:
     """Why the weights named `names` (transformer.h.<i>.* per block) cannot be config's model
     because their number of blocks differs from n_layer; None when it is the same."""
     blocks = {int(m[1]) for name in names if (m := re.match(r"transformer\.h\.(\d+)\.", name))}
-    if blocks == set(range(config.n_layer)):
-        return None
+    if len(blocks) == config.n_layer and blocks == set(range(len(blocks))):  # never a set of n_layer items:
+        return None  # a damaged config.json may name any number
     return f"the config has n_layer {config.n_layer}, the weights hold {len(blocks)} blocks"
 
 
 def check_config_fits(config: GPTConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
-    """Check the model config against the shapes of its weights (name -> shape, the tied head left
+    """Check the model config against the shapes of its weights (name -> shape, a tied head left
     out) without building the model: the number of blocks, then each tensor's shape against a model
     of one block built on the meta device (which allocates nothing, whatever the sizes). Raises
     CheckpointError naming `where` (the config file) and the first difference."""
@@ -287,7 +290,7 @@ def check_config_fits(config: GPTConfig, shapes: dict[str, tuple[int, ...]], whe
     if why is None:
         with torch.device("meta"):
             one = GPT(GPTConfig(**{**config.to_dict(), "n_layer": 1})).state_dict()
-        want = {k: tuple(v.shape) for k, v in one.items() if k != TIED_KEY}
+        want = {k: tuple(v.shape) for k, v in one.items() if not (config.tie_word_embeddings and k == TIED_KEY)}
         have = {re.sub(r"^transformer\.h\.\d+\.", "transformer.h.0.", k): tuple(v) for k, v in shapes.items()}
         if missing := sorted(want.keys() - have.keys()):
             why = f"the weights have no {missing[0]}"
@@ -303,7 +306,7 @@ def check_config_fits(config: GPTConfig, shapes: dict[str, tuple[int, ...]], whe
 class CheckpointInfo:
     """What a checkpoint holds, read without building its model (describe_checkpoint)."""
     config: GPTConfig
-    parameters: int  # the tied head counted once, as GPT.num_parameters
+    parameters: int  # a tied head counted once, as GPT.num_parameters
     tokenizer: str | None  # its kind ("char", "byte", "gpt2"), or None
     metadata: dict[str, Any]
     path: Path
@@ -339,7 +342,8 @@ def _describe(folder: Path, path: Path) -> CheckpointInfo:
             raise CheckpointError(f"{weights} is truncated or corrupted ({e}); use another checkpoint") from None
     else:
         raise CheckpointError(f"{folder} is incomplete: {WEIGHTS_FILE} is missing")
-    shapes.pop(TIED_KEY, None)
+    if config.tie_word_embeddings:
+        shapes.pop(TIED_KEY, None)
     check_config_fits(config, shapes, str(folder / CONFIG_FILE))
     tokenizer = _load_tokenizer(folder, doc, config)
     return CheckpointInfo(config=config, parameters=sum(math.prod(s) for s in shapes.values()),

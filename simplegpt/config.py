@@ -30,7 +30,7 @@ from typing import Any
 
 from .data.layout import is_dataset_dir
 from .errors import ConfigError
-from .model import GPTConfig
+from .model import MLPS, NORMS, POSITIONS, GPTConfig
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
 # A warmup not set for the run's own length takes at most this fraction of its steps (50 warmup steps of
@@ -61,7 +61,30 @@ MODEL_KEYS: dict[str, tuple[str, Key]] = {key.name: (attr, key) for attr, key in
     ("n_positions", Key("block_size", "int", "model", "context length in tokens (the model's n_positions)")),
     ("dropout", Key("dropout", "float", "model", "dropout probability")),
     ("bias", Key("bias", "bool", "model", "biases in linear and LayerNorm layers (GPT-2 has them)")),
+    ("n_kv_head", Key("n_kv_head", "int", "model", "key/value heads, grouped-query attention (Hugging Face's "
+                      "num_key_value_heads; must divide n_head); 0 = n_head")),
+    ("head_size", Key("head_dim", "int", "model", "width of each attention head; 0 = n_embd / n_head")),
+    ("positions", Key("positions", "str", "model", "position encoding: learned (GPT-2's table) or rotary (RoPE)",
+                      POSITIONS)),
+    ("rope_theta", Key("rope_theta", "float", "model", "rotary positions: the base of the rotation frequencies")),
+    ("norm", Key("norm", "str", "model", "normalisation layer: layernorm (GPT-2) or rmsnorm", NORMS)),
+    ("norm_gain", Key("norm_gain", "bool", "model", "the norms have a learned gain (false: nanochat's plain RMSNorm)")),
+    ("rms_norm_eps", Key("rms_norm_eps", "float", "model", "epsilon of RMSNorm")),
+    ("mlp", Key("mlp", "str", "model", "MLP activation: gelu (GPT-2), swiglu (Llama) or relu2 (ReLU squared)", MLPS)),
+    ("intermediate_size", Key("intermediate_size", "int", "model", "MLP hidden width; 0 = 4 x n_embd (swiglu: "
+                              "8/3 x n_embd rounded up to a multiple of 64)")),
+    ("qk_norm", Key("qk_norm", "bool", "model", "RMSNorm each head's queries and keys (Qwen3)")),
+    ("tie_word_embeddings", Key("tie_word_embeddings", "bool", "model", "the output head is the token embedding "
+                                "(GPT-2); false gives the head its own weights")),
 )}
+# The [model] keys whose 0 stands for GPTConfig's None (a default computed from the other keys).
+OPTIONAL_MODEL_KEYS = ("n_kv_head", "head_dim", "intermediate_size")
+# The [model] keys that fix the weights' shapes and what they compute: a resumed run keeps them.
+ARCHITECTURE_KEYS = tuple(key.name for _, key in MODEL_KEYS.values() if key.name != "dropout")
+# What a config saved before the Llama-style keys existed had for them: GPT-2's values.
+GPT2_MODEL_VALUES = {key.name: 0 if getattr(GPTConfig(), attr) is None else getattr(GPTConfig(), attr)
+                     for attr, key in MODEL_KEYS.values()
+                     if key.name not in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")}
 DEFAULT_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0, bias=True)
 
 
@@ -169,7 +192,11 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             if f.name != "model":
                 setattr(self, f.name, values.get(f.name, f.default))
-        shape = {attr: _coerce(key, values[name]) for name, (attr, key) in MODEL_KEYS.items() if name in values}
+        shape = {}
+        for name, (attr, key) in MODEL_KEYS.items():
+            if name in values:
+                value = _coerce(key, values[name])
+                shape[attr] = None if name in OPTIONAL_MODEL_KEYS and value == 0 else value
         try:
             self.model = dataclasses.replace(model or DEFAULT_MODEL, **shape)
         except ValueError as e:  # GPTConfig's own checks of the shape, said in the config's key names
@@ -202,6 +229,13 @@ class TrainConfig:
     @property
     def bias(self) -> bool:
         return self.model.bias
+
+    def __getattr__(self, name: str) -> Any:
+        """The other [model] keys (cfg.mlp, cfg.n_kv_head, ...) read cfg.model; 0 for a computed default."""
+        if name in MODEL_KEYS and "model" in self.__dict__:
+            value = getattr(self.__dict__["model"], MODEL_KEYS[name][0])
+            return 0 if value is None else value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def validate(self) -> None:
         """Type and range checks of the keys outside [model] (GPTConfig checks the shape); ConfigError

@@ -1,6 +1,9 @@
-"""Move GPT-2 weights between simplegpt checkpoints and the Hugging Face format, exactly.
+"""Move weights between simplegpt checkpoints and the Hugging Face format, exactly: GPT-2
+(GPT2LMHeadModel) here, Llama-style models (LlamaForCausalLM, Qwen3ForCausalLM) through the key
+map of simplegpt.hf_llama. A model of the GPT-2 architecture (GPTConfig.is_gpt2) goes out as GPT-2,
+any other as the Llama-style class its options map onto.
 
-simplegpt's state-dict names are GPT-2's `transformer.*` names, so the key map is one table of
+For GPT-2, simplegpt's state-dict names are GPT-2's `transformer.*` names, so the key map is one table of
 (pattern, transpose) rules: Hugging Face stores the four projection matrices as Conv1D weights,
 shaped (in, out), where nn.Linear stores (out, in). Nothing else changes, so a round trip keeps
 every tensor bit-identical.
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import hf_llama
 from .atomic import atomic_dir
 from .checkpoint import Checkpoint, load_checkpoint, model_from_state, model_state_dict, save_checkpoint
 from .errors import CheckpointError, MissingDependencyError, OutputExistsError
@@ -37,6 +41,7 @@ HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_PYTORCH_BIN = "pytorch_model.bin"
 HF_VOCAB = "vocab.json"
 HF_MERGES = "merges.txt"
+HF_TOKENIZER = "tokenizer.json"
 # simplegpt's own tokenizer spec, kept in a subfolder: a top-level tokenizer.json would be read
 # by AutoTokenizer as a Hugging Face "fast tokenizer" file.
 SIMPLEGPT_TOKENIZER_DIR = "simplegpt_tokenizer"
@@ -146,15 +151,20 @@ def hf_to_simplegpt_state(hf_state: dict[str, torch.Tensor], config: GPTConfig, 
     return state
 
 
+KNOWN_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", **hf_llama.ARCHITECTURES}
+
+
 def config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
-    """A GPTConfig from a Hugging Face GPT-2 config.json, refusing variants simplegpt cannot run exactly."""
+    """A GPTConfig from a Hugging Face config.json of GPT-2, Llama or Qwen3 (KNOWN_ARCHITECTURES),
+    refusing variants simplegpt cannot run exactly and other architectures, naming them."""
     model_type = hf.get("model_type")
+    if model_type not in KNOWN_ARCHITECTURES:
+        arch = ", ".join(map(str, hf.get("architectures") or [])) or "no architectures entry"
+        known = ", ".join(f"{cls} ({t})" for t, cls in KNOWN_ARCHITECTURES.items())
+        raise CheckpointError(f"{where} holds a model of type {model_type!r} ({arch}), which simplegpt does not "
+                              f"know; it imports {known}")
     if model_type != "gpt2":
-        arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
-        raise CheckpointError(
-            f"{where} holds a {model_type or 'non-GPT-2'} model ({arch}); simplegpt imports only GPT-2 "
-            "models (model_type \"gpt2\")"
-        )
+        return hf_llama.config_from_hf(hf, where)
     n_embd = hf.get("n_embd", 768)
     unsupported = []
     if hf.get("n_inner") not in (None, 4 * n_embd):
@@ -270,7 +280,8 @@ def _read_bin(file: Path) -> dict[str, torch.Tensor]:
 
 def _tokenizer_for(directory: Path | None, config: GPTConfig) -> Tokenizer | None:
     """simplegpt's own tokenizer if the directory carries one (a simplegpt export), GPT-2's if the
-    vocabulary is GPT-2's, else None: another BPE cannot be represented by simplegpt."""
+    vocabulary is GPT-2's, else the directory's Hugging Face tokenizer.json (through `tokenizers`:
+    HFTokenizer), else None."""
     if directory is not None and (directory / SIMPLEGPT_TOKENIZER_DIR).is_dir():
         try:
             tok = load_tokenizer(directory / SIMPLEGPT_TOKENIZER_DIR)
@@ -279,6 +290,15 @@ def _tokenizer_for(directory: Path | None, config: GPTConfig) -> Tokenizer | Non
                                   "again") from None
     elif config.vocab_size == 50257 and (directory is None or _has_gpt2_vocab(directory)):
         tok = GPT2Tokenizer()
+    elif directory is not None and (directory / HF_TOKENIZER).is_file():
+        try:
+            tok = HFTokenizer.from_file(directory / HF_TOKENIZER)
+        except (ValueError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{directory / HF_TOKENIZER} cannot be used: {e}") from None
+        if tok.vocab_size > config.vocab_size:  # a model's embedding is often padded past its tokens
+            raise CheckpointError(f"{directory / HF_TOKENIZER} has {tok.vocab_size} tokens, more than the model's "
+                                  f"vocabulary of {config.vocab_size}; they do not belong together")
+        return tok
     else:
         return None
     if tok.vocab_size != config.vocab_size:
@@ -321,7 +341,7 @@ def _hub_state(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             hf_config = transformers.AutoConfig.from_pretrained(name)
             cfg = hf_config.to_dict()
             config_from_hf(cfg, f"hub model {name!r}")  # refuse other architectures before the big download
-            model = transformers.GPT2LMHeadModel.from_pretrained(name, config=hf_config)
+            model = transformers.AutoModelForCausalLM.from_pretrained(name, config=hf_config)
     except OSError as e:
         offline = offline_mode() or "offline" in str(e).lower() or "connect" in str(e).lower()
         reason = "the hub cannot be reached (offline)" if offline else str(e).splitlines()[0]
@@ -333,7 +353,9 @@ def _hub_state(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def load_hf_model(source: str, device: str | torch.device = "cpu") -> Checkpoint:
-    """A Hugging Face GPT-2 (local directory or hub name) as a simplegpt Checkpoint (path=None)."""
+    """A Hugging Face GPT-2, Llama or Qwen3 model (local directory or hub name) as a simplegpt
+    Checkpoint (path=None), with its tokenizer (see _tokenizer_for). CheckpointError for an
+    architecture or variant simplegpt cannot run, or files that do not match."""
     source = str(source)
     directory: Path | None = None
     if _is_local(source):
@@ -350,7 +372,11 @@ def load_hf_model(source: str, device: str | torch.device = "cpu") -> Checkpoint
     else:
         hf_cfg, hf_state = _hub_state(source)
         config = config_from_hf(hf_cfg, source)
-    model = model_from_state(config, hf_to_simplegpt_state(hf_state, config, source))
+    if hf_cfg.get("model_type") == "gpt2":
+        state = hf_to_simplegpt_state(hf_state, config, source)
+    else:
+        state = hf_llama.from_hf_state(hf_state, config, source)
+    model = model_from_state(config, state)
     model.to(device).eval()
     tokenizer = _tokenizer_for(directory, config)
     return Checkpoint(model=model, tokenizer=tokenizer, config=config,
@@ -358,14 +384,14 @@ def load_hf_model(source: str, device: str | torch.device = "cpu") -> Checkpoint
 
 
 def load_any(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """A simplegpt checkpoint directory, or else a Hugging Face GPT-2 (directory or hub name)."""
+    """A simplegpt checkpoint directory, or else a Hugging Face model (directory or hub name; load_hf_model)."""
     path = Path(source).expanduser()
     if (path / HF_CONFIG).is_file():
         if _read_json(path / HF_CONFIG).get("format") == "simplegpt":
             return load_checkpoint(path, device=device)
     elif _is_local(str(source)):
         what = "has no config.json" if path.is_dir() else "does not exist"
-        raise CheckpointError(f"{source} {what}: give a simplegpt checkpoint or a Hugging Face GPT-2 directory")
+        raise CheckpointError(f"{source} {what}: give a simplegpt checkpoint or a Hugging Face model directory")
     return load_hf_model(str(source), device=device)
 
 
@@ -377,7 +403,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def import_hf(source: str, out: str | os.PathLike, overwrite: bool = False) -> Checkpoint:
-    """Convert a Hugging Face GPT-2 into a simplegpt checkpoint directory at `out`."""
+    """Convert a Hugging Face GPT-2, Llama or Qwen3 model into a simplegpt checkpoint directory at `out`."""
     out = Path(out)
     _check_out(out, overwrite)
     ck = load_hf_model(source)
@@ -394,7 +420,9 @@ class ExportResult:
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> ExportResult:
-    """Write a simplegpt checkpoint as a Hugging Face GPT-2 directory (atomically: temp dir + rename)."""
+    """Write a simplegpt checkpoint as a Hugging Face directory (atomically: temp dir + rename): a
+    GPT2LMHeadModel for the GPT-2 architecture, else a LlamaForCausalLM or Qwen3ForCausalLM
+    (hf_llama.hf_class_for; CheckpointError naming the options no class has)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -402,11 +430,17 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
     ck = load_checkpoint(checkpoint)
     tok = ck.tokenizer
     eos_id = tok.eos_id if tok is not None else ck.config.vocab_size - 1
+    kind = None if ck.config.is_gpt2 else hf_llama.hf_class_for(ck.config)  # refused before anything is written
     with atomic_dir(out) as tmp:
-        state = simplegpt_to_hf_state(model_state_dict(ck.model), ck.config)
+        if kind is None:
+            state = simplegpt_to_hf_state(model_state_dict(ck.model), ck.config)
+            hf_config = config_to_hf(ck.config, eos_id)
+        else:
+            state = hf_llama.to_hf_state(model_state_dict(ck.model), ck.config)
+            hf_config = hf_llama.config_to_hf(ck.config, kind, eos_id, eos_id)
         # metadata format=pt: transformers refuses safetensors files without it.
         save_file(state, str(tmp / HF_SAFETENSORS), metadata={"format": "pt"})
-        _write_json(tmp / HF_CONFIG, config_to_hf(ck.config, eos_id))
+        _write_json(tmp / HF_CONFIG, hf_config)
         _write_json(tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
         exported = isinstance(tok, (GPT2Tokenizer, HFTokenizer))
         if isinstance(tok, GPT2Tokenizer):
@@ -442,7 +476,7 @@ def write_gpt2_tokenizer_files(directory: Path, model_max_length: int) -> None:
 def write_hf_tokenizer_files(directory: Path, tok: HFTokenizer, model_max_length: int) -> None:
     """A `tokenizers` tokenizer as the tokenizer.json and tokenizer_config.json that AutoTokenizer loads
     (PreTrainedTokenizerFast); its EOS also stands for BOS and UNK, as GPT-2's does."""
-    (directory / "tokenizer.json").write_text(tok.json, encoding="utf-8")
+    (directory / HF_TOKENIZER).write_text(tok.json, encoding="utf-8")
     eos = tok.decode([tok.eos_id])
     special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
     _write_json(directory / "tokenizer_config.json", {

@@ -260,3 +260,16 @@ def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoint(tmp_path, capsy
     assert line.startswith("simplegpt info: error: ") and f"name its checkpoint, {tmp_path / 'run' / 'best'}" in line
     with pytest.raises(CheckpointError, match=r"config\.json is missing$"):  # not a run folder: no hint
         load_checkpoint(tmp_path)
+
+
+def test_a_config_json_naming_a_huge_n_layer_is_refused_at_once(tmp_path):
+    # the number of blocks is compared without making a set of n_layer numbers (10**12 of them did not fit)
+    from simplegpt.checkpoint import describe_checkpoint
+
+    save_checkpoint(tmp_path / "ck", _model(0), ByteTokenizer())
+    doc = json.loads((tmp_path / "ck" / "config.json").read_text())
+    doc["model"]["n_layer"] = 10**12
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(doc))
+    for read in (load_checkpoint, describe_checkpoint):
+        with pytest.raises(CheckpointError, match="n_layer 1000000000000, the weights hold 1 blocks"):
+            read(tmp_path / "ck")

@@ -110,7 +110,9 @@ def test_saved_config_is_the_new_layout_and_round_trips(tmp_path):
     cfg = load_config(None, {"n_layer": 6, "block_size": 32, "init_from": "out/x/last"})
     text = to_toml(cfg)
     model_table = [ln.split(" = ")[0] for ln in text.split("[model]\n")[1].split("\n\n")[0].splitlines()]
-    assert model_table == ["n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"]  # the shape alone
+    assert model_table == ["n_layer", "n_head", "n_embd", "block_size", "dropout", "bias",  # the shape alone
+                           "n_kv_head", "head_dim", "positions", "rope_theta", "norm", "norm_gain", "rms_norm_eps",
+                           "mlp", "intermediate_size", "qk_norm", "tie_word_embeddings"]  # its Llama-style options
     assert 'init_from = "out/x/last"' in text.split("[run]\n")[1]
     path = tmp_path / "c.toml"
     path.write_text(text)

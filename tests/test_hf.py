@@ -219,8 +219,8 @@ def make_bad(kind: str, hf_dir: Path, root: Path) -> Path:
     bad.mkdir()
     cfg = json.loads((hf_dir / "config.json").read_text())
     weights = load_file(hf_dir / "model.safetensors")
-    if kind == "llama":
-        cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32}
+    if kind == "unknown-architecture":
+        cfg = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 32}
     elif kind == "shape":
         cfg["n_embd"] = 64
         cfg["n_head"] = 4
@@ -244,7 +244,7 @@ def make_bad(kind: str, hf_dir: Path, root: Path) -> Path:
 @pytest.mark.parametrize("kind, words", [
     ("no-config", ["config.json is missing"]),
     ("no-weights", ["no weights", "model.safetensors"]),
-    ("llama", ["llama", "only GPT-2"]),
+    ("unknown-architecture", ["'mistral'", "MistralForCausalLM", "it imports GPT2LMHeadModel", "LlamaForCausalLM"]),
     ("shape", ["shape", "config and weights do not match"]),
     ("missing-key", ["missing weight", "h.1.mlp.c_fc.weight"]),
     ("truncated", ["truncated or corrupted"]),

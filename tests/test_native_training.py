@@ -315,3 +315,40 @@ def test_the_trainer_takes_the_whole_model_step(tmp_path, shakespeare_path, monk
     result = train(cfg, progress=False, log=lambda s: None)
     assert calls == [(4 // threads, 16)] * 3 * threads
     assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_no_thread_sees_blas_ready_before_the_kernels_have_sgemm(monkeypatch):
+    """Core shards' threads ask at once: the one that finds torch's sgemm hands it to the C side, and
+    another must not get True (and run a kernel that calls through a null pointer) before that is done."""
+    import threading
+
+    from simplegpt.accel.cpu import training as native
+
+    real = native.load()
+    entered, release = threading.Event(), threading.Event()
+    handed = []
+
+    class Spy:  # the real library; its sg_set_sgemm waits until the second thread has asked
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def sg_set_sgemm(self, address):
+            entered.set()
+            release.wait(5)
+            real.sg_set_sgemm(address)
+            handed.append(address)
+
+    monkeypatch.setattr(native, "_sgemm", None)
+    monkeypatch.setattr(native, "load", lambda: Spy())
+    first = threading.Thread(target=native._blas_ready)
+    first.start()
+    assert entered.wait(5)
+    seen = []
+    second = threading.Thread(target=lambda: seen.append((native._blas_ready(), list(handed))))
+    second.start()
+    second.join(0.5)
+    release.set()
+    first.join(5)
+    second.join(5)
+    ready, handed_when_ready = seen[0]
+    assert not ready or handed_when_ready, "a thread saw the kernels ready before they had sgemm"

@@ -1,4 +1,4 @@
-"""simplegpt export-hf: a simplegpt checkpoint as a Hugging Face GPT-2 directory."""
+"""simplegpt export-hf: a simplegpt checkpoint as a Hugging Face model directory."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import sys
 from ..cli import add_checkpoint_argument, add_output_arguments
 from ..errors import file_access_errors
 
-HELP = "write a checkpoint as a Hugging Face GPT-2 directory (GPT2LMHeadModel / AutoTokenizer)"
+HELP = "write a checkpoint as a Hugging Face directory (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM)"
 DESCRIPTION = (
-    "Write a simplegpt checkpoint as a Hugging Face GPT-2 directory: config.json, model.safetensors "
+    "Write a simplegpt checkpoint as a Hugging Face directory: a GPT2LMHeadModel for GPT-2's architecture, a "
+    "LlamaForCausalLM or Qwen3ForCausalLM for the Llama-style options that map onto one (others are refused, "
+    "naming the option; docs/architectures.md): config.json, model.safetensors "
     "and, for GPT-2-tokenizer models, vocab.json, merges.txt, tokenizer_config.json and "
     "special_tokens_map.json, so GPT2LMHeadModel.from_pretrained(OUT) and "
     "AutoTokenizer.from_pretrained(OUT) load it; a trained BPE (prepare --tokenizer bpe:N) is written "

@@ -1,4 +1,4 @@
-"""simplegpt import-hf: a Hugging Face GPT-2 as a simplegpt checkpoint."""
+"""simplegpt import-hf: a Hugging Face GPT-2, Llama or Qwen3 model as a simplegpt checkpoint."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import sys
 from ..cli import add_output_arguments
 from ..errors import file_access_errors
 
-HELP = "convert a Hugging Face GPT-2 (local directory or hub name) into a simplegpt checkpoint"
+HELP = "convert a Hugging Face GPT-2, Llama or Qwen3 model (local directory or hub name) into a simplegpt checkpoint"
 DESCRIPTION = (
-    "Convert a Hugging Face GPT-2 into a simplegpt checkpoint directory, weights bit-identical. "
+    "Convert a Hugging Face GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM into a simplegpt checkpoint "
+    "directory, weights bit-identical. "
     "A local directory needs config.json and model.safetensors (or pytorch_model.bin) and works "
     "without transformers; a hub name such as 'gpt2' is downloaded by transformers (the 'hf' extra) "
-    "and needs the hub to be reachable. Models with GPT-2's vocabulary get the GPT-2 tokenizer."
+    "and needs the hub to be reachable. Models with GPT-2's vocabulary get the GPT-2 tokenizer, others the "
+    "folder's tokenizer.json (read with Hugging Face tokenizers)."
 )
 
 
@@ -32,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
           f"n_layer={ck.config.n_layer} n_embd={ck.config.n_embd} n_positions={ck.config.n_positions}, "
           f"tokenizer {tok}")
     if ck.tokenizer is None:
-        print(f"simplegpt import-hf: warning: the model's vocabulary ({ck.config.vocab_size} tokens) is not GPT-2's, "
-              "so the checkpoint has no tokenizer and cannot be used on text (export-hf still works)",
+        print(f"simplegpt import-hf: warning: the model's vocabulary ({ck.config.vocab_size} tokens) is not GPT-2's "
+              "and its folder has no tokenizer.json, so the checkpoint has no tokenizer and cannot be used on text "
+              "(export-hf still works)",
               file=sys.stderr)
     return 0

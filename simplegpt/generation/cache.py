@@ -8,7 +8,7 @@ from ..model import GPTConfig
 
 
 class _LayerKV:
-    """One layer's (B, H, max_len, D) key and value buffers inside a KVCache."""
+    """One layer's (B, K, max_len, D) key and value buffers inside a KVCache."""
 
     def __init__(self, cache: "KVCache", k: torch.Tensor, v: torch.Tensor):
         self.cache, self.k, self.v = cache, k, v
@@ -25,7 +25,8 @@ class _LayerKV:
 
 
 class KVCache:
-    """Preallocated keys/values, (n_layer, batch, n_head, max_len, head_dim) each, written in place.
+    """Preallocated keys/values, (n_layer, batch, K, max_len, head_dim) each, written in place, where
+    K = config.kv_heads: a grouped-query model caches its n_kv_head key/value heads, not n_head.
 
     The first `length` slots hold the keys/values seen so far (of the leading rows, when a batch
     has shrunk); GPT.forward(kv_cache=...) appends, and raises ValueError when it would overflow.
@@ -35,7 +36,7 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         max_len = max_len or config.n_positions
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
         # Slots are always written before they are read, so the buffers need no zeroing.
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)

@@ -81,6 +81,9 @@ class Engine:
         self.use_cache = use_cache
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.eos_id: int | None = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        # Ids the engine may draw: an imported model's embedding is often padded past its tokenizer's
+        # tokens (Qwen3: 151936 rows, 151669 tokens), and an id with no token has no text.
+        self.vocab = min(self.config.vocab_size, getattr(tokenizer, "vocab_size", self.config.vocab_size))
         self.backend = pick_backend(model, self.device, self.window_shift, use_cache, compile)
         self.quant_report = None  # set by from_checkpoint(quantize="int8")
 
@@ -185,7 +188,7 @@ class Engine:
         """The decode loop shared by generate and stream, for every backend: yields (row, piece) events."""
         seen = None  # (B, V) each row's context tokens, for the repetition penalty
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros(len(rows), self.config.vocab_size, dtype=torch.bool, device=self.device)
+            seen = torch.zeros(len(rows), self.vocab, dtype=torch.bool, device=self.device)
             for i, r in enumerate(rows):
                 seen[i, r.tokens] = True
         batch = self.backend.new_batch(len(rows))
@@ -196,6 +199,8 @@ class Engine:
             decode_bytes = self.tokenizer.decode_bytes if self.tokenizer is not None else None
             while True:
                 row_seen = seen[active] if seen is not None else None
+                if self.vocab < logits.size(-1):
+                    logits = logits[:, :self.vocab]  # (B, V) -> (B, tokens)
                 with torch.inference_mode(), self.backend.sampling():
                     drawn = sample_next_token(logits, params, [rows[i].generator for i in active], row_seen)
                     lps = None if params.logprobs is None else token_logprobs(logits, drawn, params.logprobs)

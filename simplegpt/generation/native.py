@@ -88,7 +88,9 @@ def native_view(model: GPT) -> GPT | None:
 def decode_blocks(view: GPT) -> list[BlockTensors] | None:
     """Each block's tensors in BLOCK_SLOTS order (and the int8 row scales of its linears) for
     native.DecodeBlocks, or None where the view's blocks are not plain GPT-2 blocks on the CPU with
-    fp32 or int8 native linears, all of one kind."""
+    fp32 or int8 native linears, all of one kind (other options' blocks run the view's forward)."""
+    if not view.config.is_gpt2:  # the kernels' block is GPT-2's
+        return None
     blocks = []
     for block in view.transformer.h:
         if type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP:

@@ -23,20 +23,22 @@ class RecordingAttention(CausalSelfAttention):
 
     weights: torch.Tensor  # (B, H, T, S), set by attend
 
-    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv: LayerKV | None) -> torch.Tensor:
-        """As CausalSelfAttention.attend, (B, T, 3C) -> (B, T, C), recording the (B, H, T, S) weights."""
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv: LayerKV | None,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """As CausalSelfAttention.attend, (B, T, (H + 2K) D) -> (B, T, H D), recording the (B, H, T, S) weights."""
         if kv is not None:
             raise ValueError("attention weights are recorded on whole sequences, without a KV cache")
-        B, T, C3 = qkv.shape
-        C = C3 // 3
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(C, dim=2))
+        B, T, _ = qkv.shape
+        q, k, v = self.heads(qkv, rope)  # q (B, H, T, D); k, v (B, K, T, D)
+        group = self.n_head // self.n_kv_head  # query heads per key/value head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, D)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, T)
         if mask is None:
             mask = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril()  # (T, S): causal
         # exp(-inf) = 0: a masked key gets exactly zero weight, as in SDPA's boolean mask
         self.weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         y = self.weights @ v  # (B, H, T, D)
-        return y.transpose(1, 2).contiguous().view(B, T, C)
+        return y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
 
 
 def _swap(m: nn.Module) -> type | None:

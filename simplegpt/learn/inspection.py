@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..model import GPT
+from ..model import GPT, rotary_angles
 from ..tokenizer import Tokenizer
 from .attention import attention_weights
 
@@ -26,7 +26,7 @@ class Inspection:
     top_ids: np.ndarray  # (T, K) int64: the K most likely next tokens after each position
     top_probs: np.ndarray  # (T, K) float32: their probabilities, softmax of the logits
     top_tokens: list[list[str]]  # (T, K) their texts
-    position_similarity: np.ndarray  # (P, P) float32, cosine similarity of the position embeddings
+    position_similarity: np.ndarray  # (P, P) float32, cosine similarity of the positions (position_similarity)
 
     def save(self, path: str | Path) -> Path:
         """The arrays as one .npz (attention, top_ids, top_probs, position_similarity, ids)."""
@@ -75,11 +75,22 @@ def encode_for(model: GPT, tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
+# Rotary models have no table to read: their positions' similarity is computed for at most this many.
+ROTARY_POSITIONS = 1024
+
+
 def position_similarity(model: GPT) -> np.ndarray:
-    """(P, P) cosine similarity between the learned position embeddings: a bright band near the
-    diagonal means nearby positions look alike to the model."""
-    wpe = model.transformer.wpe.weight.detach().float()
-    unit = torch.nn.functional.normalize(wpe, dim=-1)
+    """(P, P) cosine similarity between the positions: of the learned position embeddings, or for
+    rotary positions of each position's rotation (cos and sin of its angles, P at most
+    ROTARY_POSITIONS), which depends on the distance alone. A bright band near the diagonal means
+    nearby positions look alike to the model."""
+    if "wpe" in model.transformer:
+        table = model.transformer.wpe.weight.detach().float()
+    else:
+        n = min(model.config.n_positions, ROTARY_POSITIONS)
+        cos, sin = rotary_angles(model.config, torch.arange(n)[None])  # (1, 1, P, D) each
+        table = torch.cat([cos[0, 0], sin[0, 0]], dim=-1)  # (P, 2D)
+    unit = torch.nn.functional.normalize(table, dim=-1)
     return (unit @ unit.T).cpu().numpy()
 
 

@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
-from ..config import TrainConfig
+from ..config import ARCHITECTURE_KEYS, GPT2_MODEL_VALUES, TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, GPTConfig
 from ..tokenizer import Tokenizer
 
 # The keys a resumed run cannot change: its weights have this shape and its data this tokenizer.
-RESUME_FIXED = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tokenizer")
+RESUME_FIXED = (*ARCHITECTURE_KEYS, "tokenizer")
 
 
 def seed_everything(seed: int) -> None:
@@ -101,6 +101,8 @@ def load_resume(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[GPT
 def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Refuse overrides that change the model's shape or tokenizer of a run being resumed (saved: the
     checkpoint's flat train_config, as every version of the trainer wrote it)."""
+    if saved:  # one saved before the Llama-style keys existed is GPT-2
+        saved = {**GPT2_MODEL_VALUES, **saved}
     for key in RESUME_FIXED:
         if key in saved and saved[key] != getattr(cfg, key):
             raise ConfigError(f"cannot resume {path} with {key}={getattr(cfg, key)!r}: the checkpoint has "

@@ -50,18 +50,18 @@ class GELU(nn.GELU):
 
 
 class Attention(CausalSelfAttention):
-    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv) -> torch.Tensor:
-        if (kv is None and mask is None and not (self.training and self.dropout)
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv, rope=None) -> torch.Tensor:
+        if (kv is None and mask is None and rope is None and not (self.training and self.dropout)
                 and training.attention_usable(qkv, self.n_head)):
             return training.causal_attention(qkv, self.n_head)
-        return super().attend(qkv, mask, kv)
+        return super().attend(qkv, mask, kv, rope)
 
 
 class FusedBlock(Block):
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv=None) -> torch.Tensor:
-        if mask is None and kv is None and training.block_usable(x, self):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv=None, rope=None) -> torch.Tensor:
+        if mask is None and kv is None and rope is None and training.block_usable(x, self):
             return training.block(x, self)
-        return super().forward(x, mask, kv)
+        return super().forward(x, mask, kv, rope)
 
 
 class FusedGPT(GPT):
@@ -81,9 +81,11 @@ _SWAPS: dict[type, type] = {GPT: FusedGPT, Block: FusedBlock, CausalSelfAttentio
 def for_training(model: nn.Module) -> nn.Module:
     """The module a training step runs: a twin of model (see the module docstring) whose forward
     passes take the CPU training kernels, or model itself where none can apply (the kernels are
-    switched off or cannot load, a parameter is not on the CPU, or model is not exactly a model.GPT).
+    switched off or cannot load, a parameter is not on the CPU, or model is not exactly a model.GPT of the
+    GPT-2 architecture: GPTConfig.is_gpt2).
 
     Call train()/eval() and loss()/forward() on what this returns; optimize and save model."""
-    if type(model) is not GPT or load() is None or any(p.device.type != "cpu" for p in model.parameters()):
+    if (type(model) is not GPT or not model.config.is_gpt2 or load() is None
+            or any(p.device.type != "cpu" for p in model.parameters())):
         return model
     return module_view(model, lambda m: _SWAPS.get(type(m)))

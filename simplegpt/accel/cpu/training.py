@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -175,18 +176,25 @@ class _Block(torch.autograd.Function):
 _sgemm: int | None = None  # the address of torch's sgemm_, 0 where it has none; None before the first look
 
 
+_sgemm_lock = threading.Lock()
+
+
 def _blas_ready() -> bool:
     """Whether the kernels have torch's sgemm (MKL's Fortran entry point in libtorch_cpu, as the Linux
-    x86-64 wheels have it); found once."""
+    x86-64 wheels have it); found once. The C side is given the address before `_sgemm` says it is
+    there: core shards' threads call this at once, and one must not run a kernel before that."""
     global _sgemm
     if _sgemm is None:
-        try:
-            fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_
-        except (OSError, AttributeError):
-            _sgemm = 0
-        else:
-            _sgemm = ctypes.cast(fn, ctypes.c_void_p).value
-            load().sg_set_sgemm(_sgemm)
+        with _sgemm_lock:
+            if _sgemm is None:
+                try:
+                    fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_
+                except (OSError, AttributeError):
+                    address = 0
+                else:
+                    address = ctypes.cast(fn, ctypes.c_void_p).value or 0
+                    load().sg_set_sgemm(address)
+                _sgemm = address
     return bool(_sgemm)
 
 
