@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pickle
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -97,8 +99,9 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[0]
 
 
-def run_simplegpt(name: str, cfg: TrainConfig, val_text: str, log: bool) -> list[tuple[float, float]]:
-    """Train cfg; the curve [(train_s, protocol val loss)] at each of its evaluations and its end."""
+def run_simplegpt(name: str, cfg: TrainConfig, val_text: str, log: bool) -> dict:
+    """Train cfg: {"curve": [(train_s, protocol val loss)] at each of its evaluations and its end,
+    "steps", "tokens", "tok_per_s": the median of its train records' (the load of the machine shows there)}."""
     out, evaluated = Path(cfg.out_dir), {}
 
     def evaluate_last() -> None:  # the checkpoint of the previous evaluation; the trainer's clock is paused
@@ -117,10 +120,14 @@ def run_simplegpt(name: str, cfg: TrainConfig, val_text: str, log: bool) -> list
     evaluate_last()
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     times = {r["step"]: r["train_s"] for r in records if r["kind"] == "eval"}
-    return [(times[step], loss) for step, loss in sorted(evaluated.items())]
+    train_records = [r for r in records if r["kind"] == "train"]
+    return {"curve": [(times[step], loss) for step, loss in sorted(evaluated.items())],
+            "steps": train_records[-1]["step"], "tokens": train_records[-1]["tokens"],
+            "tok_per_s": statistics.median(r["tok_per_s"] for r in train_records[1:] or train_records)}
 
 
-def run_nanogpt(checkout: Path, train_text: str, val_text: str, seed: int, work: Path) -> tuple[float, float]:
+def run_nanogpt(checkout: Path, train_text: str, val_text: str, seed: int, work: Path,
+                extra: list[str], threads: int) -> tuple[float, float]:
     """nanoGPT's train.py from `checkout` with its README's CPU command, on the same split: (wall seconds
     of its process, protocol val loss of its final checkpoint)."""
     chars = sorted(set(train_text + val_text))
@@ -135,9 +142,10 @@ def run_nanogpt(checkout: Path, train_text: str, val_text: str, seed: int, work:
         (work / "configurator.py").symlink_to(checkout / "configurator.py")  # train.py reads it from its cwd
     out = work / f"out-{seed}"
     cmd = [sys.executable, str(checkout / "train.py"), str(checkout / "config" / "train_shakespeare_char.py"),
-           *NANOGPT_ARGS, f"--out_dir={out}", "--always_save_checkpoint=True"]  # it seeds itself: 1337
+           *NANOGPT_ARGS, f"--out_dir={out}", "--always_save_checkpoint=True", *extra]  # it seeds itself: 1337
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=work, check=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the threads simplegpt's runs are given
+    subprocess.run(cmd, cwd=work, check=True, stdout=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - t0
     sys.path.insert(0, str(checkout))
     from model import GPT as NanoGPT, GPTConfig as NanoConfig  # nanoGPT's own model.py
@@ -175,6 +183,9 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override keys of the speedrun recipe (ablations), e.g. --set optimizer=adamw")
     p.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout: time its own train.py too")
+    p.add_argument("--nanogpt-args", default="", metavar="'--KEY=VALUE ...'",
+                   help="more options for nanoGPT's train.py, after the recipe's (a quick check: "
+                        "--nanogpt-args='--max_iters=20 --lr_decay_iters=20 --eval_interval=10')")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=Path("speedrun.json"))
     p.add_argument("--png", type=Path, default=None)
@@ -203,18 +214,21 @@ def main() -> None:
             else:
                 cfg = load_config(args.config, {**common, "seed": seed, "out_dir": str(work / f"b{seed}"),
                                                 "max_time": parse_value("max_time", args.budget), **overrides})
-            curve = run_simplegpt(recipe, cfg, val_text, not args.quiet)
-            results.setdefault(recipe, {})[seed] = {"curve": curve, "time_to_target": time_to(curve, TARGET),
+            run = run_simplegpt(recipe, cfg, val_text, not args.quiet)
+            curve = run["curve"]
+            results.setdefault(recipe, {})[seed] = {**run, "time_to_target": time_to(curve, TARGET),
+                                                    "final_loss": curve[-1][1],
                                                     **{f"loss_at_{m:.0f}s": loss_at(curve, m) for m in MARKS_S}}
         if args.nanogpt is not None:
-            wall, loss = run_nanogpt(args.nanogpt.resolve(), train_text, val_text, seed, work / "nanogpt")
+            wall, loss = run_nanogpt(args.nanogpt.resolve(), train_text, val_text, seed, work / "nanogpt",
+                                     shlex.split(args.nanogpt_args), args.threads)
             results.setdefault("nanogpt_itself", {})[seed] = {"wall_s": wall, "loss": loss,
                                                               "time_to_target": wall if loss <= TARGET else None}
         report(results, seed)
     print("\nmedians over seeds " + ", ".join(map(str, args.seeds)) + ":")
     for recipe, runs in results.items():
         line = [f"  {recipe:15s}"]
-        for key in ("time_to_target", "loss_at_60s", "loss_at_300s", "loss"):
+        for key in ("time_to_target", "loss_at_60s", "loss_at_300s", "final_loss", "loss"):
             values = [r[key] for r in runs.values() if key in r]
             if values:
                 reached = [v for v in values if v is not None]
@@ -242,7 +256,8 @@ def report(results: dict[str, dict], seed: int) -> None:
         if "curve" in r:
             print(f"  {recipe:15s} time to {TARGET}: {fmt(r['time_to_target'])} s   loss after 60 s "
                   f"{r['loss_at_60s']:.4f}, after 300 s {r['loss_at_300s']:.4f} nats/char "
-                  f"({r['loss_at_300s'] / math.log(2):.4f} bits/char)")
+                  f"({r['loss_at_300s'] / math.log(2):.4f} bits/char); final {r['final_loss']:.4f} after "
+                  f"{r['steps']} steps, {r['tokens']:,} tokens, {r['tok_per_s']:,.0f} tok/s")
         else:
             print(f"  {recipe:15s} 2000 iterations in {r['wall_s']:.1f} s (whole process), loss {r['loss']:.4f}")
     base = results.get("nanogpt_recipe", {}).get(seed, {}).get("time_to_target")
