@@ -44,7 +44,8 @@ SECTIONS = ("data", "model", "lora", "optim", "eval", "run")
 
 @dataclass(frozen=True)
 class Key:
-    """A config key: its TOML table, its value type ('int', 'float', 'bool' or 'str'), help and choices."""
+    """A config key: its TOML table, its value type ('int', 'float', 'bool', 'str' or 'duration': seconds as
+    a number or a string such as '90s', '5m', '1h'), help and choices."""
 
     name: str
     type: str
@@ -88,8 +89,8 @@ GPT2_MODEL_VALUES = {key.name: 0 if getattr(GPTConfig(), attr) is None else geta
 DEFAULT_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0, bias=True)
 
 
-def _f(default: Any, section: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"section": section, "help": help, "choices": choices})
+def _f(default: Any, section: str, help: str, choices: tuple[str, ...] | None = None, kind: str = "") -> Any:
+    return field(default=default, metadata={"section": section, "help": help, "choices": choices, "kind": kind})
 
 
 @dataclass(init=False)
@@ -140,7 +141,10 @@ class TrainConfig:
     warmup_iters: int = _f(100, "optim", "steps of linear warmup from 0 to lr; unless set with max_iters (on the "
                            "command line, or both in the config file) at most a tenth of max_iters, so a short "
                            "run reaches lr and decays")
-    decay_fraction: float = _f(0.2, "optim", "wsd only: fraction of max_iters spent decaying to min_lr")
+    decay_fraction: float = _f(0.2, "optim", "wsd only: fraction of max_iters (of max_time, under a time budget) "
+                               "spent decaying to min_lr")
+    warmup_fraction: float = _f(0.02, "optim", "under a time budget (max_time): fraction of the budget spent "
+                                "warming up from 0 to lr (warmup_iters is for runs of max_iters steps)")
     optimizer: str = _f("adamw", "optim", "'adamw', or 'muon': Muon for the blocks' weight matrices and AdamW for "
                         "embeddings, LayerNorm gains and biases (Keller Jordan's recipe; one process or DDP)",
                         ("adamw", "muon"))
@@ -164,6 +168,10 @@ class TrainConfig:
                       "unless given: out/<corpus>_<tokenizer>, out/<dataset folder>, out/<corpus>_from_<weights>")
     init_from: str = _f("", "run", "start from weights: a simplegpt checkpoint dir or a Hugging Face GPT-2 "
                         "dir/name (its tokenizer is then used); empty = random init")
+    max_time: float = _f(0.0, "run", "time budget: train for this long (seconds, or a duration such as '90s', "
+                         "'5m', '1h'; also --time) instead of max_iters steps, with the learning-rate schedule "
+                         "set by the fraction of the budget used; evaluations and the setup before the first "
+                         "step are not counted; 0 = off", kind="duration")
     seed: int = _f(1337, "run", "random seed for init, batches and dropout")
     device: str = _f("auto", "run", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = _f("auto", "run", "compute dtype; 'auto' = bfloat16 on GPUs that support it, float16 on other "
@@ -260,6 +268,10 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.max_time < 0:
+            raise ConfigError(f"max_time must be >= 0 seconds (0 = no time budget), got {self.max_time:g}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for name in ("weight_decay", "grad_clip", "peak_flops"):
@@ -283,8 +295,8 @@ class TrainConfig:
 
 def _keys() -> dict[str, Key]:
     """Every key, table by table (the order of --help and of a saved config.toml)."""
-    keys = [Key(f.name, f.type, f.metadata["section"], f.metadata["help"], f.metadata["choices"])
-            for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    keys = [Key(f.name, f.metadata["kind"] or f.type, f.metadata["section"], f.metadata["help"],
+                f.metadata["choices"]) for f in dataclasses.fields(TrainConfig) if f.name != "model"]
     keys += [key for _, key in MODEL_KEYS.values()]
     return {key.name: key for section in SECTIONS for key in keys if key.section == section}
 
@@ -293,12 +305,32 @@ KEYS = _keys()
 
 
 def _type_name(key: Key) -> str:
-    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[key.type]
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+            "duration": "seconds or a duration such as '90s', '5m', '1h'"}[key.type]
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)?\s*", re.IGNORECASE)
+_UNIT_S = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration: '300' or '300s', '5m' / '5min', '1.5h'. ValueError for anything else."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(match.group(1)) * _UNIT_S[(match.group(2) or "").lower()]
 
 
 def _coerce(key: Key, value: Any) -> Any:
     """value checked against the key's type; ints are accepted for floats."""
     kind = key.type
+    if kind == "duration":  # seconds: a number, or a string with its unit
+        if isinstance(value, str):
+            try:
+                value = parse_duration(value)
+            except ValueError:
+                raise ConfigError(f"{key.name} must be {_type_name(key)}, got {value!r}") from None
+        kind = "float"
     ok = {
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -342,6 +374,8 @@ def parse_value(name: str, text: str) -> Any:
             return _coerce(key, int(text))
         if key.type == "float":
             return _coerce(key, float(text))
+        if key.type == "duration":
+            return _coerce(key, text)
     except ValueError:
         raise ConfigError(f"{name} must be {_type_name(key)}, got {text!r}") from None
     return _coerce(key, text)
@@ -393,7 +427,8 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     A corpus key of the file (CORPUS_KEYS) is dropped when the overrides change what it belongs to
     (e.g. --data): data_dir then defaults to data/<corpus>_<tokenizer>, out_dir to default_out_dir's
     folder and sample_prompt to empty (the start of a document). An lr given without a min_lr
-    scales the file's min_lr with it (2e-3 -> 2e-4 in the file, --lr 1e-4 -> 1e-5)."""
+    scales the file's min_lr with it (2e-3 -> 2e-4 in the file, --lr 1e-4 -> 1e-5). A max_iters given
+    without a max_time trains that many steps: the file's time budget, if it has one, is dropped."""
     values = read_toml(resolve_config_path(name_or_path or DEFAULT_CONFIG))
     overrides = overrides or {}
     check_keys(overrides, "option")
@@ -405,6 +440,8 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     if "lr" in overrides and "min_lr" not in overrides:  # --lr alone: the schedule keeps the file's lr/min_lr
         lr, min_lr = values.get("lr", defaults["lr"]), values.get("min_lr", defaults["min_lr"])
         values["min_lr"] = min_lr * overrides["lr"] / lr if isinstance(overrides["lr"], (int, float)) and lr else min_lr
+    if "max_iters" in overrides and "max_time" not in overrides:  # a count of steps asked for replaces the
+        values.pop("max_time", None)                                 # file's time budget
     # A warmup chosen for another length of run (the file's, for its max_iters; the default) fits this one.
     fit = "warmup_iters" not in overrides and ("warmup_iters" not in values or "max_iters" in overrides)
     values.update(overrides)

@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
             if name == "init_from":
                 flags = ["--init_from"]
+            if name == "max_time":
+                flags.append("--time")
             help_text = key.help + (f" ({'|'.join(key.choices)})" if key.choices else "")
             group.add_argument(*flags, dest=name, type=converter(name), default=argparse.SUPPRESS,
                                metavar=key.type.upper(),
@@ -98,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
     if result.already_finished:
         run = shlex.quote(str(result.out_dir))
         again = "" if args.resume else "; to train it again from step 0, add --overwrite"
+        longer = (f"--max_time (e.g. simplegpt train --resume {run} --max_time {2 * cfg.max_time:g})" if cfg.max_time
+                  else f"--max_iters (e.g. simplegpt train --resume {run} --max_iters {2 * result.step})")
         print(f"simplegpt train: {args.resume or result.out_dir} had already finished its {result.step} steps; "
-              f"nothing was trained. To train longer, resume with a larger --max_iters (e.g. simplegpt train "
-              f"--resume {run} --max_iters {2 * result.step}){again}", file=sys.stderr)
-    print(f"\nsteps: {result.step}/{cfg.max_iters}   tokens seen: {result.tokens_seen:,}   "
+              f"nothing was trained. To train longer, resume with a larger {longer}{again}", file=sys.stderr)
+    steps = f"{result.step}" if cfg.max_time else f"{result.step}/{cfg.max_iters}"
+    print(f"\nsteps: {steps}   tokens seen: {result.tokens_seen:,}   "
           f"time: {result.elapsed_s:.0f} s")
     if result.val_loss is not None:
         best = f"   best val loss: {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""

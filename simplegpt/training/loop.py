@@ -35,7 +35,8 @@ from .cpu_memory import keep_freed_memory
 from .evaluation import evaluate, sample_text
 from .hardware import device_peak_flops
 from .loss import weights
-from .optimizer import lr_at, make_optimizer
+from .budget import Budget, Clock
+from .optimizer import lr_at, lr_at_fraction, make_optimizer
 from .progress import Progress, StopSignals, repeat_warning
 from .result import TrainResult
 from .run_dir import BEST, LAST
@@ -46,7 +47,8 @@ __all__ = ["TrainResult", "evaluate", "train"]
 
 @survives_closed_output  # a reader of the output that left (`| tee`) must not stop a save or the run
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: bool = False,
-          stop_at: int | None = None, progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
+          stop_at: int | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
+          clock: Clock | None = None) -> TrainResult:
     """Run (or resume from checkpoint or run folder `resume`) the training run cfg describes; see the
     module docstring. stop_at: stop with a checkpoint after this step. ConfigError, DataError and
     CheckpointError for what cannot start; TrainingError for a run that cannot go on. A run already
@@ -56,7 +58,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) the processes train one run together
     (simplegpt.training.distributed, docs/distributed.md): every rank calls train() with the same
     arguments; rank 0 alone prints and writes the run folder, and every rank returns the result.
-    resume="auto": cfg.out_dir's last checkpoint when it has one, else a fresh start (for restarts)."""
+    resume="auto": cfg.out_dir's last checkpoint when it has one, else a fresh start (for restarts).
+    clock: what a time-budgeted run (cfg.max_time) reads its seconds from (training/budget.py);
+    time.perf_counter unless given."""
     from tqdm.auto import tqdm
 
     if resume == "auto":
@@ -73,7 +77,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
         try:
             data = load_data(start, way)
             training = prepare(start, data, way, make_optimizer)
-            return _run(start, data, training, way, stop_at, progress and way.is_main, say, t_start)
+            budget = Budget.resumed(cfg.max_time, clock, start.state) if cfg.max_time else None
+            return _run(start, data, training, way, stop_at, progress and way.is_main, say, t_start, budget)
         finally:
             start.lock.release()
     finally:
@@ -81,25 +86,31 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, overwrite: 
 
 
 def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, stop_at: int | None,
-         show: bool, log: Callable[[str], None], t_start: float) -> TrainResult:
-    """The loop: from training.step to cfg.max_iters (or a stop), then the summary."""
+         show: bool, log: Callable[[str], None], t_start: float, budget: Budget | None) -> TrainResult:
+    """The loop: from training.step to cfg.max_iters, or to the end of the time budget (or a stop),
+    then the summary."""
     cfg, out, model, optimizer = start.cfg, start.out, training.model, training.optimizer
     metrics, flops_peak = _announce(start, data, training, way, log)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     progress = Progress(cfg, training.step, show, log, metrics, tokens_per_step,
                         model.flops_per_token(cfg.block_size),  # once: counting parameters walks the model
-                        flops_peak, training.elapsed_before, t_start)
+                        flops_peak, training.elapsed_before, t_start, budget)
     loss_fn = training.compute.loss
     result = TrainResult(out_dir=out, step=training.step, tokens_seen=training.tokens_seen, elapsed_s=0.0)
 
-    def save(name: str, val_loss: float | None, with_state: bool) -> None:
-        _save(way, start, data, training, name, val_loss, progress.elapsed() if with_state else None)
+    def save(name: str, val_loss: float | None, with_state: bool, last: bool) -> None:
+        _save(way, start, data, training, name, val_loss, progress.elapsed() if with_state else None, budget, last)
 
     try:
         with StopSignals(keep=way.launched) as signals, keep_freed_memory(way.device.type == "cpu"):
-            while training.step < cfg.max_iters:
+            last = budget is None and training.step >= cfg.max_iters
+            while not last:
                 t_step, step = time.perf_counter(), training.step + 1
-                lr = lr_at(training.step, cfg)
+                if budget is not None:  # the schedule follows the fraction of the budget used
+                    fraction, last = budget.plan()
+                    lr = lr_at_fraction(fraction, cfg)
+                else:
+                    last, lr = step >= cfg.max_iters, lr_at(training.step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # Every rank draws every micro-batch of the step: each knows the step's loss tokens, no collective.
@@ -118,10 +129,13 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                 optimizer.zero_grad(set_to_none=True)
                 training.step, training.tokens_seen = step, training.tokens_seen + tokens_per_step
                 result.losses.append(loss)
+                if budget is not None and budget.step_done():
+                    last = True  # a step that ran past the budget it was not expected to reach ends it too
                 stop = received or ("stop_at" if stop_at is not None and step >= stop_at else None)
-                progress.step(step, t_step, loss, lr, grad_norm, training.tokens_seen, stopping=bool(stop))
+                progress.step(step, t_step, loss, lr, grad_norm, training.tokens_seen, stopping=bool(stop), last=last)
 
-                if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                if step % cfg.eval_interval == 0 or last:
+                    progress.before_eval()
                     # Evaluation and sampling use their own RNG, so they never change the training stream.
                     with _own_rng(way.device):
                         val_loss = way.evaluate(data.val, cfg.eval_iters)
@@ -130,13 +144,13 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                                             f"stopped and {_last_good(out)}; lower --lr or set --grad_clip")
                     result.val_loss, result.val_bpb = val_loss, data.bpb(val_loss)
                     metrics.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": data.bpb(val_loss),
-                                   "tokens": training.tokens_seen})
+                                   "tokens": training.tokens_seen, "train_s": progress.train_s()})
                     log(f"step {step}: val loss {val_loss:.4f}, {data.bpb(val_loss):.3f} bits/byte")
                     # The checkpoints first: nothing optional (the sample) can lose the steps done.
                     if val_loss < training.best_val:
                         training.best_val = val_loss
-                        save(BEST, val_loss, with_state=False)
-                    save(LAST, val_loss, with_state=True)
+                        save(BEST, val_loss, with_state=False, last=last)
+                    save(LAST, val_loss, with_state=True, last=last)
                     if cfg.sample_tokens and way.samples and way.is_main:
                         with _own_rng(way.device):
                             sample = sample_text(model, data.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
@@ -145,12 +159,14 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                             log(f"--- sample at step {step} ---\n{sample}\n---")
                             run_dir.append_sample(out, step, val_loss, sample)
                     way.barrier()  # the other ranks wait here while rank 0 saves and samples
-                    progress.after_eval()  # eval time is not training speed
+                    progress.after_eval()  # eval time is not training speed, nor training time
+                    if budget is not None:
+                        budget.resume_clock()  # nor is it the budget's
 
                 stop = stop or way.stop_now(signals.received)  # one during the evaluation
-                if stop and step < cfg.max_iters:
+                if stop and not last:
                     if step % cfg.eval_interval:
-                        save(LAST, None, with_state=True)
+                        save(LAST, None, with_state=True, last=False)
                         way.barrier()
                     result.interrupted = stop
                     log(f"stopped at step {step} ({stop}); checkpoint saved to {out / LAST}; "
@@ -172,13 +188,18 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
 
 
 def _save(way: ways.WayOfRunning, start: Start, data: Data, training: Training, name: str, val_loss: float | None,
-          elapsed_s: float | None) -> None:
+          elapsed_s: float | None, budget: Budget | None, last: bool) -> None:
     """Checkpoint out/name through the way of running: the weights and what the run was at; with
-    elapsed_s (a last/), the train state for an exact resume too."""
+    elapsed_s (a last/), the train state for an exact resume too. A time-budgeted run records the
+    seconds of budget done (run_dir.is_finished reads them) and, in the train state, its budget."""
     metadata = {"train_config": start.cfg.to_dict(), "step": training.step, "tokens_seen": training.tokens_seen,
                 "metrics": {"val_loss": val_loss, "val_bpb": data.bpb(val_loss), "best_val_loss": training.best_val},
                 "dataset": data.info()}
+    if budget is not None:
+        metadata["budget_done_s"] = budget.done_s(last)
     state = training.train_state(data.train, elapsed_s) if elapsed_s is not None else None
+    if state is not None and budget is not None:
+        state.update(budget.state_dict())
     way.save(start.out / name, training.model, data.tokenizer, metadata, state, training.optimizer)
 
 
@@ -205,7 +226,10 @@ def _announce(start: Start, data: Data, training: Training, way: ways.WayOfRunni
     flops_peak, peak_basis = device_peak_flops(cfg, way.device, way.threads) if way.is_main else (1.0, "")
     log(f"MFU (model FLOPs utilization) is against {way.peak_basis(peak_basis)}")
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
-    for warning in (repeat_warning(cfg, tokens_per_step, meta["tokens"]["train"]), long_warmup_warning(cfg)):
+    # A time-budgeted run has no count of steps to warn about: its warmup is warmup_fraction of the time.
+    warnings = () if cfg.max_time else (repeat_warning(cfg, tokens_per_step, meta["tokens"]["train"]),
+                                        long_warmup_warning(cfg))
+    for warning in warnings:
         if warning is not None:
             log(warning)
     return metrics, flops_peak * way.world if flops_peak is not None else None

@@ -115,3 +115,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr + frac * (cfg.min_lr - cfg.lr)
     frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - 1 - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+
+
+def lr_at_fraction(fraction: float, cfg: TrainConfig) -> float:
+    """Learning rate of a time-budgeted run's step that ends at `fraction` (0..1) of the budget
+    (cfg.max_time): linear warmup over the first cfg.warmup_fraction, then cosine / wsd / constant as
+    lr_at; the step that ends the budget (fraction 1) runs at min_lr (cosine, wsd). The wsd schedule
+    (warmup, a stable phase at lr, a linear decay over the last decay_fraction) is the
+    warmup-stable-decay of MiniCPM (Hu et al. 2024, arXiv:2404.06395), which Hägele et al. 2024
+    (arXiv:2405.18392) find as good as cosine at every length: the schedule of a run whose length is a
+    budget rather than a count of steps."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    if fraction < cfg.warmup_fraction:
+        return cfg.lr * fraction / cfg.warmup_fraction
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if fraction == 1.0:  # exactly: the budget's last step
+        return cfg.min_lr
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_fraction, 1.0 - cfg.decay_fraction)
+        if fraction <= decay_start:
+            return cfg.lr
+        return cfg.lr + (fraction - decay_start) / (1.0 - decay_start) * (cfg.min_lr - cfg.lr)
+    frac = (fraction - cfg.warmup_fraction) / (1.0 - cfg.warmup_fraction)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)

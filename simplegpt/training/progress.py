@@ -67,6 +67,18 @@ def repeat_warning(cfg: TrainConfig, tokens_per_step: int, train_tokens: int) ->
             f"--max_iters {twenty} for 20 passes")
 
 
+def budget_estimate(cfg: TrainConfig, used_s: float, s_per_step: float, timed: int) -> str:
+    """What a time-budgeted run has left: its seconds of budget, about how many steps they hold, and
+    the evaluations on top (the budget's clock pauses for them)."""
+    left = max(cfg.max_time - used_s, 0.0)
+    steps = int(left / s_per_step) if s_per_step > 0 else 0
+    evals = steps // cfg.eval_interval + 1
+    eval_s = s_per_step * evals * cfg.eval_iters / (3 * cfg.grad_accum_steps)
+    return (f"time budget: {duration(left)} left of {duration(cfg.max_time)}, ~{steps:,} more steps at "
+            f"{s_per_step:.3g} s/step over {timed} steps, and ~{duration(eval_s)} for {evals} evaluation"
+            f"{'s' if evals != 1 else ''} on top")
+
+
 def estimate(cfg: TrainConfig, step: int, s_per_step: float, timed: int) -> str:
     """The estimated time left, from the mean of `timed` steps (an evaluation costs its eval_iters
     forward passes, about a third of a training step each over grad_accum_steps micro-batches)."""
@@ -80,31 +92,44 @@ def estimate(cfg: TrainConfig, step: int, s_per_step: float, timed: int) -> str:
 class Progress:
     """The bar (a plain line now and then off a terminal: a pipe, a log file), the estimate, and the
     train records of metrics.jsonl, fed once per step. Time spent evaluating is not training speed
-    (`after_eval`)."""
+    (`after_eval`). A time-budgeted run's bar and estimate count the seconds of its budget
+    (training/budget.py), not steps."""
 
     def __init__(self, cfg: TrainConfig, step: int, show: bool, log: Callable[[str], None], metrics: Any,
                  tokens_per_step: int, flops_per_token: float, flops_peak: float | None, elapsed_before: float,
-                 t_start: float) -> None:
+                 t_start: float, budget: Any = None) -> None:
         from tqdm.auto import tqdm
 
         self.cfg, self.log, self.metrics = cfg, log, metrics
         self.tokens_per_step, self.flops_per_token, self.flops_peak = tokens_per_step, flops_per_token, flops_peak
-        self.elapsed_before, self.t_start = elapsed_before, t_start
+        self.elapsed_before, self.t_start, self.budget = elapsed_before, t_start, budget
         self.lines = show and not sys.stderr.isatty()
-        self.bar = tqdm(total=cfg.max_iters, initial=step, disable=not show or self.lines, unit="step",
-                        dynamic_ncols=True)
+        if budget is not None:  # a bar of the budget's seconds
+            self.bar = tqdm(total=round(cfg.max_time), initial=min(round(budget.used_s), round(cfg.max_time)),
+                            disable=not show or self.lines, unit="s", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of the time budget {postfix}")
+        else:
+            self.bar = tqdm(total=cfg.max_iters, initial=step, disable=not show or self.lines, unit="step",
+                            dynamic_ncols=True)
         self.t_last, self.window_tokens = time.perf_counter(), 0
         self.t_line = self.t_last - LINE_EVERY_S
         self.timed, self.timed_s = -1, 0.0  # steps timed for the estimate (the first warms up), and their seconds
+        self.paused_s, self.t_pause = 0.0, 0.0  # this process's seconds of evaluations (with saves, samples)
 
     def elapsed(self, now: float | None = None) -> float:
         """Seconds of training so far, over every run of it (resumes included)."""
         return self.elapsed_before + (now or time.perf_counter()) - self.t_start
 
+    def train_s(self) -> float:
+        """Seconds of this process's training so far: from the start of train() (setup included) with the
+        evaluations left out (what bench/speedrun.py's clock reads; a resumed run starts it at 0)."""
+        now = time.perf_counter()
+        return now - self.t_start - self.paused_s - (now - self.t_pause if self.t_pause else 0.0)
+
     def step(self, step: int, t_step: float, loss: float, lr: float, grad_norm: float, tokens_seen: int,
-             stopping: bool) -> None:
-        """Report the step just taken (its start time t_step): the estimate once, a train record every
-        log_interval steps (and at the last or a stopping one), the bar or a line."""
+             stopping: bool, last: bool = False) -> None:
+        """Report the step just taken (its start time t_step; last: the run's last step): the estimate
+        once, a train record every log_interval steps (and at the last or a stopping one), the bar or a line."""
         cfg = self.cfg
         self.window_tokens += self.tokens_per_step
         now = time.perf_counter()
@@ -113,25 +138,38 @@ class Progress:
         if 0 <= self.timed:
             self.timed, self.timed_s = self.timed + 1, self.timed_s + now - t_step
             if self.timed >= ESTIMATE_STEPS or self.timed_s >= ESTIMATE_S:
-                self.log(estimate(cfg, step, self.timed_s / self.timed, self.timed))
+                per_step = self.timed_s / self.timed
+                self.log(budget_estimate(cfg, self.budget.used_s, per_step, self.timed) if self.budget is not None
+                         else estimate(cfg, step, per_step, self.timed))
                 self.timed = -2  # said once
         elif self.timed == -1:
             self.timed = 0
-        if step % cfg.log_interval == 0 or step == cfg.max_iters or stopping:
-            self.metrics.write({"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": step_mfu,
-                                "time_s": self.elapsed(now)})
+        last = last or (self.budget is None and step == cfg.max_iters)
+        if step % cfg.log_interval == 0 or last or stopping:
+            record = {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": step_mfu, "time_s": self.elapsed(now)}
+            if self.budget is not None:
+                record["budget_s"] = self.budget.used_s  # the schedule's clock: what the lr followed
+            self.metrics.write(record)
             self.t_last, self.window_tokens = now, 0
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=format_mfu(step_mfu), refresh=False)
-        self.bar.update(1)
-        if self.lines and (step % cfg.log_interval == 0 and now - self.t_line >= LINE_EVERY_S
-                           or step == cfg.max_iters):
+        if self.budget is not None:
+            self.bar.update(max(0, min(round(self.budget.used_s), self.bar.total) - self.bar.n))
+        else:
+            self.bar.update(1)
+        if self.lines and (step % cfg.log_interval == 0 and now - self.t_line >= LINE_EVERY_S or last):
             self.t_line = now
-            print(f"step {step:,}/{cfg.max_iters:,}  loss {loss:.4f}  {tok_s:,.0f} tok/s  "
+            where = (f"step {step:,}  {duration(self.budget.used_s)} of {duration(cfg.max_time)} budget"
+                     if self.budget is not None else f"step {step:,}/{cfg.max_iters:,}")
+            print(f"{where}  loss {loss:.4f}  {tok_s:,.0f} tok/s  "
                   f"MFU {format_mfu(step_mfu)}  {duration(self.elapsed(now))} elapsed", file=sys.stderr, flush=True)
+
+    def before_eval(self) -> None:
+        self.t_pause = time.perf_counter()
 
     def after_eval(self) -> None:
         self.t_last, self.window_tokens = time.perf_counter(), 0
+        self.paused_s, self.t_pause = self.paused_s + self.t_last - self.t_pause, 0.0
 
     def close(self) -> None:
         self.bar.close()

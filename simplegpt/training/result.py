@@ -30,9 +30,8 @@ class TrainResult:
 
 
 def finished_run(out: Path, cfg: TrainConfig) -> Path | None:
-    """out's last/ when out holds this very run (the same config) and it has done its max_iters."""
-    step = run_dir.checkpoint_step(out / LAST) if run_dir.holds_config(out, cfg) else None
-    return out / LAST if step is not None and step >= cfg.max_iters else None
+    """out's last/ when out holds this very run (the same config) and it has done its max_iters (or time budget)."""
+    return out / LAST if run_dir.holds_config(out, cfg) and run_dir.is_finished(out / LAST, cfg) else None
 
 
 def finished_result(last: Path) -> TrainResult:

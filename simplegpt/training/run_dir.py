@@ -113,8 +113,9 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
         raise ConfigError(f"out_dir {out} already holds a different run; pass --overwrite to replace it, "
                           f"--resume {out / LAST} to continue it, or choose another out_dir")
     step = checkpoint_step(out / LAST)
-    if step is not None and step < cfg.max_iters:
-        raise ConfigError(f"out_dir {out} holds this run stopped at step {step}/{cfg.max_iters}; continue it "
+    if step is not None and not is_finished(out / LAST, cfg):
+        of = f"/{cfg.max_iters}" if not cfg.max_time else ""
+        raise ConfigError(f"out_dir {out} holds this run stopped at step {step}{of}; continue it "
                           f"with --resume {out / LAST}, or pass --overwrite to start again")
 
 
@@ -135,6 +136,19 @@ def checkpoint_step(path: Path) -> int | None:
         return int(ckpt.read_checkpoint_config(path).get("step"))
     except (CheckpointError, TypeError, ValueError):
         return None
+
+
+def is_finished(path: Path, cfg: TrainConfig) -> bool:
+    """Whether the checkpoint at path has done the run cfg describes: its max_iters steps, or under a
+    time budget the seconds of cfg.max_time (a larger budget given on resume trains on)."""
+    if not cfg.max_time:
+        step = checkpoint_step(path)
+        return step is not None and step >= cfg.max_iters
+    try:
+        done = ckpt.read_checkpoint_config(path).get("budget_done_s")
+    except CheckpointError:
+        return False
+    return isinstance(done, (int, float)) and done >= cfg.max_time
 
 
 def check_disk_space(out: Path, num_parameters: int) -> None:

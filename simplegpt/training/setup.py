@@ -85,7 +85,7 @@ def begin(cfg: TrainConfig, way: WayOfRunning, resume: Path | str | None, overwr
             out = path.parent
             run_cfg = cfg.replace(out_dir=str(out))
             note = f"resuming {path} at step {state['step']}"
-            if state["step"] >= cfg.max_iters:
+            if run_dir.is_finished(path, cfg):
                 finished = finished_result(path)
         else:
             model, tokenizer, note = init_model(cfg, way.device)

@@ -1,0 +1,294 @@
+"""The CPU speedrun: how fast simplegpt gets a character-level Shakespeare model to nanoGPT's quality.
+
+In one process, per seed, it trains (a) nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block
+64, batch 12, no dropout, AdamW at 1e-3 with 100 warmup steps and cosine decay to 1e-4, 2000
+iterations) on simplegpt's GPT-2 model, and (b) the speedrun recipe (configs/speedrun_cpu.toml,
+a time budget), and with --nanogpt DIR also (c) nanoGPT's own train.py from a checkout.
+
+The protocol (docs/speedrun.md): tinyshakespeare.txt split as nanoGPT splits it (the first 90% of
+the characters to train on, the rest to validate), and the validation loss as the mean
+cross-entropy of every character of the validation split in consecutive windows of 64 (each
+character predicted from the at most 64 before it in its window): 111,539 characters, 1,743
+windows, in nats and bits per character. The clock is the trainer's (metrics.jsonl's train_s):
+from the call of train() (data loading, model building and any compilation included) with the
+evaluations left out; the bench evaluates while the clock is paused, at each of the trainer's
+evaluations. nanoGPT's own run (c) is timed as its whole process (imports and its own evaluations
+included) and evaluated with the protocol from its last checkpoint.
+
+Prints per seed the seconds each recipe needs to reach the target (1.8857: nanoGPT's
+2000-iteration result here; linear between the evaluations that straddle it), their ratio, and
+the loss each has after 60 s and 300 s (of the 300 s speedrun: its curve, not a run given 60 s),
+then the medians over the seeds. Writes the curves as JSON, and as a PNG with --png.
+
+    python bench/speedrun.py [--data ../shared/data/tinyshakespeare.txt] [--seeds 1337 1338 1339]
+        [--budget 300] [--config configs/speedrun_cpu.toml] [--nanogpt DIR] [--png docs/speedrun.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simplegpt.checkpoint import load_checkpoint  # noqa: E402
+from simplegpt.config import TrainConfig, load_config  # noqa: E402
+from simplegpt.data.prepare import prepare_corpus  # noqa: E402
+from simplegpt.files import LAST  # noqa: E402
+from simplegpt.training.loop import train  # noqa: E402
+
+TARGET = 1.8857  # nanoGPT's 2000-iteration CPU recipe: its validation loss on this machine
+WINDOW = 64
+MARKS_S = (60.0, 300.0)
+NANOGPT = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12, lr=1e-3, min_lr=1e-4,
+               warmup_iters=100, schedule="cosine", max_iters=2000, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+# nanoGPT's README command for a CPU, as train.py options
+NANOGPT_ARGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                "--lr_decay_iters=2000", "--dropout=0.0", "--dtype=float32"]
+
+
+def split_text(path: Path) -> tuple[str, str]:
+    """nanoGPT's split: the first int(0.9 n) characters train, the rest validate."""
+    text = path.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    return text[:cut], text[cut:]
+
+
+def protocol_loss(model: torch.nn.Module, ids: list[int], batch: int = 64) -> float:
+    """Mean cross-entropy (nats) of every id of `ids` but the first, each predicted from at most WINDOW
+    ids before it: consecutive windows of WINDOW inputs, the last one shorter."""
+    data = torch.tensor(ids, dtype=torch.long)
+    starts = list(range(0, len(ids) - 1, WINDOW))
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        full = [s for s in starts if s + WINDOW + 1 <= len(ids)]
+        for i in range(0, len(full), batch):
+            x = torch.stack([data[s:s + WINDOW] for s in full[i:i + batch]])
+            y = torch.stack([data[s + 1:s + WINDOW + 1] for s in full[i:i + batch]])
+            total += float(F.cross_entropy(logits_of(model, x).flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
+        for s in starts[len(full):]:  # the tail
+            x, y = data[s:len(ids) - 1][None], data[s + 1:][None]
+            total += float(F.cross_entropy(logits_of(model, x).flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
+    assert count == len(ids) - 1
+    return total / count
+
+
+def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T, vocab) logits, of simplegpt's GPT or nanoGPT's (which wants targets for all of them)."""
+    out = model(x, x) if type(model).__module__ == "model" else model(x)
+    return out[0]
+
+
+def run_simplegpt(name: str, cfg: TrainConfig, val_text: str, log: bool) -> dict:
+    """Train cfg: {"curve": [(train_s, protocol val loss)] at each of its evaluations and its end,
+    "steps", "tokens", "tok_per_s": the median of its train records' (the load of the machine shows there)}."""
+    out, evaluated = Path(cfg.out_dir), {}
+
+    def evaluate_last() -> None:  # the checkpoint of the previous evaluation; the trainer's clock is paused
+        ck = load_checkpoint(out / LAST)
+        step = int(ck.metadata["step"])
+        if step not in evaluated:
+            evaluated[step] = protocol_loss(ck.model, ck.tokenizer.encode(val_text))
+            if log:
+                print(f"  {name}: step {step}: protocol val loss {evaluated[step]:.4f}", flush=True)
+
+    def hook(line: str) -> None:
+        if re.match(r"step \d+: val loss", line) and (out / LAST).is_dir():
+            evaluate_last()
+
+    train(cfg, overwrite=True, progress=False, log=hook)
+    evaluate_last()
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    times = {r["step"]: r["train_s"] for r in records if r["kind"] == "eval"}
+    train_records = [r for r in records if r["kind"] == "train"]
+    return {"curve": [(times[step], loss) for step, loss in sorted(evaluated.items())],
+            "steps": train_records[-1]["step"], "tokens": train_records[-1]["tokens"],
+            "tok_per_s": statistics.median(r["tok_per_s"] for r in train_records[1:] or train_records)}
+
+
+def run_nanogpt(checkout: Path, train_text: str, val_text: str, seed: int, work: Path,
+                extra: list[str], threads: int) -> tuple[float, float]:
+    """nanoGPT's train.py from `checkout` with its README's CPU command, on the same split: (wall seconds
+    of its process, protocol val loss of its final checkpoint)."""
+    chars = sorted(set(train_text + val_text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    data = work / "data" / "shakespeare_char"
+    data.mkdir(parents=True, exist_ok=True)
+    for split, text in (("train", train_text), ("val", val_text)):
+        np.array([stoi[c] for c in text], dtype=np.uint16).tofile(data / f"{split}.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    if not (work / "configurator.py").exists():
+        (work / "configurator.py").symlink_to(checkout / "configurator.py")  # train.py reads it from its cwd
+    out = work / f"out-{seed}"
+    cmd = [sys.executable, str(checkout / "train.py"), str(checkout / "config" / "train_shakespeare_char.py"),
+           *NANOGPT_ARGS, f"--out_dir={out}", "--always_save_checkpoint=True", *extra]  # it seeds itself: 1337
+    t0 = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the threads simplegpt's runs are given
+    subprocess.run(cmd, cwd=work, check=True, stdout=subprocess.DEVNULL, env=env)
+    wall = time.perf_counter() - t0
+    sys.path.insert(0, str(checkout))
+    from model import GPT as NanoGPT, GPTConfig as NanoConfig  # nanoGPT's own model.py
+
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    model = NanoGPT(NanoConfig(**ck["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()})
+    return wall, protocol_loss(model, [stoi[c] for c in val_text])
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first time the curve reaches target, linear between the two evaluations around it."""
+    for (t0, l0), (t1, l1) in zip([(0.0, math.inf)] + curve, curve):
+        if l1 <= target:
+            return t1 if not math.isfinite(l0) else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def loss_at(curve: list[tuple[float, float]], t: float) -> float:
+    """The loss at t seconds: linear between evaluations; after the run's end, its last."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if t0 <= t <= t1:
+            return l0 + (l1 - l0) * (t - t0) / (t1 - t0)
+    return curve[-1][1] if t >= curve[-1][0] else math.nan
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    p.add_argument("--budget", default="300", help="the speedrun's time budget (seconds, or 5m)")
+    p.add_argument("--config", default=str(ROOT / "configs" / "speedrun_cpu.toml"))
+    p.add_argument("--recipes", nargs="+", default=["nanogpt_recipe", "speedrun"],
+                   choices=["nanogpt_recipe", "speedrun"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override keys of the speedrun recipe (ablations), e.g. --set optimizer=adamw")
+    p.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout: time its own train.py too")
+    p.add_argument("--nanogpt-args", default="", metavar="'--KEY=VALUE ...'",
+                   help="more options for nanoGPT's train.py, after the recipe's (a quick check: "
+                        "--nanogpt-args='--max_iters=20 --lr_decay_iters=20 --eval_interval=10')")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=Path("speedrun.json"))
+    p.add_argument("--png", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+
+    from simplegpt.config import parse_value
+
+    train_text, val_text = split_text(args.data)
+    work = Path(tempfile.mkdtemp(prefix="speedrun-"))
+    train_file = work / "shakespeare.txt"
+    train_file.write_text(train_text + val_text, encoding="utf-8")
+    data = work / "data"
+    # the stream ends with an end-of-text token: the validation tail is the val text and it
+    prepare_corpus(str(train_file), data, tokenizer="char", val_tokens=len(val_text) + 1, progress=False)
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["tokens"]["train"] == len(train_text), "the split must be nanoGPT's"
+    common = dict(data=str(data), num_threads=args.threads, sample_tokens=0, plot=False, tensorboard=False,
+                  eval_iters=1)  # the trainer's own val loss is not the protocol: one batch of it is enough
+    overrides = {k: parse_value(k, v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    results: dict[str, dict] = {}
+    for seed in args.seeds:
+        for recipe in args.recipes:
+            if recipe == "nanogpt_recipe":
+                cfg = TrainConfig(**NANOGPT, **common, eval_interval=250, seed=seed, out_dir=str(work / f"a{seed}"))
+            else:
+                cfg = load_config(args.config, {**common, "seed": seed, "out_dir": str(work / f"b{seed}"),
+                                                "max_time": parse_value("max_time", args.budget), **overrides})
+            run = run_simplegpt(recipe, cfg, val_text, not args.quiet)
+            curve = run["curve"]
+            results.setdefault(recipe, {})[seed] = {**run, "time_to_target": time_to(curve, TARGET),
+                                                    "final_loss": curve[-1][1],
+                                                    **{f"loss_at_{m:.0f}s": loss_at(curve, m) for m in MARKS_S}}
+        if args.nanogpt is not None:
+            wall, loss = run_nanogpt(args.nanogpt.resolve(), train_text, val_text, seed, work / "nanogpt",
+                                     shlex.split(args.nanogpt_args), args.threads)
+            results.setdefault("nanogpt_itself", {})[seed] = {"wall_s": wall, "loss": loss,
+                                                              "time_to_target": wall if loss <= TARGET else None}
+        report(results, seed)
+    print("\nmedians over seeds " + ", ".join(map(str, args.seeds)) + ":")
+    for recipe, runs in results.items():
+        line = [f"  {recipe:15s}"]
+        for key in ("time_to_target", "loss_at_60s", "loss_at_300s", "final_loss", "loss"):
+            values = [r[key] for r in runs.values() if key in r]
+            if values:
+                reached = [v for v in values if v is not None]
+                med = statistics.median(reached) if len(reached) == len(values) else None
+                line.append(f"{key} {fmt(med)}" + (f" ({fmt(med / math.log(2))} bits/char)" if "loss" in key
+                                                   and med is not None else ""))
+        print("  ".join(line))
+    args.json.write_text(json.dumps({"target": TARGET, "budget": args.budget, "set": args.set, "results": results},
+                                    indent=1))
+    print(f"curves: {args.json}")
+    if args.png:
+        plot(results, args.png)
+
+
+def fmt(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.4g}"
+
+
+def report(results: dict[str, dict], seed: int) -> None:
+    print(f"seed {seed}:")
+    for recipe, runs in results.items():
+        r = runs.get(seed)
+        if r is None:
+            continue
+        if "curve" in r:
+            print(f"  {recipe:15s} time to {TARGET}: {fmt(r['time_to_target'])} s   loss after 60 s "
+                  f"{r['loss_at_60s']:.4f}, after 300 s {r['loss_at_300s']:.4f} nats/char "
+                  f"({r['loss_at_300s'] / math.log(2):.4f} bits/char); final {r['final_loss']:.4f} after "
+                  f"{r['steps']} steps, {r['tokens']:,} tokens, {r['tok_per_s']:,.0f} tok/s")
+        else:
+            print(f"  {recipe:15s} 2000 iterations in {r['wall_s']:.1f} s (whole process), loss {r['loss']:.4f}")
+    base = results.get("nanogpt_recipe", {}).get(seed, {}).get("time_to_target")
+    fast = results.get("speedrun", {}).get(seed, {}).get("time_to_target")
+    if base and fast:
+        print(f"  ratio (nanoGPT recipe / speedrun): {base / fast:.2f}x")
+
+
+def plot(results: dict[str, dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+    for recipe, runs in results.items():
+        for i, (seed, r) in enumerate(runs.items()):
+            if "curve" in r:
+                t, loss = zip(*r["curve"])
+                ax.plot(t, loss, marker=".", color="C0" if recipe == "nanogpt_recipe" else "C1",
+                        label=recipe if i == 0 else None, alpha=0.8)
+    ax.axhline(TARGET, color="grey", ls="--", lw=0.8, label=f"target {TARGET}")
+    ax.set_xlabel("training seconds (2 shared CPU cores; evaluation not counted)")
+    ax.set_ylabel("val loss (nats/char)")
+    ax.set_ylim(1.4, 2.6)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The wall-clock budget (max_time / --time): the run ends with its budget, the schedule follows the
+fraction of it used and ends at min_lr, and a resumed budgeted run replays the uninterrupted one.
+A fake clock is injected (train(clock=...)): its readings are deterministic, so nothing here
+depends on how fast the machine is."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simplegpt.checkpoint import load_checkpoint, load_train_state
+from simplegpt.config import TrainConfig, load_config, parse_duration, parse_value, read_toml
+from simplegpt.errors import ConfigError
+from simplegpt.training.budget import Budget
+from simplegpt.training.loop import train
+from simplegpt.training.optimizer import lr_at_fraction
+
+
+class StepClock:
+    """A clock that moves on by `tick` seconds at each reading: the trainer reads its budget's clock
+    once per step (and once after each evaluation, which pauses the budget), so each step lasts one tick."""
+
+    def __init__(self, tick: float = 1.0) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+@pytest.fixture
+def corpus(tmp_path, shakespeare_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(shakespeare_path.read_text()[:60_000])
+    return path
+
+
+def tiny(tmp_path, corpus, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), data_dir=str(tmp_path / "data"), n_layer=1, n_head=2, n_embd=16, block_size=16,
+                batch_size=4, max_iters=3, max_time=10.5, eval_interval=4, eval_iters=2, log_interval=1,
+                sample_tokens=0, out_dir=str(tmp_path / "run"), num_threads=1, plot=False, tensorboard=False,
+                peak_flops=1e12, schedule="wsd", warmup_fraction=0.2, decay_fraction=0.3, lr=1e-2, min_lr=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def train_records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_the_budget_ends_the_run_within_one_step_of_it(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus)  # max_iters=3 is not what ends a budgeted run
+    result = train(cfg, progress=False, clock=StepClock(1.0))
+    records = train_records(tmp_path / "run")
+    assert result.step == 11 and len(result.losses) == 11  # 10 one-second steps leave 0.5 s: one more step
+    used = records[-1]["budget_s"]
+    assert cfg.max_time <= used < cfg.max_time + 1.0  # within one step of the budget
+    assert [r["budget_s"] for r in records] == [float(i) for i in range(1, 12)]  # evaluations paused the clock
+    assert load_checkpoint(tmp_path / "run" / "last").metadata["budget_done_s"] >= cfg.max_time
+    # a step slower than the one before runs past the budget: the run stops at that step too
+    clock = StepClock(1.0)
+    slow = tiny(tmp_path, corpus, out_dir=str(tmp_path / "slow"), max_time=4.5, eval_interval=100)
+    original = clock.__call__
+
+    def sometimes_slow() -> float:
+        clock.now += 3.0 if clock.now == 2.0 else 0.0  # the step after the first lasts 4 s
+        return original()
+
+    result = train(slow, progress=False, clock=sometimes_slow)
+    assert result.step == 2 and train_records(tmp_path / "slow")[-1]["budget_s"] == 5.0
+
+
+def test_the_schedule_follows_the_budget_and_ends_at_the_final_lr(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, max_time=10.0)
+    train(cfg, progress=False, clock=StepClock(1.0))
+    lrs = [r["lr"] for r in train_records(tmp_path / "run")]
+    # step k ends at k seconds: fraction k/10; warmup to 0.2, stable to 0.7, linear decay to min_lr at 1.0
+    expected = [lr_at_fraction((k - 1 + (1 if k > 1 else 0)) / 10, cfg) for k in range(1, 11)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[-1] == cfg.min_lr and max(lrs) == cfg.lr
+    assert lrs[2:7] == [cfg.lr] * 5 and lrs[6] > lrs[7] > lrs[8] > lrs[9]
+    # the schedule by fraction: warmup from 0, min_lr at the end of the budget for wsd and cosine
+    assert lr_at_fraction(0.0, cfg) == 0.0 and lr_at_fraction(0.2, cfg) == cfg.lr
+    assert lr_at_fraction(1.0, cfg) == cfg.min_lr and lr_at_fraction(1.0, cfg.replace(schedule="cosine")) == \
+        pytest.approx(cfg.min_lr)
+    assert lr_at_fraction(0.5, cfg.replace(schedule="constant")) == cfg.lr
+
+
+def test_a_resumed_budgeted_run_continues_with_the_remaining_budget_bit_for_bit(tmp_path, corpus):
+    kw = dict(dropout=0.1, grad_accum_steps=2)
+    full = train(tiny(tmp_path, corpus, out_dir=str(tmp_path / "full"), **kw), progress=False, clock=StepClock())
+    cfg = tiny(tmp_path, corpus, out_dir=str(tmp_path / "part"), **kw)
+    first = train(cfg, stop_at=6, progress=False, clock=StepClock())  # past an evaluation (step 4)
+    assert first.interrupted == "stop_at" and first.step == 6
+    state = load_train_state(tmp_path / "part" / "last")
+    assert state["budget_used_s"] == 6.0 and state["budget_last_step_s"] == 1.0
+    with pytest.raises(ConfigError, match="stopped at step 6;"):
+        train(cfg, progress=False, clock=StepClock())  # starting it again would lose the 6 s trained
+    resumed = train(cfg, resume=tmp_path / "part" / "last", progress=False, clock=StepClock())  # a new process' clock
+    assert resumed.step == full.step == 11  # the remaining 4.5 s of budget
+    assert first.losses + resumed.losses == full.losses
+    assert [r["lr"] for r in train_records(tmp_path / "part")] == [r["lr"] for r in train_records(tmp_path / "full")]
+    a, b = load_checkpoint(tmp_path / "full" / "last").model, load_checkpoint(tmp_path / "part" / "last").model
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    # a finished budget is not trained again; a larger one trains on
+    again = train(cfg, resume=tmp_path / "part" / "last", progress=False, clock=StepClock())
+    assert again.already_finished and again.step == 11
+    longer = train(cfg.replace(max_time=13.0), resume=tmp_path / "part" / "last", progress=False, clock=StepClock())
+    assert longer.step == 13 and not longer.already_finished
+
+
+def test_budget_counts_only_steps():
+    clock = StepClock(2.0)
+    budget = Budget(10.0, clock, used_s=4.0, last_step_s=1.0)  # resumed: 4 s used, its last step 1 s
+    assert budget.plan() == (0.5, False)
+    assert not budget.step_done() and budget.used_s == 6.0 and budget.last_step_s == 2.0
+    budget.resume_clock()  # a pause: its 2 s are not counted
+    assert budget.plan() == (0.8, False) and not budget.step_done() and budget.used_s == 8.0
+    assert budget.plan() == (1.0, True) and budget.step_done()
+    assert budget.state_dict() == {"budget_used_s": 10.0, "budget_last_step_s": 2.0}
+
+
+def test_time_budget_settings(tmp_path):
+    assert [parse_duration(t) for t in ("90", "90s", "5m", "5 min", "1h", "1.5h", ".5m")] == \
+        [90.0, 90.0, 300.0, 300.0, 3600.0, 5400.0, 30.0]
+    assert parse_value("max_time", "5m") == 300.0 and parse_value("max_time", "300") == 300.0
+    toml = tmp_path / "budget.toml"
+    toml.write_text('[run]\nmax_time = "2m"\n')
+    assert read_toml(toml)["max_time"] == "2m" and load_config(str(toml)).max_time == 120.0
+    assert TrainConfig(max_time=45).max_time == 45.0
+    for bad in ("5x", "m", "-1"):
+        with pytest.raises(ConfigError, match="max_time"):
+            TrainConfig(max_time=bad if bad != "-1" else -1)
+    with pytest.raises(ConfigError, match="warmup_fraction"):
+        TrainConfig(warmup_fraction=1.0)
+
+
+def test_the_time_option_on_the_command_line(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "simplegpt", "train", "--time", "5 weeks"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "max_time must be seconds or a duration" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    from simplegpt.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--time", "90s"])
+    assert args.max_time == 90.0
+
+
+def test_max_iters_on_the_command_line_replaces_a_files_time_budget():
+    speedrun = load_config("speedrun_cpu")
+    assert speedrun.max_time == 300.0 and speedrun.schedule == "wsd"
+    steps = load_config("speedrun_cpu", {"max_iters": 50})
+    assert steps.max_time == 0.0 and steps.max_iters == 50
+    assert load_config("speedrun_cpu", {"max_iters": 50, "max_time": 60.0}).max_time == 60.0
