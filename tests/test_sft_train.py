@@ -19,10 +19,12 @@ import torch
 import ways_worker as w
 from simplegpt import get_tokenizer
 from simplegpt.chat import chat_format
+from simplegpt.chat.sft_data import EncodedChat, load_conversations
 from simplegpt.chat.vocab import prepare_chat_model
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint
 from simplegpt.cli import main
 from simplegpt.config import SFT_DEFAULTS, load_config
+from simplegpt.errors import DataError
 from simplegpt.model import GPT, GPTConfig
 from simplegpt.training.loop import train
 from simplegpt.training.loss import CrossEntropy
@@ -200,21 +202,25 @@ def correct_answers(model: GPT, tokenizer, questions: list[tuple[str, str]], rng
 
 def test_a_fine_tuned_model_answers_held_out_questions_that_its_base_cannot(tmp_path):
     rng = random.Random(0)
-    questions = list({q: d for q, d in (digit_question(rng) for _ in range(700))}.items())
+    questions = list({q: d for q, d in (digit_question(rng) for _ in range(1000))}.items())
     held_out, trained = questions[:40], questions[40:]
     write_jsonl(tmp_path / "chats.jsonl", [{"messages": noisy_chat(q, rng) + [{"role": "assistant", "content": d}]}
                                            for q, d in trained])
     tok = get_tokenizer("byte")
     torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=96, n_embd=64, n_layer=2, n_head=4, dropout=0.0))
+    # one layer: enough to attend to the digit and copy it, and the cheapest to train
+    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=96, n_embd=64, n_layer=1, n_head=4, dropout=0.0))
     save_checkpoint(tmp_path / "base", base, tok)
     train(load_config(None, {"sft": str(tmp_path / "chats.jsonl"), "init_from": str(tmp_path / "base"),
-                             "out_dir": str(tmp_path / "run"), "max_iters": 300, "lr": 1e-2, "plot": False,
-                             "tensorboard": False}), progress=False, log=lambda line: None)
+                             "out_dir": str(tmp_path / "run"), "max_iters": 400, "lr": 3e-3, "eval_interval": 400,
+                             "plot": False, "tensorboard": False}), progress=False, log=lambda line: None)
     chat = load_checkpoint(tmp_path / "run" / "best")
     fine_tuned = correct_answers(chat.model, chat.tokenizer, held_out, random.Random(1))
     # the base, given the very same prompt ids (the markers added to it as the trainer adds them)
     same_prompt = correct_answers(base, prepare_chat_model(base, tok), held_out, random.Random(1))
+    # Measured: 40 and 40 of 40 (two data seeds) against the base's 0. Broken on purpose, the fine-tuned model
+    # answered 6 of 40 with the loss on every token (the mask off), and 0 of 40 when trained with another
+    # template than the checkpoint's ("role: " instead of "role\n" after <|im_start|>).
     assert fine_tuned >= 30 and same_prompt <= 5, (fine_tuned, same_prompt)
 
 
@@ -254,3 +260,22 @@ def test_a_char_base_that_encodes_the_file_is_refused_in_one_line_by_a_real_proc
 def test_sft_needs_a_base(capsys):
     assert main(["train", "--sft", "chats.jsonl", "--quiet"]) != 0
     assert "give the base with --init-from" in capsys.readouterr().err
+
+
+def test_the_held_out_sampler_gives_each_conversation_once_then_nothing_to_count():
+    from simplegpt.chat.sft_data import HeldOutSampler
+
+    chats = [EncodedChat([1, 2, 3, 4][:n], [False, True, True, True][:n], f"c{n}") for n in (2, 3, 4)]
+    sampler = HeldOutSampler(chats, block_size=8, batch_size=2, pad_id=0)
+    batches = [sampler.next_batch() for _ in range(4)]
+    assert [tuple(b[0].shape) for b in batches] == [(2, 2), (1, 3), (2, 1), (2, 1)]
+    assert [CrossEntropy().tokens(b) for b in batches] == [1 + 2, 3, 0, 0]
+
+
+def test_an_unreachable_hub_dataset_is_one_line(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as e:
+        load_conversations("hf:no-such-owner/no-such-chats")
+    message = str(e.value)
+    assert "\n" not in message and "could not open the Hugging Face dataset 'no-such-owner/no-such-chats'" in message
