@@ -279,3 +279,18 @@ def test_an_unreachable_hub_dataset_is_one_line(monkeypatch):
         load_conversations("hf:no-such-owner/no-such-chats")
     message = str(e.value)
     assert "\n" not in message and "could not open the Hugging Face dataset 'no-such-owner/no-such-chats'" in message
+
+
+def test_a_trained_bpe_base_holds_the_markers_and_fine_tunes(work, tmp_path):
+    """A base prepared with --tokenizer bpe:N reserves the markers (no row added). Starting from it used
+    to fail in the setup (its tokenizer kind 'bpe' is no tokenizer name the config accepts)."""
+    from simplegpt.hf_tokenizer import train_bpe
+
+    tok = train_bpe(["add one and two, which digit is in the string? " * 20], 300)
+    save_checkpoint(tmp_path / "base", make_tiny_gpt(vocab_size=tok.vocab_size, n_positions=64), tok)
+    result = train(load_config(None, {"sft": str(work / "chats.jsonl"), "init_from": str(tmp_path / "base"),
+                                      "out_dir": str(tmp_path / "run"), "max_iters": 2, "eval_interval": 2,
+                                      "plot": False, "tensorboard": False}), progress=False, log=lambda line: None)
+    ck = load_checkpoint(result.out_dir / "last")
+    assert ck.model.config.vocab_size == tok.vocab_size and ck.tokenizer.special_tokens["<|im_end|>"] == 2
+    assert ck.tokenizer.chat_template and result.val_loss is not None

@@ -24,7 +24,7 @@ from ..config import TrainConfig
 from ..data.shards import load_dataset_tokenizer
 from ..errors import ConfigError
 from ..model import GPT
-from ..tokenizer import Tokenizer
+from ..tokenizer import TOKENIZER_TYPES, Tokenizer
 from . import run_dir
 from .dataset import make_samplers, prepare_data
 from .hardware import resolve_dtype
@@ -91,7 +91,10 @@ def begin(cfg: TrainConfig, way: WayOfRunning, resume: Path | str | None, overwr
             model, tokenizer, note = init_model(cfg, way.device)
             out = Path(cfg.out_dir)
             if model is not None:
-                run_cfg = cfg.replace(model=model.config, tokenizer=tokenizer.kind)
+                # the model's own tokenizer prepares the data; the key names it where it is a name prepare
+                # knows (a trained BPE's or an imported one's is not: the key stays as given)
+                named = tokenizer.kind if tokenizer.kind in TOKENIZER_TYPES else cfg.tokenizer
+                run_cfg = cfg.replace(model=model.config, tokenizer=named)
             if not overwrite and (done := finished_run(out, run_cfg)) is not None:
                 finished = finished_result(done)
         if finished is None and stop_at is not None and stop_at <= (state["step"] if state else 0):
