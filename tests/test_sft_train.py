@@ -80,15 +80,18 @@ def one_process(work) -> dict:
 def check_contract(seen: dict, reference: dict, exact: bool) -> None:
     """Every step's loss and val loss as one process's (bit for bit, or within float sums in another
     order); stopped by a signal after step SIGNAL_STEP and resumed to the uninterrupted run's, bit for bit."""
-    want, got = ({int(k): v for k, v in run.items()} for run in (reference["whole"], seen["whole"]))
+    def steps(run: dict, key: str) -> dict[int, float]:  # a torchrun worker's JSON has the steps as strings
+        return {int(k): v for k, v in run[key].items()}
+
+    want, got = steps(reference, "whole"), steps(seen, "whole")
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
         assert abs(got[step] - want[step]) <= (0 if exact else 1e-5), step
-    for step, val in reference["whole_val"].items():
-        assert abs(seen["whole_val"][step] - val) <= (0 if exact else 1e-5)
+    for step, val in steps(reference, "whole_val").items():
+        assert abs(steps(seen, "whole_val")[step] - val) <= (0 if exact else 1e-5)
     assert seen["interrupted"] == "SIGTERM" and seen["stopped_step"] == w.SIGNAL_STEP
     assert seen["resumed_step"] == STEPS
-    assert seen["after_resume"] == seen["whole"] and seen["after_resume_val"] == seen["whole_val"]
+    assert steps(seen, "after_resume") == got and steps(seen, "after_resume_val") == steps(seen, "whole_val")
 
 
 def test_a_base_without_markers_is_fine_tuned_and_resumes_bit_exactly(work, one_process):
@@ -218,9 +221,9 @@ def test_a_fine_tuned_model_answers_held_out_questions_that_its_base_cannot(tmp_
     fine_tuned = correct_answers(chat.model, chat.tokenizer, held_out, random.Random(1))
     # the base, given the very same prompt ids (the markers added to it as the trainer adds them)
     same_prompt = correct_answers(base, prepare_chat_model(base, tok), held_out, random.Random(1))
-    # Measured: 40 and 40 of 40 (two data seeds) against the base's 0. Broken on purpose, the fine-tuned model
-    # answered 6 of 40 with the loss on every token (the mask off), and 0 of 40 when trained with another
-    # template than the checkpoint's ("role: " instead of "role\n" after <|im_start|>).
+    # Measured: 40 of 40 against the base's 0. Broken on purpose, the fine-tuned model answered 2 of 40 with
+    # the loss on every token (the mask off), and 0 of 40 when trained with another template than the
+    # checkpoint's ("role: " instead of "role\n" after <|im_start|>).
     assert fine_tuned >= 30 and same_prompt <= 5, (fine_tuned, same_prompt)
 
 
