@@ -98,7 +98,8 @@ def test_a_base_without_markers_is_fine_tuned_and_resumes_bit_exactly(work, one_
     check_contract(one_process, one_process, exact=True)
     ck = load_checkpoint(work / "single_stopped" / "last")
     # the markers joined the vocabulary (the model's rows too) and the checkpoint keeps the template
-    assert ck.tokenizer.special_tokens["<|im_start|>"] == IM_START and ck.tokenizer.special_tokens["<|im_end|>"] == IM_END
+    specials = ck.tokenizer.special_tokens
+    assert specials["<|im_start|>"] == IM_START and specials["<|im_end|>"] == IM_END
     assert ck.model.config.vocab_size == ck.tokenizer.vocab_size == 259
     assert "<|im_start|>" in ck.tokenizer.chat_template
     meta = json.loads((work / "single_stopped" / "last" / "config.json").read_text())
