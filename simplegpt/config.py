@@ -86,6 +86,12 @@ ARCHITECTURE_KEYS = tuple(key.name for _, key in MODEL_KEYS.values() if key.name
 GPT2_MODEL_VALUES = {key.name: 0 if getattr(GPTConfig(), attr) is None else getattr(GPTConfig(), attr)
                      for attr, key in MODEL_KEYS.values()
                      if key.name not in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")}
+# Fine-tuning settings: a config file written for pretraining (the built-in one included) gets these when
+# the command line turns on sft, for the keys the command line leaves alone. A short run at a low learning
+# rate moves the base's weights little, evaluating often on the held-out conversations; no text samples
+# (`simplegpt chat` shows what the model answers).
+SFT_DEFAULTS = {"lr": 3e-4, "min_lr": 3e-5, "max_iters": 300, "warmup_iters": 20, "batch_size": 16,
+                "grad_accum_steps": 1, "eval_interval": 50, "eval_iters": 10, "sample_tokens": 0, "dropout": 0.0}
 DEFAULT_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0, bias=True)
 
 
@@ -115,6 +121,15 @@ class TrainConfig:
                             "'drop' leaves them out, and a character of the vocabulary (such as ' ') takes their place")
     batch_mode: str = _f("packed", "data", "'packed': random windows of block_size tokens; 'padded': one text per "
                          "row, padded, with an attention mask", ("packed", "padded"))
+    sft: str = _f("", "data", "supervised fine-tuning for chat (needs init_from) on conversations: a JSONL file of "
+                  "{\"messages\": [{\"role\", \"content\"}, ...]} lines, a folder written by datasets' save_to_disk, "
+                  "a .parquet file or 'hf:NAME[:CONFIG]'; the loss counts the assistant's tokens only, val_fraction "
+                  "of the conversations is held out for evaluation, and data/tokenizer are not used (docs/chat.md). "
+                  "Given on the command line with a config file that has no sft, the keys not given there are "
+                  "fine-tuning's: " + ", ".join(f"{k} {v:g}" for k, v in SFT_DEFAULTS.items())
+                  + ", block_size the base's")
+    sft_pack: bool = _f(False, "data", "sft only: fill each row with as many whole conversations as fit, instead of "
+                        "one conversation per row (fewer rows; later conversations then see the earlier ones)")
     # model: the shape ([model] table), see MODEL_KEYS
     model: GPTConfig = field(default_factory=lambda: DEFAULT_MODEL)
     # lora: low-rank adapters on an --init-from model (simplegpt.training.lora, docs/lora.md)
@@ -281,6 +296,9 @@ class TrainConfig:
             raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if not self.out_dir:
             raise ConfigError("out_dir must not be empty")
+        if self.sft and not self.init_from:
+            raise ConfigError("sft fine-tunes a trained model: give the base with --init-from (a simplegpt "
+                              "checkpoint or a Hugging Face model)")
 
     def to_dict(self) -> dict[str, Any]:
         """{key: value} for every key (flat, as in a checkpoint's train_config and on the command line)."""
@@ -417,8 +435,8 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
 # The keys that say which data a run is about (and the run that is made from it), and the keys of a
 # config file that belong to its data: the file's data_dir, out_dir and sample_prompt are the
 # file's corpus's, so they give way to defaults that follow the data named on the command line.
-DATA_IDENTITY = ("data", "tokenizer", "init_from")
-CORPUS_KEYS = {"data_dir": DATA_IDENTITY, "out_dir": DATA_IDENTITY, "sample_prompt": ("data",)}
+DATA_IDENTITY = ("data", "tokenizer", "init_from", "sft")
+CORPUS_KEYS = {"data_dir": DATA_IDENTITY, "out_dir": DATA_IDENTITY, "sample_prompt": ("data", "sft")}
 
 
 def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -432,6 +450,7 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     values = read_toml(resolve_config_path(name_or_path or DEFAULT_CONFIG))
     overrides = overrides or {}
     check_keys(overrides, "option")
+    values = _with_sft_defaults(values, overrides)
     defaults = {name: f.default for name, f in TrainConfig.__dataclass_fields__.items() if name in KEYS}
     changed = {k for k in DATA_IDENTITY if k in overrides and overrides[k] != values.get(k, defaults[k])}
     for key, follows in CORPUS_KEYS.items():
@@ -451,9 +470,29 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
         values["warmup_iters"] = fitted_warmup(warmup, max_iters)
     if "out_dir" not in values:
         merged = {**defaults, **values}
-        values["out_dir"] = default_out_dir(merged["data"], merged["tokenizer"], merged["init_from"])
+        values["out_dir"] = default_out_dir(merged["data"], merged["tokenizer"], merged["init_from"], merged["sft"])
     check_keys(values)
     return TrainConfig(**values)
+
+
+def _with_sft_defaults(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The config file's values, with SFT_DEFAULTS in place of the ones the command line leaves alone
+    when the command line turns on sft and the file (written for pretraining) does not; block_size
+    then becomes the context of an init_from that is a simplegpt checkpoint."""
+    if not overrides.get("sft") or values.get("sft"):
+        return values
+    # an lr given alone keeps the file's min_lr for load_config to scale with it
+    given = set(overrides) | ({"min_lr"} if "lr" in overrides else set())
+    values = {**values, **{k: v for k, v in SFT_DEFAULTS.items() if k not in given}}
+    if "block_size" not in overrides and isinstance(base := overrides.get("init_from"), str) and base:
+        from .checkpoint import read_checkpoint_config
+        from .errors import CheckpointError
+
+        try:  # the base's whole context (the file's block_size would crop it); other bases keep the file's
+            values["block_size"] = int(read_checkpoint_config(base)["model"]["n_positions"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            pass
+    return values
 
 
 def fitted_warmup(warmup_iters: int, max_iters: int) -> int:
@@ -486,17 +525,18 @@ def tokenizer_slug(name: str) -> str:
     return name.replace(":", "")
 
 
-def default_out_dir(data: str, tokenizer: str, init_from: str = "") -> str:
+def default_out_dir(data: str, tokenizer: str, init_from: str = "", sft: str = "") -> str:
     """The run folder a run gets when none is given: out/<corpus>_<tokenizer> (out/<folder> for a
     dataset prepared by 'simplegpt prepare', whose folder already names it), and for a fine-tune
-    out/<corpus>_from_<weights> (a checkpoint's run folder for RUN/best or RUN/last). Two runs
-    on other data or from other weights never share a folder."""
+    out/<corpus>_from_<weights> (a checkpoint's run folder for RUN/best or RUN/last), the corpus
+    being the conversations of sft when it is set. Two runs on other data or from other weights
+    never share a folder."""
     prepared = is_dataset_dir(data)
     corpus = corpus_slug(data) if prepared else f"{corpus_slug(data)}_{tokenizer_slug(tokenizer)}"
     if init_from:
         src = Path(init_from.rstrip("/"))
         weights = src.parent.name if src.name in ("best", "last") and src.parent.name else src.name
-        corpus = f"{corpus_slug(data)}_from_{corpus_slug(weights)}"
+        corpus = f"{corpus_slug(sft or data)}_from_{corpus_slug(weights)}"
     return str(Path("out") / corpus)
 
 

@@ -101,18 +101,17 @@ def dataset_conversations(dataset: Iterable[dict], name: str = "dataset") -> lis
 def load_conversations(source: str | os.PathLike | Iterable[dict],
                        tokenizer: Tokenizer | None = None) -> list[Conversation]:
     """Conversations from a JSONL file, a folder written by `datasets`' save_to_disk, a .parquet file,
-    or a `datasets` Dataset (any iterable of records). With a tokenizer, every conversation's text is
+    'hf:NAME[:CONFIG]' (the train split of a Hugging Face dataset), or a `datasets` Dataset (any
+    iterable of records). With a tokenizer, every conversation's text is
     checked to encode with it: a character vocabulary that lacks a character is a DataError naming the
     line. DataError for bad input (see read_jsonl); MissingDependencyError when `datasets` is needed
     and missing; OSError for an unreadable file."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_dir() or path.suffix == ".parquet":
-            try:
-                import datasets
-            except ImportError:
-                raise MissingDependencyError(f"reading {path} needs Hugging Face datasets: "
-                                             'pip install "simplegpt-toolkit[datasets]"') from None
+        if str(source).startswith("hf:"):
+            conversations = dataset_conversations(_hub_dataset(str(source)[3:]), str(source))
+        elif path.is_dir() or path.suffix == ".parquet":
+            datasets = _datasets(str(path))
             data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
             conversations = dataset_conversations(data, path.name)
         else:
@@ -123,6 +122,28 @@ def load_conversations(source: str | os.PathLike | Iterable[dict],
         for c in conversations:
             check_encodes(c, tokenizer)
     return conversations
+
+
+def _datasets(what: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise MissingDependencyError(f"reading {what} needs Hugging Face datasets: "
+                                     'pip install "simplegpt-toolkit[datasets]"') from None
+    return datasets
+
+
+def _hub_dataset(spec: str) -> Any:
+    """The train split of the Hugging Face dataset spec ("NAME" or "NAME:CONFIG"); DataError of one line
+    when it cannot be opened (offline, unknown name)."""
+    name, _, config = spec.partition(":")
+    datasets = _datasets(f"hf:{spec}")
+    try:
+        return datasets.load_dataset(name, config or None, split="train")
+    except Exception as e:  # offline, unknown name, bad config: datasets raises many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"could not open the Hugging Face dataset {spec!r} ({type(e).__name__}: {first}); check the "
+                        "name and the network, or give a JSONL file or a save_to_disk folder") from None
 
 
 def check_encodes(conversation: Conversation, tokenizer: Tokenizer) -> None:
@@ -270,3 +291,25 @@ class SFTSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+class HeldOutSampler(SFTSampler):
+    """The held-out conversations for evaluation, each once, in order: batches of batch_size rows (one
+    conversation a row; the last batch may be shorter), then batches of one padding column without a
+    loss token, which add nothing to an evaluation's mean. An evaluation of any number of batches
+    thus counts each held-out conversation at most once, the same ones every time."""
+
+    def __init__(self, chats: Sequence[EncodedChat], block_size: int, batch_size: int, pad_id: int):
+        super().__init__(chats, block_size, batch_size, pad_id, seed=0)
+        self.at = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, y, attention_mask: each (rows, T) int64, T the longest row in the batch."""
+        rows = self.rows[self.at: self.at + self.batch_size]
+        self.at += len(rows)
+        if not rows:
+            return (torch.full((self.batch_size, 1), self.pad_id), torch.full((self.batch_size, 1), IGNORE_INDEX),
+                    torch.ones(self.batch_size, 1, dtype=torch.long))
+        x, y, attention = (torch.stack(column) for column in zip(*rows))
+        T = int(attention.sum(dim=1).max())
+        return x[:, :T], y[:, :T], attention[:, :T]

@@ -20,7 +20,10 @@ DESCRIPTION = (
     "training text more than ~20 times. A finished run is not trained again (--overwrite does). "
     "Ctrl-C or SIGTERM saves a checkpoint you can --resume. "
     "Under torchrun (torchrun --nproc_per_node N -m simplegpt train ...) the N processes train one run "
-    "with DDP: see docs/distributed.md."
+    "with DDP: see docs/distributed.md. "
+    "--sft CHATS --init-from BASE fine-tunes BASE into a chat model on conversations (docs/chat.md): the loss "
+    "counts the assistant's tokens only, the chat markers join the vocabulary if BASE lacks them, and a config "
+    "file without sft (the built-in one included) gets fine-tuning settings (see --sft)."
 )
 
 
@@ -119,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"next: simplegpt consolidate {shlex.quote(str(best_dir))} {whole}   (a sharded FSDP2 checkpoint)")
         print(f"then: simplegpt generate --checkpoint {whole} --prompt {shlex.quote(cfg.sample_prompt.strip())} "
               f"--stream")
+    elif result.interrupted is None and best_dir.is_dir() and cfg.sft:
+        print(f"next: simplegpt chat --checkpoint {shlex.quote(str(best_dir))}   (the fine-tuned chat model)")
+        print(f"  or: simplegpt serve --checkpoint {shlex.quote(str(best_dir))}   (the playground's Chat mode)")
     elif result.interrupted is None and best_dir.is_dir():
         prompt = shlex.quote(cfg.sample_prompt.strip())  # one that fits the vocabulary, or '' (unconditional)
         print(f"next: simplegpt generate --checkpoint {shlex.quote(str(best_dir))} --prompt {prompt} --stream")

@@ -24,12 +24,13 @@ from ..config import TrainConfig
 from ..data.shards import load_dataset_tokenizer
 from ..errors import ConfigError
 from ..model import GPT
-from ..tokenizer import Tokenizer
+from ..tokenizer import TOKENIZER_TYPES, Tokenizer
 from . import lora, run_dir
 from .dataset import make_samplers, prepare_data
 from .hardware import resolve_dtype
 from .loss import make_loss
 from .result import TrainResult, finished_result, finished_run
+from .sft import load_sft
 from .start import init_model, rng_state, seed_everything, set_rng_state
 from .ways.base import Compute, WayOfRunning, restore_part
 
@@ -91,7 +92,10 @@ def begin(cfg: TrainConfig, way: WayOfRunning, resume: Path | str | None, overwr
             model, tokenizer, note = init_model(cfg, way.device)
             out = Path(cfg.out_dir)
             if model is not None:
-                run_cfg = cfg.replace(model=model.config, tokenizer=tokenizer.kind)
+                # the model's own tokenizer prepares the data; the key names it where it is a name prepare
+                # knows (a trained BPE's or an imported one's is not: the key stays as given)
+                named = tokenizer.kind if tokenizer.kind in TOKENIZER_TYPES else cfg.tokenizer
+                run_cfg = cfg.replace(model=model.config, tokenizer=named)
             if not overwrite and (done := finished_run(out, run_cfg)) is not None:
                 finished = finished_result(done)
         if finished is None and stop_at is not None and stop_at <= (state["step"] if state else 0):
@@ -102,7 +106,7 @@ def begin(cfg: TrainConfig, way: WayOfRunning, resume: Path | str | None, overwr
             begun.lock = run_dir.check_out_dir(out, run_cfg, overwrite, resuming=state is not None)  # held to the end
             taken.append(begun)
             try:
-                begun.data = prepare_data(run_cfg, tokenizer, progress)
+                begun.data = None if run_cfg.sft else prepare_data(run_cfg, tokenizer, progress)
             except BaseException:
                 begun.give_up()
                 raise
@@ -148,6 +152,8 @@ def load_data(start: Start, way: WayOfRunning) -> Data:
 
     def load() -> Data:
         try:
+            if cfg.sft:
+                return _sft_data(start, way)
             data_dir, meta = start.data if start.data is not None else prepare_data(cfg, start.tokenizer, False)
             tokenizer = start.tokenizer or load_dataset_tokenizer(data_dir)
             check_sample_prompt(cfg, tokenizer)
@@ -163,6 +169,19 @@ def load_data(start: Start, way: WayOfRunning) -> Data:
             raise
 
     return way.agree(load, on_peer_failure=start.give_up if way.is_main else None)
+
+
+def _sft_data(start: Start, way: WayOfRunning) -> Data:
+    """Supervised fine-tuning's data (training/sft.py): the conversations of cfg.sft and the starting
+    model (init_from, or the run resumed) with the chat markers in its vocabulary, grown here, before
+    prepare builds the optimizer. Its start line joins the run's note."""
+    assert start.model is not None and start.tokenizer is not None  # sft needs init_from (the config checks)
+    sft = load_sft(start.cfg, start.model, start.tokenizer)
+    check_sample_prompt(start.cfg, sft.tokenizer)
+    if way.is_main:
+        run_dir.check_disk_space(start.out, start.model.num_parameters())
+    start.note = "\n".join(filter(None, (start.note, sft.note)))
+    return Data(Path(start.cfg.sft), sft.meta, sft.train, sft.val, sft.tokenizer, start.model)
 
 
 def check_sample_prompt(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
