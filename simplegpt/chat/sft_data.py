@@ -9,7 +9,6 @@ line that names where it is: "chats.jsonl:7: unknown role 'tool' in message 2 (.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..data.sources import jsonl_records
 from ..errors import DataError, MissingDependencyError, UnknownCharacterError
 from ..model import IGNORE_INDEX
 from ..tokenizer import Tokenizer
@@ -68,21 +68,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Conversation]:
     line (numbered from 1) for a line that is not UTF-8, not JSON, or not a conversation
     (parse_conversation); OSError when the file cannot be read."""
     path = Path(path)
-    out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: the line is not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not a JSON line ({e.msg} at column {e.colno})") from None
-            out.append(parse_conversation(record, where))
+    out = [parse_conversation(record, where) for where, record in jsonl_records(path)]
     if not out:
         raise DataError(f"{path} holds no conversations")
     return out

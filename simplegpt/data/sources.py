@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import DataError
 from ..files import cache_dir, sha256_file
@@ -62,21 +62,35 @@ def resolve_corpus(source: str, text_field: str = "text", hf_split: str = "train
     return Corpus(source, lambda: _file_documents(files, text_field), fingerprint)
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark would break line 1's JSON
-        for n, line in enumerate(f, 1):
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """Each record of a JSONL file with where it stands ('FILE:LINE', lines numbered from 1), blank lines
+    skipped and a leading byte-order mark ignored. DataError naming the line for one that is not UTF-8
+    text or not one JSON value; OSError when the file cannot be read."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: the line is not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict) or text_field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{n} has no {text_field!r} field (has {keys}); pass --text-field NAME")
-            if not isinstance(row[text_field], str):
-                raise DataError(f"{path}:{n} field {text_field!r} is not a string")
-            yield row[text_field]
+                raise DataError(f"{where}: not a JSON line ({e.msg} at column {e.colno}); each line must be one "
+                                "JSON object") from None
+            yield where, record
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for where, row in jsonl_records(path):
+        if not isinstance(row, dict) or text_field not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{where} has no {text_field!r} field (has {keys}); pass --text-field NAME")
+        if not isinstance(row[text_field], str):
+            raise DataError(f"{where} field {text_field!r} is not a string")
+        yield row[text_field]
 
 
 def _file_documents(files: list[Path], text_field: str) -> Iterator[str]:
