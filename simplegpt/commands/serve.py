@@ -27,6 +27,18 @@ DESCRIPTION = (
 )
 
 
+# The server's time limits, in seconds: option, default, help.
+TIME_LIMITS = (
+    ("--request-timeout", 600.0, "a request still running after this long is cancelled (504; 0 = no limit)"),
+    ("--body-timeout", 30.0, "a client that takes longer than this to send a request body gets 408"),
+    ("--header-timeout", 10.0, "a connection that takes longer than this to send a request's line and headers "
+                               "(after it opens, or after its previous response) is closed (0 = no limit)"),
+    ("--keep-alive-timeout", 5.0, "an idle keep-alive connection is closed after this long"),
+    ("--shutdown-timeout", 30.0, "on SIGTERM or Ctrl-C, how long running requests may take to finish; those "
+                                 "still running then are stopped (503, or an error event when streamed)"),
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p, "checkpoint directory to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -44,22 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="the most sequences that may wait for a place in the batch; beyond them a request gets "
                         "429 with Retry-After")
-    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="a request still running after this long is cancelled (504; 0 = no limit)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20,
                    help="the largest request body taken (413 beyond)")
-    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a client that takes longer than this to send a request body gets 408")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="a connection that takes longer than this to send a request's line and headers (after it "
-                        "opens, or after its previous response) is closed (0 = no limit)")
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections served at once; more get 503")
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="an idle keep-alive connection is closed after this long")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM or Ctrl-C, how long running requests may take to finish; those still running "
-                        "then are stopped (503, or an error event when streamed)")
+    for option, seconds, help_text in TIME_LIMITS:
+        p.add_argument(option, type=float, default=seconds, metavar="SECONDS", help=help_text)
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics (repeat for several; "
                         "also SIMPLEGPT_API_KEY); /health and the playground page stay open")
