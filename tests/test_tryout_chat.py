@@ -55,7 +55,7 @@ def test_the_server_says_a_base_model_cannot_spell_the_plain_chat_prompt(tmp_pat
     with pytest.raises(APIError) as e:
         chat_input(CharTokenizer("abcdefghijklmnopqrstuvwxyz \n"), messages)
     assert (e.value.status, e.value.param, e.value.message) == (
-        400, "messages", "this model has no chat template, and its vocabulary lacks characters of the plain "
-        "'User: ... / Assistant:' chat prompt ('U', ':', 'A'); send plain text to /v1/completions")
+        400, "messages", "this model has no chat template, and its plain 'User: ... / Assistant:' chat prompt "
+        "needs characters not in the character vocabulary ('U', ':', 'A'); send plain text to /v1/completions")
     spelled = CharTokenizer("abcdefghijklmnopqrstuvwxyz \nUA:")
     assert chat_input(spelled, messages) == ("User: hello\nAssistant:", ["\nUser:"])

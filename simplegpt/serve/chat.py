@@ -41,9 +41,9 @@ def chat_input(tokenizer, messages: list[ChatMessage]) -> tuple[str | list[int],
         try:  # else the error would name characters of the prompt's frame, which the client never sent
             fmt.prompt_ids([{"role": "user", "content": ""}])
         except UnknownCharacterError as e:
-            raise APIError("this model has no chat template, and its vocabulary lacks characters of the plain "
-                           f"'User: ... / Assistant:' chat prompt ({', '.join(map(repr, e.chars))}); send plain "
-                           "text to /v1/completions", param="messages") from None
+            raise APIError("this model has no chat template, and its plain 'User: ... / Assistant:' chat prompt "
+                           f"needs characters not in the character vocabulary ({', '.join(map(repr, e.chars))}); "
+                           "send plain text to /v1/completions", param="messages") from None
         return chat_prompt(messages), [CHAT_STOP]
     turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in _messages(messages)]
     try:
