@@ -51,6 +51,7 @@ def contract(settings: dict, out: Path, name: str, rank: int = 0, world: int = 1
     try:
         whole = loop.train(load_config(None, {**base, "out_dir": str(out / f"{name}_whole")}), progress=False)
     except SimpleGPTError as e:  # a way that refuses the settings: the error's one line
+        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)  # in the test's failure output
         return {"refused": f"{type(e).__name__}: {e}"}
     stopped_dir = out / f"{name}_stopped"
     real = loop.lr_at
