@@ -31,11 +31,11 @@ from ..config import TrainConfig, long_warmup_warning
 from ..console import survives_closed_output
 from ..devices import resolve_device
 from . import TrainingError, hardware, run_dir, ways
+from .budget import Budget, Clock
 from .cpu_memory import keep_freed_memory
 from .evaluation import evaluate, sample_text
 from .hardware import device_peak_flops
 from .loss import weights
-from .budget import Budget, Clock
 from .optimizer import lr_at, lr_at_fraction, make_optimizer
 from .progress import Progress, StopSignals, repeat_warning
 from .result import TrainResult
