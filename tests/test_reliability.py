@@ -158,6 +158,8 @@ def test_a_reader_during_saves_sees_one_whole_copy_every_time(tmp_path):
     last = tmp_path / "last"
     save_checkpoint(last, _model(1), ByteTokenizer(), metadata={"step": 0}, train_state=train_state(0))
     script = textwrap.dedent(f"""
+        import time
+
         import torch
         from simplegpt.checkpoint import save_checkpoint
         from simplegpt.tokenizer import ByteTokenizer
@@ -169,6 +171,7 @@ def test_a_reader_during_saves_sees_one_whole_copy_every_time(tmp_path):
                 model.transformer.wte.weight.fill_(step)
             save_checkpoint({str(last)!r}, model, ByteTokenizer(), metadata={{"step": step}},
                             train_state={{**state, "step": step}})
+            time.sleep(0.02)  # a save can take 15 ms: the reader's loads must fall between and during saves
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     saver = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
