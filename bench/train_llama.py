@@ -20,7 +20,6 @@ import dataclasses
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from simplegpt.data.samplers import PackedSampler  # noqa: E402
 from simplegpt.data.shards import TokenShards  # noqa: E402
 from simplegpt.model import GPT  # noqa: E402
 from simplegpt.trainer import peak_flops  # noqa: E402
-from train_throughput import simplegpt_round  # noqa: E402
+from train_throughput import hf_loop, simplegpt_round  # noqa: E402
 
 LLAMA = dict(positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False, rms_norm_eps=1e-5)
 
@@ -51,24 +50,7 @@ def hf_llama_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, st
         num_attention_heads=m.n_head, num_key_value_heads=m.kv_heads, max_position_embeddings=m.n_positions,
         rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta, attention_bias=False, mlp_bias=False,
         tie_word_embeddings=True, attn_implementation="sdpa"))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
-    rates, t0 = [], time.perf_counter()
-    for step in range(1, steps + 1):
-        x, y = sampler.next_batch()
-        ids = torch.cat([x, y[:, -1:]], dim=1)  # the block_size + 1 window; HF shifts the labels itself
-        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss.detach())
-        if step % log_every == 0:
-            now = time.perf_counter()
-            rates.append(log_every * cfg.batch_size * cfg.block_size / (now - t0))
-            t0 = now
-    return statistics.median(rates[1:])
+    return hf_loop(model, cfg, sampler, steps, log_every)
 
 
 def main() -> None:

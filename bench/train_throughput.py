@@ -49,6 +49,12 @@ def hf_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, steps: i
                                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                                        attn_pdrop=0.0, bos_token_id=vocab_size - 1,
                                        eos_token_id=vocab_size - 1))
+    return hf_loop(model, cfg, sampler, steps, log_every)
+
+
+def hf_loop(model: torch.nn.Module, cfg: TrainConfig, sampler: PackedSampler, steps: int, log_every: int) -> float:
+    """A transformers causal LM trained the way its users write the loop (AdamW, clipping, the loss read
+    every step); the median tokens/s over each log_every steps after the first."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
