@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,3 +124,24 @@ def with_template(tokenizer, template: str):
 
     hf = as_hf_tokenizer(tokenizer)
     return HFTokenizer(hf.json, hf.eos_id, kind=hf.kind, chat_template=template)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, ro=False) -> a new tmpfs of that size (a real file system that fills up, or refuses writes)."""
+    mounted = []
+
+    def mount(size: str, ro: bool = False) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if ro else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the full-disk tests need one (root)")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -173,26 +173,6 @@ def test_the_lock_is_exclusive_within_one_process_and_released_after(tmp_path):
 # --- a full disk ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size) -> a new, empty tmpfs of that size (a real file system that fills up: ENOSPC)."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        folder = tmp_path / f"disk{len(mounted)}"
-        folder.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the full-disk tests need one (root)")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 def _fill(disk: Path, leave: int = 0) -> Path:
     """Fill the disk up to `leave` free bytes, with one file."""
     filler = disk / "filler"

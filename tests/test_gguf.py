@@ -6,7 +6,6 @@ llama.cpp itself runs the files in tests/test_gguf_llamacpp.py (when its binarie
 import dataclasses
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -253,27 +252,6 @@ def test_without_the_gguf_package_it_is_one_line_naming_the_extra(tmp_path, caps
     assert _one_line(proc) == ("simplegpt export-gguf: error: export-gguf needs the gguf package, which is not "
                                'installed; install the GGUF extra: pip install "simplegpt-toolkit[gguf]"')
     _nothing_but(tmp_path, "ck")
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size, ro=False) -> a new tmpfs of that size (a real file system that fills up, or refuses writes)."""
-    mounted = []
-
-    def mount(size: str, ro: bool = False) -> Path:
-        folder = tmp_path / f"disk{len(mounted)}"
-        folder.mkdir()
-        options = f"size={size}" + (",ro" if ro else "")
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the full-disk tests need one (root)")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_file_that_was_there(tmp_path, small_disk, capsys):
