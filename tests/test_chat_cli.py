@@ -87,3 +87,12 @@ def test_history_is_cut_from_the_oldest_turn_saying_so_and_replies_stop_at_the_m
                         {"role": "user", "content": "third question"}, {"role": "assistant", "content": ""}]
     # each reply ended at once: the model's first token is <|im_end|>, which is not shown
     assert out.stdout == "\n\n\n" and "<|im_end|>" not in out.stdout
+
+
+def test_a_doubled_slash_sends_a_message_that_starts_with_one_and_help_says_so(checkpoint, tmp_path):
+    out = chat(checkpoint, ["/help", "//reset the plan", "/save s.json"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "//help sends /help" in out.stderr and "/reset" in out.stderr  # /help lists the commands and the escape
+    messages = saved(tmp_path / "s.json")
+    user = [{"role": "user", "content": "/reset the plan"}]  # sent, not taken for /reset
+    assert messages == [*user, {"role": "assistant", "content": reply(checkpoint, user)}]

@@ -38,3 +38,12 @@ def test_chat_completions_use_the_checkpoints_template_and_stop_at_the_marker(se
                                                  stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_messages_longer_than_the_context_are_a_400_naming_messages(served):
+    client, _ = served
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="ends", messages=[{"role": "user", "content": "x" * 300}], max_tokens=4)
+    error = e.value.body
+    assert error["param"] == "messages" and error["code"] == "context_length_exceeded", error
+    assert error["message"].startswith("the messages have ") and "prompt has" not in error["message"], error

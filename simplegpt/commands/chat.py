@@ -21,9 +21,12 @@ DESCRIPTION = (
     "its chat template; a base model with the plain 'User: ... / Assistant:' text. When the conversation "
     "outgrows the model's context, its oldest turns are left out (it says so on stderr). Commands: /reset "
     "starts over (the system prompt stays), /save FILE writes the conversation as JSON "
-    '({"messages": [...]}, the fine-tuning format; FILE is replaced), /quit or end of input ends.'
+    '({"messages": [...]}, the fine-tuning format; FILE is replaced), /help lists the commands, /quit or end of '
+    'input ends. A message that starts with "/" is sent by doubling it: "//help" sends "/help".'
 )
-COMMANDS = ("/reset", "/save FILE", "/quit")
+COMMANDS = ("/reset", "/save FILE", "/help", "/quit")
+ESCAPE = 'a message that starts with "/" is sent by doubling it: //help sends /help'
+
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,14 +81,19 @@ def run(args: argparse.Namespace) -> int:
             say("error: the line is not UTF-8 text")
             continue
         word, _, rest = text.strip().partition(" ")
+        if word.startswith("//"):  # the escape: the message is the line with one slash less
+            word, text = "", text.replace("/", "", 1)
         if word == "/reset":
             messages = list(system)
             say("the conversation starts over")
         elif word == "/save":
             failed |= not _save(messages, rest.strip())
+        elif word == "/help":
+            say(f"commands: /reset (start over; the system prompt stays), /save FILE (the conversation as JSON), "
+                f"/help, /quit; {ESCAPE}")
         elif word.startswith("/") and word[1:].isalpha():
             failed = True
-            say(f"error: unknown command {word}; the commands are {', '.join(COMMANDS)}")
+            say(f"error: unknown command {word}; the commands are {', '.join(COMMANDS)}; {ESCAPE}")
         elif text.strip():
             try:
                 messages = _reply(engine, fmt, params, [*messages, {"role": "user", "content": text}])

@@ -53,9 +53,10 @@ def prompt_tokens(tokenizer, prompt: Prompt, window: int, truncate: int | None, 
                            param="truncate_prompt_tokens")
         return ids[-min(truncate, window):]
     if len(ids) > window:
-        raise APIError(f"the prompt has {len(ids)} tokens; this model's context is {window} tokens: shorten it, "
-                       f"or send truncate_prompt_tokens to keep its last tokens", param="prompt",
-                       code="context_length_exceeded")
+        what = "the messages have" if param == "messages" else f"the {param} has"  # as the request named them
+        raise APIError(f"{what} {len(ids)} tokens; this model's context is {window} tokens: shorten "
+                       f"{'them' if param == 'messages' else 'it'}, or send truncate_prompt_tokens to keep the "
+                       "last tokens", param=param, code="context_length_exceeded")
     return ids
 
 
