@@ -310,6 +310,7 @@ class CheckpointInfo:
     tokenizer: str | None  # its kind ("char", "byte", "gpt2"), or None
     metadata: dict[str, Any]
     path: Path
+    chat_template: bool = False  # whether its tokenizer stores a chat template
 
 
 def describe_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
@@ -348,7 +349,8 @@ def _describe(folder: Path, path: Path) -> CheckpointInfo:
     tokenizer = _load_tokenizer(folder, doc, config)
     return CheckpointInfo(config=config, parameters=sum(math.prod(s) for s in shapes.values()),
                           tokenizer=tokenizer.kind if tokenizer else None,
-                          metadata={k: v for k, v in doc.items() if k not in NOT_METADATA}, path=path)
+                          metadata={k: v for k, v in doc.items() if k not in NOT_METADATA}, path=path,
+                          chat_template=bool(getattr(tokenizer, "chat_template", None)))
 
 
 def _model_config(doc: dict[str, Any], folder: Path) -> GPTConfig:

@@ -96,3 +96,21 @@ def test_a_doubled_slash_sends_a_message_that_starts_with_one_and_help_says_so(c
     messages = saved(tmp_path / "s.json")
     user = [{"role": "user", "content": "/reset the plan"}]  # sent, not taken for /reset
     assert messages == [*user, {"role": "assistant", "content": reply(checkpoint, user)}]
+
+
+def test_info_shows_the_llama_style_options_and_whether_a_chat_template_is_stored(checkpoint, tmp_path, capsys):
+    from simplegpt.cli import main
+
+    model = make_tiny_gpt(vocab_size=257, n_kv_head=1, positions="rotary", rope_theta=500000.0, norm="rmsnorm",
+                          mlp="swiglu", intermediate_size=64, bias=False, qk_norm=True, tie_word_embeddings=False)
+    llama = save_checkpoint(tmp_path / "llama", model, get_tokenizer("byte"))
+    assert main(["info", str(llama)]) == 0
+    out = capsys.readouterr().out
+    assert ("architecture: rotary positions (rope_theta 500000), rmsnorm (eps 1e-06), MLP swiglu (intermediate_size "
+            "64), n_kv_head 1 of 2 heads, head_dim 16, qk_norm true, tie_word_embeddings false") in out, out
+    assert "chat template: none" in out
+    assert main(["info", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: GPT-2" in out and "chat template: stored" in out, out
+    assert main(["info", str(checkpoint), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chat_template"] is True
