@@ -441,7 +441,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
         # metadata format=pt: transformers refuses safetensors files without it.
         save_file(state, str(tmp / HF_SAFETENSORS), metadata={"format": "pt"})
         _write_json(tmp / HF_CONFIG, hf_config)
-        _write_json(tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
+        _write_json(tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": _stop_ids(tok, eos_id)})
         exported = isinstance(tok, (GPT2Tokenizer, HFTokenizer))
         if isinstance(tok, GPT2Tokenizer):
             write_gpt2_tokenizer_files(tmp, ck.config.n_positions)
@@ -453,6 +453,16 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
         os.chmod(tmp / HF_SAFETENSORS, (tmp / HF_CONFIG).stat().st_mode & 0o777)
     return ExportResult(path=out, files=sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
                         tokenizer=tok.kind if tok is not None else None, tokenizer_exported=exported)
+
+
+def _stop_ids(tok: Tokenizer | None, eos_id: int) -> int | list[int]:
+    """generation_config.json's eos_token_id: the end-of-text id, and for a tokenizer with a chat template
+    also its end-of-turn markers (<|im_end|>), so transformers' generate ends a reply where simplegpt does."""
+    if getattr(tok, "chat_template", None):
+        from .chat import ChatTemplate
+
+        return [eos_id, *(i for i in ChatTemplate(tok.chat_template, tok).stop_ids if i != eos_id)]
+    return eos_id
 
 
 def write_gpt2_tokenizer_files(directory: Path, model_max_length: int) -> None:

@@ -170,3 +170,27 @@ def test_an_imported_tokenizer_keeps_its_chat_template(bpe, tmp_path, where):
     again = load_tokenizer(tmp_path / "saved")
     assert again.chat_template == CHATML_TEMPLATE and again.eos_id == tok.eos_id
     assert pickle.loads(pickle.dumps(again)).chat_template == CHATML_TEMPLATE
+
+
+def test_exported_generation_config_stops_transformers_generate_at_the_end_of_turn(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_chat_cli import chat_checkpoint
+
+    from simplegpt.cli import main
+
+    checkpoint = chat_checkpoint(tmp_path / "ends", ends_at_once=True)  # every greedy token is <|im_end|>
+    assert main(["export-hf", str(checkpoint), str(tmp_path / "hf")]) == 0
+    tok = load_checkpoint(checkpoint).tokenizer
+    end = tok.token_id("<|im_end|>")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.eos_id, end]  # end-of-text, then end-of-turn
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert out[0, ids.shape[1]:].tolist() == [end]  # one token, the marker: generate stopped there
+    base = tmp_path / "base"  # a model without a template keeps its one end-of-text id
+    save_checkpoint(base, make_tiny_gpt(vocab_size=257), get_tokenizer("byte"))
+    assert main(["export-hf", str(base), str(tmp_path / "base_hf")]) == 0
+    assert json.loads((tmp_path / "base_hf" / "generation_config.json").read_text())["eos_token_id"] == 256
