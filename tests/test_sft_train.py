@@ -298,3 +298,18 @@ def test_a_trained_bpe_base_holds_the_markers_and_fine_tunes(work, tmp_path):
     ck = load_checkpoint(result.out_dir / "last")
     assert ck.model.config.vocab_size == tok.vocab_size and ck.tokenizer.special_tokens["<|im_end|>"] == 2
     assert ck.tokenizer.chat_template and result.val_loss is not None
+
+
+def test_tokens_per_second_counts_the_conversations_tokens_not_the_padding(work, tmp_path):
+    cfg = load_config(None, {**settings(work), "out_dir": str(tmp_path / "run"), "max_iters": 3, "eval_interval": 3,
+                             "log_interval": 1, "cpu_shards": 1, "plot": False, "tensorboard": False})
+    lines: list[str] = []
+    result = train(cfg, progress=False, log=lines.append)
+    # the same batches again, from the run's sampler: the tokens under their attention masks
+    ck = load_checkpoint(work / "base")
+    sampler = load_sft(cfg, ck.model, ck.tokenizer).train
+    real = [sum(int(sampler.next_batch()[2].sum()) for _ in range(cfg.grad_accum_steps)) for _ in range(3)]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records if r["kind"] == "train"] == [sum(real[:i + 1]) for i in range(3)]
+    assert result.tokens_seen == sum(real) < 3 * cfg.grad_accum_steps * cfg.batch_size * cfg.block_size
+    assert any("count the conversations' tokens, not the padding" in line for line in lines)

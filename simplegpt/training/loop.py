@@ -91,8 +91,7 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
     then the summary."""
     cfg, out, model, optimizer = start.cfg, start.out, training.model, training.optimizer
     metrics, flops_peak = _announce(start, data, training, way, log)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
-    progress = Progress(cfg, training.step, show, log, metrics, tokens_per_step,
+    progress = Progress(cfg, training.step, show, log, metrics,
                         model.flops_per_token(cfg.block_size),  # once: counting parameters walks the model
                         flops_peak, training.elapsed_before, t_start, budget)
     loss_fn = training.compute.loss
@@ -116,6 +115,7 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                 # Every rank draws every micro-batch of the step: each knows the step's loss tokens, no collective.
                 batches = [loss_fn.prepare(data.train.next_batch()) for _ in range(cfg.grad_accum_steps)]
                 step_weights = weights([loss_fn.tokens(batch) for batch in batches])
+                step_tokens = sum(_real_tokens(batch) for batch in batches)
                 loss = way.forward_backward(batches, step_weights)
                 loss, received = way.step_over_ranks(loss, signals.received)
                 if not math.isfinite(loss):
@@ -127,12 +127,13 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                     raise TrainingError(f"the gradient norm became {grad_norm} at step {step} (lr {lr:.3g}); the "
                                         f"step was not applied, the run stopped and {_last_good(out)}; lower --lr")
                 optimizer.zero_grad(set_to_none=True)
-                training.step, training.tokens_seen = step, training.tokens_seen + tokens_per_step
+                training.step, training.tokens_seen = step, training.tokens_seen + step_tokens
                 result.losses.append(loss)
                 if budget is not None and budget.step_done():
                     last = True  # a step that ran past the budget it was not expected to reach ends it too
                 stop = received or ("stop_at" if stop_at is not None and step >= stop_at else None)
-                progress.step(step, t_step, loss, lr, grad_norm, training.tokens_seen, stopping=bool(stop), last=last)
+                progress.step(step, t_step, loss, lr, grad_norm, training.tokens_seen, step_tokens, stopping=bool(stop),
+                              last=last)
 
                 if step % cfg.eval_interval == 0 or last:
                     progress.before_eval()
@@ -243,6 +244,12 @@ class _NoMetrics:
 
     def close(self) -> None:
         pass
+
+
+def _real_tokens(batch: tuple[torch.Tensor, ...]) -> int:
+    """The tokens a micro-batch feeds the model: its attention mask's ones when it has one (padded rows,
+    fine-tuning's conversations: padding is no work done), else every position of x (B, T)."""
+    return int(batch[2].sum()) if len(batch) > 2 and batch[2] is not None else batch[0].numel()
 
 
 def _own_rng(device: torch.device) -> Any:

@@ -96,12 +96,12 @@ class Progress:
     (training/budget.py), not steps."""
 
     def __init__(self, cfg: TrainConfig, step: int, show: bool, log: Callable[[str], None], metrics: Any,
-                 tokens_per_step: int, flops_per_token: float, flops_peak: float | None, elapsed_before: float,
+                 flops_per_token: float, flops_peak: float | None, elapsed_before: float,
                  t_start: float, budget: Any = None) -> None:
         from tqdm.auto import tqdm
 
         self.cfg, self.log, self.metrics = cfg, log, metrics
-        self.tokens_per_step, self.flops_per_token, self.flops_peak = tokens_per_step, flops_per_token, flops_peak
+        self.flops_per_token, self.flops_peak = flops_per_token, flops_peak
         self.elapsed_before, self.t_start, self.budget = elapsed_before, t_start, budget
         self.lines = show and not sys.stderr.isatty()
         if budget is not None:  # a bar of the budget's seconds
@@ -127,11 +127,12 @@ class Progress:
         return now - self.t_start - self.paused_s - (now - self.t_pause if self.t_pause else 0.0)
 
     def step(self, step: int, t_step: float, loss: float, lr: float, grad_norm: float, tokens_seen: int,
-             stopping: bool, last: bool = False) -> None:
-        """Report the step just taken (its start time t_step; last: the run's last step): the estimate
-        once, a train record every log_interval steps (and at the last or a stopping one), the bar or a line."""
+             tokens: int, stopping: bool, last: bool = False) -> None:
+        """Report the step just taken (its start time t_step; last: the run's last step; tokens: the real
+        tokens it fed the model, padding left out, which tok/s counts): the estimate once, a train record
+        every log_interval steps (and at the last or a stopping one), the bar or a line."""
         cfg = self.cfg
-        self.window_tokens += self.tokens_per_step
+        self.window_tokens += tokens
         now = time.perf_counter()
         tok_s = self.window_tokens / max(now - self.t_last, 1e-9)
         step_mfu = mfu(self.flops_per_token, tok_s, self.flops_peak)  # None on a GPU of unknown peak

@@ -59,7 +59,8 @@ def load_sft(cfg: TrainConfig, model: GPT, tokenizer: Tokenizer) -> SFTData:
             "vocab_size": chat.vocab_size, "val_bytes_per_token": _answer_bytes_per_token(val_chats, chat)}
     note = (f"fine-tuning on {cfg.sft}, rows of up to {cfg.block_size} tokens{', packed' if cfg.sft_pack else ''}: "
             f"{stats.summary()}\nheld out for evaluation: {val_stats.summary()}; each evaluation counts {per_eval:,} "
-            "of them once (eval_iters x batch_size)")
+            "of them once (eval_iters x batch_size)\ntok/s and the tokens seen count the conversations' tokens, not the "
+            "padding of their rows")
     return SFTData(meta, sampler, lambda: HeldOutSampler(val_chats, cfg.block_size, cfg.batch_size, pad), chat, note)
 
 
