@@ -65,15 +65,21 @@ def _expected(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
 
 
+def split_to_hf(name: str, tensor: torch.Tensor, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """simplegpt's tensor `name` (out, ...) as the Hugging Face tensors that make it: its rows split in
+    stacking order (q | k | v, gate | up), or itself under its one name. KeyError for an unknown name."""
+    names = hf_names(name)
+    parts = tensor.split(_split_sizes(names, config)) if len(names) > 1 else (tensor,)
+    return {n: p.contiguous() for n, p in zip(names, parts)}
+
+
 def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """simplegpt weights (a tied head left out) -> LlamaForCausalLM / Qwen3ForCausalLM weights."""
     out: dict[str, torch.Tensor] = {}
     for name in _expected(config):
         if name not in state:
             raise CheckpointError(f"the checkpoint has no weight {name!r}; it does not match its config")
-        names = hf_names(name)
-        parts = state[name].split(_split_sizes(names, config)) if len(names) > 1 else (state[name],)
-        out.update({n: p.contiguous() for n, p in zip(names, parts)})
+        out.update(split_to_hf(name, state[name], config))
     return out
 
 

@@ -18,7 +18,7 @@ from simplegpt.accel import cpu
 from simplegpt.checkpoint import load_checkpoint, load_train_state
 from simplegpt.cli import main
 from simplegpt.config import TrainConfig
-from simplegpt.errors import CheckpointError, ConfigError
+from simplegpt.errors import ConfigError
 from simplegpt.generation.engine import Engine
 from simplegpt.generation.sampling import SamplingParams
 from simplegpt.training import lora
@@ -124,18 +124,45 @@ def test_resume_is_exact(tmp_path, corpus, base, cpu_shards):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_llama_style_model_resumes_exactly_and_refuses_adapters_only_export(tmp_path, corpus):
-    llama = dict(n_kv_head=1, positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False)
+@pytest.mark.parametrize("variant", [
+    dict(),  # LlamaForCausalLM, tied head
+    dict(qk_norm=True, tie_word_embeddings=False, lora_targets="c_attn,mlp.c_fc,mlp.c_proj"),  # Qwen3ForCausalLM
+], ids=["llama", "qwen3"])
+def test_a_llama_style_model_resumes_exactly_and_its_adapters_load_in_peft(tmp_path, corpus, capsys, variant):
+    transformers = pytest.importorskip("transformers")
+    variant = dict(variant)
+    targets = variant.pop("lora_targets", "attn,mlp")
+    llama = dict(n_kv_head=1, positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False, **variant)
     train(tiny(tmp_path / "base", corpus, max_iters=4, eval_interval=4, **llama), progress=False)
     base = tmp_path / "base" / "run" / "last"
-    whole = lora_run(tmp_path / "a", corpus, base, max_iters=6, eval_interval=3, **llama)
+    whole = lora_run(tmp_path / "a", corpus, base, max_iters=6, eval_interval=3, lora_targets=targets, **llama)
     train(whole, progress=False)
     parted = whole.replace(out_dir=str(tmp_path / "b" / "run"))
     train(parted, stop_at=2, progress=False)
     train(parted, resume=tmp_path / "b" / "run" / "last", progress=False)
     assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
-    with pytest.raises(CheckpointError, match="--adapters-only is for GPT-2 models"):
-        lora.export_adapters(tmp_path / "a" / "run" / "last", tmp_path / "adapters")
+    ckpt = tmp_path / "a" / "run" / "last"
+    for args in ([str(base), str(tmp_path / "base_hf")], [str(ckpt), str(tmp_path / "merged_hf")],
+                 [str(ckpt), str(tmp_path / "adapters"), "--adapters-only"]):
+        assert main(["export-hf", *args]) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "adapters" / lora.ADAPTER_CONFIG).read_text())
+    want_targets = {"attn,mlp": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                 "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"],
+                    "c_attn,mlp.c_fc,mlp.c_proj": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                                   "self_attn.q_proj", "self_attn.v_proj"]}[targets]
+    assert config["target_modules"] == want_targets and not config["fan_in_fan_out"]
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    with torch.no_grad():
+        want, _ = load_checkpoint(ckpt).model(ids)
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+        assert type(hf_base).__name__ == ("Qwen3ForCausalLM" if llama.get("qk_norm") else "LlamaForCausalLM")
+        plain = hf_base(ids).logits
+        adapted = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / "adapters")).eval()
+        got = adapted(ids).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf").eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=0)
+    assert (plain - want).abs().max() > 1e-3  # the adapters matter
 
 
 def test_merged_checkpoint_equals_the_base_with_its_adapters_in_peft(finetuned, base):
@@ -267,3 +294,61 @@ def test_a_resume_cannot_change_the_adapters_and_fsdp_or_muon_are_refused(finetu
         lora.check(cfg, SimpleNamespace(name="fsdp"))
     with pytest.raises(ConfigError, match="optimizer = 'muon'"):
         lora.check(cfg.replace(optimizer="muon"), SimpleNamespace(name="single"))
+
+
+# a GPT-2 (tied head) and a Llama-style model with an untied head, whose rows train apart from the embedding's
+SHAPES = {True: {},
+          False: dict(positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False, tie_word_embeddings=False)}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["gpt2_tied", "llama_untied"])
+def test_lora_trains_the_rows_of_the_chat_markers_sft_added_and_resumes_exactly(tmp_path, tied, capsys):
+    from simplegpt import get_tokenizer, save_checkpoint
+    from simplegpt.chat.vocab import prepare_chat_model
+    from simplegpt.config import load_config
+
+    tok = get_tokenizer("byte")  # no chat markers: SFT adds them at 257 and 258
+    base = make_tiny_gpt(vocab_size=tok.vocab_size, n_positions=64, **SHAPES[tied])
+    save_checkpoint(tmp_path / "base", base, tok)
+    chats = [{"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                           {"role": "assistant", "content": str(a + b)}]} for a in range(5) for b in range(4)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+
+    def run(name: str) -> TrainConfig:
+        return load_config(None, {"sft": str(tmp_path / "chats.jsonl"), "init_from": str(tmp_path / "base"),
+                                  "lora": RANK, "out_dir": str(tmp_path / name), "max_iters": 6, "eval_interval": 3,
+                                  "log_interval": 1, "batch_size": 4, "lr": 1e-2, "cpu_shards": 1, "plot": False,
+                                  "tensorboard": False, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64,
+                                  "tokenizer": "byte", **SHAPES[tied]})
+
+    train(run("whole"), progress=False, log=lambda line: None)
+    train(run("parted"), stop_at=2, progress=False, log=lambda line: None)
+    train(run("parted"), resume=tmp_path / "parted" / "last", progress=False, log=lambda line: None)
+    assert losses(tmp_path / "whole") == losses(tmp_path / "parted")  # the resume is bit for bit
+    a, b = (load_file(str(tmp_path / r / "last" / lora.LORA_DIR / lora.ADAPTER_WEIGHTS)) for r in ("whole", "parted"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lora.saved_token_indices(tmp_path / "whole" / "last" / lora.LORA_DIR) == (
+        {"transformer.wte": [257, 258]} if tied else {"transformer.wte": [257, 258], "lm_head": [257, 258]})
+    grown = make_tiny_gpt(vocab_size=tok.vocab_size, n_positions=64, **SHAPES[tied])
+    prepare_chat_model(grown, tok)  # the rows the markers start at
+    merged = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
+    keys = ["transformer.wte.weight"] + ([] if tied else ["lm_head.weight"])
+    for key in keys:
+        start = grown.state_dict()[key]
+        assert not torch.equal(merged[key][257:], start[257:])  # the markers' rows trained
+        assert torch.equal(merged[key][:257], start[:257])  # every other row is the base's, bit for bit
+
+    # the adapter folder carries the rows in peft's way: onto the exported base, its vocabulary resized to the
+    # chat tokenizer's, peft gives the fine-tuned model's logits
+    transformers = pytest.importorskip("transformers")
+    ckpt = tmp_path / "whole" / "last"
+    for args in ([str(tmp_path / "base"), str(tmp_path / "base_hf")],
+                 [str(ckpt), str(tmp_path / "ad"), "--adapters-only"]):
+        assert main(["export-hf", *args]) == 0, capsys.readouterr().err
+    ids = torch.tensor([[257, 117, 115, 101, 114, 10, 97, 100, 258, 10, 257, 97]])  # the markers among bytes
+    with torch.no_grad():
+        want, _ = load_checkpoint(ckpt).model(ids)
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+        hf_base.resize_token_embeddings(259)
+        got = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / "ad")).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -66,7 +66,13 @@ def prepare_chat_model(model: GPT, tokenizer: Tokenizer) -> HFTokenizer:
     """chat_tokenizer(tokenizer), with `model`'s embedding grown to its vocabulary (grow_embeddings) when
     markers were added or its vocabulary is larger than the model's. Returns the tokenizer to train and
     save with. DataError for a character tokenizer."""
+    return add_chat_markers(model, tokenizer)[0]
+
+
+def add_chat_markers(model: GPT, tokenizer: Tokenizer) -> tuple[HFTokenizer, list[int]]:
+    """prepare_chat_model, and the ids of the markers it added (their rows start at the mean: a LoRA run
+    trains them, simplegpt.training.lora); empty when the tokenizer held them."""
     chat, added = chat_tokenizer(tokenizer)
     if added or chat.vocab_size > model.config.vocab_size:
         grow_embeddings(model, chat.vocab_size, added)
-    return chat
+    return chat, added

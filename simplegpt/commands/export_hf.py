@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters-only", action="store_true",
                    help="for a checkpoint trained with --lora: write only its adapters, as a peft adapter folder "
                         "(adapter_config.json, adapter_model.safetensors) that peft.PeftModel.from_pretrained loads "
-                        "onto the export-hf of its base; without it, the merged weights are written (docs/lora.md)")
+                        "onto the export-hf of its base (GPT-2, Llama or Qwen3: a Llama-style model's fused q|k|v "
+                        "and gate|up adapters are split into Hugging Face's layers); without it, the merged weights "
+                        "are written (docs/lora.md)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,11 @@ lora_A (rank, in) starts random and lora_B (out, rank) at zero, so step 0 is the
 
 Targets are named by group or by module, comma-separated: `attn` (attn.c_attn and attn.c_proj),
 `mlp` (mlp.c_fc and mlp.c_proj), or a module name (c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj).
-The tied output head and the embeddings are never targets.
+The embeddings and the output head never get adapters. When supervised fine-tuning added the chat
+markers to the base's vocabulary (their rows start at the mean of the others), those rows train too,
+through peft's trainable tokens (LoraConfig.trainable_token_indices): peft wraps the token embedding
+(and an untied head) so that the listed rows come from a small trainable (rows, C) tensor, and a tied
+head follows the embedding.
 
 A LoRA checkpoint is a plain simplegpt checkpoint whose model.safetensors holds the merged weights
 (W + B A alpha / rank), so every reader (generate, serve, chat, eval, export-hf, export-gguf,
@@ -19,12 +23,14 @@ A LoRA checkpoint is a plain simplegpt checkpoint whose model.safetensors holds 
 
     lora/adapter_config.json        peft's LoraConfig (peft loads it onto simplegpt's GPT)
     lora/adapter_model.safetensors  the adapters, with peft's key names
-    lora/base.safetensors           the base weights of the wrapped layers, exactly
+    lora/base.safetensors           the base weights of the wrapped layers, exactly (of a trainable
+                                    token layer, its listed rows: NAME.token_rows)
 
 A resume rebuilds the base from model.safetensors and lora/base.safetensors and takes the adapters
 from lora/, so the base is bit-identical and the losses those of an uninterrupted run.
 `export-hf --adapters-only` writes lora/ as a folder that peft.PeftModel.from_pretrained loads onto
-the base exported by export-hf (export_adapters).
+the base exported by export-hf (export_adapters): Hugging Face's GPT-2 as it is, and a Llama-style
+model's fused layers split into Hugging Face's (hf_adapters).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_WEIGHTS = "base.safetensors"
 ADAPTER = "default"  # peft's name of the one adapter
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before each module name
+TOKEN_ROWS = ".token_rows"  # base.safetensors' key suffix of a trainable token layer's base rows
+WTE, HEAD = "transformer.wte", "lm_head"
 INSTALL_HINT = 'install the LoRA extra: pip install "simplegpt-toolkit[lora]"'
 
 # The blocks' linear layers a target name stands for (suffixes of the module names).
@@ -118,12 +126,36 @@ def check(cfg: TrainConfig, way: Any) -> None:
     _peft()
 
 
-def lora_config(cfg: TrainConfig, base: str = "") -> Any:
-    """peft's LoraConfig of the run (simplegpt's nn.Linear layers: fan_in_fan_out False)."""
+def lora_config(cfg: TrainConfig, base: str = "", tokens: dict[str, list[int]] | None = None) -> Any:
+    """peft's LoraConfig of the run (simplegpt's nn.Linear layers: fan_in_fan_out False); tokens: the
+    rows each token layer trains (token_layers), or None."""
     peft = _peft()
     return peft.LoraConfig(r=cfg.lora, lora_alpha=alpha(cfg), lora_dropout=cfg.lora_dropout,
                            target_modules=target_modules(cfg.lora_targets), bias="none",
-                           base_model_name_or_path=base or None)
+                           base_model_name_or_path=base or None, trainable_token_indices=tokens or None)
+
+
+def token_layers(model: nn.Module, ids: list[int]) -> dict[str, list[int]]:
+    """The layers whose rows `ids` train, as peft's trainable_token_indices: the token embedding, and the
+    head when it is not tied to it (a tied head follows the embedding). Empty for no ids."""
+    if not ids:
+        return {}
+    return {WTE: sorted(ids)} if model.config.tie_word_embeddings else {WTE: sorted(ids), HEAD: sorted(ids)}
+
+
+def _inject(peft: Any, config: Any, model: nn.Module) -> None:
+    """peft.inject_adapter_in_model(config, model). Trainable tokens on a tied head make peft ask the model
+    for transformers' get_input_embeddings and _tied_weights_keys, which a plain GPT has not: they are
+    given for the call only."""
+    if config.trainable_token_indices and model.config.tie_word_embeddings:
+        model.get_input_embeddings = lambda: model.transformer.wte  # the wrapper, once peft has put it there
+        model._tied_weights_keys = [f"{HEAD}.weight"]
+        try:
+            peft.inject_adapter_in_model(config, model)
+        finally:
+            del model.get_input_embeddings, model._tied_weights_keys
+    else:
+        peft.inject_adapter_in_model(config, model)
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -135,18 +167,36 @@ def _is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
-def add_adapters(model: nn.Module, cfg: TrainConfig, resume_path: Path | None = None) -> str:
-    """Wrap cfg's target layers of model in LoRA adapters, in place, and freeze everything else; the
-    adapters of the checkpoint at resume_path when resuming (random A, zero B otherwise). Returns the
-    line the run logs. Nothing (and '') without cfg.lora. CheckpointError for adapters that do not fit."""
+def _token_layers_of(model: nn.Module) -> dict[str, nn.Module]:
+    """peft's trainable-token layers of model by the name of the layer they wrap (transformer.wte,
+    lm_head), the tied head's left out (it shares the embedding's rows)."""
+    return {name.removesuffix(".token_adapter"): m for name, m in model.named_modules()
+            if hasattr(m, "trainable_tokens_delta") and hasattr(m, "base_layer") and not m.tied_adapter}
+
+
+def saved_token_indices(folder: Path) -> dict[str, list[int]]:
+    """The trainable_token_indices of an adapter folder's adapter_config.json ({} when none)."""
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    return config.get("trainable_token_indices") or {}
+
+
+def add_adapters(model: nn.Module, cfg: TrainConfig, resume_path: Path | None = None,
+                 new_tokens: list[int] | None = None) -> str:
+    """Wrap cfg's target layers of model in LoRA adapters, in place, and freeze everything else but the
+    rows of new_tokens (ids added to the vocabulary, whose rows start at the mean: token_layers); the
+    adapters and rows of the checkpoint at resume_path when resuming (random A, zero B and the rows as
+    they are otherwise). Returns the line the run logs. Nothing (and '') without cfg.lora.
+    CheckpointError for adapters that do not fit."""
     if not cfg.lora:
         return ""
     peft = _peft()
-    peft.inject_adapter_in_model(lora_config(cfg, cfg.init_from), model)
-    if resume_path is not None:
+    folder = Path(resume_path) / LORA_DIR if resume_path is not None else None
+    tokens = saved_token_indices(folder) if folder is not None else token_layers(model, new_tokens or [])
+    _inject(peft, lora_config(cfg, cfg.init_from, tokens), model)
+    if folder is not None:
         from safetensors.torch import load_file
 
-        saved = load_file(str(Path(resume_path) / LORA_DIR / ADAPTER_WEIGHTS))
+        saved = load_file(str(folder / ADAPTER_WEIGHTS))
         state = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
         result = peft.set_peft_model_state_dict(model, state)
         if result.unexpected_keys or len(state) != len(adapter_parameters(model)):
@@ -155,8 +205,10 @@ def add_adapters(model: nn.Module, cfg: TrainConfig, resume_path: Path | None = 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     layers = sum(1 for m in model.modules() if _is_lora_layer(m))
-    return (f"LoRA: rank {cfg.lora}, alpha {alpha(cfg):g}, on {layers} layers ({', '.join(target_modules(cfg.lora_targets))}):"
-            f" {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%}); the base stays frozen")
+    rows = f" and the rows of the {len(tokens[WTE])} tokens added to the vocabulary" if tokens else ""
+    targets = ", ".join(target_modules(cfg.lora_targets))
+    return (f"LoRA: rank {cfg.lora}, alpha {alpha(cfg):g}, on {layers} layers ({targets}){rows}: "
+            f"{trainable:,} trainable parameters of {total:,} ({trainable / total:.2%}); the base stays frozen")
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,19 +220,21 @@ def adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """model's weights under model.GPT's names (a tied head left out), each wrapped layer's weight
-    merged with its adapter: W + delta (peft's get_delta_weight, B A alpha / rank). The model is not
-    changed. Contiguous CPU tensors, as checkpoint.model_state_dict gives."""
+    merged with its adapter: W + delta (peft's get_delta_weight, B A alpha / rank), and a trainable
+    token layer's weight with its trained rows. The model is not changed. Contiguous CPU tensors, as
+    checkpoint.model_state_dict gives."""
     from ..checkpoint import TIED_KEY
 
     deltas = {f"{name}.weight": m.get_delta_weight(ADAPTER) for name, m in model.named_modules() if _is_lora_layer(m)}
+    rows = {f"{name}.weight": m.get_merged_weights([ADAPTER]) for name, m in _token_layers_of(model).items()}
     out = {}
     for key, value in model.state_dict().items():
-        if ".lora_" in key:
+        if ".lora_" in key or ".trainable_tokens_" in key:
             continue
-        key = key.replace(".base_layer.", ".")
+        key = key.replace(".token_adapter.", ".").replace(".base_layer.", ".")
         if key == TIED_KEY and model.config.tie_word_embeddings:
             continue  # it is wte, as checkpoint.model_state_dict leaves it out
-        value = value.detach()
+        value = rows.get(key, value).detach()
         if key in deltas:
             value = value + deltas[key].to(value.dtype)
         out[key] = value.to("cpu").contiguous()
@@ -188,9 +242,13 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The wrapped layers' base weights under model.GPT's names (what lora/base.safetensors holds)."""
-    return {f"{name}.weight": m.base_layer.weight.detach().to("cpu").contiguous()
-            for name, m in model.named_modules() if _is_lora_layer(m)}
+    """The wrapped layers' base weights under model.GPT's names, and each trainable token layer's base
+    rows (NAME.token_rows, (rows, C), in its sorted token order): what lora/base.safetensors holds."""
+    out = {f"{name}.weight": m.base_layer.weight.detach().to("cpu").contiguous()
+           for name, m in model.named_modules() if _is_lora_layer(m)}
+    for name, m in _token_layers_of(model).items():
+        out[name + TOKEN_ROWS] = m.base_layer.weight.detach()[m.token_indices[ADAPTER]].to("cpu").contiguous()
+    return out
 
 
 def checkpoint_writer(model: nn.Module) -> Callable[[Path], None] | None:
@@ -236,21 +294,28 @@ def restore_base(model: nn.Module, path: Path) -> None:
     file = Path(path) / LORA_DIR / BASE_WEIGHTS
     try:
         base = load_file(str(file))
-    except (SafetensorError, OSError) as e:
+        tokens = saved_token_indices(file.parent)
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} cannot be read ({e}); this LoRA checkpoint cannot be resumed") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in base.items():
-            if key not in params or params[key].shape != value.shape:
+            target, index = key, slice(None)
+            if key.endswith(TOKEN_ROWS):  # the rows the run trained, as they were before it
+                target, index = key.removesuffix(TOKEN_ROWS) + ".weight", tokens.get(key.removesuffix(TOKEN_ROWS))
+            if target not in params or index is None or params[target][index].shape != value.shape:
                 raise CheckpointError(f"{file} holds {key!r}, which does not fit the model; use another checkpoint")
-            params[key].copy_(value)
+            params[target][index] = value
 
 
 def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the adapters of the LoRA checkpoint as a peft adapter folder for the Hugging Face GPT-2
-    that export-hf writes of its base (Conv1D layers: fan_in_fan_out true):
-    PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), out). Atomic (temp dir + rename).
-    CheckpointError for a checkpoint without adapters; OutputExistsError for an out that holds files."""
+    """Write the adapters of the LoRA checkpoint as a peft adapter folder for the Hugging Face model that
+    export-hf writes of its base: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE),
+    out). A GPT2LMHeadModel keeps simplegpt's names (its Conv1D layers store (in, out): fan_in_fan_out
+    true); a LlamaForCausalLM or Qwen3ForCausalLM gets them split into its own layers (hf_adapters).
+    Trained token rows (trainable_token_indices) go with them. Atomic (temp dir + rename).
+    CheckpointError for a checkpoint without adapters or a model no Hugging Face class has;
+    OutputExistsError for an out that holds files."""
     from ..atomic import atomic_dir
     from ..checkpoint import _write_weights, read_checkpoint_config, read_whole, verify_files
     from ..errors import OutputExistsError
@@ -274,14 +339,52 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike, overw
         return config, load_file(str(folder / LORA_DIR / ADAPTER_WEIGHTS))
 
     config, weights = read_whole(checkpoint, read)  # CheckpointError for a missing or damaged checkpoint
-    if not GPTConfig.from_dict(read_checkpoint_config(checkpoint)["model"]).is_gpt2:
-        raise CheckpointError(f"{checkpoint} is a Llama-style model, which export-hf writes with other layers than "
-                              "the adapters were trained on; --adapters-only is for GPT-2 models: export-hf without "
-                              "it writes the merged weights")
-    config["fan_in_fan_out"] = True  # GPT-2's Conv1D stores (in, out), simplegpt's nn.Linear (out, in)
+    model_config = GPTConfig.from_dict(read_checkpoint_config(checkpoint)["model"])
+    if model_config.is_gpt2:
+        config["fan_in_fan_out"] = True  # GPT-2's Conv1D stores (in, out), simplegpt's nn.Linear (out, in)
+    else:
+        config, weights = hf_adapters(config, weights, model_config)
     config["task_type"] = "CAUSAL_LM"
     with atomic_dir(out) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         _write_weights(weights, tmp / ADAPTER_WEIGHTS)
         os.chmod(tmp / ADAPTER_WEIGHTS, (tmp / ADAPTER_CONFIG).stat().st_mode & 0o777)
     return out
+
+
+def hf_adapters(config: dict[str, Any], weights: dict[str, torch.Tensor],
+                model_config: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A Llama-style model's adapter config and weights (simplegpt's names) for the LlamaForCausalLM or
+    Qwen3ForCausalLM export-hf writes of it. A fused layer's adapter becomes one per Hugging Face layer
+    with the same output: attn.c_attn (q | k | v rows) -> q_proj, k_proj, v_proj and mlp.c_fc (gate | up)
+    -> gate_proj, up_proj, each with the shared A (rank, in) and its rows of B (out, rank), since
+    B A x stacks the rows of each layer's output. The other layers and the trained token rows are
+    renamed; target_modules and trainable_token_indices name Hugging Face's layers. CheckpointError
+    for a model no Hugging Face class has (as export-hf)."""
+    from .. import hf_llama
+
+    hf_llama.hf_class_for(model_config)  # the options export-hf refuses are refused here too
+
+    def hf_module(name: str) -> list[str]:  # simplegpt's module name -> Hugging Face's, in stacking order
+        return [n.removesuffix(".weight") for n in hf_llama.hf_names(f"{name}.weight")]
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if ".lora_" in name:  # MODULE.lora_A.weight (rank, in) or MODULE.lora_B.weight (out, rank)
+            module, _, factor = name.partition(".lora_")
+            if factor.startswith("A"):
+                parts = {n: value.clone() for n in hf_module(module)}  # one copy each: safetensors shares none
+            else:
+                parts = {n.removesuffix(".weight"): p
+                         for n, p in hf_llama.split_to_hf(f"{module}.weight", value, model_config).items()}
+            out.update({f"{PEFT_PREFIX}{n}.lora_{factor}": p for n, p in parts.items()})
+        else:  # LAYER.token_adapter.trainable_tokens_delta: a token layer's trained rows
+            layer, _, rest = name.partition(".token_adapter.")
+            out[f"{PEFT_PREFIX}{hf_module(layer)[0]}.token_adapter.{rest}"] = value
+    suffixes = {s.removeprefix("model.layers.0.") for t in config["target_modules"]
+                for s in hf_module(f"transformer.h.0.{t}")}
+    tokens = config.get("trainable_token_indices") or {}
+    config = {**config, "target_modules": sorted(suffixes),
+              "trainable_token_indices": {hf_module(k)[0]: v for k, v in tokens.items()} or None}
+    return config, out

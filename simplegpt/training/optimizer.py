@@ -52,6 +52,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
     """Decay only matrices of Linear layers (and embeddings if asked); never biases or norms."""
     decay, no_decay = [], []
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # the token rows a LoRA run trains (peft's trainable tokens: simplegpt.training.lora) are embedding rows
+    embeddings |= {id(p) for name, p in model.named_parameters() if "trainable_tokens_delta" in name}
     for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
         is_embedding = id(p) in embeddings
         (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)

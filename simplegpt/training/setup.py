@@ -125,7 +125,8 @@ def begin(cfg: TrainConfig, way: WayOfRunning, resume: Path | str | None, overwr
 @dataclass
 class Data:
     """The run's dataset (data_dir, its meta.json), its samplers (val: a factory of the same
-    sequence every time), the tokenizer and the model (the loaded one, or a new one sized to the data)."""
+    sequence every time), the tokenizer and the model (the loaded one, or a new one sized to the data);
+    new_tokens: the ids the data step added to the model's vocabulary (fine-tuning's chat markers)."""
 
     dir: Path
     meta: dict[str, Any]
@@ -133,6 +134,7 @@ class Data:
     val: Callable[[], Any]
     tokenizer: Tokenizer
     model: GPT
+    new_tokens: list[int] = dataclasses.field(default_factory=list)
 
     def bpb(self, loss: float | None) -> float | None:
         """A loss (nats per token) in bits per byte of the validation text."""
@@ -181,7 +183,7 @@ def _sft_data(start: Start, way: WayOfRunning) -> Data:
     if way.is_main:
         run_dir.check_disk_space(start.out, start.model.num_parameters())
     start.note = "\n".join(filter(None, (start.note, sft.note)))
-    return Data(Path(start.cfg.sft), sft.meta, sft.train, sft.val, sft.tokenizer, start.model)
+    return Data(Path(start.cfg.sft), sft.meta, sft.train, sft.val, sft.tokenizer, start.model, sft.new_tokens)
 
 
 def check_sample_prompt(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
@@ -230,7 +232,8 @@ def prepare(start: Start, data: Data, way: WayOfRunning,
     # The batches hold ids of the model's own tokenizer (prepare_data checked) in windows of block_size <=
     # n_positions (the config checked): no step needs the forward's input check and its host sync.
     model.check_inputs = False
-    if note := lora.add_adapters(model, cfg, start.resume_path):  # a --lora run: only the adapters train
+    # a --lora run: only the adapters train (and the rows of the chat markers the data step added)
+    if note := lora.add_adapters(model, cfg, start.resume_path, data.new_tokens):
         start.note = f"{start.note}; {note}" if start.note else note
     way.wrap(model, cfg, compute)
     training = Training(model, make_optimizer(model, way.optimizer_config(cfg), device, compute.scaler), compute)

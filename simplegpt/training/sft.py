@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..chat.sft_data import (EncodedChat, HeldOutSampler, SFTSampler, encode_conversations, load_conversations,
                              split_conversations)
 from ..chat.template import ChatTemplate
-from ..chat.vocab import prepare_chat_model
+from ..chat.vocab import add_chat_markers
 from ..config import TrainConfig
 from ..errors import DataError
 from ..hf_tokenizer import HFTokenizer
@@ -27,14 +27,16 @@ from ..tokenizer import Tokenizer
 class SFTData:
     """What the trainer's data step needs of a fine-tuning run: a meta.json-like record of the data
     (source, tokens, vocab_size, val_bytes_per_token), the train sampler, the factory of the
-    held-out one, the chat tokenizer to train and save with, and the start line that says what the
-    conversations gave (too-long ones counted)."""
+    held-out one, the chat tokenizer to train and save with, the start line that says what the
+    conversations gave (too-long ones counted), and the ids of the chat markers added to the base's
+    vocabulary (a LoRA run trains their rows)."""
 
     meta: dict[str, Any]
     train: SFTSampler
     val: Callable[[], HeldOutSampler]
     tokenizer: HFTokenizer
     note: str
+    new_tokens: list[int]
 
 
 def load_sft(cfg: TrainConfig, model: GPT, tokenizer: Tokenizer) -> SFTData:
@@ -47,7 +49,7 @@ def load_sft(cfg: TrainConfig, model: GPT, tokenizer: Tokenizer) -> SFTData:
     if len(conversations) < 2:
         raise DataError(f"{cfg.sft} holds one conversation; fine-tuning holds some out for evaluation, so it "
                         "needs two or more")
-    chat = prepare_chat_model(model, tokenizer)
+    chat, added = add_chat_markers(model, tokenizer)
     template = ChatTemplate(chat.chat_template, chat)
     train, held_out = split_conversations(conversations, cfg.val_fraction, cfg.seed)
     train_chats, stats = encode_conversations(train, template, cfg.block_size + 1)
@@ -61,7 +63,8 @@ def load_sft(cfg: TrainConfig, model: GPT, tokenizer: Tokenizer) -> SFTData:
             f"{stats.summary()}\nheld out for evaluation: {val_stats.summary()}; each evaluation counts {per_eval:,} "
             "of them once (eval_iters x batch_size)\ntok/s and the tokens seen count the conversations' tokens, not the "
             "padding of their rows")
-    return SFTData(meta, sampler, lambda: HeldOutSampler(val_chats, cfg.block_size, cfg.batch_size, pad), chat, note)
+    return SFTData(meta, sampler, lambda: HeldOutSampler(val_chats, cfg.block_size, cfg.batch_size, pad), chat, note,
+                   added)
 
 
 def _answer_bytes_per_token(chats: list[EncodedChat], tokenizer: HFTokenizer) -> float:
