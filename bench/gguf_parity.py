@@ -91,7 +91,33 @@ STYLES = {
 }
 # (tokenizer label, style) of each bench row: every tokenizer on GPT-2, the trained BPE on the others
 RUNS = (("gpt2", "gpt2"), ("bpe:512", "gpt2"), ("hf-llama-bpe", "gpt2"), ("hf-qwen2", "gpt2"), ("byte", "gpt2"),
-        ("char (ASCII)", "gpt2"), ("bpe:512", "llama"), ("bpe:512", "qwen3"))
+        ("char (ASCII)", "gpt2"), ("char (all scripts)", "gpt2"), ("bpe:512", "llama"), ("bpe:512", "qwen3"))
+# The prompts and 20 strings of a character model of the quick start's plays: only characters of the
+# plays (their one non-ASCII character, the em dash, included), with whitespace runs and newlines.
+CHAR_PROMPTS = ("HAMLET:\n", "To be, or not to be—that is the question:\n",
+                "KING LEAR:\nO, let me not be mad, not mad, sweet heaven!\n")
+CHAR_STRINGS = (
+    "HAMLET:\nTo be, or not to be—that is the question.",
+    "a — b",
+    "——",
+    "word—word—word",
+    "—leading and trailing—",
+    "  two spaces  ",
+    "     five spaces then text",
+    "\n",
+    "\n\n\nthree newlines",
+    "line one\nline two\n\nline four\n",
+    " \n \n  \n   ",
+    "Enter KING, QUEEN, and Attendants.",
+    "What's that? 'Tis nothing; go on!",
+    "Act 3, Scene 1: 1234567890",
+    "O—O—O—O!",
+    "Exeunt. Exit GHOST.",
+    "&c. & $ -- --- ---- -",
+    "UPPER lower MiXeD",
+    "x\n—\ny",
+    "",
+)
 # The small ASCII character set of the char-tokenizer model: the prompts' characters and more.
 ASCII_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n\t"
 
@@ -240,13 +266,118 @@ def tokenizers() -> dict[str, Tokenizer]:
     split = {name: pattern for pattern, name in PRE_TOKENIZERS.items()}
     return {"gpt2": GPT2Tokenizer(), "bpe:512": train_bpe([corpus], 512),
             "hf-llama-bpe": split_bpe(corpus, split["llama-bpe"]), "hf-qwen2": split_bpe(corpus, split["qwen2"]),
-            "byte": ByteTokenizer(), "char (ASCII)": CharTokenizer(ASCII_CHARS)}
+            "byte": ByteTokenizer(), "char (ASCII)": CharTokenizer(ASCII_CHARS),
+            # every character of STRINGS: emoji, accents and other scripts, as merge chains of their bytes
+            "char (all scripts)": CharTokenizer(ASCII_CHARS + "".join(STRINGS))}
 
 
-def ended(ids: list[int], eos: int, n: int) -> list[int]:
-    """ids up to end of text, which closes a row shorter than n whether or not the generator returned it."""
-    ids = ids[: ids.index(eos)] if eos in ids else ids
-    return ids + [eos] if len(ids) < n else ids
+# Trained checkpoints: made in seconds by simplegpt's own trainer from a synthetic corpus (sums, counts
+# and short sentences), so their greedy tokens are decided by clear margins, not near ties.
+NAMES = ("anna", "bob", "carl", "dora", "emil", "fay", "gus", "hana")
+THINGS = ("apple", "book", "cup", "lamp", "rose", "coin")
+# Tiny Llama-style and GPT-2 shapes; the Llama one has GQA and an untied head, as STYLES["llama"]
+TRAINED_SHAPE = dict(n_layer=2, n_head=2, n_embd=64, block_size=128)
+TRAINED_STYLES = {"gpt2": {}, "llama": dict(LLAMA, n_kv_head=1, tie_word_embeddings=False)}
+# (label, what it is): the rows of the trained checkpoints in the bench, keys of trained_checkpoints()
+TRAINED = {
+    "bpe:512 (gpt2, trained)": "GPT-2 with a trained BPE, pretrained on the synthetic corpus",
+    "bpe:512 (llama, trained)": "Llama-style with a trained BPE, pretrained on the synthetic corpus",
+    "chat (llama, sft)": "that Llama-style base fine-tuned with train --sft on synthetic chats (ChatML template)",
+    "char (plays)": "the quick start's character model (simplegpt train: the embedded plays), briefly trained",
+    "byte (plays)": "the quick start with --tokenizer byte, briefly trained",
+}
+
+
+def _count(a: int, b: int) -> str:
+    return ", ".join(str(i) for i in range(a, b + 1)) + "."
+
+
+def synthetic_corpus(seed: int = 0, lines: int = 3000) -> str:
+    """A small text of sums, counts and sentences about a few names and things."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        a, b, n, t = rng.randint(0, 9), rng.randint(0, 9), rng.choice(NAMES), rng.choice(THINGS)
+        start = rng.randint(1, 30)
+        out.append(rng.choice([f"{n} has {a} apples and {b} pears, so {n} has {a + b} fruits.",
+                               f"the {t} of {n} is on the table.", f"add {a} and {b}: {a + b}.",
+                               f"count from {start}: {_count(start, start + rng.randint(5, 20))}"]))
+    return "\n".join(out) + "\n"
+
+
+def synthetic_chats(seed: int = 1, n: int = 400) -> list[dict]:
+    """Conversations (simplegpt's JSONL records) asking for sums, counts and whose a thing is."""
+    import random
+
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(n):
+        a, b, start = rng.randint(0, 9), rng.randint(0, 9), rng.randint(1, 30)
+        end = start + rng.randint(10, 25)
+        question, answer = rng.choice([
+            (f"add {a} and {b}", f"{a} and {b} make {a + b}."),
+            (f"count from {start} to {end}", _count(start, end)),
+            (f"who has the {rng.choice(THINGS)}?", f"{rng.choice(NAMES)} has it.")])
+        chats.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
+                                   {"role": "assistant", "content": answer}]})
+    return chats
+
+
+def _train(settings: dict) -> Path:
+    """The last checkpoint of a quiet simplegpt training run of these settings (config keys)."""
+    from simplegpt.config import load_config
+    from simplegpt.training.loop import train
+
+    base = {"lr": 3e-3, "warmup_iters": 10, "eval_interval": 10_000, "eval_iters": 2, "sample_tokens": 0,
+            "plot": False, "tensorboard": False, "seed": 0}
+    result = train(load_config(None, {**base, **settings}), progress=False, log=lambda line: None)
+    return Path(result.out_dir) / "last"
+
+
+def trained_checkpoints(folder: Path, steps: int = 150) -> dict[str, Path]:
+    """The checkpoints of TRAINED, trained in folder: the synthetic corpus with a BPE of 512 merges
+    trained on it, pretrained on GPT-2 and on the Llama-style block for `steps` steps, the Llama-style
+    base fine-tuned with train --sft on synthetic_chats (the markers and the ChatML template join its
+    tokenizer), and the quick start's plays with the character and the byte tokenizers (prepared as
+    `simplegpt train` prepares them, data=shakespeare) for a few dozen steps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text(synthetic_corpus(), encoding="utf-8")
+    (folder / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in synthetic_chats()), encoding="utf-8")
+    made = {}
+    for style, options in TRAINED_STYLES.items():
+        made[f"bpe:512 ({style}, trained)"] = _train({
+            "data": str(folder / "corpus.txt"), "data_dir": str(folder / "data-bpe"), "tokenizer": "bpe:512",
+            "out_dir": str(folder / f"base-{style}"), "batch_size": 16, "max_iters": steps, **TRAINED_SHAPE,
+            **options})
+    made["chat (llama, sft)"] = _train({
+        "sft": str(folder / "chats.jsonl"), "init_from": str(made["bpe:512 (llama, trained)"]),
+        "out_dir": str(folder / "chat"), "batch_size": 16, "max_iters": steps})
+    for tokenizer in ("char", "byte"):
+        made[f"{tokenizer} (plays)"] = _train({
+            "data": "shakespeare", "tokenizer": tokenizer, "data_dir": str(folder / f"plays-{tokenizer}-data"),
+            "out_dir": str(folder / f"plays-{tokenizer}"), "batch_size": 16, "max_iters": 40, "n_layer": 2,
+            "n_head": 2, "n_embd": 64, "block_size": 128})
+    return made
+
+
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end a generation in llama.cpp and in simplegpt's chat: end of text and the
+    end-of-turn markers the tokenizer holds (llama.cpp stops at any of them)."""
+    from simplegpt.chat.template import END_OF_TURN
+
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    return [tokenizer.eos_id] + [specials[t] for t in END_OF_TURN if t in specials]
+
+
+def ended(ids: list[int], stops: list[int], n: int) -> list[int]:
+    """ids up to and with the first of stops (end of text first), which closes a row shorter than n
+    whether or not the generator returned it."""
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        return ids[: cut + 1]
+    return ids + [stops[0]] if len(ids) < n else ids
 
 
 def agree(a: list[int], b: list[int]) -> int:
@@ -272,19 +403,37 @@ class Greedy:
         return self.ours == self.llama
 
 
+def prompts_for(tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+    """(text, ids) of the 3 prompts of greedy runs: CHATS rendered with the tokenizer's chat template
+    (and the assistant's opening, its markers as their ids) where it has one, else PROMPTS, or
+    CHAR_PROMPTS for a character vocabulary that lacks some of their characters."""
+    from simplegpt.chat import chat_format
+
+    if getattr(tokenizer, "chat_template", None):
+        fmt = chat_format(tokenizer)
+        # the ids simplegpt serve gives the conversation (its markers as their ids, the contents as text)
+        return [(fmt.render(messages, add_generation_prompt=True), fmt.prompt_ids(messages)) for messages in CHATS]
+    prompts = PROMPTS
+    if isinstance(tokenizer, CharTokenizer) and any(tokenizer.known_text(text)[1] for text in PROMPTS):
+        prompts = CHAR_PROMPTS
+    return [(text, tokenizer.encode(text)) for text in prompts]
+
+
 def greedy_parity(checkpoint: Path, server: LlamaServer, int8: bool = False, n: int = NEW_TOKENS) -> list[Greedy]:
-    """simplegpt's and llama.cpp's greedy tokens (a row ends with end of text, see ended) for each of
-    PROMPTS; int8: simplegpt's model quantized with quantize_int8 (the reference for a q8_0 file)."""
+    """simplegpt's and llama.cpp's greedy tokens (a row ends at a stop id, see ended) for each of
+    prompts_for(its tokenizer); int8: simplegpt's model quantized with quantize_int8 (the reference
+    for a q8_0 file)."""
     ck = load_checkpoint(checkpoint)
     model = copy.deepcopy(ck.model)
     if int8:
         quantize_int8(model)
     out = []
-    for prompt in PROMPTS:
-        ids = ck.tokenizer.encode(prompt)
-        eos = ck.tokenizer.eos_id
-        ours = ended(generate_ids(model, ids, n, eos), eos, n)
-        run = Greedy(prompt, ours, ended(server.complete(ids, n), eos, n))
+    stops = stop_ids(ck.tokenizer)
+    for prompt, ids in prompts_for(ck.tokenizer):
+        # within the model's context: past it simplegpt slides its window and llama.cpp does not
+        k = min(n, ck.model.config.n_positions - len(ids))
+        ours = ended(generate_ids(model, ids, k, ck.tokenizer.eos_id), stops, k)
+        run = Greedy(prompt, ours, ended(server.complete(ids, k), stops, k))
         i = run.agree
         if not run.equal and i < min(len(run.ours), len(run.llama)):
             with torch.no_grad():
@@ -311,12 +460,12 @@ def tokenize_parity(tokenizer: Tokenizer, server: LlamaServer,
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CHATS = (
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "count from 3 to 30"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 3 and 4"}],
-    [{"role": "user", "content": "Once upon a time, in a land far away,"}],
-    [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "The king said"},
-     {"role": "user", "content": "def main():"}],
+    [{"role": "user", "content": "who has the lamp?"}, {"role": "assistant", "content": "dora has it."},
+     {"role": "user", "content": "count from 12 to 40"}],
 )
-CHAT_TOKENS = 32
+CHAT_TOKENS = NEW_TOKENS
 
 
 def chat_checkpoint(path: Path, tokenizer: Tokenizer, style: str = "llama") -> Path:
@@ -337,7 +486,7 @@ class SimplegptServer:
     def __enter__(self) -> "SimplegptServer":
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "serve", "--checkpoint", str(self.checkpoint),
-                                      "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+                                      "--port", "0", "--model-name", "chat"], stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stderr.readline()
         found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         if not found:
@@ -403,9 +552,9 @@ def chat_parity(checkpoint: Path, gguf: Path, bin_dir: Path) -> list[Chat]:
             if not chat.equal:  # the same prompt's greedy tokens, to tell a near tie from a difference
                 prompt = server.post("/apply-template", {"messages": messages})["prompt"]
                 ck = load_checkpoint(checkpoint)
-                ids = ck.tokenizer.encode(prompt, specials=True)
-                run = Greedy(prompt, generate_ids(ck.model, ids, CHAT_TOKENS, ck.tokenizer.eos_id),
-                             server.complete(ids, CHAT_TOKENS))
+                ids, stops = ck.tokenizer.encode(prompt, specials=True), stop_ids(ck.tokenizer)
+                run = Greedy(prompt, ended(generate_ids(ck.model, ids, CHAT_TOKENS, ck.tokenizer.eos_id), stops,
+                                           CHAT_TOKENS), ended(server.complete(ids, CHAT_TOKENS), stops, CHAT_TOKENS))
                 i = run.agree
                 if i < min(len(run.ours), len(run.llama)):
                     with torch.no_grad():
@@ -430,7 +579,7 @@ def main() -> int:
         toks = tokenizers()
         for label, style in RUNS:
             tok = toks[label]
-            name = f"{label.split()[0].replace(':', '')}-{style}"
+            name = re.sub(r"\W+", "", label) + f"-{style}"
             ck = random_checkpoint(work / name, tok, style=style)
             label = f"{label} ({style})"
             for qtype in ("f32", "q8_0"):
