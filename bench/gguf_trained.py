@@ -71,11 +71,12 @@ def _train(settings: dict) -> Path:
 
 
 def trained_checkpoints(folder: Path, steps: int = 150) -> dict[str, Path]:
-    """The checkpoints of TRAINED, trained in folder: the synthetic corpus with a BPE of 512 merges
-    trained on it, pretrained on GPT-2 and on the Llama-style block for `steps` steps, the Llama-style
-    base fine-tuned with train --sft on synthetic_chats (the markers and the ChatML template join its
-    tokenizer), and the quick start's plays with the character and the byte tokenizers (prepared as
-    `simplegpt train` prepares them, data=shakespeare) for a few dozen steps."""
+    """The checkpoints of TRAINED (label -> its last checkpoint), trained in folder: the synthetic
+    corpus with a BPE of up to 512 tokens trained on it, pretrained on GPT-2 and on the Llama-style
+    block (TRAINED_SHAPE) for `steps` steps; the Llama-style base fine-tuned `steps` steps with train
+    --sft on synthetic_chats (the markers and the ChatML template join its tokenizer); and the quick
+    start's data and tokenizer (data=shakespeare, the embedded plays, prepared as `simplegpt train`
+    prepares them) with the character and with the byte tokenizer, on the same small shape, 40 steps."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "corpus.txt").write_text(synthetic_corpus(), encoding="utf-8")
     (folder / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in synthetic_chats()), encoding="utf-8")
@@ -91,6 +92,5 @@ def trained_checkpoints(folder: Path, steps: int = 150) -> dict[str, Path]:
     for tokenizer in ("char", "byte"):
         made[f"{tokenizer} (plays)"] = _train({
             "data": "shakespeare", "tokenizer": tokenizer, "data_dir": str(folder / f"plays-{tokenizer}-data"),
-            "out_dir": str(folder / f"plays-{tokenizer}"), "batch_size": 16, "max_iters": 40, "n_layer": 2,
-            "n_head": 2, "n_embd": 64, "block_size": 128})
+            "out_dir": str(folder / f"plays-{tokenizer}"), "batch_size": 16, "max_iters": 40, **TRAINED_SHAPE})
     return made
