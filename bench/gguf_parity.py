@@ -1,23 +1,28 @@
-"""GGUF parity with llama.cpp itself: export tiny random checkpoints with `export-gguf`, run them in
+"""GGUF parity with llama.cpp itself: export checkpoints with `export-gguf`, run them in
 `llama-server`, and compare with simplegpt.
 
     SIMPLEGPT_LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin PYTHONPATH=. python bench/gguf_parity.py
 
-For each tokenizer (GPT-2 BPE, a trained BPE, byte-level BPEs split as Llama 3's and Qwen2's
-imported tokenizer.json files are, bytes, ASCII characters) it checks:
+Two sets of checkpoints:
+- random tiny ones (seeded), one per tokenizer (GPT-2 BPE, a trained BPE, byte-level BPEs split as
+  Llama 3's and Qwen2's imported tokenizer.json files are, bytes, ASCII characters, characters of
+  every script) on GPT-2, and the trained BPE on a Llama-style and a Qwen3-style model;
+- trained ones, made in seconds by simplegpt's trainer (trained_checkpoints): a trained BPE on GPT-2
+  and on a Llama-style block pretrained on a synthetic corpus, that Llama-style base fine-tuned with
+  `train --sft` on synthetic chats (the chat checkpoint), and the quick start's character and byte
+  models of the embedded plays.
+For each it checks:
 - greedy tokens: 64 new tokens from each of 3 prompts, llama-server's /completion at temperature 0
-  against simplegpt's greedy decoding, for the f32 file (equal, or differing first at a near tie,
-  see NEAR_TIE) and for the q8_0 file against simplegpt's int8 model (how many tokens agree before
-  the first difference; with --no-repack where llama.cpp's repacked q8_0 kernels die of SIGILL);
+  against simplegpt's greedy decoding, for the f32 file (equal; a random model may part at a near
+  tie, see NEAR_TIE) and for the q8_0 file against simplegpt's int8 model (how many tokens agree
+  before the first difference; with --no-repack where llama.cpp's repacked q8_0 kernels die of SIGILL);
 - tokenization: llama-server's /tokenize of 20 strings (emoji, whitespace runs, code, other
-  scripts) against simplegpt's tokenizer.
-The trained BPE also runs on a Llama-style model (GGUF's llama: GQA, untied head) and a Qwen3-style
-one (GGUF's qwen3: QK-norm, heads of their own width), and a Llama-style chat checkpoint (a ChatML
-template on its tokenizer) answers 3 conversations through llama-server's /v1/chat/completions and
-`simplegpt serve`'s, both at temperature 0.
-It prints one table. tests/test_gguf_llamacpp.py runs the same checks with asserts; both skip when
-the environment variable does not name a folder holding llama-server. Models are random (seeded),
-so the bench needs no download.
+  scripts; for the plays' character model, 20 strings of its characters with em dashes, whitespace
+  runs and newlines) against simplegpt's tokenizer.
+The chat checkpoint also answers 3 conversations through llama-server's /v1/chat/completions and
+`simplegpt serve`'s, both at temperature 0. It prints tables and exits 1 when a check fails.
+tests/test_gguf_llamacpp.py runs the same checks with asserts; both skip when the environment
+variable does not name a folder holding llama-server. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # gguf_trained, beside this file, also when tests load it by path
 
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from simplegpt.generation.engine import generate_ids  # noqa: E402
@@ -52,6 +58,8 @@ from simplegpt.hf_tokenizer import HFTokenizer, train_bpe  # noqa: E402
 from simplegpt.model import GPT, LLAMA, GPTConfig  # noqa: E402
 from simplegpt.quantize import quantize_int8  # noqa: E402
 from simplegpt.tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer  # noqa: E402
+
+from gguf_trained import TRAINED, trained_checkpoints  # noqa: E402
 
 BIN_ENV = "SIMPLEGPT_LLAMA_CPP_BIN"  # the folder of llama.cpp's built binaries (llama-server)
 NEW_TOKENS = 64
@@ -91,7 +99,33 @@ STYLES = {
 }
 # (tokenizer label, style) of each bench row: every tokenizer on GPT-2, the trained BPE on the others
 RUNS = (("gpt2", "gpt2"), ("bpe:512", "gpt2"), ("hf-llama-bpe", "gpt2"), ("hf-qwen2", "gpt2"), ("byte", "gpt2"),
-        ("char (ASCII)", "gpt2"), ("bpe:512", "llama"), ("bpe:512", "qwen3"))
+        ("char (ASCII)", "gpt2"), ("char (all scripts)", "gpt2"), ("bpe:512", "llama"), ("bpe:512", "qwen3"))
+# The prompts and 20 strings of a character model of the quick start's plays: only characters of the
+# plays (their one non-ASCII character, the em dash, included), with whitespace runs and newlines.
+CHAR_PROMPTS = ("HAMLET:\n", "To be, or not to be—that is the question:\n",
+                "KING LEAR:\nO, let me not be mad, not mad, sweet heaven!\n")
+CHAR_STRINGS = (
+    "HAMLET:\nTo be, or not to be—that is the question.",
+    "a — b",
+    "——",
+    "word—word—word",
+    "—leading and trailing—",
+    "  two spaces  ",
+    "     five spaces then text",
+    "\n",
+    "\n\n\nthree newlines",
+    "line one\nline two\n\nline four\n",
+    " \n \n  \n   ",
+    "Enter KING, QUEEN, and Attendants.",
+    "What's that? 'Tis nothing; go on!",
+    "Act 3, Scene 1: 1234567890",
+    "O—O—O—O!",
+    "Exeunt. Exit GHOST.",
+    "&c. & $ -- --- ---- -",
+    "UPPER lower MiXeD",
+    "x\n—\ny",
+    "",
+)
 # The small ASCII character set of the char-tokenizer model: the prompts' characters and more.
 ASCII_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n\t"
 
@@ -240,13 +274,27 @@ def tokenizers() -> dict[str, Tokenizer]:
     split = {name: pattern for pattern, name in PRE_TOKENIZERS.items()}
     return {"gpt2": GPT2Tokenizer(), "bpe:512": train_bpe([corpus], 512),
             "hf-llama-bpe": split_bpe(corpus, split["llama-bpe"]), "hf-qwen2": split_bpe(corpus, split["qwen2"]),
-            "byte": ByteTokenizer(), "char (ASCII)": CharTokenizer(ASCII_CHARS)}
+            "byte": ByteTokenizer(), "char (ASCII)": CharTokenizer(ASCII_CHARS),
+            # every character of STRINGS: emoji, accents and other scripts, as merge chains of their bytes
+            "char (all scripts)": CharTokenizer(ASCII_CHARS + "".join(STRINGS))}
 
 
-def ended(ids: list[int], eos: int, n: int) -> list[int]:
-    """ids up to end of text, which closes a row shorter than n whether or not the generator returned it."""
-    ids = ids[: ids.index(eos)] if eos in ids else ids
-    return ids + [eos] if len(ids) < n else ids
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end a generation in llama.cpp and in simplegpt's chat: end of text and the
+    end-of-turn markers the tokenizer holds (llama.cpp stops at any of them)."""
+    from simplegpt.chat.template import END_OF_TURN
+
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    return [tokenizer.eos_id] + [specials[t] for t in END_OF_TURN if t in specials]
+
+
+def ended(ids: list[int], stops: list[int], n: int) -> list[int]:
+    """ids up to and with the first of stops (end of text first), which closes a row shorter than n
+    whether or not the generator returned it."""
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        return ids[: cut + 1]
+    return ids + [stops[0]] if len(ids) < n else ids
 
 
 def agree(a: list[int], b: list[int]) -> int:
@@ -272,19 +320,37 @@ class Greedy:
         return self.ours == self.llama
 
 
+def prompts_for(tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+    """(text, ids) of the 3 prompts of greedy runs: CHATS rendered with the tokenizer's chat template
+    (and the assistant's opening, its markers as their ids) where it has one, else PROMPTS, or
+    CHAR_PROMPTS for a character vocabulary that lacks some of their characters."""
+    from simplegpt.chat import chat_format
+
+    if getattr(tokenizer, "chat_template", None):
+        fmt = chat_format(tokenizer)
+        # the ids simplegpt serve gives the conversation (its markers as their ids, the contents as text)
+        return [(fmt.render(messages, add_generation_prompt=True), fmt.prompt_ids(messages)) for messages in CHATS]
+    prompts = PROMPTS
+    if isinstance(tokenizer, CharTokenizer) and any(tokenizer.known_text(text)[1] for text in PROMPTS):
+        prompts = CHAR_PROMPTS
+    return [(text, tokenizer.encode(text)) for text in prompts]
+
+
 def greedy_parity(checkpoint: Path, server: LlamaServer, int8: bool = False, n: int = NEW_TOKENS) -> list[Greedy]:
-    """simplegpt's and llama.cpp's greedy tokens (a row ends with end of text, see ended) for each of
-    PROMPTS; int8: simplegpt's model quantized with quantize_int8 (the reference for a q8_0 file)."""
+    """simplegpt's and llama.cpp's greedy tokens (a row ends at a stop id, see ended) for each of
+    prompts_for(its tokenizer); int8: simplegpt's model quantized with quantize_int8 (the reference
+    for a q8_0 file)."""
     ck = load_checkpoint(checkpoint)
     model = copy.deepcopy(ck.model)
     if int8:
         quantize_int8(model)
     out = []
-    for prompt in PROMPTS:
-        ids = ck.tokenizer.encode(prompt)
-        eos = ck.tokenizer.eos_id
-        ours = ended(generate_ids(model, ids, n, eos), eos, n)
-        run = Greedy(prompt, ours, ended(server.complete(ids, n), eos, n))
+    stops = stop_ids(ck.tokenizer)
+    for prompt, ids in prompts_for(ck.tokenizer):
+        # within the model's context: past it simplegpt slides its window and llama.cpp does not
+        k = min(n, ck.model.config.n_positions - len(ids))
+        ours = ended(generate_ids(model, ids, k, ck.tokenizer.eos_id), stops, k)
+        run = Greedy(prompt, ours, ended(server.complete(ids, k), stops, k))
         i = run.agree
         if not run.equal and i < min(len(run.ours), len(run.llama)):
             with torch.no_grad():
@@ -311,21 +377,12 @@ def tokenize_parity(tokenizer: Tokenizer, server: LlamaServer,
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CHATS = (
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "count from 3 to 30"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 3 and 4"}],
-    [{"role": "user", "content": "Once upon a time, in a land far away,"}],
-    [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "The king said"},
-     {"role": "user", "content": "def main():"}],
+    [{"role": "user", "content": "who has the lamp?"}, {"role": "assistant", "content": "dora has it."},
+     {"role": "user", "content": "count from 12 to 40"}],
 )
-CHAT_TOKENS = 32
-
-
-def chat_checkpoint(path: Path, tokenizer: Tokenizer, style: str = "llama") -> Path:
-    """random_checkpoint of `style` whose tokenizer carries CHAT_TEMPLATE (simplegpt.chat's convention)."""
-    from simplegpt.hf_tokenizer import as_hf_tokenizer
-
-    hf = as_hf_tokenizer(tokenizer)
-    return random_checkpoint(path, HFTokenizer(hf.json, hf.eos_id, kind=hf.kind, chat_template=CHAT_TEMPLATE),
-                             style=style)
+CHAT_TOKENS = NEW_TOKENS
 
 
 class SimplegptServer:
@@ -337,7 +394,8 @@ class SimplegptServer:
     def __enter__(self) -> "SimplegptServer":
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.proc = subprocess.Popen([sys.executable, "-m", "simplegpt", "serve", "--checkpoint", str(self.checkpoint),
-                                      "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+                                      "--port", "0", "--model-name", "chat"],
+                                     stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stderr.readline()
         found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         if not found:
@@ -403,9 +461,9 @@ def chat_parity(checkpoint: Path, gguf: Path, bin_dir: Path) -> list[Chat]:
             if not chat.equal:  # the same prompt's greedy tokens, to tell a near tie from a difference
                 prompt = server.post("/apply-template", {"messages": messages})["prompt"]
                 ck = load_checkpoint(checkpoint)
-                ids = ck.tokenizer.encode(prompt, specials=True)
-                run = Greedy(prompt, generate_ids(ck.model, ids, CHAT_TOKENS, ck.tokenizer.eos_id),
-                             server.complete(ids, CHAT_TOKENS))
+                ids, stops = ck.tokenizer.encode(prompt, specials=True), stop_ids(ck.tokenizer)
+                run = Greedy(prompt, ended(generate_ids(ck.model, ids, CHAT_TOKENS, ck.tokenizer.eos_id), stops,
+                                           CHAT_TOKENS), ended(server.complete(ids, CHAT_TOKENS), stops, CHAT_TOKENS))
                 i = run.agree
                 if i < min(len(run.ours), len(run.llama)):
                     with torch.no_grad():
@@ -413,6 +471,57 @@ def chat_parity(checkpoint: Path, gguf: Path, bin_dir: Path) -> list[Chat]:
                     chat.margin = float(logits[run.ours[i]] - logits[run.llama[i]])
             chats.append(chat)
     return chats
+
+
+def _gguf_path(work: Path, ck: Path, qtype: str) -> Path:
+    return work / f"{ck.parent.name}-{ck.name}-{qtype}.gguf"
+
+
+def _row(label: str, ck: Path, tok: Tokenizer, qtype: str, work: Path, bin_dir: Path, strings: tuple[str, ...],
+         trained: bool) -> bool:
+    """Export ck as qtype, run it in llama-server, print its row of the table; whether it failed: for
+    f32, a greedy difference (on a random model: one that is no near tie) or a tokenization difference;
+    for q8_0 of a trained model, fewer than half the tokens agreeing with simplegpt's int8."""
+    gguf = _gguf_path(work, ck, qtype)
+    export_gguf(ck, gguf, type=qtype, progress=False, overwrite=True)
+    how, vs_f32, rows = "", [], []
+    try:
+        if qtype == "q8_0":
+            runs, vs_f32, how = q8_0_greedy(ck, gguf, bin_dir)
+        else:
+            with LlamaServer(gguf, bin_dir, n_ctx=256) as server:
+                runs = greedy_parity(ck, server)
+                for texts in strings:
+                    rows += tokenize_parity(tok, server, texts)
+    except LlamaCrashed as e:
+        why = f"signal {signal.Signals(e.sig).name}" if e.sig else "an error"
+        print(f"{label:<28}{qtype:<7}llama-server died of {why} running this file")
+        return qtype == "f32"
+    total, same = sum(len(r.ours) for r in runs), sum(r.agree for r in runs)
+    greedy = f"{same}/{total} agree" + ("" if all(r.equal for r in runs) else
+                                        f" (first differences at {[r.agree for r in runs]})")
+    margins = [f"{r.margin:.4f}" for r in runs if r.margin is not None]
+    if qtype == "f32":
+        failed = any(not r.equal and (trained or (r.margin or 1.0) > NEAR_TIE) for r in runs)
+    else:
+        failed = trained and 2 * same < total
+    tokens = "-"
+    if rows:
+        equal = sum(ours == theirs for _, ours, theirs in rows)
+        tokens = f"{equal}/{len(rows)} equal"
+        failed |= equal != len(rows)
+        for text, ours, theirs in rows:
+            if ours != theirs:
+                print(f"    differs: {text!r}: simplegpt {ours} llama.cpp {theirs}")
+    print(f"{label:<28}{qtype:<7}{greedy:<52}{tokens}")
+    if margins:
+        print(f"    simplegpt's logit margin at each first difference: {', '.join(margins)}")
+    if vs_f32:
+        print(f"    against simplegpt's f32 model instead of int8: {sum(r.agree for r in vs_f32)}/"
+              f"{sum(len(r.ours) for r in vs_f32)} agree ({[r.agree for r in vs_f32]})")
+    if how and how != "default":
+        print(f"    llama-server ran with {how}")
+    return failed
 
 
 def main() -> int:
@@ -423,66 +532,32 @@ def main() -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True,
                 text=True).stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
     print(f"llama.cpp: {bin_dir}\nCPU: {cpu}\n")
-    print(f"{'tokenizer (model)':<24}{'type':<7}{'greedy tokens (3 prompts x 64)':<52}tokenization (20 strings)")
+    header = f"{'type':<7}{'greedy tokens (3 prompts x 64)':<52}tokenization (20 strings)"
     work = Path(tempfile.mkdtemp(prefix="gguf_parity_"))
     failed = False
     try:
+        print(f"{'random (tokenizer, model)':<28}{header}")
         toks = tokenizers()
         for label, style in RUNS:
-            tok = toks[label]
-            name = f"{label.split()[0].replace(':', '')}-{style}"
-            ck = random_checkpoint(work / name, tok, style=style)
-            label = f"{label} ({style})"
+            ck = random_checkpoint(work / (re.sub(r"\W+", "", label) + f"-{style}"), toks[label], style=style)
             for qtype in ("f32", "q8_0"):
-                gguf = work / f"{name}-{qtype}.gguf"
-                export_gguf(ck, gguf, type=qtype, progress=False)
-                how, vs_f32 = "", []
-                try:
-                    if qtype == "q8_0":
-                        runs, vs_f32, how = q8_0_greedy(ck, gguf, bin_dir)
-                        rows = []
-                    else:
-                        with LlamaServer(gguf, bin_dir, n_ctx=256) as server:
-                            runs = greedy_parity(ck, server)
-                            rows = tokenize_parity(tok, server)
-                except LlamaCrashed as e:
-                    why = f"signal {signal.Signals(e.sig).name}" if e.sig else "an error"
-                    print(f"{label:<24}{qtype:<7}llama-server died of {why} running this file")
-                    failed |= qtype == "f32"
-                    continue
-                total = sum(len(r.ours) for r in runs)
-                same = sum(r.agree for r in runs)
-                greedy = f"{same}/{total} agree" + ("" if all(r.equal for r in runs) else
-                                                    f" (first differences at {[r.agree for r in runs]})")
-                margins = [f"{r.margin:.4f}" for r in runs if r.margin is not None]
-                failed |= qtype == "f32" and any(not r.equal and (r.margin or 1.0) > NEAR_TIE for r in runs)
-                tokens = "-"
-                if rows:
-                    equal = sum(ours == theirs for _, ours, theirs in rows)
-                    tokens = f"{equal}/{len(rows)} equal"
-                    failed |= equal != len(rows)
-                    for text, ours, theirs in rows:
-                        if ours != theirs:
-                            print(f"    differs: {text!r}: simplegpt {ours} llama.cpp {theirs}")
-                print(f"{label:<24}{qtype:<7}{greedy:<52}{tokens}")
-                if margins:
-                    print(f"    simplegpt's logit margin at each first difference: {', '.join(margins)}")
-                if vs_f32:
-                    print(f"    against simplegpt's f32 model instead of int8: {sum(r.agree for r in vs_f32)}/"
-                          f"{sum(len(r.ours) for r in vs_f32)} agree ({[r.agree for r in vs_f32]})")
-                if how and how != "default":
-                    print(f"    llama-server ran with {how}")
-        ck = chat_checkpoint(work / "chat", toks["bpe:512"])
-        gguf = work / "chat-f32.gguf"
-        export_gguf(ck, gguf, progress=False)
-        chats = chat_parity(ck, gguf, bin_dir)
-        failed |= any(not c.equal and (c.margin or 1.0) > NEAR_TIE for c in chats)
-        print(f"\nchat (bpe:512, llama, ChatML template): llama-server's /v1/chat/completions equals simplegpt serve's "
-              f"for {sum(c.equal for c in chats)}/{len(chats)} conversations at temperature 0 ({CHAT_TOKENS} tokens)")
+                failed |= _row(f"{label} ({style})", ck, toks[label], qtype, work, bin_dir, (STRINGS,), False)
+        print("\n" + "\n".join(f"{label}: {what}" for label, what in TRAINED.items()))
+        print(f"{'trained':<28}{header}")
+        trained = trained_checkpoints(work / "trained")
+        for label, ck in trained.items():
+            tok = load_checkpoint(ck).tokenizer
+            strings = {"char (plays)": (CHAR_STRINGS,), "byte (plays)": (CHAR_STRINGS, STRINGS)}.get(label, (STRINGS,))
+            for qtype in ("f32", "q8_0"):
+                failed |= _row(label, ck, tok, qtype, work, bin_dir, strings, True)
+        ck = trained["chat (llama, sft)"]
+        chats = chat_parity(ck, _gguf_path(work, ck, "f32"), bin_dir)
+        failed |= not all(c.equal for c in chats)
+        print(f"\nchat (llama, sft): llama-server's /v1/chat/completions equals simplegpt serve's for "
+              f"{sum(c.equal for c in chats)}/{len(chats)} conversations at temperature 0 (up to {CHAT_TOKENS} tokens)")
         for c in chats:
-            if not c.equal:
-                print(f"    differs after {c.messages[-1]['content']!r}: simplegpt's logit margin at the first "
-                      f"differing token {c.margin:.4f}")
+            print(f"    {c.messages[-1]['content']!r} -> simplegpt {c.ours!r}" +
+                  ("" if c.equal else f", llama.cpp {c.llama!r} (margin {c.margin})"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0

@@ -22,9 +22,9 @@ import torch
 
 from .checkpoint import Checkpoint, model_from_state, save_checkpoint
 from .errors import CheckpointError, OutputExistsError
-from .hf_tokenizer import HFTokenizer, as_hf_tokenizer
+from .hf_tokenizer import HFTokenizer, _byte_decoder, as_hf_tokenizer
 from .gguf_export import GPT2, LLAMA, QWEN3, require_gguf
-from .gguf_vocab import GPT2_PRE, INERT_MERGES, PRE_TOKENIZERS, _byte_chars
+from .gguf_vocab import GPT2_PRE, INERT_MERGES, PRE_TOKENIZERS, _byte_chars, char_merges
 from .model import GPT, GPTConfig
 from .tokenizer import EOS_TEXT, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_vocab_files
 
@@ -213,15 +213,24 @@ def _tokenizer(fields: dict[str, Any], vocab_size: int, path: Path) -> Tokenizer
     gpt2_merges = [line for line in bpe.read_text(encoding="utf-8").splitlines()[1:] if line]
     if tokens == sorted(ids, key=ids.__getitem__) and merges == gpt2_merges:
         return GPT2Tokenizer()
-    byte_chars = _byte_chars()
-    if merges == INERT_MERGES and tokens[-1] == EOS_TEXT and eos_id == len(tokens) - 1:
-        if tokens[:-1] == byte_chars:
+    if tokens[-1] == EOS_TEXT and eos_id == len(tokens) - 1:
+        if merges == INERT_MERGES and tokens[:-1] == _byte_chars():
             return ByteTokenizer()
-        ascii_chars = {c: chr(b) for b, c in enumerate(byte_chars[:128])}
-        chars = [ascii_chars.get(t) for t in tokens[:-1]]
-        if None not in chars and chars == sorted(set(chars)):  # a character vocabulary, in its own order
+        chars = [_one_char(t) for t in tokens[:-1]]
+        # a character vocabulary, in its own order, with the merges export-gguf writes for it
+        if None not in chars and chars == sorted(set(chars)) and merges == char_merges(chars):
             return CharTokenizer(chars)
     return _hf_bpe(tokens, types, merges, fields.get("tokenizer.ggml.pre", GPT2_PRE), eos_id, path)
+
+
+def _one_char(token: str) -> str | None:
+    """The one character a byte-level token spells, or None (bytes that are not one UTF-8 character)."""
+    decoder = _byte_decoder()
+    try:
+        text = bytes(decoder[c] for c in token).decode("utf-8")
+    except (KeyError, UnicodeDecodeError):
+        return None
+    return text if len(text) == 1 else None
 
 
 def _hf_bpe(tokens: list[str], types: list[int], merges: list[str], pre: str, eos_id: int, path: Path) -> Tokenizer:

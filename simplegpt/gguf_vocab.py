@@ -92,23 +92,34 @@ def vocab_for(tok: Tokenizer | None, vocab_size: int) -> Vocab:
     return vocab
 
 
+def char_merges(chars: list[str]) -> list[str]:
+    """The merges that make each multi-byte character of `chars` one BPE symbol in llama.cpp: per
+    character, one chain joining its UTF-8 bytes (in the byte-level alphabet) left to right, e.g.
+    "—" (E2 80 94) gets "â Ģ" then "âĢ Ķ". llama.cpp applies a merge whenever both sides are adjacent
+    symbols, without looking the merged text up in the vocabulary, so the intermediates ("âĢ") need
+    no tokens. No merge crosses two characters: every merge's right side is a continuation byte, and a
+    character starts with a lead byte (or is ASCII). INERT_MERGES when every character is one byte."""
+    byte_chars = _byte_chars()
+    merges: dict[str, None] = {}
+    for c in chars:
+        encoded = [byte_chars[b] for b in c.encode("utf-8")]
+        for i in range(1, len(encoded)):
+            merges["".join(encoded[:i]) + " " + encoded[i]] = None
+    return list(merges) or INERT_MERGES
+
+
 def _char_vocab(tok: CharTokenizer, normal: int, control: int) -> Vocab:
-    """A character vocabulary as one-byte BPE tokens with no merges: exact for ASCII characters only."""
-    wide = [c for c in tok.chars if ord(c) > 127]
-    if wide:
-        named = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in wide[:3]) + (", ..." if len(wide) > 3 else "")
-        raise CheckpointError(
-            f"the character vocabulary holds {len(wide)} non-ASCII character(s) ({named}): llama.cpp's BPE splits "
-            "them into their UTF-8 bytes, which have no tokens here, so it would tokenize differently; train with "
-            "--tokenizer byte or bpe:N for a GGUF export")
+    """A character vocabulary as byte-level BPE tokens, one per character, with the char_merges that
+    rebuild each multi-byte character from its bytes: llama.cpp then gives each character its id."""
     if tok.unk is not None:
         raise CheckpointError(
             f"the character vocabulary maps unknown characters to {tok.unk!r}, and llama.cpp drops them instead, "
-            "so it would tokenize differently; train without an unknown-character token, or with --tokenizer "
-            "byte or bpe:N, for a GGUF export")
+            "so it would tokenize differently; train without an unknown-character token, or "
+            "with --tokenizer byte or bpe:N, for a GGUF export")
     byte_chars = _byte_chars()
-    return Vocab([byte_chars[ord(c)] for c in tok.chars] + [EOS_TEXT], [normal] * len(tok.chars) + [control],
-                 INERT_MERGES, GPT2_PRE, tok.eos_id)
+    tokens = ["".join(byte_chars[b] for b in c.encode("utf-8")) for c in tok.chars]
+    return Vocab(tokens + [EOS_TEXT], [normal] * len(tok.chars) + [control], char_merges(tok.chars), GPT2_PRE,
+                 tok.eos_id)
 
 
 def _hf_vocab(tok: Tokenizer, normal: int, control: int, user_defined: int) -> Vocab:

@@ -6,6 +6,7 @@ llama.cpp itself runs the files in tests/test_gguf_llamacpp.py (when its binarie
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from conftest import ROOT, make_tiny_gpt, with_template
 from simplegpt.cli import main
 from simplegpt.checkpoint import load_checkpoint, save_checkpoint
 from simplegpt.errors import CheckpointError, OptionError
-from simplegpt.gguf_export import export_gguf, write_gguf
+from simplegpt.gguf_export import architecture_for, export_gguf, write_gguf
 from simplegpt.hf_tokenizer import _byte_decoder, train_bpe
 from simplegpt.model import GPT, GPTConfig
 from simplegpt.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer, gpt2_vocab_files
@@ -144,6 +145,29 @@ def test_an_ascii_char_vocabulary_is_one_byte_tokens_with_no_merge_that_applies(
     assert fields["tokenizer.ggml.merges"] == ["<|endoftext|> <|endoftext|>"]
 
 
+def test_a_char_vocabulary_with_multi_byte_characters_gets_one_merge_chain_per_character(tmp_path):
+    """Each character is one token, its UTF-8 bytes in the byte-level alphabet; a character of n bytes
+    gets the n - 1 merges that join its bytes left to right (llama.cpp needs no token for the
+    intermediates), shared prefixes once. It used to be refused ("non-ASCII character(s)")."""
+    tok = CharTokenizer("\n abé—’🙂")
+    fields = _fields(export_gguf(_checkpoint(tmp_path / "ck", tok), tmp_path / "m.gguf").path)
+    alphabet = {b: c for c, b in _byte_decoder().items()}
+
+    def spelled(data: bytes) -> str:
+        return "".join(alphabet[b] for b in data)
+
+    assert fields["tokenizer.ggml.tokens"] == [spelled(c.encode()) for c in tok.chars] + ["<|endoftext|>"]
+    assert fields["tokenizer.ggml.token_type"] == [1] * len(tok.chars) + [3]
+    # é = C3 A9; — = E2 80 94 and ’ = E2 80 99 share E2 80; 🙂 = F0 9F 99 82
+    chains = [b"\xc3\xa9", b"\xe2\x80\x94", b"\xe2\x80\x99", b"\xf0\x9f\x99\x82"]
+    want = []
+    for data in chains:
+        for i in range(1, len(data)):
+            merge = f"{spelled(data[:i])} {spelled(data[i:i + 1])}"
+            want += [merge] if merge not in want else []
+    assert sorted(fields["tokenizer.ggml.merges"]) == sorted(want) and len(want) == 1 + 2 + 1 + 3
+
+
 def test_an_imported_tokenizer_json_gets_llama_cpps_name_for_its_split_or_is_refused(tmp_path):
     parity = _bench_parity()
     corpus = "Hello there, general Kenobi. 12345 numbers and  spaces\n" * 30
@@ -227,9 +251,6 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
                     "token_embd.weight has rows of 48, not a multiple of 32; use --type f16 or f32")
     bad_type = Ran(capsys, "export-gguf", narrow, out / "m.gguf", "--type", "q4_0")
     assert "invalid choice: 'q4_0'" in _one_line(bad_type, 2)
-    wide = _checkpoint(tmp_path / "wide", CharTokenizer("abcé\n "))
-    line = _one_line(Ran(capsys, "export-gguf", wide, out / "m.gguf"))
-    assert "non-ASCII character(s) ('é' (U+00E9))" in line and "--tokenizer byte or bpe:N" in line
     unk = _checkpoint(tmp_path / "unk", CharTokenizer("abc\n ", unk=" "))
     assert "llama.cpp drops them instead" in _one_line(Ran(capsys, "export-gguf", unk, out / "m.gguf"))
     _nothing_but(out)
@@ -254,9 +275,17 @@ def test_without_the_gguf_package_it_is_one_line_naming_the_extra(tmp_path, caps
     _nothing_but(tmp_path, "ck")
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_file_that_was_there(tmp_path, small_disk, capsys):
+def _options(arch: str) -> dict:
+    """The model options of a checkpoint written as GGUF's `arch` (STYLES, below, for llama and qwen3)."""
+    return {} if arch == "gpt2" else STYLES[arch]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_a_full_disk_is_one_line_and_keeps_the_file_that_was_there(tmp_path, small_disk, capsys, arch):
     disk = small_disk("2m")
-    ck = _checkpoint(tmp_path / "ck", GPT2Tokenizer())  # 50257 x 32 embeddings: 6.4 MB of f32, 1.8 MB of q8_0
+    # 50257 x 32 embeddings: 6.4 MB of f32, 1.8 MB of q8_0
+    ck = _checkpoint(tmp_path / "ck", GPT2Tokenizer(), **_options(arch))
+    assert architecture_for(load_checkpoint(ck).model.config).name == arch
     (disk / "m.gguf").write_bytes(b"the previous export")
     line = _one_line(Ran(capsys, "export-gguf", ck, disk / "m.gguf", "--overwrite"))
     assert line == (f"simplegpt export-gguf: error: the disk of {disk / 'm.gguf'} is full (No space left on device); "
@@ -265,12 +294,25 @@ def test_a_full_disk_is_one_line_and_keeps_the_file_that_was_there(tmp_path, sma
     _nothing_but(disk, "m.gguf")
 
 
-def test_a_read_only_destination_is_one_line(tmp_path, small_disk, capsys):
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_an_unwritable_destination_is_one_line(tmp_path, small_disk, capsys, arch):
+    """A read-only disk, a folder without write permission (for a user that permissions bind), and a
+    path under a file: one line each, nothing left at OUT."""
     disk = small_disk("1m", ro=True)
-    ck = _checkpoint(tmp_path / "ck", ByteTokenizer())
+    ck = _checkpoint(tmp_path / "ck", ByteTokenizer(), **_options(arch))
     line = _one_line(Ran(capsys, "export-gguf", ck, disk / "m.gguf"))
     assert line == f"simplegpt export-gguf: error: {disk / 'm.gguf'}: cannot be written (Read-only file system)"
     _nothing_but(disk)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere: the read-only disk above stands for it
+        line = _one_line(Ran(capsys, "export-gguf", ck, locked / "m.gguf"))
+        assert line == f"simplegpt export-gguf: error: {locked / 'm.gguf'}: cannot be written (Permission denied)"
+    _nothing_but(locked)
+    (tmp_path / "a-file").write_text("x")
+    line = _one_line(Ran(capsys, "export-gguf", ck, tmp_path / "a-file" / "m.gguf"))
+    assert line.startswith(f"simplegpt export-gguf: error: {tmp_path / 'a-file' / 'm.gguf'}: cannot be written (")
+    assert (tmp_path / "a-file").read_text() == "x"
 
 
 def test_write_gguf_refuses_a_bad_type_before_anything(tmp_path):

@@ -23,11 +23,13 @@ def _exported(tmp_path, tokenizer, qtype="f32", metadata=None, **overrides):
     return ck, export_gguf(ck, tmp_path / "m.gguf", type=qtype).path
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bpe", "byte", "char"])
+@pytest.mark.parametrize("name", ["gpt2", "bpe", "byte", "char", "char-wide"])
 def test_a_round_trip_keeps_every_weight_and_the_tokenizer(tmp_path, name):
     tokenizer = {"gpt2": GPT2Tokenizer, "byte": ByteTokenizer,
                  "bpe": lambda: train_bpe([" ".join(TEXTS) * 30], 300),
-                 "char": lambda: CharTokenizer(" !,.?Hadehlorwuyx=[]12\n\t")}[name]()
+                 "char": lambda: CharTokenizer(" !,.?Hadehlorwuyx=[]12\n\t"),
+                 # emoji and CJK: written with a merge chain per character, read back as characters
+                 "char-wide": lambda: CharTokenizer("".join(TEXTS))}[name]()
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     if name == "bpe":  # the trained BPE carries a chat template; the others come back as their own kind
         tokenizer = with_template(tokenizer, template)
@@ -42,7 +44,7 @@ def test_a_round_trip_keeps_every_weight_and_the_tokenizer(tmp_path, name):
     for text in TEXTS:
         kept, _ = tokenizer.known_text(text)
         assert back.tokenizer.encode(kept) == tokenizer.encode(kept), text
-    expected_kind = {"bpe": "hf"}.get(name, name)
+    expected_kind = {"bpe": "hf", "char-wide": "char"}.get(name, name)
     assert load_checkpoint(tmp_path / "back").tokenizer.kind == expected_kind
 
 
