@@ -266,7 +266,7 @@ def main() -> None:
             ablation_rows(results, seed, ["speedrun"] + [f"ablation:{name}" for name in ablations])
     print("\nmedians over seeds " + ", ".join(map(str, args.seeds)) + ":")
     for recipe, runs in results.items():
-        line = [f"  {recipe:15s}"]
+        line = [f"  {recipe:24s}"]
         for key in ("time_to_target", "loss_at_60s", "loss_at_300s", "final_loss", "loss"):
             values = [r[key] for r in runs.values() if key in r]
             if values:
@@ -282,8 +282,8 @@ def main() -> None:
         plot(results, args.png)
 
 
-def fmt(value: float | None) -> str:
-    return "not reached" if value is None else f"{value:.4g}"
+def fmt(value: float | None, unit: str = "") -> str:
+    return "not reached" if value is None else f"{value:.4g}{unit}"
 
 
 def report(results: dict[str, dict], seed: int) -> None:
@@ -293,12 +293,12 @@ def report(results: dict[str, dict], seed: int) -> None:
         if r is None:
             continue
         if "curve" in r:
-            print(f"  {recipe:15s} time to {TARGET}: {fmt(r['time_to_target'])} s   loss after 60 s "
+            print(f"  {recipe:24s} time to {TARGET}: {fmt(r['time_to_target'], ' s')}   loss after 60 s "
                   f"{r['loss_at_60s']:.4f}, after 300 s {r['loss_at_300s']:.4f} nats/char "
                   f"({r['loss_at_300s'] / math.log(2):.4f} bits/char); final {r['final_loss']:.4f} after "
                   f"{r['steps']} steps, {r['tokens']:,} tokens, {r['tok_per_s']:,.0f} tok/s")
         else:
-            print(f"  {recipe:15s} {r['iters']} iterations in {r['wall_s']:.1f} s (whole process), "
+            print(f"  {recipe:24s} {r['iters']} iterations in {r['wall_s']:.1f} s (whole process), "
                   f"loss {r['loss']:.4f}")
     base = results.get("nanogpt_recipe", {}).get(seed, {}).get("time_to_target")
     fast = results.get("speedrun", {}).get(seed, {}).get("time_to_target")

@@ -98,8 +98,9 @@ SFT_DEFAULTS = {"lr": 3e-4, "min_lr": 3e-5, "max_iters": 300, "max_time": 0.0, "
                 "dropout": 0.0, "optimizer": "adamw", "schedule": "cosine"}
 # What a run on the default recipe trains with instead of its Muon where Muon cannot run (FSDP2, LoRA) or
 # was not what the recipe was measured for (fine-tuning weights): AdamW at the learning rate it had in the
-# speedrun's ablation (docs/speedrun.md), unless the command line names an optimizer or lr.
-ADAMW_FALLBACK = {"optimizer": "adamw", "lr": 2e-3}
+# speedrun's ablation (docs/speedrun.md), decaying to a tenth of it as the AdamW configs do, unless the
+# command line names an optimizer (or an lr: then min_lr keeps the ratio).
+ADAMW_FALLBACK = {"optimizer": "adamw", "lr": 2e-3, "min_lr": 2e-4}
 DEFAULT_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0, bias=True)
 
 

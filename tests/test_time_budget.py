@@ -212,3 +212,33 @@ def test_the_gpu_recipe_loads_and_trains_on_a_cpu_with_overrides(tmp_path, corpu
     assert result.step == 2 and all(map(torch.isfinite, torch.tensor(result.losses)))
     lrs = [r["lr"] for r in train_records(tmp_path / "run")]
     assert lrs[-1] == cfg.min_lr == 0.0
+
+
+def test_the_speedrun_bench_names_nanogpts_iterations_and_its_ablations(capsys):
+    """bench/speedrun.py: nanoGPT's own run was reported as "2000 iterations" whatever --nanogpt-args set;
+    each ablation changes the recipe in one way and prints a markdown row."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("speedrun_bench", ROOT / "bench" / "speedrun.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.nanogpt_iters([]) == 2000
+    assert bench.nanogpt_iters(["--max_iters=20", "--lr_decay_iters=20"]) == 20
+    bench.report({"nanogpt_itself": {1: {"wall_s": 3.0, "loss": 2.5, "iters": 20, "time_to_target": None}}}, 1)
+    assert "20 iterations in 3.0 s" in capsys.readouterr().out
+    base = load_config("speedrun_cpu")
+    changes = {name: change(base) for name, (_, change) in bench.ABLATIONS.items()}
+    assert changes["lr_x2"]["lr"] == 2 * base.lr and changes["lr_half"]["lr"] == base.lr / 2
+    assert changes["adamw"]["optimizer"] == "adamw" and changes["batch12"] == {"batch_size": 12}
+    assert changes["no_wsd"] == {"schedule": "cosine", "max_time": 0.0}
+    assert changes["rotary_rmsnorm"] == {"positions": "rotary", "norm": "rmsnorm"}
+    for change in changes.values():
+        load_config("speedrun_cpu", {"max_iters": 10, **change} if "max_time" in change else change)  # valid keys
+    run = {"time_to_target": None, "final_loss": 2.0, "steps": 5, "tokens": 10_240, "tok_per_s": 2000.0}
+    bench.ablation_rows({"speedrun": {7: run}, "ablation:batch12": {7: {**run, "time_to_target": 90.0}}}, 7,
+                        ["speedrun", "ablation:batch12"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 7 |")]
+    assert rows == ["| 7 | the speedrun recipe | not reached | 2.0000 | 5 | 10,240 | 2,000 |",
+                    "| 7 | nanoGPT's batch 12 | 90 | 2.0000 | 5 | 10,240 | 2,000 |"]

@@ -266,8 +266,8 @@ def test_runs_muon_cannot_serve_fall_back_to_adamw_unless_an_optimizer_is_named(
     from simplegpt.config import adamw_fallback
 
     cfg = load_config(None, given)
-    assert cfg.optimizer == "adamw" and cfg.lr == 2e-3 and why in adamw_fallback(given)
-    assert load_config(None, {**given, "lr": 1e-4}).lr == 1e-4
+    assert (cfg.optimizer, cfg.lr, cfg.min_lr) == ("adamw", 2e-3, 2e-4) and why in adamw_fallback(given)
+    assert load_config(None, {**given, "lr": 1e-4}).min_lr == pytest.approx(1e-5)  # the ratio kept
     assert load_config(None, {**given, "optimizer": "muon"}).optimizer == "muon"  # named: FSDP2/LoRA refuse it
     assert load_config("speedrun_cpu", given).optimizer == "muon"  # a config file chosen is used as written
     assert load_config(None, {"sft": "chats.jsonl", "init_from": "x"}).optimizer == "adamw"
