@@ -40,7 +40,6 @@ WARMUP_FRACTION = 0.1
 WARMUP_WARN_FRACTION = 0.25
 # `simplegpt train` without --config: the speedrun recipe of the machine's device (default_config_name).
 CPU_RECIPE, GPU_RECIPE = "speedrun_cpu", "speedrun_gpu"
-DEFAULT_CONFIG = CPU_RECIPE  # the name --help shows where there is no GPU
 SECTIONS = ("data", "model", "lora", "optim", "eval", "run")
 
 

@@ -293,13 +293,13 @@ def test_train_on_my_data_runs_the_recipe_for_its_time(tmp_path, corpus, tokeniz
     small = {k: v for k, v in TINY.items() if k not in ("warmup_iters",)}
     args = [a for k, v in {**small, "eval_interval": 1000}.items()
             for a in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
-    proc = cli("train", "--data", corpus.name, "--tokenizer", tokenizer, "--time", "3s", *args, cwd=tmp_path)
+    proc = cli("train", "--data", corpus.name, "--tokenizer", tokenizer, "--time", "5s", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "out" / f"notes_{tokenizer.replace(':', '')}"
     ck = load_checkpoint(run / "last")
     saved = ck.metadata["train_config"]
-    assert (saved["optimizer"], saved["schedule"], saved["max_time"]) == ("muon", "wsd", 3.0)
-    assert ck.metadata["budget_done_s"] >= 3.0
+    assert (saved["optimizer"], saved["schedule"], saved["max_time"]) == ("muon", "wsd", 5.0)
+    assert ck.metadata["budget_done_s"] >= 5.0
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if r["kind"] == "train"]
     assert len(lrs) > 1 and lrs[-1] < max(lrs)  # decaying at the end (to 0 exactly: tests/test_time_budget.py)
