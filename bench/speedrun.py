@@ -259,7 +259,8 @@ def main() -> None:
             extra = shlex.split(args.nanogpt_args)
             wall, loss = run_nanogpt(args.nanogpt.resolve(), train_text, val_text, seed, work / "nanogpt",
                                      extra, args.threads)
-            results.setdefault("nanogpt_itself", {})[seed] = {"wall_s": wall, "loss": loss, "iters": nanogpt_iters(extra),
+            results.setdefault("nanogpt_itself", {})[seed] = {"wall_s": wall, "loss": loss,
+                                                              "iters": nanogpt_iters(extra),
                                                               "time_to_target": wall if loss <= TARGET else None}
         report(results, seed)
         if ablations:
