@@ -20,8 +20,14 @@ Prints per seed the seconds each recipe needs to reach the target (1.8857: nanoG
 the loss each has after 60 s and 300 s (of the 300 s speedrun: its curve, not a run given 60 s),
 then the medians over the seeds. Writes the curves as JSON, and as a PNG with --png.
 
+--ablations [NAME ...] also trains, per seed, the speedrun recipe with one change each (ABLATIONS;
+all of them by default) and prints a markdown table row for each: its seconds to the target and its
+loss at the end. "no_wsd" trains as many steps as the seed's speedrun run took, with a cosine
+schedule by iterations instead of the time budget's warmup-stable-decay.
+
     python bench/speedrun.py [--data ../shared/data/tinyshakespeare.txt] [--seeds 1337 1338 1339]
         [--budget 300] [--config configs/speedrun_cpu.toml] [--nanogpt DIR] [--png docs/speedrun.png]
+        [--ablations [adamw batch12 lr_x2 lr_half no_wsd rotary_rmsnorm]]
 """
 
 from __future__ import annotations
@@ -58,6 +64,18 @@ WINDOW = 64
 MARKS_S = (60.0, 300.0)
 NANOGPT = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12, lr=1e-3, min_lr=1e-4,
                warmup_iters=100, schedule="cosine", max_iters=2000, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+# The ablations: the speedrun recipe with one change each (name: (what changed, the keys it sets, given the
+# recipe's config)). AdamW runs at 2e-3 (Muon's lr is on another scale, and 2e-3 is nanoGPT's order);
+# no_wsd trains as many steps as the seed's speedrun run took (main() adds them).
+ABLATIONS = {
+    "adamw": ("AdamW 2e-3 instead of Muon", lambda base: {"optimizer": "adamw", "lr": 2e-3}),
+    "batch12": ("nanoGPT's batch 12", lambda base: {"batch_size": 12}),
+    "lr_x2": ("lr x2", lambda base: {"lr": 2 * base.lr, "min_lr": 2 * base.min_lr}),
+    "lr_half": ("lr /2", lambda base: {"lr": base.lr / 2, "min_lr": base.min_lr / 2}),
+    "no_wsd": ("no WSD: cosine by iterations (the speedrun's steps)", lambda base: {"schedule": "cosine",
+                                                                                  "max_time": 0.0}),
+    "rotary_rmsnorm": ("rotary positions + RMSNorm", lambda base: {"positions": "rotary", "norm": "rmsnorm"}),
+}
 # nanoGPT's README command for a CPU, as train.py options
 NANOGPT_ARGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
                 "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
@@ -126,6 +144,12 @@ def run_simplegpt(name: str, cfg: TrainConfig, val_text: str, log: bool) -> dict
             "tok_per_s": statistics.median(r["tok_per_s"] for r in train_records[1:] or train_records)}
 
 
+def nanogpt_iters(extra: list[str]) -> int:
+    """The max_iters nanoGPT's train.py runs: the recipe's, or the last --max_iters=N of `extra`."""
+    given = [a.split("=", 1)[1] for a in NANOGPT_ARGS + extra if a.startswith("--max_iters=")]
+    return int(given[-1])
+
+
 def run_nanogpt(checkout: Path, train_text: str, val_text: str, seed: int, work: Path,
                 extra: list[str], threads: int) -> tuple[float, float]:
     """nanoGPT's train.py from `checkout` with its README's CPU command, on the same split: (wall seconds
@@ -182,6 +206,9 @@ def main() -> None:
                    choices=["nanogpt_recipe", "speedrun"])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override keys of the speedrun recipe (ablations), e.g. --set optimizer=adamw")
+    p.add_argument("--ablations", nargs="*", default=None, choices=list(ABLATIONS), metavar="NAME",
+                   help="also the speedrun recipe with one change each, per seed (all of them when no NAME is "
+                        "given: " + ", ".join(ABLATIONS) + "); a markdown table row each")
     p.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout: time its own train.py too")
     p.add_argument("--nanogpt-args", default="", metavar="'--KEY=VALUE ...'",
                    help="more options for nanoGPT's train.py, after the recipe's (a quick check: "
@@ -206,28 +233,41 @@ def main() -> None:
     common = dict(data=str(data), num_threads=args.threads, sample_tokens=0, plot=False, tensorboard=False,
                   eval_iters=1)  # the trainer's own val loss is not the protocol: one batch of it is enough
     overrides = {k: parse_value(k, v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    ablations = [] if args.ablations is None else args.ablations or list(ABLATIONS)
+    recipes = args.recipes + (["speedrun"] if ablations and "speedrun" not in args.recipes else [])
+    budget = parse_value("max_time", args.budget)
     results: dict[str, dict] = {}
     for seed in args.seeds:
-        for recipe in args.recipes:
+        for recipe in recipes + [f"ablation:{name}" for name in ablations]:
             if recipe == "nanogpt_recipe":
                 cfg = TrainConfig(**NANOGPT, **common, eval_interval=250, seed=seed, out_dir=str(work / f"a{seed}"))
             else:
-                cfg = load_config(args.config, {**common, "seed": seed, "out_dir": str(work / f"b{seed}"),
-                                                "max_time": parse_value("max_time", args.budget), **overrides})
+                settings = {**common, "seed": seed, "out_dir": str(work / f"{recipe.replace(':', '_')}-{seed}"),
+                            "max_time": budget, **overrides}
+                change = {}
+                if recipe.startswith("ablation:"):
+                    change = ABLATIONS[recipe.split(":", 1)[1]][1](load_config(args.config, settings))
+                if "max_time" in change:  # by iterations: as many steps as the speedrun took in its budget
+                    change["max_iters"] = results["speedrun"][seed]["steps"]
+                cfg = load_config(args.config, {**settings, **change})
             run = run_simplegpt(recipe, cfg, val_text, not args.quiet)
             curve = run["curve"]
             results.setdefault(recipe, {})[seed] = {**run, "time_to_target": time_to(curve, TARGET),
                                                     "final_loss": curve[-1][1],
                                                     **{f"loss_at_{m:.0f}s": loss_at(curve, m) for m in MARKS_S}}
         if args.nanogpt is not None:
+            extra = shlex.split(args.nanogpt_args)
             wall, loss = run_nanogpt(args.nanogpt.resolve(), train_text, val_text, seed, work / "nanogpt",
-                                     shlex.split(args.nanogpt_args), args.threads)
+                                     extra, args.threads)
             results.setdefault("nanogpt_itself", {})[seed] = {"wall_s": wall, "loss": loss,
+                                                              "iters": nanogpt_iters(extra),
                                                               "time_to_target": wall if loss <= TARGET else None}
         report(results, seed)
+        if ablations:
+            ablation_rows(results, seed, ["speedrun"] + [f"ablation:{name}" for name in ablations])
     print("\nmedians over seeds " + ", ".join(map(str, args.seeds)) + ":")
     for recipe, runs in results.items():
-        line = [f"  {recipe:15s}"]
+        line = [f"  {recipe:24s}"]
         for key in ("time_to_target", "loss_at_60s", "loss_at_300s", "final_loss", "loss"):
             values = [r[key] for r in runs.values() if key in r]
             if values:
@@ -243,8 +283,8 @@ def main() -> None:
         plot(results, args.png)
 
 
-def fmt(value: float | None) -> str:
-    return "not reached" if value is None else f"{value:.4g}"
+def fmt(value: float | None, unit: str = "") -> str:
+    return "not reached" if value is None else f"{value:.4g}{unit}"
 
 
 def report(results: dict[str, dict], seed: int) -> None:
@@ -254,16 +294,29 @@ def report(results: dict[str, dict], seed: int) -> None:
         if r is None:
             continue
         if "curve" in r:
-            print(f"  {recipe:15s} time to {TARGET}: {fmt(r['time_to_target'])} s   loss after 60 s "
+            print(f"  {recipe:24s} time to {TARGET}: {fmt(r['time_to_target'], ' s')}   loss after 60 s "
                   f"{r['loss_at_60s']:.4f}, after 300 s {r['loss_at_300s']:.4f} nats/char "
                   f"({r['loss_at_300s'] / math.log(2):.4f} bits/char); final {r['final_loss']:.4f} after "
                   f"{r['steps']} steps, {r['tokens']:,} tokens, {r['tok_per_s']:,.0f} tok/s")
         else:
-            print(f"  {recipe:15s} 2000 iterations in {r['wall_s']:.1f} s (whole process), loss {r['loss']:.4f}")
+            print(f"  {recipe:24s} {r['iters']} iterations in {r['wall_s']:.1f} s (whole process), "
+                  f"loss {r['loss']:.4f}")
     base = results.get("nanogpt_recipe", {}).get(seed, {}).get("time_to_target")
     fast = results.get("speedrun", {}).get(seed, {}).get("time_to_target")
     if base and fast:
         print(f"  ratio (nanoGPT recipe / speedrun): {base / fast:.2f}x")
+
+
+def ablation_rows(results: dict[str, dict], seed: int, names: list[str]) -> None:
+    """The seed's ablation table: a markdown row per run, the speedrun recipe's first."""
+    print(f"\n| seed | run | seconds to {TARGET} | loss at the end (nats/char) | steps | tokens | tok/s |\n"
+          "|---|---|---|---|---|---|---|")
+    for name in names:
+        r = results[name][seed]
+        what = "the speedrun recipe" if name == "speedrun" else ABLATIONS[name.split(":", 1)[1]][0]
+        print(f"| {seed} | {what} | {fmt(r['time_to_target'])} | {r['final_loss']:.4f} | {r['steps']} | "
+              f"{r['tokens']:,} | {r['tok_per_s']:,.0f} |")
+    print(flush=True)
 
 
 def plot(results: dict[str, dict], png: Path) -> None:
@@ -277,7 +330,7 @@ def plot(results: dict[str, dict], png: Path) -> None:
         for i, (seed, r) in enumerate(runs.items()):
             if "curve" in r:
                 t, loss = zip(*r["curve"])
-                ax.plot(t, loss, marker=".", color="C0" if recipe == "nanogpt_recipe" else "C1",
+                ax.plot(t, loss, marker=".", color=f"C{list(results).index(recipe)}",
                         label=recipe if i == 0 else None, alpha=0.8)
     ax.axhline(TARGET, color="grey", ls="--", lw=0.8, label=f"target {TARGET}")
     ax.set_xlabel("training seconds (2 shared CPU cores; evaluation not counted)")

@@ -38,7 +38,8 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
 # a 20-step run would never reach lr); one set explicitly is kept, with a warning past WARMUP_WARN_FRACTION.
 WARMUP_FRACTION = 0.1
 WARMUP_WARN_FRACTION = 0.25
-DEFAULT_CONFIG = "shakespeare_char"
+# `simplegpt train` without --config: the speedrun recipe of the machine's device (default_config_name).
+CPU_RECIPE, GPU_RECIPE = "speedrun_cpu", "speedrun_gpu"
 SECTIONS = ("data", "model", "lora", "optim", "eval", "run")
 
 
@@ -90,8 +91,15 @@ GPT2_MODEL_VALUES = {key.name: 0 if getattr(GPTConfig(), attr) is None else geta
 # the command line turns on sft, for the keys the command line leaves alone. A short run at a low learning
 # rate moves the base's weights little, evaluating often on the held-out conversations; no text samples
 # (`simplegpt chat` shows what the model answers).
-SFT_DEFAULTS = {"lr": 3e-4, "min_lr": 3e-5, "max_iters": 300, "warmup_iters": 20, "batch_size": 16,
-                "grad_accum_steps": 1, "eval_interval": 50, "eval_iters": 10, "sample_tokens": 0, "dropout": 0.0}
+# A pretraining file's time budget and Muon (the default recipe's) give way to a count of steps and AdamW.
+SFT_DEFAULTS = {"lr": 3e-4, "min_lr": 3e-5, "max_iters": 300, "max_time": 0.0, "warmup_iters": 20,
+                "batch_size": 16, "grad_accum_steps": 1, "eval_interval": 50, "eval_iters": 10, "sample_tokens": 0,
+                "dropout": 0.0, "optimizer": "adamw", "schedule": "cosine"}
+# What a run on the default recipe trains with instead of its Muon where Muon cannot run (FSDP2, LoRA) or
+# was not what the recipe was measured for (fine-tuning weights): AdamW at the learning rate it had in the
+# speedrun's ablation (docs/speedrun.md), decaying to a tenth of it as the AdamW configs do, unless the
+# command line names an optimizer (or an lr: then min_lr keeps the ratio).
+ADAMW_FALLBACK = {"optimizer": "adamw", "lr": 2e-3, "min_lr": 2e-4}
 DEFAULT_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0, bias=True)
 
 
@@ -126,7 +134,8 @@ class TrainConfig:
                   "a .parquet file or 'hf:NAME[:CONFIG]'; the loss counts the assistant's tokens only, val_fraction "
                   "of the conversations is held out for evaluation, and data/tokenizer are not used (docs/chat.md). "
                   "Given on the command line with a config file that has no sft, the keys not given there are "
-                  "fine-tuning's: " + ", ".join(f"{k} {v:g}" for k, v in SFT_DEFAULTS.items())
+                  "fine-tuning's: " + ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}"
+                                                 for k, v in SFT_DEFAULTS.items())
                   + ", block_size the base's")
     sft_pack: bool = _f(False, "data", "sft only: fill each row with as many whole conversations as fit, instead of "
                         "one conversation per row (fewer rows; later conversations then see the earlier ones)")
@@ -146,7 +155,9 @@ class TrainConfig:
                                "batch_size x grad_accum_steps sequences make one step whatever the number of "
                                "processes; under torchrun each of N ranks computes grad_accum_steps / N of them "
                                "(N must divide it)")
-    max_iters: int = _f(2000, "optim", "optimizer steps in the whole run")
+    max_iters: int = _f(2000, "optim", "optimizer steps in the whole run, for a run without a time budget: "
+                        "given without max_time (--time) it replaces the config file's budget (the default "
+                        "recipe's 5 minutes) and the schedule follows the steps; with a budget it is not used")
     lr: float = _f(1e-3, "optim", "peak learning rate")
     min_lr: float = _f(1e-4, "optim", "learning rate at the end of the decay (on the command line, --lr alone "
                        "scales the config file's min_lr with it)")
@@ -186,7 +197,8 @@ class TrainConfig:
     max_time: float = _f(0.0, "run", "time budget: train for this long (seconds, or a duration such as '90s', "
                          "'5m', '1h'; also --time) instead of max_iters steps, with the learning-rate schedule "
                          "set by the fraction of the budget used; evaluations and the setup before the first "
-                         "step are not counted; 0 = off", kind="duration")
+                         "step are not counted; 0 = off (the default recipe has 5m; --max_iters N without --time "
+                         "trains N steps instead)", kind="duration")
     seed: int = _f(1337, "run", "random seed for init, batches and dropout")
     device: str = _f("auto", "run", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = _f("auto", "run", "compute dtype; 'auto' = bfloat16 on GPUs that support it, float16 on other "
@@ -439,17 +451,49 @@ DATA_IDENTITY = ("data", "tokenizer", "init_from", "sft")
 CORPUS_KEYS = {"data_dir": DATA_IDENTITY, "out_dir": DATA_IDENTITY, "sample_prompt": ("data", "sft")}
 
 
+def default_config_name(overrides: dict[str, Any] | None = None) -> str:
+    """The built-in config a run without --config gets: the speedrun recipe of the device it trains on,
+    GPU_RECIPE where that is a CUDA GPU (device 'cuda...', or 'auto' with one present), else CPU_RECIPE."""
+    import torch
+
+    device = (overrides or {}).get("device", "auto")
+    gpu = device.startswith("cuda") if isinstance(device, str) and device != "auto" else torch.cuda.is_available()
+    return GPU_RECIPE if gpu else CPU_RECIPE
+
+
+def adamw_fallback(overrides: dict[str, Any]) -> str | None:
+    """Why a run on the default recipe trains with ADAMW_FALLBACK instead of its Muon, or None: the
+    command line names no optimizer and asks for FSDP2 or LoRA (which refuse Muon) or a fine-tune."""
+    if "optimizer" in overrides:
+        return None
+    if overrides.get("parallel") == "fsdp":
+        return "parallel = 'fsdp' (FSDP2 cannot run Muon)"
+    if overrides.get("lora"):
+        return "--lora (LoRA cannot run Muon)"
+    if overrides.get("sft") or overrides.get("init_from"):
+        return "a fine-tune of --init-from's weights"
+    return None
+
+
 def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from defaults < the config file (default: the built-in quick CPU one) < overrides.
+    """TrainConfig from defaults < the config file < overrides.
+
+    Without a file, the machine's speedrun recipe (default_config_name: configs/speedrun_cpu.toml or
+    speedrun_gpu.toml), with the run folder following the data (out/shakespeare_char for the embedded
+    plays) and, where adamw_fallback says so, AdamW instead of Muon.
 
     A corpus key of the file (CORPUS_KEYS) is dropped when the overrides change what it belongs to
     (e.g. --data): data_dir then defaults to data/<corpus>_<tokenizer>, out_dir to default_out_dir's
     folder and sample_prompt to empty (the start of a document). An lr given without a min_lr
     scales the file's min_lr with it (2e-3 -> 2e-4 in the file, --lr 1e-4 -> 1e-5). A max_iters given
     without a max_time trains that many steps: the file's time budget, if it has one, is dropped."""
-    values = read_toml(resolve_config_path(name_or_path or DEFAULT_CONFIG))
     overrides = overrides or {}
     check_keys(overrides, "option")
+    values = read_toml(resolve_config_path(name_or_path or default_config_name(overrides)))
+    if name_or_path is None:
+        values.pop("out_dir", None)  # the recipe's run folder is the bench's; the default run's follows its data
+        if adamw_fallback(overrides):
+            values.update(ADAMW_FALLBACK)
     values = _with_sft_defaults(values, overrides)
     defaults = {name: f.default for name, f in TrainConfig.__dataclass_fields__.items() if name in KEYS}
     changed = {k for k in DATA_IDENTITY if k in overrides and overrides[k] != values.get(k, defaults[k])}

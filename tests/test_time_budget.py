@@ -154,3 +154,91 @@ def test_max_iters_on_the_command_line_replaces_a_files_time_budget():
     steps = load_config("speedrun_cpu", {"max_iters": 50})
     assert steps.max_time == 0.0 and steps.max_iters == 50
     assert load_config("speedrun_cpu", {"max_iters": 50, "max_time": 60.0}).max_time == 60.0
+
+
+def test_the_speedrun_model_exports_to_hugging_face_and_to_gguf(tmp_path, corpus):
+    """The speedrun recipe's model (a tiny budgeted run of configs/speedrun_cpu.toml, its own shape) is a
+    GPT2LMHeadModel for export-hf, and export-gguf writes a file the gguf package reads or refuses in
+    one line that says why (not a traceback)."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = load_config("speedrun_cpu", dict(data=str(corpus), data_dir=str(tmp_path / "data"), max_time=3.0,
+                                           out_dir=str(tmp_path / "run"), eval_interval=1000, sample_tokens=0,
+                                           num_threads=1, plot=False, tensorboard=False, peak_flops=1e12))
+    assert (cfg.optimizer, cfg.n_layer, cfg.n_embd) == ("muon", 4, 128)
+    result = train(cfg, progress=False, clock=StepClock(1.0))
+    assert result.step == 3
+    best = tmp_path / "run" / "best"
+
+    def simplegpt(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "simplegpt", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    hf = simplegpt("export-hf", str(best), str(tmp_path / "hf"))
+    assert hf.returncode == 0 and "Traceback" not in hf.stderr, hf.stderr
+    ids = torch.tensor([[1, 5, 9, 14, 2, 7]])
+    ours = load_checkpoint(best).model.eval()
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
+
+    gguf_file = tmp_path / "speedrun.gguf"
+    proc = simplegpt("export-gguf", str(best), str(gguf_file))
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode == 0:  # written: a GPT-2 GGUF of the model's tensors
+        import gguf
+
+        reader = gguf.GGUFReader(gguf_file)
+        arch = reader.fields["general.architecture"]
+        assert bytes(arch.parts[arch.data[0]]).decode() == "gpt2"
+        assert len(reader.tensors) >= 4 * cfg.n_layer
+    else:  # refused: one line naming what it cannot write, and no file
+        [line] = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and line.startswith("simplegpt export-gguf: error: ") and not gguf_file.exists()
+
+
+def test_the_gpu_recipe_loads_and_trains_on_a_cpu_with_overrides(tmp_path, corpus):
+    """configs/speedrun_gpu.toml (unmeasured: no GPU here) is the CPU recipe scaled to nanoGPT's GPU shape;
+    with a CPU's overrides and a small shape it trains its budget's steps with Muon and the wsd schedule."""
+    gpu = load_config("speedrun_gpu")
+    assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size) == (6, 6, 384, 256)
+    assert (gpu.optimizer, gpu.schedule, gpu.max_time, gpu.dtype, gpu.compile) == ("muon", "wsd", 300.0, "auto", True)
+    cfg = load_config("speedrun_gpu", dict(data=str(corpus), data_dir=str(tmp_path / "data"), device="cpu",
+                                           compile=False, n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
+                                           max_time=2.0, eval_interval=1000, eval_iters=1, sample_tokens=0,
+                                           out_dir=str(tmp_path / "run"), num_threads=1, plot=False,
+                                           tensorboard=False, peak_flops=1e12))
+    result = train(cfg, progress=False, clock=StepClock(1.0))
+    assert result.step == 2 and all(map(torch.isfinite, torch.tensor(result.losses)))
+    lrs = [r["lr"] for r in train_records(tmp_path / "run")]
+    assert lrs[-1] == cfg.min_lr == 0.0
+
+
+def test_the_speedrun_bench_names_nanogpts_iterations_and_its_ablations(capsys):
+    """bench/speedrun.py: nanoGPT's own run was reported as "2000 iterations" whatever --nanogpt-args set;
+    each ablation changes the recipe in one way and prints a markdown row."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("speedrun_bench", ROOT / "bench" / "speedrun.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.nanogpt_iters([]) == 2000
+    assert bench.nanogpt_iters(["--max_iters=20", "--lr_decay_iters=20"]) == 20
+    bench.report({"nanogpt_itself": {1: {"wall_s": 3.0, "loss": 2.5, "iters": 20, "time_to_target": None}}}, 1)
+    assert "20 iterations in 3.0 s" in capsys.readouterr().out
+    base = load_config("speedrun_cpu")
+    changes = {name: change(base) for name, (_, change) in bench.ABLATIONS.items()}
+    assert changes["lr_x2"]["lr"] == 2 * base.lr and changes["lr_half"]["lr"] == base.lr / 2
+    assert changes["adamw"]["optimizer"] == "adamw" and changes["batch12"] == {"batch_size": 12}
+    assert changes["no_wsd"] == {"schedule": "cosine", "max_time": 0.0}
+    assert changes["rotary_rmsnorm"] == {"positions": "rotary", "norm": "rmsnorm"}
+    for change in changes.values():
+        load_config("speedrun_cpu", {"max_iters": 10, **change} if "max_time" in change else change)  # valid keys
+    run = {"time_to_target": None, "final_loss": 2.0, "steps": 5, "tokens": 10_240, "tok_per_s": 2000.0}
+    bench.ablation_rows({"speedrun": {7: run}, "ablation:batch12": {7: {**run, "time_to_target": 90.0}}}, 7,
+                        ["speedrun", "ablation:batch12"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 7 |")]
+    assert rows == ["| 7 | the speedrun recipe | not reached | 2.0000 | 5 | 10,240 | 2,000 |",
+                    "| 7 | nanoGPT's batch 12 | 90 | 2.0000 | 5 | 10,240 | 2,000 |"]

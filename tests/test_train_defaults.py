@@ -86,9 +86,12 @@ def test_a_fine_tune_gets_a_folder_of_its_own(tmp_path, corpus):
 
 def test_an_lr_alone_scales_the_files_min_lr_with_it():
     # the file's 2e-3 -> 2e-4: --lr 1e-4 alone (the README's fine-tune) would put min_lr above lr
-    assert load_config(None, {"lr": 1e-4}).min_lr == pytest.approx(1e-5)
-    assert load_config(None, {"lr": 1e-4, "min_lr": 0.0}).min_lr == 0.0
-    assert load_config().min_lr == 2e-4
+    # (shakespeare_char, the default before the speedrun recipe, whose min_lr is 0)
+    assert load_config("shakespeare_char", {"lr": 1e-4}).min_lr == pytest.approx(1e-5)
+    assert load_config("shakespeare_char", {"lr": 1e-4, "min_lr": 0.0}).min_lr == 0.0
+    assert load_config("shakespeare_char").min_lr == 2e-4
+    assert load_config(None, {"lr": 1e-4}).min_lr == 0.0  # the speedrun recipe decays to 0
+    assert load_config(None, {"lr": 1e-4, "min_lr": 1e-5}).min_lr == 1e-5
 
 
 def test_a_sample_prompt_outside_the_vocabulary_is_refused_before_step_1(tmp_path, corpus):
@@ -215,3 +218,91 @@ def test_off_a_terminal_progress_is_plain_lines_and_the_summary_names_best_and_l
     assert "\r" not in proc.stderr and "step 6/6  loss " in proc.stderr, proc.stderr
     assert f"checkpoint: {Path('run') / 'last'}" in proc.stdout and f"best: {Path('run') / 'best'}" in proc.stdout
     assert "MFU (model FLOPs utilization) is against the configured peak_flops" in proc.stdout
+
+
+def _recipe_values(cfg) -> dict:
+    """The keys a speedrun recipe file sets (its run folder aside), as cfg has them."""
+    from simplegpt.config import read_toml, resolve_config_path
+
+    keys = set(read_toml(resolve_config_path("speedrun_cpu"))) | set(read_toml(resolve_config_path("speedrun_gpu")))
+    return {k: getattr(cfg, k) for k in sorted(keys - {"out_dir", "data_dir", "sample_prompt", "data"})}
+
+
+def test_the_default_is_the_machines_speedrun_recipe_with_a_time_budget(monkeypatch):
+    """Issue 24: `simplegpt train` and `simplegpt train --data my_texts/` trained 600 AdamW steps of a fixed
+    config; they get the speedrun recipe of the machine, for 5 minutes."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = load_config("speedrun_cpu")
+    for default in (load_config(), load_config(None, {"data": "my_texts/"})):
+        assert _recipe_values(default) == _recipe_values(cpu)
+        assert default.max_time == 300.0 and default.optimizer == "muon" and default.schedule == "wsd"
+    assert load_config().out_dir == "out/shakespeare_char"  # the README's commands read the run there
+    assert load_config(None, {"data": "my_texts/"}).out_dir == "out/my_texts_char"
+    # a GPU gets the GPU recipe: nanoGPT's GPU shape, bf16 (dtype auto) and compile
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = load_config()
+    assert _recipe_values(gpu) == _recipe_values(load_config("speedrun_gpu"))
+    assert (gpu.n_layer, gpu.n_embd, gpu.block_size, gpu.compile, gpu.optimizer) == (6, 384, 256, True, "muon")
+    assert gpu.max_time == 300.0 and gpu.out_dir == "out/shakespeare_char"
+    assert _recipe_values(load_config(None, {"device": "cpu"})) == _recipe_values(cpu)  # the device trained on
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_config(None, {"device": "cuda:1"}).n_embd == 384
+
+
+def test_explicit_steps_or_time_win_over_the_default_budget():
+    steps = load_config(None, {"max_iters": 40})
+    assert steps.max_time == 0.0 and steps.max_iters == 40 and steps.warmup_iters == 4  # iterations, fitted warmup
+    assert load_config(None, {"max_iters": 40, "max_time": 60.0}).max_time == 60.0
+    assert load_config(None, {"max_time": 30.0}).max_time == 30.0
+    import simplegpt.commands.train as command
+    from simplegpt.config import KEYS
+
+    assert "--max_iters N without --time trains N steps instead" in command.DESCRIPTION  # --help says how
+    assert "replaces the config file's budget" in KEYS["max_iters"].help
+
+
+@pytest.mark.parametrize("given, why", [({"parallel": "fsdp"}, "FSDP2"), ({"lora": 8, "init_from": "x"}, "LoRA"),
+                                        ({"init_from": "out/gpt2"}, "fine-tune")])
+def test_runs_muon_cannot_serve_fall_back_to_adamw_unless_an_optimizer_is_named(given, why):
+    from simplegpt.config import adamw_fallback
+
+    cfg = load_config(None, given)
+    assert (cfg.optimizer, cfg.lr, cfg.min_lr) == ("adamw", 2e-3, 2e-4) and why in adamw_fallback(given)
+    assert load_config(None, {**given, "lr": 1e-4}).min_lr == pytest.approx(1e-5)  # the ratio kept
+    assert load_config(None, {**given, "optimizer": "muon"}).optimizer == "muon"  # named: FSDP2/LoRA refuse it
+    assert load_config("speedrun_cpu", given).optimizer == "muon"  # a config file chosen is used as written
+    assert load_config(None, {"sft": "chats.jsonl", "init_from": "x"}).optimizer == "adamw"
+    assert load_config(None, {"sft": "chats.jsonl", "init_from": "x"}).max_time == 0.0  # sft's 300 steps
+
+
+def test_fsdp_on_the_default_says_it_trains_with_adamw(tmp_path, corpus):
+    """A plain process given parallel = 'fsdp' trains one process (test_train.py): on the default recipe
+    it was refused (Muon); it now trains with AdamW and says so in one line."""
+    proc = cli("train", "--data", str(corpus), "--parallel", "fsdp", *tiny_args(max_iters=2), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    [note] = [ln for ln in proc.stdout.splitlines() if "Muon" in ln]
+    assert note.startswith("note: parallel = 'fsdp' (FSDP2 cannot run Muon)") and "AdamW (lr 0.002)" in note
+    saved = load_checkpoint(tmp_path / "out" / "notes_char" / "last").metadata["train_config"]
+    assert saved["optimizer"] == "adamw"
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe:300"])
+def test_train_on_my_data_runs_the_recipe_for_its_time(tmp_path, corpus, tokenizer):
+    """`simplegpt train --data notes.txt` with a tiny budget: the recipe's Muon and schedule, the run ends
+    with its time (not a count of steps), the progress and the estimate speak of the budget; a subword
+    vocabulary gets the same recipe. The shape is shrunk so that the test is quick."""
+    small = {k: v for k, v in TINY.items() if k not in ("warmup_iters",)}
+    args = [a for k, v in {**small, "eval_interval": 1000}.items()
+            for a in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+    proc = cli("train", "--data", corpus.name, "--tokenizer", tokenizer, "--time", "5s", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "out" / f"notes_{tokenizer.replace(':', '')}"
+    ck = load_checkpoint(run / "last")
+    saved = ck.metadata["train_config"]
+    assert (saved["optimizer"], saved["schedule"], saved["max_time"]) == ("muon", "wsd", 5.0)
+    assert ck.metadata["budget_done_s"] >= 5.0
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert len(lrs) > 1 and lrs[-1] < max(lrs)  # decaying at the end (to 0 exactly: tests/test_time_budget.py)
+    assert "time budget: " in proc.stdout and " budget  loss " in proc.stderr  # estimate and progress in time
+    assert "steps: " in proc.stdout and "steps: " + str(ck.metadata["step"]) + "/" not in proc.stdout

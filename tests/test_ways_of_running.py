@@ -44,7 +44,9 @@ def _settings(work: Path, **kw) -> dict:
     """A tiny run: a step of 2 micro-batches of 4 rows, an evaluation (and checkpoint) every 4 steps. The ranks
     wait up to 300 s for each other: a first checkpoint on a busy machine (DCP's first use) can take over a
     minute on rank 0, and a rank that gave up would leave the other waiting in the next collective."""
+    # lr and schedule: the AdamW config's (shakespeare_char), the default's before the speedrun recipe
     return dict(data=str(work / "corpus.txt"), data_dir=str(work / "data"), n_layer=2, n_head=2, n_embd=32,
+                lr=2e-3, min_lr=2e-4, schedule="cosine",
                 block_size=32, batch_size=4, grad_accum_steps=2, max_iters=MAX_ITERS, warmup_iters=2,
                 eval_interval=4, eval_iters=2, dropout=0.0, num_threads=1, fused=False, peak_flops=1e12,
                 dist_timeout=300, **kw)

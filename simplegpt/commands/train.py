@@ -9,15 +9,22 @@ import signal
 import sys
 from pathlib import Path
 
-HELP = "train a GPT on text; with no arguments, a character-level Shakespeare model on the CPU"
+HELP = "train a GPT on text; with no arguments, a character-level Shakespeare model in 5 minutes"
 DESCRIPTION = (
-    "Train a GPT. Settings come from the built-in quick CPU config (shakespeare_char), or --config FILE, "
-    "and any setting can be overridden on the command line, e.g. --lr 3e-4 --max_iters 500. "
+    "Train a GPT. Settings come from the speedrun recipe of the machine (speedrun_cpu, or speedrun_gpu "
+    "where a CUDA GPU is present: docs/speedrun.md), or --config FILE, and any setting can be overridden "
+    "on the command line, e.g. --lr 3e-3 --time 10m. "
+    "The recipe trains for a time budget, 5 minutes (--time 2m for another), its learning rate set by the "
+    "fraction of the time used so the model is fully decayed when time is up; --max_iters N without --time "
+    "trains N steps instead (the schedule then follows the steps), and with --time a max_iters is not used. "
+    "The recipe's Muon gives way to AdamW (lr 2e-3) where it cannot run or was not measured: with "
+    "--parallel fsdp, --lora or a fine-tune (--init-from, --sft), unless --optimizer is given. "
     "With no arguments it prepares the embedded Shakespeare plays into data/shakespeare_char and trains "
     "into out/shakespeare_char. With --data (or --tokenizer, --init-from) the dataset folder, run folder and "
     "sample prompt follow that data unless given: --data my.txt trains into out/my_char. "
-    "It prints an estimate of the time at the start, and warns when the steps would repeat the "
-    "training text more than ~20 times. A finished run is not trained again (--overwrite does). "
+    "It prints an estimate of the time at the start (the budget's, with a progress bar in seconds), and "
+    "for a run of max_iters steps warns when they would repeat the training text more than ~20 times. "
+    "A finished run is not trained again (--overwrite does). "
     "Ctrl-C or SIGTERM saves a checkpoint you can --resume. "
     "Under torchrun (torchrun --nproc_per_node N -m simplegpt train ...) the N processes train one run "
     "with DDP: see docs/distributed.md. "
@@ -28,12 +35,15 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import DEFAULT_CONFIG, KEYS, SECTIONS, load_config, parse_value
+    from ..config import KEYS, SECTIONS, default_config_name, load_config, parse_value
 
+    default = default_config_name()
     defaults = load_config().to_dict()  # what `simplegpt train` with no --config uses
 
     p.add_argument("--config", default=None,
-                   help="TOML config file, or a built-in name: shakespeare_char (the default), gpt2_124m")
+                   help=f"TOML config file, or a built-in name: speedrun_cpu, speedrun_gpu (the default: the one "
+                        f"of the machine, here {default}), shakespeare_char (600 steps of AdamW), "
+                        "llama_shakespeare_char, gpt2_124m")
     p.add_argument("--resume", metavar="DIR", default=None,
                    help="continue a run exactly from its checkpoint (RUN/last or the run folder RUN); "
                         "its saved config is used, with any overrides given here. 'auto': continue the run "
@@ -71,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             help_text = key.help + (f" ({'|'.join(key.choices)})" if key.choices else "")
             group.add_argument(*flags, dest=name, type=converter(name), default=argparse.SUPPRESS,
                                metavar=key.type.upper(),
-                               help=f"{help_text} [{DEFAULT_CONFIG}: {defaults[name]!r}]")
+                               help=f"{help_text} [{default}: {defaults[name]!r}]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +149,7 @@ def _train_config(args: argparse.Namespace):
     """The run's TrainConfig: the config file (or a resumed checkpoint's saved config) with the
     command line's overrides. Raises ConfigError or CheckpointError."""
     from ..checkpoint import read_checkpoint_config
-    from ..config import KEYS, TrainConfig, load_config
+    from ..config import KEYS, TrainConfig, adamw_fallback, load_config
     from ..training.run_dir import checkpoint_dir
 
     overrides = {k: v for k, v in vars(args).items() if k in KEYS}
@@ -159,7 +169,11 @@ def _train_config(args: argparse.Namespace):
     from ..training.lora import check_overrides
 
     check_overrides(overrides)  # --lora 0, or LoRA options without --lora
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if args.config is None and (why := adamw_fallback(overrides)) and os.environ.get("RANK", "0") == "0":
+        print(f"note: {why}: the default recipe's Muon gives way to AdamW (lr {cfg.lr:g}); --optimizer "
+              "chooses", flush=True)
+    return cfg
 
 
 def _auto_resume(config: str | None, overrides: dict) -> str | None:
