@@ -2,6 +2,12 @@
 positions (csrc/rope.c), SwiGLU and ReLU^2 (csrc/activation.c) and causal grouped-query attention
 (csrc/attention.c), forward and backward, for fp32 tensors on the CPU.
 
+The training twin (modules.py) takes two fused nodes straight from the linear layers' outputs:
+swiglu_fused from c_fc's gate|up product, and qkv_attention (QK-norm, rotation and attention) from
+c_attn's q|k|v product. Each returns one gradient tensor for that product, written in place by the
+kernels through strides, where splitting the product first would make autograd join the halves'
+gradients with a copy (aten::cat) in every layer's backward.
+
 Each function computes what its docstring's PyTorch expression computes, for inputs that `usable()`
 accepts (attention: `attention_usable()`); callers check first and keep PyTorch's ops otherwise.
 They run with or without autograd (a decode step's RMSNorm, RoPE and activations too); the decode
@@ -199,7 +205,7 @@ class _FusedSwiGLU(torch.autograd.Function):
 def swiglu_fused(h: torch.Tensor) -> torch.Tensor:
     """swiglu(*h.chunk(2, -1)) = F.silu(h[..., :F]) * h[..., F:] for a fused gate|up product h
     (..., 2F), with one gradient tensor (..., 2F) for h: autograd joins no halves. Returns a
-    contiguous (..., F) tensor."""
+    contiguous (..., F) tensor; ValueError for an odd last dimension."""
     if h.size(-1) % 2:
         raise ValueError(f"swiglu_fused: h {tuple(h.shape)} must end in an even gate|up width")
     return _FusedSwiGLU.apply(h)
@@ -361,7 +367,8 @@ def qkv_attention(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: tuple[to
     is given (F.rms_norm over D), then rotated when rope = (cos, sin) is given (the tables rope()
     takes, shared by every row or one per row), then causal_attention. One gradient tensor
     (B, T, (H + 2K) D) flows back to qkv (and to the QK-norm gains), with no joins or copies.
-    Returns (B, H, T, D) laid out as (B, T, H, D) in memory (causal_attention's layout)."""
+    Returns (B, H, T, D) laid out as (B, T, H, D) in memory (causal_attention's layout); ValueError
+    for rotary tables of another shape, MemoryError where the kernels get no scratch memory."""
     B, T, W = qkv.shape
     D = W // (n_head + 2 * n_kv_head)
     cos = sin = None
