@@ -19,10 +19,11 @@ parent's forward otherwise. A GPT-2 model (GPTConfig.is_gpt2) takes the fused GP
 
 and a model with other options (Llama-style blocks) the single ops of llama_ops:
 
-    model.CausalSelfAttention   -> heads(): rotary positions (llama_ops.rope) where a mask or a KV
-                                   cache keeps PyTorch's attention; attend(): QK-norm, rotary positions and causal grouped-query
+    model.CausalSelfAttention   -> attend(): QK-norm, rotary positions and causal grouped-query
                                    attention from c_attn's q|k|v output in one autograd node
-                                   (llama_ops.qkv_attention), one gradient tensor back to it
+                                   (llama_ops.qkv_attention), one gradient tensor back to it;
+                                   heads(): rotary positions (llama_ops.rope) where a mask or a
+                                   KV cache keeps PyTorch's attention
     model.MLP                   -> SwiGLU from c_fc's gate|up output with one gradient tensor
                                    (llama_ops.swiglu_fused), or ReLU^2 (llama_ops.relu2)
     nn.RMSNorm                  -> llama_ops.rms_norm (the block's norms and ln_f)
