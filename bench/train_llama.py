@@ -6,17 +6,24 @@ The shapes (default: 4 layers, 4 heads, 128 wide, block 64, batch 12, character 
 tinyshakespeare): GPT-2 as in bench/train_throughput.py; Llama-style with rotary positions, RMSNorm,
 a SwiGLU MLP of Llama's default width (8/3 x 128 rounded up to 384), 2 key/value heads and no
 biases, which gives the same parameters as the GPT-2 block to within its biases and position table
-(both counts are printed). The three run in rounds that alternate them, so that load from other
-processes hits them alike; each figure is the median over rounds of a round's median log window
-(the trainer's logged tokens/s; the reference loop's own windows), the first window left out.
+(both counts are printed). `--shape 124m` takes GPT-2 124M's blocks instead (12 layers, 12 heads,
+768 wide; block 128, batch 4, the same character vocabulary), the Llama-style one with 6 key/value
+heads and a SwiGLU of 2304 (3 x 768), which again gives GPT-2's block parameters exactly; its steps
+take seconds, so its defaults are a few steps with short log windows. The three run in rounds
+that alternate them, so that load from other processes hits them alike (the load average is
+printed at the start and after each round); each figure is the median over rounds of a round's
+median log window (the trainer's logged tokens/s; the reference loop's own windows), the first
+window left out.
 
     .venv/bin/python bench/train_llama.py [--steps 60] [--rounds 3] [--threads 2]
+    .venv/bin/python bench/train_llama.py --shape 124m [--steps 8] [--log-every 2] [--skip-hf]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +44,13 @@ from simplegpt.trainer import peak_flops  # noqa: E402
 from train_throughput import hf_loop, simplegpt_round  # noqa: E402
 
 LLAMA = dict(positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False, rms_norm_eps=1e-5)
+# --shape: the defaults of the shape arguments (and of --steps and --log-every) for each shape
+SHAPES = {
+    "bench": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, intermediate_size=None, block_size=64,
+                  batch_size=12, steps=60, log_every=None),
+    "124m": dict(n_layer=12, n_head=12, n_kv_head=6, n_embd=768, intermediate_size=2304, block_size=128,
+                 batch_size=4, steps=8, log_every=2),
+}
 
 
 def hf_llama_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, steps: int, log_every: int) -> float:
@@ -55,18 +69,25 @@ def hf_llama_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60, help="training steps per round and per model")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="bench",
+                    help="the defaults of the shape arguments below (and of --steps, --log-every)")
+    ap.add_argument("--steps", type=int, help="training steps per round and per model")
+    ap.add_argument("--log-every", type=int, help="steps per log window (default max(5, steps / 10))")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (GPT-2, Llama-style, HF Llama)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
-    ap.add_argument("--n_layer", type=int, default=4)
-    ap.add_argument("--n_head", type=int, default=4)
-    ap.add_argument("--n_kv_head", type=int, default=2)
-    ap.add_argument("--n_embd", type=int, default=128)
-    ap.add_argument("--block_size", type=int, default=64)
-    ap.add_argument("--batch_size", type=int, default=12)
+    ap.add_argument("--n_layer", type=int)
+    ap.add_argument("--n_head", type=int)
+    ap.add_argument("--n_kv_head", type=int)
+    ap.add_argument("--n_embd", type=int)
+    ap.add_argument("--intermediate_size", type=int, help="the Llama-style MLP's width (default: 8/3 n_embd rounded)")
+    ap.add_argument("--block_size", type=int)
+    ap.add_argument("--batch_size", type=int)
     ap.add_argument("--skip-hf", action="store_true", help="don't measure transformers' LlamaForCausalLM")
     args = ap.parse_args()
+    for name, value in SHAPES[args.shape].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="simplegpt-bench-"))
     meta = prepare_corpus(args.corpus, work / "data", "char", progress=False)
@@ -75,10 +96,12 @@ def main() -> None:
                        eval_interval=10**9, sample_tokens=0, out_dir=str(work / "gpt2"), num_threads=args.threads,
                        plot=False, tensorboard=False, device="cpu")
     gpt2 = gpt2.replace(peak_flops=peak_flops(gpt2, torch.device("cpu")))
-    llama = gpt2.replace(model=dataclasses.replace(gpt2.model, **LLAMA, n_kv_head=args.n_kv_head),
+    llama = gpt2.replace(model=dataclasses.replace(gpt2.model, **LLAMA, n_kv_head=args.n_kv_head,
+                                                   intermediate_size=args.intermediate_size),
                          out_dir=str(work / "llama"))
     sampler = PackedSampler(TokenShards(work / "data", "train"), args.block_size, args.batch_size, seed=0)
-    log_every = max(5, args.steps // 10)
+    log_every = args.log_every or max(5, args.steps // 10)
+    print("load average at the start: " + " ".join(f"{a:.1f}" for a in os.getloadavg()), flush=True)
     rates: dict[str, list[float]] = {"simplegpt GPT-2": [], "simplegpt Llama-style": [], "transformers Llama": []}
     for r in range(args.rounds):
         rates["simplegpt GPT-2"].append(simplegpt_round(gpt2, args.steps, log_every))
@@ -86,8 +109,8 @@ def main() -> None:
         if not args.skip_hf:
             rates["transformers Llama"].append(hf_llama_round(llama, sampler, meta["vocab_size"], args.steps,
                                                               log_every))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items() if v) + " tok/s",
-              flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items() if v) + " tok/s; load "
+              + " ".join(f"{a:.1f}" for a in os.getloadavg()), flush=True)
     med = {k: statistics.median(v) for k, v in rates.items() if v}
     n_gpt2, n_llama = (GPT(dataclasses.replace(c.model, vocab_size=meta["vocab_size"])).num_parameters()
                        for c in (gpt2, llama))

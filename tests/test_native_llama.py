@@ -21,7 +21,7 @@ if cpu.load() is None and os.environ.get("CI"):
     raise RuntimeError(f"the native kernels must build in CI: {cpu.unavailable_reason()}")
 pytestmark = pytest.mark.skipif(cpu.load() is None, reason=f"native kernels unavailable: {cpu.unavailable_reason()}")
 
-KERNELS = ("rms_norm", "rope", "swiglu", "relu2", "causal_attention")
+KERNELS = ("rms_norm", "rope", "swiglu", "relu2", "causal_attention", "qkv_attention", "swiglu_fused")
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,8 @@ def test_training_twin_runs_the_kernels_with_float64_gradients(name, calls):
     twin.train()
     loss = twin.loss(idx, targets)
     loss.backward()
-    used = {"rms_norm", "rope", "causal_attention", "relu2" if options["mlp"] == "relu2" else "swiglu"}
+    # training: QK-norm, rotary positions and attention as one node from c_attn's output; SwiGLU from c_fc's
+    used = {"rms_norm", "qkv_attention", "relu2" if options["mlp"] == "relu2" else "swiglu_fused"}
     assert used <= set(calls), calls
     assert float(loss.detach()) == pytest.approx(float(want.detach()), abs=1e-5)
     for (n, p), (_, ref) in zip(model.named_parameters(), reference.named_parameters()):
@@ -79,7 +80,7 @@ def test_training_with_kernels_gives_the_losses_of_pytorch_and_resumes_bit_exact
     options = dict(COMBOS[name], dropout=0.0)
     cfg = run_config(tmp_path, corpus, options, out_dir=str(tmp_path / "native"), n_head=2)
     native = train(cfg, progress=False)
-    assert {"rms_norm", "rope", "causal_attention"} <= set(calls)
+    assert {"rms_norm", "qkv_attention"} <= set(calls)
     with cpu.disabled():
         plain = train(run_config(tmp_path, corpus, options, out_dir=str(tmp_path / "plain"), n_head=2),
                       progress=False)
@@ -100,7 +101,7 @@ def test_native_decode_runs_the_kernels_and_gives_the_eager_and_uncached_tokens(
     assert engine.backend.name == "native"
     tokens = [r.token_ids for r in engine.generate(PROMPTS, params)]
     assert calls.get("attention_step", 0) > 0 and calls.get("rms_norm", 0) > 0 and calls.get("rope", 0) > 0
-    assert calls.get("relu2" if COMBOS[name]["mlp"] == "relu2" else "swiglu", 0) > 0
+    assert calls.get("relu2" if COMBOS[name]["mlp"] == "relu2" else "swiglu_fused", 0) > 0
     with cpu.disabled():
         eager = Engine(model, window_shift=5)
         assert eager.backend.name == "eager"

@@ -158,6 +158,108 @@ def test_gqa_attention_forward_and_backward_equal_float64(variant, B, H, Hkv, T,
     compare(llama_ops.causal_attention, ref_attention, [t.contiguous() for t in split(qkv)], g)
 
 
+def test_fused_swiglu_takes_gate_up_and_returns_one_gradient(variant):
+    """swiglu_fused on c_fc's (..., 2F) output: forward and its one (..., 2F) gradient in float64."""
+    for shape in [(1, 2), (3, 5, 2 * 37), (2, 7, 2 * 384), (4, 2 * (4096 + 3))]:
+        torch.manual_seed(sum(shape))
+        h = torch.randn(*shape, dtype=torch.float64) * 3
+        h.view(-1)[:3] = torch.tensor([-100.0, 0.0, 100.0])[: h.numel()]
+        F_ = shape[-1] // 2
+        g = torch.randn(*shape[:-1], F_, dtype=torch.float64)
+        compare(llama_ops.swiglu_fused, lambda t: F.silu(t[..., :F_]) * t[..., F_:], [h], g)
+    with pytest.raises(ValueError, match="swiglu_fused"):
+        llama_ops.swiglu_fused(torch.randn(2, 5))
+
+
+def ref_qkv_attention(qkv, H, K, rope, qk_norm):
+    """model.CausalSelfAttention's heads and attention in PyTorch ops: split, QK-norm, rotate, SDPA."""
+    B, T, W = qkv.shape
+    D = W // (H + 2 * K)
+    q, k, v = qkv.split([H * D, K * D, K * D], dim=2)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
+    if qk_norm is not None:
+        q, k = ref_rms_norm(q, qk_norm[0], qk_norm[2]), ref_rms_norm(k, qk_norm[1], qk_norm[2])
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if rope is not None:
+        q, k = ref_rope(q, *rope), ref_rope(k, *rope)
+    return ref_attention(q, k, v)
+
+
+@pytest.mark.parametrize("B,H,K,T,D", [(2, 4, 2, 13, 32), (3, 2, 1, 2, 8), (2, 6, 2, 19, 16), (1, 2, 2, 11, 96)])
+@pytest.mark.parametrize("rope_kind", [None, "shared", "per-row"])
+@pytest.mark.parametrize("norm", [None, "gain", "no-gain"])
+def test_qkv_attention_with_rope_and_qk_norm_equals_float64(variant, B, H, K, T, D, rope_kind, norm):
+    """qkv_attention from a fused q|k|v product against PyTorch's split/QK-norm/rotate/SDPA in float64,
+    forward and the gradients of the product (one tensor) and of the QK-norm gains."""
+    torch.manual_seed(B * T + D + H + K)
+    qkv = torch.randn(B, T, (H + 2 * K) * D, dtype=torch.float64) * 2
+    g = torch.randn(B, H, T, D, dtype=torch.float64)
+    rope = None
+    if rope_kind is not None:
+        positions = torch.arange(T) if rope_kind == "shared" else torch.randint(0, 500, (B, T))
+        cos, sin = llama_ops.rope_cos_sin(positions, D, 10000.0)
+        rope = cos, sin
+    eps = 1e-6
+    weights = [torch.randn(D, dtype=torch.float64) * 0.5 + 1, torch.randn(D, dtype=torch.float64) * 0.5 + 1]
+    inputs = [qkv] + (weights if norm == "gain" else [])
+
+    def ours(t, *w):
+        qk = None if norm is None else (*(w if w else (None, None)), eps)
+        return llama_ops.qkv_attention(t, H, K, rope, qk)
+
+    def reference(t, *w):
+        qk = None if norm is None else (*(w if w else (None, None)), eps)
+        r = None if rope is None else tuple(x.to(t.dtype) for x in rope)
+        return ref_qkv_attention(t, H, K, r, qk)
+
+    assert llama_ops.qkv_attention_usable(qkv.float(), H, K)
+    compare(ours, reference, inputs, g)
+    y = ours(*[t.float() for t in inputs])
+    assert y.shape == (B, H, T, D) and y.transpose(1, 2).is_contiguous()  # the output projection's layout
+
+
+def test_qkv_attention_usable_and_its_errors():
+    qkv = torch.randn(2, 8, (4 + 2 * 2) * 32)
+    assert llama_ops.qkv_attention_usable(qkv, 4, 2)
+    assert not llama_ops.qkv_attention_usable(qkv, 4, 3)  # 4 query heads do not split over 3
+    assert not llama_ops.qkv_attention_usable(qkv[:, :1], 4, 2)
+    assert not llama_ops.qkv_attention_usable(qkv.double(), 4, 2)
+    assert not llama_ops.qkv_attention_usable(torch.randn(2, 8, (4 + 2 * 2) * 24), 4, 2)  # head size 24
+    cos, sin = llama_ops.rope_cos_sin(torch.arange(7), 32, 10000.0)
+    with pytest.raises(ValueError, match="qkv_attention: heads of 32"):
+        llama_ops.qkv_attention(qkv, 4, 2, (cos, sin))
+
+
+def test_a_llama_training_step_joins_no_gradients():
+    """The training twin of a Llama-style model (rotary, QK-norm, GQA, SwiGLU) computes its loss
+    without a split of c_attn's or c_fc's output in the autograd graph, so backward runs no cat
+    to join their gradients; its gradients equal PyTorch's own model's."""
+    from conftest import make_tiny_gpt
+    from simplegpt.accel.cpu import for_training
+
+    model = make_tiny_gpt(seed=0, vocab_size=50, n_embd=64, n_head=4, n_kv_head=2, positions="rotary",
+                          norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False)
+    idx, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    twin = for_training(model)
+    loss = twin.loss(idx, targets)
+    names, todo, seen = set(), [loss.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    assert not {n for n in names if n.startswith(("Split", "Cat", "Chunk"))}, names
+    assert {"_QKVAttentionBackward", "_FusedSwiGLUBackward"} <= names, names
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.loss(idx, targets).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(ours[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
 def test_attention_usable_refuses_what_the_kernel_does_not_take():
     def qkv(B=1, H=4, Hkv=2, T=8, D=32, dtype=torch.float32):
         return torch.randn(B, H, T, D, dtype=dtype), *(torch.randn(B, Hkv, T, D, dtype=dtype) for _ in range(2))

@@ -2,6 +2,12 @@
 positions (csrc/rope.c), SwiGLU and ReLU^2 (csrc/activation.c) and causal grouped-query attention
 (csrc/attention.c), forward and backward, for fp32 tensors on the CPU.
 
+The training twin (modules.py) takes two fused nodes straight from the linear layers' outputs:
+swiglu_fused from c_fc's gate|up product, and qkv_attention (QK-norm, rotation and attention) from
+c_attn's q|k|v product. Each returns one gradient tensor for that product, written in place by the
+kernels through strides, where splitting the product first would make autograd join the halves'
+gradients with a copy (aten::cat) in every layer's backward.
+
 Each function computes what its docstring's PyTorch expression computes, for inputs that `usable()`
 accepts (attention: `attention_usable()`); callers check first and keep PyTorch's ops otherwise.
 They run with or without autograd (a decode step's RMSNorm, RoPE and activations too); the decode
@@ -174,6 +180,37 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+class _FusedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        h = h.contiguous()
+        F = h.size(-1) // 2
+        y = torch.empty(*h.shape[:-1], F)
+        load().sg_swiglu_fwd(h.data_ptr(), h[..., F:].data_ptr(), y.data_ptr(), y.numel() // F, F, 2 * F, 2 * F)
+        ctx.save_for_backward(h)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        F = h.size(-1) // 2
+        dh = torch.empty(h.shape)  # gate | up gradients side by side, as h: no join afterwards
+        load().sg_swiglu_bwd_ld(h.data_ptr(), h[..., F:].data_ptr(), dy.data_ptr(), dh.data_ptr(),
+                                dh[..., F:].data_ptr(), dy.numel() // F, F, 2 * F, 2 * F, 2 * F)
+        return dh
+
+
+def swiglu_fused(h: torch.Tensor) -> torch.Tensor:
+    """swiglu(*h.chunk(2, -1)) = F.silu(h[..., :F]) * h[..., F:] for a fused gate|up product h
+    (..., 2F), with one gradient tensor (..., 2F) for h: autograd joins no halves. Returns a
+    contiguous (..., F) tensor; ValueError for an odd last dimension."""
+    if h.size(-1) % 2:
+        raise ValueError(f"swiglu_fused: h {tuple(h.shape)} must end in an even gate|up width")
+    return _FusedSwiGLU.apply(h)
+
+
 _ReLU2 = elementwise_function("relu2")
 
 
@@ -231,3 +268,118 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     Returns (B, H, T, D) laid out as (B, T, H, D) in memory, so .transpose(1, 2).reshape(B, T, H * D)
     (the output projection's input) is a view."""
     return _CausalAttention.apply(q, k, v)
+
+
+def _long3(t: torch.Tensor):
+    return (ctypes.c_long * 3)(*_strides(t))
+
+
+class _QKVAttention(torch.autograd.Function):
+    """Causal GQA attention from a fused q|k|v product, QK-norm and rotary positions included: the
+    backward writes the three heads' gradients into one (B, T, (H + 2K) D) tensor in place."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float | None, H: int, K: int) -> torch.Tensor:
+        lib = load()
+        qkv = qkv.contiguous()  # the linear layer's output already is
+        B, T, W = qkv.shape
+        D = W // (H + 2 * K)
+        # (B, n, T, D) views of each part: token rows W floats apart, heads D apart
+        q_in, k_in, v = (qkv[:, :, a * D:(a + n) * D].view(B, T, n, D).transpose(1, 2)
+                         for a, n in ((0, H), (H, K), (H + K, K)))
+        rstd = [None, None]
+        outs = []
+        for i, (x, n, w) in enumerate(((q_in, H, q_w), (k_in, K, k_w))):
+            if eps is None and cos is None:
+                outs.append(x)  # neither normed nor rotated: the attention reads the product itself
+                continue
+            y = torch.empty(B, T, n, D).transpose(1, 2)  # (B, n, T, D) over (B, T, n, D) memory
+            src = x
+            if eps is not None:  # QK-norm of each head's D floats, into y
+                rstd[i] = torch.empty(B * T * n)
+                lib.sg_rmsnorm_fwd_ld(x.data_ptr(), W, None if w is None else w.data_ptr(), y.data_ptr(), n * D,
+                                      rstd[i].data_ptr(), B * T, n, D, eps)
+                src = y
+            if cos is not None:  # rotated in place when normed first
+                lib.sg_rope(src.data_ptr(), _long3(src), cos.data_ptr(), sin.data_ptr(),
+                            0 if cos.dim() == 2 else T * (D // 2), y.data_ptr(), _long3(y), B, n, T, D, 0)
+            outs.append(y)
+        q, k = outs
+        scale = 1.0 / math.sqrt(D)
+        out = torch.empty(B, T, H, D).transpose(1, 2)
+        lse = torch.empty(B, H, T)
+        strides = (ctypes.c_long * 12)(*_strides(q), *_strides(k), *_strides(v), *_strides(out))
+        if not lib.sg_attn_gqa_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                   strides, B, T, H, H // K, D, scale):
+            raise MemoryError("causal attention: no memory for the kernel's scratch buffers")
+        ctx.save_for_backward(qkv, q, k, out, lse, cos, sin, q_w, k_w, *(r for r in rstd if r is not None))
+        ctx.dims, ctx.eps, ctx.scale = (H, K, D), eps, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: torch.Tensor):
+        lib = load()
+        qkv, q, k, out, lse, cos, sin, q_w, k_w, *rstd = ctx.saved_tensors
+        H, K, D = ctx.dims
+        B, T, W = qkv.shape
+        dout = _last_dense(dout)
+        dqkv = torch.empty(B, T, W)
+        parts = [dqkv[:, :, a * D:(a + n) * D].view(B, T, n, D).transpose(1, 2)
+                 for a, n in ((0, H), (H, K), (H + K, K))]
+        v = qkv[:, :, (H + K) * D:].view(B, T, K, D).transpose(1, 2)
+        strides = (ctypes.c_long * 24)(*(s for t in (q, k, v, out, dout, *parts) for s in _strides(t)))
+        if not lib.sg_attn_gqa_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(),
+                                   lse.data_ptr(), *(p.data_ptr() for p in parts), strides, B, T, H, H // K, D,
+                                   ctx.scale):
+            raise MemoryError("causal attention backward: no memory for the kernel's scratch buffers")
+        dws = [None, None]
+        for i, (d, n, w) in enumerate(((parts[0], H, q_w), (parts[1], K, k_w))):
+            if cos is not None:  # the inverse rotation, in place
+                lib.sg_rope(d.data_ptr(), _long3(d), cos.data_ptr(), sin.data_ptr(),
+                            0 if cos.dim() == 2 else T * (D // 2), d.data_ptr(), _long3(d), B, n, T, D, 1)
+            if ctx.eps is not None:  # through QK-norm, in place
+                dw = torch.empty(D) if w is not None and ctx.needs_input_grad[3 + i] else None
+                x = qkv[:, :, (0 if i == 0 else H * D):]
+                if not lib.sg_rmsnorm_bwd_ld(x.data_ptr(), W, None if w is None else w.data_ptr(), rstd[i].data_ptr(),
+                                             d.data_ptr(), W, d.data_ptr(), W, None if dw is None else dw.data_ptr(),
+                                             B * T, n, D):
+                    raise MemoryError("QK-norm backward: no memory for the kernel's partial sums")
+                dws[i] = dw
+        return dqkv, None, None, dws[0], dws[1], None, None, None
+
+
+def qkv_attention_usable(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> bool:
+    """Whether qkv_attention may take qkv (B, T, (n_head + 2 n_kv_head) D): usable(), 2..MAX_ATTENTION_T
+    positions, a head size head_size_ok() takes, and n_head a multiple of n_kv_head."""
+    if qkv.dim() != 3 or n_kv_head < 1 or n_head % n_kv_head or qkv.size(2) % (n_head + 2 * n_kv_head):
+        return False
+    D = qkv.size(2) // (n_head + 2 * n_kv_head)
+    return 1 < qkv.size(1) <= MAX_ATTENTION_T and head_size_ok(D) and usable(qkv)
+
+
+def qkv_attention(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  qk_norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None) -> torch.Tensor:
+    """Causal grouped-query attention of a fused projection qkv (B, T, (H + 2K) D), queries | keys |
+    values with heads side by side (H = n_head, K = n_kv_head), for qkv_attention_usable() inputs:
+    each head's queries and keys RMS-normed when qk_norm = (q gain (D) or None, k gain or None, eps)
+    is given (F.rms_norm over D), then rotated when rope = (cos, sin) is given (the tables rope()
+    takes, shared by every row or one per row), then causal_attention. One gradient tensor
+    (B, T, (H + 2K) D) flows back to qkv (and to the QK-norm gains), with no joins or copies.
+    Returns (B, H, T, D) laid out as (B, T, H, D) in memory (causal_attention's layout); ValueError
+    for rotary tables of another shape, MemoryError where the kernels get no scratch memory."""
+    B, T, W = qkv.shape
+    D = W // (n_head + 2 * n_kv_head)
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope
+        if cos.shape != sin.shape or cos.dim() not in (2, 3) or cos.shape[-2] != T or cos.size(-1) not in (D // 2, D) \
+                or (cos.dim() == 3 and cos.size(0) not in (1, B)):
+            raise ValueError(f"qkv_attention: heads of {D} take cos and sin of (T, D/2) or (B, T, D/2) (D/2 or D "
+                             f"last) for T = {T}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        if cos.dim() == 3 and cos.size(0) == 1:
+            cos, sin = cos[0], sin[0]
+        cos, sin = (t[..., :D // 2].float().contiguous() for t in (cos, sin))
+    q_w, k_w, eps = qk_norm if qk_norm is not None else (None, None, None)
+    return _QKVAttention.apply(qkv, cos, sin, q_w, k_w, eps, n_head, n_kv_head)

@@ -19,10 +19,14 @@ parent's forward otherwise. A GPT-2 model (GPTConfig.is_gpt2) takes the fused GP
 
 and a model with other options (Llama-style blocks) the single ops of llama_ops:
 
-    model.CausalSelfAttention   -> heads(): rotary positions (llama_ops.rope); attend(): causal
-                                   grouped-query attention (llama_ops.causal_attention)
-    model.MLP                   -> SwiGLU or ReLU^2 (llama_ops.swiglu, llama_ops.relu2)
-    nn.RMSNorm                  -> llama_ops.rms_norm (the block's norms, ln_f and QK-norm)
+    model.CausalSelfAttention   -> attend(): QK-norm, rotary positions and causal grouped-query
+                                   attention from c_attn's q|k|v output in one autograd node
+                                   (llama_ops.qkv_attention), one gradient tensor back to it;
+                                   heads(): rotary positions (llama_ops.rope) where a mask or a
+                                   KV cache keeps PyTorch's attention
+    model.MLP                   -> SwiGLU from c_fc's gate|up output with one gradient tensor
+                                   (llama_ops.swiglu_fused), or ReLU^2 (llama_ops.relu2)
+    nn.RMSNorm                  -> llama_ops.rms_norm (the block's norms and ln_f)
     nn.LayerNorm, nn.GELU       -> as above
 
 The caller's model is never changed. The twin has its own train()/eval() flag and hooks; a new
@@ -80,12 +84,13 @@ class LlamaMLP(MLP):
         if self.kind == "gelu" or not llama_ops.usable(x):
             return super().forward(x)
         h = self.c_fc(x)  # (B, T, 2F) gate | up for SwiGLU, else (B, T, F)
-        h = llama_ops.swiglu(*h.chunk(2, dim=-1)) if self.kind == "swiglu" else llama_ops.relu2(h)
+        h = llama_ops.swiglu_fused(h) if self.kind == "swiglu" else llama_ops.relu2(h)
         return self.dropout(self.c_proj(h))
 
 
 class LlamaAttention(CausalSelfAttention):
     def heads(self, qkv: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the path with a mask or a KV cache: rotary positions on the kernel, the rest in PyTorch
         if rope is None or not llama_ops.usable(qkv, *rope):
             return super().heads(qkv, rope)
         q, k, v = super().heads(qkv, None)  # QK-normed, not yet rotated
@@ -94,10 +99,16 @@ class LlamaAttention(CausalSelfAttention):
 
     def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv, rope=None) -> torch.Tensor:
         B, T, _ = qkv.shape
-        if (kv is None and mask is None and not (self.training and self.dropout) and 1 < T <= llama_ops.MAX_ATTENTION_T
-                and llama_ops.head_size_ok(self.head_dim) and llama_ops.usable(qkv)):
-            y = llama_ops.causal_attention(*self.heads(qkv, rope))  # (B, H, T, D) over (B, T, H, D) memory
-            return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        # QK-norm's two RMSNorms take the config's one eps (model.norm_layer); None is PyTorch's default
+        qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if hasattr(self, "q_norm") else None
+        if (kv is None and mask is None and not (self.training and self.dropout)
+                and (qk_norm is None or qk_norm[2] is not None)
+                and llama_ops.qkv_attention_usable(qkv, self.n_head, self.n_kv_head)
+                and (rope is None or llama_ops.usable(*rope))):
+            if rope is not None:
+                rope = tuple(t[:, 0] for t in rope)  # (B or 1, 1, T, D) -> (B or 1, T, D): both halves equal
+            y = llama_ops.qkv_attention(qkv, self.n_head, self.n_kv_head, rope, qk_norm)  # (B, H, T, D)
+            return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # a view: (B, T, H, D) memory
         return super().attend(qkv, mask, kv, rope)
 
 

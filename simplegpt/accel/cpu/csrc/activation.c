@@ -33,17 +33,18 @@ void sg_swiglu_fwd(const float *gate, const float *up, float *y, long R, int F, 
         }
 }
 
-/* dgate, dup (R, F) contiguous from dy (R, F) contiguous: dup = dy silu(g), dgate = dy up silu'(g)
- * with silu'(g) = s (1 + g (1 - s)), s = sigmoid(g) */
-void sg_swiglu_bwd(const float *gate, const float *up, const float *dy, float *dgate, float *dup, long R, int F,
-                   long ldg, long ldu) {
+/* dgate, dup (R, F) with their rows ldd floats apart, from dy (R, F) contiguous: dup = dy silu(g),
+ * dgate = dy up silu'(g) with silu'(g) = s (1 + g (1 - s)), s = sigmoid(g). With ldd = 2F and
+ * dup = dgate + F the gradient of a fused gate|up product is written as one (R, 2F) tensor. */
+void sg_swiglu_bwd_ld(const float *gate, const float *up, const float *dy, float *dgate, float *dup, long R, int F,
+                      long ldg, long ldu, long ldd) {
     long per, items = row_items(R, F, &per);
     int FV = F - F % VF;
 #pragma omp parallel for schedule(static)
     for (long it = 0; it < items; it++)
         for (long r = it * per; r < R && r < (it + 1) * per; r++) {
             const float *g = gate + r * ldg, *u = up + r * ldu, *d = dy + r * F;
-            float *dg = dgate + r * F, *du = dup + r * F;
+            float *dg = dgate + r * ldd, *du = dup + r * ldd;
             int i = 0;
             for (; i < FV; i += VF) {
                 vf gv = vf_load(g + i), s = sigmoid(gv), dv = vf_load(d + i), one = vf_set1(1.0f);
@@ -57,6 +58,12 @@ void sg_swiglu_bwd(const float *gate, const float *up, const float *dy, float *d
                 dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
             }
         }
+}
+
+/* sg_swiglu_bwd_ld with dgate and dup (R, F) contiguous */
+void sg_swiglu_bwd(const float *gate, const float *up, const float *dy, float *dgate, float *dup, long R, int F,
+                   long ldg, long ldu) {
+    sg_swiglu_bwd_ld(gate, up, dy, dgate, dup, R, F, ldg, ldu, F);
 }
 
 /* y = relu(x)^2, n floats */

@@ -29,10 +29,16 @@ SG_API int sg_layernorm_bwd(const float *x, const float *w, const float *mean, c
 SG_API void sg_rmsnorm_fwd(const float *x, const float *w, float *y, float *rstd, long R, int C, float eps);
 SG_API int sg_rmsnorm_bwd(const float *x, const float *w, const float *rstd, const float *dy, float *dx, float *dw,
                           long R, int C);
+SG_API void sg_rmsnorm_fwd_ld(const float *x, long ldx, const float *w, float *y, long ldy, float *rstd, long N, int M,
+                              int C, float eps);
+SG_API int sg_rmsnorm_bwd_ld(const float *x, long ldx, const float *w, const float *rstd, const float *dy, long ldy,
+                             float *dx, long ldd, float *dw, long N, int M, int C);
 
 /* rope.c */
 SG_API void sg_rope_fwd(const float *x, const long *xs, const float *cos, const float *sin, long cs_b, float *y, int B,
                         int H, int T, int D, int inverse);
+SG_API void sg_rope(const float *x, const long *xs, const float *cos, const float *sin, long cs_b, float *y,
+                    const long *ys, int B, int H, int T, int D, int inverse);
 
 /* gelu.c */
 SG_API void sg_gelu_fwd(const float *x, float *y, long n);
@@ -42,6 +48,8 @@ SG_API void sg_gelu_bwd(const float *x, const float *dy, float *dx, long n);
 SG_API void sg_swiglu_fwd(const float *gate, const float *up, float *y, long R, int F, long ldg, long ldu);
 SG_API void sg_swiglu_bwd(const float *gate, const float *up, const float *dy, float *dgate, float *dup, long R, int F,
                           long ldg, long ldu);
+SG_API void sg_swiglu_bwd_ld(const float *gate, const float *up, const float *dy, float *dgate, float *dup, long R,
+                             int F, long ldg, long ldu, long ldd);
 SG_API void sg_relu2_fwd(const float *x, float *y, long n);
 SG_API void sg_relu2_bwd(const float *x, const float *dy, float *dx, long n);
 

@@ -305,16 +305,20 @@ static void attn_bwd_item(const attn_args *a, scratch *s, int b, int g) {
             dots2(g0, two ? g0 + lg : g0, s->vt, D, Tp, n, 1.0f, d0, d0 + Tp);  /* dP = dO_i . V_j */
             for (int r = 0; r <= two; r++) {
                 const float *gi = g0 + (size_t)r * lg, *oi = o + (size_t)(i + r) * lo;
-                float *pr = p0 + (size_t)r * Tp, *dr = d0 + (size_t)r * Tp, delta = 0.0f;
-                for (int d = 0; d < D; d++) delta += gi[d] * oi[d]; /* dO_i . O_i = sum_j P_ij dP_ij */
-                __m256 lv = _mm256_set1_ps(l[i + r]), dv8 = _mm256_set1_ps(delta), sc = _mm256_set1_ps(scale);
+                float *pr = p0 + (size_t)r * Tp, *dr = d0 + (size_t)r * Tp;
+                vf dsum = vf_zero();
+                int d = 0;
+                for (; d + VF <= D; d += VF) dsum = vf_fmadd(vf_load(gi + d), vf_load(oi + d), dsum);
+                float delta = vf_sum(dsum); /* dO_i . O_i = sum_j P_ij dP_ij */
+                for (; d < D; d++) delta += gi[d] * oi[d];
+                /* the build's widest vectors (16 floats in the avx512 build) */
+                vf lv = vf_set1(l[i + r]), dvv = vf_set1(delta), sc = vf_set1(scale);
                 int m = i + r + 1, j = 0;
-                for (; j + 8 <= m; j += 8) {
-                    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lv));
-                    _mm256_storeu_ps(pr + j, p);
+                for (; j + VF <= m; j += VF) {
+                    vf p = vf_exp(vf_sub(vf_load(pr + j), lv));
+                    vf_store(pr + j, p);
                     /* dS = P (dP - delta), times scale for the q.k products */
-                    _mm256_storeu_ps(dr + j,
-                                     _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dr + j), dv8)), sc));
+                    vf_store(dr + j, vf_mul(vf_mul(p, vf_sub(vf_load(dr + j), dvv)), sc));
                 }
                 for (; j < m; j++) {
                     pr[j] = expf(pr[j] - l[i + r]);

@@ -19,18 +19,26 @@ static inline void rope_row(const float *x, const float *c, const float *s, floa
     }
 }
 
-/* y (B, H, T, D) contiguous = rope(x) (inverse: the inverse rotation, for the backward pass), x
- * (B, H, T, D) read through its strides xs[0..2] (batch row, head, position; the D floats
- * contiguous). cos and sin (B or 1, T, D / 2) contiguous: their batch stride cs_b is T D / 2, or 0
- * for one table shared by every row. D is even. */
-void sg_rope_fwd(const float *x, const long *xs, const float *cos, const float *sin, long cs_b, float *y, int B, int H,
-                 int T, int D, int inverse) {
+/* y = rope(x) (inverse: the inverse rotation, for the backward pass), x and y (B, H, T, D) read and
+ * written through their strides xs[0..2] and ys[0..2] (batch row, head, position; the D floats
+ * contiguous), so heads of a fused q|k|v product need no copy and y may be x itself (in place).
+ * cos and sin (B or 1, T, D / 2) contiguous: their batch stride cs_b is T D / 2, or 0 for one table
+ * shared by every row. D is even. */
+void sg_rope(const float *x, const long *xs, const float *cos, const float *sin, long cs_b, float *y, const long *ys,
+             int B, int H, int T, int D, int inverse) {
     long rows = (long)B * H * T;
     float sign = inverse ? -1.0f : 1.0f;
 #pragma omp parallel for schedule(static)
     for (long r = 0; r < rows; r++) {
         long b = r / ((long)H * T), h = r / T % H, t = r % T;
         const float *c = cos + b * cs_b + t * (D / 2), *s = sin + b * cs_b + t * (D / 2);
-        rope_row(x + b * xs[0] + h * xs[1] + t * xs[2], c, s, y + r * D, D, sign);
+        rope_row(x + b * xs[0] + h * xs[1] + t * xs[2], c, s, y + b * ys[0] + h * ys[1] + t * ys[2], D, sign);
     }
+}
+
+/* sg_rope with y (B, H, T, D) contiguous */
+void sg_rope_fwd(const float *x, const long *xs, const float *cos, const float *sin, long cs_b, float *y, int B, int H,
+                 int T, int D, int inverse) {
+    long ys[3] = {(long)H * T * D, (long)T * D, D};
+    sg_rope(x, xs, cos, sin, cs_b, y, ys, B, H, T, D, inverse);
 }
