@@ -387,8 +387,10 @@ def main() -> None:
     slow = {"simplegpt uncached": simplegpt_runner(Engine(model, use_cache=False), prompt, args.uncached_tokens, []),
             "tutorial loop": tutorial_runner(model, prompt, args.uncached_tokens)}
     gguf = {"llama.cpp f32": args.gguf_f32, "llama.cpp q8_0": args.gguf_q8}
+    written = None  # the folder of GGUF files written for this run, removed after the last measurement
     if args.llama_bench and not (args.gguf_f32 and args.gguf_q8):
-        gguf = write_bench_gguf(model, Path(tempfile.mkdtemp(prefix="bench-gguf-")))
+        written = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
+        gguf = write_bench_gguf(model, written)
     llama: list[dict[str, list[float]]] = []
     reader = ReadLoop(args.read_mb, len(os.sched_getaffinity(0))) if on_cpu and args.read_mb > 0 else None
     # per round: (seconds, the read loop's GB/s just before, just after) of the bandwidth-bound engines
@@ -413,6 +415,8 @@ def main() -> None:
                 bound[name].append((t, before, reader.gbps()))
             best[name] = min(best[name], t)
     measure_llama()  # and after the last round
+    if written is not None:
+        shutil.rmtree(written)
     rows = {name: args.batch if "batch" in name else 1 for name in best}  # tokens per step
     rates = {name: rows[name] * (args.uncached_tokens if name in slow else args.new_tokens) / t
              for name, t in best.items()}
