@@ -195,15 +195,19 @@ def hf_runner(model: GPT, prompts: list[list[int]], n: int):
     return run
 
 
+_LLAMA_EXTRA: list[str] = []  # llama-bench's extra options, once its default died of SIGILL
+
+
 def llama_bench(binary: str, models: dict[str, str], threads: int, prompt_len: int, n: int) -> dict[str, list[float]]:
     """llama.cpp decode tokens/s (its tg test, 2 repetitions) for each GGUF file, from llama-bench's JSON output."""
     args = [binary, "-t", str(threads), "-p", str(prompt_len), "-n", str(n), "-r", "2", "-o", "json"]
     for path in models.values():
         args += ["-m", path]
-    out = subprocess.run(args, capture_output=True, text=True)
-    if out.returncode == -signal.SIGILL:
-        print("llama-bench died of SIGILL (an instruction this CPU lacks): measured again with --repack 0")
-        out = subprocess.run(args + ["--repack", "0"], capture_output=True, text=True)
+    out = subprocess.run(args + _LLAMA_EXTRA, capture_output=True, text=True)
+    if out.returncode == -signal.SIGILL and not _LLAMA_EXTRA:
+        print("llama-bench died of SIGILL (an instruction this CPU lacks): measured with --repack 0 from now on")
+        _LLAMA_EXTRA.extend(["--repack", "0"])
+        out = subprocess.run(args + _LLAMA_EXTRA, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
     rows = json.loads(out.stdout)

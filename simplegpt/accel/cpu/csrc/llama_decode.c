@@ -24,8 +24,8 @@ long sg_llama_block1_scratch(int B, const int *dims, int S, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     long C = dims[DIM_C], HD = (long)dims[DIM_H] * dims[DIM_D], KD = (long)dims[DIM_K] * dims[DIM_D];
     long F = dims[DIM_F], F2 = dims[DIM_MLP] == MLP_SWIGLU ? 2 * F : F;
-    /* xn, qkv, att, tmp, h (and SwiGLU's product), cos | sin, scores */
-    return B * (2 * C + HD + 2 * KD + HD + F2 + F) + dims[DIM_D] + (long)S * (threads < 1 ? 1 : threads);
+    /* xn, qkv, att, tmp, h (and SwiGLU's product), each row's cos | sin, scores */
+    return B * (2 * C + HD + 2 * KD + HD + F2 + F + dims[DIM_D]) + (long)S * (threads < 1 ? 1 : threads);
 }
 
 static void norm_rows(const float *x, const float *w, const float *b, float *y, int B, int C, int kind, float eps) {
@@ -36,18 +36,18 @@ static void norm_rows(const float *x, const float *w, const float *b, float *y, 
     }
 }
 
-/* One block for one token of each of B rows, x (B, C) in place (see sg_llama_blocks1). */
+/* One block for one token of each of B rows, x (B, C) in place (see sg_llama_blocks1); cs: each row's
+ * D / 2 cosines then D / 2 sines of its rotary angles, NULL without rotary positions. */
 static void llama_block1(float *x, const float **p, const float **scales, float *kc, float *vc, long head_stride,
-                         long row_stride, int B, int pos, const int64_t *positions, const int64_t *mask,
-                         long mask_stride, const int *dims, const float *inv_freq, float eps, float qk_eps,
-                         float *scratch, int threads) {
+                         long row_stride, int B, int pos, const int64_t *mask, long mask_stride, const int *dims,
+                         const float *cs, float eps, float qk_eps, float *scratch, int threads) {
     const float *s[BLOCK_NSCALES] = {NULL};
     if (scales) for (int i = 0; i < BLOCK_NSCALES; i++) s[i] = scales[i];
     int C = dims[DIM_C], H = dims[DIM_H], K = dims[DIM_K], D = dims[DIM_D], F = dims[DIM_F];
     int mlp = dims[DIM_MLP], F2 = mlp == MLP_SWIGLU ? 2 * F : F, W = (H + 2 * K) * D; /* c_attn's width */
     size_t BC = (size_t)B * C;
     float *xn = scratch, *qkv = xn + BC, *att = qkv + (size_t)B * W, *tmp = att + (size_t)B * H * D;
-    float *h = tmp + BC, *act = h + (size_t)B * F2, *cs = act + (size_t)B * F, *scores = cs + D;
+    float *h = tmp + BC, *act = h + (size_t)B * F2, *scores = act + (size_t)B * F;
     float rstd;
     norm_rows(x, p[LN1_W], p[LN1_B], xn, B, C, dims[DIM_NORM], eps);
     gemv_pooled(p[ATTN_W], s[ATTN_S], xn, p[ATTN_B], qkv, B, W, C, threads);
@@ -57,13 +57,8 @@ static void llama_block1(float *x, const float **p, const float **scales, float 
             for (int hd = 0; hd < H; hd++) rmsnorm_row(q + hd * D, p[Q_NORM_W], q + hd * D, &rstd, D, qk_eps);
             for (int hd = 0; hd < K; hd++) rmsnorm_row(k + hd * D, p[K_NORM_W], k + hd * D, &rstd, D, qk_eps);
         }
-        if (inv_freq) { /* the angles of rotary_angles (model.py): position * inv_freq, in float */
-            float *c = cs, *sn = cs + D / 2, at = (float)positions[b];
-            for (int i = 0; i < D / 2; i++) {
-                float a = at * inv_freq[i];
-                c[i] = cosf(a);
-                sn[i] = sinf(a);
-            }
+        if (cs) {
+            const float *c = cs + (size_t)b * D, *sn = c + D / 2;
             for (int hd = 0; hd < H; hd++) rope_row(q + hd * D, c, sn, q + hd * D, D, 1.0f);
             for (int hd = 0; hd < K; hd++) rope_row(k + hd * D, c, sn, k + hd * D, D, 1.0f);
         }
@@ -106,10 +101,22 @@ int sg_llama_blocks1(float *x, const float **p, const float **scales, float **kc
                      const int *dims, int L, const float *inv_freq, float eps, float qk_eps, float *scratch,
                      int threads) {
     if (B < 1 || B > MAX_ROWS) return -1;
+    int D = dims[DIM_D];
+    float *cs = NULL;
+    if (inv_freq) { /* every layer's angles: rotary_angles' (model.py), position * inv_freq in float */
+        cs = scratch;
+        scratch += (size_t)B * D;
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < D / 2; i++) {
+                float a = (float)positions[b] * inv_freq[i];
+                cs[(size_t)b * D + i] = cosf(a);
+                cs[(size_t)b * D + D / 2 + i] = sinf(a);
+            }
+    }
     pool_lock();
     for (int l = 0; l < L; l++)
         llama_block1(x, p + LLAMA_NSLOTS * l, scales ? scales + BLOCK_NSCALES * l : NULL, kc[l], vc[l], head_stride,
-                     row_stride, B, pos, positions, mask, mask_stride, dims, inv_freq, eps, qk_eps, scratch, threads);
+                     row_stride, B, pos, mask, mask_stride, dims, cs, eps, qk_eps, scratch, threads);
     pool_unlock();
     return 0;
 }
