@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from types import NoneType
 from typing import ContextManager, Iterator
 
 import torch
@@ -133,7 +132,8 @@ def decode_blocks(view: GPT) -> list[BlockTensors] | None:
             return None
         slots = [(_submodule(block, path), name) for path, name in (BLOCK_SLOTS if gpt2 else native.LLAMA_SLOTS)]
         # every projection: one wrapped by an adapter (LoRA) is of neither kind, and runs the view's forward
-        linears = [m for m, name in slots if name == "weight" and not isinstance(m, (nn.LayerNorm, nn.RMSNorm, NoneType))]
+        linears = [m for m, name in slots
+                   if name == "weight" and m is not None and not isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
         kinds = {type(m) for m in linears}
         if kinds not in ({NativeLinear}, {NativeInt8Linear}):
             return None
