@@ -333,7 +333,8 @@ def main() -> None:
     if args.skip_llama:
         args.llama_bench = None
     if args.llama_bench and args.checkpoint and not (args.gguf_f32 and args.gguf_q8):
-        p.error("--llama-bench with --checkpoint: give its GGUF files (--gguf-f32, --gguf-q8; simplegpt export-gguf writes them)")
+        p.error("--llama-bench with --checkpoint: give its GGUF files (--gguf-f32, --gguf-q8; "
+                "simplegpt export-gguf writes them)")
     if args.llama_bench and args.preset == "gpt2" and not args.checkpoint:
         args.gguf_f32 = args.gguf_f32 or "/tmp/gpt2-rand-f32.gguf"
         args.gguf_q8 = args.gguf_q8 or "/tmp/gpt2-rand-q8_0.gguf"

@@ -153,7 +153,8 @@ def decode_against_uncached(model, monkeypatch, prompts=PROMPTS, new_tokens=24, 
     step (prefills and decode steps alike) equal the uncached forward of each row's context, and the
     tokens the uncached reference loop's. Returns (decode steps, LlamaDecodeBlocks calls)."""
     steps, c_calls = [], []
-    real_next, real_decode, real_blocks = NativeBatch.next_logits, NativeBatch.decode_step, decode.LlamaDecodeBlocks.__call__
+    real_next, real_decode = NativeBatch.next_logits, NativeBatch.decode_step
+    real_blocks = decode.LlamaDecodeBlocks.__call__
 
     def next_logits(self, rows, active, still):
         logits = real_next(self, rows, active, still)

@@ -163,7 +163,8 @@ class DecodeBlocks:
         L, self.batch, H, self.max_len, D = k.shape
         self._keep = blocks, k, v  # the tensors behind the pointers
         ptr = ctypes.c_void_p
-        self.params = (ptr * (len(self.slots) * L))(*(None if t is None else t.data_ptr() for params, _ in blocks for t in params))
+        self.params = (ptr * (len(self.slots) * L))(*(None if t is None else t.data_ptr()
+                                                       for params, _ in blocks for t in params))
         self.scales = (ptr * (4 * L))(*(t.data_ptr() for _, scales in blocks for t in scales)) if int8 else None
         self.k = (ptr * L)(*(k[i].data_ptr() for i in range(L)))
         self.v = (ptr * L)(*(v[i].data_ptr() for i in range(L)))
