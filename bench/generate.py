@@ -10,10 +10,14 @@
     python bench/generate.py --preset smollm2-135m --batch 0  # a Llama-style model against LlamaForCausalLM
 
 With --llama-bench (built by ../shared/bench/llamacpp_anchor.sh, which also writes the random GPT-2
-GGUF files it reads), llama.cpp's f32 and q8_0 decode speeds are measured at the start of each
-round and after the last (2 repetitions each), with the same threads, prompt and new-token
-counts, and the ratios are printed against its best repetition, as simplegpt's best round counts
-(its figure excludes the prompt, simplegpt's includes the prefill).
+GGUF files it reads for --preset gpt2), llama.cpp's f32 and q8_0 decode speeds are measured at the
+start of each round and after the last (2 repetitions each), with the same threads, prompt and
+new-token counts, and the ratios are printed against its best repetition, as simplegpt's best round
+counts (its figure excludes the prompt, simplegpt's includes the prefill). For another preset the
+bench model itself is written as f32 and q8_0 GGUF files (simplegpt.gguf_export.write_gguf, what
+`simplegpt export-gguf` writes, with the byte tokenizer's vocabulary padded to the model's), so
+llama.cpp decodes the same weights. Where llama.cpp's repacked q8_0 kernels die of SIGILL (seen
+on some AVX-512 hosts) its measurement is retried with `--repack 0`, and the output says so.
 
 A Llama-style preset (llama-*, smollm2-135m, qwen3-0.6b) is measured against Hugging Face's
 LlamaForCausalLM or Qwen3ForCausalLM of the same shape (random weights as well).
@@ -56,6 +60,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -190,14 +195,40 @@ def hf_runner(model: GPT, prompts: list[list[int]], n: int):
     return run
 
 
+_LLAMA_EXTRA: list[str] = []  # llama-bench's extra options, once its default died of SIGILL
+
+
 def llama_bench(binary: str, models: dict[str, str], threads: int, prompt_len: int, n: int) -> dict[str, list[float]]:
     """llama.cpp decode tokens/s (its tg test, 2 repetitions) for each GGUF file, from llama-bench's JSON output."""
     args = [binary, "-t", str(threads), "-p", str(prompt_len), "-n", str(n), "-r", "2", "-o", "json"]
     for path in models.values():
         args += ["-m", path]
-    rows = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    out = subprocess.run(args + _LLAMA_EXTRA, capture_output=True, text=True)
+    if out.returncode == -signal.SIGILL and not _LLAMA_EXTRA:
+        print("llama-bench died of SIGILL (an instruction this CPU lacks): measured with --repack 0 from now on")
+        _LLAMA_EXTRA.extend(["--repack", "0"])
+        out = subprocess.run(args + _LLAMA_EXTRA, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    rows = json.loads(out.stdout)
     by_file = {r["model_filename"]: r["samples_ts"] for r in rows if r["n_gen"] > 0}
     return {name: by_file[path] for name, path in models.items()}
+
+
+def write_bench_gguf(model: GPT, folder: Path) -> dict[str, str]:
+    """The bench model as f32 and q8_0 GGUF files in folder (what `simplegpt export-gguf` writes), with
+    the byte tokenizer's vocabulary padded to the model's: llama.cpp's side of the same weights."""
+    from simplegpt.gguf_export import write_gguf
+    from simplegpt.tokenizer import ByteTokenizer
+
+    files = {}
+    for name, kind in (("llama.cpp f32", "f32"), ("llama.cpp q8_0", "q8_0")):
+        t0 = time.perf_counter()
+        result = write_gguf(model, ByteTokenizer(), folder / f"bench-{kind}.gguf", type=kind, progress=False)
+        print(f"wrote {result.path} ({result.architecture}, {kind}, {result.bytes / 1e6:.0f} MB) "
+              f"in {time.perf_counter() - t0:.0f}s")
+        files[name] = str(result.path)
+    return files
 
 
 def busy_process(cpu: int | None) -> subprocess.Popen:
@@ -283,8 +314,9 @@ def main() -> None:
                    help="also measure Engine(compile=True): compiled static-cache decode steps (CUDA graphs on cuda)")
     p.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench binary: measure llama.cpp too")
     p.add_argument("--skip-llama", action="store_true", help="don't measure llama.cpp even if --llama-bench is given")
-    p.add_argument("--gguf-f32", default="/tmp/gpt2-rand-f32.gguf", help="f32 GGUF for --llama-bench")
-    p.add_argument("--gguf-q8", default="/tmp/gpt2-rand-q8_0.gguf", help="q8_0 GGUF for --llama-bench")
+    p.add_argument("--gguf-f32", help="f32 GGUF for --llama-bench (default: /tmp/gpt2-rand-f32.gguf for --preset gpt2, "
+                   "else the bench model written as GGUF)")
+    p.add_argument("--gguf-q8", help="q8_0 GGUF for --llama-bench (default: as --gguf-f32, q8_0)")
     p.add_argument("--read-mb", type=int, default=512,
                    help="MB the C read loop (the bandwidth limit) reads on the CPU; 0 = don't measure it")
     p.add_argument("--contention", action="store_true",
@@ -300,10 +332,14 @@ def main() -> None:
         p.error("--device cuda: CUDA is not available on this machine")
     if args.skip_llama:
         args.llama_bench = None
-    if args.llama_bench and (args.checkpoint or args.preset != "gpt2"):
-        p.error("--llama-bench measures GPT-2 124M GGUF files: compare them with --preset gpt2 (the default)")
+    if args.llama_bench and args.checkpoint and not (args.gguf_f32 and args.gguf_q8):
+        p.error("--llama-bench with --checkpoint: give its GGUF files (--gguf-f32, --gguf-q8; "
+                "simplegpt export-gguf writes them)")
+    if args.llama_bench and args.preset == "gpt2" and not args.checkpoint:
+        args.gguf_f32 = args.gguf_f32 or "/tmp/gpt2-rand-f32.gguf"
+        args.gguf_q8 = args.gguf_q8 or "/tmp/gpt2-rand-q8_0.gguf"
     for path in [args.llama_bench, args.gguf_f32, args.gguf_q8] if args.llama_bench else []:
-        if not Path(path).is_file():
+        if path is not None and not Path(path).is_file():
             p.error(f"{path} does not exist (../shared/bench/llamacpp_anchor.sh builds llama-bench and writes the GGUF files)")
     device = torch.device(args.device)
     on_cpu = device.type == "cpu"
@@ -356,6 +392,10 @@ def main() -> None:
     slow = {"simplegpt uncached": simplegpt_runner(Engine(model, use_cache=False), prompt, args.uncached_tokens, []),
             "tutorial loop": tutorial_runner(model, prompt, args.uncached_tokens)}
     gguf = {"llama.cpp f32": args.gguf_f32, "llama.cpp q8_0": args.gguf_q8}
+    written = None  # the folder of GGUF files written for this run, removed after the last measurement
+    if args.llama_bench and not (args.gguf_f32 and args.gguf_q8):
+        written = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
+        gguf = write_bench_gguf(model, written)
     llama: list[dict[str, list[float]]] = []
     reader = ReadLoop(args.read_mb, len(os.sched_getaffinity(0))) if on_cpu and args.read_mb > 0 else None
     # per round: (seconds, the read loop's GB/s just before, just after) of the bandwidth-bound engines
@@ -380,6 +420,8 @@ def main() -> None:
                 bound[name].append((t, before, reader.gbps()))
             best[name] = min(best[name], t)
     measure_llama()  # and after the last round
+    if written is not None:
+        shutil.rmtree(written)
     rows = {name: args.batch if "batch" in name else 1 for name in best}  # tokens per step
     rates = {name: rows[name] * (args.uncached_tokens if name in slow else args.new_tokens) / t
              for name, t in best.items()}

@@ -5,8 +5,10 @@ NativeLinear and every simplegpt.quantize Int8Linear for a NativeInt8Linear: the
 A NativeLinear's calls of up to MAX_ROWS rows without autograd (decode steps of up to 16
 sequences, short prefills) take the gemv kernel; a NativeInt8Linear's calls in decode steps take
 the int8 kernel (see there). A decode step of a plain GPT-2 model (model.Block blocks, linears
-all fp32 or all int8) runs all its blocks in one DecodeBlocks call. Other models (Llama-style
-blocks) run the view's forward, whose RMSNorms, MLPs and attention also call kernels
+all fp32 or all int8) runs all its blocks in one DecodeBlocks call, and one of a model with the
+Llama-style options (RMSNorm, rotary positions, GQA, QK-norm, SwiGLU or ReLU^2) in one
+LlamaDecodeBlocks call. Prefills, and decode steps of blocks neither call takes (adapters, mixed
+linears), run the view's forward, whose RMSNorms, MLPs and attention also call kernels
 (accel.cpu.modules' RMSNorm and LlamaMLP, and NativeAttention: rotary positions and, in decode
 steps, grouped-query attention over the KV cache with native.attention_step). The caller's model
 is never changed.
@@ -113,23 +115,31 @@ def native_view(model: GPT) -> GPT | None:
 
 
 def decode_blocks(view: GPT) -> list[BlockTensors] | None:
-    """Each block's tensors in BLOCK_SLOTS order (and the int8 row scales of its linears) for
-    native.DecodeBlocks, or None where the view's blocks are not plain GPT-2 blocks on the CPU with
-    fp32 or int8 native linears, all of one kind (other options' blocks run the view's forward)."""
-    if not view.config.is_gpt2:  # the kernels' block is GPT-2's
-        return None
+    """Each block's tensors in BLOCK_SLOTS order for native.DecodeBlocks (a GPT-2 model), or in
+    LLAMA_SLOTS order for native.LlamaDecodeBlocks (the other options), with the int8 row scales of
+    its linears; None where the view's blocks are not plain blocks on the CPU with fp32 or int8 native
+    linears, all of one kind (then its decode steps run the view's forward)."""
+    gpt2 = view.config.is_gpt2
+    attention, mlp = (CausalSelfAttention, MLP) if gpt2 else (NativeAttention, modules.LlamaMLP)
     blocks = []
     for block in view.transformer.h:
-        if type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP:
+        if type(block) is not Block or type(block.attn) is not attention or type(block.mlp) is not mlp:
             return None
-        slots = [(block.get_submodule(path), name) for path, name in BLOCK_SLOTS]
+        # the kernel's norms: RMSNorm with or without a gain, LayerNorm with one
+        if not gpt2 and not all((type(m) is modules.RMSNorm and m.eps is not None)
+                                or (type(m) is nn.LayerNorm and m.weight is not None)
+                                for m in block.modules() if isinstance(m, (nn.RMSNorm, nn.LayerNorm))):
+            return None
+        slots = [(_submodule(block, path), name) for path, name in (BLOCK_SLOTS if gpt2 else native.LLAMA_SLOTS)]
         # every projection: one wrapped by an adapter (LoRA) is of neither kind, and runs the view's forward
-        linears = [m for m, name in slots if name == "weight" and not isinstance(m, nn.LayerNorm)]
+        linears = [m for m, name in slots
+                   if name == "weight" and m is not None and not isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
         kinds = {type(m) for m in linears}
         if kinds not in ({NativeLinear}, {NativeInt8Linear}):
             return None
         int8 = kinds == {NativeInt8Linear}
-        tensors = [m.qweight if int8 and name == "weight" and isinstance(m, Int8Linear) else getattr(m, name)
+        # None for a missing bias or gain, and for QK-norm's without QK-norm (RMSNorm has no bias)
+        tensors = [m.qweight if int8 and name == "weight" and isinstance(m, Int8Linear) else getattr(m, name, None)
                    for m, name in slots]
         scales = [m.scale for m in linears] if int8 else None
         floats = [t for t in tensors if t is not None and t.dtype != torch.int8] + (scales or [])
@@ -139,17 +149,32 @@ def decode_blocks(view: GPT) -> list[BlockTensors] | None:
     return blocks or None
 
 
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    """block's submodule at path, None where it has none (QK-norm's without QK-norm)."""
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 class NativeBatch(Batch):
     """A Batch whose short forward passes run on the kernels' threads (native.decoding) and whose
-    decode steps run the blocks in one DecodeBlocks call where the backend has a block plan."""
+    decode steps run the blocks in one DecodeBlocks (GPT-2) or LlamaDecodeBlocks call where the backend
+    has a block plan."""
 
     def __init__(self, backend: "NativeBackend", batch_size: int):
         super().__init__(backend, batch_size)
         self.blocks: native.DecodeBlocks | None = None  # the pointers, gathered once per call
         if backend.blocks is not None and self.cache is not None:
             cfg = self.model.config
-            self.blocks = native.DecodeBlocks(backend.blocks, self.cache.k, self.cache.v, cfg.n_head,
-                                              cfg.layer_norm_epsilon)
+            if cfg.is_gpt2:
+                self.blocks = native.DecodeBlocks(backend.blocks, self.cache.k, self.cache.v, cfg.n_head,
+                                                  cfg.layer_norm_epsilon)
+            else:
+                block = self.model.transformer.h[0]
+                qk_norm = getattr(block.attn, "q_norm", None)
+                self.blocks = native.LlamaDecodeBlocks(backend.blocks, self.cache.k, self.cache.v, cfg, block.ln_1.eps,
+                                                       cfg.rms_norm_eps if qk_norm is None else qk_norm.eps)
 
     def decode_step(self, last: list[int]) -> torch.Tensor:
         with decode_step():
@@ -163,15 +188,21 @@ class NativeBatch(Batch):
         if self.blocks is None or idx.size(0) > MAX_ROWS:
             return super().step_hidden(idx, mask)
         tr, cache = self.model.transformer, self.cache
-        x = tr.wte(idx[:, 0]) + tr.wpe(self.next_pos[:, 0])  # (B, C)
-        self.blocks(x, cache.length, mask)
+        pos = self.next_pos[:, 0].contiguous()  # (B,) each row's position: its real tokens so far
+        x = tr.wte(idx[:, 0])  # (B, C)
+        if "wpe" in tr:
+            x = x + tr.wpe(pos)
+        if isinstance(self.blocks, native.LlamaDecodeBlocks):
+            self.blocks(x, cache.length, mask, pos)
+        else:
+            self.blocks(x, cache.length, mask)
         cache.advance(1)
         return tr.ln_f(x)
 
 
 class NativeBackend(Backend):
     """The CPU kernels' backend (see the module docstring): `model` is native_view(model), `blocks`
-    the DecodeBlocks plan (None: decode steps run the view's forward)."""
+    the DecodeBlocks or LlamaDecodeBlocks plan (None: decode steps run the view's forward)."""
 
     name = "native"
 

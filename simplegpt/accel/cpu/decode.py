@@ -1,13 +1,14 @@
 """Decoding kernels: matrix-vector products over all cores (csrc/gemv.c), one step's attention over
-a KV cache with grouped-query heads (csrc/attention_decode.c), and a whole GPT-2 decode step
-(csrc/block.c).
+a KV cache with grouped-query heads (csrc/attention_decode.c), and a whole decode step of a GPT-2
+model (csrc/block.c) or of one with the Llama-style options (csrc/llama_decode.c).
 
 At batch 1 every decode step streams all the weights once, and PyTorch's BLAS matrix-vector
 path reads them with one core at ~10-12 GB/s on a 2-core machine; gemv.c splits the rows over
 the cores, four distant row streams per core, and streams ~33-45 GB/s there (docs/benchmarks.md).
 `linear` is such a product for up to MAX_ROWS rows (`linear_int8` its int8 twin); `DecodeBlocks`
 runs all of a model's GPT-2 blocks for one decode step in one call, without ~20 PyTorch calls
-around each. Callers check `lib.load()` first: these functions assume the library is loaded.
+around each, and `LlamaDecodeBlocks` those of the other options (RMSNorm, rotary positions,
+grouped-query attention, QK-norm, SwiGLU or ReLU^2). Callers check `lib.load()` first: these functions assume the library is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ import torch
 from . import lib
 from .lib import MAX_INT8_IN, MAX_ROWS, load, unavailable_reason  # noqa: F401 (callers check load() first)
 from .slots import BLOCK_SLOTS
+
+# A Llama-style block's tensors for LlamaDecodeBlocks: BLOCK_SLOTS (the same module names: c_attn holds
+# q | k | v, the MLP's c_fc gate | up), then the QK-norm gains (csrc/llama_decode.c's Q_NORM_W, K_NORM_W)
+LLAMA_SLOTS = BLOCK_SLOTS + (("attn.q_norm", "weight"), ("attn.k_norm", "weight"))
+MLP_KINDS = ("gelu", "swiglu", "relu2")  # llama_decode.c's MLP_* order
+NORM_KINDS = ("layernorm", "rmsnorm")  # and its NORM_* order
 
 _threads = 0  # threads of the innermost decoding() block; 0 outside
 _pool = 0  # threads the kernel's pool has (a forked child starts with none)
@@ -141,17 +148,23 @@ class DecodeBlocks:
     max_len, head_dim) keys and values.
     """
 
+    slots = BLOCK_SLOTS
+
     def __init__(self, blocks: list[tuple[list[torch.Tensor | None], list[torch.Tensor] | None]],
                  k: torch.Tensor, v: torch.Tensor, n_head: int, eps: float):
+        name = type(self).__name__
         int8 = blocks[0][1] is not None
         if any((scales is not None) != int8 for _, scales in blocks):
-            raise ValueError("DecodeBlocks: every block must have int8 linears, or none")
+            raise ValueError(f"{name}: every block must have int8 linears, or none")
+        if any(len(params) != len(self.slots) for params, _ in blocks):
+            raise ValueError(f"{name}: each block takes {len(self.slots)} tensors")
         if k.shape != v.shape or k.stride() != v.stride() or k.stride(-1) != 1 or k.stride(-2) != k.size(-1):
-            raise ValueError("DecodeBlocks: k and v must be alike, each slot's head_dim floats contiguous")
+            raise ValueError(f"{name}: k and v must be alike, each slot's head_dim floats contiguous")
         L, self.batch, H, self.max_len, D = k.shape
         self._keep = blocks, k, v  # the tensors behind the pointers
         ptr = ctypes.c_void_p
-        self.params = (ptr * (len(BLOCK_SLOTS) * L))(*(None if t is None else t.data_ptr() for params, _ in blocks for t in params))
+        self.params = (ptr * (len(self.slots) * L))(*(None if t is None else t.data_ptr()
+                                                       for params, _ in blocks for t in params))
         self.scales = (ptr * (4 * L))(*(t.data_ptr() for _, scales in blocks for t in scales)) if int8 else None
         self.k = (ptr * L)(*(k[i].data_ptr() for i in range(L)))
         self.v = (ptr * L)(*(v[i].data_ptr() for i in range(L)))
@@ -159,20 +172,26 @@ class DecodeBlocks:
         self.C, self.L, self.n_head, self.eps = H * D, L, n_head, eps
         self.scratch = torch.empty(0)
 
-    def __call__(self, x: torch.Tensor, pos: int, mask: torch.Tensor | None = None) -> None:
-        """Every block on x ((B, C) contiguous fp32, in place; B <= MAX_ROWS and the cache's batch)
-        for each row's token at cache slot pos: its key and value are written there, and it attends
-        to the slots 0..pos that mask (B, >= pos + 1) int64, 1 = real, marks (all of them without)."""
+    def check(self, x: torch.Tensor, pos: int, mask: torch.Tensor | None) -> int:
+        """The rows B of x; ValueError for arguments __call__ does not take."""
+        name = type(self).__name__
         B = x.numel() // self.C
         if not 0 <= pos < self.max_len:
             raise ValueError(f"cache slot {pos} outside [0, {self.max_len})")
         if not (x.is_contiguous() and x.dtype == torch.float32 and x.numel() == B * self.C
                 and 1 <= B <= min(MAX_ROWS, self.batch)):
-            raise ValueError(f"DecodeBlocks: x must be 1..{min(MAX_ROWS, self.batch)} contiguous fp32 rows of "
+            raise ValueError(f"{name}: x must be 1..{min(MAX_ROWS, self.batch)} contiguous fp32 rows of "
                              f"{self.C}, got {tuple(x.shape)} {x.dtype}")
         if mask is not None and not (mask.dtype == torch.int64 and mask.size(0) >= B and mask.size(1) > pos
                                      and mask.stride(1) == 1):
-            raise ValueError(f"DecodeBlocks: mask must be int64 (>= {B}, > {pos}) with contiguous rows")
+            raise ValueError(f"{name}: mask must be int64 (>= {B}, > {pos}) with contiguous rows")
+        return B
+
+    def __call__(self, x: torch.Tensor, pos: int, mask: torch.Tensor | None = None) -> None:
+        """Every block on x ((B, C) contiguous fp32, in place; B <= MAX_ROWS and the cache's batch)
+        for each row's token at cache slot pos: its key and value are written there, and it attends
+        to the slots 0..pos that mask (B, >= pos + 1) int64, 1 = real, marks (all of them without)."""
+        B = self.check(x, pos, mask)
         threads = _call_threads()
         need = lib._lib.sg_block1_scratch(B, self.C, self.max_len, threads)
         if self.scratch.numel() < need:
@@ -180,3 +199,58 @@ class DecodeBlocks:
         lib._lib.sg_blocks1(x.data_ptr(), self.params, self.scales, self.k, self.v, self.head_stride, self.row_stride, B,
                         pos, None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
                         self.C, self.n_head, self.L, self.eps, self.scratch.data_ptr(), threads)
+
+
+class LlamaDecodeBlocks(DecodeBlocks):
+    """DecodeBlocks for blocks with the Llama-style options (sg_llama_blocks1 in csrc/llama_decode.c):
+    RMSNorm with or without a gain (or LayerNorm with one), rotary positions, grouped-query attention
+    over the KV cache, QK-norm, a SwiGLU, ReLU^2 or GELU MLP, biases or none.
+
+    blocks: per block its tensors in LLAMA_SLOTS' order (None for a missing bias, gain or QK-norm),
+    and its int8 row scales as for DecodeBlocks. k, v: the KV cache's (n_layer, batch, n_kv_head,
+    max_len, head_dim) keys and values. config: the model's GPTConfig (its shape and options);
+    eps: the block norms' epsilon, qk_eps QK-norm's. ValueError for a norm kind or an MLP it does not
+    know, or a LayerNorm without a gain.
+    """
+
+    slots = LLAMA_SLOTS
+
+    def __init__(self, blocks, k: torch.Tensor, v: torch.Tensor, config, eps: float, qk_eps: float):
+        if lib._lib.sg_llama_slots() != len(LLAMA_SLOTS):
+            raise RuntimeError(f"the library's Llama block takes {lib._lib.sg_llama_slots()} tensors, "
+                               f"not LLAMA_SLOTS' {len(LLAMA_SLOTS)}")
+        super().__init__(blocks, k, v, config.n_head, eps)
+        if config.mlp not in MLP_KINDS or config.norm not in NORM_KINDS:
+            raise ValueError(f"LlamaDecodeBlocks: no kernel for norm {config.norm!r} with mlp {config.mlp!r}")
+        if config.norm == "layernorm" and any(params[LLAMA_SLOTS.index(("ln_1", "weight"))] is None
+                                              for params, _ in blocks):
+            raise ValueError("LlamaDecodeBlocks: a LayerNorm without a gain has no kernel")
+        H, K, D = config.n_head, config.kv_heads, config.head_dim
+        if k.size(2) != K or k.size(4) != D:
+            raise ValueError(f"LlamaDecodeBlocks: the cache holds {k.size(2)} heads of {k.size(4)}, "
+                             f"the model {K} of {D}")
+        self.C, self.qk_eps = config.n_embd, qk_eps
+        self.dims = (ctypes.c_int * 8)(config.n_embd, H, K, D, config.ffn_size, MLP_KINDS.index(config.mlp),
+                                       NORM_KINDS.index(config.norm), int(config.qk_norm))
+        # rotary_angles' frequencies (model.py), computed as it does them
+        self.inv_freq = None
+        if config.positions == "rotary":
+            self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2).float() / D))  # (D/2,)
+
+    def __call__(self, x: torch.Tensor, pos: int, mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> None:
+        """As DecodeBlocks.__call__, with positions (B,) int64 contiguous: each row's rotary position
+        (needed with rotary positions; ignored without)."""
+        B = self.check(x, pos, mask)
+        if self.inv_freq is not None and not (positions is not None and positions.dtype == torch.int64
+                                              and positions.numel() >= B and positions.is_contiguous()):
+            raise ValueError(f"LlamaDecodeBlocks: positions must be >= {B} contiguous int64, one a row")
+        threads = _call_threads()
+        need = lib._lib.sg_llama_block1_scratch(B, self.dims, self.max_len, threads)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need)
+        lib._lib.sg_llama_blocks1(x.data_ptr(), self.params, self.scales, self.k, self.v, self.head_stride,
+                                  self.row_stride, B, pos, None if self.inv_freq is None else positions.data_ptr(),
+                                  None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                                  self.dims, self.L, None if self.inv_freq is None else self.inv_freq.data_ptr(),
+                                  self.eps, self.qk_eps, self.scratch.data_ptr(), threads)

@@ -38,7 +38,8 @@ HERE = Path(__file__).parent / "csrc"
 # one family of ops a file (each op written once, used by decoding and training alike), then the
 # block and the whole model composed of them
 SOURCES = [HERE / f"{name}.c" for name in ("pool", "gemv", "layernorm", "rmsnorm", "rope", "gelu", "activation",
-                                           "attention", "attention_decode", "matmul", "adamw", "block", "model")]
+                                           "attention", "attention_decode", "matmul", "adamw", "block", "llama_decode",
+                                           "model")]
 HEADERS = [HERE / f"{name}.h" for name in ("api", "kernels", "simd", "simd_portable", "slots")]
 # only api.h's functions are exported (SG_API); the rest can be inlined across the files' own calls
 FLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden"]
@@ -103,6 +104,9 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "sg_block_slot": (ctypes.c_char_p, [_I]),
     "sg_block1_scratch": (_L, [_I] * 4),
     "sg_blocks1": (_I, [_P] * 5 + [_L] * 2 + [_I] * 2 + [_P, _L] + [_I] * 3 + [_F, _P, _I]),
+    "sg_llama_slots": (_I, []),
+    "sg_llama_block1_scratch": (_L, [_I, _P, _I, _I]),
+    "sg_llama_blocks1": (_I, [_P] * 5 + [_L] * 2 + [_I] * 2 + [_P] * 2 + [_L, _P, _I, _P] + [_F] * 2 + [_P, _I]),
     "sg_block_saved_floats": (_L, [_I] * 5),
     "sg_block_fwd": (_I, [_P] * 4 + [_I] * 5 + [_F] * 2),
     "sg_block_bwd": (_I, [_P] * 6 + [_I] * 5),

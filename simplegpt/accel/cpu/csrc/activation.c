@@ -16,21 +16,21 @@ static inline long row_items(long R, int F, long *rows) {
 
 /* y (R, F) contiguous = silu(gate) * up, gate and up (R, F) with their rows ldg and ldu floats
  * apart (the halves of a fused gate|up product need no copy) */
+/* one row of F floats on the calling thread (also the decode step's, llama_decode.c) */
+void swiglu_row(const float *g, const float *u, float *yr, int F) {
+    int FV = F - F % VF, i = 0;
+    for (; i < FV; i += VF) {
+        vf gv = vf_load(g + i);
+        vf_store(yr + i, vf_mul(vf_mul(gv, sigmoid(gv)), vf_load(u + i)));
+    }
+    for (; i < F; i++) yr[i] = g[i] * sigmoid1(g[i]) * u[i];
+}
+
 void sg_swiglu_fwd(const float *gate, const float *up, float *y, long R, int F, long ldg, long ldu) {
     long per, items = row_items(R, F, &per);
-    int FV = F - F % VF;
 #pragma omp parallel for schedule(static)
     for (long it = 0; it < items; it++)
-        for (long r = it * per; r < R && r < (it + 1) * per; r++) {
-            const float *g = gate + r * ldg, *u = up + r * ldu;
-            float *yr = y + r * F;
-            int i = 0;
-            for (; i < FV; i += VF) {
-                vf gv = vf_load(g + i);
-                vf_store(yr + i, vf_mul(vf_mul(gv, sigmoid(gv)), vf_load(u + i)));
-            }
-            for (; i < F; i++) yr[i] = g[i] * sigmoid1(g[i]) * u[i];
-        }
+        for (long r = it * per; r < R && r < (it + 1) * per; r++) swiglu_row(gate + r * ldg, up + r * ldu, y + r * F, F);
 }
 
 /* dgate, dup (R, F) with their rows ldd floats apart, from dy (R, F) contiguous: dup = dy silu(g),
@@ -66,15 +66,19 @@ void sg_swiglu_bwd(const float *gate, const float *up, const float *dy, float *d
     sg_swiglu_bwd_ld(gate, up, dy, dgate, dup, R, F, ldg, ldu, F);
 }
 
+/* y = relu(x)^2, n floats on the calling thread (also the decode step's, llama_decode.c) */
+void relu2_span(const float *x, float *y, long n) {
+    long i = 0;
+    for (; i + VF <= n; i += VF) {
+        vf r = vf_max(vf_load(x + i), vf_zero());
+        vf_store(y + i, vf_mul(r, r));
+    }
+    for (; i < n; i++) y[i] = x[i] > 0.0f ? x[i] * x[i] : 0.0f;
+}
+
 /* y = relu(x)^2, n floats */
 void sg_relu2_fwd(const float *x, float *y, long n) {
-    SG_FOR_EACH_CHUNK(n, i, end) {
-        for (; i + VF <= end; i += VF) {
-            vf r = vf_max(vf_load(x + i), vf_zero());
-            vf_store(y + i, vf_mul(r, r));
-        }
-        for (; i < end; i++) y[i] = x[i] > 0.0f ? x[i] * x[i] : 0.0f;
-    }
+    SG_FOR_EACH_CHUNK(n, i, end) relu2_span(x + i, y + i, end - i);
 }
 
 /* dx = 2 relu(x) dy, n floats */

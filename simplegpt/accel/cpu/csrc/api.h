@@ -83,6 +83,14 @@ SG_API int sg_block_fwd(const float *x, float *const *prm, float *y, float *save
 SG_API int sg_block_bwd(const float *x, float *const *prm, const float *saved, const float *dy, float *dx,
                         float *const *grad, int B, int T, int C, int F, int H);
 
+/* llama_decode.c: a decode step of a model with the Llama-style options */
+SG_API int sg_llama_slots(void);
+SG_API long sg_llama_block1_scratch(int B, const int *dims, int S, int threads);
+SG_API int sg_llama_blocks1(float *x, const float **p, const float **scales, float **kc, float **vc, long head_stride,
+                            long row_stride, int B, int pos, const int64_t *positions, const int64_t *mask,
+                            long mask_stride, const int *dims, int L, const float *inv_freq, float eps, float qk_eps,
+                            float *scratch, int threads);
+
 /* model.c: the whole model with its loss, for a training step */
 SG_API long sg_gpt_head_floats(int B, int T, int C, int V);
 SG_API int sg_gpt_fwd(const long *idx, const long *tgt, int B, int T, int C, int V, int L, int F, int H, float eps,

@@ -42,6 +42,13 @@ void gelu_span(const float *x, float *y, long n);
 void bias_gelu_fwd(float *u, const float *b, float *y, long M, int N);
 int gelu_bwd_db(const float *u, const float *dy, float *du, float *db, long M, int N);
 
+/* rmsnorm.c, rope.c, activation.c: one row (span) of the Llama-style ops on the calling thread, the
+ * ops' only forward loops (the decode step, llama_decode.c, calls them per row) */
+void rmsnorm_row(const float *xr, const float *w, float *yr, float *rstd, int C, float eps);
+void rope_row(const float *x, const float *c, const float *s, float *y, int D, float sign);
+void swiglu_row(const float *g, const float *u, float *yr, int F);
+void relu2_span(const float *x, float *y, long n);
+
 /* attention.c: the softmax of training, decoding and the loss */
 float softmax_row(float *p, int n);
 /* attention_decode.c: one decode step (G query heads per key/value head) */

@@ -5,8 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* one row: y = x * rstd * w (w NULL: no gain); rstd is kept for the backward */
-static void rmsnorm_row(const float *xr, const float *w, float *yr, float *rstd, int C, float eps) {
+/* one row: y = x * rstd * w (w NULL: no gain); rstd is kept for the backward (also the decode
+ * step's, llama_decode.c) */
+void rmsnorm_row(const float *xr, const float *w, float *yr, float *rstd, int C, float eps) {
     int CV = C - C % VF, i;
     vf s = vf_zero();
     for (i = 0; i < CV; i += VF) {

@@ -3,8 +3,9 @@
  * D / 2 angles, y = (x1 c - x2 s, x2 c + x1 s). The backward is the inverse rotation (s -> -s). */
 #include "kernels.h"
 
-/* one row of D floats: y = rope(x) with sign = 1, its inverse with sign = -1 (y may be x) */
-static inline void rope_row(const float *x, const float *c, const float *s, float *y, int D, float sign) {
+/* one row of D floats: y = rope(x) with sign = 1, its inverse with sign = -1 (y may be x); c and s
+ * the D / 2 cosines and sines (also the decode step's, llama_decode.c) */
+void rope_row(const float *x, const float *c, const float *s, float *y, int D, float sign) {
     int half = D / 2, HV = half - half % VF, i;
     vf sg = vf_set1(sign);
     for (i = 0; i < HV; i += VF) {
