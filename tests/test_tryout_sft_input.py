@@ -59,3 +59,13 @@ def test_a_file_that_is_not_parquet_is_one_line_in_a_real_process(tmp_path, byte
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"simplegpt train: error: {source}: not a Parquet file ("), proc.stderr
+
+
+def test_prepare_names_a_jsonl_line_nested_too_deeply(tmp_path, capsys):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.jsonl").write_text('{"text": "hello"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    rc = main(["prepare", str(tmp_path / "texts"), "-o", str(tmp_path / "data")])
+    err = capsys.readouterr().err.strip()
+    where = tmp_path / "texts" / "a.jsonl"
+    assert rc == 1 and err == f"simplegpt prepare: error: {where}:2: the JSON is nested too deeply to read"
+    assert not (tmp_path / "data").exists()
