@@ -90,16 +90,18 @@ def load_conversations(source: str | os.PathLike | Iterable[dict],
     'hf:NAME[:CONFIG]' (the train split of a Hugging Face dataset), or a `datasets` Dataset (any
     iterable of records). With a tokenizer, every conversation's text is
     checked to encode with it: a character vocabulary that lacks a character is a DataError naming the
-    line. DataError for bad input (see read_jsonl); MissingDependencyError when `datasets` is needed
-    and missing; OSError for an unreadable file."""
+    line. DataError for bad input (see read_jsonl), a missing source, or a folder or .parquet file that
+    `datasets` cannot read; MissingDependencyError when `datasets` is needed and missing; OSError for an
+    unreadable JSONL file."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if str(source).startswith("hf:"):
             conversations = dataset_conversations(_hub_dataset(str(source)[3:]), str(source))
+        elif not path.exists():
+            raise DataError(f"{source}: no such file or folder; give a JSONL file, a folder written by datasets' "
+                            "save_to_disk, a .parquet file or hf:NAME")
         elif path.is_dir() or path.suffix == ".parquet":
-            datasets = _datasets(str(path))
-            data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
-            conversations = dataset_conversations(data, path.name)
+            conversations = dataset_conversations(_local_dataset(path), path.name)
         else:
             conversations = read_jsonl(path)
     else:
@@ -117,6 +119,21 @@ def _datasets(what: str) -> Any:
         raise MissingDependencyError(f"reading {what} needs Hugging Face datasets: "
                                      'pip install "simplegpt-toolkit[datasets]"') from None
     return datasets
+
+
+def _local_dataset(path: Path) -> Any:
+    """The Dataset of a save_to_disk folder or a .parquet file; DataError of one line when it is neither."""
+    datasets = _datasets(str(path))
+    try:
+        if path.is_dir():
+            return datasets.load_from_disk(str(path))
+        import pyarrow.parquet  # datasets' own reader; read here first, as datasets would also log the failure
+        pyarrow.parquet.read_schema(path)
+        return datasets.Dataset.from_parquet(str(path))
+    except (OSError, ValueError) as e:  # datasets: FileNotFoundError for another folder; pyarrow: ArrowInvalid
+        what = "a folder written by datasets' save_to_disk" if path.is_dir() else "a Parquet file"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not {what} ({first})") from None
 
 
 def _hub_dataset(spec: str) -> Any:

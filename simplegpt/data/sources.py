@@ -80,6 +80,8 @@ def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not a JSON line ({e.msg} at column {e.colno}); each line must be one "
                                 "JSON object") from None
+            except RecursionError:  # the json module recurses once per level of nesting
+                raise DataError(f"{where}: the JSON is nested too deeply to read") from None
             yield where, record
 
 
