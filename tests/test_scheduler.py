@@ -116,9 +116,22 @@ def test_prompts_queued_together_are_prefilled_in_one_pass_and_stream_their_firs
     assert [c.outcome[0].token_ids for c in got] == alone
 
 
-def test_chunked_prefill_gives_what_one_pass_gives(engine):
+@pytest.fixture(params=["gpt2", "qwen3"])
+def chunk_engine(request, engine):
+    """The engine fixture's GPT-2 engines, and a Qwen3-style one on the kernels (rotary positions
+    from a chunk's offset, grouped-query attention over the cached chunks)."""
+    if request.param == "gpt2":
+        return engine
+    from test_llama import QWEN3
+
+    tok = get_tokenizer("byte")
+    return Engine(make_tiny_gpt(seed=1, scale=4.0, vocab_size=tok.vocab_size, n_positions=24, **QWEN3), tok)
+
+
+def test_chunked_prefill_gives_what_one_pass_gives(chunk_engine):
     """Prompts longer than a chunk (and rows that slide past the window and are re-encoded in
     chunks) give the same greedy tokens whatever the chunk, and what each gives alone."""
+    engine = chunk_engine
     params = SamplingParams(max_new_tokens=14, temperature=0.0, stop_at_eos=False)
     prompts = [[65 + (7 * i + k) % 50 for k in range(n)] for i, n in enumerate([21, 5, 13, 24, 9, 17])]
     alone = [engine.generate([p], params)[0].token_ids for p in prompts]
