@@ -8,6 +8,12 @@ native CPU kernels and its split of each batch over the cores, as a user gets th
 is the loop a transformers user writes. Prints tokens/s for both, the ratio and MFU.
 
     .venv/bin/python bench/train_throughput.py [--steps 100] [--rounds 3] [--threads 2]
+    .venv/bin/python bench/train_throughput.py --dtypes float32,bfloat16 [--n_layer 6 --n_embd 384 ...]
+
+--dtypes trains simplegpt alone once per dtype in each round (its `dtype` option: bfloat16 is
+torch.autocast on the CPU) on the same batches from the same initial weights, and prints each
+dtype's tokens/s and its loss every log interval beside float32's: whether BF16 autocast trains
+faster at an equal loss curve.
 """
 
 from __future__ import annotations
@@ -34,10 +40,35 @@ from simplegpt.trainer import core_shards, peak_flops, train  # noqa: E402
 
 def simplegpt_round(cfg: TrainConfig, steps: int, log_every: int) -> float:
     """Median tokens/s of the trainer's log windows (the first window, with warm-up, left out)."""
+    return simplegpt_run(cfg, steps, log_every)[0]
+
+
+def simplegpt_run(cfg: TrainConfig, steps: int, log_every: int) -> tuple[float, list[float]]:
+    """simplegpt_round's tokens/s, and the training loss at every log step."""
     train(cfg.replace(max_iters=steps, log_interval=log_every), overwrite=True, progress=False, log=lambda s: None)
     records = [json.loads(ln) for ln in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tok_per_s"] for r in records if r["kind"] == "train"][1:]
-    return statistics.median(rates)
+    records = [r for r in records if r["kind"] == "train"]
+    return statistics.median([r["tok_per_s"] for r in records][1:]), [r["loss"] for r in records]
+
+
+def compare_dtypes(cfg: TrainConfig, dtypes: list[str], rounds: int, steps: int, log_every: int) -> None:
+    """simplegpt alone in each dtype, alternating in rounds: tokens/s (median over rounds) and the
+    loss curves (the last round's; every round starts from the same seed and batches)."""
+    rates: dict[str, list[float]] = {d: [] for d in dtypes}
+    losses: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for d in dtypes:
+            rate, losses[d] = simplegpt_run(cfg.replace(dtype=d), steps, log_every)
+            rates[d].append(rate)
+        print(f"round {r + 1}: " + ", ".join(f"{d} {rates[d][-1]:,.0f} tok/s" for d in dtypes), flush=True)
+    base = dtypes[0]
+    for d in dtypes:
+        ratio = statistics.median(rates[d]) / statistics.median(rates[base])
+        print(f"{d:>9}: {statistics.median(rates[d]):,.0f} tok/s ({ratio:.2f}x {base}); loss every {log_every} steps: "
+              + " ".join(f"{x:.3f}" for x in losses[d]))
+        if d != base:
+            gap = max(abs(a - b) for a, b in zip(losses[d], losses[base]))
+            print(f"{'':>9}  largest loss difference from {base}: {gap:.4f}")
 
 
 def hf_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, steps: int, log_every: int) -> float:
@@ -89,6 +120,8 @@ def main() -> None:
     ap.add_argument("--cpu-shards", type=int, default=0,
                     help="simplegpt's cpu_shards (0 = its default: one share of each batch per thread; 1 = split "
                          "every op over the threads instead, as PyTorch does)")
+    ap.add_argument("--dtypes", help="comma-separated dtypes (float32,bfloat16): compare simplegpt's training in "
+                                      "each, instead of against transformers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="simplegpt-bench-"))
@@ -100,6 +133,11 @@ def main() -> None:
     cfg = cfg.replace(peak_flops=peak_flops(cfg, torch.device("cpu")))
     sampler = PackedSampler(TokenShards(work / "data", "train"), cfg.block_size, cfg.batch_size, seed=0)
     log_every = max(5, args.steps // 10)
+    if args.dtypes:
+        print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
+              f"batch {cfg.batch_size}; {args.threads} threads; {args.steps} steps a run")
+        compare_dtypes(cfg, args.dtypes.split(","), args.rounds, args.steps, log_every)
+        return
     ours, theirs = [], []
     for r in range(args.rounds):
         ours.append(simplegpt_round(cfg, args.steps, log_every))

@@ -85,16 +85,21 @@ def test_concurrent_requests_equal_each_alone(engine):
                                                                               abs=1e-5)
 
 
-def test_an_admitted_row_streams_its_first_token_before_the_next_prompts_prefill(engine, monkeypatch):
-    """Three requests queued at once are admitted in one iteration: each one's first piece comes
-    right after its own prefill, not after all three, and they still equal each alone."""
+def test_prompts_queued_together_are_prefilled_in_one_pass_and_stream_their_first_tokens_after_it(engine, monkeypatch):
+    """Three requests queued at once are prefilled together in one forward pass (not one pass each),
+    each one's first piece comes right after that pass, before any decode step, and they still
+    equal each alone."""
     params = SamplingParams(max_new_tokens=3, temperature=0.0, stop_at_eos=False)
     prompts = ["one", "two two", "three"]
     alone = [engine.generate([p], params)[0].token_ids for p in prompts]
     batcher = ContinuousBatcher(engine, max_batch=4)
     events = []
-    real = batcher.solo.prefill
-    monkeypatch.setattr(batcher.solo, "prefill", lambda rows: events.append("prefill") or real(rows))
+    model = batcher.fill.model
+    real = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda idx, *a, **kw: events.append(("prefill", idx.size(0)))
+                        or real(idx, *a, **kw))
+    real_step = batcher.batch.decode_step
+    monkeypatch.setattr(batcher.batch, "decode_step", lambda last: events.append("step") or real_step(last))
     try:
         got = [Collector(1) for _ in prompts]
         with batcher.cond:  # the batcher's thread sees all three at once
@@ -107,8 +112,82 @@ def test_an_admitted_row_streams_its_first_token_before_the_next_prompts_prefill
             assert c.done.wait(60)
     finally:
         batcher.stop(10)
-    assert events[:6] == ["prefill", "one", "prefill", "two two", "prefill", "three"]
+    assert events[0] == ("prefill", 3) and sorted(events[1:4]) == sorted(prompts) and events[4] == "step"
     assert [c.outcome[0].token_ids for c in got] == alone
+
+
+@pytest.fixture(params=["gpt2", "qwen3"])
+def chunk_engine(request, engine):
+    """The engine fixture's GPT-2 engines, and a Qwen3-style one on the kernels (rotary positions
+    from a chunk's offset, grouped-query attention over the cached chunks)."""
+    if request.param == "gpt2":
+        return engine
+    from test_llama import QWEN3
+
+    tok = get_tokenizer("byte")
+    return Engine(make_tiny_gpt(seed=1, scale=4.0, vocab_size=tok.vocab_size, n_positions=24, **QWEN3), tok)
+
+
+def test_chunked_prefill_gives_what_one_pass_gives(chunk_engine):
+    """Prompts longer than a chunk (and rows that slide past the window and are re-encoded in
+    chunks) give the same greedy tokens whatever the chunk, and what each gives alone."""
+    engine = chunk_engine
+    params = SamplingParams(max_new_tokens=14, temperature=0.0, stop_at_eos=False)
+    prompts = [[65 + (7 * i + k) % 50 for k in range(n)] for i, n in enumerate([21, 5, 13, 24, 9, 17])]
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    for chunk in (3, 10, 10_000):
+        batcher = ContinuousBatcher(engine, max_batch=3, prefill_tokens=chunk)  # a queue, and mixed groups
+        try:
+            got = [Collector(1) for _ in prompts]
+            for p, c in zip(prompts, got):
+                batcher.submit([p], params, c.piece, c.finish)
+            for c in got:
+                assert c.done.wait(60)
+        finally:
+            batcher.stop(10)
+        assert [c.outcome[0].token_ids for c in got] == alone, f"prefill_tokens={chunk}"
+
+
+def test_a_long_prompts_prefill_holds_the_running_rows_back_one_chunk_at_a_time(engine, monkeypatch):
+    """A 20-token prompt arriving while a row decodes is prefilled 4 token positions at a time
+    (prefill_tokens=4), with a decode step of the running row between every two chunks: the running
+    row waits for one chunk a step, not for the whole prompt. Steps are counted, not timed."""
+    batcher = ContinuousBatcher(engine, max_batch=4, prefill_tokens=4)
+    events = []
+    model = engine.backend.model  # the view every batch of this engine runs
+    real = model.hidden_states
+
+    def hidden_states(idx, *args, kv_cache=None, **kw):
+        if kv_cache is not batcher.batch.cache:  # a prefill (the eager decode step runs it too)
+            events.append(("prefill", idx.numel()))
+        return real(idx, *args, kv_cache=kv_cache, **kw)
+
+    monkeypatch.setattr(model, "hidden_states", hidden_states)
+    real_step = batcher.batch.decode_step
+    monkeypatch.setattr(batcher.batch, "decode_step", lambda last: events.append(("step", len(last))) or real_step(last))
+    run_params = SamplingParams(max_new_tokens=20, temperature=0.0, stop_at_eos=False)  # stays in the window
+    long_prompt, long_params = [66 + k % 40 for k in range(20)], SamplingParams(max_new_tokens=3, temperature=0.0)
+    running, long = Collector(1), Collector(1)
+
+    def running_piece(row, text, tokens):
+        running.piece(row, text, tokens)
+        if tokens >= 2 and "long submitted" not in events:  # on the batcher's thread: its next iteration sees it
+            events.append("long submitted")
+            batcher.submit([long_prompt], long_params, long.piece, long.finish)
+
+    try:
+        batcher.submit(["A"], run_params, running_piece, running.finish)
+        assert running.done.wait(60) and long.done.wait(60)
+    finally:
+        batcher.stop(10)
+    after = events[events.index("long submitted") + 1:]
+    chunks = [n for kind, n in (e for e in after if e[0] == "prefill")]
+    assert sum(chunks) == 20 and max(chunks) <= 4 and len(chunks) == 5
+    kinds = [e[0] for e in after]
+    firsts = [k for k, e in enumerate(kinds) if e == "prefill"]
+    assert all("step" in kinds[a:b] for a, b in zip(firsts, firsts[1:]))  # the running row decodes between chunks
+    assert running.outcome[0].token_ids == engine.generate(["A"], run_params)[0].token_ids
+    assert long.outcome[0].token_ids == engine.generate([long_prompt], long_params)[0].token_ids
 
 
 def test_a_cancelled_request_leaves_and_its_slot_is_reused(engine):
@@ -255,7 +334,7 @@ def test_a_backend_whose_batches_keep_their_rows_in_place_runs_through_the_plain
         assert not e.backend.movable_rows
         batcher = ContinuousBatcher(e, max_batch=4)
         try:
-            assert type(batcher.batch) is Batch and type(batcher.solo) is Batch
+            assert type(batcher.batch) is Batch and type(batcher.fill) is Batch
             params = SamplingParams(max_new_tokens=30, seed=3, temperature=0.9)
             got = Collector(2)
             batcher.submit(["ROMEO:", "JULIET:"], params, got.piece, got.finish)

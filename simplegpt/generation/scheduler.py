@@ -6,23 +6,28 @@
     ticket.cancel()  # leaves at the next step; its slot is reused
 
 A request (a Ticket: one or more prompts sharing SamplingParams) waits in a queue until the batch
-has room, is prefilled alone and joins the running batch at the next step; a finished or
-cancelled row leaves at once; a request whose prefill, sampling or callbacks raise ends with
-that error alone (on_done(error)) while the others go on. Each row keeps its own parameters,
+has room, is prefilled (below) and joins the running batch; a finished or cancelled row leaves at
+once; a request whose sampling or callbacks raise ends with that error alone (on_done(error)), and
+a prefill chunk that raises ends the requests it was encoding, while the others go on. Each row keeps its own parameters,
 generator, stop strings, max_new_tokens and logprobs, so a request gives what Engine.generate gives
 for it alone.
 
 The cache is one KVCache of max_batch rows over a shared timeline (the slot `cache.length` that
 every row's next token is written to). A row's cached tokens are the `cached[j]` slots just
 before it, right-aligned; the slots before them are padding (mask 0), which the attention skips.
-A joining row is prefilled alone (a one-row batch, as alone) and its keys and values copied in;
-when the timeline reaches the window every row is moved to the right of a shorter one
-(`_repack`: a copy, the numbers unchanged). A row whose own context fills the window slides as
-it would alone: its oldest `window_shift` tokens dropped and the rest re-encoded alone.
-At most `prefill_tokens` prompt tokens are prefilled between two decode steps (one prompt at
-least), so a burst of long prompts delays the running decodes by about one prefill each step; each
-admitted row samples (and streams) its first token right after its own prefill, before the next
-prompt's, so the first request of a burst does not wait for the burst's other prefills.
+When the timeline reaches the window every row is moved to the right of a shorter one
+(`_repack`: a copy, the numbers unchanged).
+
+New rows are prefilled in chunks between decode steps (`Filling`): the rows waiting when no
+prefill is under way are encoded together, in a KVCache of their own, each from slot 0 (no
+padding: positions as alone), at most `prefill_tokens` token positions of all of them between
+two decode steps. So a long prompt holds the running rows back by one chunk a step, not by its
+whole prefill, and a burst of short prompts is one batched forward pass instead of one pass each.
+A row whose prompt ends in a chunk joins the running batch at once (its keys and values copied
+in) and samples (and streams) its first token right after that chunk, while longer prompts of
+its group go on. A row whose own context fills the window slides as it would alone: its oldest
+`window_shift` tokens dropped, it leaves the running batch and is re-encoded the same way, ahead
+of the queue.
 """
 
 from __future__ import annotations
@@ -72,8 +77,9 @@ class Ticket:
 
 class ContinuousBatcher:
     """Runs every submitted request's rows in one batch of up to max_batch rows (see the module
-    docstring), on a thread of its own started here. Raises ValueError for an engine without a
-    KV cache or a max_batch below 1."""
+    docstring), on a thread of its own started here. prefill_tokens: token positions prefilled
+    between two decode steps (rows x positions of a chunk; one position at least). Raises
+    ValueError for an engine without a KV cache or a max_batch below 1."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, prefill_tokens: int = 512):
         if not engine.use_cache:
@@ -85,13 +91,17 @@ class ContinuousBatcher:
         # Here rows come and go: a backend whose batches keep their rows in place (the compiled
         # backend's static batches) runs its steps eagerly through the plain Batch.
         make = backend.new_batch if backend.movable_rows else (lambda n: Batch(backend, n))
-        self.batch, self.solo = make(max_batch), make(1)
+        # the running rows, and the rows being prefilled (their pages are touched only as they fill)
+        self.batch, self.fill = make(max_batch), make(max_batch)
         cache = self.batch.cache
         cache.k.zero_()  # padding slots are skipped or weighted 0, and 0 * NaN would be NaN
         cache.v.zero_()
         self.batch.mask = torch.zeros(max_batch, engine.window, dtype=torch.long, device=engine.device)
         self.slots: list[tuple[Ticket, int]] = []  # (ticket, row) of cache row j
         self.cached: list[int] = []  # tokens cached for cache row j (right-aligned before cache.length)
+        # (ticket, row) of fill cache row b, longest context first: the rows still encoding are the first ones
+        self.filling: list[tuple[Ticket, int]] = []
+        self.refill: collections.deque[tuple[Ticket, int]] = collections.deque()  # slid rows, re-encoded first
         self.queue: collections.deque[Ticket] = collections.deque()
         self.jobs: collections.deque = collections.deque()  # (fn, done) run between steps
         self.queued_rows = 0
@@ -102,8 +112,8 @@ class ContinuousBatcher:
 
     @property
     def active_rows(self) -> int:
-        """Rows in the running batch now."""
-        return len(self.slots)
+        """Rows admitted now: running, being prefilled, or waiting to be re-encoded after a slide."""
+        return len(self.slots) + len(self.filling) + len(self.refill)
 
     def submit(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
                on_piece: PieceCallback, on_done: DoneCallback) -> Ticket:
@@ -139,12 +149,12 @@ class ContinuousBatcher:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not (self.stopping or self.queue or self.jobs or self.slots):
+                while not (self.stopping or self.queue or self.jobs or self.active_rows):
                     self.cond.wait()
                 if self.stopping:
                     break
                 # one job between two steps: a burst of jobs (a scoring flood) delays the running rows'
-                # decode by one job a step, as a burst of prompts delays it by one prefill budget
+                # decode by one job a step, as a burst of prompts delays it by one prefill chunk
                 jobs = [self.jobs.popleft()] if self.jobs else []
             for fn, done in jobs:
                 try:
@@ -163,24 +173,29 @@ class ContinuousBatcher:
         self._fail_all(None)
 
     def _fail_all(self, error: BaseException | None) -> None:
-        tickets = {t for t, _ in self.slots}
+        tickets = {t for t, _ in [*self.slots, *self.filling, *self.refill]}
         with self.cond:
             tickets |= set(self.queue)
             self.queue.clear()
             self.queued_rows = 0
-        self.slots, self.cached = [], []
+        self.slots, self.cached, self.filling = [], [], []
+        self.refill.clear()
         self.batch.cache.reset()
+        self.fill.cache.reset()
         for t in tickets:
             t.finish(error)
 
     def _iteration(self) -> None:
-        """Cancelled rows leave; one decode step for the running rows (slides re-encoded alone); new
-        rows admitted within the prefill budget; every row that got logits samples its token."""
+        """Cancelled rows leave; one decode step for the running rows (rows that slide leave for
+        re-encoding); then prefill chunks within the budget, each row sampling its first token
+        right after the chunk its context ends in."""
         self._drop_cancelled()
         logits = self._step() if self.slots else None
         if logits is not None:
             self._sample(list(range(len(self.slots))), logits)
-        self._admit()
+        budget = self.prefill_tokens
+        while budget > 0 and (self.filling or self._start_filling()):
+            budget -= self._fill_chunk(budget)
 
     def _drop_cancelled(self) -> None:
         with self.cond:
@@ -188,61 +203,142 @@ class ContinuousBatcher:
                 self.queue.remove(t)
                 self.queued_rows -= len(t.waiting)
                 t.finish(None)
-        gone = {t for t, _ in self.slots if t.cancelled}
+        gone = {t for t, _ in [*self.slots, *self.filling, *self.refill] if t.cancelled}
         for t in gone:
             t.waiting.clear()
         for j in reversed(range(len(self.slots))):
             if self.slots[j][0].cancelled:
                 self._leave(j)
+        self._unfill(lambda t: t.cancelled)
         for t in gone:
             t.finish(None)
 
-    def _step(self) -> torch.Tensor:
-        """Logits (n, V) for every cache row's next token, in cache-row order."""
+    def _step(self) -> torch.Tensor | None:
+        """Logits (n, V) for every running row's next token, in cache-row order (None when none is
+        left). A row whose own context fills the window slides first, as alone: it leaves the batch,
+        its oldest tokens dropped, to be re-encoded like a new prompt (its next token comes then)."""
         window, cache, batch = self.engine.window, self.batch.cache, self.batch
-        # A row whose own context fills the window slides, as alone: re-encoded without its oldest
-        # tokens. Those rows go to the end, and the decode step takes the rows before them.
-        full = [j for j, c in enumerate(self.cached) if c == window]
-        n = len(self.slots)
-        for k, j in enumerate(reversed(full)):
-            self._swap(j, n - 1 - k)
-        d = n - len(full)
-        for j in range(d, n):
-            self.cached[j] = 0  # re-encoded below, after the step: they end where the others do
-        parts = []
-        if d:
-            if cache.length == window:
-                self._repack(max(self.cached))
-            batch.next_pos = torch.tensor([[c] for c in self.cached[:d]], device=self.engine.device)
-            last = [self.slots[j][0].rows[self.slots[j][1]].tokens[-1] for j in range(d)]
-            parts.append(batch.decode_step(last))
-            for j in range(d):
-                self.cached[j] += 1
-        slid = []
-        for j in range(d, n):
-            ticket, i = self.slots[j]
-            row = ticket.rows[i]
-            if len(row.tokens) - row.start > window:
-                row.start += self.engine.window_shift
-            slid.append(self._prefill_into(j, row))
-        return torch.cat(parts + slid) if len(parts) + len(slid) > 1 else (parts + slid)[0]
+        for j in reversed(range(len(self.slots))):
+            if self.cached[j] == window:
+                ticket, i = self.slots[j]
+                row = ticket.rows[i]
+                if len(row.tokens) - row.start > window:
+                    row.start += self.engine.window_shift
+                self._leave(j)
+                self.refill.append((ticket, i))
+        if not self.slots:
+            return None
+        if cache.length == window:
+            self._repack(max(self.cached))
+        batch.next_pos = torch.tensor([[c] for c in self.cached], device=self.engine.device)
+        logits = batch.decode_step([t.rows[i].tokens[-1] for t, i in self.slots])
+        self.cached = [c + 1 for c in self.cached]
+        return logits
 
-    def _prefill_into(self, j: int, row: Row) -> torch.Tensor:
-        """Encodes row's context alone (as Engine.generate would) and copies its keys and values to
-        cache row j, right-aligned at the timeline. Returns its logits (1, V)."""
-        logits = self.solo.prefill([row])
-        n = self.solo.cache.length
-        cache, mask = self.batch.cache, self.batch.mask
+    def _start_filling(self) -> bool:
+        """Takes the rows to prefill next, as many as the batch has room for: the slid rows, then the
+        queue's. False when there are none."""
+        free = self.max_batch - len(self.slots) - len(self.refill)
+        rows = list(self.refill)
+        self.refill.clear()
+        with self.cond:
+            while free > 0 and self.queue:
+                ticket = self.queue[0]
+                i = ticket.waiting.popleft()
+                self.queued_rows -= 1
+                if not ticket.waiting:
+                    self.queue.popleft()
+                ticket.live += 1
+                free -= 1
+                rows.append((ticket, i))
+                if ticket.params.repetition_penalty != 1.0 and i not in ticket.seen:
+                    row = ticket.rows[i]
+                    seen = torch.zeros(self.engine.vocab, dtype=torch.bool, device=self.engine.device)
+                    seen[[t for t in row.tokens if t < self.engine.vocab]] = True
+                    ticket.seen[i] = seen
+        rows.sort(key=lambda r: -self._context_len(r))
+        self.filling = rows
+        self.fill.cache.reset()
+        return bool(rows)
+
+    @staticmethod
+    def _context_len(entry: tuple[Ticket, int]) -> int:
+        row = entry[0].rows[entry[1]]
+        return len(row.tokens) - row.start
+
+    def _fill_chunk(self, budget: int) -> int:
+        """Encodes the next positions of every row being prefilled (as many as budget allows over
+        their number, one at least), each row from slot 0 of its fill cache row as alone; the rows
+        whose context ends here join the running batch and sample their first tokens. Returns the
+        token positions computed. A chunk that raises ends the requests of its rows (_fail)."""
+        cache, model = self.fill.cache, self.fill.model
+        pos, P = cache.length, len(self.filling)
+        lengths = [self._context_len(r) for r in self.filling]  # longest first
+        C = max(1, min(lengths[0] - pos, budget // P))
+        idx = torch.zeros(P, C, dtype=torch.long)  # (P, C); a row that ends inside the chunk is padded after
+        for b, (ticket, i) in enumerate(self.filling):
+            row = ticket.rows[i]
+            part = row.tokens[row.start + pos:row.start + min(lengths[b], pos + C)]
+            idx[b, :len(part)] = torch.tensor(part)
+        ending = [b for b in range(P) if lengths[b] <= pos + C]  # the last rows (longest first)
+        try:
+            with torch.inference_mode(), self.fill.kernels(P * C):
+                # positions pos.. after the cached ones, causal: a padded tail is never attended to
+                h = model.hidden_states(idx.to(self.engine.device), kv_cache=cache)  # (P, C, n_embd)
+                logits = None
+                if ending:
+                    last = torch.tensor([lengths[b] - 1 - pos for b in ending], device=self.engine.device)
+                    logits = model.lm_head(h[ending, last])  # (E, V)
+        except Exception as e:  # noqa: BLE001 - these requests' failure, told to them alone
+            failed = {t: e for t, _ in self.filling}
+            for t, _ in self.filling:
+                t.live -= 1
+            self.filling = []
+            cache.reset()
+            self._fail(failed)
+            return P * C
+        if ending:
+            js = []
+            for b in ending:
+                self.slots.append(self.filling[b])
+                self.cached.append(0)
+                js.append(len(self.slots) - 1)
+                self._place(js[-1], b, lengths[b])
+            del self.filling[ending[0]:]
+            if not self.filling:
+                cache.reset()
+            self._sample(js, logits)
+        return P * C
+
+    @torch.inference_mode()
+    def _place(self, j: int, b: int, n: int) -> None:
+        """Copies the n keys and values of fill cache row b to cache row j, right-aligned at the timeline."""
+        cache, mask, fill = self.batch.cache, self.batch.mask, self.fill.cache
         if cache.length < n:
             self._repack(max([n, *(c for k, c in enumerate(self.cached) if k != j)]))
         end = cache.length
-        with torch.inference_mode():
-            cache.k[:, j, :, end - n:end] = self.solo.cache.k[:, 0, :, :n]
-            cache.v[:, j, :, end - n:end] = self.solo.cache.v[:, 0, :, :n]
-            mask[j].zero_()
-            mask[j, end - n:end] = 1
+        cache.k[:, j, :, end - n:end] = fill.k[:, b, :, :n]
+        cache.v[:, j, :, end - n:end] = fill.v[:, b, :, :n]
+        mask[j].zero_()
+        mask[j, end - n:end] = 1
         self.cached[j] = n
-        return logits
+
+    @torch.inference_mode()
+    def _unfill(self, leaves: Callable[[Ticket], bool]) -> None:
+        """Rows being prefilled or waiting to be re-encoded whose ticket `leaves` go; the fill cache
+        rows after a leaving one move up, so the rows still encoding stay the first ones."""
+        self.refill = collections.deque(r for r in self.refill if not leaves(r[0]))
+        fill, pos = self.fill.cache, self.fill.cache.length
+        for b in reversed(range(len(self.filling))):
+            if leaves(self.filling[b][0]):
+                n = len(self.filling)
+                if b < n - 1:
+                    fill.k[:, b:n - 1, :, :pos] = fill.k[:, b + 1:n, :, :pos].clone()
+                    fill.v[:, b:n - 1, :, :pos] = fill.v[:, b + 1:n, :, :pos].clone()
+                self.filling[b][0].live -= 1
+                del self.filling[b]
+        if not self.filling:
+            fill.reset()
 
     @torch.inference_mode()
     def _repack(self, length: int) -> None:
@@ -275,52 +371,18 @@ class ContinuousBatcher:
         if not self.slots:
             self.batch.cache.reset()
 
-    def _admit(self) -> None:
-        """Prefills queued rows into free cache rows, within the prefill budget, and samples their
-        first tokens. A request whose prefill fails ends with that error alone."""
-        budget, failed = self.prefill_tokens, {}
-        while len(self.slots) < self.max_batch and budget > 0:
-            with self.cond:
-                if not self.queue:
-                    break
-                ticket = self.queue[0]
-                i = ticket.waiting.popleft()
-                self.queued_rows -= 1
-                if not ticket.waiting:
-                    self.queue.popleft()
-            if ticket in failed:  # its other rows are not admitted: it ends below
-                continue
-            row = ticket.rows[i]
-            self.slots.append((ticket, i))
-            self.cached.append(0)
-            ticket.live += 1
-            budget -= len(row.tokens) - row.start
-            try:
-                if ticket.params.repetition_penalty != 1.0:
-                    vocab = self.engine.vocab
-                    seen = torch.zeros(vocab, dtype=torch.bool, device=self.engine.device)
-                    seen[[t for t in row.tokens if t < vocab]] = True
-                    ticket.seen[i] = seen
-                logits = self._prefill_into(len(self.slots) - 1, row)
-            except Exception as e:  # noqa: BLE001 - this request's failure, told to it alone
-                failed[ticket] = e
-                continue
-            # its first token now, not after the other prompts' prefills: a burst of prompts gets its
-            # first tokens one prefill apart instead of all after the last prefill
-            self._sample([len(self.slots) - 1], logits)
-        self._fail(failed)
-
     def _fail(self, failed: dict[Ticket, BaseException]) -> None:
         """Ends each failed request with its error: its rows leave the batch and the queue; the others
         go on."""
         if not failed:
             return
-        for e in failed.values():
+        for e in {id(e): e for e in failed.values()}.values():  # a chunk's error is its requests' one
             traceback.print_exception(e)  # a bug in decoding that request: its trace for the log
         for j in reversed(range(len(self.slots))):
             if self.slots[j][0] in failed:
                 self.slots[j][0].live -= 1
                 self._leave(j)
+        self._unfill(lambda t: t in failed)
         with self.cond:
             for t in failed:
                 if t in self.queue:
