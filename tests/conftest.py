@@ -145,3 +145,23 @@ def small_disk(tmp_path):
     yield mount
     for folder in mounted:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def use_kernel_variant(name: str, monkeypatch) -> str:
+    """Put the `name` build of the CPU kernels (lib.VARIANT_NAMES) in place of the one lib.load()
+    chose, for the calling test only; skips where the kernels are unavailable or this CPU cannot run
+    that build. Returns name."""
+    from simplegpt.accel.cpu import decode, lib, training
+
+    if lib.load() is None:
+        pytest.skip(f"CPU kernels unavailable: {lib.unavailable_reason()}")
+    missing = lib.missing_features(next(v for v in lib.VARIANTS if v.name == name))
+    if missing:
+        pytest.skip(f"this CPU cannot run the {name} kernels: it lacks {', '.join(missing)}")
+    so = lib.build(name)
+    monkeypatch.setattr(lib, "_lib", so)
+    monkeypatch.setattr(decode, "_pool", 0)  # the swapped-in library starts its own pool
+    if training._blas_ready():
+        so.sg_set_sgemm(training._sgemm)
+    assert lib.load() is so and so.sg_variant() == name.encode()
+    return name

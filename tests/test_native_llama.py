@@ -20,7 +20,7 @@ from simplegpt.generation.native import NativeBatch
 from simplegpt.quantize import quantize_int8
 from simplegpt.training.loop import train
 
-from conftest import make_tiny_gpt
+from conftest import make_tiny_gpt, use_kernel_variant
 from test_engine import PROMPTS, reference_greedy
 from test_llama import COMBOS, LLAMA, NANOCHAT, QWEN3, corpus, run_config, tiny  # noqa: F401 (corpus: a fixture)
 
@@ -217,14 +217,7 @@ def test_int8_decode_steps_are_one_c_call_near_fp32_and_each_row_as_alone(monkey
 @pytest.fixture(params=[v for v in lib.VARIANT_NAMES if v != "avx512"])
 def variant(request, monkeypatch):
     """Another build's library in place of the one load() chose (avx512 here), for this test only."""
-    name = request.param
-    missing = lib.missing_features(next(v for v in lib.VARIANTS if v.name == name))
-    if missing:
-        pytest.skip(f"this CPU cannot run the {name} kernels: it lacks {', '.join(missing)}")
-    so = lib.build(name)
-    monkeypatch.setattr(lib, "_lib", so)
-    monkeypatch.setattr(decode, "_pool", 0)  # the swapped-in library starts its own pool
-    return name
+    return use_kernel_variant(request.param, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "nanochat-relu2-nogain"])

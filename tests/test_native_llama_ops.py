@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from simplegpt.accel.cpu import decode, lib, llama_ops
 
+from conftest import use_kernel_variant
+
 if lib.load() is None and os.environ.get("CI"):
     raise RuntimeError(f"the CPU kernels must build in CI: {lib.unavailable_reason()}")
 pytestmark = pytest.mark.skipif(lib.load() is None, reason=f"CPU kernels unavailable: {lib.unavailable_reason()}")
@@ -26,15 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(params=lib.VARIANT_NAMES)
 def variant(request, monkeypatch):
     """The variant's library in place of the one load() chose, for this test only."""
-    name = request.param
-    missing = lib.missing_features(next(v for v in lib.VARIANTS if v.name == name))
-    if missing:
-        pytest.skip(f"this CPU cannot run the {name} kernels: it lacks {', '.join(missing)}")
-    so = lib.build(name)
-    monkeypatch.setattr(lib, "_lib", so)
-    monkeypatch.setattr(decode, "_pool", 0)  # the swapped-in library starts its own pool
-    assert lib.load() is so and so.sg_variant() == name.encode()
-    return name
+    return use_kernel_variant(request.param, monkeypatch)
 
 
 def ref_rms_norm(x, w, eps):

@@ -16,7 +16,8 @@ import pytest
 import test_native as decoding
 import test_native_optimizer as optimizer
 import test_native_training as train
-from simplegpt.accel.cpu import decode, lib, training
+from conftest import use_kernel_variant
+from simplegpt.accel.cpu import decode, lib
 from simplegpt.errors import OptionError
 
 if lib.load() is None and os.environ.get("CI"):
@@ -26,19 +27,7 @@ if lib.load() is None and os.environ.get("CI"):
 @pytest.fixture(params=lib.VARIANT_NAMES)
 def variant(request, monkeypatch):
     """The variant's library in place of the one load() chose, for this test only."""
-    name = request.param
-    if lib.load() is None:
-        pytest.skip(f"CPU kernels unavailable: {lib.unavailable_reason()}")
-    missing = lib.missing_features(next(v for v in lib.VARIANTS if v.name == name))
-    if missing:
-        pytest.skip(f"this CPU cannot run the {name} kernels: it lacks {', '.join(missing)}")
-    so = lib.build(name)
-    monkeypatch.setattr(lib, "_lib", so)
-    monkeypatch.setattr(decode, "_pool", 0)  # the swapped-in library starts its own pool
-    if training._blas_ready():
-        so.sg_set_sgemm(training._sgemm)
-    assert lib.load() is so and so.sg_variant() == name.encode()
-    return name
+    return use_kernel_variant(request.param, monkeypatch)
 
 
 def each(fn, *args):
