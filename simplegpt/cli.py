@@ -20,6 +20,7 @@ import importlib
 import os
 import re
 import sys
+import time
 import traceback
 from importlib import metadata
 from pathlib import Path
@@ -68,6 +69,17 @@ def _key(option: str) -> str:
     return option.lstrip("-").replace("_", "-")
 
 
+
+# How long a torchrun rank other than 0 waits before it exits on an error every rank meets, which rank 0
+# alone reports: torchrun ends every rank as soon as one exits with an error, so a rank that left at
+# once could kill rank 0 before its line was out. Rank 0's exit ends the wait (torchrun stops the rest).
+QUIET_RANK_WAIT_S = 15.0
+
+
+def let_rank_0_speak() -> None:
+    """Wait (QUIET_RANK_WAIT_S) for rank 0 to report the error this rank keeps quiet about; see above."""
+    time.sleep(QUIET_RANK_WAIT_S)
+
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors as one line (what is wrong, where to look) and exit status 2.
 
@@ -83,6 +95,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # under torchrun every rank parses the same command line: rank 0 alone says what is wrong
         other_rank = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and os.environ["RANK"] != "0"
+        if other_rank:
+            let_rank_0_speak()
         self.exit(2, None if other_rank else f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
     def parse_known_args(self, args=None, namespace=None):

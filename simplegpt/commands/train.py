@@ -85,6 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import let_rank_0_speak
     from ..errors import SimpleGPTError
     from ..files import BEST
     from ..training.distributed import LostPeer, PeerError, launched
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     except SimpleGPTError as e:
         # every rank meets a bad setting or a missing checkpoint (same arguments, same files): rank 0 says it
         if launched() and os.environ["RANK"] != "0":
+            let_rank_0_speak()
             return e.exit_code
         raise
     try:
@@ -106,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         # one rank 0 reports for another (PeerError). A rank that lost the others says so itself.
         quiet = e.quiet if isinstance(e, PeerError) else os.environ.get("RANK", "0") != "0"
         if quiet and not isinstance(e, LostPeer):
+            let_rank_0_speak()
             return e.exit_code
         raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports the run
