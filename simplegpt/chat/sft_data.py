@@ -132,8 +132,13 @@ def _local_dataset(path: Path) -> Any:
         return datasets.Dataset.from_parquet(str(path))
     except (OSError, ValueError) as e:  # datasets: FileNotFoundError for another folder; pyarrow: ArrowInvalid
         what = "a folder written by datasets' save_to_disk" if path.is_dir() else "a Parquet file"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: not {what} ({first})") from None
+        raise DataError(f"{path}: not {what} ({_first_line(e) or type(e).__name__})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message ("" for none): libraries' messages run over many lines."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _hub_dataset(spec: str) -> Any:
@@ -144,8 +149,8 @@ def _hub_dataset(spec: str) -> Any:
     try:
         return datasets.load_dataset(name, config or None, split="train")
     except Exception as e:  # offline, unknown name, bad config: datasets raises many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"could not open the Hugging Face dataset {spec!r} ({type(e).__name__}: {first}); check the "
+        raise DataError(f"could not open the Hugging Face dataset {spec!r} ({type(e).__name__}: {_first_line(e)}); "
+                        "check the "
                         "name and the network, or give a JSONL file or a save_to_disk folder") from None
 
 
