@@ -150,8 +150,7 @@ def _hub_dataset(spec: str) -> Any:
         return datasets.load_dataset(name, config or None, split="train")
     except Exception as e:  # offline, unknown name, bad config: datasets raises many types
         raise DataError(f"could not open the Hugging Face dataset {spec!r} ({type(e).__name__}: {_first_line(e)}); "
-                        "check the "
-                        "name and the network, or give a JSONL file or a save_to_disk folder") from None
+                        "check the name and the network, or give a JSONL file or a save_to_disk folder") from None
 
 
 def check_encodes(conversation: Conversation, tokenizer: Tokenizer) -> None:
