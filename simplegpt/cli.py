@@ -267,11 +267,12 @@ def load_engine(args: argparse.Namespace, quiet: bool = True) -> Engine:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown in --help, except for options that must be given (a required option has none) and
-    options whose help says its default in words."""
+    """Defaults shown in --help, except for options that must be given (a required option has none),
+    options without a default (None: "(default: None)" tells a user nothing) and options whose help
+    says its default in words."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required or "(default:" in (action.help or ""):
+        if action.required or action.default is None or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -291,4 +291,6 @@ def test_help_shows_defaults_but_none_for_a_required_option():
                 assert "%(default)" not in text, (command, action.option_strings)
             elif action.help and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
                 assert "%(default)" in text or "default" in action.help, (command, action.option_strings)
+        # an option without a default says nothing of one ("(default: None)" is noise: chat's --seed had it)
+        assert "(default: None)" not in parser.format_help(), command
     assert required >= 2  # eval's --data and inspect's --text at least (CHECKPOINT may also be positional: issue 27)
