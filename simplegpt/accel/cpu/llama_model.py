@@ -36,11 +36,11 @@ class _LlamaModelLoss(torch.autograd.Function):
     sg_llama_bwd: no logits leave it, and nothing runs in Python or autograd between the layers."""
 
     @staticmethod
-    def forward(ctx, idx, targets, plan, T, *params):
-        B = idx.size(0)
+    def forward(ctx, idx, targets, plan, rope, *params):
+        B, T = idx.shape
         lib = load()
         L, M = plan.L, B * T
-        cos, sin = plan.rope(T)
+        cos, sin = rope
         dims = plan.dims()
         bufs = ([torch.empty((L + 1) * M * plan.C)]
                 + [torch.empty(lib.sg_llama_saved_floats(B, T, dims, cos is not None)) for _ in range(L)]
@@ -54,20 +54,21 @@ class _LlamaModelLoss(torch.autograd.Function):
         if rc == 0:
             raise MemoryError("causal attention: no memory for the kernel's scratch buffers")
         ctx.save_for_backward(idx, targets, *bufs, *params)
-        ctx.plan, ctx.T, ctx.count, ctx.rope = plan, T, count.value, (cos, sin)
+        ctx.plan, ctx.count, ctx.rope = plan, count.value, rope
         return torch.tensor(loss.value, dtype=torch.float32)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss: torch.Tensor):
-        plan, T = ctx.plan, ctx.T
+        plan = ctx.plan
         idx, targets, *rest = ctx.saved_tensors
+        B, T = idx.shape
         bufs, params = rest[:plan.L + 2], rest[plan.L + 2:]
         grads = [torch.empty_like(p) if need else None for p, need in zip(params, ctx.needs_input_grad[4:])]
         scale = float(dloss) / ctx.count if ctx.count else 0.0
         cos, sin = ctx.rope
         n_positions = params[1].size(0) if params[1] is not None else 0
-        if not load().sg_llama_bwd(idx.data_ptr(), targets.data_ptr(), idx.size(0), T, plan.V, plan.L, plan.dims(),
+        if not load().sg_llama_bwd(idx.data_ptr(), targets.data_ptr(), B, T, plan.V, plan.L, plan.dims(),
                                    _ptr(cos), _ptr(sin), scale, _pointers(params), _pointers(bufs),
                                    _pointers(grads), n_positions):
             raise MemoryError("model backward: no memory for the kernels' work buffers")
@@ -107,7 +108,7 @@ class _LlamaPlan:
         self.attn = [b.attn for b in tr.h]
         self.L, self.C, self.V = len(tr.h), cfg.n_embd, tr.wte.weight.size(0)
         self.rotary = wpe is None
-        self.config, self._tables = cfg, {}
+        self._tables: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
         self.static_ok = self._check(model, cfg, tied)
 
     def _check(self, model: nn.Module, cfg, tied: bool) -> bool:
@@ -164,15 +165,16 @@ class _LlamaPlan:
         """csrc/llama.h's dims array."""
         return (ctypes.c_int * 8)(self.C, self.H, self.K, self.D, self.F, self.mlp, self.norm, self.qk_norm)
 
-    def rope(self, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The rotary cos and sin (T, D / 2) of positions 0..T-1, as model.rotary_angles computes them
-        (built once per length); (None, None) with learned positions."""
+    def rope(self, config, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rotary cos and sin (T, D / 2) of positions 0..T-1 for the model's GPTConfig, as
+        model.rotary_angles computes them (built once per length); (None, None) with learned positions."""
         if not self.rotary:
             return None, None
-        if T not in self._tables:
-            cos, sin = rotary_angles(self.config, torch.arange(T)[None])  # (1, 1, T, D), both halves equal
-            self._tables[T] = tuple(t[0, 0, :, :self.D // 2].contiguous() for t in (cos, sin))
-        return self._tables[T]
+        key = (T, config.rope_theta)
+        if key not in self._tables:
+            cos, sin = rotary_angles(config, torch.arange(T)[None])  # (1, 1, T, D), both halves equal
+            self._tables[key] = tuple(t[0, 0, :, :self.D // 2].contiguous() for t in (cos, sin))
+        return self._tables[key]
 
 
 def _has(block: nn.Module, path: str) -> bool:
@@ -215,5 +217,5 @@ def loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """model(idx, targets)[1] (a model.GPT) for usable() steps, as one autograd node: a scalar tensor.
     ValueError for a target outside the vocabulary that is not IGNORE_INDEX."""
     plan = _plan(model)
-    return _LlamaModelLoss.apply(idx.long().contiguous(), targets.long().contiguous(), plan, idx.size(1),
-                                 *plan.params)
+    return _LlamaModelLoss.apply(idx.long().contiguous(), targets.long().contiguous(), plan,
+                                 plan.rope(model.config, idx.size(1)), *plan.params)
