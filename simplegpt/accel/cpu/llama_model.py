@@ -96,7 +96,9 @@ class _LlamaPlan:
     def __init__(self, model: nn.Module):
         cfg, tr = model.config, model.transformer
         self.h, self.head = tr.h, model.lm_head
-        tied = self.head.weight is tr.wte.weight
+        # the weights as the modules' own parameters (None where a wrapper, e.g. peft's, holds them)
+        wte_w, head_w = tr.wte._parameters.get("weight"), self.head._parameters.get("weight")
+        tied = head_w is not None and head_w is wte_w
         wpe = tr["wpe"] if "wpe" in tr else None
         self.slots: list[tuple[nn.Module, str] | None] = [
             (tr.wte, "weight"), None if wpe is None else (wpe, "weight"), None if tied else (self.head, "weight")]
@@ -106,15 +108,15 @@ class _LlamaPlan:
         self.params = [None if s is None else s[0]._parameters.get(s[1]) for s in self.slots]
         self.dropouts = [tr.drop] + [d for b in tr.h for d in (b.attn.resid_dropout, b.mlp.dropout)]
         self.attn = [b.attn for b in tr.h]
-        self.L, self.C, self.V = len(tr.h), cfg.n_embd, tr.wte.weight.size(0)
+        self.L, self.C, self.V = len(tr.h), cfg.n_embd, 0 if wte_w is None else wte_w.size(0)
         self.rotary = wpe is None
         self._tables: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.static_ok = self._check(model, cfg, tied)
+        self.static_ok = (isinstance(tr.wte, nn.Embedding) and isinstance(self.head, nn.Linear)
+                          and wte_w is not None and head_w is not None and self.head.bias is None
+                          and len(tr.h) > 0 and all(plain_block(b) for b in tr.h) and self._check(model, cfg))
 
-    def _check(self, model: nn.Module, cfg, tied: bool) -> bool:
+    def _check(self, model: nn.Module, cfg) -> bool:
         tr = model.transformer
-        if not len(tr.h) or self.head.bias is not None or not isinstance(self.head, nn.Linear):
-            return False
         if self.rotary != (cfg.positions == "rotary"):
             return False
         a0, m0 = tr.h[0].attn, tr.h[0].mlp
@@ -138,16 +140,14 @@ class _LlamaPlan:
                               for n in (a.q_norm, a.k_norm)):
                 return False
             shapes = {"attn.c_attn": (W, C), "attn.c_proj": (C, H * D), "mlp.c_fc": (F2, C), "mlp.c_proj": (C, F)}
-            for path, want in shapes.items():
-                lin = b.get_submodule(path)
-                if not isinstance(lin, nn.Linear) or "weight" not in lin._parameters or lin.weight.shape != want:
-                    return False
+            if any(not isinstance(b.get_submodule(path), nn.Linear) or b.get_submodule(path).weight.shape != want
+                   for path, want in shapes.items()):
+                return False
         if any(n.normalized_shape != (C,) for b in tr.h for n in (b.ln_1, b.ln_2)) or tr.ln_f.normalized_shape != (C,):
             return False
         if tr.wte.weight.shape != (self.V, C) or self.head.weight.shape != (self.V, C):
             return False
-        # every weight a kernel reads must be there; biases and gains may be missing (NULL)
-        return self.params[0] is not None and (self.rotary or self.params[1] is not None)
+        return self.rotary or self.params[1] is not None  # biases and gains may be missing (NULL)
 
     def current(self, model: nn.Module) -> bool:
         return (model.transformer.h is self.h and model.lm_head is self.head
