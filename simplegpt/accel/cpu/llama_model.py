@@ -3,7 +3,7 @@ csrc/llama_model.c each way (sg_llama_fwd/bwd), as training.model_loss runs a GP
 
 Op by op (llama_ops under the training twin) such a model runs about a dozen autograd nodes per
 layer with Python between them; at small sizes that overhead, and the GIL the threads of a split
-step (training/core_shards.py) queue for between ops, cost more than the kernels themselves.
+step (training/core_shards.py) queue for between ops, are a large share of a step.
 `usable` says which models and steps the C pass takes (the rest keep the op-by-op path):
 
     norm        RMSNorm (gain or none) or LayerNorm (with its gain; bias or none), one epsilon
