@@ -224,12 +224,15 @@ def test_qkv_attention_usable_and_its_errors():
         llama_ops.qkv_attention(qkv, 4, 2, (cos, sin))
 
 
-def test_a_llama_training_step_joins_no_gradients():
+def test_a_llama_training_step_joins_no_gradients(monkeypatch):
     """The training twin of a Llama-style model (rotary, QK-norm, GQA, SwiGLU) computes its loss
     without a split of c_attn's or c_fc's output in the autograd graph, so backward runs no cat
-    to join their gradients; its gradients equal PyTorch's own model's."""
+    to join their gradients; its gradients equal PyTorch's own model's. (Op by op: the path of the
+    steps the whole-model pass, llama_model, does not take.)"""
     from conftest import make_tiny_gpt
-    from simplegpt.accel.cpu import for_training
+    from simplegpt.accel.cpu import for_training, llama_model
+
+    monkeypatch.setattr(llama_model, "usable", lambda *a: False)
 
     model = make_tiny_gpt(seed=0, vocab_size=50, n_embd=64, n_head=4, n_kv_head=2, positions="rotary",
                           norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False)

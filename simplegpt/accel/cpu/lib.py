@@ -39,8 +39,8 @@ HERE = Path(__file__).parent / "csrc"
 # block and the whole model composed of them
 SOURCES = [HERE / f"{name}.c" for name in ("pool", "gemv", "layernorm", "rmsnorm", "rope", "gelu", "activation",
                                            "attention", "attention_decode", "matmul", "adamw", "block", "llama_decode",
-                                           "model")]
-HEADERS = [HERE / f"{name}.h" for name in ("api", "kernels", "simd", "simd_portable", "slots")]
+                                           "model", "llama_model")]
+HEADERS = [HERE / f"{name}.h" for name in ("api", "kernels", "simd", "simd_portable", "slots", "llama")]
 # only api.h's functions are exported (SG_API); the rest can be inlined across the files' own calls
 FLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden"]
 
@@ -113,6 +113,9 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "sg_gpt_head_floats": (_L, [_I] * 4),
     "sg_gpt_fwd": (_I, [_P] * 2 + [_I] * 7 + [_F] + [_P] * 4),
     "sg_gpt_bwd": (_I, [_P] * 2 + [_I] * 7 + [_F] + [_P] * 3 + [_I]),
+    "sg_llama_saved_floats": (_L, [_I, _I, _P, _I]),
+    "sg_llama_fwd": (_I, [_P] * 2 + [_I] * 4 + [_P] * 3 + [_F] * 2 + [_P] * 4),
+    "sg_llama_bwd": (_I, [_P] * 2 + [_I] * 4 + [_P] * 3 + [_F] + [_P] * 3 + [_I]),
     "sg_sqnorm": (_I, [_P] * 2 + [_I] * 2 + [_P]),
     "sg_adamw": (_I, [_P] * 6 + [_I, _F, _I]),
 }

@@ -17,8 +17,11 @@ parent's forward otherwise. A GPT-2 model (GPTConfig.is_gpt2) takes the fused GP
     nn.LayerNorm                -> training.layer_norm
     nn.GELU(approximate="tanh") -> training.gelu
 
-and a model with other options (Llama-style blocks) the single ops of llama_ops:
+and a model with other options (Llama-style blocks) the whole-model pass of llama_model, else the
+single ops of llama_ops:
 
+    model.GPT                   -> loss(): the whole model and its loss in one call each way
+                                   (llama_model.loss; the options it takes: llama_model's docstring)
     model.CausalSelfAttention   -> attend(): QK-norm, rotary positions and causal grouped-query
                                    attention from c_attn's q|k|v output in one autograd node
                                    (llama_ops.qkv_attention), one gradient tensor back to it;
@@ -45,7 +48,7 @@ import torch.nn as nn
 
 from ...model import GPT, MLP, Block, CausalSelfAttention
 from ...views import module_view
-from . import llama_ops, training
+from . import llama_model, llama_ops, training
 from .lib import load
 from .slots import BLOCK_SLOTS
 
@@ -129,10 +132,20 @@ class FusedGPT(GPT):
         return super().loss(idx, targets, attention_mask)
 
 
+class LlamaGPT(GPT):
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None and llama_model.usable(self, idx, targets):
+            if self.check_inputs:
+                self.check_ids(idx)  # usable checked the shapes and the length
+            return llama_model.loss(self, idx, targets)
+        return super().loss(idx, targets, attention_mask)
+
+
 _GPT2_SWAPS: dict[type, type] = {GPT: FusedGPT, Block: FusedBlock, CausalSelfAttention: Attention,
                                  nn.LayerNorm: LayerNorm, nn.GELU: GELU}
 # The fused GPT-2 model and block would misread other blocks: those take the single ops.
-_OTHER_SWAPS: dict[type, type] = {CausalSelfAttention: LlamaAttention, MLP: LlamaMLP, nn.RMSNorm: RMSNorm,
+_OTHER_SWAPS: dict[type, type] = {GPT: LlamaGPT, CausalSelfAttention: LlamaAttention, MLP: LlamaMLP, nn.RMSNorm: RMSNorm,
                                   nn.LayerNorm: LayerNorm, nn.GELU: GELU}
 
 
@@ -148,6 +161,8 @@ def _swap(module: nn.Module, swaps: dict[type, type]) -> type | None:
     if cls is FusedBlock and not _plain_block(module):
         return None
     if cls is FusedGPT and not all(_plain_block(block) for block in module.transformer.h):
+        return None
+    if cls is LlamaGPT and not all(llama_model.plain_block(block) for block in module.transformer.h):
         return None
     return cls
 

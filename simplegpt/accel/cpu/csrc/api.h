@@ -98,6 +98,15 @@ SG_API int sg_gpt_fwd(const long *idx, const long *tgt, int B, int T, int C, int
 SG_API int sg_gpt_bwd(const long *idx, const long *tgt, int B, int T, int C, int V, int L, int F, int H, float scale,
                       float *const *params, float *const *bufs, float *const *grads, int n_positions);
 
+/* llama_model.c: the whole model with the Llama-style options and its loss, for a training step */
+SG_API long sg_llama_saved_floats(int B, int T, const int *dims, int rotary);
+SG_API int sg_llama_fwd(const long *idx, const long *tgt, int B, int T, int V, int L, const int *dims,
+                        const float *cos, const float *sin, float eps, float qk_eps, float *const *params,
+                        float *const *bufs, double *loss, long *count);
+SG_API int sg_llama_bwd(const long *idx, const long *tgt, int B, int T, int V, int L, const int *dims,
+                        const float *cos, const float *sin, float scale, float *const *params, float *const *bufs,
+                        float *const *grads, int n_positions);
+
 /* adamw.c: AdamW with the gradients' norm for clipping */
 SG_API int sg_sqnorm(float *const *g, const long *n, int count, int threads, double *out);
 SG_API int sg_adamw(float *const *p, float *const *g, float *const *m, float *const *v, const long *n,
