@@ -53,7 +53,7 @@ def test_int8_products_are_the_same_numbers_on_every_variant(monkeypatch):
     """The int8 kernel's paths (VNNI, AVX2's maddubs, plain C) round x alike (ties to even) and
     compute the same integer dot products, so every variant this CPU runs gives the same floats, bit
     for bit: shapes with and without a K % 64 tail, 4-row groups and single rows, 1 to 16 rows of
-    x, inputs on rounding ties and a row of zeros."""
+    x, inputs on rounding ties, a NaN and a row of zeros."""
     import torch
 
     torch.manual_seed(0)
@@ -63,6 +63,8 @@ def test_int8_products_are_the_same_numbers_on_every_variant(monkeypatch):
             x = torch.randn(M, K) * torch.rand(M, 1) * 4
             x[0, 0] = 127.0  # x[0] rounds with scale 1: its halves are ties
             x[0, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5])[: K - 1]
+            if M > 1:
+                x[1, K - 1] = float("nan")  # passed over by max |x|, and rounded to 0
             if M > 2:
                 x[2] = 0.0
             w = torch.randint(-127, 128, (N, K), dtype=torch.int8)

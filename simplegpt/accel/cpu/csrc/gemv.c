@@ -397,8 +397,9 @@ static void gemv_rows_q8(const int8_t *W, const float *scale, const int8_t *xq, 
 #ifdef SG_AVX512
 static float quantize_row(const float *x, int K, int8_t *xq, int *xsum) {
     __m512 mx16 = _mm512_setzero_ps();
+    /* max_ps gives its second operand where one is NaN: a NaN is passed over, as the scalar loop below does */
     for (int k = 0; k < K; k += 16)
-        mx16 = _mm512_max_ps(mx16, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes16(k, K), x + k)));
+        mx16 = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(lanes16(k, K), x + k)), mx16);
     float mx = _mm512_reduce_max_ps(mx16);
     float xs = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / xs;
     __m512 iv = _mm512_set1_ps(inv);
