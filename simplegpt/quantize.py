@@ -12,7 +12,6 @@ cannot be trained or saved as a checkpoint.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -79,8 +78,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        # each row's max |x|; a row of zeros stays zeros (0 / tiny), and its output is the bias
-        amax = torch.linalg.vector_norm(rows, math.inf, dim=1, keepdim=True).clamp_(min=_TINY)  # (M, 1)
+        # each row's max |x|; a row of zeros stays zeros (0 / tiny), and its output is the bias. The
+        # same floats as vector_norm(rows, inf), which takes 6-10x longer (~40 us a call of 16 rows:
+        # ~5 ms of a SmolLM2-135M 16-token prefill)
+        amax = rows.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY)  # (M, 1)
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # (M, N); see _LEVELS
             rows / amax, 1.0 / (_LEVELS - 1), _LEVELS, self._packed)
         y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax)

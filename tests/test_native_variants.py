@@ -48,6 +48,46 @@ def test_decoding_products_equal_float64(variant):
             each(decoding.test_int8_kernel_is_the_integer_dot_product_of_rounded_inputs, N, K, 3, M)
 
 
+@pytest.mark.skipif(lib.load() is None, reason=f"CPU kernels unavailable: {lib.unavailable_reason()}")
+def test_int8_products_are_the_same_numbers_on_every_variant(monkeypatch):
+    """The int8 kernel's paths (VNNI, AVX2's maddubs, plain C) round x alike (ties to even) and
+    compute the same integer dot products, so every variant this CPU runs gives the same floats, bit
+    for bit: shapes with and without a K % 64 tail, 4-row groups and single rows, 1 to 16 rows of
+    x, inputs on rounding ties, a NaN and a row of zeros."""
+    import torch
+
+    torch.manual_seed(0)
+    cases = []
+    for N, K in [(9, 40), (64, 64), (131, 200), (1001, 576), (37, 3072)]:
+        for M in [1, 2, 5, 16]:
+            x = torch.randn(M, K) * torch.rand(M, 1) * 4
+            x[0, 0] = 127.0  # x[0] rounds with scale 1: its halves are ties
+            x[0, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5])[: K - 1]
+            if M > 1:
+                x[1, K - 1] = float("nan")  # passed over by max |x|, and rounded to 0
+            if M > 2:
+                x[2] = 0.0
+            w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+            cases.append((x, w, torch.rand(N) / 127, torch.randn(N)))
+    results = {}
+    for name in lib.VARIANT_NAMES:
+        with pytest.MonkeyPatch.context() as mp:
+            try:
+                use_kernel_variant(name, mp)
+            except pytest.skip.Exception:
+                continue
+            mp.setattr(decode, "_threads", 3)
+            results[name] = [decode.linear_int8(x, w, s, b) for x, w, s, b in cases]
+    assert len(results) >= 2, "this CPU runs only one variant"
+    first, *others = results
+    for name in others:
+        for got, want in zip(results[name], results[first]):
+            # the portable build's compiler may not fuse the scaling's multiply-add (no -mfma): a last bit
+            exact = "portable" not in (name, first)
+            assert torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-6, atol=1e-6), \
+                f"{name} differs from {first}"
+
+
 def test_decode_steps_equal_the_model(variant):
     each(decoding.test_block_kernel_on_odd_shapes_equals_the_model, True)
     each(decoding.test_int8_model_decodes_through_the_block_kernel)
