@@ -62,8 +62,20 @@ def calls(monkeypatch):
     return counts
 
 
+@pytest.mark.parametrize("path", ["whole_model", "ops"])
 @pytest.mark.parametrize("name", ["llama", "qwen3", "nanochat"])
-def test_training_twin_runs_the_kernels_with_float64_gradients(name, calls):
+def test_training_twin_runs_the_kernels_with_float64_gradients(name, path, calls, monkeypatch):
+    """The twin's loss and gradients against a float64 model, through the whole-model pass
+    (llama_model, one C call each way) and through the op kernels it falls back to."""
+    from simplegpt.accel.cpu import llama_model
+    if path == "ops":
+        monkeypatch.setattr(llama_model, "usable", lambda *a: False)
+    real_loss = llama_model.loss
+
+    def whole(*args):
+        calls["whole_model"] = calls.get("whole_model", 0) + 1
+        return real_loss(*args)
+    monkeypatch.setattr(llama_model, "loss", whole)
     options = dict(COMBOS[name], head_size=16) if name == "qwen3" else COMBOS[name]
     model = make_tiny_gpt(1, None, 0.05, vocab_size=61, n_positions=16, n_head=4, **options)
     idx, targets = torch.randint(0, 61, (3, 12)), torch.randint(0, 61, (3, 12))
@@ -78,9 +90,11 @@ def test_training_twin_runs_the_kernels_with_float64_gradients(name, calls):
     twin.train()
     loss = twin.loss(idx, targets)
     loss.backward()
-    # training: QK-norm, rotary positions and attention as one node from c_attn's output; SwiGLU from c_fc's
-    used = {"rms_norm", "qkv_attention", "relu2" if options["mlp"] == "relu2" else "swiglu_fused"}
-    assert used <= set(calls), calls
+    if path == "whole_model":
+        assert calls == {"whole_model": 1}, calls
+    else:  # QK-norm, rotary positions and attention as one node from c_attn's output; SwiGLU from c_fc's
+        used = {"rms_norm", "qkv_attention", "relu2" if options["mlp"] == "relu2" else "swiglu_fused"}
+        assert used <= set(calls) and "whole_model" not in calls, calls
     assert float(loss.detach()) == pytest.approx(float(want.detach()), abs=1e-5)
     for (n, p), (_, ref) in zip(model.named_parameters(), reference.named_parameters()):
         # within 4x the error of PyTorch's own fp32 ops

@@ -8,14 +8,8 @@
  * q | k | v, c_proj, c_fc holding gate | up for SwiGLU, the MLP's c_proj; NULL for a missing bias
  * or gain) followed by the QK-norm gains (Q_NORM_W, K_NORM_W: decode.py's LLAMA_SLOTS). */
 #include "kernels.h"
+#include "llama.h" /* the slots and the dims array (decode.py's LlamaDecodeBlocks fills them) */
 #include <math.h>
-
-enum { Q_NORM_W = BLOCK_NSLOTS, K_NORM_W, LLAMA_NSLOTS };
-
-/* dims' entries: the model's shape and options (decode.py's LlamaDecodeBlocks fills them) */
-enum { DIM_C, DIM_H, DIM_K, DIM_D, DIM_F, DIM_MLP, DIM_NORM, DIM_QK_NORM, NDIMS };
-enum { MLP_GELU, MLP_SWIGLU, MLP_RELU2 };
-enum { NORM_LAYER, NORM_RMS };
 
 int sg_llama_slots(void) { return LLAMA_NSLOTS; }
 
