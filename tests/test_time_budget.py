@@ -88,8 +88,10 @@ def test_the_schedule_follows_the_budget_and_ends_at_the_final_lr(tmp_path, corp
     assert lr_at_fraction(0.5, cfg.replace(schedule="constant")) == cfg.lr
 
 
-def test_a_resumed_budgeted_run_continues_with_the_remaining_budget_bit_for_bit(tmp_path, corpus):
-    kw = dict(dropout=0.1, grad_accum_steps=2)
+@pytest.mark.parametrize("optim", [{}, dict(optimizer="muon", adamw_lr_ratio=3.0, muon_momentum=0.9)],
+                         ids=["adamw", "muon_own_lrs"])
+def test_a_resumed_budgeted_run_continues_with_the_remaining_budget_bit_for_bit(tmp_path, corpus, optim):
+    kw = dict(dropout=0.1, grad_accum_steps=2, **optim)
     full = train(tiny(tmp_path, corpus, out_dir=str(tmp_path / "full"), **kw), progress=False, clock=StepClock())
     cfg = tiny(tmp_path, corpus, out_dir=str(tmp_path / "part"), **kw)
     first = train(cfg, stop_at=6, progress=False, clock=StepClock())  # past an evaluation (step 4)
