@@ -216,6 +216,25 @@ def test_the_gpu_recipe_loads_and_trains_on_a_cpu_with_overrides(tmp_path, corpu
     assert lrs[-1] == cfg.min_lr == 0.0
 
 
+def test_the_short_recipe_trains_its_budget_with_its_own_lrs(tmp_path, corpus):
+    """configs/speedrun_cpu_short.toml: the speedrun for a budget of seconds (3 layers, Muon at a higher
+    lr and momentum 0.9, its AdamW half at twice the lr); a run of it ends its budget at min_lr with the
+    AdamW groups at adamw_lr_ratio x the schedule's lr."""
+    short = load_config("speedrun_cpu_short")
+    assert (short.n_layer, short.n_embd, short.optimizer, short.schedule) == (3, 128, "muon", "wsd")
+    assert (short.muon_momentum, short.adamw_lr_ratio) == (0.9, 2.0) and 0 < short.max_time < 60
+    cfg = load_config("speedrun_cpu_short", dict(data=str(corpus), data_dir=str(tmp_path / "data"), n_layer=1,
+                                                 n_head=2, n_embd=16, block_size=16, batch_size=4, max_time=4.0,
+                                                 eval_interval=1000, eval_iters=1, log_interval=1, sample_tokens=0,
+                                                 out_dir=str(tmp_path / "run"), num_threads=1, plot=False,
+                                                 tensorboard=False, peak_flops=1e12))
+    result = train(cfg, progress=False, clock=StepClock(1.0))
+    assert result.step == 4 and all(map(torch.isfinite, torch.tensor(result.losses)))
+    groups = load_train_state(tmp_path / "run" / "last")["optimizer"]["param_groups"]
+    assert [g["momentum"] for g in groups if g["optimizer"] == "muon"] == [0.9]
+    assert [r["lr"] for r in train_records(tmp_path / "run")][1] == cfg.lr  # the schedule's lr: Muon's
+
+
 def test_the_speedrun_bench_names_nanogpts_iterations_and_its_ablations(capsys):
     """bench/speedrun.py: nanoGPT's own run was reported as "2000 iterations" whatever --nanogpt-args set;
     each ablation changes the recipe in one way and prints a markdown row."""
