@@ -217,11 +217,11 @@ def test_the_gpu_recipe_loads_and_trains_on_a_cpu_with_overrides(tmp_path, corpu
 
 
 def test_the_short_recipe_trains_its_budget_with_its_own_lrs(tmp_path, corpus):
-    """configs/speedrun_cpu_short.toml: the speedrun for a budget of seconds (3 layers, Muon at a higher
+    """configs/speedrun_cpu_short.toml: the speedrun for a budget of seconds (1 block, Muon at a higher
     lr and momentum 0.9, its AdamW half at twice the lr); a run of it ends its budget at min_lr with the
     AdamW groups at adamw_lr_ratio x the schedule's lr."""
     short = load_config("speedrun_cpu_short")
-    assert (short.n_layer, short.n_embd, short.optimizer, short.schedule) == (3, 128, "muon", "wsd")
+    assert (short.n_layer, short.n_embd, short.optimizer, short.schedule) == (1, 128, "muon", "wsd")
     assert (short.muon_momentum, short.adamw_lr_ratio) == (0.9, 2.0) and 0 < short.max_time < 60
     cfg = load_config("speedrun_cpu_short", dict(data=str(corpus), data_dir=str(tmp_path / "data"), n_layer=1,
                                                  n_head=2, n_embd=16, block_size=16, batch_size=4, max_time=4.0,
