@@ -26,7 +26,7 @@ loss at the end. "no_wsd" trains as many steps as the seed's speedrun run took, 
 schedule by iterations instead of the time budget's warmup-stable-decay.
 
     python bench/speedrun.py [--data ../shared/data/tinyshakespeare.txt] [--seeds 1337 1338 1339]
-        [--budget 300] [--config configs/speedrun_cpu.toml] [--nanogpt DIR] [--png docs/speedrun.png]
+        [--budget SECONDS] [--config configs/speedrun_cpu.toml] [--nanogpt DIR] [--png docs/speedrun.png]
         [--ablations [adamw batch12 lr_x2 lr_half no_wsd rotary_rmsnorm]]
 """
 
@@ -200,7 +200,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
-    p.add_argument("--budget", default="300", help="the speedrun's time budget (seconds, or 5m)")
+    p.add_argument("--budget", default=None,
+                   help="the speedrun's time budget (seconds, or 5m; 0: none, then --set max_iters=N trains N "
+                        "steps); default: the config's max_time")
     p.add_argument("--config", default=str(ROOT / "configs" / "speedrun_cpu.toml"))
     p.add_argument("--recipes", nargs="+", default=["nanogpt_recipe", "speedrun"],
                    choices=["nanogpt_recipe", "speedrun"])
@@ -235,7 +237,7 @@ def main() -> None:
     overrides = {k: parse_value(k, v) for k, v in (kv.split("=", 1) for kv in args.set)}
     ablations = [] if args.ablations is None else args.ablations or list(ABLATIONS)
     recipes = args.recipes + (["speedrun"] if ablations and "speedrun" not in args.recipes else [])
-    budget = parse_value("max_time", args.budget)
+    budget = {} if args.budget is None else {"max_time": parse_value("max_time", args.budget)}
     results: dict[str, dict] = {}
     for seed in args.seeds:
         for recipe in recipes + [f"ablation:{name}" for name in ablations]:
@@ -243,7 +245,7 @@ def main() -> None:
                 cfg = TrainConfig(**NANOGPT, **common, eval_interval=250, seed=seed, out_dir=str(work / f"a{seed}"))
             else:
                 settings = {**common, "seed": seed, "out_dir": str(work / f"{recipe.replace(':', '_')}-{seed}"),
-                            "max_time": budget, **overrides}
+                            **budget, **overrides}
                 change = {}
                 if recipe.startswith("ablation:"):
                     change = ABLATIONS[recipe.split(":", 1)[1]][1](load_config(args.config, settings))

@@ -174,6 +174,10 @@ class TrainConfig:
     optimizer: str = _f("adamw", "optim", "'adamw', or 'muon': Muon for the blocks' weight matrices and AdamW for "
                         "embeddings, LayerNorm gains and biases (Keller Jordan's recipe; one process or DDP)",
                         ("adamw", "muon"))
+    muon_momentum: float = _f(0.95, "optim", "optimizer = 'muon' only: Muon's Nesterov momentum (Keller Jordan's "
+                              "recipe: 0.95)")
+    adamw_lr_ratio: float = _f(1.0, "optim", "optimizer = 'muon' only: the learning rate of its AdamW half (embeddings, "
+                               "head, norms, biases) as a multiple of lr, following the same schedule")
     weight_decay: float = _f(0.1, "optim", "AdamW weight decay on matrices")
     decay_embeddings: bool = _f(False, "optim", "also apply weight decay to the embeddings (never to biases/norms)")
     beta1: float = _f(0.9, "optim", "AdamW beta1")
@@ -299,6 +303,10 @@ class TrainConfig:
             raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.max_time < 0:
             raise ConfigError(f"max_time must be >= 0 seconds (0 = no time budget), got {self.max_time:g}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not self.adamw_lr_ratio > 0:
+            raise ConfigError(f"adamw_lr_ratio must be > 0, got {self.adamw_lr_ratio}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for name in ("weight_decay", "grad_clip", "peak_flops"):

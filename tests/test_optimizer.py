@@ -13,6 +13,7 @@ from simplegpt.accel import cpu
 from simplegpt.accel.cpu import training
 from simplegpt.accel.cpu.optim import AdamW
 from simplegpt.config import TrainConfig
+from simplegpt.errors import ConfigError
 from simplegpt.training.optimizer import ScaledAdamW, make_optimizer, param_groups
 
 needs_kernels = pytest.mark.skipif(not cpu.enabled(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
@@ -204,3 +205,27 @@ def test_the_fused_kernel_under_a_grad_scaler_steps_as_unscaled_adamw_and_skips_
     opt.clip_and_step(max_norm)
     assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
     assert scaler.get_scale() == 2.0**9
+
+
+def test_muons_adamw_half_runs_at_its_lr_ratio_and_muon_at_its_momentum(tmp_path, shakespeare_path):
+    """adamw_lr_ratio: the loop sets the AdamW groups (embeddings, head, norms, biases) to the schedule's lr
+    times the ratio at every step, the Muon group to the lr itself; muon_momentum is torch.optim.Muon's."""
+    from simplegpt.checkpoint import load_train_state
+    from simplegpt.training.loop import train
+
+    cfg = TrainConfig(data=str(shakespeare_path), data_dir=str(tmp_path / "data"), n_layer=1, n_head=2, n_embd=16,
+                      block_size=16, batch_size=2, max_iters=4, eval_interval=4, eval_iters=1, sample_tokens=0,
+                      out_dir=str(tmp_path / "run"), num_threads=1, plot=False, tensorboard=False, optimizer="muon",
+                      schedule="wsd", warmup_iters=1, decay_fraction=1.0, lr=1e-2, min_lr=1e-3,
+                      adamw_lr_ratio=3.0, muon_momentum=0.8)
+    train(cfg, progress=False)
+    groups = load_train_state(tmp_path / "run" / "last")["optimizer"]["param_groups"]
+    muon, adamw = [g for g in groups if g["optimizer"] == "muon"], [g for g in groups if g["optimizer"] == "adamw"]
+    assert [g["momentum"] for g in muon] == [0.8] and adamw
+    # the last step runs at min_lr: Muon's group at it, AdamW's at 3 x it
+    assert [g["lr"] for g in muon] == [pytest.approx(1e-3)]
+    assert [g["lr"] for g in adamw] == [pytest.approx(3e-3)] * len(adamw)
+    with pytest.raises(ConfigError, match="adamw_lr_ratio"):
+        TrainConfig(adamw_lr_ratio=0.0)
+    with pytest.raises(ConfigError, match="muon_momentum"):
+        TrainConfig(muon_momentum=1.0)

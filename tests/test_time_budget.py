@@ -88,8 +88,10 @@ def test_the_schedule_follows_the_budget_and_ends_at_the_final_lr(tmp_path, corp
     assert lr_at_fraction(0.5, cfg.replace(schedule="constant")) == cfg.lr
 
 
-def test_a_resumed_budgeted_run_continues_with_the_remaining_budget_bit_for_bit(tmp_path, corpus):
-    kw = dict(dropout=0.1, grad_accum_steps=2)
+@pytest.mark.parametrize("optim", [{}, dict(optimizer="muon", adamw_lr_ratio=3.0, muon_momentum=0.9)],
+                         ids=["adamw", "muon_own_lrs"])
+def test_a_resumed_budgeted_run_continues_with_the_remaining_budget_bit_for_bit(tmp_path, corpus, optim):
+    kw = dict(dropout=0.1, grad_accum_steps=2, **optim)
     full = train(tiny(tmp_path, corpus, out_dir=str(tmp_path / "full"), **kw), progress=False, clock=StepClock())
     cfg = tiny(tmp_path, corpus, out_dir=str(tmp_path / "part"), **kw)
     first = train(cfg, stop_at=6, progress=False, clock=StepClock())  # past an evaluation (step 4)
@@ -212,6 +214,25 @@ def test_the_gpu_recipe_loads_and_trains_on_a_cpu_with_overrides(tmp_path, corpu
     assert result.step == 2 and all(map(torch.isfinite, torch.tensor(result.losses)))
     lrs = [r["lr"] for r in train_records(tmp_path / "run")]
     assert lrs[-1] == cfg.min_lr == 0.0
+
+
+def test_the_short_recipe_trains_its_budget_with_its_own_lrs(tmp_path, corpus):
+    """configs/speedrun_cpu_short.toml: the speedrun for a budget of seconds (1 block, Muon at a higher
+    lr and momentum 0.9, its AdamW half at twice the lr); a run of it ends its budget at min_lr with the
+    AdamW groups at adamw_lr_ratio x the schedule's lr."""
+    short = load_config("speedrun_cpu_short")
+    assert (short.n_layer, short.n_embd, short.optimizer, short.schedule) == (1, 128, "muon", "wsd")
+    assert (short.muon_momentum, short.adamw_lr_ratio) == (0.9, 2.0) and 0 < short.max_time < 60
+    cfg = load_config("speedrun_cpu_short", dict(data=str(corpus), data_dir=str(tmp_path / "data"), n_layer=1,
+                                                 n_head=2, n_embd=16, block_size=16, batch_size=4, max_time=4.0,
+                                                 eval_interval=1000, eval_iters=1, log_interval=1, sample_tokens=0,
+                                                 out_dir=str(tmp_path / "run"), num_threads=1, plot=False,
+                                                 tensorboard=False, peak_flops=1e12))
+    result = train(cfg, progress=False, clock=StepClock(1.0))
+    assert result.step == 4 and all(map(torch.isfinite, torch.tensor(result.losses)))
+    groups = load_train_state(tmp_path / "run" / "last")["optimizer"]["param_groups"]
+    assert [g["momentum"] for g in groups if g["optimizer"] == "muon"] == [0.9]
+    assert [r["lr"] for r in train_records(tmp_path / "run")][1] == cfg.lr  # the schedule's lr: Muon's
 
 
 def test_the_speedrun_bench_names_nanogpts_iterations_and_its_ablations(capsys):

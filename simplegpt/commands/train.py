@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", default=None,
                    help=f"TOML config file, or a built-in name: speedrun_cpu, speedrun_gpu (the default: the one "
-                        f"of the machine, here {default}), shakespeare_char (600 steps of AdamW), "
+                        f"of the machine, here {default}), speedrun_cpu_short (its tuning for seconds), "
+                        "shakespeare_char (600 steps of AdamW), "
                         "llama_shakespeare_char, gpt2_124m")
     p.add_argument("--resume", metavar="DIR", default=None,
                    help="continue a run exactly from its checkpoint (RUN/last or the run folder RUN); "

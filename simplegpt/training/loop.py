@@ -110,8 +110,8 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                     lr = lr_at_fraction(fraction, cfg)
                 else:
                     last, lr = step >= cfg.max_iters, lr_at(training.step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group in optimizer.param_groups:  # a group may run at a multiple of the schedule's lr
+                    group["lr"] = lr * group.get("lr_ratio", 1.0)
                 # Every rank draws every micro-batch of the step: each knows the step's loss tokens, no collective.
                 batches = [loss_fn.prepare(data.train.next_batch()) for _ in range(cfg.grad_accum_steps)]
                 step_weights = weights([loss_fn.tokens(batch) for batch in batches])

@@ -7,8 +7,9 @@ blocks, and AdamW for everything else: the token and position embeddings, the ou
 tied to the token embedding), the LayerNorm gains and all biases. The Muon step is PyTorch's
 torch.optim.Muon (torch >= 2.9) with adjust_lr_fn="match_rms_adamw" (Moonshot AI's scaling, "Muon is
 Scalable for LLM Training", 2025): its update has AdamW's RMS, so both halves follow the run's one
-lr and its schedule, and weight_decay applies to the matrices of both. The fused attention matrix
-(c_attn, Q, K and V stacked) is orthogonalized as one matrix.
+lr and its schedule (the AdamW half at cfg.adamw_lr_ratio times it, 1 by default), and weight_decay
+applies to the matrices of both. cfg.muon_momentum is the Nesterov momentum (the recipe's 0.95). The
+fused attention matrix (c_attn, Q, K and V stacked) is orthogonalized as one matrix.
 
 Muon needs each whole matrix on the rank that updates it: under DDP every rank holds the whole
 model and all-reduced gradients, so it runs there as in one process; FSDP2 shards matrices by rows
@@ -24,8 +25,6 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
-
-MOMENTUM = 0.95  # the recipe's Nesterov momentum
 
 
 def muon_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> tuple[list[dict], list[dict]]:
@@ -46,17 +45,25 @@ def muon_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -
     return [{"params": hidden, "weight_decay": weight_decay}], [g for g in adamw if g["params"]]
 
 
+def muon_adamw_groups(model: nn.Module, cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """muon_groups for cfg, the AdamW groups carrying "lr_ratio" = cfg.adamw_lr_ratio: the training loop
+    sets each group's lr to the schedule's times its lr_ratio (modded-nanogpt's higher lr for the
+    embeddings and head than for the hidden matrices)."""
+    hidden, adamw = muon_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    return hidden, [{**g, "lr_ratio": cfg.adamw_lr_ratio} for g in adamw]
+
+
 class MuonAdamW:
     """torch.optim.Muon and torch.optim.AdamW over the recipe's parameter groups, as one optimizer:
     param_groups (Muon's, then AdamW's), zero_grad, clip_and_step, and a state_dict in torch's
     shape ({"state", "param_groups"}, the parameters numbered across both) that load_state_dict reads back."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, scaler: torch.amp.GradScaler):
-        muon_params, adamw_params = muon_groups(model, cfg.weight_decay, cfg.decay_embeddings)
-        self.muon = torch.optim.Muon(muon_params, lr=cfg.lr, momentum=MOMENTUM, nesterov=True,
+        muon_params, adamw_params = muon_adamw_groups(model, cfg)
+        self.muon = torch.optim.Muon(muon_params, lr=cfg.lr, momentum=cfg.muon_momentum, nesterov=True,
                                      adjust_lr_fn="match_rms_adamw")
         fused = {"fused": True} if cfg.fused and device.type in ("cuda", "cpu") else {}
-        self.adamw = torch.optim.AdamW(adamw_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+        self.adamw = torch.optim.AdamW(adamw_params, lr=cfg.lr * cfg.adamw_lr_ratio, betas=(cfg.beta1, cfg.beta2), **fused)
         self.scaler = scaler
         self._muon_count = sum(len(g["params"]) for g in self.muon.param_groups)
         self._params = [p for opt in (self.muon, self.adamw) for g in opt.param_groups for p in g["params"]]
