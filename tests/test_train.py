@@ -55,6 +55,16 @@ def test_lr_warms_up_then_decays_for_cosine_and_wsd():
     assert lrs[-1] == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("schedule, max_iters, warmup_iters", [("wsd", 3, 0), ("wsd", 5, 1), ("cosine", 3, 2)])
+def test_the_last_step_runs_at_min_lr_when_the_decay_is_one_step_long(schedule, max_iters, warmup_iters):
+    """A decay of a single step (a short run: wsd's decay_fraction of it rounds to 1 step, or cosine
+    right after the warmup) still ends at min_lr; it used to run that step at lr."""
+    cfg = TrainConfig(max_iters=max_iters, warmup_iters=warmup_iters, lr=1e-3, min_lr=1e-4, schedule=schedule,
+                      decay_fraction=0.3)
+    assert lr_at(max_iters - 1, cfg) == pytest.approx(1e-4)
+    assert lr_at(max_iters - 2, cfg) == pytest.approx(1e-3)
+
+
 def test_weight_decay_skips_biases_norms_and_embeddings():
     model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
     decay, no_decay = param_groups(model, 0.1, decay_embeddings=False)

@@ -108,6 +108,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     if cfg.schedule == "constant":
         return cfg.lr
+    if step >= cfg.max_iters - 1:  # also where the decay is one step long, which the formulas below start at lr
+        return cfg.min_lr
     if cfg.schedule == "wsd":
         decay_steps = max(1, int(cfg.max_iters * cfg.decay_fraction))
         decay_start = max(cfg.warmup_iters, cfg.max_iters - decay_steps)
