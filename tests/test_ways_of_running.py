@@ -197,11 +197,26 @@ def test_muon_trains_and_its_state_round_trips():
         other.load_state_dict(adamw.state_dict())
 
 
-def test_muon_split_over_two_threads_steps_exactly_as_one_optimizer():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_muon_split_over_two_threads_steps_exactly_as_one_optimizer(groups, monkeypatch):
     """clip_and_step(beside=...) runs Muon for half of the matrices on another thread: the weights, the
-    norms and the state are torch.optim.Muon's over all of them bit for bit, as the learning rate changes,
-    and the state_dicts load into each other (an old checkpoint resumes into the split step and back)."""
+    norms and the state are torch.optim.Muon's over all of them bit for bit, as the learning rate changes
+    (each group's own), and the state_dicts load into each other (an old checkpoint resumes into the
+    split step and back)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    import simplegpt.training.muon as muon
+
+    if groups == 2:  # Muon's matrices in two groups of their own settings
+        recipe = muon.muon_groups
+
+        def two_groups(*args):
+            hidden, adamw = recipe(*args)
+            params = hidden[0]["params"]
+            return [{"params": params[:3], "weight_decay": 0.1},
+                    {"params": params[3:], "weight_decay": 0.0, "momentum": 0.9}], adamw
+
+        monkeypatch.setattr(muon, "muon_groups", two_groups)
 
     cfg = TrainConfig(optimizer="muon", lr=3e-3, fused=False)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -218,8 +233,8 @@ def test_muon_split_over_two_threads_steps_exactly_as_one_optimizer():
     y = torch.roll(x, -1, 1)
 
     def step(m, opt, i, **kw):
-        for group in opt.param_groups:
-            group["lr"] = 3e-3 * (1 - i / 10)
+        for j, group in enumerate(opt.param_groups):
+            group["lr"] = 3e-3 * (1 - i / 10) * (1 + j)
         m.loss(x, y).backward()
         norm = opt.clip_and_step(1.0, **kw)
         opt.zero_grad()
@@ -231,7 +246,9 @@ def test_muon_split_over_two_threads_steps_exactly_as_one_optimizer():
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
         assert len(ran) == 4 and split._halves is not None
         halves = [{id(p) for g in h.param_groups for p in g["params"]} for h in split._halves]
-        assert len(halves[0]) == len(halves[1]) == 4 and not halves[0] & halves[1]  # 2 blocks x 4 matrices, balanced
+        matrices = {id(p) for g in split.muon.param_groups for p in g["params"]}
+        assert not halves[0] & halves[1] and halves[0] | halves[1] == matrices and len(matrices) == 8
+        assert len(halves[0]) == len(halves[1]) == 4  # 2 blocks x 4 matrices: each half 1 of each shape
         assert str(one.state_dict()) == str(split.state_dict())
         # resume: the plain optimizer's state into the split one, and on; then the split's into a plain one
         again = make_optimizer(twin, cfg, torch.device("cpu"), scaler)

@@ -83,7 +83,7 @@ class MuonAdamW:
         clipping); a non-finite norm without a scaler is returned without a step.
 
         beside(fn) -> a Future of fn() run on another thread (one torch thread, as the caller's): Muon's
-        step then runs for half of the matrices there while this thread steps the other half and AdamW
+        step then runs for half of the matrices and AdamW's there while this thread steps the other half
         (the same results; not under an active fp16 scaler, whose bookkeeping is per optimizer)."""
         norm = math.nan
         if max_norm > 0:
@@ -97,10 +97,10 @@ class MuonAdamW:
             for opt in (self.muon, self.adamw):
                 self.scaler.step(opt)
         else:
-            job = beside(halves[1].step)
+            # the halves are balanced with the first one the heavier: AdamW's small step goes with the second
+            job = beside(lambda: (halves[1].step(), self.adamw.step()))
             try:
                 halves[0].step()
-                self.scaler.step(self.adamw)
             finally:
                 wait([job])  # the other half's update is done (or failed) before anything else runs
             job.result()
@@ -115,18 +115,18 @@ class MuonAdamW:
         if self._halves is None:
             if self._muon_count < 2:
                 return None
-            groups: list[list[dict]] = [[], []]
+            cost = lambda p: min(p.shape) ** 2 * (2 * max(p.shape) + min(p.shape))  # noqa: E731
+            groups = self.muon.param_groups
+            parts: list[list[list]] = [[[] for _ in groups] for _ in range(2)]  # [half][group]: matrices
             work = [0, 0]
-            for group in self.muon.param_groups:
-                parts: list[list] = [[], []]
-                cost = lambda p: min(p.shape) ** 2 * (2 * max(p.shape) + min(p.shape))  # noqa: E731
-                for p in sorted(group["params"], key=cost, reverse=True):  # largest first, to the lighter half
-                    lighter = 0 if work[0] <= work[1] else 1
-                    parts[lighter].append(p)
-                    work[lighter] += cost(p)
-                for half, part in zip(groups, parts):
-                    half.append({**group, "params": part})
-            self._halves = [torch.optim.Muon(half) for half in groups]
+            mats = sorted(((p, g) for g, group in enumerate(groups) for p in group["params"]),
+                          key=lambda pg: cost(pg[0]), reverse=True)
+            for p, g in mats:  # largest first, each to the lighter half
+                lighter = 0 if work[0] <= work[1] else 1
+                parts[lighter][g].append(p)
+                work[lighter] += cost(p)
+            self._halves = [torch.optim.Muon([{**group, "params": part[g]} for g, group in enumerate(groups)])
+                            for part in parts]
         for half in self._halves:
             half.state = self.muon.state  # load_state_dict replaces Muon's state dict: follow it
             for mine, group in zip(half.param_groups, self.muon.param_groups):
