@@ -37,6 +37,9 @@ from simplegpt.config import TrainConfig, load_config  # noqa: E402
 from simplegpt.data.prepare import prepare_corpus  # noqa: E402
 
 
+FIRST_STEPS = 4  # the start's processes time this many first steps too
+
+
 def settings(data: Path, out: Path, threads: int) -> dict:
     """The speedrun recipe's overrides for these measurements: no evaluation, sample or plot in the way."""
     return dict(data=str(data), num_threads=threads, sample_tokens=0, plot=False, tensorboard=False, eval_iters=1,
@@ -90,8 +93,8 @@ def time_steps(cfg: TrainConfig, steps: int) -> dict[str, dict[str, float]]:
 
 
 def start_child(spec: str, profile: bool) -> None:
-    """In a fresh process: train() of spec's {"config", "overrides"} for one step, timed from its call to
-    its first forward."""
+    """In a fresh process: train() of spec's {"config", "overrides"} for a few steps, timed from its call
+    to its first forward, and its first steps (forward to forward)."""
     t0 = time.perf_counter()
     from simplegpt.training import loop, ways
 
@@ -120,7 +123,8 @@ def start_child(spec: str, profile: bool) -> None:
 
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
-    print(json.dumps({"start_s": first[0] - t_call, "import_s": t_import}))
+    print(json.dumps({"start_s": first[0] - t_call, "import_s": t_import,
+                      "first_steps_s": [b - a for a, b in zip(first, first[1:])]}))
 
 
 def main() -> None:
@@ -144,7 +148,7 @@ def main() -> None:
     # nanoGPT's split, as bench/speedrun.py: the last 10% of the characters validate
     val_tokens = len(text) - int(len(text) * 0.9) + 1
     prepare_corpus(str(work / "shakespeare.txt"), data, tokenizer="char", val_tokens=val_tokens, progress=False)
-    overrides = {**settings(data, work / "out", args.threads), "max_iters": 1}
+    overrides = {**settings(data, work / "out", args.threads), "max_iters": FIRST_STEPS + 1}
     cfg = load_config(args.config, overrides)
     print(f"load average before: {load()}")
     spec = json.dumps({"config": args.config, "overrides": overrides})
@@ -156,9 +160,11 @@ def main() -> None:
             print(proc.stderr)
         starts.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     each = ", ".join(f"{s['start_s']:.3f}" for s in starts)
+    firsts = [statistics.median(s["first_steps_s"][i] for s in starts) * 1e3 for i in range(FIRST_STEPS)]
     print(f"start (train() call to the first step's forward, fresh processes): median "
           f"{statistics.median(s['start_s'] for s in starts):.3f} s of {each}; importing simplegpt.training "
           f"before it: median {statistics.median(s['import_s'] for s in starts):.3f} s")
+    print(f"its first {FIRST_STEPS} steps, median ms: " + ", ".join(f"{ms:.1f}" for ms in firsts))
     if args.steps < 1:
         return
     torch.set_num_threads(args.threads)

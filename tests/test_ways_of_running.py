@@ -260,6 +260,11 @@ def test_muon_split_over_two_threads_steps_exactly_as_one_optimizer(groups, monk
         plain.load_state_dict(copy.deepcopy(again.state_dict()))
         assert step(model, plain, 6) == step(twin, again, 6, beside=beside)
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        # a state loaded into an optimizer that has split steps already: its halves follow it
+        again.load_state_dict(copy.deepcopy(plain.state_dict()))
+        assert step(model, plain, 7) == step(twin, again, 7, beside=beside)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        assert str(plain.state_dict()) == str(again.state_dict())
     finally:
         pool.shutdown()
 
