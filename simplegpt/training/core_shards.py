@@ -105,4 +105,3 @@ def _replica(model: nn.Module) -> nn.Module:
     at once by the shared one, cost ~10x more of the run's start)."""
     memo = {id(p): type(p)(p.data, p.requires_grad) for p in model.parameters()}
     return copy.deepcopy(model, memo)
-

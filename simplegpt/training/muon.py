@@ -108,10 +108,10 @@ class MuonAdamW:
         return norm
 
     def _split(self) -> list[torch.optim.Muon] | None:
-        """Two torch.optim.Muon over halves of each of Muon's groups, with the groups' settings as they are
-        now and Muon's own state (one dict, keyed by parameter); None with fewer than 2 matrices. The
-        halves are balanced by each matrix's Newton-Schulz work: m x m x (2n + m) multiply-adds per
-        iteration for an m x n matrix, m <= n."""
+        """Two torch.optim.Muon over halves of Muon's matrices, each matrix in its own group's copy, with
+        the groups' settings as they are now and Muon's own state (one dict, keyed by parameter); None
+        with fewer than 2 matrices. The halves are balanced by each matrix's Newton-Schulz work, m x m x
+        (2n + m) multiply-adds per iteration for an m x n matrix (m <= n), the first the heavier."""
         if self._halves is None:
             if self._muon_count < 2:
                 return None
