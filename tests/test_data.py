@@ -250,6 +250,31 @@ def test_packed_sampler_is_seeded_resumable_and_shifted(tmp_path):
         PackedSampler(shards, 10_000, 2, seed=0)
 
 
+def test_packed_sampler_draws_each_seeds_windows_from_every_shard():
+    """The batch is gathered per shard at once; its rows are the windows a slice per drawn start gives
+    (the sampler's stream before the gather: the same batches for a seed, so runs and resumes keep them)."""
+    from types import SimpleNamespace
+
+    arrays = [np.arange(n, dtype=np.uint16) + 1000 * i for i, n in enumerate([40, 5, 300, 30, 90])]
+    shards = SimpleNamespace(arrays=arrays, num_tokens=sum(map(len, arrays)))
+    sampler, rng = PackedSampler(shards, 16, 64, seed=7), np.random.default_rng(7)
+    kept = [a for a in arrays if len(a) > 16]  # a shard shorter than a window has no start
+    starts = np.cumsum([0] + [len(a) - 16 for a in kept])
+    seen = set()
+    for _ in range(5):
+        picks = rng.integers(0, starts[-1], size=64)
+        rows = []
+        for p in picks:
+            s = int(np.searchsorted(starts, p, side="right")) - 1
+            rows.append(kept[s][p - starts[s]: p - starts[s] + 17].astype(np.int64))
+        want = torch.from_numpy(np.stack(rows))
+        x, y = sampler.next_batch()
+        assert x.dtype == y.dtype == torch.int64
+        assert torch.equal(x, want[:, :-1]) and torch.equal(y, want[:, 1:])
+        seen |= {int(v) // 1000 for v in x[:, 0]}
+    assert seen == {0, 2, 3, 4}  # the batches drew from every shard that holds a window
+
+
 def test_padded_batches_mask_padding_out_of_attention_and_loss():
     tok = CharTokenizer("abcdefgh ")
     texts = ["abc", "abcdefgh", "h"]

@@ -19,6 +19,7 @@ import ways_worker as w
 from simplegpt.config import TrainConfig
 from simplegpt.model import IGNORE_INDEX
 from simplegpt.training import ways
+from simplegpt.training.core_shards import CoreShards
 from simplegpt.training.evaluation import eval_sum
 from simplegpt.training.loss import CrossEntropy, weights
 from simplegpt.training.muon import MuonAdamW, muon_groups
@@ -194,6 +195,96 @@ def test_muon_trains_and_its_state_round_trips():
     adamw = make_optimizer(make_tiny_gpt(), cfg.replace(optimizer="adamw"), torch.device("cpu"), scaler)
     with pytest.raises(ValueError, match="another optimizer"):
         other.load_state_dict(adamw.state_dict())
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_muon_split_over_two_threads_steps_exactly_as_one_optimizer(groups, monkeypatch):
+    """clip_and_step(beside=...) runs Muon for half of the matrices on another thread: the weights, the
+    norms and the state are torch.optim.Muon's over all of them bit for bit, as the learning rate changes
+    (each group's own), and the state_dicts load into each other (an old checkpoint resumes into the
+    split step and back)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import simplegpt.training.muon as muon
+
+    if groups == 2:  # Muon's matrices in two groups of their own settings
+        recipe = muon.muon_groups
+
+        def two_groups(*args):
+            hidden, adamw = recipe(*args)
+            params = hidden[0]["params"]
+            return [{"params": params[:3], "weight_decay": 0.1},
+                    {"params": params[3:], "weight_decay": 0.0, "momentum": 0.9}], adamw
+
+        monkeypatch.setattr(muon, "muon_groups", two_groups)
+
+    cfg = TrainConfig(optimizer="muon", lr=3e-3, fused=False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model, twin = make_tiny_gpt(), make_tiny_gpt()
+    twin.load_state_dict(model.state_dict())
+    one, split = (make_optimizer(m, cfg, torch.device("cpu"), scaler) for m in (model, twin))
+    pool, ran = ThreadPoolExecutor(1), []
+
+    def beside(fn):
+        ran.append(fn)
+        return pool.submit(fn)
+
+    x = torch.randint(0, 50, (4, 16))
+    y = torch.roll(x, -1, 1)
+
+    def step(m, opt, i, **kw):
+        for j, group in enumerate(opt.param_groups):
+            group["lr"] = 3e-3 * (1 - i / 10) * (1 + j)
+        m.loss(x, y).backward()
+        norm = opt.clip_and_step(1.0, **kw)
+        opt.zero_grad()
+        return norm
+
+    try:
+        for i in range(4):
+            assert step(model, one, i) == step(twin, split, i, beside=beside)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        assert len(ran) == 4 and split._halves is not None
+        halves = [{id(p) for g in h.param_groups for p in g["params"]} for h in split._halves]
+        matrices = {id(p) for g in split.muon.param_groups for p in g["params"]}
+        assert not halves[0] & halves[1] and halves[0] | halves[1] == matrices and len(matrices) == 8
+        assert len(halves[0]) == len(halves[1]) == 4  # 2 blocks x 4 matrices: each half 1 of each shape
+        assert str(one.state_dict()) == str(split.state_dict())
+        # resume: the plain optimizer's state into the split one, and on; then the split's into a plain one
+        again = make_optimizer(twin, cfg, torch.device("cpu"), scaler)
+        again.load_state_dict(copy.deepcopy(one.state_dict()))
+        for i in range(4, 6):
+            assert step(model, one, i) == step(twin, again, i, beside=beside)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        plain = make_optimizer(model, cfg, torch.device("cpu"), scaler)
+        plain.load_state_dict(copy.deepcopy(again.state_dict()))
+        assert step(model, plain, 6) == step(twin, again, 6, beside=beside)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        # a state loaded into an optimizer that has split steps already: its halves follow it
+        again.load_state_dict(copy.deepcopy(plain.state_dict()))
+        assert step(model, plain, 7) == step(twin, again, 7, beside=beside)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        assert str(plain.state_dict()) == str(again.state_dict())
+    finally:
+        pool.shutdown()
+
+
+def test_core_shards_steps_muon_on_both_cores_with_the_same_losses(work, monkeypatch):
+    """The core-shards way splits Muon's step over its threads; the run's losses are those of the same way
+    stepping Muon on one thread, bit for bit."""
+    torch.set_num_threads(1)
+    base = {**_settings(work, cpu_shards=2, optimizer="muon"), "max_iters": 4, "log_interval": 1, "plot": False,
+            "tensorboard": False, "sample_tokens": 0}
+    beside, calls = CoreShards.beside, []
+    with monkeypatch.context() as patch:
+        patch.setattr(CoreShards, "beside", lambda self, fn: calls.append("split") or beside(self, fn))
+        split = w.loop.train(w.load_config(None, {**base, "out_dir": str(work / "muon_split")}), progress=False)
+    monkeypatch.setattr(ways.CoreShardsWay, "clip_and_step",
+                        lambda self, opt, max_norm: calls.append("plain") or opt.clip_and_step(max_norm))
+    plain = w.loop.train(w.load_config(None, {**base, "out_dir": str(work / "muon_plain")}), progress=False)
+    assert calls == ["split"] * 4 + ["plain"] * 4 and len(split.losses) == 4
+    assert split.losses == plain.losses
+    assert split.val_loss == plain.val_loss
 
 
 def test_a_micro_batch_without_loss_tokens_adds_zero_not_nan():

@@ -121,7 +121,7 @@ def _run(start: Start, data: Data, training: Training, way: ways.WayOfRunning, s
                 if not math.isfinite(loss):
                     raise TrainingError(f"the loss became {loss} at step {step} (lr {lr:.3g}); the run stopped and "
                                         f"{_last_good(out)}; lower --lr or set --grad_clip")
-                grad_norm = optimizer.clip_and_step(cfg.grad_clip)
+                grad_norm = way.clip_and_step(optimizer, cfg.grad_clip)
                 if cfg.grad_clip > 0 and not math.isfinite(grad_norm) and not training.compute.scaler.is_enabled():
                     # the optimizer did not apply it (under fp16 the scaler skips such steps by design)
                     raise TrainingError(f"the gradient norm became {grad_norm} at step {step} (lr {lr:.3g}); the "

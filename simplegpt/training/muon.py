@@ -11,6 +11,12 @@ lr and its schedule (the AdamW half at cfg.adamw_lr_ratio times it, 1 by default
 applies to the matrices of both. cfg.muon_momentum is the Nesterov momentum (the recipe's 0.95). The
 fused attention matrix (c_attn, Q, K and V stacked) is orthogonalized as one matrix.
 
+Where the run splits each batch over CPU cores (training/core_shards.py), the Muon step is split too:
+two torch.optim.Muon over halves of the matrices (balanced by their Newton-Schulz FLOPs), one stepped
+on the calling thread and one beside it on the core-shards worker, each computing exactly what the
+one optimizer computes for its matrices (Muon updates each matrix on its own), over the one
+optimizer's state and hyperparameters: the same weights bit for bit, and the same state_dict.
+
 Muon needs each whole matrix on the rank that updates it: under DDP every rank holds the whole
 model and all-reduced gradients, so it runs there as in one process; FSDP2 shards matrices by rows
 and refuses it (simplegpt.training.ways.fsdp2).
@@ -19,7 +25,8 @@ and refuses it (simplegpt.training.ways.fsdp2).
 from __future__ import annotations
 
 import math
-from typing import Any
+from concurrent.futures import Future, wait
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -67,6 +74,7 @@ class MuonAdamW:
         self.scaler = scaler
         self._muon_count = sum(len(g["params"]) for g in self.muon.param_groups)
         self._params = [p for opt in (self.muon, self.adamw) for g in opt.param_groups for p in g["params"]]
+        self._halves: list[torch.optim.Muon] | None = None  # made at the first step split in two
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -76,10 +84,14 @@ class MuonAdamW:
         self.muon.zero_grad(set_to_none=set_to_none)
         self.adamw.zero_grad(set_to_none=set_to_none)
 
-    def clip_and_step(self, max_norm: float) -> float:
+    def clip_and_step(self, max_norm: float, beside: Callable[[Callable[[], Any]], Future] | None = None) -> float:
         """Unscale, clip the total gradient norm of both halves to max_norm (when > 0), step both (the
         scaler skips a non-finite fp16 step) and update the scale. Returns the norm (NaN when not
-        clipping); a non-finite norm without a scaler is returned without a step."""
+        clipping); a non-finite norm without a scaler is returned without a step.
+
+        beside(fn) -> a Future of fn() run on another thread (one torch thread, as the caller's): Muon's
+        step then runs for half of the matrices and AdamW's there while this thread steps the other half
+        (the same results; not under an active fp16 scaler, whose bookkeeping is per optimizer)."""
         norm = math.nan
         if max_norm > 0:
             for opt in (self.muon, self.adamw):
@@ -87,15 +99,52 @@ class MuonAdamW:
             norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
             if not math.isfinite(norm) and not self.scaler.is_enabled():
                 return norm
-        for opt in (self.muon, self.adamw):
-            self.scaler.step(opt)
+        halves = self._split() if beside is not None and not self.scaler.is_enabled() else None
+        if halves is None:
+            for opt in (self.muon, self.adamw):
+                self.scaler.step(opt)
+        else:
+            # the halves are balanced with the first one the heavier: AdamW's small step goes with the second
+            job = beside(lambda: (halves[1].step(), self.adamw.step()))
+            try:
+                halves[0].step()
+            finally:
+                wait([job])  # the other half's update is done (or failed) before anything else runs
+            job.result()
         self.scaler.update()
         return norm
+
+    def _split(self) -> list[torch.optim.Muon] | None:
+        """Two torch.optim.Muon over halves of Muon's matrices, each matrix in its own group's copy, with
+        the groups' settings as they are now and Muon's own state (one dict, keyed by parameter); None
+        with fewer than 2 matrices. The halves are balanced by each matrix's Newton-Schulz work, m x m x
+        (2n + m) multiply-adds per iteration for an m x n matrix (m <= n), the first the heavier."""
+        if self._halves is None:
+            if self._muon_count < 2:
+                return None
+            cost = lambda p: min(p.shape) ** 2 * (2 * max(p.shape) + min(p.shape))  # noqa: E731
+            groups = self.muon.param_groups
+            parts: list[list[list]] = [[[] for _ in groups] for _ in range(2)]  # [half][group]: matrices
+            work = [0, 0]
+            mats = sorted(((p, g) for g, group in enumerate(groups) for p in group["params"]),
+                          key=lambda pg: cost(pg[0]), reverse=True)
+            for p, g in mats:  # largest first, each to the lighter half
+                lighter = 0 if work[0] <= work[1] else 1
+                parts[lighter][g].append(p)
+                work[lighter] += cost(p)
+            self._halves = [torch.optim.Muon([{**group, "params": part[g]} for g, group in enumerate(groups)])
+                            for part in parts]
+        for half in self._halves:
+            half.state = self.muon.state  # load_state_dict replaces Muon's state dict: follow it
+            for mine, group in zip(half.param_groups, self.muon.param_groups):
+                mine.update((k, v) for k, v in group.items() if k != "params")  # lr: the schedule sets it each step
+        return self._halves
 
     def state_dict(self) -> dict[str, Any]:
         muon, adamw = self.muon.state_dict(), self.adamw.state_dict()
         shift = self._muon_count
-        state = {**muon["state"], **{i + shift: s for i, s in adamw["state"].items()}}
+        # in parameter order: a step split over two threads fills Muon's state in the order they ran
+        state = {**dict(sorted(muon["state"].items())), **{i + shift: s for i, s in adamw["state"].items()}}
         groups = [{**g, "optimizer": "muon"} for g in muon["param_groups"]]
         groups += [{**g, "params": [i + shift for i in g["params"]], "optimizer": "adamw"}
                    for g in adamw["param_groups"]]

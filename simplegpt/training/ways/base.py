@@ -82,6 +82,9 @@ class WayOfRunning(Protocol):
         after the last. Returns this rank's part of the step's loss. A peer lost in a collective
         is one line (distributed.LostPeer)."""
 
+    def clip_and_step(self, optimizer: Any, max_norm: float) -> float:
+        """optimizer.clip_and_step(max_norm) as this way runs it (on its threads); the gradient norm."""
+
     def step_over_ranks(self, loss: float, received: str | None) -> tuple[float, str | None]:
         """The step's loss summed over the ranks, and the stop signal any rank received."""
 

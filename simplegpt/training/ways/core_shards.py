@@ -1,15 +1,19 @@
 """One process, each batch split over CPU cores: each thread runs its share of a micro-batch through
 the whole model on one core (simplegpt.training.core_shards.CoreShards), a replica sharing the
 model's weights; the replicas' gradients are added in a fixed order. Losses are the one-process
-run's to float rounding, and the same bits run to run for a shard count."""
+run's to float rounding, and the same bits run to run for a shard count. A Muon step is split over
+the cores too (training/muon.py), with the same results."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from ...config import TrainConfig
 from ...model import GPT
 from ..core_shards import CoreShards
+from ..muon import MuonAdamW
 from .base import Compute
 from .single import Single
 
@@ -37,6 +41,12 @@ class CoreShardsWay(Single):
         for batch, weight in zip(batches, weights):
             loss_sum += self.shards.forward_backward(batch, weight) * weight
         return loss_sum
+
+    def clip_and_step(self, optimizer: Any, max_norm: float) -> float:
+        # Muon's Newton-Schulz iterations are most of the step: half of the matrices on the worker's core
+        if isinstance(optimizer, MuonAdamW):
+            return optimizer.clip_and_step(max_norm, beside=self.shards.beside)
+        return optimizer.clip_and_step(max_norm)
 
     def evaluate(self, make_sampler, iters: int) -> float:
         torch.set_num_threads(self.threads)

@@ -79,6 +79,9 @@ class Single:
             self.compute.scaler.scale(loss * weight).backward()
         return loss_sum
 
+    def clip_and_step(self, optimizer: Any, max_norm: float) -> float:
+        return optimizer.clip_and_step(max_norm)
+
     def step_over_ranks(self, loss: float, received: str | None) -> tuple[float, str | None]:
         return loss, received
 
