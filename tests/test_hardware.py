@@ -85,6 +85,23 @@ def test_the_trainer_s_peak_on_a_known_and_an_unknown_gpu(cuda_named):
     assert device_peak_flops(TrainConfig(peak_flops=2e14), cuda_named("NVIDIA H200"), 1)[0] == 2e14
 
 
+def test_a_cpus_peak_is_timed_only_where_its_vector_peak_is_unknown(monkeypatch):
+    """The CPU peak comes from the cores' vector width and clock where /proc/cpuinfo gives them, with
+    no timed matmul (0.2 s of every run's start, which a time budget counts); a timed matmul only
+    where that is unknown."""
+    from simplegpt.training import hardware
+
+    timed = []
+    monkeypatch.setattr(hardware, "_matmul_rate", lambda: timed.append(1) or 5e10)
+    monkeypatch.setattr(hardware, "cpu_vector_peak", lambda threads: (threads * 1e11, "AVX-512, test"))
+    assert device_peak_flops(TrainConfig(), torch.device("cpu"), 2) == (
+        2e11, "the float32 peak of 2 cores, 200 GFLOP/s (AVX-512, test)")
+    assert timed == []
+    monkeypatch.setattr(hardware, "cpu_vector_peak", lambda threads: None)
+    flops, basis = device_peak_flops(TrainConfig(), torch.device("cpu"), 1)
+    assert (flops, timed) == (5e10, [1]) and "a timed matmul" in basis
+
+
 def test_an_unknown_gpu_is_no_longer_an_assumed_100_tflops(cuda_named):
     """An unknown GPU's peak is None, so the trainer's MFU is None in metrics.jsonl and "unknown" on screen."""
     flops, basis = device_peak_flops(TrainConfig(), cuda_named("NVIDIA A10G"), 1)

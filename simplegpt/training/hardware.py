@@ -108,9 +108,10 @@ def device_peak_flops(cfg: TrainConfig, device: torch.device, threads: int) -> t
     `threads` cores the run uses. On a GPU not in the table: None and a line saying to set peak_flops
     (MFU is then not computed: see mfu).
 
-    The CPU peak is the higher of two figures. A timed matmul alone is lowered by whatever else runs
-    on the machine (a run started beside a busy process measured too low and logged MFU 1.18);
-    the cores' vector width x FMA units x clock (cpu_vector_peak) is a ceiling that load cannot lower."""
+    The CPU peak is the cores' vector width x FMA units x clock (cpu_vector_peak), a ceiling that load
+    cannot lower; only where that is unknown (not Linux x86) a timed matmul (~0.2 s of the run's
+    start), which whatever else runs on the machine lowers (a run started beside a busy process
+    measured too low and logged MFU 1.18)."""
     if cfg.peak_flops:
         return cfg.peak_flops, f"the configured peak_flops, {cfg.peak_flops / 1e12:.3g} TFLOP/s"
     if device.type == "cuda":
@@ -124,11 +125,11 @@ def device_peak_flops(cfg: TrainConfig, device: torch.device, threads: int) -> t
     if device.type != "cpu":
         return None, (f"no known peak for a {device.type} device, so MFU is not computed; set peak_flops "
                       "to the device's peak FLOP/s")
-    measured = _matmul_rate()
     vector = cpu_vector_peak(threads)
     cores = f"{threads} core{'s' if threads != 1 else ''}"
-    if vector is not None and vector[0] >= measured:
+    if vector is not None:
         return vector[0], f"the float32 peak of {cores}, {vector[0] / 1e9:,.0f} GFLOP/s ({vector[1]})"
+    measured = _matmul_rate()
     return measured, f"the float32 peak of {cores}, {measured / 1e9:,.0f} GFLOP/s (a timed matmul)"
 
 
