@@ -282,7 +282,7 @@ def main() -> None:
                                     indent=1))
     print(f"curves: {args.json}")
     if args.png:
-        plot(results, args.png)
+        plot(results, args.png, args.threads)
 
 
 def fmt(value: float | None, unit: str = "") -> str:
@@ -321,7 +321,7 @@ def ablation_rows(results: dict[str, dict], seed: int, names: list[str]) -> None
     print(flush=True)
 
 
-def plot(results: dict[str, dict], png: Path) -> None:
+def plot(results: dict[str, dict], png: Path, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +335,7 @@ def plot(results: dict[str, dict], png: Path) -> None:
                 ax.plot(t, loss, marker=".", color=f"C{list(results).index(recipe)}",
                         label=recipe if i == 0 else None, alpha=0.8)
     ax.axhline(TARGET, color="grey", ls="--", lw=0.8, label=f"target {TARGET}")
-    ax.set_xlabel("training seconds (2 shared CPU cores; evaluation not counted)")
+    ax.set_xlabel(f"training seconds ({threads} CPU threads; evaluation not counted)")
     ax.set_ylabel("val loss (nats/char)")
     ax.set_ylim(1.4, 2.6)
     ax.legend()
