@@ -13,7 +13,9 @@ With --llama-bench (built by ../shared/bench/llamacpp_anchor.sh, which also writ
 GGUF files it reads for --preset gpt2), llama.cpp's f32 and q8_0 decode speeds are measured at the
 start of each round and after the last (2 repetitions each), with the same threads, prompt and
 new-token counts, and the ratios are printed against its best repetition, as simplegpt's best round
-counts (its figure excludes the prompt, simplegpt's includes the prefill). For another preset the
+counts (its figure excludes the prompt, simplegpt's includes the prefill; the "decode alone" lines take
+the prompt out of simplegpt's too: the best call less the best one-token call of the same engine,
+timed beside it in every round). For another preset the
 bench model itself is written as f32 and q8_0 GGUF files (simplegpt.gguf_export.write_gguf, what
 `simplegpt export-gguf` writes, with the byte tokenizer's vocabulary padded to the model's), so
 llama.cpp decodes the same weights. Where llama.cpp's repacked q8_0 kernels die of SIGILL (seen
@@ -371,7 +373,11 @@ def main() -> None:
     # differently from the native kernels').
     int8 = copy.deepcopy(model) if on_cpu else None
     compiled = copy.deepcopy(model) if args.compile else None
-    runners = {"simplegpt cached": simplegpt_runner(Engine(model), prompt, args.new_tokens, fp32_out)}
+    fp32_engine = Engine(model)
+    runners = {"simplegpt cached": simplegpt_runner(fp32_engine, prompt, args.new_tokens, fp32_out)}
+    # The same engines' calls of one token (the prefill and the first token), timed beside them, so
+    # that their decode rate can be given without the prompt, as llama-bench's tg figure is.
+    firsts = {"simplegpt cached": simplegpt_runner(fp32_engine, prompt, 1, [], warmup=1)}
     if compiled is not None:
         t0 = time.perf_counter()
         # Warm-up long enough for the compilation and, on CUDA, the CUDA graph's recording.
@@ -388,7 +394,9 @@ def main() -> None:
             runners[f"HF generate batch {args.batch}"] = hf_runner(model, batch, args.new_tokens)
     if int8 is not None:
         report = quantize_int8(int8)
-        runners["simplegpt int8"] = simplegpt_runner(Engine(int8), prompt, args.new_tokens, int8_out)
+        int8_engine = Engine(int8)
+        runners["simplegpt int8"] = simplegpt_runner(int8_engine, prompt, args.new_tokens, int8_out)
+        firsts["simplegpt int8"] = simplegpt_runner(int8_engine, prompt, 1, [], warmup=1)
     slow = {"simplegpt uncached": simplegpt_runner(Engine(model, use_cache=False), prompt, args.uncached_tokens, []),
             "tutorial loop": tutorial_runner(model, prompt, args.uncached_tokens)}
     gguf = {"llama.cpp f32": args.gguf_f32, "llama.cpp q8_0": args.gguf_q8}
@@ -410,6 +418,7 @@ def main() -> None:
     # and goes over minutes on shared machines) hits them alike; the best counts. The slow
     # uncached loops run in the first round only.
     best = {name: math.inf for name in [*runners, *slow]}
+    best_first = {name: math.inf for name in firsts}
     for r in range(args.repeats):
         measure_llama()
         for name, run in [*runners.items(), *(slow.items() if r == 0 else [])]:
@@ -419,6 +428,8 @@ def main() -> None:
             if limited:
                 bound[name].append((t, before, reader.gbps()))
             best[name] = min(best[name], t)
+            if name in firsts and args.new_tokens > 1:
+                best_first[name] = min(best_first[name], timed(firsts[name], device))
     measure_llama()  # and after the last round
     if written is not None:
         shutil.rmtree(written)
@@ -464,9 +475,21 @@ def main() -> None:
             print(f"  decode {label}: {nbytes / 1e6:.0f} MB of weights a token; read loop "
                   + ", ".join(f"{a:.1f}/{b:.1f}" for _, a, b in bound[name]) + " GB/s; decode at "
                   + ", ".join(f"{f * 100:.0f}%" for f in fractions) + f" of it (best {max(fractions) * 100:.0f}%)")
+    # Decode alone: the new tokens after the first over the call's time less a one-token call's
+    decode = {name: (args.new_tokens - 1) / (best[name] - best_first[name]) for name in firsts
+              if name in best and best[name] > best_first[name] < math.inf}
+    if decode:
+        print("\ndecode alone (best call less the best one-token call of the same engine: the prefill and first token)")
+        for name, rate in decode.items():
+            print(f"  {name:18s} {rate:8.1f} tok/s  (the one-token call: {best_first[name] * 1e3:.0f} ms)")
     if args.llama_bench:
-        print(f"  cached / llama.cpp f32 {rates['simplegpt cached'] / rates['llama.cpp f32']:6.2f}x  (goal >= 1)")
+        print(f"  cached / llama.cpp f32 {rates['simplegpt cached'] / rates['llama.cpp f32']:6.2f}x  (goal >= 1; "
+              "simplegpt's call includes the prefill, llama.cpp's tg figure does not)")
         print(f"  int8   / llama.cpp q8_0 {rates['simplegpt int8'] / rates['llama.cpp q8_0']:5.2f}x  (goal >= 0.75)")
+        for name, other in (("simplegpt cached", "llama.cpp f32"), ("simplegpt int8", "llama.cpp q8_0")):
+            if name in decode:
+                print(f"  {name.split()[1]:6s} decode alone / {other} {decode[name] / rates[other]:5.2f}x  (both without "
+                      "the prompt)")
 
     if compiled is not None:
         same = next((i for i, (a, b) in enumerate(zip(fp32_out, compiled_out)) if a != b), len(fp32_out))
