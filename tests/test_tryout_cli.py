@@ -2,7 +2,10 @@
 not get argparse's '(default: None)' after it."""
 
 import argparse
+import json
 import re
+
+import pytest
 
 from simplegpt.cli import build_parser
 
@@ -22,3 +25,23 @@ def test_import_gguf_names_its_output_as_its_help_speaks_of_it():
     [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     text = commands.choices["import-gguf"].format_help()
     assert "FILE.gguf OUT" in text and "replace OUT" in text
+
+
+@pytest.mark.parametrize("qk_norm, model_class", [(False, "LlamaForCausalLM"), (True, "Qwen3ForCausalLM")])
+def test_export_hf_of_a_llama_style_char_model_names_the_class_that_loads_it(qk_norm, model_class, tmp_path,
+                                                                              capsys):
+    from simplegpt.checkpoint import save_checkpoint
+    from simplegpt.cli import main
+    from simplegpt.model import GPT, GPTConfig
+    from simplegpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("to be or not to be")
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16, n_positions=16,
+                          bias=False, positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=qk_norm))
+    save_checkpoint(tmp_path / "ck", model, tokenizer)
+    assert main(["export-hf", str(tmp_path / "ck"), str(tmp_path / "hf")]) == 0
+    warning = capsys.readouterr().err
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [model_class]
+    assert "AutoTokenizer cannot load" in warning and f"{model_class} (or AutoModelForCausalLM) loads" in warning
+    assert "GPT2LMHeadModel" not in warning

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
               "exported", file=sys.stderr)
     elif not result.tokenizer_exported:
         print(f"simplegpt export-hf: warning: the {result.tokenizer} tokenizer has no Hugging Face equivalent, so "
-              f"AutoTokenizer cannot load {result.path} (no vocab.json/merges.txt); GPT2LMHeadModel loads the "
-              f"weights, and simplegpt's tokenizer is kept in {result.path / SIMPLEGPT_TOKENIZER_DIR}/ for "
+              f"AutoTokenizer cannot load {result.path} (no vocab.json/merges.txt); {result.model_class} (or "
+              f"AutoModelForCausalLM) loads the weights, and simplegpt's tokenizer is kept in {result.path / SIMPLEGPT_TOKENIZER_DIR}/ for "
               "import-hf", file=sys.stderr)
     return 0
