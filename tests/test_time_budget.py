@@ -263,3 +263,20 @@ def test_the_speedrun_bench_names_nanogpts_iterations_and_its_ablations(capsys):
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 7 |")]
     assert rows == ["| 7 | the speedrun recipe | not reached | 2.0000 | 5 | 10,240 | 2,000 |",
                     "| 7 | nanoGPT's batch 12 | 90 | 2.0000 | 5 | 10,240 | 2,000 |"]
+
+
+def test_every_option_of_the_speedrun_bench_says_what_it_does():
+    """bench/speedrun.py --help listed --data, --seeds, --config, --threads, --json, --png and --quiet
+    with no word on them (--config's accepting a built-in name such as speedrun_cpu_short included)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("speedrun_bench", ROOT / "bench" / "speedrun.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    parser = bench.build_parser()
+    assert [a.dest for a in parser._actions if not a.help] == []
+    assert "speedrun_cpu_short" in parser.format_help()
+    args = parser.parse_args(["--config", "speedrun_cpu_short", "--seeds", "1"])
+    assert load_config(args.config).max_time == load_config("speedrun_cpu_short").max_time and args.budget is None
