@@ -169,7 +169,9 @@ def _train_config(args: argparse.Namespace):
             from ..errors import CheckpointError
             raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
         # the flat keys every version of the trainer saved; keys it no longer has are left out
-        return TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
+        _check_muon_overrides(overrides, cfg)
+        return cfg
     from ..training.lora import check_overrides
 
     check_overrides(overrides)  # --lora 0, or LoRA options without --lora
@@ -177,7 +179,21 @@ def _train_config(args: argparse.Namespace):
     if args.config is None and (why := adamw_fallback(overrides)) and os.environ.get("RANK", "0") == "0":
         print(f"note: {why}: the default recipe's Muon gives way to AdamW (lr {cfg.lr:g}); --optimizer "
               "chooses", flush=True)
+    _check_muon_overrides(overrides, cfg)
     return cfg
+
+
+MUON_OPTIONS = ("muon_momentum", "adamw_lr_ratio")
+
+
+def _check_muon_overrides(overrides: dict, cfg) -> None:
+    """ConfigError for Muon's options on the command line of a run that trains with AdamW, which
+    would leave them unused without a word."""
+    if cfg.optimizer != "muon" and (given := [k for k in MUON_OPTIONS if k in overrides]):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--{given[0]} applies to optimizer = 'muon' only, and this run trains with "
+                          f"{cfg.optimizer!r}; add --optimizer muon or leave --{given[0]} out")
 
 
 def _auto_resume(config: str | None, overrides: dict) -> str | None:
