@@ -280,3 +280,14 @@ def test_every_option_of_the_speedrun_bench_says_what_it_does():
     assert "speedrun_cpu_short" in parser.format_help()
     args = parser.parse_args(["--config", "speedrun_cpu_short", "--seeds", "1"])
     assert load_config(args.config).max_time == load_config("speedrun_cpu_short").max_time and args.budget is None
+
+
+def test_a_finished_budgeted_run_resumed_with_a_smaller_budget_is_told_a_larger_one(tmp_path, corpus, capsys):
+    """--resume RUN --time 2s of a run that trained its 4 s: nothing is trained, and the advice to train
+    longer named twice the 2 s given (4 s, which trains nothing either), not twice the 4 s used."""
+    from simplegpt.cli import main
+
+    train(tiny(tmp_path, corpus, max_time=4.0, eval_interval=1000), progress=False, clock=StepClock(1.0))
+    assert main(["train", "--resume", str(tmp_path / "run"), "--time", "2s", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "had already finished its 4 steps" in err and "--max_time 8)" in err, err

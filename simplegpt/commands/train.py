@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import signal
@@ -117,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if result.already_finished:
         run = shlex.quote(str(result.out_dir))
         again = "" if args.resume else "; to train it again from step 0, add --overwrite"
-        longer = (f"--max_time (e.g. simplegpt train --resume {run} --max_time {2 * cfg.max_time:g})" if cfg.max_time
-                  else f"--max_iters (e.g. simplegpt train --resume {run} --max_iters {2 * result.step})")
+        longer = (f"--max_time (e.g. simplegpt train --resume {run} --max_time {_twice_the_budget_used(cfg, result)})"
+                  if cfg.max_time else f"--max_iters (e.g. simplegpt train --resume {run} --max_iters {2 * result.step})")
         print(f"simplegpt train: {args.resume or result.out_dir} had already finished its {result.step} steps; "
               f"nothing was trained. To train longer, resume with a larger {longer}{again}", file=sys.stderr)
     steps = f"{result.step}" if cfg.max_time else f"{result.step}/{cfg.max_iters}"
@@ -147,6 +148,15 @@ def run(args: argparse.Namespace) -> int:
         # under torchrun a stop with its checkpoint saved is a success: a failure would be restarted
         return 128 + signal.Signals[result.interrupted].value
     return 0
+
+
+def _twice_the_budget_used(cfg, result) -> int:
+    """Seconds of a budget that trains a finished run on: twice what it has used, which a --max_time
+    given on --resume below it (the run then counts as finished) does not say."""
+    from ..checkpoint import read_checkpoint_config
+
+    done = read_checkpoint_config(result.last_checkpoint).get("budget_done_s")
+    return math.ceil(2 * max(cfg.max_time, done if isinstance(done, (int, float)) else 0.0))
 
 
 def _train_config(args: argparse.Namespace):
