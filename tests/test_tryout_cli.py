@@ -45,3 +45,5 @@ def test_export_hf_of_a_llama_style_char_model_names_the_class_that_loads_it(qk_
     assert config["architectures"] == [model_class]
     assert "AutoTokenizer cannot load" in warning and f"{model_class} (or AutoModelForCausalLM) loads" in warning
     assert "GPT2LMHeadModel" not in warning
+    help_text = re.sub(r"\s+", " ", build_parser()._subparsers._group_actions[0].choices["export-hf"].format_help())
+    assert "so AutoModelForCausalLM.from_pretrained(OUT)" in help_text

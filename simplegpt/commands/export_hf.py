@@ -14,7 +14,7 @@ DESCRIPTION = (
     "LlamaForCausalLM or Qwen3ForCausalLM for the Llama-style options that map onto one (others are refused, "
     "naming the option; docs/architectures.md): config.json, model.safetensors "
     "and, for GPT-2-tokenizer models, vocab.json, merges.txt, tokenizer_config.json and "
-    "special_tokens_map.json, so GPT2LMHeadModel.from_pretrained(OUT) and "
+    "special_tokens_map.json, so AutoModelForCausalLM.from_pretrained(OUT) (that class) and "
     "AutoTokenizer.from_pretrained(OUT) load it; a trained BPE (prepare --tokenizer bpe:N) is written "
     "as tokenizer.json and tokenizer_config.json (PreTrainedTokenizerFast). Character and byte "
     "tokenizers have no Hugging Face equivalent: their weights and config are exported, and simplegpt's tokenizer is kept in "
