@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=Path("speedrun.json"),
                    help="where the curves and results are written (default: %(default)s)")
     p.add_argument("--png", type=Path, default=None, help="also plot the curves into this PNG")
-    p.add_argument("--quiet", action="store_true", help="no line per evaluation (its protocol val loss) while the runs train")
+    p.add_argument("--quiet", action="store_true",
+                   help="no line per evaluation (its protocol val loss) while the runs train")
     return p
 
 

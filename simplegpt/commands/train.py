@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of out_dir from its last checkpoint when it has one, else start it (for "
                         "torchrun --max-restarts, whose restarted workers then resume by themselves)")
     p.add_argument("--init-from", dest="init_from_cli", metavar="SRC", default=None,
-                   help="start from weights: a simplegpt checkpoint dir, or a Hugging Face GPT-2 dir or name "
-                        "(same as --init_from)")
+                   help="start from weights: a simplegpt checkpoint dir, or a Hugging Face GPT-2, Llama or "
+                        "Qwen3 dir or name (same as --init_from)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in out_dir (a different one, or this one to train it again)")
     p.add_argument("--stop-at", type=int, metavar="STEP", default=None,
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         run = shlex.quote(str(result.out_dir))
         again = "" if args.resume else "; to train it again from step 0, add --overwrite"
         longer = (f"--max_time (e.g. simplegpt train --resume {run} --max_time {_twice_the_budget_used(cfg, result)})"
-                  if cfg.max_time else f"--max_iters (e.g. simplegpt train --resume {run} --max_iters {2 * result.step})")
+                  if cfg.max_time else
+                  f"--max_iters (e.g. simplegpt train --resume {run} --max_iters {2 * result.step})")
         print(f"simplegpt train: {args.resume or result.out_dir} had already finished its {result.step} steps; "
               f"nothing was trained. To train longer, resume with a larger {longer}{again}", file=sys.stderr)
     steps = f"{result.step}" if cfg.max_time else f"{result.step}/{cfg.max_iters}"
