@@ -24,7 +24,9 @@ on some AVX-512 hosts) its measurement is retried with `--repack 0`, and the out
 A Llama-style preset (llama-*, smollm2-135m, qwen3-0.6b) is measured against Hugging Face's
 LlamaForCausalLM or Qwen3ForCausalLM of the same shape (random weights as well).
 Every engine decodes greedily from the same 16-token prompt; tokens/s count generated tokens
-over the whole call (prefill included), best of --repeats rounds that interleave the engines.
+over the whole call (prefill included), best of --repeats rounds that interleave the engines; the
+"decode alone" lines (cached fp32 and int8) count the tokens after the first over the best call less
+the best one-token call of the same engine (the prefill and first token), timed beside it in every round.
 "batch 8" (--batch) decodes 8 prompts of 16, 15, ..., 9 tokens (left-padded) in one call, and
 counts the tokens of all rows.
 "uncached" is the engine re-encoding its context every token (head on the last position only);
@@ -460,6 +462,10 @@ def main() -> None:
         print(f"  int8   / cached fp32   {rates['simplegpt int8'] / rates['simplegpt cached']:6.2f}x")
     if all(name in rates for name in batched):
         print(f"  batch {args.batch} / HF batch {args.batch}  {rates[batched[0]] / rates[batched[1]]:6.2f}x")
+    if args.llama_bench:
+        print(f"  cached / llama.cpp f32 {rates['simplegpt cached'] / rates['llama.cpp f32']:6.2f}x  (goal >= 1; "
+              "simplegpt's call includes the prefill, llama.cpp's tg figure does not)")
+        print(f"  int8   / llama.cpp q8_0 {rates['simplegpt int8'] / rates['llama.cpp q8_0']:5.2f}x  (goal >= 0.75)")
     if "simplegpt compiled" in rates:
         print(f"  compiled / cached      {rates['simplegpt compiled'] / rates['simplegpt cached']:6.2f}x")
         if "HF generate" in rates:
@@ -483,9 +489,6 @@ def main() -> None:
         for name, rate in decode.items():
             print(f"  {name:18s} {rate:8.1f} tok/s  (the one-token call: {best_first[name] * 1e3:.0f} ms)")
     if args.llama_bench:
-        print(f"  cached / llama.cpp f32 {rates['simplegpt cached'] / rates['llama.cpp f32']:6.2f}x  (goal >= 1; "
-              "simplegpt's call includes the prefill, llama.cpp's tg figure does not)")
-        print(f"  int8   / llama.cpp q8_0 {rates['simplegpt int8'] / rates['llama.cpp q8_0']:5.2f}x  (goal >= 0.75)")
         for name, other in (("simplegpt cached", "llama.cpp f32"), ("simplegpt int8", "llama.cpp q8_0")):
             if name in decode:
                 print(f"  {name.split()[1]:6s} decode alone / {other} {decode[name] / rates[other]:5.2f}x  (both without "

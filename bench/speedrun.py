@@ -196,16 +196,22 @@ def loss_at(curve: list[tuple[float, float]], t: float) -> float:
     return curve[-1][1] if t >= curve[-1][0] else math.nan
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+                   help="tinyshakespeare.txt, split as nanoGPT splits it (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339],
+                   help="one run of each recipe per seed (default: %(default)s)")
     p.add_argument("--budget", default=None,
                    help="the speedrun's time budget (seconds, or 5m; 0: none, then --set max_iters=N trains N "
                         "steps); default: the config's max_time")
-    p.add_argument("--config", default=str(ROOT / "configs" / "speedrun_cpu.toml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "speedrun_cpu.toml"),
+                   help="the speedrun recipe: a TOML file or a built-in name such as speedrun_cpu_short "
+                        "(default: configs/speedrun_cpu.toml)")
     p.add_argument("--recipes", nargs="+", default=["nanogpt_recipe", "speedrun"],
-                   choices=["nanogpt_recipe", "speedrun"])
+                   choices=["nanogpt_recipe", "speedrun"],
+                   help="which to train per seed: nanoGPT's CPU recipe on simplegpt's model, the speedrun "
+                        "recipe of --config (default: both)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override keys of the speedrun recipe (ablations), e.g. --set optimizer=adamw")
     p.add_argument("--ablations", nargs="*", default=None, choices=list(ABLATIONS), metavar="NAME",
@@ -215,11 +221,17 @@ def main() -> None:
     p.add_argument("--nanogpt-args", default="", metavar="'--KEY=VALUE ...'",
                    help="more options for nanoGPT's train.py, after the recipe's (a quick check: "
                         "--nanogpt-args='--max_iters=20 --lr_decay_iters=20 --eval_interval=10')")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, default=Path("speedrun.json"))
-    p.add_argument("--png", type=Path, default=None)
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every run (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=Path("speedrun.json"),
+                   help="where the curves and results are written (default: %(default)s)")
+    p.add_argument("--png", type=Path, default=None, help="also plot the curves into this PNG")
+    p.add_argument("--quiet", action="store_true",
+                   help="no line per evaluation (its protocol val loss) while the runs train")
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     from simplegpt.config import parse_value
 

@@ -221,7 +221,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file} is corrupted ({e}); use another checkpoint") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or "model" not in doc:
-        raise CheckpointError(f"{cfg_file} is not a simplegpt checkpoint config (format != {FORMAT!r})")
+        # a Hugging Face model folder: what the commands that take only a simplegpt checkpoint need done
+        hf = (f"; it is a Hugging Face model (model_type {doc['model_type']!r}): convert it with "
+              f"'simplegpt import-hf {path} OUT'" if isinstance(doc, dict) and "model_type" in doc else "")
+        raise CheckpointError(f"{cfg_file} is not a simplegpt checkpoint config (format != {FORMAT!r}){hf}")
     if doc.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} was written by a newer simplegpt (format version {doc['version']})")
     sums = doc.get(CHECKSUMS, {})

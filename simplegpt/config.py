@@ -196,8 +196,8 @@ class TrainConfig:
     out_dir: str = _f("out/run", "run", "run folder: config.toml, metrics.jsonl, samples.txt, last/ and best/ "
                       "checkpoints, loss.png; on the command line it follows --data, --tokenizer and --init-from "
                       "unless given: out/<corpus>_<tokenizer>, out/<dataset folder>, out/<corpus>_from_<weights>")
-    init_from: str = _f("", "run", "start from weights: a simplegpt checkpoint dir or a Hugging Face GPT-2 "
-                        "dir/name (its tokenizer is then used); empty = random init")
+    init_from: str = _f("", "run", "start from weights: a simplegpt checkpoint dir or a Hugging Face GPT-2, Llama or "
+                        "Qwen3 dir/name (its tokenizer is then used); empty = random init")
     max_time: float = _f(0.0, "run", "time budget: train for this long (seconds, or a duration such as '90s', "
                          "'5m', '1h'; also --time) instead of max_iters steps, with the learning-rate schedule "
                          "set by the fraction of the budget used; evaluations and the setup before the first "

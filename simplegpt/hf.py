@@ -417,6 +417,7 @@ class ExportResult:
     files: list[str]
     tokenizer: str | None  # the checkpoint's tokenizer kind ("gpt2", "char", "byte") or None
     tokenizer_exported: bool  # True when AutoTokenizer can load OUT (GPT-2's or a `tokenizers` one)
+    model_class: str  # the transformers class config.json names: GPT2LMHeadModel, LlamaForCausalLM, ...
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> ExportResult:
@@ -452,7 +453,8 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: 
         # safetensors writes through a private (0600) temp file; the others were created as config.json was
         os.chmod(tmp / HF_SAFETENSORS, (tmp / HF_CONFIG).stat().st_mode & 0o777)
     return ExportResult(path=out, files=sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
-                        tokenizer=tok.kind if tok is not None else None, tokenizer_exported=exported)
+                        tokenizer=tok.kind if tok is not None else None, tokenizer_exported=exported,
+                        model_class="GPT2LMHeadModel" if kind is None else hf_llama.ARCHITECTURES[kind])
 
 
 def _stop_ids(tok: Tokenizer | None, eos_id: int) -> int | list[int]:

@@ -263,3 +263,31 @@ def test_the_speedrun_bench_names_nanogpts_iterations_and_its_ablations(capsys):
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 7 |")]
     assert rows == ["| 7 | the speedrun recipe | not reached | 2.0000 | 5 | 10,240 | 2,000 |",
                     "| 7 | nanoGPT's batch 12 | 90 | 2.0000 | 5 | 10,240 | 2,000 |"]
+
+
+def test_every_option_of_the_speedrun_bench_says_what_it_does():
+    """bench/speedrun.py --help listed --data, --seeds, --config, --threads, --json, --png and --quiet
+    with no word on them (--config's accepting a built-in name such as speedrun_cpu_short included)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("speedrun_bench", ROOT / "bench" / "speedrun.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    parser = bench.build_parser()
+    assert [a.dest for a in parser._actions if not a.help] == []
+    assert "speedrun_cpu_short" in parser.format_help()
+    args = parser.parse_args(["--config", "speedrun_cpu_short", "--seeds", "1"])
+    assert load_config(args.config).max_time == load_config("speedrun_cpu_short").max_time and args.budget is None
+
+
+def test_a_finished_budgeted_run_resumed_with_a_smaller_budget_is_told_a_larger_one(tmp_path, corpus, capsys):
+    """--resume RUN --time 2s of a run that trained its 4 s: nothing is trained, and the advice to train
+    longer named twice the 2 s given (4 s, which trains nothing either), not twice the 4 s used."""
+    from simplegpt.cli import main
+
+    train(tiny(tmp_path, corpus, max_time=4.0, eval_interval=1000), progress=False, clock=StepClock(1.0))
+    assert main(["train", "--resume", str(tmp_path / "run"), "--time", "2s", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "had already finished its 4 steps" in err and "--max_time 8)" in err, err

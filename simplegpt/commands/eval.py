@@ -35,7 +35,8 @@ _positive = _at_least(1)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: required options have no default worth printing in --help.
-    add_checkpoint_argument(p, "simplegpt checkpoint directory, or a Hugging Face GPT-2 directory or hub name")
+    add_checkpoint_argument(p, "simplegpt checkpoint directory, or a Hugging Face GPT-2, Llama or Qwen3 "
+                               "directory or hub name")
     p.add_argument("--data", required=True, default=argparse.SUPPRESS,
                    help="what to score: a dataset directory made by 'simplegpt prepare' (its --split), or any "
                         "corpus prepare accepts: a UTF-8 .txt/.md/.jsonl file, a folder or glob of them, a URL, "

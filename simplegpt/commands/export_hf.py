@@ -14,7 +14,7 @@ DESCRIPTION = (
     "LlamaForCausalLM or Qwen3ForCausalLM for the Llama-style options that map onto one (others are refused, "
     "naming the option; docs/architectures.md): config.json, model.safetensors "
     "and, for GPT-2-tokenizer models, vocab.json, merges.txt, tokenizer_config.json and "
-    "special_tokens_map.json, so GPT2LMHeadModel.from_pretrained(OUT) and "
+    "special_tokens_map.json, so AutoModelForCausalLM.from_pretrained(OUT) (that class) and "
     "AutoTokenizer.from_pretrained(OUT) load it; a trained BPE (prepare --tokenizer bpe:N) is written "
     "as tokenizer.json and tokenizer_config.json (PreTrainedTokenizerFast). Character and byte "
     "tokenizers have no Hugging Face equivalent: their weights and config are exported, and simplegpt's tokenizer is kept in "
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
               "exported", file=sys.stderr)
     elif not result.tokenizer_exported:
         print(f"simplegpt export-hf: warning: the {result.tokenizer} tokenizer has no Hugging Face equivalent, so "
-              f"AutoTokenizer cannot load {result.path} (no vocab.json/merges.txt); GPT2LMHeadModel loads the "
-              f"weights, and simplegpt's tokenizer is kept in {result.path / SIMPLEGPT_TOKENIZER_DIR}/ for "
+              f"AutoTokenizer cannot load {result.path} (no vocab.json/merges.txt); {result.model_class} (or "
+              f"AutoModelForCausalLM) loads the weights, and simplegpt's tokenizer is kept in {result.path / SIMPLEGPT_TOKENIZER_DIR}/ for "
               "import-hf", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import signal
@@ -51,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of out_dir from its last checkpoint when it has one, else start it (for "
                         "torchrun --max-restarts, whose restarted workers then resume by themselves)")
     p.add_argument("--init-from", dest="init_from_cli", metavar="SRC", default=None,
-                   help="start from weights: a simplegpt checkpoint dir, or a Hugging Face GPT-2 dir or name "
-                        "(same as --init_from)")
+                   help="start from weights: a simplegpt checkpoint dir, or a Hugging Face GPT-2, Llama or "
+                        "Qwen3 dir or name (same as --init_from)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in out_dir (a different one, or this one to train it again)")
     p.add_argument("--stop-at", type=int, metavar="STEP", default=None,
@@ -117,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if result.already_finished:
         run = shlex.quote(str(result.out_dir))
         again = "" if args.resume else "; to train it again from step 0, add --overwrite"
-        longer = (f"--max_time (e.g. simplegpt train --resume {run} --max_time {2 * cfg.max_time:g})" if cfg.max_time
-                  else f"--max_iters (e.g. simplegpt train --resume {run} --max_iters {2 * result.step})")
+        longer = (f"--max_time (e.g. simplegpt train --resume {run} --max_time {_twice_the_budget_used(cfg, result)})"
+                  if cfg.max_time else
+                  f"--max_iters (e.g. simplegpt train --resume {run} --max_iters {2 * result.step})")
         print(f"simplegpt train: {args.resume or result.out_dir} had already finished its {result.step} steps; "
               f"nothing was trained. To train longer, resume with a larger {longer}{again}", file=sys.stderr)
     steps = f"{result.step}" if cfg.max_time else f"{result.step}/{cfg.max_iters}"
@@ -149,6 +151,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _twice_the_budget_used(cfg, result) -> int:
+    """Seconds of a budget that trains a finished run on: twice what it has used, which a --max_time
+    given on --resume below it (the run then counts as finished) does not say."""
+    from ..checkpoint import read_checkpoint_config
+
+    done = read_checkpoint_config(result.last_checkpoint).get("budget_done_s")
+    return math.ceil(2 * max(cfg.max_time, done if isinstance(done, (int, float)) else 0.0))
+
+
 def _train_config(args: argparse.Namespace):
     """The run's TrainConfig: the config file (or a resumed checkpoint's saved config) with the
     command line's overrides. Raises ConfigError or CheckpointError."""
@@ -169,7 +180,9 @@ def _train_config(args: argparse.Namespace):
             from ..errors import CheckpointError
             raise CheckpointError(f"{path} holds no training config; it was not written by 'simplegpt train'")
         # the flat keys every version of the trainer saved; keys it no longer has are left out
-        return TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in KEYS}, **overrides})
+        _check_muon_overrides(overrides, cfg)
+        return cfg
     from ..training.lora import check_overrides
 
     check_overrides(overrides)  # --lora 0, or LoRA options without --lora
@@ -177,7 +190,21 @@ def _train_config(args: argparse.Namespace):
     if args.config is None and (why := adamw_fallback(overrides)) and os.environ.get("RANK", "0") == "0":
         print(f"note: {why}: the default recipe's Muon gives way to AdamW (lr {cfg.lr:g}); --optimizer "
               "chooses", flush=True)
+    _check_muon_overrides(overrides, cfg)
     return cfg
+
+
+MUON_OPTIONS = ("muon_momentum", "adamw_lr_ratio")
+
+
+def _check_muon_overrides(overrides: dict, cfg) -> None:
+    """ConfigError for Muon's options on the command line of a run that trains with AdamW, which
+    would leave them unused without a word."""
+    if cfg.optimizer != "muon" and (given := [k for k in MUON_OPTIONS if k in overrides]):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--{given[0]} applies to optimizer = 'muon' only, and this run trains with "
+                          f"{cfg.optimizer!r}; add --optimizer muon or leave --{given[0]} out")
 
 
 def _auto_resume(config: str | None, overrides: dict) -> str | None:

@@ -19,7 +19,11 @@ from ..tokenizer import Tokenizer
 
 # The keys a resumed run cannot change: its weights have this shape, its data this tokenizer and its
 # saved optimizer state this optimizer's layout.
-RESUME_FIXED = (*ARCHITECTURE_KEYS, "tokenizer", "optimizer", "lora", "lora_alpha", "lora_targets")
+# The optimizer's hyperparameters come back with its saved state (its param_groups), so a new value
+# given to a resumed run would go unused: they are refused as the optimizer itself is.
+OPTIMIZER_STATE_KEYS = ("beta1", "beta2", "weight_decay", "muon_momentum", "adamw_lr_ratio")
+RESUME_FIXED = (*ARCHITECTURE_KEYS, "tokenizer", "optimizer", *OPTIMIZER_STATE_KEYS, "lora", "lora_alpha",
+                "lora_targets")
 
 
 def seed_everything(seed: int) -> None:
@@ -103,7 +107,8 @@ def load_resume(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[GPT
 
 
 def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    """Refuse overrides that change the model's shape, tokenizer or optimizer of a run being resumed
+    """Refuse overrides that change the model's shape, tokenizer, optimizer or the hyperparameters its
+    saved state holds (OPTIMIZER_STATE_KEYS) of a run being resumed
     (saved: the checkpoint's flat train_config, as every version of the trainer wrote it)."""
     if saved:  # one saved before the Llama-style keys existed is GPT-2
         saved = {**GPT2_MODEL_VALUES, **saved}
