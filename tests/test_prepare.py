@@ -279,6 +279,31 @@ def test_a_stopped_prepare_takes_its_worker_processes_with_it(tmp_path, sig):
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ds")] == []
 
 
+def _sigterm_is_default() -> bool:
+    import signal
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers")
+def test_a_tokenizing_worker_ends_at_once_on_sigterm_whatever_its_parent_handles():
+    """A forked worker does not keep the parent's Python SIGTERM handler ('simplegpt prepare' exits
+    through one): in a worker, that handler's exit waited on the result queue's feeder thread, which
+    a SIGKILLed parent's full pipe blocks forever (a worker outlived its killed prepare under load)."""
+    import signal
+    from concurrent.futures import wait
+
+    from simplegpt.data.encoding import Encoder, EncodingPool
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with EncodingPool(Encoder(GPT2Tokenizer(), np.dtype(np.uint16)), 2) as pool:
+            futures = [pool.pool.submit(_sigterm_is_default) for _ in range(8)]
+            wait(futures)
+            assert all(f.result() for f in futures)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_cli_shows_tokens_per_second_and_takes_counts_with_suffixes(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(3000)))
     proc = _prepare_cli("rows.jsonl", "-t", "gpt2", "-o", "ds", "--max-tokens", "50k", "--val-tokens", "2k",

@@ -123,6 +123,10 @@ def _init_worker(encoder: Encoder, parent: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
+    # A forked worker inherits the parent's Python handler for SIGTERM ('simplegpt prepare' exits through
+    # it); run in a worker, that handler's exit joins the result queue's feeder thread, which a dead
+    # parent's full pipe blocks forever. A worker signalled to end ends at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         # A parent killed outright (SIGKILL, or SIGTERM while 'simplegpt train' prepares its data) cannot shut
         # the pool down, and a worker waits for batches forever: Linux ends it with its parent instead
