@@ -24,9 +24,9 @@ from .lib import MAX_INT8_IN, MAX_ROWS, load, unavailable_reason  # noqa: F401 (
 from .slots import BLOCK_SLOTS
 
 # A Llama-style block's tensors for LlamaDecodeBlocks: BLOCK_SLOTS (the same module names: c_attn holds
-# q | k | v, the MLP's c_fc gate | up), then the QK-norm gains (csrc/llama_decode.c's Q_NORM_W, K_NORM_W)
+# q | k | v, the MLP's c_fc gate | up), then the QK-norm gains (csrc/llama.h's Q_NORM_W, K_NORM_W)
 LLAMA_SLOTS = BLOCK_SLOTS + (("attn.q_norm", "weight"), ("attn.k_norm", "weight"))
-MLP_KINDS = ("gelu", "swiglu", "relu2")  # llama_decode.c's MLP_* order
+MLP_KINDS = ("gelu", "swiglu", "relu2")  # csrc/llama.h's MLP_* order
 NORM_KINDS = ("layernorm", "rmsnorm")  # and its NORM_* order
 
 _threads = 0  # threads of the innermost decoding() block; 0 outside

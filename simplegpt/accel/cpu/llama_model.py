@@ -25,8 +25,8 @@ from torch.autograd.function import once_differentiable
 from ...model import IGNORE_INDEX, rotary_angles
 from .decode import LLAMA_SLOTS, MLP_KINDS, NORM_KINDS  # csrc/llama.h's slots and its MLP_* and NORM_* orders
 from .lib import load
-from .llama_ops import MAX_ATTENTION_T, head_size_ok
-from .training import _blas_ready, _fp32_cpu_dense, _pointers
+from .llama_ops import head_size_ok
+from .training import _fp32_cpu_dense, _pointers, step_ok
 
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -200,17 +200,11 @@ def _plan(model: nn.Module) -> _LlamaPlan:
 
 
 def usable(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> bool:
-    """Whether loss() may take this step of a model.GPT: gradients on, no autocast or compile, torch's
-    sgemm found, idx and targets (B, T) with 2..min(n_positions, MAX_ATTENTION_T) positions, no
+    """Whether loss() may take this step of a model.GPT: training.step_ok (gradients on, no autocast or
+    compile, torch's sgemm found, idx and targets (B, T) with 2..min(n_positions, 256) positions), no
     dropout in training, fp32 contiguous CPU parameters, and a model of the options in the module
     docstring (the same norm kind and epsilon everywhere, a tanh-GELU where the MLP is GELU)."""
-    if not (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
-            and load() is not None and _blas_ready()):
-        return False
-    if idx.dim() != 2 or targets.shape != idx.shape or not 1 < idx.size(1) <= min(model.config.n_positions,
-                                                                                   MAX_ATTENTION_T):
-        return False
-    return _plan(model).usable_now(model.training)
+    return step_ok(model, idx, targets) and _plan(model).usable_now(model.training)
 
 
 def loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -314,18 +314,22 @@ def _model_plan(model: torch.nn.Module) -> _ModelPlan:
     return plan
 
 
-def model_usable(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> bool:
-    """Whether model_loss may take this step: gradients on, no autocast or compile, torch's sgemm
-    found, idx and targets (B, T) with 2..min(n_positions, MAX_ATTENTION_T) positions, the head tied
-    to the token embedding without a bias, no dropout in training, one LayerNorm epsilon, head sizes
-    of 8, 16, 32 or 64, and fp32 contiguous CPU parameters."""
+def step_ok(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> bool:
+    """What a whole-model pass (model_loss, llama_model.loss) needs of a step whatever the model:
+    gradients on, no autocast or compile, the library and torch's sgemm found, and idx and targets
+    (B, T) with 2..min(n_positions, MAX_ATTENTION_T) positions."""
     if not (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and load() is not None and _blas_ready()):
         return False
-    if idx.dim() != 2 or targets.shape != idx.shape or not 1 < idx.size(1) <= min(model.config.n_positions,
-                                                                                   MAX_ATTENTION_T):
-        return False
-    return _model_plan(model).usable_now(model.training)
+    return idx.dim() == 2 and targets.shape == idx.shape and 1 < idx.size(1) <= min(model.config.n_positions,
+                                                                                     MAX_ATTENTION_T)
+
+
+def model_usable(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether model_loss may take this step: step_ok, the head tied to the token embedding without a
+    bias, no dropout in training, one LayerNorm epsilon, head sizes of 8, 16, 32 or 64, and fp32
+    contiguous CPU parameters."""
+    return step_ok(model, idx, targets) and _model_plan(model).usable_now(model.training)
 
 
 def model_loss(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

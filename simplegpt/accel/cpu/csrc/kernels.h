@@ -51,6 +51,12 @@ void relu2_span(const float *x, float *y, long n);
 
 /* attention.c: the softmax of training, decoding and the loss */
 float softmax_row(float *p, int n);
+
+/* model.c: the cross-entropy of the whole-model passes (model.c's GPT-2, llama_model.c's) */
+#define IGNORE_INDEX (-100)
+int targets_ok(const long *tgt, long M, int V);
+double xent_rows(float *logits, const long *tgt, long M, int V, long *count);
+void xent_grad(const float *probs, const long *tgt, long M, int V, float scale, float *dlogits);
 /* attention_decode.c: one decode step (G query heads per key/value head) */
 struct attend_args {
     const float *q, *k, *v;

@@ -15,7 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define IGNORE_INDEX (-100)
 enum { P_WTE, P_WPE, P_HEAD, P_BLOCKS };
 
 typedef struct {
@@ -254,8 +253,7 @@ int sg_llama_fwd(const long *idx, const long *tgt, int B, int T, int V, int L, c
                  const float *sin, float eps, float qk_eps, float *const *params, float *const *bufs, double *loss,
                  long *count) {
     long M = (long)B * T;
-    for (long r = 0; r < M; r++)
-        if (tgt[r] != IGNORE_INDEX && (tgt[r] < 0 || tgt[r] >= V)) return -1;
+    if (!targets_ok(tgt, M, V)) return -1;
     shape s = shape_of(dims, cos != NULL);
     int C = s.C;
     model_saved m = carve_model(bufs, M, C, L);
@@ -272,18 +270,7 @@ int sg_llama_fwd(const long *idx, const long *tgt, int B, int T, int V, int L, c
     float *const *nf = params + P_BLOCKS + LLAMA_NSLOTS * L;
     norm_fwd(&s, m.xs + L * M * C, nf[0], nf[1], m.lnf, m.lnf_mean, m.lnf_rstd, M, eps);
     mm_xwt(m.lnf, params[P_HEAD] ? params[P_HEAD] : wte, m.probs, (int)M, V, C, 0.0f);
-    double total = 0.0;
-    long n = 0;
-    for (long r = 0; r < M; r++) { /* -log p[target] = lse - logit[target], summed in row order */
-        float z = tgt[r] != IGNORE_INDEX ? m.probs[r * V + tgt[r]] : 0.0f;
-        float lse = softmax_row(m.probs + r * V, V);
-        if (tgt[r] != IGNORE_INDEX) {
-            total += (double)lse - z;
-            n++;
-        }
-    }
-    *loss = n ? total / n : NAN;
-    *count = n;
+    *loss = xent_rows(m.probs, tgt, M, V, count);
     return 1;
 }
 
@@ -318,17 +305,7 @@ int sg_llama_bwd(const long *idx, const long *tgt, int B, int T, int V, int L, c
     const float *head = params[P_HEAD] ? params[P_HEAD] : params[P_WTE];
     float *dhead = params[P_HEAD] ? grads[P_HEAD] : grads[P_WTE];
     int ok = 1;
-#pragma omp parallel for schedule(static)
-    for (long r = 0; r < M; r++) {
-        float *d = dlogits + r * V;
-        const float *p = m.probs + r * V;
-        if (tgt[r] == IGNORE_INDEX) {
-            memset(d, 0, V * sizeof(float));
-            continue;
-        }
-        for (int i = 0; i < V; i++) d[i] = p[i] * scale;
-        d[tgt[r]] -= scale;
-    }
+    xent_grad(m.probs, tgt, M, V, scale, dlogits);
     if (dhead) mm_atb(dlogits, m.lnf, dhead, (int)M, V, C);
     mm_ab(dlogits, head, dprev, (int)M, C, V);
     float *const *nf = params + P_BLOCKS + LLAMA_NSLOTS * L, *const *dnf = grads + P_BLOCKS + LLAMA_NSLOTS * L;

@@ -7,7 +7,47 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define IGNORE_INDEX (-100)
+/* ---- the loss of the whole-model passes (this file's and llama_model.c's) ---------------------- */
+
+/* whether every target is in [0, V) or IGNORE_INDEX */
+int targets_ok(const long *tgt, long M, int V) {
+    for (long r = 0; r < M; r++)
+        if (tgt[r] != IGNORE_INDEX && (tgt[r] < 0 || tgt[r] >= V)) return 0;
+    return 1;
+}
+
+/* The logits (M, V) become their softmax rows in place; returns the mean of -log p[target] over the
+ * targets that are not IGNORE_INDEX (NAN without any), their number into *count. Each term is
+ * lse - logit[target], summed in row order (the same bits on any thread count). */
+double xent_rows(float *logits, const long *tgt, long M, int V, long *count) {
+    double total = 0.0;
+    long n = 0;
+    for (long r = 0; r < M; r++) {
+        float z = tgt[r] != IGNORE_INDEX ? logits[r * V + tgt[r]] : 0.0f;
+        float lse = softmax_row(logits + r * V, V);
+        if (tgt[r] != IGNORE_INDEX) {
+            total += (double)lse - z;
+            n++;
+        }
+    }
+    *count = n;
+    return n ? total / n : NAN;
+}
+
+/* dlogits (M, V) of scale * the summed loss: (softmax - onehot(target)) scale per counted row, 0 elsewhere */
+void xent_grad(const float *probs, const long *tgt, long M, int V, float scale, float *dlogits) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < M; r++) {
+        float *d = dlogits + r * V;
+        const float *p = probs + r * V;
+        if (tgt[r] == IGNORE_INDEX) {
+            memset(d, 0, V * sizeof(float));
+            continue;
+        }
+        for (int i = 0; i < V; i++) d[i] = p[i] * scale;
+        d[tgt[r]] -= scale;
+    }
+}
 
 typedef struct {
     float *xs;            /* (L + 1, M, C): each block's input, then the last block's output */
@@ -43,8 +83,7 @@ static gpt_saved carve_gpt(float *const *bufs, int B, int T, int C, int L) {
 int sg_gpt_fwd(const long *idx, const long *tgt, int B, int T, int C, int V, int L, int F, int H, float eps,
                float *const *params, float *const *bufs, double *loss, long *count) {
     long M = (long)B * T;
-    for (long r = 0; r < M; r++)
-        if (tgt[r] != IGNORE_INDEX && (tgt[r] < 0 || tgt[r] >= V)) return -1;
+    if (!targets_ok(tgt, M, V)) return -1;
     gpt_saved s = carve_gpt(bufs, B, T, C, L);
     const float *wte = params[0], *wpe = params[1];
 #pragma omp parallel for schedule(static)
@@ -59,18 +98,7 @@ int sg_gpt_fwd(const long *idx, const long *tgt, int B, int T, int C, int V, int
     float *const *lnf = params + 2 + BLOCK_NSLOTS * L;
     sg_layernorm_fwd(s.xs + L * M * C, lnf[0], lnf[1], s.lnf, s.lnf_mean, s.lnf_rstd, M, C, eps);
     mm_xwt(s.lnf, wte, s.probs, (int)M, V, C, 0.0f);
-    double total = 0.0;
-    long n = 0;
-    for (long r = 0; r < M; r++) { /* softmax rows; -log p[target] = lse - logit[target], summed in row order */
-        float z = tgt[r] != IGNORE_INDEX ? s.probs[r * V + tgt[r]] : 0.0f;
-        float lse = softmax_row(s.probs + r * V, V);
-        if (tgt[r] != IGNORE_INDEX) {
-            total += (double)lse - z;
-            n++;
-        }
-    }
-    *loss = n ? total / n : NAN;
-    *count = n;
+    *loss = xent_rows(s.probs, tgt, M, V, count);
     return 1;
 }
 
@@ -86,17 +114,7 @@ int sg_gpt_bwd(const long *idx, const long *tgt, int B, int T, int C, int V, int
     float *dlogits = work, *dx = dlogits + M * V, *dprev = dx + M * C, *unused = dprev + M * C;
     const float *wte = params[0];
     int ok = 1;
-#pragma omp parallel for schedule(static)
-    for (long r = 0; r < M; r++) {
-        float *d = dlogits + r * V;
-        const float *p = s.probs + r * V;
-        if (tgt[r] == IGNORE_INDEX) {
-            memset(d, 0, V * sizeof(float));
-            continue;
-        }
-        for (int i = 0; i < V; i++) d[i] = p[i] * scale;
-        d[tgt[r]] -= scale;
-    }
+    xent_grad(s.probs, tgt, M, V, scale, dlogits);
     if (grads[0]) mm_atb(dlogits, s.lnf, grads[0], (int)M, V, C); /* the head's share of wte's gradient */
     mm_ab(dlogits, wte, dprev, (int)M, C, V);
     float *const *lnf = params + 2 + BLOCK_NSLOTS * L, *const *dlnf = grads + 2 + BLOCK_NSLOTS * L;
