@@ -26,7 +26,7 @@ from ...model import IGNORE_INDEX, rotary_angles
 from .decode import LLAMA_SLOTS, MLP_KINDS, NORM_KINDS  # csrc/llama.h's slots and its MLP_* and NORM_* orders
 from .lib import load
 from .llama_ops import head_size_ok
-from .training import _fp32_cpu_dense, _pointers, step_ok
+from .training import WholeModelPlan, _pointers, step_ok
 
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -88,7 +88,7 @@ def _norm_kind(m: nn.Module) -> str | None:
     return None
 
 
-class _LlamaPlan:
+class _LlamaPlan(WholeModelPlan):
     """What usable and loss need of a model, found once (as training._ModelPlan for GPT-2): its
     parameters in sg_llama_fwd's order with the module and name each sits at, its shape, and the
     checks that cannot change without a new plan."""
@@ -154,12 +154,6 @@ class _LlamaPlan:
                 and all(s is None and p is None or s is not None and s[0]._parameters.get(s[1]) is p
                         for s, p in zip(self.slots, self.params)))
 
-    def usable_now(self, training: bool) -> bool:
-        if not self.static_ok:
-            return False
-        if training and (any(d.p for d in self.dropouts) or any(a.dropout for a in self.attn)):
-            return False
-        return all(p is None or _fp32_cpu_dense(p) for p in self.params)
 
     def dims(self) -> ctypes.Array:
         """csrc/llama.h's dims array."""

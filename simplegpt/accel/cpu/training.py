@@ -272,7 +272,25 @@ class _ModelLoss(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-class _ModelPlan:
+class WholeModelPlan:
+    """What the whole-model passes (_ModelPlan here, llama_model's plan) find once of a model and
+    check each step: static_ok (the checks that cannot change without a new plan), the dropout
+    modules and attention layers, and the parameters in the C pass's order (None where absent)."""
+
+    static_ok: bool
+    dropouts: list
+    attn: list
+    params: list
+
+    def usable_now(self, training: bool) -> bool:
+        if not self.static_ok:
+            return False
+        if training and (any(d.p for d in self.dropouts) or any(a.dropout for a in self.attn)):
+            return False
+        return all(p is None or _fp32_cpu_dense(p) for p in self.params)
+
+
+class _ModelPlan(WholeModelPlan):
     """What model_usable and model_loss need of a GPT, found once: its parameters in csrc/model.c's
     order with the module and name each sits at, and the checks that cannot change without a new
     plan. Walking the module tree each step took ~0.4 ms, in both threads of a split step."""
@@ -298,12 +316,6 @@ class _ModelPlan:
         return (model.transformer.h is self.h and model.lm_head is self.head and self.head.weight is self.params[0]
                 and all(mod._parameters.get(name) is p for (mod, name), p in zip(self.slots, self.params)))
 
-    def usable_now(self, training: bool) -> bool:
-        if not self.static_ok:
-            return False
-        if training and (any(d.p for d in self.dropouts) or any(a.dropout for a in self.attn)):
-            return False
-        return all(p is None or _fp32_cpu_dense(p) for p in self.params)
 
 
 def _model_plan(model: torch.nn.Module) -> _ModelPlan:
