@@ -22,6 +22,16 @@ def test_muon_options_on_a_run_that_trains_with_adamw_are_refused_in_one_line(op
     assert not (tmp_path / "run").exists()
 
 
+def test_muon_options_at_their_defaults_on_an_adamw_run_are_not_refused(tmp_path, monkeypatch):
+    """A whole config written out as options (defaults included, as tests/test_lora.py's DDP run passes
+    it) trains: only a Muon option set to another value than its default goes unused."""
+    monkeypatch.chdir(tmp_path)  # the recipe's data folder is relative
+    code = main(["train", "--config", "speedrun_cpu_short", "--optimizer", "adamw", "--muon_momentum", "0.95",
+                 "--adamw_lr_ratio", "1.0", "--max_iters", "2", "--time", "0", "--eval_interval", "2",
+                 "--eval_iters", "1", "--sample_tokens", "0", "--quiet", "--out_dir", str(tmp_path / "run")])
+    assert code == 0 and (tmp_path / "run" / "last").is_dir()
+
+
 @pytest.mark.parametrize("key, value", [("muon_momentum", 0.5), ("adamw_lr_ratio", 3.0), ("beta2", 0.95),
                                         ("weight_decay", 0.0)])
 def test_a_resumed_run_refuses_a_hyperparameter_its_optimizer_state_would_override(key, value):

@@ -198,9 +198,14 @@ MUON_OPTIONS = ("muon_momentum", "adamw_lr_ratio")
 
 
 def _check_muon_overrides(overrides: dict, cfg) -> None:
-    """ConfigError for Muon's options on the command line of a run that trains with AdamW, which
-    would leave them unused without a word."""
-    if cfg.optimizer != "muon" and (given := [k for k in MUON_OPTIONS if k in overrides]):
+    """ConfigError for Muon's options set on the command line, to other than their defaults, for a run
+    that trains with AdamW, which would leave them unused without a word (a whole config written out
+    as options, defaults included, is not refused)."""
+    from ..config import TrainConfig
+
+    defaults = TrainConfig()
+    if cfg.optimizer != "muon" and (given := [k for k in MUON_OPTIONS
+                                              if k in overrides and overrides[k] != getattr(defaults, k)]):
         from ..errors import ConfigError
 
         raise ConfigError(f"--{given[0]} applies to optimizer = 'muon' only, and this run trains with "
