@@ -19,6 +19,7 @@ The load average is printed before and after: two cores shared with other work g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -50,46 +51,81 @@ def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+class Stepper:
+    """A run of `cfg` set up as train() sets it up (its way of running, model, optimizer), stepped one
+    training step at a time by the caller, so that two runs can alternate step by step; a context
+    manager (the run's lock and threads are released on exit). cfg's max_iters should be large: the
+    LR schedule reads it."""
+
+    PARTS = ("batch", "forward+backward", "clip_and_step", "zero_grad")
+
+    def __init__(self, cfg: TrainConfig):
+        from simplegpt.devices import resolve_device
+        from simplegpt.training import hardware, ways
+        from simplegpt.training.cpu_memory import keep_freed_memory
+        from simplegpt.training.loss import weights
+        from simplegpt.training.optimizer import make_optimizer
+        from simplegpt.training.setup import begin, load_data, prepare
+
+        self.cfg, self._weights = cfg, weights
+        device = resolve_device(cfg.device)
+        hardware.configure_backends(device)  # as train() does, and its loop's keep_freed_memory
+        self._exit = contextlib.ExitStack()
+        with self._exit as stack:
+            self.way = ways.select(cfg, device)
+            stack.callback(self.way.close)
+            stack.enter_context(keep_freed_memory(device.type == "cpu"))
+            self.start = begin(cfg, self.way, None, True, None, False)
+            stack.callback(self.start.lock.release)
+            self.data = load_data(self.start, self.way)
+            training = prepare(self.start, self.data, self.way, make_optimizer)
+            self._exit = stack.pop_all()  # kept open until close()
+        self.optimizer, self.loss_fn = training.optimizer, training.compute.loss
+        self.tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+
+    def step(self, split: bool = True) -> dict[str, float]:
+        """One training step; seconds of each of PARTS and of the whole "step". split: the optimizer
+        step as the way of running takes it (the trainer's), else optimizer.clip_and_step on one thread."""
+        cfg = self.cfg
+        t = [time.perf_counter()]
+        batches = [self.loss_fn.prepare(self.data.train.next_batch()) for _ in range(cfg.grad_accum_steps)]
+        step_weights = self._weights([self.loss_fn.tokens(batch) for batch in batches])
+        t.append(time.perf_counter())
+        self.way.forward_backward(batches, step_weights)
+        t.append(time.perf_counter())
+        if split:
+            self.way.clip_and_step(self.optimizer, cfg.grad_clip)
+        else:
+            self.optimizer.clip_and_step(cfg.grad_clip)
+        t.append(time.perf_counter())
+        self.optimizer.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        parts = {part: b - a for part, a, b in zip(self.PARTS, t, t[1:])}
+        parts["step"] = t[-1] - t[0]
+        return parts
+
+    def close(self) -> None:
+        self._exit.close()
+
+    def __enter__(self) -> "Stepper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def time_steps(cfg: TrainConfig, steps: int) -> dict[str, dict[str, float]]:
     """Median ms of each part of a step, per variant (split / one thread), over `steps` steps each."""
-    from simplegpt.devices import resolve_device
-    from simplegpt.training import ways
-    from simplegpt.training.loss import weights
-    from simplegpt.training.optimizer import make_optimizer
-    from simplegpt.training.setup import begin, load_data, prepare
-
-    device = resolve_device(cfg.device)
-    way = ways.select(cfg, device)
-    start = begin(cfg, way, None, True, None, False)
-    try:
-        data = load_data(start, way)
-        training = prepare(start, data, way, make_optimizer)
-        optimizer, loss_fn = training.optimizer, training.compute.loss
-        variants = {"split": lambda: way.clip_and_step(optimizer, cfg.grad_clip),
-                    "one thread": lambda: optimizer.clip_and_step(cfg.grad_clip)}
-        parts: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+    variants = {"split": True, "one thread": False}
+    parts: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+    with Stepper(cfg) as stepper:
         for i in range(2 * (steps + 5)):
             name = list(variants)[i % 2]
-            t = [time.perf_counter()]
-            batches = [loss_fn.prepare(data.train.next_batch()) for _ in range(cfg.grad_accum_steps)]
-            step_weights = weights([loss_fn.tokens(batch) for batch in batches])
-            t.append(time.perf_counter())
-            way.forward_backward(batches, step_weights)
-            t.append(time.perf_counter())
-            variants[name]()
-            t.append(time.perf_counter())
-            optimizer.zero_grad(set_to_none=True)
-            t.append(time.perf_counter())
+            timed = stepper.step(variants[name])
             if i >= 10:  # the first steps warm up (allocations, the split's optimizers)
-                for part, (a, b) in zip(("batch", "forward+backward", "clip_and_step", "zero_grad"),
-                                        zip(t, t[1:])):
-                    parts[name].setdefault(part, []).append(b - a)
-                parts[name].setdefault("step", []).append(t[-1] - t[0])
-        return {name: {part: statistics.median(v) * 1e3 for part, v in times.items()}
-                for name, times in parts.items()}
-    finally:
-        start.lock.release()
-        way.close()
+                for part, seconds in timed.items():
+                    parts[name].setdefault(part, []).append(seconds)
+    return {name: {part: statistics.median(v) * 1e3 for part, v in times.items()} for name, times in parts.items()}
 
 
 def start_child(spec: str, profile: bool) -> None:

@@ -15,8 +15,14 @@ printed at the start and after each round); each figure is the median over round
 median log window (the trainer's logged tokens/s; the reference loop's own windows), the first
 window left out.
 
+--interleave N instead alternates the two simplegpt models step by step in one process, N timed
+steps each (bench/speedrun_step.py's Stepper: each run set up as train() sets it up), and prints
+the median of each adjacent pair's ratio with its quartiles: load that drifts over seconds, which
+a round of 124M steps lasts, then hits both alike. transformers is not run in this mode.
+
     .venv/bin/python bench/train_llama.py [--steps 60] [--rounds 3] [--threads 2]
     .venv/bin/python bench/train_llama.py --shape 124m [--steps 8] [--log-every 2] [--skip-hf]
+    .venv/bin/python bench/train_llama.py --shape 124m --interleave 40
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from simplegpt.data.samplers import PackedSampler  # noqa: E402
 from simplegpt.data.shards import TokenShards  # noqa: E402
 from simplegpt.model import GPT  # noqa: E402
 from simplegpt.trainer import peak_flops  # noqa: E402
+from speedrun_step import Stepper  # noqa: E402
 from train_throughput import hf_loop, simplegpt_round  # noqa: E402
 
 LLAMA = dict(positions="rotary", norm="rmsnorm", mlp="swiglu", bias=False, rms_norm_eps=1e-5)
@@ -67,6 +74,37 @@ def hf_llama_round(cfg: TrainConfig, sampler: PackedSampler, vocab_size: int, st
     return hf_loop(model, cfg, sampler, steps, log_every)
 
 
+def interleaved(configs: dict[str, TrainConfig], steps: int, warmup: int = 3) -> None:
+    """The configs' runs stepped in turn, `steps` timed steps each after `warmup`: tokens/s of each
+    (median) and the median and quartiles of the ratio of the last to the first, pair by pair."""
+    names = list(configs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    steppers = {}
+    try:
+        for name, cfg in configs.items():
+            steppers[name] = Stepper(cfg.replace(max_iters=10**9))
+        for i in range(warmup + steps):
+            for name in names:
+                seconds = steppers[name].step()["step"]
+                if i >= warmup:
+                    times[name].append(seconds)
+            if i >= warmup and (i - warmup + 1) % 10 == 0:
+                print(f"{i - warmup + 1} steps each; load " + " ".join(f"{a:.1f}" for a in os.getloadavg()),
+                      flush=True)
+    finally:
+        for stepper in steppers.values():
+            stepper.close()
+    tokens = {name: steppers[name].tokens for name in names}
+    for name in names:
+        print(f"{name:24s} {tokens[name] / statistics.median(times[name]):10,.0f} tok/s (median step "
+              f"{statistics.median(times[name]) * 1e3:,.0f} ms)")
+    first, last = names[0], names[-1]
+    ratios = sorted((tokens[last] / b) / (tokens[first] / a) for a, b in zip(times[first], times[last]))
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    print(f"ratio {last} / {first}, step by step: median {med:.3f}x (quartiles {q1:.3f}x-{q3:.3f}x, "
+          f"range {ratios[0]:.3f}x-{ratios[-1]:.3f}x over {len(ratios)} pairs)  (goal >= 1.0x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="bench",
@@ -84,6 +122,8 @@ def main() -> None:
     ap.add_argument("--block_size", type=int)
     ap.add_argument("--batch_size", type=int)
     ap.add_argument("--skip-hf", action="store_true", help="don't measure transformers' LlamaForCausalLM")
+    ap.add_argument("--interleave", type=int, metavar="N",
+                    help="alternate the two simplegpt models step by step, N timed steps each (no rounds, no HF)")
     args = ap.parse_args()
     for name, value in SHAPES[args.shape].items():
         if getattr(args, name) is None:
@@ -102,6 +142,14 @@ def main() -> None:
     sampler = PackedSampler(TokenShards(work / "data", "train"), args.block_size, args.batch_size, seed=0)
     log_every = args.log_every or max(5, args.steps // 10)
     print("load average at the start: " + " ".join(f"{a:.1f}" for a in os.getloadavg()), flush=True)
+    if args.interleave:
+        n_gpt2, n_llama = (GPT(dataclasses.replace(c.model, vocab_size=meta["vocab_size"])).num_parameters()
+                           for c in (gpt2, llama))
+        print(f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}, "
+              f"batch {args.batch_size}; {args.threads} threads; parameters: GPT-2 {n_gpt2:,}, Llama-style "
+              f"{n_llama:,}", flush=True)
+        interleaved({"simplegpt GPT-2": gpt2, "simplegpt Llama-style": llama}, args.interleave)
+        return
     rates: dict[str, list[float]] = {"simplegpt GPT-2": [], "simplegpt Llama-style": [], "transformers Llama": []}
     for r in range(args.rounds):
         rates["simplegpt GPT-2"].append(simplegpt_round(gpt2, args.steps, log_every))
