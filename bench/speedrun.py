@@ -17,8 +17,9 @@ included) and evaluated with the protocol from its last checkpoint.
 
 Prints per seed the seconds each recipe needs to reach the target (1.8857: nanoGPT's
 2000-iteration result here; linear between the evaluations that straddle it), their ratio, and
-the loss each has after 60 s and 300 s (of the 300 s speedrun: its curve, not a run given 60 s),
-then the medians over the seeds. Writes the curves as JSON, and as a PNG with --png.
+the loss each has at a fifth of the speedrun's time budget and at its end (60 s and 300 s for the
+5-minute recipe, 2 s and 10 s for speedrun_cpu_short; points of each run's curve, not runs given
+that long), then the medians over the seeds. Writes the curves as JSON, and as a PNG with --png.
 
 --ablations [NAME ...] also trains, per seed, the speedrun recipe with one change each (ABLATIONS;
 all of them by default) and prints a markdown table row for each: its seconds to the target and its
@@ -61,7 +62,7 @@ from simplegpt.training.loop import train  # noqa: E402
 
 TARGET = 1.8857  # nanoGPT's 2000-iteration CPU recipe: its validation loss on this machine
 WINDOW = 64
-MARKS_S = (60.0, 300.0)
+MARKS = (0.2, 1.0)  # fractions of the speedrun's time budget at which each curve's loss is read
 NANOGPT = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12, lr=1e-3, min_lr=1e-4,
                warmup_iters=100, schedule="cosine", max_iters=2000, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
 # The ablations: the speedrun recipe with one change each (name: (what changed, the keys it sets, given the
@@ -188,12 +189,13 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return None
 
 
-def loss_at(curve: list[tuple[float, float]], t: float) -> float:
-    """The loss at t seconds: linear between evaluations; after the run's end, its last."""
+def loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
+    """The loss at t seconds: linear between evaluations; after the run's end, its last; None before
+    its first evaluation."""
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if t0 <= t <= t1:
             return l0 + (l1 - l0) * (t - t0) / (t1 - t0)
-    return curve[-1][1] if t >= curve[-1][0] else math.nan
+    return curve[-1][1] if t >= curve[-1][0] else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +252,8 @@ def main() -> None:
     ablations = [] if args.ablations is None else args.ablations or list(ABLATIONS)
     recipes = args.recipes + (["speedrun"] if ablations and "speedrun" not in args.recipes else [])
     budget = {} if args.budget is None else {"max_time": parse_value("max_time", args.budget)}
+    budget_s = load_config(args.config, {**common, **budget, **overrides}).max_time or 300.0
+    marks = [fraction * budget_s for fraction in MARKS]
     results: dict[str, dict] = {}
     for seed in args.seeds:
         for recipe in recipes + [f"ablation:{name}" for name in ablations]:
@@ -268,7 +272,7 @@ def main() -> None:
             curve = run["curve"]
             results.setdefault(recipe, {})[seed] = {**run, "time_to_target": time_to(curve, TARGET),
                                                     "final_loss": curve[-1][1],
-                                                    **{f"loss_at_{m:.0f}s": loss_at(curve, m) for m in MARKS_S}}
+                                                    **{loss_key(m): loss_at(curve, m) for m in marks}}
         if args.nanogpt is not None:
             extra = shlex.split(args.nanogpt_args)
             wall, loss = run_nanogpt(args.nanogpt.resolve(), train_text, val_text, seed, work / "nanogpt",
@@ -276,41 +280,48 @@ def main() -> None:
             results.setdefault("nanogpt_itself", {})[seed] = {"wall_s": wall, "loss": loss,
                                                               "iters": nanogpt_iters(extra),
                                                               "time_to_target": wall if loss <= TARGET else None}
-        report(results, seed)
+        report(results, seed, marks)
         if ablations:
             ablation_rows(results, seed, ["speedrun"] + [f"ablation:{name}" for name in ablations])
     print("\nmedians over seeds " + ", ".join(map(str, args.seeds)) + ":")
     for recipe, runs in results.items():
         line = [f"  {recipe:24s}"]
-        for key in ("time_to_target", "loss_at_60s", "loss_at_300s", "final_loss", "loss"):
+        for key in ("time_to_target", *map(loss_key, marks), "final_loss", "loss"):
             values = [r[key] for r in runs.values() if key in r]
             if values:
                 reached = [v for v in values if v is not None]
                 med = statistics.median(reached) if len(reached) == len(values) else None
-                line.append(f"{key} {fmt(med)}" + (f" ({fmt(med / math.log(2))} bits/char)" if "loss" in key
-                                                   and med is not None else ""))
+                none = "before the first evaluation" if key.startswith("loss_at") else "not reached"
+                line.append(f"{key} {fmt(med, none=none)}" + (f" ({fmt(med / math.log(2))} bits/char)" if "loss" in key
+                                                              and med is not None else ""))
         print("  ".join(line))
-    args.json.write_text(json.dumps({"target": TARGET, "budget": args.budget, "set": args.set, "results": results},
+    args.json.write_text(json.dumps({"target": TARGET, "budget_s": budget_s, "set": args.set, "results": results},
                                     indent=1))
     print(f"curves: {args.json}")
     if args.png:
         plot(results, args.png, args.threads)
 
 
-def fmt(value: float | None, unit: str = "") -> str:
-    return "not reached" if value is None else f"{value:.4g}{unit}"
+def loss_key(seconds: float) -> str:
+    return f"loss_at_{seconds:g}s"
 
 
-def report(results: dict[str, dict], seed: int) -> None:
+def fmt(value: float | None, unit: str = "", none: str = "not reached") -> str:
+    return none if value is None else f"{value:.4g}{unit}"
+
+
+def report(results: dict[str, dict], seed: int, marks: list[float]) -> None:
     print(f"seed {seed}:")
     for recipe, runs in results.items():
         r = runs.get(seed)
         if r is None:
             continue
         if "curve" in r:
-            print(f"  {recipe:24s} time to {TARGET}: {fmt(r['time_to_target'], ' s')}   loss after 60 s "
-                  f"{r['loss_at_60s']:.4f}, after 300 s {r['loss_at_300s']:.4f} nats/char "
-                  f"({r['loss_at_300s'] / math.log(2):.4f} bits/char); final {r['final_loss']:.4f} after "
+            early, end = (r[loss_key(m)] for m in marks)
+            early = "- (before the first evaluation)" if early is None else f"{early:.4f}"
+            print(f"  {recipe:24s} time to {TARGET}: {fmt(r['time_to_target'], ' s')}   loss after {marks[0]:g} s "
+                  f"{early}, after {marks[1]:g} s {end:.4f} nats/char "
+                  f"({end / math.log(2):.4f} bits/char); final {r['final_loss']:.4f} after "
                   f"{r['steps']} steps, {r['tokens']:,} tokens, {r['tok_per_s']:,.0f} tok/s")
         else:
             print(f"  {recipe:24s} {r['iters']} iterations in {r['wall_s']:.1f} s (whole process), "

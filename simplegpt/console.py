@@ -87,3 +87,8 @@ def say(text: str, stream: TextIO | None = None) -> None:
     """Print a line to stream (sys.stderr by default) that may have no reader: a failure is dropped."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         print(text, file=stream or sys.stderr, flush=True)
+
+
+def count(n: int, noun: str) -> str:
+    """n and the noun, plural unless n is 1: '1 layer', '12 layers' (regular plurals only)."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")

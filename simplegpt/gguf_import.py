@@ -87,7 +87,7 @@ def _config(fields: dict[str, Any], path: Path) -> GPTConfig:
                          n_positions=int(fields[key + "context_length"]), n_embd=n_embd,
                          n_layer=int(fields[key + "block_count"]),
                          n_head=int(fields[key + "attention.head_count"]), dropout=0.0, bias=True,
-                         layer_norm_epsilon=float(fields[key + "attention.layer_norm_epsilon"]))
+                         layer_norm_epsilon=_float(fields[key + "attention.layer_norm_epsilon"]))
     except KeyError as e:
         raise CheckpointError(f"{path} has no {e.args[0]}; it is not a complete GGUF gpt2 model") from None
     except (TypeError, ValueError) as e:

@@ -102,7 +102,7 @@ def test_info_command_text_json_and_missing(tmp_path, capsys):
     save_checkpoint(tmp_path / "ck", model, ByteTokenizer(), metadata={"step": 7, "metrics": {"val_loss": 1.25}})
     assert main(["info", str(tmp_path / "ck")]) == 0
     out = capsys.readouterr().out
-    assert "1 layers, 2 heads, 8 wide, context 8, vocab 257" in out and "byte" in out
+    assert "1 layer, 2 heads, 8 wide, context 8, vocab 257" in out and "byte" in out
     assert f"parameters: {model.num_parameters():,}" in out and "val loss: 1.2500" in out
     assert main(["info", str(tmp_path / "ck"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -36,6 +36,8 @@ def test_a_round_trip_keeps_every_weight_and_the_tokenizer(tmp_path, name):
     ck, file = _exported(tmp_path, tokenizer, bias=name != "byte")
     back = import_gguf(file, tmp_path / "back")
     ours = load_checkpoint(ck)
+    # GGUF stores the epsilon as a float32: the config gets back the decimal it was, not 9.99999974e-06
+    assert back.model.config.layer_norm_epsilon == ours.model.config.layer_norm_epsilon == 1e-5
     assert getattr(back.tokenizer, "chat_template", None) == (template if name == "bpe" else None)
     state, got = ours.model.state_dict(), back.model.state_dict()
     for key, value in got.items():  # a model without biases comes back with zero ones

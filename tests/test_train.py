@@ -105,6 +105,8 @@ def test_training_learns_and_writes_a_complete_run(tmp_path, corpus):
     result = train(cfg, progress=False, log=logged.append)
     run = Path(cfg.out_dir)
     assert f"loss curve: {run / 'loss.png'}" in logged
+    start = next(line for line in logged if line.startswith("model: "))
+    assert " parameters, 1 layer, 32 wide," in start and ", 1 thread" in start  # not "1 layers"
     losses = train_losses(run)
     assert len(losses) == 60 and sum(losses[-10:]) / 10 < losses[0] - 0.8
     assert {"config.toml", "metrics.jsonl", "samples.txt", "last", "best", "loss.png"} <= {p.name for p in run.iterdir()}

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..cli import add_checkpoint_argument
+from ..console import count
 from ..errors import file_access_errors
 
 HELP = "show a checkpoint's model config, parameter count, tokenizer and metadata"
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     c = ck.config
     lines = {
         "path": info["path"],
-        "model": f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.n_positions}, "
+        "model": f"{count(c.n_layer, 'layer')}, {count(c.n_head, 'head')}, {c.n_embd} wide, context {c.n_positions}, "
                  f"vocab {c.vocab_size}, dropout {c.dropout}, bias {c.bias}",
         "architecture": architecture(c),
         "parameters": f"{info['parameters']:,}",

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import TrainConfig, long_warmup_warning
-from ..console import survives_closed_output
+from ..console import count, survives_closed_output
 from ..devices import resolve_device
 from . import TrainingError, hardware, run_dir, ways
 from .budget import Budget, Clock
@@ -220,9 +220,9 @@ def _announce(start: Start, data: Data, training: Training, way: ways.WayOfRunni
     for note in way.notes(cfg):
         log(note)
     dtype = str(start.dtype).removeprefix("torch.")
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {count(cfg.n_layer, 'layer')}, {cfg.n_embd} wide, "
         f"block {cfg.block_size}; data: {data.dir} ({meta['tokens']['train']:,} train tokens); device: "
-        f"{way.device}, {dtype}, {way.threads} thread{'s' if way.threads != 1 else ''}{way.describe(cfg)}; "
+        f"{way.device}, {dtype}, {count(way.threads, 'thread')}{way.describe(cfg)}; "
         f"run folder: {start.out}")
     flops_peak, peak_basis = device_peak_flops(cfg, way.device, way.threads) if way.is_main else (1.0, "")
     log(f"MFU (model FLOPs utilization) is against {way.peak_basis(peak_basis)}")
