@@ -312,3 +312,31 @@ def test_cli_n_kv_head_not_dividing_n_head_is_one_line(tmp_path, capsys):
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "n_head (4) must be divisible by n_kv_head (3)" in err and "GPTConfig" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_fine_tune_refuses_shape_options_its_weights_do_not_have(tmp_path, capsys):
+    # a fine-tune trains its weights' shape: a shape option given with another value would go unused
+    from simplegpt.cli import main
+
+    (tmp_path / "c.txt").write_text("the cat sat on the mat. " * 200)
+    save_checkpoint(tmp_path / "ck", tiny(QWEN3, n_positions=32), get_tokenizer("byte"))
+    run = tmp_path / "run"
+    common = ["train", "--init-from", str(tmp_path / "ck"), "--data", str(tmp_path / "c.txt"), "--data_dir",
+              str(tmp_path / "data"), "--out_dir", str(run), "--quiet", "--max_iters", "1", "--eval_interval", "1",
+              "--eval_iters", "1", "--batch_size", "2", "--block_size", "16", "--num_threads", "1",
+              "--plot", "false", "--tensorboard", "false", "--sample_tokens", "0"]
+    for option, value, has in [("--n_kv_head", "2", "the model has n_kv_head=1"),
+                               ("--qk_norm", "false", "the model has qk_norm=True"),
+                               ("--n_layer", "3", "the model has n_layer=2"),
+                               ("--head_dim", "16", "the model has head_dim=24"),
+                               ("--mlp", "gelu", "the model has mlp='swiglu'")]:
+        code = main([*common, option, value])
+        err = capsys.readouterr().err
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"cannot fine-tune {tmp_path / 'ck'} with {option[2:]}=" in err and has in err, err
+        assert not run.exists()
+    # the model's own values (a whole config written out as options) pass, and block_size and dropout apply
+    assert main([*common, "--n_layer", "2", "--n_kv_head", "1", "--head_dim", "24", "--qk_norm", "true",
+                 "--mlp", "swiglu", "--dropout", "0.1"]) == 0
+    ck = load_checkpoint(run / "last")
+    assert ck.config.n_positions == 16 and ck.config.head_dim == 24 and ck.config.kv_heads == 1
