@@ -240,7 +240,8 @@ class TrainConfig:
         try:
             self.model = dataclasses.replace(model or DEFAULT_MODEL, **shape)
         except ValueError as e:  # GPTConfig's own checks of the shape, said in the config's key names
-            raise ConfigError(re.sub(r"\bn_positions\b", "block_size", str(e).replace("GPTConfig.", ""))) from None
+            said = re.sub(r"\bn_positions\b", "block_size", str(e).replace("GPTConfig.", ""))
+            raise ConfigError(re.sub(r"\bhead_size\b", "head_dim", said)) from None
         self.validate()
         if "warmup_iters" not in values:  # the default warmup, fitted to the run
             self.warmup_iters = fitted_warmup(self.warmup_iters, self.max_iters)

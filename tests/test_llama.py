@@ -167,11 +167,13 @@ def test_a_config_file_and_the_command_line_take_the_options(tmp_path):
     (dict(positions="alibi"), r"positions must be one of"),
     (dict(norm="rmsnorm", rms_norm_eps=0.0), r"rms_norm_eps must be"),
     (dict(positions="rotary", n_head=4, head_dim=5), r"even head size"),
+    (dict(head_dim=-1), r"^head_dim must be a positive integer, got -1"),
 ])
 def test_bad_options_are_one_line_config_errors(values, match):
     with pytest.raises(ConfigError, match=match) as e:
         TrainConfig(**values)
-    assert "\n" not in str(e.value)
+    # said in the keys as typed: no GPTConfig, nor its field head_size for the key head_dim
+    assert "\n" not in str(e.value) and "GPTConfig" not in str(e.value) and "head_size" not in str(e.value)
 
 
 def test_gpt2_checkpoints_without_the_new_keys_load_unchanged(tmp_path):
