@@ -306,6 +306,20 @@ def test_the_engine_never_draws_ids_past_the_tokenizer(temperature):
     assert len(r.token_ids) == 8 and max(r.token_ids) < tok.vocab_size
 
 
+def test_scored_prompt_alternatives_leave_out_ids_past_the_tokenizer():
+    # the server's echo logprobs: an alternative past the tokenizer (a padded embedding's row) has no text
+    tok = get_tokenizer("byte")
+    model = make_tiny_gpt(vocab_size=tok.vocab_size + 43, n_positions=WINDOW, tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)  # every position's final state is all ones
+        model.lm_head.weight.fill_(-1.0)
+        model.lm_head.weight[tok.vocab_size:] = 1.0  # the padded ids are the most likely
+    [(ids, scored)] = Engine(model, tok).score(["hello"], top=5)
+    assert len(scored) == len(ids) - 1 and all(len(t.top) == 5 for t in scored)
+    assert max(i for t in scored for i, _ in t.top) < tok.vocab_size
+
+
 def test_cli_n_kv_head_not_dividing_n_head_is_one_line(tmp_path, capsys):
     from simplegpt.cli import main
 
