@@ -58,7 +58,7 @@ class Key:
 # The [model] table: each key and the GPTConfig field that holds it.
 MODEL_KEYS: dict[str, tuple[str, Key]] = {key.name: (attr, key) for attr, key in (
     ("n_layer", Key("n_layer", "int", "model", "transformer blocks")),
-    ("n_head", Key("n_head", "int", "model", "attention heads (must divide n_embd)")),
+    ("n_head", Key("n_head", "int", "model", "attention heads (must divide n_embd unless head_dim is set)")),
     ("n_embd", Key("n_embd", "int", "model", "embedding width")),
     ("n_positions", Key("block_size", "int", "model", "context length in tokens (the model's n_positions)")),
     ("dropout", Key("dropout", "float", "model", "dropout probability")),

@@ -356,3 +356,13 @@ def test_cli_fine_tune_refuses_shape_options_its_weights_do_not_have(tmp_path, c
                  "--mlp", "swiglu", "--dropout", "0.1"]) == 0
     ck = load_checkpoint(run / "last")
     assert ck.config.n_positions == 16 and ck.config.head_dim == 24 and ck.config.kv_heads == 1
+
+
+def test_n_head_need_not_divide_n_embd_when_head_dim_is_set_as_the_help_says(capsys):
+    from simplegpt.cli import main
+
+    assert TrainConfig(n_head=5, n_embd=64, head_dim=16).model.head_dim == 16  # Qwen3-0.6B's shape is such
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "attention heads (must divide n_embd unless head_dim is set)" in help_text
