@@ -58,7 +58,7 @@ class Key:
 # The [model] table: each key and the GPTConfig field that holds it.
 MODEL_KEYS: dict[str, tuple[str, Key]] = {key.name: (attr, key) for attr, key in (
     ("n_layer", Key("n_layer", "int", "model", "transformer blocks")),
-    ("n_head", Key("n_head", "int", "model", "attention heads (must divide n_embd)")),
+    ("n_head", Key("n_head", "int", "model", "attention heads (must divide n_embd unless head_dim is set)")),
     ("n_embd", Key("n_embd", "int", "model", "embedding width")),
     ("n_positions", Key("block_size", "int", "model", "context length in tokens (the model's n_positions)")),
     ("dropout", Key("dropout", "float", "model", "dropout probability")),
@@ -240,7 +240,8 @@ class TrainConfig:
         try:
             self.model = dataclasses.replace(model or DEFAULT_MODEL, **shape)
         except ValueError as e:  # GPTConfig's own checks of the shape, said in the config's key names
-            raise ConfigError(re.sub(r"\bn_positions\b", "block_size", str(e).replace("GPTConfig.", ""))) from None
+            said = re.sub(r"\bn_positions\b", "block_size", str(e).replace("GPTConfig.", ""))
+            raise ConfigError(re.sub(r"\bhead_size\b", "head_dim", said)) from None
         self.validate()
         if "warmup_iters" not in values:  # the default warmup, fitted to the run
             self.warmup_iters = fitted_warmup(self.warmup_iters, self.max_iters)

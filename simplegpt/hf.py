@@ -14,6 +14,7 @@ extra) is needed only for a hub name, which goes through transformers' own downl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -330,18 +331,15 @@ def require_transformers(what: str) -> ModuleType:
     return transformers
 
 
-def _hub_state(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Config and weights of a hub model through transformers' own download and cache."""
-    transformers = require_transformers(f"importing the hub model {name!r}")
+@contextlib.contextmanager
+def _hub_download(name: str) -> Iterator[None]:
+    """Around a download from the hub: CheckpointError, naming name, where the hub cannot be reached."""
     if not offline_mode() and not hub_reachable():
         raise CheckpointError(f"{name!r} is not a local directory and cannot be downloaded: the hub cannot be "
                               f"reached; give the path of a local Hugging Face model directory, or {OFFLINE_HINT}")
     try:
         with quiet_hub_logs():
-            hf_config = transformers.AutoConfig.from_pretrained(name)
-            cfg = hf_config.to_dict()
-            config_from_hf(cfg, f"hub model {name!r}")  # refuse other architectures before the big download
-            model = transformers.AutoModelForCausalLM.from_pretrained(name, config=hf_config)
+            yield
     except OSError as e:
         offline = offline_mode() or "offline" in str(e).lower() or "connect" in str(e).lower()
         reason = "the hub cannot be reached (offline)" if offline else str(e).splitlines()[0]
@@ -349,7 +347,42 @@ def _hub_state(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             f"{name!r} is not a local directory and cannot be downloaded: {reason}; give the path of a local "
             "Hugging Face model directory (config.json + model.safetensors), or run where the hub is reachable"
         ) from None
+
+
+def _hub_state(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Config and weights of a hub model through transformers' own download and cache."""
+    transformers = require_transformers(f"importing the hub model {name!r}")
+    with _hub_download(name):
+        hf_config = transformers.AutoConfig.from_pretrained(name)
+        cfg = hf_config.to_dict()
+        config_from_hf(cfg, f"hub model {name!r}")  # refuse other architectures before the big download
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, config=hf_config)
     return cfg, model.state_dict()
+
+
+def _local_config(source: str) -> dict[str, Any]:
+    """config.json of the Hugging Face model directory source; CheckpointError for anything else."""
+    directory = Path(source).expanduser()
+    if not directory.is_dir():
+        raise CheckpointError(f"{source} is not a directory; give a Hugging Face model directory or a hub name")
+    if not (directory / HF_CONFIG).is_file():
+        raise CheckpointError(f"{source} is not a Hugging Face model directory: {HF_CONFIG} is missing")
+    hf_cfg = _read_json(directory / HF_CONFIG)
+    if hf_cfg.get("format") == "simplegpt":
+        raise CheckpointError(f"{source} is already a simplegpt checkpoint; use it directly")
+    return hf_cfg
+
+
+def hf_model_config(source: str) -> GPTConfig:
+    """The shape of a Hugging Face model (local directory or hub name) from its config.json alone,
+    without its weights; the CheckpointErrors of load_hf_model for what it cannot run."""
+    source = str(source)
+    if _is_local(source):
+        return config_from_hf(_local_config(source), source)
+    transformers = require_transformers(f"importing the hub model {source!r}")
+    with _hub_download(source):
+        hf_cfg = transformers.AutoConfig.from_pretrained(source).to_dict()
+    return config_from_hf(hf_cfg, f"hub model {source!r}")
 
 
 def load_hf_model(source: str, device: str | torch.device = "cpu") -> Checkpoint:
@@ -360,13 +393,7 @@ def load_hf_model(source: str, device: str | torch.device = "cpu") -> Checkpoint
     directory: Path | None = None
     if _is_local(source):
         directory = Path(source).expanduser()
-        if not directory.is_dir():
-            raise CheckpointError(f"{source} is not a directory; give a Hugging Face model directory or a hub name")
-        if not (directory / HF_CONFIG).is_file():
-            raise CheckpointError(f"{source} is not a Hugging Face model directory: {HF_CONFIG} is missing")
-        hf_cfg = _read_json(directory / HF_CONFIG)
-        if hf_cfg.get("format") == "simplegpt":
-            raise CheckpointError(f"{source} is already a simplegpt checkpoint; use it directly")
+        hf_cfg = _local_config(source)
         config = config_from_hf(hf_cfg, source)
         hf_state = _read_hf_weights(directory)
     else:

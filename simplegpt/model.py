@@ -86,7 +86,7 @@ class GPTConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"GPTConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if self.positions == "rotary" and self.head_dim % 2:
-            raise ValueError(f"GPTConfig: rotary positions need an even head size, got {self.head_dim}")
+            raise ValueError(f"GPTConfig.head_dim: rotary positions need an even head size, got {self.head_dim}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("layer_norm_epsilon", "rms_norm_eps", "rope_theta"):

@@ -172,3 +172,18 @@ def test_labels_make_spaces_newlines_eos_and_partial_characters_visible():
 
     tok = ByteTokenizer()
     assert token_labels(tok, tok.encode("é a\n\t") + [tok.eos_id]) == ["<C3>", "<A9>", "·", "a", "\\n", "\\t", "<eos>"]
+
+
+def test_next_token_bars_leave_out_ids_past_the_tokenizer():
+    # an imported model's embedding is often padded past its tokenizer (Qwen3's): those ids have no text,
+    # and the engine never draws them, so the bars are the softmax over the tokenizer's ids
+    tok = CharTokenizer(CHARS)
+    model = make_tiny_gpt(scale=8.0, vocab_size=tok.vocab_size + 14, tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight[tok.vocab_size:] = 5.0  # the padded ids are the most likely
+    insp = inspect_text(model, tok, TEXT, top_k=7)
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode(TEXT)]))[0][0]
+    want = torch.softmax(logits[:, :tok.vocab_size], dim=-1).topk(7, dim=-1)
+    assert (insp.top_ids == want.indices.numpy()).all() and insp.top_ids.max() < tok.vocab_size
+    np.testing.assert_allclose(insp.top_probs, want.values.numpy(), rtol=1e-5, atol=1e-6)

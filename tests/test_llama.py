@@ -167,11 +167,13 @@ def test_a_config_file_and_the_command_line_take_the_options(tmp_path):
     (dict(positions="alibi"), r"positions must be one of"),
     (dict(norm="rmsnorm", rms_norm_eps=0.0), r"rms_norm_eps must be"),
     (dict(positions="rotary", n_head=4, head_dim=5), r"even head size"),
+    (dict(head_dim=-1), r"^head_dim must be a positive integer, got -1"),
 ])
 def test_bad_options_are_one_line_config_errors(values, match):
     with pytest.raises(ConfigError, match=match) as e:
         TrainConfig(**values)
-    assert "\n" not in str(e.value)
+    # said in the keys as typed: no GPTConfig, nor its field head_size for the key head_dim
+    assert "\n" not in str(e.value) and "GPTConfig" not in str(e.value) and "head_size" not in str(e.value)
 
 
 def test_gpt2_checkpoints_without_the_new_keys_load_unchanged(tmp_path):
@@ -304,6 +306,20 @@ def test_the_engine_never_draws_ids_past_the_tokenizer(temperature):
     assert len(r.token_ids) == 8 and max(r.token_ids) < tok.vocab_size
 
 
+def test_scored_prompt_alternatives_leave_out_ids_past_the_tokenizer():
+    # the server's echo logprobs: an alternative past the tokenizer (a padded embedding's row) has no text
+    tok = get_tokenizer("byte")
+    model = make_tiny_gpt(vocab_size=tok.vocab_size + 43, n_positions=WINDOW, tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)  # every position's final state is all ones
+        model.lm_head.weight.fill_(-1.0)
+        model.lm_head.weight[tok.vocab_size:] = 1.0  # the padded ids are the most likely
+    [(ids, scored)] = Engine(model, tok).score(["hello"], top=5)
+    assert len(scored) == len(ids) - 1 and all(len(t.top) == 5 for t in scored)
+    assert max(i for t in scored for i, _ in t.top) < tok.vocab_size
+
+
 def test_cli_n_kv_head_not_dividing_n_head_is_one_line(tmp_path, capsys):
     from simplegpt.cli import main
 
@@ -312,3 +328,41 @@ def test_cli_n_kv_head_not_dividing_n_head_is_one_line(tmp_path, capsys):
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "n_head (4) must be divisible by n_kv_head (3)" in err and "GPTConfig" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_fine_tune_refuses_shape_options_its_weights_do_not_have(tmp_path, capsys):
+    # a fine-tune trains its weights' shape: a shape option given with another value would go unused
+    from simplegpt.cli import main
+
+    (tmp_path / "c.txt").write_text("the cat sat on the mat. " * 200)
+    save_checkpoint(tmp_path / "ck", tiny(QWEN3, n_positions=32), get_tokenizer("byte"))
+    run = tmp_path / "run"
+    common = ["train", "--init-from", str(tmp_path / "ck"), "--data", str(tmp_path / "c.txt"), "--data_dir",
+              str(tmp_path / "data"), "--out_dir", str(run), "--quiet", "--max_iters", "1", "--eval_interval", "1",
+              "--eval_iters", "1", "--batch_size", "2", "--block_size", "16", "--num_threads", "1",
+              "--plot", "false", "--tensorboard", "false", "--sample_tokens", "0"]
+    for option, value, has in [("--n_kv_head", "2", "the model has n_kv_head=1"),
+                               ("--qk_norm", "false", "the model has qk_norm=True"),
+                               ("--n_layer", "3", "the model has n_layer=2"),
+                               ("--head_dim", "16", "the model has head_dim=24"),
+                               ("--mlp", "gelu", "the model has mlp='swiglu'")]:
+        code = main([*common, option, value])
+        err = capsys.readouterr().err
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"cannot fine-tune {tmp_path / 'ck'} with {option[2:]}=" in err and has in err, err
+        assert not run.exists()
+    # the model's own values (a whole config written out as options) pass, and block_size and dropout apply
+    assert main([*common, "--n_layer", "2", "--n_kv_head", "1", "--head_dim", "24", "--qk_norm", "true",
+                 "--mlp", "swiglu", "--dropout", "0.1"]) == 0
+    ck = load_checkpoint(run / "last")
+    assert ck.config.n_positions == 16 and ck.config.head_dim == 24 and ck.config.kv_heads == 1
+
+
+def test_n_head_need_not_divide_n_embd_when_head_dim_is_set_as_the_help_says(capsys):
+    from simplegpt.cli import main
+
+    assert TrainConfig(n_head=5, n_embd=64, head_dim=16).model.head_dim == 16  # Qwen3-0.6B's shape is such
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "attention heads (must divide n_embd unless head_dim is set)" in help_text

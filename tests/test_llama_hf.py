@@ -236,3 +236,12 @@ def test_a_config_json_that_does_not_match_its_weights_is_one_line(change, words
     (src / "config.json").write_text(json.dumps(cfg))
     code, _, err = cli(capsys, "import-hf", str(src), str(tmp_path / "out"))
     assert_one_line(code, err, *words)
+
+
+def test_fine_tuning_a_hf_folder_with_another_shape_option_is_one_line(tmp_path, capsys):
+    # the shape is read from config.json before the weights: the option would otherwise go unused
+    hf = save_hf(make_hf("qwen3-qknorm"), tmp_path / "hf")
+    code, _, err = cli(capsys, "train", "--init-from", str(hf), "--qk_norm", "false",
+                       "--out_dir", str(tmp_path / "run"), "--quiet")
+    assert_one_line(code, err, f"cannot fine-tune {hf} with qk_norm=False: the model has qk_norm=True")
+    assert not (tmp_path / "run").exists()

@@ -184,6 +184,7 @@ def _train_config(args: argparse.Namespace):
         _check_muon_overrides(overrides, cfg)
         return cfg
     from ..training.lora import check_overrides
+    from ..training.start import check_init_overrides
 
     check_overrides(overrides)  # --lora 0, or LoRA options without --lora
     cfg = load_config(args.config, overrides)
@@ -191,6 +192,7 @@ def _train_config(args: argparse.Namespace):
         print(f"note: {why}: the default recipe's Muon gives way to AdamW (lr {cfg.lr:g}); --optimizer "
               "chooses", flush=True)
     _check_muon_overrides(overrides, cfg)
+    check_init_overrides(cfg, overrides)  # a fine-tune's shape is its weights'
     return cfg
 
 

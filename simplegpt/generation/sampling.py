@@ -115,11 +115,12 @@ class TokenLogprobs:
     top: list[tuple[int, float]]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprobs]:
-    """(B, V) logits and the (B,) tokens drawn from them -> each token's TokenLogprobs with k alternatives."""
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab: int | None = None) -> list[TokenLogprobs]:
+    """(B, V) logits and the (B,) tokens drawn from them -> each token's TokenLogprobs with k alternatives,
+    taken from the first `vocab` ids (all V when None: ids past a tokenizer's have no text)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp.gather(-1, tokens.view(-1, 1)).view(-1).tolist()
-    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i = lp[:, :vocab].topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
     return [TokenLogprobs(t, c, list(zip(i, v))) for t, c, i, v in
             zip(tokens.tolist(), chosen, top_i.tolist(), top_v.tolist())]
 

@@ -103,7 +103,10 @@ def inspect_text(model: GPT, tokenizer: Tokenizer, text: str, top_k: int = 5) ->
     ids = encode_for(model, tokenizer, text)
     device = next(model.parameters()).device
     logits, weights = attention_weights(model, torch.tensor([ids], device=device))
-    probs = torch.softmax(logits[0].float(), dim=-1)  # (T, V)
+    # ids past the tokenizer's (an imported model's padded embedding) have no text, and the engine never
+    # draws them: the bars are over the tokenizer's ids, as sampling is
+    vocab = min(logits.size(-1), tokenizer.vocab_size)
+    probs = torch.softmax(logits[0, :, :vocab].float(), dim=-1)  # (T, V)
     top = probs.topk(min(top_k, probs.size(-1)), dim=-1)
     top_ids = top.indices.cpu().numpy()
     return Inspection(

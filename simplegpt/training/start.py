@@ -3,16 +3,17 @@ fine-tune (init_from), or a run being resumed; and the random state that exact r
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
-from ..config import ARCHITECTURE_KEYS, GPT2_MODEL_VALUES, TrainConfig
+from ..config import ARCHITECTURE_KEYS, GPT2_MODEL_VALUES, MODEL_KEYS, TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, GPTConfig
 from ..tokenizer import Tokenizer
@@ -24,6 +25,11 @@ from ..tokenizer import Tokenizer
 OPTIMIZER_STATE_KEYS = ("beta1", "beta2", "weight_decay", "muon_momentum", "adamw_lr_ratio")
 RESUME_FIXED = (*ARCHITECTURE_KEYS, "tokenizer", "optimizer", *OPTIMIZER_STATE_KEYS, "lora", "lora_alpha",
                 "lora_targets")
+# The keys a fine-tune cannot change: its weights have the init_from model's shape (a smaller block_size
+# crops the position table, and dropout is set on the loaded model).
+INIT_FIXED = tuple(key for key in ARCHITECTURE_KEYS if key != "block_size")
+# GPTConfig fields whose None stands for a value computed from the others: compared as that value.
+_RESOLVED = {"n_kv_head": "kv_heads", "head_size": "head_dim", "intermediate_size": "ffn_size"}
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +96,41 @@ def init_model(cfg: TrainConfig, device: torch.device) -> tuple[GPT | None, Toke
         model.crop_block_size(cfg.block_size)
     _set_dropout(model, cfg.dropout)
     return model.to(device), loaded.tokenizer, f"initialized from {cfg.init_from}"
+
+
+def init_shape(source: str) -> GPTConfig:
+    """The shape of init_from's model (a simplegpt checkpoint, or a Hugging Face directory or hub
+    name) from its config alone, without its weights. CheckpointError as init_model."""
+    if _is_simplegpt_checkpoint(Path(source)):
+        return ckpt.describe_checkpoint(source).config
+    try:
+        from ..hf import hf_model_config
+    except ImportError as e:
+        raise CheckpointError(f"init_from {source!r} is not a simplegpt checkpoint and Hugging Face import is "
+                              f"unavailable ({e})") from None
+    return hf_model_config(source)
+
+
+def check_init_overrides(cfg: TrainConfig, given: Iterable[str]) -> None:
+    """ConfigError for a [model] key among `given` (those set on the command line) whose value in cfg
+    is not the shape of cfg.init_from's model, which a fine-tune keeps (INIT_FIXED): the run would
+    train that shape and leave the key unused without a word. A key given with the model's own value
+    (a whole config written out as options) passes."""
+    keys = [key for key in given if key in INIT_FIXED]
+    if not cfg.init_from or not keys:
+        return
+    shape = init_shape(cfg.init_from)
+    for key in keys:
+        attr = MODEL_KEYS[key][0]
+        read = _RESOLVED.get(attr, attr)
+        try:
+            wanted = getattr(dataclasses.replace(shape, **{attr: getattr(cfg.model, attr)}), read)
+        except ValueError:  # a value that does not even fit the model's other keys
+            wanted = None
+        if wanted != getattr(shape, read):
+            raise ConfigError(f"cannot fine-tune {cfg.init_from} with {key}={getattr(cfg, key)!r}: the model has "
+                              f"{key}={getattr(shape, read)!r}, and a fine-tune keeps its shape (block_size and "
+                              f"dropout aside); drop that override, or train a new model without --init-from")
 
 
 def load_resume(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
