@@ -13,7 +13,8 @@ import torch
 
 from conftest import make_tiny_gpt
 from simplegpt.checkpoint import save_checkpoint
-from simplegpt.learn import attention_weights, inspect_text, token_labels
+from simplegpt.learn import attention_weights, figures, inspect_text, token_labels
+from simplegpt.learn.output import write_inspection
 from simplegpt.model import CausalSelfAttention
 from simplegpt.tokenizer import CharTokenizer
 
@@ -187,3 +188,18 @@ def test_next_token_bars_leave_out_ids_past_the_tokenizer():
     want = torch.softmax(logits[:, :tok.vocab_size], dim=-1).topk(7, dim=-1)
     assert (insp.top_ids == want.indices.numpy()).all() and insp.top_ids.max() < tok.vocab_size
     np.testing.assert_allclose(insp.top_probs, want.values.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_the_positions_picture_says_what_its_similarity_is_of(tmp_path, positions):
+    tok = CharTokenizer("abcdefgh ")
+    model = make_tiny_gpt(vocab_size=tok.vocab_size, positions=positions)
+    insp = inspect_text(model, tok, "abc def")
+    assert insp.positions == positions
+    write_inspection(insp, tmp_path, with_html=True)
+    page = (tmp_path / "inspect.html").read_text()
+    # a rotary model has no position embeddings: the page and the picture speak of its rotations
+    assert ("Rotary positions" in page) == (positions == "rotary")
+    assert ("Position embeddings" in page) == (positions == "learned")
+    title = figures.position_figure(insp.position_similarity, insp.positions).axes[0].get_title()
+    assert ("rotations" in title) == (positions == "rotary")

@@ -7,11 +7,12 @@ import argparse
 from ..cli import add_checkpoint_argument
 from ..errors import CheckpointError, OptionError, file_access_errors
 
-HELP = "draw a checkpoint's attention maps, next-token predictions and position embeddings for a text"
+HELP = "draw a checkpoint's attention maps, next-token predictions and positions for a text"
 DESCRIPTION = (
     "Run a short text through a checkpoint and draw what the model does with it: an attention map per layer "
     "and head (the text's tokens on both axes), the most likely next tokens after each position, and how "
-    "alike the learned position embeddings are. Writes PNG files and inspect.npz (the arrays) into --out; "
+    "alike its positions look to the model (its learned position embeddings, or with rotary positions their "
+    "rotations). Writes PNG files and inspect.npz (the arrays) into --out; "
     "--html also writes inspect.html, one page with every picture inlined, which opens offline. Prints the "
     "model's top predictions at each position."
 )

@@ -77,14 +77,20 @@ def next_token_figure(insp: Inspection) -> Figure:
     return fig
 
 
-def position_figure(similarity: np.ndarray) -> Figure:
-    """similarity (P, P): cosine similarity of position embeddings i and j, from -1 to 1."""
+# position_figure's title per kind of positions (GPTConfig.positions)
+POSITION_TITLES = {"learned": "how alike the position embeddings are (cosine similarity)",
+                   "rotary": "how alike the positions' rotations are (cosine similarity of their cos | sin)"}
+
+
+def position_figure(similarity: np.ndarray, positions: str = "learned") -> Figure:
+    """similarity (P, P): cosine similarity of positions i and j, from -1 to 1: of their learned
+    embeddings, or with positions="rotary" of their rotations (inspection.position_similarity)."""
     fig = Figure(figsize=(5.5, 4.6), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(similarity, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
     ax.set_xlabel("position")
     ax.set_ylabel("position")
-    ax.set_title("how alike the position embeddings are (cosine similarity)", fontsize=10)
+    ax.set_title(POSITION_TITLES[positions], fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.85)
     return fig
 

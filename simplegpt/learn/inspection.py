@@ -27,6 +27,7 @@ class Inspection:
     top_probs: np.ndarray  # (T, K) float32: their probabilities, softmax of the logits
     top_tokens: list[list[str]]  # (T, K) their texts
     position_similarity: np.ndarray  # (P, P) float32, cosine similarity of the positions (position_similarity)
+    positions: str = "learned"  # the model's kind of positions (GPTConfig.positions): what the similarity is of
 
     def save(self, path: str | Path) -> Path:
         """The arrays as one .npz (attention, top_ids, top_probs, position_similarity, ids)."""
@@ -114,5 +115,5 @@ def inspect_text(model: GPT, tokenizer: Tokenizer, text: str, top_k: int = 5) ->
         attention=weights[:, 0].cpu().numpy(),
         top_ids=top_ids, top_probs=top.values.cpu().numpy(),
         top_tokens=[token_labels(tokenizer, row.tolist()) for row in top_ids],
-        position_similarity=position_similarity(model),
+        position_similarity=position_similarity(model), positions=model.config.positions,
     )

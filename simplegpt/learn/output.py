@@ -25,7 +25,9 @@ def write_inspection(insp: Inspection, out: str | Path, with_html: bool = False,
         pictures.append((f"attention_layer{layer}.png", f"Attention, layer {layer}",
                          png_bytes(figures.attention_figure(weights, insp.tokens, layer))))
     pictures.append(("next_tokens.png", "Next-token predictions", png_bytes(figures.next_token_figure(insp))))
-    pictures.append(("positions.png", "Position embeddings", png_bytes(figures.position_figure(insp.position_similarity))))
+    caption = "Rotary positions" if insp.positions == "rotary" else "Position embeddings"
+    pictures.append(("positions.png", caption,
+                     png_bytes(figures.position_figure(insp.position_similarity, insp.positions))))
     written = []
     for name, _, png in pictures:
         (out / name).write_bytes(png)
