@@ -318,6 +318,8 @@ def test_scored_prompt_alternatives_leave_out_ids_past_the_tokenizer():
     [(ids, scored)] = Engine(model, tok).score(["hello"], top=5)
     assert len(scored) == len(ids) - 1 and all(len(t.top) == 5 for t in scored)
     assert max(i for t in scored for i, _ in t.top) < tok.vocab_size
+    # normalised over the tokenizer's ids, as generated tokens' logprobs are: here all equally likely
+    assert all(t.logprob == pytest.approx(-math.log(tok.vocab_size)) for t in scored)
 
 
 def test_cli_n_kv_head_not_dividing_n_head_is_one_line(tmp_path, capsys):

@@ -126,15 +126,18 @@ class Engine:
         """Each prompt's token ids (cut from the left to the window, with a warning, as for generate)
         and the TokenLogprobs of every token after the first, given the tokens before it (teacher
         forcing), with `top` alternatives among the ids with a token (Engine.vocab): the prompt's
-        log-likelihood, token by token."""
+        log-likelihood, token by token, normalised as generate's over the ids with a token (over all
+        of the model's where the prompt holds an id past them)."""
         if not 0 <= top <= MAX_LOGPROBS:
             raise ValueError(f"top must be in [0, {MAX_LOGPROBS}], got {top}")
         out = []
         for prompt in prompts:
             ids = self._prompt_ids(prompt)
             logits, _ = self.backend.model(torch.tensor([ids], device=self.device))  # (1, T, V)
-            out.append((ids, token_logprobs(logits[0, :-1], torch.tensor(ids[1:], device=self.device), top,
-                                            self.vocab)))
+            logits = logits[0, :-1]
+            if max(ids[1:], default=0) < self.vocab:  # as generate: over the ids with a token
+                logits = logits[:, :self.vocab]
+            out.append((ids, token_logprobs(logits, torch.tensor(ids[1:], device=self.device), top, self.vocab)))
         return out
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
