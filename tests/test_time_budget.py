@@ -247,8 +247,17 @@ def test_the_speedrun_bench_names_nanogpts_iterations_and_its_ablations(capsys):
     spec.loader.exec_module(bench)
     assert bench.nanogpt_iters([]) == 2000
     assert bench.nanogpt_iters(["--max_iters=20", "--lr_decay_iters=20"]) == 20
-    bench.report({"nanogpt_itself": {1: {"wall_s": 3.0, "loss": 2.5, "iters": 20, "time_to_target": None}}}, 1)
+    bench.report({"nanogpt_itself": {1: {"wall_s": 3.0, "loss": 2.5, "iters": 20, "time_to_target": None}}}, 1,
+                 [60.0, 300.0])
     assert "20 iterations in 3.0 s" in capsys.readouterr().out
+    # a 10 s recipe's curve is read at 2 s and 10 s (not 60 s and 300 s); before its first evaluation it has none
+    curve = [(3.0, 2.5), (10.5, 1.9)]
+    marks = [0.2 * 10.0, 10.0]
+    speedrun = {"curve": curve, "time_to_target": None, "final_loss": 1.9, "steps": 5, "tokens": 10_240,
+                "tok_per_s": 2000.0, **{bench.loss_key(m): bench.loss_at(curve, m) for m in marks}}
+    bench.report({"speedrun": {1: speedrun}}, 1, marks)
+    out = capsys.readouterr().out
+    assert "loss after 2 s - (before the first evaluation), after 10 s 1.9400 nats/char" in out, out
     base = load_config("speedrun_cpu")
     changes = {name: change(base) for name, (_, change) in bench.ABLATIONS.items()}
     assert changes["lr_x2"]["lr"] == 2 * base.lr and changes["lr_half"]["lr"] == base.lr / 2
