@@ -141,10 +141,10 @@ def main() -> None:
                          out_dir=str(work / "llama"))
     sampler = PackedSampler(TokenShards(work / "data", "train"), args.block_size, args.batch_size, seed=0)
     log_every = args.log_every or max(5, args.steps // 10)
+    n_gpt2, n_llama = (GPT(dataclasses.replace(c.model, vocab_size=meta["vocab_size"])).num_parameters()
+                       for c in (gpt2, llama))
     print("load average at the start: " + " ".join(f"{a:.1f}" for a in os.getloadavg()), flush=True)
     if args.interleave:
-        n_gpt2, n_llama = (GPT(dataclasses.replace(c.model, vocab_size=meta["vocab_size"])).num_parameters()
-                           for c in (gpt2, llama))
         print(f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}, "
               f"batch {args.batch_size}; {args.threads} threads; parameters: GPT-2 {n_gpt2:,}, Llama-style "
               f"{n_llama:,}", flush=True)
@@ -160,8 +160,6 @@ def main() -> None:
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items() if v) + " tok/s; load "
               + " ".join(f"{a:.1f}" for a in os.getloadavg()), flush=True)
     med = {k: statistics.median(v) for k, v in rates.items() if v}
-    n_gpt2, n_llama = (GPT(dataclasses.replace(c.model, vocab_size=meta["vocab_size"])).num_parameters()
-                       for c in (gpt2, llama))
     print(f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}, batch "
           f"{args.batch_size}, vocab {meta['vocab_size']}; {args.threads} threads, {args.steps} steps x "
           f"{args.rounds} rounds")

@@ -289,17 +289,24 @@ def test_resume_of_a_run_saved_before_the_options_refuses_them(tmp_path, corpus)
     assert train(cfg.replace(max_iters=6), resume=tmp_path / "run" / "last", progress=False).step == 6
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_the_engine_never_draws_ids_past_the_tokenizer(temperature):
-    # an imported model's embedding is often padded past its tokenizer (Qwen3: 151936 rows, 151669 tokens):
-    # ids with no token are never drawn, even where the model favours them
-    tok = get_tokenizer("byte")
+def _favouring_padded_ids(tok) -> GPT:
+    """A model whose embedding has 43 rows past tok's ids, and which makes those ids the most likely
+    at every position (the other ids all equally likely)."""
     model = make_tiny_gpt(vocab_size=tok.vocab_size + 43, n_positions=WINDOW, tie_word_embeddings=False).eval()
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.fill_(1.0)  # every position's final state is all ones
         model.lm_head.weight.fill_(-1.0)
         model.lm_head.weight[tok.vocab_size:] = 1.0  # the padded ids are the most likely
+    return model
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_engine_never_draws_ids_past_the_tokenizer(temperature):
+    # an imported model's embedding is often padded past its tokenizer (Qwen3: 151936 rows, 151669 tokens):
+    # ids with no token are never drawn, even where the model favours them
+    tok = get_tokenizer("byte")
+    model = _favouring_padded_ids(tok)
     params = SamplingParams(max_new_tokens=8, temperature=temperature, seed=1, stop_at_eos=False,
                             repetition_penalty=1.3)
     [r] = Engine(model, tok).generate(["hi"], params)
@@ -309,12 +316,7 @@ def test_the_engine_never_draws_ids_past_the_tokenizer(temperature):
 def test_scored_prompt_alternatives_leave_out_ids_past_the_tokenizer():
     # the server's echo logprobs: an alternative past the tokenizer (a padded embedding's row) has no text
     tok = get_tokenizer("byte")
-    model = make_tiny_gpt(vocab_size=tok.vocab_size + 43, n_positions=WINDOW, tie_word_embeddings=False).eval()
-    with torch.no_grad():
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.fill_(1.0)  # every position's final state is all ones
-        model.lm_head.weight.fill_(-1.0)
-        model.lm_head.weight[tok.vocab_size:] = 1.0  # the padded ids are the most likely
+    model = _favouring_padded_ids(tok)
     [(ids, scored)] = Engine(model, tok).score(["hello"], top=5)
     assert len(scored) == len(ids) - 1 and all(len(t.top) == 5 for t in scored)
     assert max(i for t in scored for i, _ in t.top) < tok.vocab_size

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..cli import (add_checkpoint_argument, add_engine_arguments, add_sampling_arguments, check_engine_arguments,
                    load_engine, model_name)
+from ..console import count
 from ..errors import DataError, OptionError, UnknownCharacterError, file_access_errors
 
 HELP = "chat with a checkpoint in the terminal"
@@ -135,8 +136,8 @@ def _reply(engine, fmt, params, messages: list[dict]) -> list[dict]:
     except ValueError as e:  # a character outside a char tokenizer's vocabulary
         raise DataError(str(e)) from None
     if dropped:
-        say(f"the conversation outgrew the model's context of {window} tokens: the oldest {dropped} message"
-            f"{'s' if dropped > 1 else ''} left out")
+        say(f"the conversation outgrew the model's context of {window} tokens: the oldest "
+            f"{count(dropped, 'message')} left out")
     from ..chat import PlainChat
 
     plain = isinstance(fmt, PlainChat)  # its reply follows 'Assistant:' and a space

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 
 from ..cli import add_checkpoint_argument
-from ..console import say
+from ..console import count, say
 from ..errors import CheckpointError, OptionError, UnknownCharacterError, file_access_errors
 
 HELP = "loss, perplexity and bits per byte of a checkpoint on a text (sliding-window evaluation)"
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if dropped:
         n = sum(dropped.values())
         named = ", ".join(f"{c!r} x{k:,}" for c, k in dropped.most_common(5)) + (", ..." if len(dropped) > 5 else "")
-        say(f"simplegpt eval: left out {n:,} character{'s' if n != 1 else ''} the model's vocabulary lacks "
+        say(f"simplegpt eval: left out {count(n, 'character')} the model's vocabulary lacks "
             f"({len(dropped)} different: {named}); the scores are of the rest of the text")
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), **result.to_dict(),

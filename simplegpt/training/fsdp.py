@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from .. import atomic
 from .. import checkpoint as ckpt
+from ..console import count
 from ..errors import CheckpointError, OutputExistsError
 from ..model import GPT, GPTConfig
 
@@ -237,8 +238,8 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool 
                                str(folder / ckpt.CONFIG_FILE))
         if progress is not None:
             shards = sorted((folder / DCP_DIR).glob("*.distcp"))
-            progress(f"consolidating {src}: {config.n_layer} layers, {config.n_embd} wide, from {len(shards)} shard "
-                     f"file{'s' if len(shards) != 1 else ''} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)")
+            progress(f"consolidating {src}: {count(config.n_layer, 'layer')}, {config.n_embd} wide, from "
+                     f"{count(len(shards), 'shard file')} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)")
         with torch.device("meta"):
             shapes = GPT(config).state_dict()
         weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()

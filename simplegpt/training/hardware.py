@@ -12,6 +12,7 @@ import torch
 
 from ..accel.cpu.threads import auto_threads as auto_threads  # noqa: F401 (re-exported: the trainer's threads)
 from ..config import TrainConfig
+from ..console import count
 from ..errors import ConfigError
 
 # Dense half-precision tensor-core peaks, FLOP/s per device: bf16 (fp16 on V100 and T4, which have no
@@ -126,7 +127,7 @@ def device_peak_flops(cfg: TrainConfig, device: torch.device, threads: int) -> t
         return None, (f"no known peak for a {device.type} device, so MFU is not computed; set peak_flops "
                       "to the device's peak FLOP/s")
     vector = cpu_vector_peak(threads)
-    cores = f"{threads} core{'s' if threads != 1 else ''}"
+    cores = count(threads, "core")
     if vector is not None:
         return vector[0], f"the float32 peak of {cores}, {vector[0] / 1e9:,.0f} GFLOP/s ({vector[1]})"
     measured = _matmul_rate()

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable
 
 from ..config import TrainConfig
+from ..console import count
 from .hardware import format_mfu, mfu
 
 # The estimate of the time left comes after this many timed steps, or this many seconds of them.
@@ -75,8 +76,7 @@ def budget_estimate(cfg: TrainConfig, used_s: float, s_per_step: float, timed: i
     evals = steps // cfg.eval_interval + 1
     eval_s = s_per_step * evals * cfg.eval_iters / (3 * cfg.grad_accum_steps)
     return (f"time budget: {duration(left)} left of {duration(cfg.max_time)}, ~{steps:,} more steps at "
-            f"{s_per_step:.3g} s/step over {timed} steps, and ~{duration(eval_s)} for {evals} evaluation"
-            f"{'s' if evals != 1 else ''} on top")
+            f"{s_per_step:.3g} s/step over {timed} steps, and ~{duration(eval_s)} for {count(evals, 'evaluation')} on top")
 
 
 def estimate(cfg: TrainConfig, step: int, s_per_step: float, timed: int) -> str:
@@ -85,8 +85,8 @@ def estimate(cfg: TrainConfig, step: int, s_per_step: float, timed: int) -> str:
     left = cfg.max_iters - step
     evals = cfg.max_iters // cfg.eval_interval - step // cfg.eval_interval + (cfg.max_iters % cfg.eval_interval > 0)
     seconds = s_per_step * (left + evals * cfg.eval_iters / (3 * cfg.grad_accum_steps))
-    return (f"estimated time: ~{duration(seconds)} for the {left:,} steps left and {evals} evaluation"
-            f"{'s' if evals != 1 else ''} ({s_per_step:.3g} s/step over {timed} steps)")
+    return (f"estimated time: ~{duration(seconds)} for the {left:,} steps left and {count(evals, 'evaluation')} "
+            f"({s_per_step:.3g} s/step over {timed} steps)")
 
 
 class Progress:
